@@ -1,0 +1,13 @@
+"""The intervention engine: sites, edits, token scopes, the hook runtime, capture and generation."""
+
+from ..models.sites import Site, SiteKind
+from .capture import Readout, capture
+from .generation import Generation, format_prompt, generate
+from .ops import Ablate, Add, Affine, ClampMode, Edit, Lambda, SetProjection
+from .runtime import Intervener, Intervention, intervene
+from .scope import Scope, TokenScope
+
+__all__ = [
+    "Ablate", "Add", "Affine", "ClampMode", "Edit", "Generation", "Intervener", "Intervention", "Lambda", "Readout",
+    "Scope", "SetProjection", "Site", "SiteKind", "TokenScope", "capture", "format_prompt", "generate", "intervene",
+]

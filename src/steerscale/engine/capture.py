@@ -1,0 +1,148 @@
+"""Activation capture: read the vectors at any sites for a batch of texts, padding handled.
+
+Readouts (``Readout``): the last real token, the mean over all real tokens, the mean over a token span per
+text (e.g. the completion after a prompt), or every real token. The forward pass stops right after the
+deepest block that is read, so reading early layers costs only those layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import SteerscaleError
+from ..models.layout import HookPoint, ModelLayout
+from ..models.sites import Site, SiteKind
+
+
+class Readout(str, Enum):
+    LAST = "last"  # the last real token of each text
+    MEAN = "mean"  # mean over real tokens (or over `spans` when given)
+    ALL = "all"  # every real token: a list of (n_tokens, dim) tensors
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook after the deepest needed block: the rest of the forward is wasted work."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def model_inputs(self) -> dict:
+        """Inputs for a plain forward pass. Position ids count real tokens only, so a left-padded row gets the
+        same absolute positions as it would alone (models with learned position embeddings need this)."""
+        position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
+
+
+def tokenize(tokenizer, texts: Sequence[str], device, add_special_tokens: bool = True) -> Batch:
+    if not texts:
+        raise SteerscaleError("no texts to process")
+    if any(not isinstance(t, str) or t == "" for t in texts):
+        raise SteerscaleError("empty prompt", "every text must be a non-empty string")
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return Batch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+
+def _reduce(h: torch.Tensor, mask: torch.Tensor, readout: Readout, spans) -> torch.Tensor | list[torch.Tensor]:
+    """h: (B, T, D); mask: (B, T) real-token mask. Spans are (start, end) in real-token indices."""
+    h = h.float()
+    if readout is Readout.ALL:
+        return [h[b][mask[b].bool()].cpu() for b in range(h.shape[0])]
+    if readout is Readout.LAST:
+        # With left padding the last column is real; with right padding take the last real index.
+        idx = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
+        return h[torch.arange(h.shape[0]), idx].cpu()
+    weights = mask.float()
+    if spans is not None:
+        real_idx = mask.long().cumsum(-1) - 1
+        starts = torch.tensor([s for s, _ in spans], device=h.device)[:, None]
+        ends = torch.tensor([e for _, e in spans], device=h.device)[:, None]
+        weights = weights * ((real_idx >= starts) & (real_idx < ends)).float()
+        if (weights.sum(-1) == 0).any():
+            raise SteerscaleError("a capture span selects no tokens", "check the (start, end) spans against the texts")
+    return ((h * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)).cpu()
+
+
+@torch.no_grad()
+def capture(
+    model,
+    tokenizer,
+    layout: ModelLayout,
+    texts: Sequence[str],
+    sites: Sequence[Site],
+    readout: Readout | str = Readout.LAST,
+    spans: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "capturing activations",
+) -> dict[Site, torch.Tensor | list[torch.Tensor]]:
+    """Activations at ``sites`` for each text: ``{site: (n_texts, dim)}`` (or lists of tensors for ``all``)."""
+    readout = Readout(readout)
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise SteerscaleError("no sites to capture")
+    if spans is not None and len(spans) != len(texts):
+        raise SteerscaleError(f"{len(spans)} spans for {len(texts)} texts", "give one (start, end) span per text")
+    locations = {s: layout.locate(s) for s in sites}
+    deepest = max(s.layer for s in sites)
+    device = next(model.parameters()).device
+    results: dict[Site, list] = {s: [] for s in sites}
+    current: dict[Site, torch.Tensor] = {}
+
+    def make_hook(module_sites):
+        def grab(tensor):
+            for s in module_sites:
+                loc = locations[s]
+                current[s] = tensor[..., loc.index] if loc.index is not None else tensor
+
+        def pre(module, args, kwargs):
+            grab(args[0] if args else kwargs["hidden_states"])
+
+        def post(module, args, output):
+            grab(output if isinstance(output, torch.Tensor) else output[0])
+
+        return pre, post
+
+    by_module: dict[tuple[int, HookPoint], list[Site]] = {}
+    for s, loc in locations.items():
+        if s.kind is SiteKind.ROUTER:
+            raise SteerscaleError("router logits are not captured per token yet", "capture mlp_out or resid sites")
+        by_module.setdefault((id(loc.module), loc.point), []).append(s)
+    handles = []
+    try:
+        for (_, point), module_sites in by_module.items():
+            module = locations[module_sites[0]].module
+            pre, post = make_hook(module_sites)
+            if point is HookPoint.INPUT:
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(post))
+
+        def stop(module, args, output):
+            raise _StopForward
+
+        handles.append(layout.blocks[deepest].register_forward_hook(stop))
+        order = range(0, len(texts), batch_size)
+        for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
+            chunk = list(texts[start : start + batch_size])
+            batch = tokenize(tokenizer, chunk, device)
+            try:
+                model(**batch.model_inputs(), use_cache=False)
+            except _StopForward:
+                pass
+            chunk_spans = spans[start : start + batch_size] if spans is not None else None
+            for s in sites:
+                reduced = _reduce(current[s], batch.attention_mask, readout, chunk_spans)
+                results[s].extend(reduced) if readout is Readout.ALL else results[s].append(reduced)
+            current.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {s: (v if readout is Readout.ALL else torch.cat(v)) for s, v in results.items()}

@@ -1,0 +1,95 @@
+"""Prompt formatting and batched generation under interventions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import SteerscaleError
+from ..models.layout import ModelLayout
+from .capture import tokenize
+from .runtime import Intervention, intervene
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer, text: str, chat: bool | None = None, system: str | None = None) -> str:
+    """Apply the chat template (when the model has one and ``chat`` is not False); otherwise return ``text``."""
+    if not isinstance(text, str) or not text.strip():
+        raise SteerscaleError("empty prompt", "pass a non-empty prompt text")
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    if not use_chat:
+        return text
+    if not has_chat_template(tokenizer):
+        raise SteerscaleError("chat=True but this tokenizer has no chat template", "pass chat=False (or --no-chat)")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    n_prompt_tokens: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    layout: ModelLayout,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool | None = None,
+    use_cache: bool = True,
+    num_return_sequences: int = 1,
+) -> list[Generation]:
+    """Generate for a batch of prompts (left-padded) with interventions active only during this call."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if max_new_tokens < 1:
+        raise SteerscaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    formatted = [format_prompt(tokenizer, p, chat) for p in prompts]
+    device = next(model.parameters()).device
+    # Chat templates already include the BOS token; adding special tokens again would double it.
+    batch = tokenize(tokenizer, formatted, device, add_special_tokens=not has_chat_template(tokenizer) or chat is False)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
+                  pad_token_id=tokenizer.pad_token_id, num_return_sequences=num_return_sequences)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with intervene(layout, interventions, prompt_width=None):
+        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    width = batch.input_ids.shape[1]
+    results = []
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    for row in range(out.shape[0]):
+        ids = out[row, width:].tolist()
+        while ids and ids[-1] in eos:  # trailing padding after an early stop
+            ids.pop()
+        src = row // num_return_sequences
+        results.append(Generation(
+            prompt=prompts[src],
+            text=tokenizer.decode(ids, skip_special_tokens=True),
+            token_ids=ids,
+            n_prompt_tokens=int(batch.attention_mask[src].sum()),
+        ))
+    return results

@@ -1,0 +1,188 @@
+"""The hook runtime: the one place where hooks are attached to a model.
+
+Contract
+--------
+* An ``Intervention`` is ``(site, edit, scope, rows)``. ``layout.locate(site)`` says which module and hook point
+  carry it (see ``models.layout``); this module never inspects module names.
+* All interventions of one ``intervene`` block that share a module and hook point run in a single hook, in the
+  order they were given. Across sites, order is the model's own forward order. Nested ``intervene`` blocks run
+  outer edits before inner ones at a shared site (PyTorch runs hooks in registration order).
+* Token positions come from the KV-cache length (see ``engine.scope``), so cached and uncached generation edit
+  the same tokens. A pre-hook on the decoder stack computes them once per forward pass.
+* Lifetime: hooks exist only inside the ``with`` block. They are removed in ``finally``, so after any exception
+  the model is exactly as before; with no intervention active nothing is attached and nothing runs.
+* Isolation: state lives in the ``Intervener`` object, not in globals; two models, or two sequential requests on
+  one model, never see each other's edits. Different rows of one batch can carry different edits (per-row
+  vectors/scales in the edit, or ``rows=``), which is how concurrent requests share a forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import SteerscaleError
+from ..models.layout import HookPoint, Location, ModelLayout
+from ..models.sites import Site
+from .ops import Edit, apply_edit
+from .scope import ALL_TOKENS, SequenceTracker, TokenScope, TokenState
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    site: Site
+    edit: Edit
+    scope: TokenScope = ALL_TOKENS
+    rows: tuple[int, ...] | None = None  # only these batch rows; None: every row
+
+    def __post_init__(self):
+        if not isinstance(self.site, Site):
+            raise SteerscaleError(f"Intervention.site must be a Site, got {self.site!r}")
+        if not isinstance(self.edit, Edit):
+            raise SteerscaleError(f"Intervention.edit must be an Edit, got {type(self.edit).__name__}")
+        object.__setattr__(self, "scope", TokenScope.parse(self.scope))
+        if self.rows is not None:
+            object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+
+
+def _check(layout: ModelLayout, iv: Intervention) -> Location:
+    location = layout.locate(iv.site)  # raises for a bad layer / head / kind
+    want = layout.site_dim(iv.site)
+    got = iv.edit.dim
+    if got is not None and got != want:
+        raise SteerscaleError(
+            f"edit at {iv.site.key()} has size {got}, but this {layout.architecture} model's site has size {want}",
+            "the vector was probably made for another model or site; re-extract it for this model",
+        )
+    return location
+
+
+class Intervener:
+    """Attaches a list of interventions to a model and removes them again. Use ``intervene(...)``."""
+
+    def __init__(self, layout: ModelLayout, interventions: Sequence[Intervention], prompt_width: int | None = None):
+        self.layout = layout
+        self.interventions = list(interventions)
+        self.tracker = SequenceTracker(prompt_width)
+        self._handles: list = []
+        self._groups: dict[tuple[int, HookPoint], tuple[Location, list[Intervention]]] = {}
+        for iv in self.interventions:
+            loc = _check(layout, iv)
+            key = (id(loc.module), loc.point)
+            self._groups.setdefault(key, (loc, []))[1].append(iv)
+
+    @property
+    def state(self) -> TokenState | None:
+        return self.tracker.state
+
+    def new_sequence(self, prompt_width: int | None = None) -> None:
+        """Forget the current prompt (only needed when a new prompt is an extension of the previous one)."""
+        self.tracker.reset(prompt_width)
+
+    # -- attaching -------------------------------------------------------------------------------------------
+    def attach(self) -> "Intervener":
+        if self._handles:
+            raise SteerscaleError("this Intervener is already attached", "use a fresh intervene(...) block")
+        try:
+            self._handles.append(self.layout.base.register_forward_pre_hook(self._observe, with_kwargs=True))
+            for loc, ivs in self._groups.values():
+                if loc.point is HookPoint.INPUT:
+                    h = loc.module.register_forward_pre_hook(self._input_hook(loc, ivs), with_kwargs=True)
+                else:
+                    h = loc.module.register_forward_hook(self._output_hook(loc, ivs))
+                self._handles.append(h)
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self.tracker.state = None
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def _observe(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(input_ids, torch.Tensor):
+            batch, width, device = input_ids.shape[0], input_ids.shape[1], input_ids.device
+        else:
+            embeds = kwargs["inputs_embeds"]
+            input_ids, (batch, width), device = None, embeds.shape[:2], embeds.device
+        self.tracker.observe(input_ids, width, batch, device, kwargs)
+
+    def _edit(self, h: torch.Tensor, loc: Location, ivs: list[Intervention]) -> torch.Tensor:
+        state = self.tracker.state
+        if state is None:
+            raise SteerscaleError(
+                "a steered module ran outside a forward pass of the decoder stack",
+                "call the full model (or layout.base), not a single block, inside intervene(...)",
+            )
+        flat_shape = None
+        if loc.flat_tokens:  # MoE routers see (batch*seq, experts)
+            flat_shape = h.shape
+            h = h.reshape(state.batch, -1, h.shape[-1])
+        for iv in ivs:
+            x = h[..., loc.index] if loc.index is not None else h
+            new = apply_edit(iv.edit, x)
+            mask = state.mask(iv.scope)
+            if iv.rows is not None:
+                rows = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
+                rows[list(iv.rows)] = True
+                mask = rows if mask is None else mask & rows
+            if mask is not None:
+                new = torch.where(mask[..., None], new, x)
+            if loc.index is None:
+                h = new
+            else:
+                h = torch.cat([h[..., : loc.index.start], new, h[..., loc.index.stop :]], dim=-1)
+        return h.reshape(flat_shape) if flat_shape is not None else h
+
+    def _input_hook(self, loc: Location, ivs: list[Intervention]):
+        def hook(module, args, kwargs):
+            if args:
+                return (self._edit(args[0], loc, ivs), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._edit(kwargs["hidden_states"], loc, ivs)
+            return args, kwargs
+
+        return hook
+
+    def _output_hook(self, loc: Location, ivs: list[Intervention]):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                return self._edit(output, loc, ivs)
+            if isinstance(output, tuple):
+                edited = self._edit(output[0], loc, ivs)
+                return loc.rebuild(module, edited, output) if loc.rebuild else (edited, *output[1:])
+            if hasattr(output, "last_hidden_state"):  # a ModelOutput
+                output.last_hidden_state = self._edit(output.last_hidden_state, loc, ivs)
+                return output
+            raise SteerscaleError(f"cannot edit output of type {type(output).__name__} at {type(module).__name__}")
+
+        return hook
+
+
+@contextmanager
+def intervene(
+    layout: ModelLayout, interventions: Iterable[Intervention] | Intervention, prompt_width: int | None = None
+) -> Iterator[Intervener]:
+    """Apply interventions inside a ``with`` block; everything is removed on exit, exception or not.
+
+    >>> with intervene(layout, [Intervention(Site(10), Add(vec, 4.0))]):
+    ...     model.generate(...)
+    """
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    ivs = list(interventions)
+    if not ivs:  # zero overhead: attach nothing at all
+        yield Intervener(layout, [])
+        return
+    handle = Intervener(layout, ivs, prompt_width).attach()
+    try:
+        yield handle
+    finally:
+        handle.detach()
