@@ -89,6 +89,11 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             f"could not read GGUF file {path}: {type(exc).__name__}: {str(exc)[:200]}",
             "check that the file is a complete GGUF model (not a control vector) of an architecture transformers supports",
         ) from None
+    # The weights are plain float tensors now; drop the GGUF "quantizer" so transformers will serialise them.
+    model.hf_quantizer = None
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     try:
@@ -96,7 +101,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(str(path) + "\n")
         os.replace(tmp, cache)  # atomic: a half-written cache is never visible
-    except OSError:
+    except OSError as exc:  # a read-only or full cache dir must not stop the load itself
+        log.warning("could not write the dequantized cache to %s: %s", cache, exc)
         shutil.rmtree(tmp, ignore_errors=True)
     if dtype != torch.float32:
         model = model.to(dtype)

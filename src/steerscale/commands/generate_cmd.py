@@ -1,0 +1,36 @@
+"""``steerscale generate``: one prompt, optionally steered."""
+
+from __future__ import annotations
+
+from .common import add_model_args, add_steer_args, emit_json, load, steering_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text, optionally with steering vectors",
+                       description="Generate a completion (chat template applied when the model has one).")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    add_steer_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..engine.generation import generate
+
+    lm = load(args)
+    steering = steering_from_args(args, lm.layout)
+    out = generate(lm.model, lm.tokenizer, lm.layout, [args.prompt], steering, max_new_tokens=args.max_new_tokens,
+                   do_sample=args.sample, temperature=args.temperature, seed=args.seed,
+                   chat=False if args.no_chat else None)[0]
+    if args.json:
+        emit_json({"model": args.model, "prompt": args.prompt, "steer": args.steer, "scope": args.scope,
+                   "text": out.text, "n_prompt_tokens": out.n_prompt_tokens, "n_new_tokens": out.n_tokens})
+    else:
+        print(out.text)
+    return 0

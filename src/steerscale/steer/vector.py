@@ -1,0 +1,225 @@
+"""``SteeringVector``: the portable artifact every steering method produces.
+
+A vector is a set of per-site directions plus the facts needed to use it safely elsewhere: which model (name
+and a fingerprint of its shape), which method and hyperparameters, the data hash, probe accuracies, library
+version. Directions are stored at their natural strength (CAA: the mean difference; ITI: alpha*std along the
+probe direction), so ``scale=1`` means "the method's own strength" and scale sweeps are comparable.
+
+Files are safetensors with the metadata as JSON in the header: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..engine.ops import Add, check_scale
+from ..engine.runtime import Intervention
+from ..engine.scope import ALL_TOKENS, TokenScope
+from ..errors import SteerscaleError
+from ..models.layout import ModelLayout
+from ..models.sites import Site, SiteKind
+
+FORMAT = "steerscale.vector/1"
+
+
+def fingerprint(layout: ModelLayout) -> str:
+    """Shape facts of a model that decide whether a vector fits it."""
+    blob = json.dumps(layout.describe(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class SteeringVector:
+    directions: dict[Site, torch.Tensor]
+    model_name: str = ""
+    model_fingerprint: str = ""
+    method: str = "custom"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.directions:
+            raise SteerscaleError("a steering vector needs at least one site")
+        clean = {}
+        for site, vec in self.directions.items():
+            site = site if isinstance(site, Site) else Site.parse(site)
+            vec = torch.as_tensor(vec, dtype=torch.float32).detach().cpu()
+            if vec.dim() != 1:
+                raise SteerscaleError(f"direction at {site.key()} must be 1-D, got shape {tuple(vec.shape)}")
+            if not torch.isfinite(vec).all():
+                raise SteerscaleError(f"direction at {site.key()} contains NaN or inf")
+            clean[site] = vec
+        self.directions = dict(sorted(clean.items()))
+        self.metadata.setdefault("library_version", __version__)
+
+    # -- views ---------------------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[Site]:
+        return list(self.directions)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.directions})
+
+    @property
+    def is_residual(self) -> bool:
+        return all(s.kind is SiteKind.RESID_POST for s in self.directions)
+
+    def norms(self) -> dict[str, float]:
+        return {s.key(): float(v.norm()) for s, v in self.directions.items()}
+
+    def __repr__(self) -> str:
+        sites = ", ".join(s.key() for s in list(self.directions)[:4]) + (" ..." if len(self.directions) > 4 else "")
+        return f"SteeringVector(method={self.method!r}, model={self.model_name!r}, sites=[{sites}])"
+
+    # -- use -----------------------------------------------------------------------------------------------
+    def check_compatible(self, layout: ModelLayout) -> None:
+        if self.model_fingerprint and self.model_fingerprint != fingerprint(layout):
+            raise SteerscaleError(
+                f"vector was made for model {self.model_name!r} (fingerprint {self.model_fingerprint}), which has a "
+                f"different shape from this {layout.architecture} model (fingerprint {fingerprint(layout)})",
+                "extract a new vector on this model",
+            )
+        for site, vec in self.directions.items():
+            layout.locate(site)
+            if vec.shape[0] != layout.site_dim(site):
+                raise SteerscaleError(
+                    f"direction at {site.key()} has size {vec.shape[0]}, but this model's site has size {layout.site_dim(site)}",
+                    "the vector was made for another model; extract a new one",
+                )
+
+    def interventions(self, scale: float = 1.0, scope: TokenScope | str = ALL_TOKENS, layout: ModelLayout | None = None) -> list[Intervention]:
+        """Add ``scale * direction`` at each site (checked against ``layout`` when given)."""
+        check_scale(scale)
+        if layout is not None:
+            self.check_compatible(layout)
+        scope = TokenScope.parse(scope)
+        return [Intervention(site, Add(vec, scale), scope) for site, vec in self.directions.items()]
+
+    # -- arithmetic ----------------------------------------------------------------------------------------
+    def _combine(self, other: "SteeringVector", sign: float) -> "SteeringVector":
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if self.model_fingerprint and other.model_fingerprint and self.model_fingerprint != other.model_fingerprint:
+            raise SteerscaleError(
+                f"cannot combine vectors of different models ({self.model_name!r} and {other.model_name!r})"
+            )
+        dims = {s: v.shape[0] for s, v in self.directions.items()}
+        out = dict(self.directions)
+        for site, vec in other.directions.items():
+            if site in dims and dims[site] != vec.shape[0]:
+                raise SteerscaleError(f"cannot combine: sizes differ at {site.key()} ({dims[site]} vs {vec.shape[0]})")
+            out[site] = out[site] + sign * vec if site in out else sign * vec
+        method = f"({self.method} {'+' if sign > 0 else '-'} {other.method})"
+        return SteeringVector(out, self.model_name or other.model_name, self.model_fingerprint or other.model_fingerprint,
+                              method, {"combined_from": [self.metadata, other.metadata]})
+
+    def __add__(self, other):
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other):
+        return self._combine(other, -1.0)
+
+    def __mul__(self, factor):
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            return NotImplemented if not isinstance(factor, (int, float)) else self._bad_factor(factor)
+        return SteeringVector({s: v * factor for s, v in self.directions.items()}, self.model_name,
+                              self.model_fingerprint, self.method, dict(self.metadata))
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __truediv__(self, factor):
+        if isinstance(factor, (int, float)) and factor == 0:
+            raise SteerscaleError("cannot divide a steering vector by zero")
+        return self * (1.0 / factor)
+
+    @staticmethod
+    def _bad_factor(factor):
+        raise SteerscaleError(f"cannot scale a steering vector by {factor!r}", "use a finite number")
+
+    # -- files ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"format": FORMAT, "model_name": self.model_name, "model_fingerprint": self.model_fingerprint,
+                  "method": self.method, "metadata": self.metadata}
+        tensors = {site.key(): vec.contiguous() for site, vec in self.directions.items()}
+        save_file(tensors, str(path), metadata={"steerscale": json.dumps(header, default=_json_default)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteeringVector":
+        path = Path(path)
+        if path.suffix == ".gguf":
+            from .gguf import import_gguf
+
+            return import_gguf(path)
+        if not path.is_file():
+            raise SteerscaleError(f"steering vector file not found: {path}", "check the path (vectors end in .safetensors)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("steerscale")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise SteerscaleError(
+                f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:120]})",
+                "the file is corrupt or of another format; re-export it",
+            ) from None
+        if raw is None:
+            raise SteerscaleError(f"{path} has no steerscale metadata", "it is a safetensors file but not a steering vector")
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError:
+            raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON", "the file is corrupt; re-export it") from None
+        if header.get("format") != FORMAT:
+            raise SteerscaleError(f"{path}: unsupported vector format {header.get('format')!r}", f"expected {FORMAT}")
+        return cls({Site.parse(k): v for k, v in tensors.items()}, header.get("model_name", ""),
+                   header.get("model_fingerprint", ""), header.get("method", "custom"), header.get("metadata", {}))
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def parse_steer_arg(text: str) -> tuple[str, float]:
+    """``path[:scale]`` as used by ``--steer``; the scale defaults to 1."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise SteerscaleError(f"--steer {text!r}: scale must be finite", "use e.g. vec.safetensors:4")
+        return path, scale
+    return text, 1.0
+
+
+def load_steering(specs, layout: ModelLayout, scope: TokenScope | str = ALL_TOKENS) -> list[Intervention]:
+    """Interventions for a list of ``path[:scale]`` specs (or ``(vector, scale)`` pairs), checked against ``layout``."""
+    out: list[Intervention] = []
+    for spec in specs:
+        vector, scale = spec if isinstance(spec, tuple) else parse_steer_arg(spec)
+        if not isinstance(vector, SteeringVector):
+            vector = SteeringVector.load(vector)
+        out.extend(vector.interventions(scale, scope, layout))
+    return out
