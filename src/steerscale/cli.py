@@ -18,6 +18,7 @@ from .errors import SteerscaleError
 COMMAND_MODULES = [
     "steerscale.commands.models_cmd",
     "steerscale.commands.generate_cmd",
+    "steerscale.commands.steer_cmds",
 ]
 
 EPILOG = """\

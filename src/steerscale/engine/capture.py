@@ -41,11 +41,16 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
 
 
-def tokenize(tokenizer, texts: Sequence[str], device, add_special_tokens: bool = True) -> Batch:
+def tokenize(tokenizer, texts: Sequence[str], device, add_special_tokens: bool | None = None) -> Batch:
+    """Left/right padding as the tokenizer is set. ``add_special_tokens=None``: add them unless the texts already
+    start with the BOS token (chat templates write it themselves; adding it twice shifts every activation)."""
     if not texts:
         raise SteerscaleError("no texts to process")
     if any(not isinstance(t, str) or t == "" for t in texts):
         raise SteerscaleError("empty prompt", "every text must be a non-empty string")
+    if add_special_tokens is None:
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special_tokens = not (bos and all(t.startswith(bos) for t in texts))
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     return Batch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
 

@@ -66,8 +66,7 @@ def generate(
         raise SteerscaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     formatted = [format_prompt(tokenizer, p, chat) for p in prompts]
     device = next(model.parameters()).device
-    # Chat templates already include the BOS token; adding special tokens again would double it.
-    batch = tokenize(tokenizer, formatted, device, add_special_tokens=not has_chat_template(tokenizer) or chat is False)
+    batch = tokenize(tokenizer, formatted, device)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,

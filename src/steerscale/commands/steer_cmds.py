@@ -1,0 +1,85 @@
+"""``steerscale extract`` and ``steerscale sweep``: steering vectors from contrastive data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import add_model_args, emit_json, load
+
+METHOD_HELP = "caa (mean difference), pca (RepE pca_diff), pca_center, probe (logistic regression), iti (per-head)"
+
+
+def _add_data_args(p) -> None:
+    p.add_argument("--pairs", required=True, metavar="FILE.jsonl",
+                   help='contrastive pairs: {"positive","negative"} or {"prompt","positive","negative"} per line; '
+                        "or the name of a bundled set (formal_casual)")
+    p.add_argument("--read", default="last", choices=["last", "mean"],
+                   help="which tokens to read: the last token, or the mean over the completion (default: last)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("extract", help="extract a steering vector from contrastive pairs",
+                       description="Read activations for positive and negative texts and fit a steering vector.\n"
+                                   f"Methods: {METHOD_HELP}.",
+                       epilog="example: steerscale extract --pairs formal_casual --method caa --layers auto -o formal.safetensors")
+    add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--method", default="caa", help=METHOD_HELP)
+    p.add_argument("--layers", default="auto", help="auto (probe sweep picks), N, A-B or A,B,C (default: auto)")
+    p.add_argument("--heads", type=int, default=16, help="ITI: number of top heads to steer (default: 16)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf for a llama.cpp control vector)")
+    p.set_defaults(func=run_extract)
+
+    s = sub.add_parser("sweep", help="probe accuracy per layer (or per head) to choose where to steer",
+                       description="Fit a held-out logistic probe at every layer (and head, with --heads) and write a "
+                                   "table (JSON) and a plot (PNG).")
+    add_model_args(s)
+    _add_data_args(s)
+    s.add_argument("--per-head", action="store_true", help="sweep every attention head (ITI) instead of layers")
+    s.add_argument("-o", "--output", required=True, help="output directory")
+    s.set_defaults(func=run_sweep)
+
+
+def _pairs_path(name: str) -> str:
+    from ..steer.pairs import bundled_pairs
+
+    return name if Path(name).exists() or name.endswith(".jsonl") else str(bundled_pairs(name))
+
+
+def run_extract(args) -> int:
+    from ..steer.extract import extract
+
+    lm = load(args)
+    vector = extract(lm, _pairs_path(args.pairs), args.method, args.layers, read=args.read, iti_heads=args.heads,
+                     batch_size=args.batch_size)
+    out = Path(args.output)
+    if out.suffix == ".gguf":
+        from ..steer.gguf import export_gguf
+
+        export_gguf(vector, out)
+    else:
+        out = vector.save(out)
+    print(f"wrote {out}: {vector.method} vector at {', '.join(s.key() for s in vector.sites[:6])}"
+          + (" ..." if len(vector.sites) > 6 else ""))
+    print(f"apply it with: steerscale generate -m {args.model} -p 'Hello' --steer {out}:1")
+    return 0
+
+
+def run_sweep(args) -> int:
+    from ..steer.extract import extract, sweep_plot
+
+    lm = load(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    method = "iti" if args.per_head else "caa"
+    _, result = extract(lm, _pairs_path(args.pairs), method, "auto", read=args.read, batch_size=args.batch_size,
+                        return_sweep=True)
+    table = result.table()
+    (out / "sweep.json").write_text(json.dumps(table, indent=1))
+    sweep_plot(result, out / "sweep.png", f"{lm.name}: held-out probe accuracy ({'per head' if args.per_head else 'per layer'})")
+    best = sorted(table, key=lambda r: -r["accuracy"])[:5]
+    emit_json({"chosen": [s.key() for s in result.chosen], "top": best, "table": str(out / "sweep.json"),
+               "plot": str(out / "sweep.png")})
+    return 0

@@ -1,0 +1,233 @@
+"""From contrastive data to a ``SteeringVector``: read activations, choose layers/heads, fit a direction.
+
+Pipeline: ``pair_texts`` (chat template for prompt pairs) -> ``collect`` (one capture pass over all candidate
+sites) -> ``sweep`` (held-out probe accuracy per layer, or per head for ITI) -> the method's ``fit`` per chosen site.
+
+``layers="auto"`` picks the layer with the best held-out probe accuracy, ties (within one point) broken toward
+the middle of the network, where steering is usually most effective. ITI picks the top-K heads over the given
+(or all) layers by held-out probe accuracy, as in Li et al. 2023.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..engine.capture import Readout, capture
+from ..engine.generation import format_prompt
+from ..errors import SteerscaleError
+from ..models.loading import LoadedModel
+from ..models.sites import Site, SiteKind
+from .methods import get_method
+from .methods.probe import probe_accuracy
+from .pairs import ContrastPair, load_pairs, pairs_hash
+from .vector import SteeringVector, fingerprint
+
+
+@dataclass
+class PairTexts:
+    positive: list[str]
+    negative: list[str]
+    positive_spans: list[tuple[int, int]] | None  # completion token span (real-token indices) per text
+    negative_spans: list[tuple[int, int]] | None
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pair_texts(tokenizer, pairs: list[ContrastPair], chat: bool | None = None) -> PairTexts:
+    """Full texts for each side; for prompt pairs also the completion's token span (for mean readouts)."""
+    pos, neg, pos_spans, neg_spans = [], [], [], []
+    for p in pairs:
+        if p.prompt is None:
+            pos.append(p.positive)
+            neg.append(p.negative)
+            pos_spans.append((0, _n_tokens(tokenizer, p.positive)))
+            neg_spans.append((0, _n_tokens(tokenizer, p.negative)))
+            continue
+        prefix = format_prompt(tokenizer, p.prompt, chat)
+        start = _n_tokens(tokenizer, prefix)
+        for side, texts, spans in ((p.positive, pos, pos_spans), (p.negative, neg, neg_spans)):
+            texts.append(prefix + side)
+            spans.append((start, max(start + 1, _n_tokens(tokenizer, prefix + side))))
+    return PairTexts(pos, neg, pos_spans, neg_spans)
+
+
+def collect(lm: LoadedModel, texts: PairTexts, sites: list[Site], read: Readout | str = Readout.LAST,
+            batch_size: int = 16, progress: bool = True) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
+    """Activations ``(n_pairs, dim)`` of positive and negative texts at every site, in one capture pass."""
+    read = Readout(read)
+    if read is Readout.ALL:
+        raise SteerscaleError("extraction reads one vector per text", "use read='last' or read='mean'")
+    n = len(texts.positive)
+    spans = (texts.positive_spans + texts.negative_spans) if read is Readout.MEAN else None
+    acts = capture(lm.model, lm.tokenizer, lm.layout, texts.positive + texts.negative, sites, read, spans=spans,
+                   batch_size=batch_size, progress=progress, desc="reading activations")
+    return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
+
+
+@dataclass
+class Sweep:
+    """Held-out probe accuracy per site: what ``layers='auto'`` and ITI head selection decide on."""
+
+    accuracy: dict[Site, float]
+    chosen: list[Site] = field(default_factory=list)
+
+    def table(self) -> list[dict]:
+        return [{"site": s.key(), "layer": s.layer, "head": s.head, "accuracy": round(a, 4), "chosen": s in self.chosen}
+                for s, a in sorted(self.accuracy.items())]
+
+
+def sweep(pos: dict[Site, torch.Tensor], neg: dict[Site, torch.Tensor], holdout: float = 0.3, seed: int = 0) -> dict[Site, float]:
+    return {s: probe_accuracy(pos[s], neg[s], holdout, seed)[0] for s in pos}
+
+
+def pick_layer(accuracy: dict[Site, float], n_layers: int) -> Site:
+    best = max(accuracy.values())
+    near = [s for s, a in accuracy.items() if a >= best - 0.01]
+    return min(near, key=lambda s: (abs(s.layer - (n_layers - 1) / 2), s.layer))
+
+
+def parse_layers(spec, n_layers: int) -> list[int] | str:
+    """``auto``, ``N``, ``A-B`` (inclusive), ``A,B,C`` or a list of ints."""
+    if spec in (None, "auto"):
+        return "auto"
+    if isinstance(spec, int):
+        layers = [spec]
+    elif isinstance(spec, (list, tuple)):
+        layers = [int(x) for x in spec]
+    else:
+        try:
+            layers = []
+            for part in str(spec).split(","):
+                a, _, b = part.partition("-")
+                layers.extend(range(int(a), int(b) + 1) if b else [int(a)])
+        except ValueError:
+            raise SteerscaleError(f"bad layer spec {spec!r}", "use auto, N, A-B or A,B,C") from None
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise SteerscaleError(f"layer(s) {bad or spec} out of range: this model has {n_layers} blocks",
+                              f"use layers between 0 and {n_layers - 1}")
+    return sorted(set(layers))
+
+
+def extract(
+    lm: LoadedModel,
+    pairs,
+    method: str = "caa",
+    layers="auto",
+    read: Readout | str = Readout.LAST,
+    iti_heads: int = 16,
+    holdout: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 16,
+    chat: bool | None = None,
+    progress: bool = True,
+    return_sweep: bool = False,
+):
+    """Extract a steering vector from contrastive ``pairs`` (a JSONL path, dicts or ``ContrastPair`` list).
+
+    ``method``: ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` (residual stream, resid_post) or
+    ``iti`` (per attention head). ``layers``: ``auto`` or explicit (see ``parse_layers``); for residual methods
+    with explicit layers one direction is fitted per layer.
+    """
+    pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
+    if len(pairs) < 2:
+        raise SteerscaleError(f"need at least 2 contrastive pairs, got {len(pairs)}")
+    layout = lm.layout
+    chosen_layers = parse_layers(layers, layout.n_layers)
+    candidate_layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers
+    is_iti = method == "iti"
+    if is_iti:
+        sites = [Site(l, SiteKind.HEAD_OUT, h) for l in candidate_layers for h in range(layout.n_heads)]
+    else:
+        fit_fn = get_method(method).fit
+        sites = [Site(l) for l in candidate_layers]
+    texts = pair_texts(lm.tokenizer, pairs, chat)
+    pos, neg = collect(lm, texts, sites, read, batch_size, progress)
+
+    accuracy: dict[Site, float] = {}
+    if is_iti:
+        accuracy = sweep(pos, neg, holdout, seed)
+        k = min(iti_heads, len(sites))
+        chosen = sorted(sorted(accuracy, key=lambda s: -accuracy[s])[:k])
+    elif chosen_layers == "auto":
+        accuracy = sweep(pos, neg, holdout, seed)
+        chosen = [pick_layer(accuracy, layout.n_layers)]
+    else:
+        chosen = sites
+
+    directions, per_site = {}, {}
+    for s in chosen:
+        if is_iti:
+            directions[s], per_site[s.key()] = _iti_direction(pos[s], neg[s])
+            per_site[s.key()]["probe_accuracy"] = accuracy[s]
+        else:
+            directions[s], per_site[s.key()] = fit_fn(pos[s], neg[s])
+    vector = SteeringVector(
+        directions,
+        model_name=lm.name,
+        model_fingerprint=fingerprint(layout),
+        method=method if is_iti else get_method(method).NAME,
+        metadata={
+            "site_kind": "head_out" if is_iti else "resid_post",
+            "layer_convention": "0-based block index; resid_post = output of the block",
+            "layers": "auto" if chosen_layers == "auto" else chosen_layers,
+            "read": Readout(read).value,
+            "n_pairs": len(pairs),
+            "data_hash": pairs_hash(pairs),
+            "holdout": holdout,
+            "seed": seed,
+            "iti_heads": iti_heads if is_iti else None,
+            "per_site": per_site,
+            "sweep": {s.key(): a for s, a in accuracy.items()},
+        },
+    )
+    return (vector, Sweep(accuracy, chosen)) if return_sweep else vector
+
+
+def _iti_direction(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mass-mean shift, unit length, times the std of activations along it (ITI's ``alpha`` is then the scale)."""
+    shift = (pos.double() - neg.double()).mean(0)
+    unit = shift / shift.norm()
+    std = float(torch.cat([pos, neg]).double().matmul(unit).std())
+    return (unit * std).float(), {"std_along_direction": std, "mass_mean_norm": float(shift.norm())}
+
+
+def sweep_plot(sweep_result: Sweep, path, title: str = "probe accuracy by site") -> None:
+    """Line plot per layer (residual) or a layer x head heatmap (ITI), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = sweep_result.accuracy
+    heads = [s for s in acc if s.head is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if heads:
+        n_l = max(s.layer for s in heads) + 1
+        n_h = max(s.head for s in heads) + 1
+        grid = np.full((n_l, n_h), np.nan)
+        for s in heads:
+            grid[s.layer, s.head] = acc[s]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        fig.colorbar(im, ax=ax, label="held-out probe accuracy")
+        for s in sweep_result.chosen:
+            ax.plot(s.head, s.layer, "r+", markersize=8)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    else:
+        sites = sorted(acc)
+        ax.plot([s.layer for s in sites], [acc[s] for s in sites], marker="o")
+        for s in sweep_result.chosen:
+            ax.axvline(s.layer, color="r", linestyle="--", label=f"chosen layer {s.layer}")
+        ax.set_xlabel("layer (resid_post)")
+        ax.set_ylabel("held-out probe accuracy")
+        ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""Steering vectors: methods, the artifact, pairs files, on tiny random models."""
+
+import json
+
+import pytest
+import torch
+
+from steerscale import Site, SiteKind, SteerscaleError, intervene
+from steerscale.models.loading import LoadedModel
+from steerscale.steer.extract import extract, parse_layers
+from steerscale.steer.methods import caa, pca_center, pca_diff, probe
+from steerscale.steer.pairs import load_labelled, load_pairs
+from steerscale.steer.vector import SteeringVector, fingerprint, parse_steer_arg
+from tiny import TinyTokenizer, tiny_model
+
+
+def _lm(family="llama"):
+    model, layout = tiny_model(family)
+    return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")
+
+
+def _pairs(n=12):
+    return [{"positive": f"good kind lovely {i} " * 2, "negative": f"bad rude awful {i} " * 2} for i in range(n)]
+
+
+def _toy(n=40, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.zeros(dim)
+    axis[2] = 3.0
+    base = torch.randn(n, dim, generator=g)
+    # Concept strength varies by pair, as in real data: that variance is what PCA of differences picks up.
+    strength = 0.5 + torch.rand(n, 1, generator=g)
+    return base + strength * axis + 0.1 * torch.randn(n, dim, generator=g), base - strength * axis
+
+
+def test_caa_is_mean_difference():
+    pos, neg = _toy()
+    d, _ = caa.fit(pos, neg)
+    assert torch.allclose(d, (pos - neg).mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [pca_diff, pca_center, probe])
+def test_direction_methods_find_the_axis_and_point_positive(method):
+    pos, neg = _toy()
+    d, info = method.fit(pos, neg)
+    cos = float(d @ torch.eye(8)[2] / d.norm())
+    assert cos > 0.9, cos  # oriented toward the positive side
+    assert ((pos - neg) @ d > 0).float().mean() > 0.9
+    if method is probe:
+        assert info["probe_accuracy"] >= 0.9
+
+
+def test_extract_caa_explicit_layers_and_apply():
+    lm = _lm()
+    v = extract(lm, _pairs(), "caa", "0-2", progress=False)
+    assert [s.layer for s in v.sites] == [0, 1, 2] and v.method == "caa"
+    assert v.metadata["n_pairs"] == 12 and v.model_fingerprint == fingerprint(lm.layout)
+    ids = torch.randint(2, 90, (1, 5))
+    with intervene(lm.layout, v.interventions(2.0, layout=lm.layout)):
+        steered = lm.model(ids).logits
+    assert not torch.allclose(steered, lm.model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_extract_auto_and_iti(family):
+    lm = _lm(family)
+    v, sweep = extract(lm, _pairs(), "pca", "auto", return_sweep=True, progress=False)
+    assert len(v.sites) == 1 and set(sweep.accuracy) == {Site(i) for i in range(lm.layout.n_layers)}
+    iti = extract(lm, _pairs(), "iti", "auto", iti_heads=3, progress=False)
+    assert len(iti.sites) == 3 and all(s.kind is SiteKind.HEAD_OUT for s in iti.sites)
+    assert all(d.shape[0] == lm.layout.head_dim for d in iti.directions.values())
+    assert all("probe_accuracy" in m for m in iti.metadata["per_site"].values())
+
+
+def test_prompt_pairs_and_mean_readout():
+    lm = _lm()
+    pairs = [{"prompt": f"q{i}", "positive": "yes indeed", "negative": "no never"} for i in range(6)]
+    v = extract(lm, pairs, "caa", "1", read="mean", progress=False)
+    assert v.metadata["read"] == "mean"
+
+
+def test_vector_arithmetic_and_roundtrip(tmp_path):
+    lm = _lm()
+    a = extract(lm, _pairs(), "caa", "1", progress=False)
+    b = SteeringVector({Site(1): torch.ones(32), Site(2): torch.ones(32)}, a.model_name, a.model_fingerprint)
+    c = a + b
+    assert torch.allclose(c.directions[Site(1)], a.directions[Site(1)] + 1) and Site(2) in c.directions
+    assert torch.allclose((a - a).directions[Site(1)], torch.zeros(32))
+    assert torch.allclose((2 * a).directions[Site(1)], a.directions[Site(1)] * 2)
+    assert torch.allclose((-a).directions[Site(1)], -a.directions[Site(1)])
+    path = c.save(tmp_path / "v")
+    assert path.suffix == ".safetensors"
+    back = SteeringVector.load(path)
+    assert back.method == c.method and back.model_fingerprint == c.model_fingerprint
+    assert all(torch.equal(back.directions[s], c.directions[s]) for s in c.directions)
+    other = SteeringVector({Site(1): torch.ones(32)}, "other", "ffff")
+    with pytest.raises(SteerscaleError, match="different models"):
+        a + other
+    with pytest.raises(SteerscaleError, match="sizes differ"):
+        a + SteeringVector({Site(1): torch.ones(16)})
+    with pytest.raises(SteerscaleError):
+        a * float("nan")
+
+
+def test_vector_checks_model(tmp_path):
+    lm = _lm()
+    v = SteeringVector({Site(1): torch.ones(32)}, "x", "0123456789abcdef")
+    with pytest.raises(SteerscaleError, match="different shape"):
+        v.interventions(1.0, layout=lm.layout)
+    wrong = SteeringVector({Site(7): torch.ones(32)})
+    with pytest.raises(SteerscaleError, match="out of range"):
+        wrong.interventions(1.0, layout=lm.layout)
+    small = SteeringVector({Site(1): torch.ones(30)})
+    with pytest.raises(SteerscaleError, match="size 30"):
+        small.interventions(1.0, layout=lm.layout)
+
+
+def test_bad_files(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(SteerscaleError, match="not a readable safetensors"):
+        SteeringVector.load(junk)
+    with pytest.raises(SteerscaleError, match="not found"):
+        SteeringVector.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": "a"}\n')
+    with pytest.raises(SteerscaleError, match="'negative' is missing"):
+        load_pairs(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(SteerscaleError, match="not valid JSON"):
+        load_pairs(bad)
+    lab = tmp_path / "lab.jsonl"
+    lab.write_text(json.dumps({"text": "a", "label": 1}) + "\n")
+    with pytest.raises(SteerscaleError, match="one class"):
+        load_labelled(lab)
+
+
+def test_parse_helpers():
+    assert parse_steer_arg("v.safetensors:4.5") == ("v.safetensors", 4.5)
+    assert parse_steer_arg("v.safetensors") == ("v.safetensors", 1.0)
+    assert parse_layers("2-4", 30) == [2, 3, 4] and parse_layers("1,5", 30) == [1, 5]
+    with pytest.raises(SteerscaleError, match="out of range"):
+        parse_layers("40", 30)
+    with pytest.raises(SteerscaleError, match="finite"):
+        parse_steer_arg("v.safetensors:nan")
