@@ -248,3 +248,30 @@ def test_capture_sees_the_edit_of_an_outer_intervention():
     with intervene(layout, Intervention(Site(1), Add(v, 1.0))):
         steered = capture(model, tok, layout, ["text"], [Site(1)])[Site(1)]
     assert torch.allclose(steered, plain + v, atol=1e-5)
+
+
+def test_several_heads_of_one_layer_each_get_their_own_slice():
+    """Edits on heads 0 and 2 of one layer equal the same edits on a manual concatenation."""
+    model, layout = tiny_model("llama")
+    ids = torch.randint(2, 90, (1, 5))
+    d = layout.head_dim
+    v0, v2 = _vec(d, seed=3), _vec(d, seed=4)
+    heads = [Intervention(Site(1, SiteKind.HEAD_OUT, 0), Add(v0)), Intervention(Site(1, SiteKind.HEAD_OUT, 2), Add(v2))]
+    full = torch.zeros(layout.n_heads * d)
+    full[:d], full[2 * d : 3 * d] = v0, v2
+    seen = {}
+    with intervene(layout, heads):
+        # registered after the intervention's hook, so it sees the edited input
+        hook = layout.out_projs[1].register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+        try:
+            a = model(ids).logits
+        finally:
+            hook.remove()
+    plain = {}
+    hook = layout.out_projs[1].register_forward_pre_hook(lambda m, a: plain.setdefault("x", a[0].clone()))
+    try:
+        model(ids)
+    finally:
+        hook.remove()
+    assert torch.allclose(seen["x"], plain["x"] + full, atol=1e-6)
+    assert not torch.allclose(a, model(ids).logits)

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "steerscale.commands.models_cmd",
     "steerscale.commands.generate_cmd",
     "steerscale.commands.steer_cmds",
+    "steerscale.commands.portability_cmds",
+    "steerscale.commands.demo_cmd",
 ]
 
 EPILOG = """\

@@ -68,11 +68,12 @@ class Intervener:
         self.interventions = list(interventions)
         self.tracker = SequenceTracker(prompt_width)
         self._handles: list = []
-        self._groups: dict[tuple[int, HookPoint], tuple[Location, list[Intervention]]] = {}
+        # One hook per (module, hook point); each edit keeps its own Location because edits sharing a module can
+        # act on different slices of it (several heads of one attention output projection).
+        self._groups: dict[tuple[int, HookPoint], list[tuple[Intervention, Location]]] = {}
         for iv in self.interventions:
             loc = _check(layout, iv)
-            key = (id(loc.module), loc.point)
-            self._groups.setdefault(key, (loc, []))[1].append(iv)
+            self._groups.setdefault((id(loc.module), loc.point), []).append((iv, loc))
 
     @property
     def state(self) -> TokenState | None:
@@ -88,11 +89,12 @@ class Intervener:
             raise SteerscaleError("this Intervener is already attached", "use a fresh intervene(...) block")
         try:
             self._handles.append(self.layout.base.register_forward_pre_hook(self._observe, with_kwargs=True))
-            for loc, ivs in self._groups.values():
+            for group in self._groups.values():
+                loc = group[0][1]
                 if loc.point is HookPoint.INPUT:
-                    h = loc.module.register_forward_pre_hook(self._input_hook(loc, ivs), with_kwargs=True)
+                    h = loc.module.register_forward_pre_hook(self._input_hook(group), with_kwargs=True)
                 else:
-                    h = loc.module.register_forward_hook(self._output_hook(loc, ivs))
+                    h = loc.module.register_forward_hook(self._output_hook(group))
                 self._handles.append(h)
         except BaseException:
             self.detach()
@@ -114,7 +116,7 @@ class Intervener:
             input_ids, (batch, width), device = None, embeds.shape[:2], embeds.device
         self.tracker.observe(input_ids, width, batch, device, kwargs)
 
-    def _edit(self, h: torch.Tensor, loc: Location, ivs: list[Intervention]) -> torch.Tensor:
+    def _edit(self, h: torch.Tensor, group: list[tuple[Intervention, Location]]) -> torch.Tensor:
         state = self.tracker.state
         if state is None:
             raise SteerscaleError(
@@ -122,10 +124,10 @@ class Intervener:
                 "call the full model (or layout.base), not a single block, inside intervene(...)",
             )
         flat_shape = None
-        if loc.flat_tokens:  # MoE routers see (batch*seq, experts)
+        if group[0][1].flat_tokens:  # MoE routers see (batch*seq, experts)
             flat_shape = h.shape
             h = h.reshape(state.batch, -1, h.shape[-1])
-        for iv in ivs:
+        for iv, loc in group:
             x = h[..., loc.index] if loc.index is not None else h
             new = apply_edit(iv.edit, x)
             mask = state.mask(iv.scope)
@@ -141,25 +143,27 @@ class Intervener:
                 h = torch.cat([h[..., : loc.index.start], new, h[..., loc.index.stop :]], dim=-1)
         return h.reshape(flat_shape) if flat_shape is not None else h
 
-    def _input_hook(self, loc: Location, ivs: list[Intervention]):
+    def _input_hook(self, group):
         def hook(module, args, kwargs):
             if args:
-                return (self._edit(args[0], loc, ivs), *args[1:]), kwargs
+                return (self._edit(args[0], group), *args[1:]), kwargs
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = self._edit(kwargs["hidden_states"], loc, ivs)
+            kwargs["hidden_states"] = self._edit(kwargs["hidden_states"], group)
             return args, kwargs
 
         return hook
 
-    def _output_hook(self, loc: Location, ivs: list[Intervention]):
+    def _output_hook(self, group):
+        rebuild = group[0][1].rebuild
+
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                return self._edit(output, loc, ivs)
+                return self._edit(output, group)
             if isinstance(output, tuple):
-                edited = self._edit(output[0], loc, ivs)
-                return loc.rebuild(module, edited, output) if loc.rebuild else (edited, *output[1:])
+                edited = self._edit(output[0], group)
+                return rebuild(module, edited, output) if rebuild else (edited, *output[1:])
             if hasattr(output, "last_hidden_state"):  # a ModelOutput
-                output.last_hidden_state = self._edit(output.last_hidden_state, loc, ivs)
+                output.last_hidden_state = self._edit(output.last_hidden_state, group)
                 return output
             raise SteerscaleError(f"cannot edit output of type {type(output).__name__} at {type(module).__name__}")
 
