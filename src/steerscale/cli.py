@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "steerscale.commands.generate_cmd",
     "steerscale.commands.steer_cmds",
     "steerscale.commands.portability_cmds",
+    "steerscale.commands.eval_cmds",
     "steerscale.commands.demo_cmd",
 ]
 

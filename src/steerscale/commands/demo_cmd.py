@@ -1,0 +1,30 @@
+"""``steerscale demo``: build, apply and measure a steering vector on the bundled model (see ``steerscale.demo``)."""
+
+from __future__ import annotations
+
+from ..models.registry import DEFAULT_MODEL
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: build, apply and measure a steering vector (a few minutes, offline)",
+                       description="Build a formal-vs-casual steering vector on the bundled model, measure its effect "
+                                   "on held-out pairs and its cost (KL on neutral text) at several strengths, show "
+                                   "generations side by side, and write a Markdown report with plots.")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--scales", default="0,0.1,0.2,0.3,0.4,0.6", help="comma-separated steering scales to measure")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+    from ..errors import SteerscaleError
+
+    try:
+        scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+        raise SteerscaleError(f"--scales {args.scales!r} is not a comma-separated list of numbers") from None
+    run_demo(args.model, args.output, scales=scales, seed=args.seed, device=args.device)
+    return 0

@@ -1,0 +1,93 @@
+"""``steerscale eval`` (evaluate a model on a task, optionally steered) and ``steerscale report`` (tables, plots)."""
+
+from __future__ import annotations
+
+from .common import add_model_args, add_steer_args, emit_json, load
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark task, optionally steered",
+                       description="Evaluate on a task (see --list-tasks); results go to OUT/<task>-<confighash>/ "
+                                   "(per-example JSONL + summary.json), resumable and cached by config hash.")
+    add_model_args(p)
+    p.add_argument("--task", help="task name, gym:DATASET, or a local .jsonl path")
+    p.add_argument("--list-tasks", action="store_true", help="print the known task names and exit")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only N examples")
+    p.add_argument("--data-seed", type=int, default=None, help="draw the --limit subset with this seed (default: first N)")
+    add_steer_args(p)
+    p.add_argument("--seeds", type=int, default=1, help="number of generation seeds (0..N-1); deterministic scoring runs one")
+    p.add_argument("--mode", default="auto", choices=["auto", "loglik", "generate"],
+                   help="multiple choice: log-likelihood (default) or generate-then-parse")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--sample", action="store_true", help="sample (temperature --temperature) instead of greedy")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--strategy", default=None, help="test-time scaling strategy (from steerscale.scale)")
+    p.add_argument("--budget", default=None, help="budget for --strategy")
+    p.add_argument("--cost", dest="cost", action="store_true", default=None,
+                   help="measure KL / perplexity change on neutral text (default: when steering)")
+    p.add_argument("--no-cost", dest="cost", action="store_false")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward pass when scoring")
+    p.add_argument("--fresh", action="store_true", help="discard cached records of this config and rerun")
+    p.add_argument("-o", "--out", default="runs", help="output folder (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_eval)
+
+    r = sub.add_parser("report", help="render Markdown/HTML tables and PNG plots for evaluation runs",
+                       description="Collect every summary.json under DIR into report.md, report.html and PNGs.")
+    r.add_argument("dir", help="folder written by `steerscale eval -o`")
+    r.add_argument("-o", "--out", default=None, help="where to write the report (default: DIR)")
+    r.set_defaults(func=run_report)
+
+
+def _print_summary(s: dict) -> None:
+    sc = s.get("score")
+    line = f"{s['task']}: {s['primary']} = " + (f"{sc['mean']:.4f} [{sc['lo']:.4f}, {sc['hi']:.4f}]" if sc else "n/a")
+    print(f"{line}  n={s['n_ok']} failed={s['n_failed']}  ({s['seconds']:.1f} s model time)")
+    for k, v in sorted(s.get("metrics", {}).items()):
+        if k != s["primary"]:
+            print(f"  {k:14s} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]")
+    if s.get("cost"):
+        c = s["cost"]
+        print(f"  cost: KL {c['kl']['mean']:.4f} [{c['kl']['lo']:.4f}, {c['kl']['hi']:.4f}] nats/token, "
+              f"perplexity x{c['ppl_ratio']:.3f} on {c['n_texts']} neutral texts")
+    print(f"  -> {s['dir']}")
+
+
+def run_eval(args) -> int:
+    from ..errors import SteerscaleError
+    from ..measure.runs import evaluate, resolve_strategy
+    from ..measure.tasks import get_task, list_tasks
+
+    if args.list_tasks:
+        print("\n".join(list_tasks()))
+        return 0
+    if not args.task:
+        raise SteerscaleError("--task is required", "e.g. --task arc_easy (see --list-tasks)")
+    if args.seeds < 1:
+        raise SteerscaleError(f"--seeds must be >= 1, got {args.seeds}")
+    task = get_task(args.task)  # fail on a bad task before loading the model
+    resolve_strategy(args.strategy, args.budget)
+    lm = load(args)
+    res = evaluate(lm, task, steer=args.steer, scope=args.scope, limit=args.limit, seeds=range(args.seeds),
+                   data_seed=args.data_seed, outdir=args.out, mode=args.mode, chat=False if args.no_chat else None,
+                   max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                   strategy=args.strategy, budget=args.budget, cost=args.cost, batch_tokens=args.batch_tokens,
+                   resume=not args.fresh)
+    if args.json:
+        emit_json(res.summary)
+    else:
+        _print_summary(res.summary)
+    return 0
+
+
+def run_report(args) -> int:
+    from ..measure.report import render
+
+    out = render(args.dir, args.out)
+    cols = ["task", "model", "steer", "n", "metric", "score", "kl"]
+    print("  ".join(f"{c:>10s}" for c in cols))
+    for r in out["rows"]:
+        print("  ".join(f"{str(r[c])[:28]:>10s}" for c in cols))
+    print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plot(s)")
+    return 0

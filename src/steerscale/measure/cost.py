@@ -1,0 +1,81 @@
+"""The cost side of an intervention, measured beside every effect.
+
+* KL divergence ``KL(P_base || P_steered)`` of the next-token distributions at every real token of neutral
+  texts: how much the intervention disturbs the model where it should not matter.
+* Perplexity of the same neutral texts with and without the intervention.
+
+Both come from two forward passes per batch (unsteered, steered). The neutral set ships with the package
+(``steerscale/data/neutral_prompts.jsonl``: 30 plain statements and 10 ordinary requests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.capture import tokenize
+from ..engine.runtime import intervene
+from ..errors import SteerscaleError
+from .stats import bootstrap_ci
+
+
+def neutral_prompts() -> list[str]:
+    """The shipped neutral texts."""
+    text = resources.files("steerscale").joinpath("data/neutral_prompts.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def _logprobs(model, batch) -> torch.Tensor:
+    return model(**batch.model_inputs(), use_cache=False).logits.float().log_softmax(-1)
+
+
+@torch.no_grad()
+def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] | None = None, batch_size: int = 8,
+                  progress: bool = False, seed: int = 0) -> dict:
+    """KL and perplexity change on neutral ``texts`` (default: the shipped set), per text and with intervals.
+
+    Returns ``{"kl": Estimate-dict (mean per-token KL in nats, averaged per text), "ppl_base", "ppl_steered",
+    "ppl_ratio", "nll_delta": Estimate-dict, "n_texts", "n_tokens"}``. Plain text (no chat template): the
+    question is how the model's language modelling changes, not one reply.
+    """
+    texts = list(texts) if texts is not None else neutral_prompts()
+    if not texts:
+        raise SteerscaleError("no neutral texts for the cost measurement")
+    interventions = list(interventions)
+    device = next(model.parameters()).device
+    kl_per_text, nll_base, nll_steer, n_tok = [], [], [], 0
+    starts = range(0, len(texts), batch_size)
+    for s in tqdm(starts, desc="cost (KL, perplexity)", disable=not progress, unit="batch"):
+        batch = tokenize(tokenizer, texts[s : s + batch_size], device)
+        base = _logprobs(model, batch)
+        with intervene(layout, interventions):
+            steer = _logprobs(model, batch)
+        mask = batch.attention_mask.bool()
+        valid = mask[:, :-1] & mask[:, 1:]  # positions that predict a real next token
+        kl = (base.exp() * (base - steer)).sum(-1)[:, :-1]  # (B, T-1)
+        tgt = batch.input_ids[:, 1:, None]
+        nb = -base[:, :-1].gather(-1, tgt)[..., 0]
+        ns = -steer[:, :-1].gather(-1, tgt)[..., 0]
+        for r in range(kl.shape[0]):
+            v = valid[r]
+            if not v.any():
+                continue
+            kl_per_text.append(float(kl[r][v].mean()))
+            nll_base.append(float(nb[r][v].mean()))
+            nll_steer.append(float(ns[r][v].mean()))
+            n_tok += int(v.sum())
+    if not kl_per_text:
+        raise SteerscaleError("the neutral texts are all one token long", "use longer texts")
+    mb, ms = sum(nll_base) / len(nll_base), sum(nll_steer) / len(nll_steer)
+    return {
+        "kl": bootstrap_ci(kl_per_text, seed=seed).to_dict(),
+        "nll_delta": bootstrap_ci([s - b for s, b in zip(nll_steer, nll_base)], seed=seed).to_dict(),
+        "ppl_base": math.exp(mb), "ppl_steered": math.exp(ms), "ppl_ratio": math.exp(ms - mb),
+        "n_texts": len(kl_per_text), "n_tokens": n_tok,
+    }

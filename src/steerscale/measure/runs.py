@@ -1,0 +1,306 @@
+"""Evaluation runs: one call evaluates a model on a task under steering (and, later, a scaling strategy).
+
+Layout of a run directory ``OUT/<task>-<hash12>/``::
+
+    config.json      the full config; its hash names the directory (same config -> same directory -> cached)
+    examples.jsonl   one record per (example, seed): inputs, output, metrics, score, status, tokens, seconds
+    summary.json     mean score with a 95% bootstrap interval, per-metric means, failures, cost, throughput
+
+Resumable: records are appended and flushed chunk by chunk; a rerun skips (example, seed) keys already
+recorded and drops a half-written last line, so nothing is lost or counted twice. A scorer that raises on one
+example yields a ``"status": "failed"`` record with the error; the run continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..engine.generation import generate
+from ..engine.runtime import Intervention, intervene
+from ..engine.scope import TokenScope
+from ..errors import SteerscaleError
+from .mc import score_choices
+from .stats import bootstrap_ci
+from .tasks import Example, Task, get_task
+
+SCHEMA = "steerscale.eval/1"
+
+
+# -- config and hashing ---------------------------------------------------------------------------------------
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def describe_intervention(iv: Intervention) -> dict:
+    """A hashable description of an intervention: site, edit type, scope and a digest of the edit's tensors."""
+    h = hashlib.sha256()
+    params = {}
+    for k, v in sorted(vars(iv.edit).items()):
+        if isinstance(v, torch.Tensor):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            params[k] = v
+        else:
+            params[k] = repr(v)
+    return {"site": iv.site.key(), "edit": type(iv.edit).__name__, "params": params, "tensors": h.hexdigest()[:16],
+            "scope": repr(iv.scope), "rows": iv.rows}
+
+
+def describe_steer(spec) -> dict:
+    """``path[:scale]`` -> path, file digest and scale; a ``(vector, scale)`` pair -> its interventions."""
+    from ..steer.vector import parse_steer_arg
+
+    if isinstance(spec, str):
+        path, scale = parse_steer_arg(spec)
+        return {"path": str(path), "sha": file_digest(path) if Path(path).is_file() else None, "scale": scale}
+    vector, scale = spec
+    return {"vector": [describe_intervention(iv) for iv in vector.interventions(1.0)], "scale": scale}
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# -- records --------------------------------------------------------------------------------------------------
+def read_records(path: Path) -> list[dict]:
+    """Complete records of an ``examples.jsonl``; a torn last line (interrupted write) is dropped and the file
+    truncated to its last complete record so later appends stay valid."""
+    if not path.is_file():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("torn line")
+                records.append(json.loads(raw))
+                good_bytes += len(raw)
+            except ValueError:
+                break
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+def _append(path: Path, records: Sequence[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- strategies (built elsewhere) -----------------------------------------------------------------------------
+def resolve_strategy(name: str | None, budget: str | None):
+    """The scaling-strategy hook: validates ``--strategy``/``--budget`` against
+    ``steerscale.scale.strategies.STRATEGIES``. Running strategies inside ``evaluate`` (through
+    ``run_strategy(name, prompt, backend, verifier, budget)``) is not wired yet, so every strategy raises a
+    clear "not available yet" rather than silently evaluating without it."""
+    if name is None:
+        if budget is not None:
+            raise SteerscaleError("--budget needs --strategy", "pass --strategy NAME --budget B, or drop --budget")
+        return None
+    try:
+        from ..scale import strategies as mod
+    except ImportError:
+        mod = None
+    registry = getattr(mod, "STRATEGIES", None) if mod is not None else None
+    if not registry:
+        raise SteerscaleError(f"scaling strategy {name!r} is not available yet: steerscale.scale has no strategy "
+                              "registry in this build", "evaluate without --strategy for now")
+    if name not in registry:
+        raise SteerscaleError(f"unknown scaling strategy {name!r}", f"choose one of: {', '.join(sorted(registry))}")
+    # The registry exists but eval does not drive strategies yet: never silently run without the strategy.
+    raise SteerscaleError(f"scaling strategy {name!r} is not available yet in `eval` (the strategy exists in "
+                          "steerscale.scale, the eval wiring is pending)", "evaluate without --strategy for now")
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    dir: Path
+    summary: dict
+    records: list[dict]
+
+
+def _lm_parts(lm):
+    model, tokenizer, layout = lm
+    return model, tokenizer, layout, getattr(lm, "name", type(model).__name__)
+
+
+def _mode(task: Task, mode: str) -> str:
+    if mode == "auto":
+        return "loglik" if task.kind == "mc" else "generate"
+    if mode not in ("loglik", "generate"):
+        raise SteerscaleError(f"unknown scoring mode {mode!r}", "use auto, loglik or generate")
+    if mode == "loglik" and task.kind != "mc":
+        raise SteerscaleError(f"task {task.name!r} is a generation task; log-likelihood scoring needs choices",
+                              "use --mode generate (or auto)")
+    return mode
+
+
+def _score_one(task: Task, ex: Example, output: dict) -> dict:
+    try:
+        m = task.metrics(ex, output)
+        return {"metrics": m, "score": float(m[task.primary]), "status": "ok"}
+    except Exception as exc:  # one bad example must not stop a long run
+        return {"metrics": {}, "score": None, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: int, cfg: dict) -> list[dict]:
+    model, tokenizer, layout, _ = _lm_parts(lm)
+    t0 = time.perf_counter()
+    if mode == "loglik":
+        outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
+                             ivs, layout, chat=cfg["chat"], max_tokens=cfg["batch_tokens"])
+        prompts = [task.format(e) for e in examples]
+        tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
+    else:
+        fmt = task.format_generate if task.kind == "mc" else task.format
+        prompts = [fmt(e) for e in examples]
+        gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=cfg["max_new_tokens"],
+                        do_sample=cfg["sample"], temperature=cfg["temperature"], seed=seed,
+                        chat=cfg["chat"])
+        outs = [{"text": g.text} for g in gens]
+        tokens = [{"prompt": g.n_prompt_tokens, "generated": g.n_tokens} for g in gens]
+    per = (time.perf_counter() - t0) / len(examples)
+    records = []
+    for e, p, o, tk in zip(examples, prompts, outs, tokens):
+        rec = {"id": e.id, "seed": seed, "input": p, "output": o, "tokens": tk, "seconds": round(per, 4)}
+        if e.choices is not None:
+            rec.update(choices=e.choices, gold=e.gold)
+        if e.answer is not None:
+            rec["answer"] = e.answer
+        rec.update(_score_one(task, e, o))
+        records.append(rec)
+    return records
+
+
+def summarize(records: list[dict], task: Task, config: dict, extra: dict | None = None) -> dict:
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    out = {"schema": SCHEMA, "task": task.name, "primary": task.primary, "n": len(records), "n_ok": len(ok),
+           "n_failed": len(failed), "config": config, "config_hash": config_hash(config)}
+    if ok:
+        out["score"] = bootstrap_ci([r["score"] for r in ok]).to_dict()
+        names = sorted({k for r in ok for k in r["metrics"]})
+        out["metrics"] = {k: bootstrap_ci([r["metrics"][k] for r in ok if k in r["metrics"]]).to_dict() for k in names}
+        seeds = sorted({r["seed"] for r in ok})
+        if len(seeds) > 1:
+            out["per_seed"] = {str(s): sum(r["score"] for r in ok if r["seed"] == s) / max(1, sum(r["seed"] == s for r in ok))
+                               for s in seeds}
+    out["tokens"] = {k: sum(r["tokens"].get(k, 0) for r in records) for k in ("prompt", "generated", "scored")}
+    out["seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 3)
+    if failed:
+        out["failures"] = [{"id": r["id"], "error": r.get("error")} for r in failed[:20]]
+    out.update(extra or {})
+    return out
+
+
+def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", interventions: Sequence[Intervention] = (),
+             limit: int | None = None, seeds: Sequence[int] = (0,), data_seed: int | None = None, outdir: str | Path = "runs",
+             mode: str = "auto", chat: bool | None = None, max_new_tokens: int | None = None, sample: bool = False,
+             temperature: float = 0.7, strategy: str | None = None, budget: str | None = None, cost: bool | None = None,
+             batch_tokens: int = 4096, chunk: int = 32, progress: bool = True, resume: bool = True) -> RunResult:
+    """Evaluate ``lm`` (a ``LoadedModel`` or ``(model, tokenizer, layout)``) on ``task``.
+
+    ``steer``: ``"vec.safetensors:4"`` specs or ``(SteeringVector, scale)`` pairs, applied at token ``scope``;
+    ``interventions``: extra ready-made interventions. ``seeds``: generation seeds; when scoring is
+    deterministic (log-likelihood or greedy decoding) only the first seed is run, since more repeat it exactly.
+    ``data_seed``: None keeps the first ``limit`` examples, an int draws a seeded subset. ``cost``: measure KL and
+    perplexity change on neutral texts (default: when any steering is active).
+    """
+    from ..steer.vector import load_steering
+
+    task = get_task(task)
+    mode = _mode(task, mode)
+    model, tokenizer, layout, model_name = _lm_parts(lm)
+    resolve_strategy(strategy, budget)  # raises until scaling strategies exist
+    ivs = (load_steering(list(steer), layout, TokenScope.parse(scope)) if steer else []) + list(interventions)
+    seeds = [int(s) for s in seeds] or [0]
+    deterministic = mode == "loglik" or not sample
+    run_seeds = seeds[:1] if deterministic else seeds
+    config = {
+        "schema": SCHEMA, "version": __version__, "model": model_name, "task": task.config(), "mode": mode,
+        "limit": limit, "data_seed": data_seed, "seeds": run_seeds, "scope": scope, "chat": chat,
+        "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
+        "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
+        "temperature": temperature if sample else None, "strategy": strategy, "budget": budget,
+    }
+    rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(config)}"
+    rundir.mkdir(parents=True, exist_ok=True)
+    (rundir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    path = rundir / "examples.jsonl"
+    if not resume and path.exists():
+        path.unlink()
+    records = read_records(path)
+    done = {(r["id"], r["seed"]) for r in records}
+    examples = task.load(limit=limit, seed=data_seed)
+    cfg = {"chat": chat, "batch_tokens": batch_tokens, "max_new_tokens": config["max_new_tokens"], "sample": sample,
+           "temperature": temperature}
+    todo = [(s, e) for s in run_seeds for e in examples if (e.id, s) not in done]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"eval {task.name}", disable=not progress or not todo, unit="ex")
+    for s in run_seeds:
+        pending = [e for (ss, e) in todo if ss == s]
+        for i in range(0, len(pending), chunk):
+            new = _run_chunk(lm, task, mode, pending[i : i + chunk], ivs, s, cfg)
+            _append(path, new)
+            records.extend(new)
+            bar.update(len(new))
+    bar.close()
+    extra = {"dir": str(rundir), "deterministic": deterministic, "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
+    if cost if cost is not None else bool(ivs):
+        from .cost import steering_cost
+
+        prev = rundir / "summary.json"
+        old = json.loads(prev.read_text()).get("cost") if prev.is_file() else None
+        extra["cost"] = old or steering_cost(model, tokenizer, layout, ivs, progress=progress)
+    wanted = {(e.id, s) for s in run_seeds for e in examples}
+    records = [r for r in records if (r["id"], r["seed"]) in wanted]
+    summary = summarize(records, task, config, extra)
+    (rundir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return RunResult(rundir, summary, records)
+
+
+def load_runs(root: str | Path) -> list[dict]:
+    """Every ``summary.json`` under ``root`` (a run directory or a folder of them)."""
+    root = Path(root)
+    if not root.exists():
+        raise SteerscaleError(f"no such directory: {root}", "pass the -o folder of `steerscale eval`")
+    out = []
+    for p in sorted(root.rglob("summary.json")):
+        try:
+            s = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if s.get("schema") == SCHEMA:
+            s["dir"] = str(p.parent)
+            out.append(s)
+    return out
+
+
+def example_scores(run_dir: str | Path) -> dict[str, float]:
+    """``{id: mean score over seeds}`` of a run's successful records, for paired comparisons."""
+    acc: dict[str, list[float]] = {}
+    for r in read_records(Path(run_dir) / "examples.jsonl"):
+        if r["status"] == "ok":
+            acc.setdefault(r["id"], []).append(r["score"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
