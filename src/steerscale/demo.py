@@ -1,7 +1,8 @@
 """``steerscale demo``: the main job, end to end on the bundled model, offline, in a few minutes on a CPU.
 
-1. Build a formal-vs-casual steering vector (CAA, layer chosen by a held-out probe sweep) from the pairs shipped
-   in ``steerscale/data/pairs/formal_casual.jsonl`` (training split only).
+1. Build a formal-vs-casual steering vector (CAA over the replies' mean activations, layer chosen by a held-out
+   probe sweep) from the pairs shipped in ``steerscale/data/pairs/formal_casual.jsonl`` (training split only).
+   Positive scales steer toward formal, negative toward casual.
 2. Measure the effect at several strengths on held-out pairs the vector never saw: the mean per-token
    log-probability margin of the formal over the casual reply, with a 95% bootstrap interval, and the share of
    pairs where the formal reply is preferred.
@@ -67,7 +68,7 @@ def plot_effect(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_demo(model: str, out_dir: str | Path, scales=(0.0, 0.1, 0.2, 0.3, 0.4, 0.6), gen_scales=(0.0, 0.2, 0.4),
+def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0), gen_scales=(-1.0, 0.0, 1.0),
              n_test: int = 12, max_new_tokens: int = 40, seed: int = 0, device: str = "auto", log=print) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,8 @@ def run_demo(model: str, out_dir: str | Path, scales=(0.0, 0.1, 0.2, 0.3, 0.4, 0
     train, held = split_pairs(load_pairs(bundled_pairs("formal_casual")), n_test, seed)
 
     log(f"[2/4] extracting a formal-vs-casual CAA vector from {len(train)} pairs (layer chosen by a probe sweep)")
-    vector, sweep = extract(lm, train, "caa", "auto", return_sweep=True, seed=seed)
+    # Mean over the reply's tokens: a style lives in every token of the reply, not only in its last one.
+    vector, sweep = extract(lm, train, "caa", "auto", read="mean", return_sweep=True, seed=seed)
     vector_path = vector.save(out / "formal.safetensors")
     sweep_plot(sweep, out / "sweep.png", f"{lm.name}: held-out probe accuracy, formal vs casual")
     layer = vector.layers[0]

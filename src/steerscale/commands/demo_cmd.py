@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--scales", default="0,0.1,0.2,0.3,0.4,0.6", help="comma-separated steering scales to measure")
+    p.add_argument("--scales", default="-1,-0.5,0,0.5,1",
+                   help="comma-separated steering scales to measure; negative = toward casual (default: -1,-0.5,0,0.5,1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
