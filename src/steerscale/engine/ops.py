@@ -115,26 +115,6 @@ class Add(Edit):
         return h + _row_scale(s, h) * _row_vector(v, h)
 
 
-@dataclass(eq=False)
-class Ablate(Edit):
-    """Project a direction out: ``h - (h . u) u`` (directional ablation, e.g. refusal removal)."""
-
-    direction: torch.Tensor
-    preserve_norm: bool = False
-
-    def __post_init__(self):
-        self.direction = _unit(_as_tensor(self.direction, "direction"))
-
-    @property
-    def dim(self) -> int:
-        return self.direction.shape[-1]
-
-    def __call__(self, h):
-        (u,) = self._params(h, self.direction)
-        u = _row_vector(u, h)
-        return h - (h * u).sum(-1, keepdim=True) * u
-
-
 class ClampMode(str, Enum):
     SET = "set"
     MIN = "min"  # raise the projection to at least `value`
@@ -170,6 +150,13 @@ class SetProjection(Edit):
         else:
             target = proj.clamp(max=self.value)
         return h + (target - proj) * u
+
+
+class Ablate(SetProjection):
+    """Project a direction out: ``h - (h . u) u`` (directional ablation, e.g. refusal removal)."""
+
+    def __init__(self, direction: torch.Tensor, preserve_norm: bool = False):
+        super().__init__(direction, 0.0, ClampMode.SET, preserve_norm)
 
 
 @dataclass(eq=False)
