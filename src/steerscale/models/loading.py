@@ -78,8 +78,15 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     cache = gguf_cache_dir(path)
     if (cache / "config.json").exists():
-        tok = AutoTokenizer.from_pretrained(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        from transformers.utils import logging as hf_logging
+
+        # A cached load takes a few seconds; transformers' per-tensor progress bar is noise there.
+        hf_logging.disable_progress_bar()
+        try:
+            tok = AutoTokenizer.from_pretrained(cache)
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        finally:
+            hf_logging.enable_progress_bar()
         return model, tok, True
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
