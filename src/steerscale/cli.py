@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "steerscale.commands.steer_cmds",
     "steerscale.commands.portability_cmds",
     "steerscale.commands.eval_cmds",
+    "steerscale.commands.scale_cmds",
     "steerscale.commands.demo_cmd",
 ]
 

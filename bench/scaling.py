@@ -1,0 +1,172 @@
+"""Scaling curves: accuracy against generated tokens for greedy, self-consistency@k, best-of-k (arithmetic
+PRM), weighted vote, particle filtering, A*-decoding and adaptive self-consistency, on seeded arithmetic.
+
+    nice python bench/scaling.py --problems 12 --seeds 2 --difficulty 1
+
+Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
+16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). Particle
+filtering, A* and adaptive SC are separate real runs. Intervals: paired bootstrap over problems (numpy).
+Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
+one JSON object. Uses reasoning_gym's ``basic_arithmetic`` when installed and ``--task rg``, else
+``steerscale.scale.tasks_arith``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
+    ap.add_argument("--problems", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--difficulty", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--pf", default="4,8", help="particle counts for particle filtering")
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--boot", type=int, default=2000)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from steerscale import load_model
+    from steerscale.scale import Budget, LocalBackend, get_verifier, run_strategy
+    from steerscale.scale.strategies.base import best_of, vote
+    from steerscale.scale.tasks_arith import make_problems
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok, layout = load_model(args.model)
+    backend = LocalBackend(model, tok, layout)
+    problems = make_problems(args.problems, 0, args.difficulty)
+    prm = get_verifier("arith_prm")
+    knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, step="\n", stop=["\n\n", "Question:"],
+                 max_step_tokens=args.max_tokens)
+    ks = [1, 2, 4, 8, 16]
+    pfs = [int(x) for x in args.pf.split(",") if x]
+    P, S = len(problems), args.seeds
+    acc = {}  # method -> (P, S) array of 0/1
+    tok_used = {}  # method -> (P, S) generated tokens
+    extra = {"asc_samples": np.zeros((P, S))}
+
+    def put(name, p, s, correct, tokens):
+        acc.setdefault(name, np.zeros((P, S)))[p, s] = float(correct)
+        tok_used.setdefault(name, np.zeros((P, S)))[p, s] = tokens
+
+    runs = open(out / "scaling_runs.jsonl", "w")
+    t0 = time.time()
+    for p, prob in enumerate(problems):
+        g = run_strategy("greedy", prob.question, backend, None, Budget(), **knobs)
+        for s in range(S):
+            put("greedy", p, s, g.answer == prob.answer, g.generated_tokens)
+        for s in range(S):
+            pool = run_strategy("majority", prob.question, backend, None, Budget(), n=16, seed=1000 + s, **knobs).candidates
+            from steerscale.scale.verifiers import score_candidates
+
+            score_candidates(prm, prob.question, pool, Budget())
+            for k in ks:
+                sub = pool[:k]
+                tokens = sum(c.n_tokens for c in sub)
+                put(f"sc@{k}", p, s, vote(sub)[0] == prob.answer, tokens)
+                put(f"bon@{k}", p, s, best_of(sub).answer == prob.answer, tokens)
+                w = [c.score or 0.0 for c in sub]
+                put(f"wvote@{k}", p, s, vote(sub, w)[0] == prob.answer, tokens)
+                put(f"pass@{k}", p, s, any(c.answer == prob.answer for c in sub), tokens)
+            for n in pfs:
+                r = run_strategy("particle_filter", prob.question, backend, prm, Budget(), n=n, seed=s, **knobs)
+                put(f"pf@{n}", p, s, r.answer == prob.answer, r.generated_tokens)
+            r = run_strategy("astar", prob.question, backend, prm, Budget(), n=4, expand=1, seed=s, **knobs)
+            put("astar@4", p, s, r.answer == prob.answer, r.generated_tokens)
+            r = run_strategy("adaptive_sc", prob.question, backend, None, Budget(), n=16, batch=2, min_samples=2,
+                             seed=s, **knobs)
+            put("adaptive_sc", p, s, r.answer == prob.answer, r.generated_tokens)
+            extra["asc_samples"][p, s] = r.info["samples_used"]
+            runs.write(json.dumps({"problem": p, "seed": s, "answer": prob.answer,
+                                   **{m: [acc[m][p, s], tok_used[m][p, s]] for m in acc}}) + "\n")
+            runs.flush()
+        print(f"[{p + 1}/{P}] {time.time() - t0:.0f}s greedy={acc['greedy'][:p + 1, 0].mean():.2f} "
+              f"sc@16={acc['sc@16'][:p + 1].mean():.2f} pf@{pfs[-1]}={acc[f'pf@{pfs[-1]}'][:p + 1].mean():.2f}",
+              file=sys.stderr, flush=True)
+
+    rng = np.random.default_rng(0)
+    boot_idx = rng.integers(0, P, size=(args.boot, P))
+
+    def ci(values):  # values: (P,) per-problem means
+        means = values[boot_idx].mean(1)
+        return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+    table = []
+    for m in acc:
+        a = acc[m].mean(1)
+        lo, hi = ci(a)
+        table.append((m, float(a.mean()), lo, hi, float(tok_used[m].mean())))
+    greedy_acc = float(acc["greedy"].mean())
+    gain = acc["sc@16"].mean(1) - acc["greedy"].mean(1)
+    gain_lo, gain_hi = ci(gain)
+    bon = [(float(acc[f"bon@{k}"].mean()), float(tok_used[f"bon@{k}"].mean()), k) for k in ks]
+    bon_best_acc = max(b[0] for b in bon)
+    bon_best_tokens = min(b[1] for b in bon if b[0] == bon_best_acc)
+    search = [(float(acc[m].mean()), float(tok_used[m].mean()), m) for m in acc if m.startswith(("pf@", "astar"))]
+    reach = [t for a_, t, _ in search if a_ >= bon_best_acc]
+    ratio = (min(reach) / bon_best_tokens) if reach else None
+    sc16 = float(acc["sc@16"].mean())
+    asc = float(acc["adaptive_sc"].mean())
+    gain_frac = (asc - greedy_acc) / (sc16 - greedy_acc) if sc16 != greedy_acc else None
+
+    lines = ["| method | accuracy | 95% CI | generated tokens / problem |", "|---|---|---|---|"]
+    for m, a, lo, hi, t in table:
+        lines.append(f"| {m} | {a:.3f} | [{lo:.3f}, {hi:.3f}] | {t:.1f} |")
+    (out / "scaling_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fam, style in (("sc@", "o-"), ("bon@", "s-"), ("wvote@", "^-"), ("pass@", "k:")):
+        pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
+        ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
+    for m, mk in [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x")]:
+        ax.plot(tok_used[m].mean(), acc[m].mean(), mk, markersize=10, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (log)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{args.model}, arithmetic d{args.difficulty}, {P} problems x {S} seeds")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+
+    summary = {
+        "model": args.model, "task": f"tasks_arith difficulty {args.difficulty}", "problems": P, "seeds": S,
+        "greedy_acc": round(greedy_acc, 4), "sc16_acc": round(sc16, 4), "sc16_gain_ci_low": round(gain_lo, 4),
+        "sc16_gain_ci_high": round(gain_hi, 4), "bon_best_acc": round(bon_best_acc, 4),
+        "bon_best_tokens": round(bon_best_tokens, 1),
+        "search_tokens_ratio": None if ratio is None else round(ratio, 4),
+        "adaptive_acc": round(asc, 4),
+        "adaptive_gain_fraction": None if gain_frac is None else round(gain_frac, 4),
+        "adaptive_sample_fraction": round(float(extra["asc_samples"].mean()) / 16, 4),
+        "pass16_acc": round(float(acc["pass@16"].mean()), 4),
+        "search": {m: {"acc": round(a_, 4), "tokens": round(t, 1)} for a_, t, m in search},
+        "wall_seconds": round(time.time() - t0, 1), "threads": args.threads,
+    }
+    (out / "scaling_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

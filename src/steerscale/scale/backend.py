@@ -1,0 +1,172 @@
+"""The backend interface every strategy talks to, and the data it returns.
+
+A strategy never samples tokens itself. It asks a ``Backend`` to
+
+* ``sample(prompt, n, params)``: draw ``n`` complete continuations of one prompt (with per-token log-probs),
+  stopping each on EOS, a stop string or ``params.max_tokens``;
+* ``start(prompt, n)`` then ``extend(branches, params)``: grow ``n`` partial sequences one *step* at a time
+  (a step ends at ``params.step``, default a blank line), for beam search, particle filtering and A*;
+* ``select(branches, indices)``: fork (an index repeated) and drop (an index left out) partial sequences,
+  e.g. after resampling; ``merge([...])`` joins separately kept partial sequences into one batch;
+* ``choice_logprobs(contexts, options)``: log-probability of each option's first token after each context
+  (self-evaluation ``P(Yes)``), charged to the budget as verifier work.
+
+``Branches`` holds the ``Candidate`` rows a strategy reads, plus an opaque ``handle`` that only the backend
+understands (for ``LocalBackend``: a batched KV cache, one row per candidate; for an HTTP backend: nothing but
+the texts, re-sent with server-side prefix caching). That is what keeps a second backend (an
+OpenAI-compatible client for vLLM, SGLang or llama.cpp servers) free of changes to the strategies.
+
+The core methods are synchronous; ``asample``/``aextend`` run them in a worker thread so async callers (a
+server, an HTTP backend that overrides them with real async requests) can await them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from ..errors import SteerscaleError
+from .budget import Budget
+
+DEFAULT_STEP = "\n\n"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256  # total generated tokens per sequence (over all steps)
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # stop strings: the sequence is finished and its text cut before the string
+    step: str | None = DEFAULT_STEP  # step delimiter used by ``extend`` (kept in the step text)
+    max_step_tokens: int = 128  # tokens per step before the step is cut
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SteerscaleError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SteerscaleError(f"temperature must be >= 0, got {self.temperature!r}", "0 means greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise SteerscaleError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.max_step_tokens < 1:
+            raise SteerscaleError(f"max_step_tokens must be >= 1, got {self.max_step_tokens!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not s for s in stop):
+            raise SteerscaleError("empty stop string", "remove it; an empty string would stop at once")
+        object.__setattr__(self, "stop", stop)
+        if self.step == "":
+            raise SteerscaleError("empty step delimiter", "use e.g. '\\n\\n' or '\\n', or None for no steps")
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+@dataclass
+class Candidate:
+    """One (partial or complete) continuation of the prompt."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # model log-prob (temperature 1) of each sampled token
+    steps: list[str] = field(default_factory=list)  # text of each completed step
+    finished: bool = False
+    finish_reason: str | None = None  # eos, stop, length, budget
+    score: float | None = None  # the verifier's score (None: not scored)
+    step_scores: list[float] = field(default_factory=list)
+    answer: str | None = None
+    failed: bool = False  # the verifier raised or returned NaN on it
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / max(1, len(self.logprobs))
+
+    def copy(self) -> "Candidate":
+        return Candidate(self.text, list(self.token_ids), list(self.logprobs), list(self.steps), self.finished,
+                         self.finish_reason, self.score, list(self.step_scores), self.answer, self.failed,
+                         dict(self.meta))
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "answer": self.answer, "score": self.score, "n_tokens": self.n_tokens,
+                "mean_logprob": round(self.mean_logprob, 4), "finished": self.finished,
+                "finish_reason": self.finish_reason, "n_steps": len(self.steps), "failed": self.failed,
+                **({"meta": self.meta} if self.meta else {})}
+
+
+@dataclass
+class Branches:
+    """Partial sequences of one prompt that a search grows step by step. ``handle`` is backend-private."""
+
+    prompt: str
+    rows: list[Candidate]
+    handle: Any = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def all_finished(self) -> bool:
+        return all(c.finished for c in self.rows)
+
+
+class Backend(ABC):
+    """A generator a strategy can sample from. See the module docstring for the contract."""
+
+    name: str = "backend"
+    max_n: int = 256  # cap on rows per call; larger requests raise SteerscaleError
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count used for FLOP estimates (0 when unknown, e.g. a remote server)."""
+        return 0
+
+    def check_n(self, n: int) -> int:
+        if not isinstance(n, int) or n < 1:
+            raise SteerscaleError(f"number of samples must be a positive integer, got {n!r}")
+        if n > self.max_n:
+            raise SteerscaleError(f"{n} samples requested but this backend is capped at {self.max_n} per call",
+                                  "lower n, or raise the backend's max_n if memory allows")
+        return n
+
+    @abstractmethod
+    def sample(self, prompt: str, n: int, params: SamplingParams, budget: Budget, *, seed: int | None = None,
+               steer_scales: Sequence[float] | None = None) -> list[Candidate]:
+        """``n`` complete continuations of ``prompt`` (prompt encoded once)."""
+
+    @abstractmethod
+    def start(self, prompt: str, n: int, budget: Budget, *, seed: int | None = None,
+              steer_scales: Sequence[float] | None = None) -> Branches:
+        """``n`` empty partial sequences of ``prompt``, ready for ``extend``."""
+
+    @abstractmethod
+    def extend(self, branches: Branches, params: SamplingParams, budget: Budget) -> Branches:
+        """Grow every unfinished row by one step (in place; returns ``branches``)."""
+
+    @abstractmethod
+    def select(self, branches: Branches, indices: Sequence[int]) -> Branches:
+        """A new ``Branches`` with rows ``indices`` (repeats fork a row, omissions drop it)."""
+
+    @abstractmethod
+    def merge(self, parts: Sequence[Branches]) -> Branches:
+        """Join partial sequences of the same prompt into one batch."""
+
+    @abstractmethod
+    def choice_logprobs(self, contexts: Sequence[str], options: Sequence[str], budget: Budget) -> list[list[float]]:
+        """``[i][j]``: log-prob of ``options[j]``'s first token right after ``contexts[i]`` (chat-formatted)."""
+
+    # -- async wrappers (an HTTP backend overrides these with real async requests) ---------------------------
+    async def asample(self, *args, **kwargs) -> list[Candidate]:
+        return await asyncio.to_thread(self.sample, *args, **kwargs)
+
+    async def aextend(self, *args, **kwargs) -> Branches:
+        return await asyncio.to_thread(self.extend, *args, **kwargs)

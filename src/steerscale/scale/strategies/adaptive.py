@@ -1,0 +1,51 @@
+"""Adaptive self-consistency: draw samples in small batches from the once-encoded prompt and stop as soon as
+the vote is settled, either by a supermajority or by a Beta-posterior test (Aggarwal et al., 2023)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from ...errors import SteerscaleError
+from .base import annotate, check_positive, finish, representative, sampling_params, vote
+
+
+def prob_leader_better(lead: int, second: int) -> float:
+    """P(p_lead > p_second) under Beta(lead+1, second+1) on the two leading answers' share, i.e.
+    P(X > 1/2) for X ~ Beta(a, b) with integer a, b, computed exactly: P(Binomial(a+b-1, 1/2) <= a-1)."""
+    a, b = lead + 1, second + 1
+    n = a + b - 1
+    return sum(math.comb(n, k) for k in range(a)) / 2 ** n
+
+
+def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion="beta", confidence=0.95,
+        threshold=0.7, min_samples=4, answer_fn=None, steer_scales=None, **knobs):
+    check_positive("n", n, getattr(backend, "max_n", None))
+    check_positive("batch", batch)
+    if criterion not in ("beta", "supermajority"):
+        raise SteerscaleError(f"unknown stopping criterion {criterion!r}", "use beta or supermajority")
+    params = sampling_params(**knobs)
+    cands = []
+    stopped_early = False
+    rnd = 0
+    while len(cands) < n and not budget.exhausted:
+        k = min(batch, n - len(cands))
+        new = backend.sample(prompt, k, params, budget, seed=seed * 1000 + rnd)
+        annotate(new, answer_fn)
+        cands.extend(new)
+        rnd += 1
+        counts = Counter(c.answer for c in cands if c.answer is not None).most_common(2)
+        if not counts or len(cands) < min_samples:
+            continue
+        lead = counts[0][1]
+        second = counts[1][1] if len(counts) > 1 else 0
+        if criterion == "beta":
+            done = prob_leader_better(lead, second) >= confidence
+        else:
+            done = lead / len(cands) >= threshold
+        if done:
+            stopped_early = len(cands) < n
+            break
+    answer, tally = vote(cands)
+    return finish("adaptive_sc", answer, representative(cands, answer), cands, budget, [], tally=tally,
+                  samples_used=len(cands), stopped_early=stopped_early, criterion=criterion)

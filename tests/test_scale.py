@@ -1,0 +1,324 @@
+"""Inference-time scaling: budget, local backend (shared prefix, KV reuse), verifiers, strategies."""
+
+import math
+
+import pytest
+import torch
+
+from steerscale import Add, Intervention, Site, SiteKind, SteerscaleError
+from steerscale.scale import Budget, Candidate, LocalBackend, SamplingParams, get_verifier, run_strategy
+from steerscale.scale.answers import extract_answer
+from steerscale.scale.strategies import STRATEGIES
+from steerscale.scale.strategies.adaptive import prob_leader_better
+from steerscale.scale.strategies.search import resample
+from steerscale.scale.verifiers import score_candidates
+from steerscale.scale.verifiers.base import Verifier
+from tiny import tiny_model
+
+import numpy as np
+
+
+class CharTokenizer:
+    """Printable characters and newline, one token each; id 1 is EOS, 0 pad; no chat template."""
+
+    pad_token_id, eos_token_id, pad_token, eos_token, chat_template, padding_side = 0, 1, "<pad>", "<eos>", None, "left"
+
+    def encode(self, text):
+        return [2 if ch == "\n" else 3 + min(max(ord(ch) - 32, 0), 92) for ch in text]
+
+    def __call__(self, texts, return_tensors="pt", padding=True, add_special_tokens=True):
+        ids = [self.encode(t) for t in texts]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([[0] * (width - len(s)) + s for s in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("\n" if i == 2 else chr(32 + i - 3) for i in ids if i >= 2)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    model, layout = tiny_model("llama")
+    return LocalBackend(model, CharTokenizer(), layout, chat=False, max_n=32)
+
+
+def full_logprobs(backend, prompt, ids):
+    """Reference: log-probs of ``ids`` after ``prompt`` by one uncached forward of the whole text."""
+    p = backend.tokenizer([prompt])["input_ids"][0].tolist()
+    x = torch.tensor([p + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(backend.model(input_ids=x, use_cache=False).logits[0].float(), -1)
+    return [float(logp[len(p) - 1 + i, t]) for i, t in enumerate(ids)]
+
+
+# -- budget ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [{"tokens": 0}, {"flops": -1}, {"wall": float("nan")}, {"tokens": "x"}, {"bogus": 3}])
+def test_bad_budget_limits_raise(bad):
+    with pytest.raises(SteerscaleError):
+        Budget(bad)
+
+
+def test_budget_ledger():
+    b = Budget.parse("tokens=10, flops=1e6")
+    assert b.limits == {"generated_tokens": 10.0, "flops": 1e6}
+    b.charge(generated_tokens=4, flops=100)
+    assert b.spent()["generated_tokens"] == 4 and b.remaining()["generated_tokens"] == 6 and not b.exhausted
+    b.charge(generated_tokens=6)
+    assert b.exhausted and b.exhausted_by() == ["generated_tokens"]
+    with pytest.raises(SteerscaleError):
+        b.charge(prompt_tokens=-1)
+    with pytest.raises(SteerscaleError):
+        Budget.parse("tokens")
+
+
+# -- engine ---------------------------------------------------------------------------------------------------
+def test_shared_prefix_sampling_logprobs_match_full_forward(backend):
+    b = Budget()
+    cands = backend.sample("Hello wor", 6, SamplingParams(max_tokens=12, temperature=1.0, step=None), b, seed=3)
+    prompt_len = len(backend.tokenizer.encode("Hello wor"))
+    assert b.spent()["prompt_tokens"] == prompt_len  # encoded once for 6 rows
+    assert b.spent()["generated_tokens"] == sum(c.n_tokens for c in cands)
+    assert b.spent()["flops"] == pytest.approx(2 * backend.n_params * (prompt_len + sum(c.n_tokens for c in cands)))
+    assert len({tuple(c.token_ids) for c in cands}) > 1
+    for c in cands:
+        assert c.logprobs == pytest.approx(full_logprobs(backend, "Hello wor", c.token_ids), abs=1e-4)
+
+
+def test_greedy_matches_transformers_generate(backend):
+    from steerscale import generate
+
+    c = backend.sample("abc", 1, SamplingParams(max_tokens=10, temperature=0, step=None), Budget())[0]
+    ref = generate(backend.model, backend.tokenizer, backend.layout, ["abc"], max_new_tokens=10, chat=False)[0]
+    n = len(ref.token_ids)
+    assert c.token_ids[:n] == ref.token_ids
+
+
+def test_stepwise_extension_with_kv_reuse_fork_and_merge(backend):
+    """Rows end steps at different times (masked holes in the cache), get forked and merged; every row's
+    log-probs still equal a fresh forward of its full text, so the KV reuse changes nothing."""
+    b = Budget()
+    params = SamplingParams(max_tokens=30, temperature=1.0, step="e", max_step_tokens=8)
+    br = backend.start("The cat", 4, b, seed=0)
+    backend.extend(br, params, b)
+    lens = [c.n_tokens for c in br.rows]
+    forked = backend.select(br, [2, 2, 0])
+    assert forked.rows[0].token_ids == forked.rows[1].token_ids == br.rows[2].token_ids
+    backend.extend(forked, params, b)
+    other = backend.select(br, [1])
+    backend.extend(other, params, b)
+    backend.extend(other, params, b)  # now longer than `forked`
+    merged = backend.merge([forked, other])
+    backend.extend(merged, params, b)
+    assert len(set(lens)) > 1 or any(c.finished for c in br.rows)
+    for c in merged.rows:
+        assert c.logprobs == pytest.approx(full_logprobs(backend, "The cat", c.token_ids), abs=1e-4)
+        assert sum(len(s) for s in c.steps) == len(c.text)
+
+
+def test_stop_strings_and_length_limit(backend):
+    params = SamplingParams(max_tokens=7, temperature=0, stop=("never-produced-zzz",), step=None)
+    c = backend.sample("xyz", 1, params, Budget())[0]
+    assert c.finish_reason == "length" and c.n_tokens == 7
+    free = backend.sample("xyz", 1, SamplingParams(max_tokens=7, temperature=0, step=None), Budget())[0]
+    stop = free.text[2:4]
+    cut = backend.sample("xyz", 1, SamplingParams(max_tokens=7, temperature=0, stop=(stop,), step=None), Budget())[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+
+
+def test_bad_inputs(backend):
+    with pytest.raises(SteerscaleError, match="capped"):
+        backend.sample("x", 33, SamplingParams(), Budget())
+    with pytest.raises(SteerscaleError, match="context window"):
+        backend.sample("x" * 200, 1, SamplingParams(), Budget())
+    with pytest.raises(SteerscaleError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(SteerscaleError):
+        run_strategy("nope", "x", backend)
+
+
+def test_per_row_steering_scales(backend):
+    layout = backend.layout
+    site = Site(1, SiteKind.RESID_POST)
+    vec = torch.randn(layout.site_dim(site), generator=torch.Generator().manual_seed(0)) * 4
+    steered = LocalBackend(backend.model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False)
+    params = SamplingParams(max_tokens=8, temperature=0, step=None)
+    plain = backend.sample("hi there", 1, params, Budget())[0]
+    rows = steered.sample("hi there", 3, params, Budget(), steer_scales=[0.0, 3.0, 0.0])
+    assert rows[0].token_ids == plain.token_ids == rows[2].token_ids
+    assert rows[1].logprobs != pytest.approx(plain.logprobs)
+    assert rows[1].meta["steer_scale"] == 3.0
+
+
+# -- verifiers ------------------------------------------------------------------------------------------------
+def test_programmatic_verifiers():
+    b = Budget()
+    c = lambda t: Candidate(text=t)  # noqa: E731
+    assert get_verifier("exact", reference="42").score("q", c("so the answer is 42."), b) == 1.0
+    assert get_verifier("numeric", reference="0.5").score("q", c("Answer: 1/2"), b) == 1.0
+    assert get_verifier("numeric", reference="3").score("q", c("Answer: 4"), b) == 0.0
+    assert get_verifier("math", reference="1/2").score("q", c("\\boxed{2/4}"), b) == 1.0
+    assert get_verifier("mc", reference="B").score("q", c("I think the answer is (B)"), b) == 1.0
+    prm = get_verifier("arith_prm")
+    assert prm.score("q", c("3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"), b) == 1.0
+    assert prm.score("q", c("3 + 4 = 8\nAnswer: 8"), b) == pytest.approx(0.05)
+    assert prm.score("q", c("3 + 4 = 7\nAnswer: 9"), b) == pytest.approx(0.05)
+    with pytest.raises(SteerscaleError, match="reference"):
+        get_verifier("exact").score("q", c("1"), b)
+    assert extract_answer("x = 3, then 5. Answer: 1,234") == "1234"
+
+
+def test_self_eval_and_logprob_scorers(backend):
+    b = Budget()
+    v = get_verifier("self_eval", backend=backend)
+    cands = [Candidate(text="abc"), Candidate(text="zz")]
+    assert score_candidates(v, "q?", cands, b) == []
+    assert all(0 < x.score < 1 for x in cands)
+    assert b.spent()["verifier_passes"] == 2 and b.spent()["verifier_tokens"] > 0
+    assert get_verifier("logprob").score("q", Candidate(logprobs=[math.log(0.5)] * 3), b) == pytest.approx(0.5)
+
+
+class Flaky(Verifier):
+    name = "flaky"
+
+    def score(self, question, candidate, budget, partial=False):
+        if candidate.text.count("a") % 2:
+            raise RuntimeError("boom")
+        return float("nan") if "b" in candidate.text else 0.5
+
+
+def test_failing_verifier_marks_candidate_failed_and_search_continues(backend):
+    r = run_strategy("best_of_n", "abc", backend, Flaky(), Budget(), n=8, max_tokens=6, temperature=1.5, step=None)
+    assert len(r.candidates) == 8
+    failed = [c for c in r.candidates if c.failed]
+    assert failed and r.failures and all(c.score is None for c in failed)
+    if len(failed) < 8:
+        assert not r.best.failed
+
+
+# -- strategies -----------------------------------------------------------------------------------------------
+KNOBS = {"greedy": {}, "best_of_n": {"n": 4}, "majority": {"n": 4}, "self_consistency": {"n": 4},
+         "weighted_vote": {"n": 4}, "adaptive_sc": {"n": 8, "batch": 2}, "beam_search": {"n": 4, "width": 2},
+         "dvts": {"n": 4, "width": 2}, "particle_filter": {"n": 4}, "astar": {"n": 2, "max_expansions": 4},
+         "entropic_pf": {"n": 4}, "early_pruning": {"n": 4}, "refine": {"n": 2, "rounds": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_is_seed_reproducible(backend, name):
+    def go(seed):
+        r = run_strategy(name, "12 + 3 =", backend, get_verifier("logprob"), Budget(), seed=seed, max_tokens=8,
+                         step=" ", max_step_tokens=4, temperature=1.0, **KNOBS[name])
+        return r, [c.token_ids for c in r.candidates]
+
+    r1, t1 = go(5)
+    r2, t2 = go(5)
+    assert t1 == t2 and r1.answer == r2.answer
+    assert r1.budget["spent"]["generated_tokens"] > 0 and "flops" in r1.budget["spent"]
+    if name not in ("greedy",):
+        _, t3 = go(6)
+        assert t3 != t1
+
+
+@pytest.mark.parametrize("name", ["majority", "particle_filter", "beam_search", "astar", "adaptive_sc"])
+def test_strategies_stop_when_budget_is_spent(backend, name):
+    b = Budget.of(tokens=20)
+    r = run_strategy(name, "abc", backend, None, b, seed=0, max_tokens=30, step=" ", temperature=1.0,
+                     **KNOBS[name])
+    spent = r.budget["spent"]["generated_tokens"]
+    assert r.budget["exhausted"] and 20 <= spent <= 20 + 16  # at most one batch step over
+    assert r.candidates
+
+
+def test_compute_optimal_allocates_more_to_harder_prompts(backend):
+    from steerscale.scale.strategies import run_compute_optimal
+
+    b = Budget()
+    rs = run_compute_optimal(["ab", "xyz"], backend, None, b, total=10, probe=2, seed=0, max_tokens=4,
+                             temperature=1.5)
+    assert len(rs) == 2 and sum(r.info["samples"] for r in rs) <= 10
+    assert b.spent()["generated_tokens"] == sum(c.n_tokens for r in rs for c in r.candidates)
+    with pytest.raises(SteerscaleError):
+        run_compute_optimal(["a", "b"], backend, None, Budget(), total=3, probe=2)
+
+
+def test_entropic_tempering_keeps_ess():
+    from steerscale.scale.strategies.extra import tempered
+
+    w, beta = tempered([1.0, 1e-6, 1e-6, 1e-6], 0.5)
+    assert beta < 1 and (w.sum() ** 2 / (w ** 2).sum()) / 4 >= 0.5 - 1e-6
+    assert tempered([1, 1, 1], 0.5)[1] == 1.0
+
+
+def test_voting_and_resampling_helpers():
+    assert prob_leader_better(5, 0) > 0.95 > prob_leader_better(2, 1)
+    assert prob_leader_better(3, 3) == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    idx = resample([0, 0, 1.0, 0], rng)
+    assert idx == [2, 2, 2, 2]
+    assert len(resample([1, 2, 3], rng, "multinomial")) == 3
+    with pytest.raises(SteerscaleError):
+        resample([1], rng, "bogus")
+
+
+def test_cli_solve_parser_rejects_bad_budget_before_loading():
+    import argparse
+
+    from steerscale.commands import scale_cmds
+
+    p = argparse.ArgumentParser()
+    scale_cmds.register(p.add_subparsers())
+    args = p.parse_args(["solve", "-p", "hi", "--budget", "tokens=-5", "-m", "does-not-exist"])
+    with pytest.raises(SteerscaleError, match="positive"):
+        args.func(args)
+
+
+# -- integration: SmolLM2 -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol():
+    from steerscale import load_model
+
+    try:
+        lm = load_model("smollm2-135m-instruct")
+    except SteerscaleError as exc:
+        pytest.skip(str(exc))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # decode steps are tiny; extra threads only contend on a shared CPU
+    yield lm
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.integration
+def test_smollm2_greedy_matches_generate_and_majority_runs(smol):
+    from steerscale import generate
+    from steerscale.scale.tasks_arith import make_problems
+
+    model, tok, layout = smol
+    be = LocalBackend(model, tok, layout)
+    prob = make_problems(1, 0, 1)[0]
+    r = run_strategy("greedy", prob.question, be, None, Budget(), max_tokens=12)
+    ref = generate(model, tok, layout, [prob.question], max_new_tokens=12)[0]
+    assert r.best.token_ids[: ref.n_tokens] == ref.token_ids
+    m = run_strategy("particle_filter", prob.question, be, get_verifier("arith_prm"), Budget.of(tokens=200), n=4,
+                     max_tokens=16, step="\n", seed=0)
+    assert m.candidates and m.budget["spent"]["generated_tokens"] <= 200 + 4
+
+
+@pytest.mark.integration
+def test_smollm2_cli_solve_json(smol, capsys):
+    import json
+
+    from steerscale.cli import build_parser
+
+    parser = build_parser()
+    if "solve" not in parser.format_help():
+        import argparse
+
+        from steerscale.commands import scale_cmds
+
+        parser = argparse.ArgumentParser()
+        scale_cmds.register(parser.add_subparsers())
+    args = parser.parse_args(["solve", "-p", "What is 2 + 3?", "--strategy", "majority", "-n", "2",
+                              "--max-tokens", "8", "--budget", "tokens=100", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "majority" and len(out["candidates"]) == 2
+    assert out["budget"]["spent"]["generated_tokens"] <= 100
