@@ -294,11 +294,32 @@ def test_generate_mode_and_gen_tasks(tmp_path):
         evaluate((model, TOK, layout), str(p), mode="loglik", outdir=tmp_path / "o", progress=False)
 
 
-def test_strategy_hook_is_clear():
-    with pytest.raises(SteerscaleError, match="not available yet|unknown scaling strategy"):
-        resolve_strategy("best_of_n", "8")
+def test_strategy_flags_are_checked_before_any_model_work():
+    with pytest.raises(SteerscaleError, match="unknown strategy"):
+        resolve_strategy("no_such_strategy", None)
+    with pytest.raises(SteerscaleError):
+        resolve_strategy("majority", "tokens=-5")
+    with pytest.raises(SteerscaleError, match="needs generated answers"):
+        resolve_strategy("majority", "tokens=100", "loglik")
     with pytest.raises(SteerscaleError, match="--budget needs --strategy"):
         resolve_strategy(None, "8")
+    assert resolve_strategy("majority", "tokens=100", "generate") == {"name": "majority", "budget": "tokens=100"}
+
+
+@pytest.mark.integration
+def test_eval_with_a_strategy_records_what_it_spent(tmp_path):
+    import steerscale
+
+    task_file = tmp_path / "sums.jsonl"
+    task_file.write_text("\n".join(json.dumps({"question": f"What is {a} + {b}? Answer with the number.",
+                                                "answer": str(a + b)}) for a, b in [(2, 3), (10, 5)]) + "\n")
+    lm = steerscale.load_model("smollm2-135m-instruct")
+    res = evaluate(lm, str(task_file), strategy="majority", budget="tokens=400", n=3, max_new_tokens=12,
+                   outdir=tmp_path / "runs", progress=False)
+    assert res.summary["n"] == 2 and res.summary["n_failed"] == 0
+    for r in res.records:
+        assert 0 < r["tokens"]["generated"] <= 400 + 3  # stops within one decode step of the limit
+        assert r["output"]["n_candidates"] >= 1
 
 
 def test_cli_parsers(tmp_path, capsys):

@@ -22,8 +22,12 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--sample", action="store_true", help="sample (temperature --temperature) instead of greedy")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--strategy", default=None, help="test-time scaling strategy (from steerscale.scale)")
-    p.add_argument("--budget", default=None, help="budget for --strategy")
+    p.add_argument("--strategy", default=None,
+                   help="answer each example with a scaling strategy (majority, best_of_n, particle_filter, ...; "
+                        "see `steerscale solve --help`); needs generated answers (--mode generate)")
+    p.add_argument("--budget", default=None, metavar="NAME=V,...", help="per-example budget for --strategy, e.g. tokens=2000")
+    p.add_argument("-n", type=int, default=8, help="samples / particles / beams for --strategy (default 8)")
+    p.add_argument("--verifier", default=None, help="verifier for --strategy (self_eval, logprob, arith_prm, judge)")
     p.add_argument("--cost", dest="cost", action="store_true", default=None,
                    help="measure KL / perplexity change on neutral text (default: when steering)")
     p.add_argument("--no-cost", dest="cost", action="store_false")
@@ -56,7 +60,7 @@ def _print_summary(s: dict) -> None:
 
 def run_eval(args) -> int:
     from ..errors import SteerscaleError
-    from ..measure.runs import evaluate, resolve_strategy
+    from ..measure.runs import evaluate, resolve_strategy, scoring_mode
     from ..measure.tasks import get_task, list_tasks
 
     if args.list_tasks:
@@ -67,12 +71,12 @@ def run_eval(args) -> int:
     if args.seeds < 1:
         raise SteerscaleError(f"--seeds must be >= 1, got {args.seeds}")
     task = get_task(args.task)  # fail on a bad task before loading the model
-    resolve_strategy(args.strategy, args.budget)
+    resolve_strategy(args.strategy, args.budget, scoring_mode(task, args.mode))
     lm = load(args)
     res = evaluate(lm, task, steer=args.steer, scope=args.scope, limit=args.limit, seeds=range(args.seeds),
                    data_seed=args.data_seed, outdir=args.out, mode=args.mode, chat=False if args.no_chat else None,
                    max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                   strategy=args.strategy, budget=args.budget, cost=args.cost, batch_tokens=args.batch_tokens,
+                   strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, cost=args.cost, batch_tokens=args.batch_tokens,
                    resume=not args.fresh)
     if args.json:
         emit_json(res.summary)

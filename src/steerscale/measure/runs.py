@@ -107,29 +107,53 @@ def _append(path: Path, records: Sequence[dict]) -> None:
         os.fsync(f.fileno())
 
 
-# -- strategies (built elsewhere) -----------------------------------------------------------------------------
-def resolve_strategy(name: str | None, budget: str | None):
-    """The scaling-strategy hook: validates ``--strategy``/``--budget`` against
-    ``steerscale.scale.strategies.STRATEGIES``. Running strategies inside ``evaluate`` (through
-    ``run_strategy(name, prompt, backend, verifier, budget)``) is not wired yet, so every strategy raises a
-    clear "not available yet" rather than silently evaluating without it."""
+# -- strategies -----------------------------------------------------------------------------------------------
+def resolve_strategy(name: str | None, budget: str | None, mode: str | None = None) -> dict | None:
+    """Validate ``--strategy``/``--budget`` before any model work; returns the strategy config or None.
+
+    A strategy replaces plain generation for each example (``mode == "generate"``); log-likelihood scoring has no
+    use for one, so that combination is refused rather than silently ignored."""
     if name is None:
         if budget is not None:
             raise SteerscaleError("--budget needs --strategy", "pass --strategy NAME --budget B, or drop --budget")
         return None
-    try:
-        from ..scale import strategies as mod
-    except ImportError:
-        mod = None
-    registry = getattr(mod, "STRATEGIES", None) if mod is not None else None
-    if not registry:
-        raise SteerscaleError(f"scaling strategy {name!r} is not available yet: steerscale.scale has no strategy "
-                              "registry in this build", "evaluate without --strategy for now")
-    if name not in registry:
-        raise SteerscaleError(f"unknown scaling strategy {name!r}", f"choose one of: {', '.join(sorted(registry))}")
-    # The registry exists but eval does not drive strategies yet: never silently run without the strategy.
-    raise SteerscaleError(f"scaling strategy {name!r} is not available yet in `eval` (the strategy exists in "
-                          "steerscale.scale, the eval wiring is pending)", "evaluate without --strategy for now")
+    from ..scale.budget import Budget
+    from ..scale.strategies import get_strategy
+
+    get_strategy(name)  # unknown name: a clear error listing the strategies
+    Budget.parse(budget or "")  # bad limits: a clear error now, not after the model loads
+    if mode == "loglik":
+        raise SteerscaleError(f"--strategy {name} needs generated answers, but this run scores by log-likelihood",
+                              "add --mode generate")
+    return {"name": name, "budget": budget or ""}
+
+
+def _run_strategy_chunk(lm, task: Task, examples: list[Example], ivs, seed: int, cfg: dict):
+    """One strategy run per example; the budget (and what it spent) is per example."""
+    from ..scale.budget import Budget
+    from ..scale.local import LocalBackend
+    from ..scale.strategies import run_strategy
+    from ..scale.verifiers import get_verifier
+
+    model, tokenizer, layout, _ = _lm_parts(lm)
+    backend = LocalBackend(model, tokenizer, layout, steering=list(ivs), chat=cfg["chat"])
+    verifier = get_verifier(cfg["verifier"], backend=backend)
+    fmt = task.format_generate if task.kind == "mc" else task.format
+    prompts, outs, tokens = [], [], []
+    for e in examples:
+        prompt = fmt(e)
+        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"] or 0.7, seed=seed)
+        if cfg["strategy"]["name"] != "greedy":
+            knobs["n"] = cfg["n"]
+        result = run_strategy(cfg["strategy"]["name"], prompt, backend, verifier,
+                              Budget.parse(cfg["strategy"]["budget"]), **knobs)
+        spent = result.budget["spent"]
+        prompts.append(prompt)
+        outs.append({"text": result.best.text if result.best else "", "strategy_answer": result.answer,
+                     "n_candidates": len(result.candidates), "failures": result.failures[:5]})
+        tokens.append({"prompt": int(spent["prompt_tokens"]), "generated": int(spent["generated_tokens"]),
+                       "flops": spent["flops"], "budget_exhausted": result.budget["exhausted"]})
+    return prompts, outs, tokens
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -145,7 +169,8 @@ def _lm_parts(lm):
     return model, tokenizer, layout, getattr(lm, "name", type(model).__name__)
 
 
-def _mode(task: Task, mode: str) -> str:
+def scoring_mode(task: Task, mode: str) -> str:
+    """``auto`` resolves to log-likelihood for multiple choice and generation otherwise."""
     if mode == "auto":
         return "loglik" if task.kind == "mc" else "generate"
     if mode not in ("loglik", "generate"):
@@ -167,7 +192,9 @@ def _score_one(task: Task, ex: Example, output: dict) -> dict:
 def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: int, cfg: dict) -> list[dict]:
     model, tokenizer, layout, _ = _lm_parts(lm)
     t0 = time.perf_counter()
-    if mode == "loglik":
+    if cfg.get("strategy"):
+        prompts, outs, tokens = _run_strategy_chunk(lm, task, examples, ivs, seed, cfg)
+    elif mode == "loglik":
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
                              ivs, layout, chat=cfg["chat"], max_tokens=cfg["batch_tokens"])
         prompts = [task.format(e) for e in examples]
@@ -217,7 +244,8 @@ def summarize(records: list[dict], task: Task, config: dict, extra: dict | None 
 def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", interventions: Sequence[Intervention] = (),
              limit: int | None = None, seeds: Sequence[int] = (0,), data_seed: int | None = None, outdir: str | Path = "runs",
              mode: str = "auto", chat: bool | None = None, max_new_tokens: int | None = None, sample: bool = False,
-             temperature: float = 0.7, strategy: str | None = None, budget: str | None = None, cost: bool | None = None,
+             temperature: float = 0.7, strategy: str | None = None, budget: str | None = None, n: int = 8,
+             verifier: str | None = None, cost: bool | None = None,
              batch_tokens: int = 4096, chunk: int = 32, progress: bool = True, resume: bool = True) -> RunResult:
     """Evaluate ``lm`` (a ``LoadedModel`` or ``(model, tokenizer, layout)``) on ``task``.
 
@@ -225,17 +253,19 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
     ``interventions``: extra ready-made interventions. ``seeds``: generation seeds; when scoring is
     deterministic (log-likelihood or greedy decoding) only the first seed is run, since more repeat it exactly.
     ``data_seed``: None keeps the first ``limit`` examples, an int draws a seeded subset. ``cost``: measure KL and
-    perplexity change on neutral texts (default: when any steering is active).
+    perplexity change on neutral texts (default: when any steering is active). ``strategy``/``budget``/``n``/
+    ``verifier``: answer each example with a scaling strategy from ``steerscale.scale`` under a per-example budget
+    (e.g. ``"tokens=2000"``); tokens and FLOPs spent are recorded per example.
     """
     from ..steer.vector import load_steering
 
     task = get_task(task)
-    mode = _mode(task, mode)
+    mode = scoring_mode(task, mode)
     model, tokenizer, layout, model_name = _lm_parts(lm)
-    resolve_strategy(strategy, budget)  # raises until scaling strategies exist
+    strategy_cfg = resolve_strategy(strategy, budget, mode)
     ivs = (load_steering(list(steer), layout, TokenScope.parse(scope)) if steer else []) + list(interventions)
     seeds = [int(s) for s in seeds] or [0]
-    deterministic = mode == "loglik" or not sample
+    deterministic = mode == "loglik" or (not sample and strategy_cfg is None)
     run_seeds = seeds[:1] if deterministic else seeds
     config = {
         "schema": SCHEMA, "version": __version__, "model": model_name, "task": task.config(), "mode": mode,
@@ -243,6 +273,7 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
         "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
         "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
         "temperature": temperature if sample else None, "strategy": strategy, "budget": budget,
+        **({"n": n, "verifier": verifier} if strategy_cfg else {}),
     }
     rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(config)}"
     rundir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +285,7 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
     done = {(r["id"], r["seed"]) for r in records}
     examples = task.load(limit=limit, seed=data_seed)
     cfg = {"chat": chat, "batch_tokens": batch_tokens, "max_new_tokens": config["max_new_tokens"], "sample": sample,
-           "temperature": temperature}
+           "temperature": temperature, "strategy": strategy_cfg, "n": n, "verifier": verifier}
     todo = [(s, e) for s in run_seeds for e in examples if (e.id, s) not in done]
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"eval {task.name}", disable=not progress or not todo, unit="ex")
