@@ -1,8 +1,8 @@
 """Where an intervention acts: a ``Site`` is ``(layer, kind, head)``.
 
-Layer indices are 0-based block indices. ``resid_post`` of layer ``i`` is the output of block ``i`` (what
-llama.cpp's ``direction.(i+1)`` control vector edits; see ``steer.gguf``). ``resid_pre`` of layer ``i`` is the
-input of block ``i`` (equal to ``resid_post`` of ``i-1``).
+Layer indices are 0-based block indices. ``resid_post`` of layer ``i`` is the output of block ``i``, which is
+what llama.cpp's control-vector tensor ``direction.i`` edits (``i >= 1``; see ``steer.gguf`` and
+docs/portability.md). ``resid_pre`` of layer ``i`` is the input of block ``i`` (equal to ``resid_post`` of ``i-1``).
 """
 
 from __future__ import annotations
