@@ -7,8 +7,11 @@
    log-probability margin of the formal over the casual reply, with a 95% bootstrap interval, and the share of
    pairs where the formal reply is preferred.
 3. Measure the cost: KL divergence of next-token distributions and perplexity change on neutral texts.
-4. Show unsteered and steered generations side by side, and write ``report.md``, ``effect_vs_scale.png``,
-   ``sweep.png``, ``results.json`` and the vector itself to the output folder.
+4. Show unsteered and steered generations side by side.
+5. Scaling: greedy against a few inference-time scaling strategies on seeded arithmetic problems, accuracy
+   against generated tokens.
+Everything lands in the output folder: ``report.md``, ``effect_vs_scale.png``, ``sweep.png``,
+``scaling.png``, ``results.json`` and the vector itself.
 """
 
 from __future__ import annotations
@@ -68,23 +71,73 @@ def plot_effect(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# (label, strategy, n, verifier): a handful that spans the cost range; bench/scaling.py has the full sweep.
+SCALING_METHODS = [("greedy", "greedy", 1, None), ("majority vote, 4 samples", "majority", 4, None),
+                   ("majority vote, 8 samples", "majority", 8, None),
+                   ("particle filter, 4 particles (arithmetic PRM)", "particle_filter", 4, "arith_prm")]
+
+
+def scaling_section(lm, n_problems: int, seed: int = 0) -> list[dict]:
+    """Accuracy and generated tokens per problem for each of ``SCALING_METHODS`` on seeded arithmetic."""
+    from .scale import Budget, LocalBackend, get_verifier, run_strategy
+    from .scale.tasks_arith import make_problems
+
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
+    problems = make_problems(n_problems, seed, difficulty=1)
+    knobs = dict(max_tokens=32, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=32, seed=seed)
+    rows = []
+    for label, name, n, verifier in SCALING_METHODS:
+        correct, tokens = [], []
+        for prob in problems:
+            extra = {} if name == "greedy" else {"n": n}
+            r = run_strategy(name, prob.question, backend, get_verifier(verifier), Budget(), **knobs, **extra)
+            correct.append(float(r.answer == prob.answer))
+            tokens.append(r.generated_tokens)
+        rows.append({"method": label, "strategy": name, "n": n, "accuracy": bootstrap_ci(correct).to_dict(),
+                     "tokens_per_problem": sum(tokens) / len(tokens)})
+    return rows
+
+
+def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        a = r["accuracy"]
+        ax.errorbar(r["tokens_per_problem"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
+                    fmt="o", capsize=4, label=r["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (log scale)")
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0), gen_scales=(-1.0, 0.0, 1.0),
-             n_test: int = 12, max_new_tokens: int = 40, seed: int = 0, device: str = "auto", log=print) -> dict:
+             n_test: int = 12, max_new_tokens: int = 40, seed: int = 0, device: str = "auto",
+             scaling_problems: int = 8, log=print) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log(f"[1/4] loading {model}")
+    log(f"[1/5] loading {model}")
     lm = load_model(model, device=device)
     train, held = split_pairs(load_pairs(bundled_pairs("formal_casual")), n_test, seed)
 
-    log(f"[2/4] extracting a formal-vs-casual CAA vector from {len(train)} pairs (layer chosen by a probe sweep)")
+    log(f"[2/5] extracting a formal-vs-casual CAA vector from {len(train)} pairs (layer chosen by a probe sweep)")
     # Mean over the reply's tokens: a style lives in every token of the reply, not only in its last one.
     vector, sweep = extract(lm, train, "caa", "auto", read="mean", return_sweep=True, seed=seed)
     vector_path = vector.save(out / "formal.safetensors")
     sweep_plot(sweep, out / "sweep.png", f"{lm.name}: held-out probe accuracy, formal vs casual")
     layer = vector.layers[0]
 
-    log(f"[3/4] measuring effect on {len(held)} held-out pairs and cost on neutral text at scales {list(scales)}")
+    log(f"[3/5] measuring effect on {len(held)} held-out pairs and cost on neutral text at scales {list(scales)}")
     rows = []
     for scale in scales:
         effect = effect_on_heldout(lm, vector, scale, held)
@@ -95,7 +148,7 @@ def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0)
             f"prefer formal {effect['prefer_formal']:.0%}  KL {cost['kl']['mean']:.3f}  ppl x{cost['ppl_ratio']:.2f}")
     plot_effect(rows, out / "effect_vs_scale.png", f"{lm.name}: formal steering at layer {layer}")
 
-    log(f"[4/4] generating side by side at scales {list(gen_scales)} (greedy, {max_new_tokens} tokens)")
+    log(f"[4/5] generating side by side at scales {list(gen_scales)} (greedy, {max_new_tokens} tokens)")
     samples = []
     for scale in gen_scales:
         gens = generate(lm.model, lm.tokenizer, lm.layout, DEMO_PROMPTS, vector.interventions(scale) if scale else [],
@@ -106,12 +159,22 @@ def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0)
         for s in samples:
             log(f"  [scale {s['scale']}] {s['texts'][i]!r}")
 
-    results = {"model": lm.name, "layer": layer, "vector": str(vector_path), "n_train_pairs": len(train),
+    scaling = []
+    if scaling_problems:
+        log(f"\n[5/5] scaling: greedy vs sampling and search strategies on {scaling_problems} arithmetic problems")
+        scaling = scaling_section(lm, scaling_problems, seed)
+        for r in scaling:
+            a = r["accuracy"]
+            log(f"  {r['method']:48} accuracy {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]  "
+                f"{r['tokens_per_problem']:.0f} tokens/problem")
+        plot_scaling(scaling, out / "scaling.png", f"{lm.name}: accuracy against compute ({scaling_problems} problems)")
+
+    results = {"model": lm.name, "scaling": scaling, "layer": layer, "vector": str(vector_path), "n_train_pairs": len(train),
                "n_heldout_pairs": len(held), "sweep": sweep.table(), "rows": rows, "samples": samples,
                "prompts": DEMO_PROMPTS, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(render_report(results))
-    log(f"\nwrote {out / 'report.md'} (and effect_vs_scale.png, sweep.png, results.json, formal.safetensors) "
+    log(f"\nwrote {out / 'report.md'} (and effect_vs_scale.png, sweep.png, scaling.png, results.json, formal.safetensors) "
         f"in {results['seconds']} s")
     return results
 
@@ -138,4 +201,12 @@ def render_report(r: dict) -> str:
         for s in r["samples"]:
             lines.append(f"- scale {s['scale']}: {s['texts'][i]}")
         lines.append("")
+    if r.get("scaling"):
+        lines += ["## Scaling: accuracy against compute", "",
+                  f"Seeded arithmetic (`NN + N`, one-shot prompt), {r['scaling'][0]['accuracy']['n']} problems.", "",
+                  "| method | accuracy [95% CI] | generated tokens / problem |", "|---|---|---:|"]
+        for row in r["scaling"]:
+            a = row["accuracy"]
+            lines.append(f"| {row['method']} | {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] | {row['tokens_per_problem']:.0f} |")
+        lines += ["", "![accuracy against tokens](scaling.png)", ""]
     return "\n".join(lines)

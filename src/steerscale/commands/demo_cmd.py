@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--scales", default="-1,-0.5,0,0.5,1",
                    help="comma-separated steering scales to measure; negative = toward casual (default: -1,-0.5,0,0.5,1)")
+    p.add_argument("--scaling-problems", type=int, default=8,
+                   help="arithmetic problems for the scaling section (0 skips it; default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -27,5 +29,6 @@ def run(args) -> int:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:
         raise SteerscaleError(f"--scales {args.scales!r} is not a comma-separated list of numbers") from None
-    run_demo(args.model, args.output, scales=scales, seed=args.seed, device=args.device)
+    run_demo(args.model, args.output, scales=scales, seed=args.seed, device=args.device,
+             scaling_problems=args.scaling_problems)
     return 0
