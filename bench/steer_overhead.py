@@ -54,52 +54,15 @@ def random_vectors(n_layers: int, dim: int, norm: float, seed: int) -> dict[int,
 
 
 def decode_step_pairs(model, batch, attach, detach, n_pairs: int) -> dict:
-    """Noise-robust per-step overhead: alternate single decode steps without and with the steering attached.
-
-    The prompt is prefilled once; every step feeds one token at a fixed cache length (the new KV entry is
-    cropped off again), so each step does the same work. Attaching/detaching is outside the timed region. Each
-    step is timed with the process CPU clock (one torch thread: CPU time = work done, robust to other jobs on a
-    shared machine). Result: median over pairs of (plain seconds / steered seconds). Same procedure as the peer
-    side (``bench/peers/_peer_common.decode_step_pairs``).
-    """
+    """The peers' per-step procedure (``bench/peers/_peer_common.decode_step_pairs``), run on our side, so both
+    sides are timed by the same code."""
     import transformers
 
+    from peers._peer_common import decode_step_pairs as shared
+
     cache_kw = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-    with torch.no_grad():
-        # explicit position ids from the attention mask, as generate() computes them for left-padded rows
-        pos = (batch.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        mask = torch.cat([batch.attention_mask, torch.ones_like(batch.attention_mask[:, :1])], 1)
-        step_pos = pos[:, -1:] + 1
-
-        def step():
-            model(input_ids=nxt, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_kw: cache})
-            cache.crop(-1)
-
-        def timed(steered: bool) -> float:
-            if steered:
-                attach()
-            try:
-                t0 = time.process_time()
-                step()
-                return time.process_time() - t0
-            finally:
-                if steered:
-                    detach()
-
-        for _ in range(3):
-            timed(False), timed(True)
-        ratios, plain, steered = [], [], []
-        for i in range(n_pairs):
-            if i % 2 == 0:
-                p = timed(False); s = timed(True)  # noqa: E702
-            else:
-                s = timed(True); p = timed(False)  # noqa: E702
-            plain.append(p), steered.append(s), ratios.append(p / s)
-    return {"ratio": c.median(ratios), "plain_ms": 1000 * c.median(plain), "steered_ms": 1000 * c.median(steered),
-            "pairs": n_pairs}
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    return shared(model, inputs, attach, detach, n_pairs, cache_kw)
 
 
 def measure_ours(lm, prompts: list[str], vectors: dict[int, torch.Tensor], batch_sizes: list[int], new_tokens: int,

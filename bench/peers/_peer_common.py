@@ -29,9 +29,9 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+# bench/_common.py imports only the standard library, so the peer venv can share its helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import Timer, log  # noqa: E402,F401
 
 
 def set_threads(n: int | None) -> None:
@@ -79,15 +79,6 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
             obj = json.loads(line)
             out.append((obj["positive"], obj["negative"]))
     return out
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 def median(xs):
