@@ -69,14 +69,18 @@ ALL_TOKENS = TokenScope()
 
 @dataclass
 class TokenState:
-    """Per-forward facts about the tokens being processed. Masks are computed lazily and memoised."""
+    """Per-forward facts about the tokens being processed.
+
+    Padding-aware positions are derived lazily from the attention mask, only when a scope other than ``all``
+    asks for them: an ``all``-scoped edit (the common case) costs no mask arithmetic and no device sync.
+    """
 
     cache_position: torch.Tensor  # (T,) absolute column of each input token
-    real_position: torch.Tensor | None  # (B, T) index among the row's real tokens, -1 for padding; None: no padding
+    attention_mask: torch.Tensor | None  # (B, past+T) 2-D mask as the model received it, or None
     prompt_width: int  # prompt length in columns (padding included)
-    prompt_lengths: torch.Tensor | None  # (B,) real prompt tokens per row; None: no padding
     batch: int
     _masks: dict = field(default_factory=dict)
+    _rows: tuple | None = None
 
     def mask(self, scope: TokenScope) -> torch.Tensor | None:
         """(B, T) bool mask of positions to edit, or None meaning every position."""
@@ -86,13 +90,27 @@ class TokenState:
             self._masks[scope] = self._compute(scope)
         return self._masks[scope]
 
+    def _padding(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(real_position (B, T) with -1 for padding, real prompt length per row (B,)); (None, None): no padding."""
+        if self._rows is None:
+            mask = self.attention_mask
+            if mask is None or mask.dim() != 2 or bool(mask.all()):
+                self._rows = (None, None)
+            else:
+                counts = mask.long().cumsum(-1) - 1
+                cols = self.cache_position.clamp(max=mask.shape[1] - 1)
+                real = torch.where(mask[:, cols].bool(), counts[:, cols], torch.full_like(counts[:, cols], -1))
+                self._rows = (real, mask[:, : self.prompt_width].long().sum(-1))
+        return self._rows
+
     def _compute(self, scope: TokenScope) -> torch.Tensor:
         cols = self.cache_position[None, :]  # (1, T)
-        real = self.real_position if self.real_position is not None else cols.expand(self.batch, -1)
+        real_position, prompt_lengths = self._padding()
+        real = real_position if real_position is not None else cols.expand(self.batch, -1)
         valid = real >= 0
         plen = (
-            self.prompt_lengths[:, None]
-            if self.prompt_lengths is not None
+            prompt_lengths[:, None]
+            if prompt_lengths is not None
             else torch.full((self.batch, 1), self.prompt_width, device=cols.device)
         )
         if scope.kind is Scope.PROMPT:
@@ -142,15 +160,9 @@ class SequenceTracker:
         elif self.prompt_width is None:  # entered the context mid-sequence: treat what came before as the prompt
             self.prompt_width = past
         cache_position = torch.arange(past, past + width, device=device)
-        real_position = prompt_lengths = None
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            mask = mask.to(device)
-            counts = mask.long().cumsum(-1) - 1
-            cols = cache_position.clamp(max=mask.shape[1] - 1)
-            real_position = torch.where(mask[:, cols].bool(), counts[:, cols], torch.full_like(counts[:, cols], -1))
-            prompt_lengths = mask[:, : self.prompt_width].long().sum(-1)
-        self.state = TokenState(cache_position, real_position, self.prompt_width, prompt_lengths, batch)
+        mask = mask.to(device) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.state = TokenState(cache_position, mask, self.prompt_width, batch)
         return self.state
 
     def _continues(self, input_ids, width: int) -> bool:
