@@ -7,7 +7,7 @@ import torch
 
 from steerscale import Site, SiteKind, SteerscaleError, intervene
 from steerscale.models.loading import LoadedModel
-from steerscale.steer.extract import extract, parse_layers
+from steerscale.steer.extract import extract, extract_labelled, parse_layers
 from steerscale.steer.methods import caa, pca_center, pca_diff, probe
 from steerscale.steer.pairs import load_labelled, load_pairs
 from steerscale.steer.vector import SteeringVector, fingerprint, parse_steer_arg
@@ -143,3 +143,27 @@ def test_parse_helpers():
         parse_layers("40", 30)
     with pytest.raises(SteerscaleError, match="finite"):
         parse_steer_arg("v.safetensors:nan")
+
+
+def test_identical_pair_is_named():
+    lm = _lm()
+    pairs = _pairs(3) + [{"positive": "same words", "negative": "same words"}]
+    with pytest.raises(SteerscaleError, match="pair 3: positive and negative texts tokenize identically"):
+        extract(lm, pairs, "caa", "1", progress=False)
+
+
+def test_labelled_extraction():
+    lm = _lm()
+    examples = [(f"good kind lovely {i}", 1) for i in range(8)] + [(f"bad rude awful {i}", 0) for i in range(6)]
+    v = extract_labelled(lm, examples, "caa", "1", progress=False)
+    from steerscale.engine.capture import capture
+
+    acts = capture(lm.model, lm.tokenizer, lm.layout, [t for t, _ in examples], [Site(1)], "mean")[Site(1)]
+    assert torch.allclose(v.directions[Site(1)], acts[:8].mean(0) - acts[8:].mean(0), atol=1e-4)
+    assert v.metadata["data"] == "labelled" and v.metadata["n_examples"] == 14
+    p = extract_labelled(lm, examples, "probe", "1", progress=False)
+    assert 0.0 <= p.metadata["per_site"]["resid_post.1"]["probe_accuracy"] <= 1.0
+    with pytest.raises(SteerscaleError, match="needs contrastive pairs"):
+        extract_labelled(lm, examples, "pca", "1", progress=False)
+    with pytest.raises(SteerscaleError, match="unbalanced"):
+        extract_labelled(lm, [(f"good {i}", 1) for i in range(9)] + examples[8:10], "caa", "1", progress=False)

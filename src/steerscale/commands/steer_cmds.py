@@ -11,9 +11,13 @@ METHOD_HELP = "caa (mean difference), pca (RepE pca_diff), pca_center, probe (lo
 
 
 def _add_data_args(p) -> None:
-    p.add_argument("--pairs", required=True, metavar="FILE.jsonl",
-                   help='contrastive pairs: {"positive","negative"} or {"prompt","positive","negative"} per line; '
-                        "or the name of a bundled set (formal_casual)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--pairs", metavar="FILE.jsonl",
+                      help='contrastive pairs: {"positive","negative"} or {"prompt","positive","negative"} per line; '
+                           "or the name of a bundled set (formal_casual)")
+    data.add_argument("--labelled", metavar="FILE.jsonl",
+                      help='labelled texts {"text", "label": 0|1}; label 1 is the side a positive scale moves toward '
+                           "(methods caa, probe, iti)")
     p.add_argument("--read", default="last", choices=["last", "mean"],
                    help="which tokens to read: the last token, or the mean over the completion (default: last)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -48,12 +52,19 @@ def _pairs_path(name: str) -> str:
     return name if Path(name).exists() or name.endswith(".jsonl") else str(bundled_pairs(name))
 
 
-def run_extract(args) -> int:
-    from ..steer.extract import extract
+def _extract(args, lm, method: str, layers, return_sweep: bool = False):
+    from ..steer.extract import extract, extract_labelled
 
+    if args.labelled:
+        return extract_labelled(lm, args.labelled, method, layers, read=args.read, iti_heads=getattr(args, "heads", 16),
+                                batch_size=args.batch_size, return_sweep=return_sweep)
+    return extract(lm, _pairs_path(args.pairs), method, layers, read=args.read, iti_heads=getattr(args, "heads", 16),
+                   batch_size=args.batch_size, return_sweep=return_sweep)
+
+
+def run_extract(args) -> int:
     lm = load(args)
-    vector = extract(lm, _pairs_path(args.pairs), args.method, args.layers, read=args.read, iti_heads=args.heads,
-                     batch_size=args.batch_size)
+    vector = _extract(args, lm, args.method, args.layers)
     out = Path(args.output)
     if out.suffix == ".gguf":
         from ..steer.gguf import export_gguf
@@ -68,14 +79,12 @@ def run_extract(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from ..steer.extract import extract, sweep_plot
+    from ..steer.extract import sweep_plot
 
     lm = load(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    method = "iti" if args.per_head else "caa"
-    _, result = extract(lm, _pairs_path(args.pairs), method, "auto", read=args.read, batch_size=args.batch_size,
-                        return_sweep=True)
+    _, result = _extract(args, lm, "iti" if args.per_head else "caa", "auto", return_sweep=True)
     table = result.table()
     (out / "sweep.json").write_text(json.dumps(table, indent=1))
     sweep_plot(result, out / "sweep.png", f"{lm.name}: held-out probe accuracy ({'per head' if args.per_head else 'per layer'})")

@@ -10,6 +10,8 @@ the middle of the network, where steering is usually most effective. ITI picks t
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +24,7 @@ from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
 from .methods import get_method
 from .methods.probe import probe_accuracy
-from .pairs import ContrastPair, load_pairs, pairs_hash
+from .pairs import ContrastPair, load_labelled, load_pairs, pairs_hash
 from .vector import SteeringVector, fingerprint
 
 
@@ -34,26 +36,42 @@ class PairTexts:
     negative_spans: list[tuple[int, int]] | None
 
 
-def _n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def pair_texts(tokenizer, pairs: list[ContrastPair], chat: bool | None = None) -> PairTexts:
-    """Full texts for each side; for prompt pairs also the completion's token span (for mean readouts)."""
+    """Full texts for each side; for prompt pairs also the completion's token span (for mean readouts).
+
+    A pair whose two sides tokenize identically carries no contrast (its difference is exactly zero) and is an
+    error, named by its index."""
     pos, neg, pos_spans, neg_spans = [], [], [], []
-    for p in pairs:
-        if p.prompt is None:
-            pos.append(p.positive)
-            neg.append(p.negative)
-            pos_spans.append((0, _n_tokens(tokenizer, p.positive)))
-            neg_spans.append((0, _n_tokens(tokenizer, p.negative)))
-            continue
-        prefix = format_prompt(tokenizer, p.prompt, chat)
-        start = _n_tokens(tokenizer, prefix)
-        for side, texts, spans in ((p.positive, pos, pos_spans), (p.negative, neg, neg_spans)):
+    for i, p in enumerate(pairs):
+        prefix = format_prompt(tokenizer, p.prompt, chat) if p.prompt is not None else ""
+        start = len(_ids(tokenizer, prefix)) if prefix else 0
+        ids = [_ids(tokenizer, prefix + side) for side in (p.positive, p.negative)]
+        if ids[0] == ids[1]:
+            raise SteerscaleError(f"pair {i}: positive and negative texts tokenize identically ({p.positive[:60]!r})",
+                                  "each pair must differ in the behaviour to steer; fix or drop that line")
+        for side, texts, spans, n in ((p.positive, pos, pos_spans, len(ids[0])), (p.negative, neg, neg_spans, len(ids[1]))):
             texts.append(prefix + side)
-            spans.append((start, max(start + 1, _n_tokens(tokenizer, prefix + side))))
+            spans.append((start, max(start + 1, n)))
     return PairTexts(pos, neg, pos_spans, neg_spans)
+
+
+def labelled_texts(tokenizer, examples: list[tuple[str, int]], max_ratio: float = 4.0) -> PairTexts:
+    """Class-1 texts as the positive side and class-0 texts as the negative side (unpaired)."""
+    pos = [t for t, y in examples if y == 1]
+    neg = [t for t, y in examples if y == 0]
+    if min(len(pos), len(neg)) < 2:
+        raise SteerscaleError(f"labelled data has {len(pos)} examples of label 1 and {len(neg)} of label 0",
+                              "give at least 2 examples of each label")
+    if max(len(pos), len(neg)) > max_ratio * min(len(pos), len(neg)):
+        raise SteerscaleError(
+            f"labels are unbalanced: {len(pos)} of label 1 vs {len(neg)} of label 0 (more than {max_ratio:g}:1)",
+            "a probe would mostly learn the base rate; subsample the larger class")
+    spans = lambda texts: [(0, len(_ids(tokenizer, t))) for t in texts]  # noqa: E731
+    return PairTexts(pos, neg, spans(pos), spans(neg))
 
 
 def collect(lm: LoadedModel, texts: PairTexts, sites: list[Site], read: Readout | str = Readout.LAST,
@@ -137,6 +155,29 @@ def extract(
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
     if len(pairs) < 2:
         raise SteerscaleError(f"need at least 2 contrastive pairs, got {len(pairs)}")
+    texts = pair_texts(lm.tokenizer, pairs, chat)
+    data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}
+    return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
+
+
+def extract_labelled(lm: LoadedModel, examples, method: str = "caa", layers="auto", read: Readout | str = Readout.MEAN,
+                     iti_heads: int = 16, holdout: float = 0.3, seed: int = 0, batch_size: int = 16,
+                     progress: bool = True, return_sweep: bool = False):
+    """Like ``extract`` for labelled texts (a ``{"text", "label"}`` JSONL path or ``(text, label)`` tuples):
+    label 1 is the side a positive scale moves toward. Methods that need pairs (``pca_diff``, ``pca_center``)
+    are refused; ``caa`` is the difference of class means, ``probe`` and ``iti`` fit on the classes."""
+    examples = examples if isinstance(examples, list) and examples and isinstance(examples[0], tuple) else load_labelled(examples)
+    if method != "iti" and getattr(get_method(method), "PAIRED_ONLY", False):
+        raise SteerscaleError(f"method {method!r} needs contrastive pairs, not labelled texts",
+                              "use caa, probe or iti with labelled data, or write the data as pairs")
+    texts = labelled_texts(lm.tokenizer, examples)
+    blob = json.dumps(examples).encode()
+    data = {"n_examples": len(examples), "data_hash": hashlib.sha256(blob).hexdigest()[:16], "data": "labelled"}
+    return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
+
+
+def _extract(lm, texts: PairTexts, data: dict, method, layers, read, iti_heads, holdout, seed, batch_size, progress,
+             return_sweep):
     layout = lm.layout
     chosen_layers = parse_layers(layers, layout.n_layers)
     candidate_layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers
@@ -146,7 +187,6 @@ def extract(
     else:
         fit_fn = get_method(method).fit
         sites = [Site(l) for l in candidate_layers]
-    texts = pair_texts(lm.tokenizer, pairs, chat)
     pos, neg = collect(lm, texts, sites, read, batch_size, progress)
 
     accuracy: dict[Site, float] = {}
@@ -177,8 +217,7 @@ def extract(
             "layer_convention": "0-based block index; resid_post = output of the block",
             "layers": "auto" if chosen_layers == "auto" else chosen_layers,
             "read": Readout(read).value,
-            "n_pairs": len(pairs),
-            "data_hash": pairs_hash(pairs),
+            **data,
             "holdout": holdout,
             "seed": seed,
             "iti_heads": iti_heads if is_iti else None,

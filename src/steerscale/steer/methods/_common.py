@@ -11,6 +11,9 @@ def orient_and_scale(unit: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -
     """
     unit = unit / unit.norm()
     proj_pos, proj_neg = pos.double() @ unit.double(), neg.double() @ unit.double()
+    if proj_pos.shape != proj_neg.shape:  # labelled data: orient and size by the class means
+        gap = float(proj_pos.mean() - proj_neg.mean())
+        return (unit * gap).float(), {"class_mean_gap": abs(gap)}
     agree = float((proj_pos > proj_neg).double().mean())
     if agree < 0.5:
         unit, agree = -unit, 1.0 - agree

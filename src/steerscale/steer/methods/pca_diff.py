@@ -5,6 +5,7 @@ import torch
 from ._common import orient_and_scale
 
 NAME = "pca_diff"
+PAIRED_ONLY = True  # needs row i of pos and neg to be one pair
 
 
 def first_component(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from ._common import orient_and_scale
 
 NAME = "probe"
+PAIRED_ONLY = False
 
 
 def split_pairs(n_pairs: int, holdout: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -17,16 +18,24 @@ def split_pairs(n_pairs: int, holdout: float = 0.3, seed: int = 0) -> tuple[np.n
 
 
 def probe_accuracy(pos: torch.Tensor, neg: torch.Tensor, holdout: float = 0.3, seed: int = 0, C: float = 1.0):
-    """(held-out accuracy, fitted classifier). Features are standardised with train statistics."""
-    train, test = split_pairs(pos.shape[0], holdout, seed)
-    x_tr = torch.cat([pos[train], neg[train]]).double().numpy()
-    y_tr = np.r_[np.ones(len(train)), np.zeros(len(train))]
+    """(held-out accuracy, fitted classifier, mean, std). Features are standardised with train statistics.
+
+    Row i of ``pos`` and ``neg`` is one pair when both have the same length (the pair stays on one side of the
+    split); otherwise (labelled data) each class is split on its own."""
+    if pos.shape[0] == neg.shape[0]:
+        tr_p, te_p = split_pairs(pos.shape[0], holdout, seed)
+        tr_n, te_n = tr_p, te_p
+    else:
+        tr_p, te_p = split_pairs(pos.shape[0], holdout, seed)
+        tr_n, te_n = split_pairs(neg.shape[0], holdout, seed + 1)
+    x_tr = torch.cat([pos[tr_p], neg[tr_n]]).double().numpy()
+    y_tr = np.r_[np.ones(len(tr_p)), np.zeros(len(tr_n))]
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     clf = LogisticRegression(C=C, max_iter=2000).fit((x_tr - mu) / sd, y_tr)
-    if len(test) == 0:
+    if len(te_p) == 0 or len(te_n) == 0:
         return float("nan"), clf, mu, sd
-    x_te = torch.cat([pos[test], neg[test]]).double().numpy()
-    y_te = np.r_[np.ones(len(test)), np.zeros(len(test))]
+    x_te = torch.cat([pos[te_p], neg[te_n]]).double().numpy()
+    y_te = np.r_[np.ones(len(te_p)), np.zeros(len(te_n))]
     return float(clf.score((x_te - mu) / sd, y_te)), clf, mu, sd
 
 
