@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class LoadedModel:
     name: str
     load_seconds: float = 0.0
     from_cache: bool | None = None  # for GGUF: whether the dequantized cache was hit
-    info: dict = field(default_factory=dict)
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.layout))
