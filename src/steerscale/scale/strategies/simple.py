@@ -18,14 +18,19 @@ def _sample(prompt, backend, budget, n, seed, knobs, steer_scales=None):
     return backend.sample(prompt, n, sampling_params(**knobs), budget, seed=seed, steer_scales=steer_scales)
 
 
-def run_best_of_n(prompt, backend, verifier, budget, *, n=8, seed=0, answer_fn=None, steer_scales=None, **knobs):
-    cands = _sample(prompt, backend, budget, n, seed, knobs, steer_scales)
-    annotate(cands, answer_fn)
+def _score_with_default(verifier, prompt, cands, budget):
+    """Score candidates; without a verifier, by the generator's own log-prob confidence."""
     if verifier is None:
         from ..verifiers import LogprobConfidence
 
         verifier = LogprobConfidence()
-    failures = score(verifier, prompt, cands, budget)
+    return verifier, score(verifier, prompt, cands, budget)
+
+
+def run_best_of_n(prompt, backend, verifier, budget, *, n=8, seed=0, answer_fn=None, steer_scales=None, **knobs):
+    cands = _sample(prompt, backend, budget, n, seed, knobs, steer_scales)
+    annotate(cands, answer_fn)
+    verifier, failures = _score_with_default(verifier, prompt, cands, budget)
     best = best_of(cands)
     return finish("best_of_n", best.answer, best, cands, budget, failures, verifier=verifier.name)
 
@@ -40,11 +45,7 @@ def run_majority(prompt, backend, verifier, budget, *, n=8, seed=0, answer_fn=No
 def run_weighted_vote(prompt, backend, verifier, budget, *, n=8, seed=0, answer_fn=None, steer_scales=None, **knobs):
     cands = _sample(prompt, backend, budget, n, seed, knobs, steer_scales)
     annotate(cands, answer_fn)
-    if verifier is None:
-        from ..verifiers import LogprobConfidence
-
-        verifier = LogprobConfidence()
-    failures = score(verifier, prompt, cands, budget)
+    verifier, failures = _score_with_default(verifier, prompt, cands, budget)
     answer, tally = vote(cands, [0.0 if c.failed or c.score is None else c.score for c in cands])
     return finish("weighted_vote", answer, representative(cands, answer), cands, budget, failures, tally=tally,
                   verifier=verifier.name)
