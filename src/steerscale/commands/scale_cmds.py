@@ -17,7 +17,11 @@ def register(sub) -> None:
     p.add_argument("--strategy", default="majority", choices=sorted(STRATEGIES), help="default: majority")
     p.add_argument("--verifier", default=None, choices=sorted(VERIFIERS),
                    help="scorer for best-of-N / weighted vote / search (default: the strategy's own)")
-    p.add_argument("--reference", default=None, help="reference answer for exact/numeric/math/mc verifiers")
+    p.add_argument("--verifier-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="verifier option (repeatable), e.g. --verifier pairwise --verifier-opt mode=sample, "
+                        "--verifier diverse --verifier-opt base=arith_prm --verifier-opt weight=0.2")
+    p.add_argument("--reference", default=None,
+                   help="reference answer for exact/numeric/math/mc verifiers (gym: the entry as JSON)")
     p.add_argument("--budget", default="", metavar="NAME=V,...",
                    help="limits, e.g. tokens=20000,flops=1e12,wall=60 (currencies: prompt_tokens, generated_tokens, "
                         "verifier_passes, verifier_tokens, judge_calls, flops, wall_seconds)")
@@ -40,9 +44,19 @@ def run(args) -> int:
     from ..scale.budget import Budget
     from ..scale.local import LocalBackend
     from ..scale.strategies import run_strategy
-    from ..scale.verifiers import get_verifier
+    from ..scale.verifiers import check_options, get_verifier, parse_value
 
     budget = Budget.parse(args.budget)  # bad limits fail before the model loads
+    vopts = {}
+    for item in args.verifier_opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SteerscaleError(f"bad --verifier-opt {item!r}", "write KEY=VALUE, e.g. --verifier-opt weight=0.2")
+        vopts[key.strip()] = parse_value(value)
+    if vopts and args.verifier is None:
+        raise SteerscaleError("--verifier-opt given without --verifier", "name the verifier, e.g. --verifier pairwise")
+    if args.verifier is not None:
+        check_options(args.verifier, vopts)  # unknown options fail before the model loads
     step = args.step.encode().decode("unicode_escape") if args.step else None
     stops = [s.encode().decode("unicode_escape") for s in args.stop]
     scales = None
@@ -56,7 +70,7 @@ def run(args) -> int:
     lm = load(args)
     steering = steering_from_args(args, lm.layout)
     backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=steering, chat=False if args.no_chat else None)
-    verifier = get_verifier(args.verifier, reference=args.reference, backend=backend)
+    verifier = get_verifier(args.verifier, reference=args.reference, backend=backend, **vopts)
     knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, step=step, stop=stops, seed=args.seed)
     if args.strategy != "greedy":
         knobs["n"] = args.n

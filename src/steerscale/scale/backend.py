@@ -9,7 +9,10 @@ A strategy never samples tokens itself. It asks a ``Backend`` to
 * ``select(branches, indices)``: fork (an index repeated) and drop (an index left out) partial sequences,
   e.g. after resampling; ``merge([...])`` joins separately kept partial sequences into one batch;
 * ``choice_logprobs(contexts, options)``: log-probability of each option's first token after each context
-  (self-evaluation ``P(Yes)``), charged to the budget as verifier work.
+  (self-evaluation ``P(Yes)``), charged to the budget as verifier work;
+* ``embed(texts)`` (optional): one float vector per text (``LocalBackend``: mean-pooled hidden states), charged
+  as verifier work; used by the ``diverse`` verifier's representation-diversity bonus. The base class raises
+  ``SteerscaleError`` ("this backend cannot embed"), so a backend without hidden states still fits.
 
 ``Branches`` holds the ``Candidate`` rows a strategy reads, plus an opaque ``handle`` that only the backend
 understands (for ``LocalBackend``: a batched KV cache, one row per candidate; for an HTTP backend: nothing but
@@ -163,6 +166,13 @@ class Backend(ABC):
     @abstractmethod
     def choice_logprobs(self, contexts: Sequence[str], options: Sequence[str], budget: Budget) -> list[list[float]]:
         """``[i][j]``: log-prob of ``options[j]``'s first token right after ``contexts[i]`` (chat-formatted)."""
+
+    def embed(self, texts: Sequence[str], budget: Budget, *, layer: int = -1):
+        """``(len(texts), d)`` float tensor: one vector per text (e.g. mean-pooled hidden states of ``layer``),
+        charged to ``budget``. Optional: backends that cannot embed raise ``SteerscaleError``."""
+        raise SteerscaleError(f"this backend ({self.name}) cannot embed texts",
+                              "use a LocalBackend (mean-pooled hidden states), or a verifier that needs no "
+                              "embeddings instead of 'diverse'")
 
     # -- async wrappers (an HTTP backend overrides these with real async requests) ---------------------------
     async def asample(self, *args, **kwargs) -> list[Candidate]:

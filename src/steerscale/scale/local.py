@@ -358,6 +358,39 @@ class LocalBackend(Backend):
         budget.charge(verifier_passes=len(texts), verifier_tokens=n_tok, flops=2.0 * self.n_params * n_tok)
         return logp[:, first].tolist()
 
+    @torch.no_grad()
+    def embed(self, texts, budget, *, layer=-1) -> torch.Tensor:
+        """``(len(texts), hidden)`` float32 (on CPU): each text's hidden states at ``layer`` (index into
+        ``hidden_states``: 0 the embeddings, -1 the last layer), mean-pooled over its tokens. One forward pass of
+        the raw texts (no chat template, no special tokens, no steering), charged as verifier passes/tokens and
+        FLOPs."""
+        texts = list(texts)
+        if not texts:
+            raise SteerscaleError("embed() needs at least one text")
+        if any(not isinstance(t, str) for t in texts):
+            raise SteerscaleError("embed() takes a list of strings")
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        lengths = mask.sum(-1)
+        if bool((lengths == 0).any()):
+            bad = int((lengths == 0).nonzero()[0, 0])
+            raise SteerscaleError(f"text {bad} ({texts[bad]!r}) encodes to no tokens", "embed non-empty texts")
+        if self.context_window and ids.shape[1] > self.context_window:
+            raise SteerscaleError(f"a text to embed is {ids.shape[1]} tokens but the context window is "
+                                  f"{self.context_window}", "shorten the texts")
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                         output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states
+        if not -len(hidden) <= layer < len(hidden):
+            raise SteerscaleError(f"embed layer {layer} out of range for {len(hidden)} hidden states",
+                                  f"use -{len(hidden)}..{len(hidden) - 1} (-1: the last layer)")
+        h = hidden[layer].float()
+        m = mask[..., None].to(h.dtype)
+        n_tok = int(lengths.sum())
+        budget.charge(verifier_passes=len(texts), verifier_tokens=n_tok, flops=2.0 * self.n_params * n_tok)
+        return ((h * m).sum(1) / m.sum(1)).cpu()
+
 
 class _null:
     def __enter__(self):

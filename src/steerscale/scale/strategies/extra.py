@@ -1,5 +1,6 @@
-"""More strategies on the same engine: entropic particle filtering, early pruning by mid-generation
-self-evaluation, verifier-guided iterative refinement, and compute-optimal allocation over a batch of prompts."""
+"""More strategies on the same engine: entropic particle filtering (annealing + look-ahead modulation), early
+pruning by mid-generation self-evaluation, verifier-guided iterative refinement, and compute-optimal allocation
+over a batch of prompts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ...errors import SteerscaleError
 from ..budget import Budget
 from ..verifiers import LogprobConfidence
 from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
-from .search import run_particle_filter
+from .search import _final, _scorer, resample
 
 
 def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
@@ -35,16 +36,85 @@ def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
     return w ** lo, lo
 
 
-def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, **knobs):
-    """Particle filtering whose resampling weights are annealed (w ** beta) whenever their effective sample
-    size drops below ``target_ess`` x n."""
+def modulate(weights, scores, ahead, strength: float) -> np.ndarray:
+    """Look-ahead modulation: ``w * exp(strength * (ahead - score))`` -- a particle whose look-ahead step scores
+    higher than its current step gains weight, one heading downhill loses it. Where either score is missing
+    (finished particle, failed verifier) the weight is left as it is."""
+    w = np.asarray(weights, dtype=float)
+    s, a = np.asarray(scores, dtype=float), np.asarray(ahead, dtype=float)
+    delta = np.where(np.isfinite(s) & np.isfinite(a), a - s, 0.0)
+    return w * np.exp(strength * delta)
+
+
+def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookahead=0, lookahead_weight=1.0,
+                    lookahead_temperature=0.0, n=8, seed=0, max_steps=16, resampling="systematic", temperature=1.0,
+                    select="weighted", answer_fn=None, steer_scales=None, **knobs):
+    """Entropic particle filtering (ePF; Red Hat AI Innovation's its_hub / "Entropic Particle Filtering", 2025):
+    particle filtering with its two guards against premature exploitation.
+
+    * Entropic annealing: whenever the resampling weights' effective sample size drops below ``target_ess`` x n,
+      they are flattened to ``w ** beta`` with the largest ``beta`` that restores it (``tempered``).
+    * Look-ahead modulation (``lookahead`` > 0 steps; 0, the default, turns it off): after each step, every
+      unfinished particle is forked into a throw-away probe (a KV-cache ``select``, nothing re-encoded) that
+      grows ``lookahead`` more steps at ``lookahead_temperature`` (0: greedy); the verifier scores the probe's
+      partial solution and the particle's weight becomes ``w * exp(lookahead_weight * (probe score - score))``
+      before annealing. Probes are dropped after scoring; their tokens and verifier passes are charged to the
+      budget (``info["lookahead_tokens"]``). The paper describes look-ahead modulation as judging a state by its
+      successors; its_hub only scaffolds the flag (``does_lookahead_modulation``), so this exponential
+      modulation by the score change is our reading of it.
+
+    With ``lookahead=0`` this is exactly ``particle_filter`` with annealed weights."""
     if not 0 < target_ess <= 1:
         raise SteerscaleError(f"target_ess must be in (0, 1], got {target_ess}")
-    r = run_particle_filter(prompt, backend, verifier, budget, weight_transform=lambda w: tempered(w, target_ess)[0],
-                            **knobs)
-    r.strategy = "entropic_pf"
-    r.info["target_ess"] = target_ess
-    return r
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise SteerscaleError(f"lookahead must be a non-negative integer number of steps, got {lookahead!r}",
+                              "0 turns look-ahead modulation off")
+    if not (isinstance(lookahead_weight, (int, float)) and math.isfinite(lookahead_weight) and lookahead_weight >= 0):
+        raise SteerscaleError(f"lookahead_weight must be a finite number >= 0, got {lookahead_weight!r}")
+    check_positive("n", n, getattr(backend, "max_n", None))
+    if temperature <= 0:
+        raise SteerscaleError(f"particle-filter temperature must be > 0, got {temperature}")
+    params = sampling_params(**knobs)
+    probe_params = params.with_(temperature=float(lookahead_temperature))
+    verifier = _scorer(verifier)
+    rng = np.random.default_rng(seed)
+    branches = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
+    failures, steps, resamples, betas, ahead_tokens = [], 0, 0, [], 0
+    while not branches.all_finished and steps < max_steps and not budget.exhausted:
+        backend.extend(branches, params, budget)
+        steps += 1
+        annotate(branches.rows, answer_fn)
+        failures += score(verifier, prompt, branches.rows, budget, partial=True)
+        if branches.all_finished:
+            break
+        w = [0.0 if c.failed or c.score is None else max(c.score, 1e-12) ** (1.0 / temperature) for c in branches.rows]
+        if lookahead and lookahead_weight > 0 and not budget.exhausted:
+            live = [i for i, c in enumerate(branches.rows) if not c.finished and not c.failed and c.score is not None]
+            ahead = [math.nan] * len(branches)
+            if live:
+                probe = backend.select(branches, live)
+                before = sum(c.n_tokens for c in probe.rows)
+                for _ in range(lookahead):
+                    if probe.all_finished or budget.exhausted:
+                        break
+                    backend.extend(probe, probe_params, budget)
+                ahead_tokens += sum(c.n_tokens for c in probe.rows) - before
+                annotate(probe.rows, answer_fn)
+                failures += [f"look-ahead: {f}" for f in score(verifier, prompt, probe.rows, budget, partial=True)]
+                for i, c in zip(live, probe.rows):
+                    if not c.failed and c.score is not None:
+                        ahead[i] = c.score
+                        branches.rows[i].meta["lookahead_score"] = c.score
+            current = [math.nan if c.failed or c.score is None else c.score for c in branches.rows]
+            w = modulate(w, current, ahead, lookahead_weight)
+        w, beta = tempered(w, target_ess)
+        betas.append(round(float(beta), 6))
+        idx = resample(w, rng, resampling)
+        branches = backend.select(branches, idx)
+        resamples += 1
+    return _final("entropic_pf", branches.rows, select, budget, failures, steps=steps, resamples=resamples,
+                  target_ess=target_ess, betas=betas, lookahead=lookahead, lookahead_weight=lookahead_weight,
+                  lookahead_tokens=ahead_tokens)
 
 
 def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune_after=1, seed=0, select="vote",

@@ -1,8 +1,11 @@
-"""Programmatic checkers: exact, numeric, sympy equivalence, multiple choice, and the arithmetic step PRM."""
+"""Programmatic checkers: exact, numeric, sympy equivalence, multiple choice, the arithmetic step PRM, and
+reasoning-gym's own scorers."""
 
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import math
 import operator
 import re
@@ -10,7 +13,7 @@ import re
 from ...errors import SteerscaleError
 from ..answers import extract_answer, normalize
 from ..backend import Candidate
-from .base import Verifier
+from .base import Verifier, require_candidates
 
 
 class _Reference(Verifier):
@@ -175,3 +178,68 @@ class ArithmeticPRM(Verifier):
         if self.aggregate == "last":
             return scores[-1]
         return sum(scores) / len(scores)
+
+
+# -- reasoning-gym ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _gym_scorer(dataset: str):
+    from ...measure.tasks.gym import _gym
+
+    rg = _gym()
+    if dataset not in rg.factory.DATASETS:
+        raise SteerscaleError(f"unknown reasoning-gym dataset {dataset!r}",
+                              f"choose one of: {', '.join(sorted(rg.factory.DATASETS)[:30])}, ...")
+    return rg.get_score_answer_fn(dataset)
+
+
+class GymScore(_Reference):
+    """reasoning-gym's own ``score_answer`` for a generated entry (a score in ``[0, 1]``, partial credit where
+    the dataset gives it). The answer is what the ``gym:NAME`` tasks of ``steerscale.measure`` send to the same
+    scorer: the text after the last ``Answer:`` (else the last non-empty line).
+
+    ``reference`` is the entry dict (``{"question", "answer", "metadata"}`` as the dataset yields it; the dataset
+    is ``metadata["source_dataset"]`` unless ``dataset=`` names it), its JSON text (CLI ``--reference``), or a
+    ``(dataset, entry)`` pair."""
+
+    name = "gym"
+
+    def __init__(self, reference=None, dataset: str | None = None):
+        super().__init__(reference)
+        self.dataset = dataset
+        if dataset is not None:
+            _gym_scorer(dataset)  # unknown names fail here, not on the first candidate
+
+    def entry(self) -> tuple[str, dict]:
+        """``(dataset name, entry dict)`` from the reference."""
+        ref = self.reference
+        if ref is None:
+            self._ref()  # raises the "needs the reference" error
+        if isinstance(ref, str):
+            try:
+                ref = json.loads(ref)
+            except json.JSONDecodeError:
+                raise SteerscaleError("gym verifier: the reference is text but not a JSON entry",
+                                      "pass the reasoning-gym entry dict, or its JSON "
+                                      '(e.g. {"question": ..., "answer": ..., "metadata": {...}})') from None
+        name = self.dataset
+        if isinstance(ref, (tuple, list)) and len(ref) == 2 and isinstance(ref[0], str):
+            name, ref = ref
+        if not isinstance(ref, dict):
+            raise SteerscaleError(f"gym verifier: reference must be a reasoning-gym entry dict, got "
+                                  f"{type(ref).__name__}", "pass the entry (dataset[i]) or (dataset_name, entry)")
+        if name is None:
+            name = (ref.get("metadata") or {}).get("source_dataset")
+        if not name:
+            raise SteerscaleError("gym verifier: cannot tell which reasoning-gym dataset the entry is from",
+                                  "the entry has no metadata.source_dataset: pass dataset=NAME")
+        return name, ref
+
+    def score_batch(self, question, candidates, budget, partial=False):
+        return super().score_batch(question, require_candidates(self.name, candidates), budget, partial)
+
+    def score(self, question, candidate, budget, partial=False):
+        from ...measure.tasks.gym import extract_answer as gym_answer
+
+        name, entry = self.entry()
+        value = float(_gym_scorer(name)(gym_answer(candidate.text), entry) or 0.0)
+        return min(1.0, max(0.0, value)) if math.isfinite(value) else value
