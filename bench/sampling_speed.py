@@ -3,7 +3,9 @@
 (a) N samples of T tokens: our engine (prompt once, KV expanded) vs ``generate(num_return_sequences=N)``
     vs N sequential ``generate`` calls (EOS ignored everywhere so every variant makes N x T tokens);
 (b) P particles extended S steps of K tokens with KV reuse (``LocalBackend.extend``) vs re-encoding the
-    texts each step (a batched ``generate`` of K tokens on the padded full texts, as text-level search does);
+    texts each step (a batched ``generate`` of K tokens on the padded full texts, as text-level search does),
+    twice: after a few-shot prompt of ``--search-shots`` example lines (~17 tokens each; search prompts carry
+    worked examples or a system prompt) and after the bare one-line prompt (the worst case for KV reuse);
 (c) time to first token for N samples after a ~1,000-token few-shot prompt: encoded once vs HF's batched
     sampling, which encodes it N times.
 
@@ -33,6 +35,11 @@ def _load(args):
     return load_model(args.model)
 
 
+def _shots(n: int) -> str:
+    return "".join(f"Example {i}: The quick brown fox number {i} jumps over the lazy dog near the river bank.\n"
+                   for i in range(n))
+
+
 def _hf(model, tok, text, n, tokens, do_sample=True, seed=0):
     import torch
 
@@ -51,7 +58,10 @@ def variant(args) -> dict:
 
     model, tok, layout = _load(args)
     be = LocalBackend(model, tok, layout)
-    text = be.format(PROMPT)
+    prompt = PROMPT
+    if args.variant in ("kv_reuse", "reencode"):
+        prompt = _shots(args.search_shots) + PROMPT
+    text = be.format(prompt)
     t = time.perf_counter()
     if args.variant == "ours":
         be.eos_ids = set()  # benchmark only: fixed-length samples, like min_new_tokens below
@@ -64,7 +74,7 @@ def variant(args) -> dict:
     elif args.variant == "kv_reuse":
         be.eos_ids = set()
         b = Budget()
-        br = be.start(PROMPT, args.particles, b, seed=0)
+        br = be.start(prompt, args.particles, b, seed=0)
         p = SamplingParams(max_tokens=args.steps * args.step_tokens, temperature=0.7, step="\x00",
                            max_step_tokens=args.step_tokens)
         for _ in range(args.steps):
@@ -82,16 +92,14 @@ def variant(args) -> dict:
             new = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             texts = [a + b for a, b in zip(texts, new)]
     elif args.variant in ("ttft_ours", "ttft_hf"):
-        shots = "\n".join(f"Example {i}: The quick brown fox number {i} jumps over the lazy dog near the river bank."
-                          for i in range(60))
-        long_prompt = shots + "\n" + PROMPT
+        long_prompt = _shots(60) + PROMPT
         if args.variant == "ttft_ours":
             be.sample(long_prompt, args.n, SamplingParams(max_tokens=1, temperature=0.7, step=None), Budget(), seed=0)
         else:
             _hf(model, tok, be.format(long_prompt), args.n, 1)
         n_prompt = len(tok(be.format(long_prompt))["input_ids"])
         return {"seconds": time.perf_counter() - t, "peak_rss_mb": _rss(), "prompt_tokens": n_prompt}
-    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _rss()}
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": _rss(), "prompt_tokens": len(tok(text)["input_ids"])}
 
 
 def _rss() -> float:
@@ -106,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--particles", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--step-tokens", type=int, default=8)
+    ap.add_argument("--search-shots", type=int, default=12, help="example lines before the prompt in (b)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -113,9 +122,13 @@ def main(argv=None) -> int:
         print(json.dumps(variant(args)))
         return 0
     res = {}
-    for v in ("ours", "hf_batched", "hf_sequential", "kv_reuse", "reencode", "ttft_ours", "ttft_hf"):
-        cmd = [sys.executable, __file__, "--variant", v] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                                                             ("model", "n", "tokens", "particles", "steps", "step_tokens", "threads")]
+    keys = ("model", "n", "tokens", "particles", "steps", "step_tokens", "threads", "search_shots")
+    runs = [(v, v, args.search_shots) for v in ("ours", "hf_batched", "hf_sequential", "kv_reuse", "reencode")]
+    runs += [("kv_reuse_short", "kv_reuse", 0), ("reencode_short", "reencode", 0), ("ttft_ours", "ttft_ours", 0),
+             ("ttft_hf", "ttft_hf", 0)]
+    for v, variant_name, shots in runs:
+        opts = {**vars(args), "search_shots": shots}
+        cmd = [sys.executable, __file__, "--variant", variant_name] + [f"--{k.replace('_', '-')}={opts[k]}" for k in keys]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -125,10 +138,13 @@ def main(argv=None) -> int:
     summary = {
         "sizes": {"n": args.n, "tokens": args.tokens, "particles": args.particles, "steps": args.steps,
                   "step_tokens": args.step_tokens, "ttft_prompt_tokens": res["ttft_ours"]["prompt_tokens"],
+                  "search_prompt_tokens": res["kv_reuse"]["prompt_tokens"],
+                  "short_prompt_tokens": res["kv_reuse_short"]["prompt_tokens"],
                   "threads": args.threads},
         "vs_hf_batched": round(res["hf_batched"]["seconds"] / res["ours"]["seconds"], 3),
         "vs_sequential": round(res["hf_sequential"]["seconds"] / res["ours"]["seconds"], 3),
         "kv_reuse_vs_reencode": round(res["reencode"]["seconds"] / res["kv_reuse"]["seconds"], 3),
+        "kv_reuse_vs_reencode_short_prompt": round(res["reencode_short"]["seconds"] / res["kv_reuse_short"]["seconds"], 3),
         "shared_prefix_ttft": round(res["ttft_hf"]["seconds"] / res["ttft_ours"]["seconds"], 3),
         "seconds": {k: round(v["seconds"], 3) for k, v in res.items()},
         "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in res.items()},

@@ -7,8 +7,8 @@ Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are 
 16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). Particle
 filtering, A* and adaptive SC are separate real runs. Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
-one JSON object. Uses reasoning_gym's ``basic_arithmetic`` when installed and ``--task rg``, else
-``steerscale.scale.tasks_arith``.
+one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
+``--digits``); ``--source builtin`` from ``steerscale.scale.tasks_arith.make_problems`` (``--difficulty``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--problems", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--difficulty", type=int, default=1)
+    ap.add_argument("--source", default="gym", choices=["gym", "builtin"])
+    ap.add_argument("--terms", type=int, default=2, help="gym: numbers per expression")
+    ap.add_argument("--digits", type=int, default=2, help="gym: at most this many digits per number")
+    ap.add_argument("--difficulty", type=int, default=1, help="builtin: 1..4")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
@@ -43,13 +46,18 @@ def main(argv=None) -> int:
     from steerscale import load_model
     from steerscale.scale import Budget, LocalBackend, get_verifier, run_strategy
     from steerscale.scale.strategies.base import best_of, vote
-    from steerscale.scale.tasks_arith import make_problems
+    from steerscale.scale.tasks_arith import gym_problems, make_problems
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok, layout = load_model(args.model)
     backend = LocalBackend(model, tok, layout)
-    problems = make_problems(args.problems, 0, args.difficulty)
+    if args.source == "gym":
+        problems = gym_problems(args.problems, 0, args.terms, args.digits)
+        task_name = f"reasoning-gym basic_arithmetic, {args.terms} terms, <= {args.digits} digits, +/-"
+    else:
+        problems = make_problems(args.problems, 0, args.difficulty)
+        task_name = f"tasks_arith difficulty {args.difficulty}"
     prm = get_verifier("arith_prm")
     knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, step="\n", stop=["\n\n", "Question:"],
                  max_step_tokens=args.max_tokens)
@@ -144,13 +152,13 @@ def main(argv=None) -> int:
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{args.model}, arithmetic d{args.difficulty}, {P} problems x {S} seeds")
+    ax.set_title(f"{args.model}: {task_name}\n{P} problems x {S} seeds", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)
 
     summary = {
-        "model": args.model, "task": f"tasks_arith difficulty {args.difficulty}", "problems": P, "seeds": S,
+        "model": args.model, "task": task_name, "problems": P, "seeds": S,
         "greedy_acc": round(greedy_acc, 4), "sc16_acc": round(sc16, 4), "sc16_gain_ci_low": round(gain_lo, 4),
         "sc16_gain_ci_high": round(gain_hi, 4), "bon_best_acc": round(bon_best_acc, 4),
         "bon_best_tokens": round(bon_best_tokens, 1),

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,25 @@ def test_labelled_extraction():
         extract_labelled(lm, examples, "pca", "1", progress=False)
     with pytest.raises(SteerscaleError, match="unbalanced"):
         extract_labelled(lm, [(f"good {i}", 1) for i in range(9)] + examples[8:10], "caa", "1", progress=False)
+
+
+def test_batched_probe_matches_scikit_learn():
+    """The batched Newton probe solves scikit-learn's L2 logistic regression: same accuracy, same weights."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from steerscale.steer.methods.probe import probe_accuracies, split_pairs
+
+    g = torch.Generator().manual_seed(0)
+    pos = [torch.randn(120, 16, generator=g) + 0.3 * torch.randn(16, generator=g) for _ in range(5)]
+    neg = [torch.randn(120, 16, generator=g) for _ in range(5)]
+    ours = probe_accuracies(pos, neg, holdout=0.3, seed=1, C=0.5)
+    tr, te = split_pairs(120, 0.3, 1)
+    for k in range(5):
+        x = torch.cat([pos[k][tr], neg[k][tr]]).double().numpy()
+        y = np.r_[np.ones(len(tr)), np.zeros(len(tr))]
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        clf = sklearn.LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit((x - mu) / sd, y)
+        xt = torch.cat([pos[k][te], neg[k][te]]).double().numpy()
+        acc = clf.score((xt - mu) / sd, np.r_[np.ones(len(te)), np.zeros(len(te))])
+        assert ours[k][0] == pytest.approx(acc, abs=1e-12)
+        np.testing.assert_allclose(ours[k][1], clf.coef_[0], rtol=1e-4, atol=1e-5)
+        assert ours[k][2] == pytest.approx(clf.intercept_[0], abs=1e-5)

@@ -1,6 +1,8 @@
-"""Seeded arithmetic problems for scaling experiments (used when ``reasoning_gym`` is not installed).
+"""Seeded arithmetic problems for scaling experiments.
 
-``make_problems(n, seed, difficulty)`` returns ``ArithProblem(expression, answer)``; the same arguments always
+``gym_problems(n, seed, terms, digits)`` draws them from reasoning-gym's ``basic_arithmetic`` (``+``/``-`` only,
+no parentheses), ``make_problems(n, seed, difficulty)`` from a built-in generator (no extra dependency); both
+return ``ArithProblem(expression, answer)``; the same arguments always
 give the same problems. ``problem.question`` is a one-shot prompt whose worked example writes one
 ``a op b = c`` per line and ends with ``Answer: N`` (steps are lines, so use ``step="\\n"`` for search).
 
@@ -63,3 +65,18 @@ def make_problems(n: int, seed: int = 0, difficulty: int = 1) -> list[ArithProbl
         expr = _expr(rng, difficulty)
         out.append(ArithProblem(expr, str(eval(expr, {"__builtins__": {}}))))  # our own digits-and-operators text
     return out
+
+
+def gym_problems(n: int, seed: int = 0, terms: int = 2, digits: int = 2) -> list[ArithProblem]:
+    """``n`` reasoning-gym ``basic_arithmetic`` problems (``terms`` numbers of 1..``digits`` digits, ``+``/``-``),
+    in the same one-shot prompt as ``make_problems``; reasoning-gym's own answer is the reference."""
+    if not isinstance(n, int) or n < 1:
+        raise SteerscaleError(f"number of problems must be >= 1, got {n!r}")
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise SteerscaleError("reasoning-gym is not installed", "pip install 'steerscale[data]'") from None
+    ds = reasoning_gym.create_dataset("basic_arithmetic", min_terms=terms, max_terms=terms, min_digits=1,
+                                      max_digits=digits, operators=("+", "-"), allow_parentheses=False,
+                                      allow_negation=False, size=n, seed=seed)
+    return [ArithProblem(e["metadata"]["expression"], str(e["answer"])) for e in ds]

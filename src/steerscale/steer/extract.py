@@ -23,7 +23,7 @@ from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
 from .methods import get_method
-from .methods.probe import probe_accuracy
+from .methods.probe import probe_accuracies
 from .pairs import ContrastPair, load_labelled, load_pairs, pairs_hash
 from .vector import SteeringVector, fingerprint
 
@@ -100,7 +100,15 @@ class Sweep:
 
 
 def sweep(pos: dict[Site, torch.Tensor], neg: dict[Site, torch.Tensor], holdout: float = 0.3, seed: int = 0) -> dict[Site, float]:
-    return {s: probe_accuracy(pos[s], neg[s], holdout, seed)[0] for s in pos}
+    """Held-out probe accuracy per site; sites of one width are fitted together in one batched solve."""
+    out: dict[Site, float] = {}
+    by_width: dict[tuple, list[Site]] = {}
+    for s in pos:
+        by_width.setdefault((pos[s].shape, neg[s].shape), []).append(s)
+    for sites in by_width.values():
+        accs = probe_accuracies([pos[s] for s in sites], [neg[s] for s in sites], holdout, seed)
+        out.update({s: a[0] for s, a in zip(sites, accs)})
+    return {s: out[s] for s in pos}
 
 
 def pick_layer(accuracy: dict[Site, float], n_layers: int) -> Site:
