@@ -13,7 +13,7 @@ from ...errors import SteerscaleError
 from ..budget import Budget
 from ..verifiers import LogprobConfidence
 from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
-from .search import _final, _scorer, resample
+from .search import _final, _scorer, filter_particles
 
 
 def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
@@ -71,23 +71,11 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
                               "0 turns look-ahead modulation off")
     if not (isinstance(lookahead_weight, (int, float)) and math.isfinite(lookahead_weight) and lookahead_weight >= 0):
         raise SteerscaleError(f"lookahead_weight must be a finite number >= 0, got {lookahead_weight!r}")
-    check_positive("n", n, getattr(backend, "max_n", None))
-    if temperature <= 0:
-        raise SteerscaleError(f"particle-filter temperature must be > 0, got {temperature}")
-    params = sampling_params(**knobs)
-    probe_params = params.with_(temperature=float(lookahead_temperature))
-    verifier = _scorer(verifier)
-    rng = np.random.default_rng(seed)
-    branches = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
-    failures, steps, resamples, betas, ahead_tokens = [], 0, 0, [], 0
-    while not branches.all_finished and steps < max_steps and not budget.exhausted:
-        backend.extend(branches, params, budget)
-        steps += 1
-        annotate(branches.rows, answer_fn)
-        failures += score(verifier, prompt, branches.rows, budget, partial=True)
-        if branches.all_finished:
-            break
-        w = [0.0 if c.failed or c.score is None else max(c.score, 1e-12) ** (1.0 / temperature) for c in branches.rows]
+    probe_params = sampling_params(**knobs).with_(temperature=float(lookahead_temperature))
+    scorer = _scorer(verifier)
+    betas, ahead_tokens = [], [0]
+
+    def reweight(w, branches, failures):
         if lookahead and lookahead_weight > 0 and not budget.exhausted:
             live = [i for i, c in enumerate(branches.rows) if not c.finished and not c.failed and c.score is not None]
             ahead = [math.nan] * len(branches)
@@ -98,9 +86,9 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
                     if probe.all_finished or budget.exhausted:
                         break
                     backend.extend(probe, probe_params, budget)
-                ahead_tokens += sum(c.n_tokens for c in probe.rows) - before
+                ahead_tokens[0] += sum(c.n_tokens for c in probe.rows) - before
                 annotate(probe.rows, answer_fn)
-                failures += [f"look-ahead: {f}" for f in score(verifier, prompt, probe.rows, budget, partial=True)]
+                failures += [f"look-ahead: {f}" for f in score(scorer, prompt, probe.rows, budget, partial=True)]
                 for i, c in zip(live, probe.rows):
                     if not c.failed and c.score is not None:
                         ahead[i] = c.score
@@ -109,12 +97,14 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
             w = modulate(w, current, ahead, lookahead_weight)
         w, beta = tempered(w, target_ess)
         betas.append(round(float(beta), 6))
-        idx = resample(w, rng, resampling)
-        branches = backend.select(branches, idx)
-        resamples += 1
+        return w
+
+    branches, failures, steps, resamples = filter_particles(
+        prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
+        temperature=temperature, answer_fn=answer_fn, steer_scales=steer_scales, reweight=reweight, **knobs)
     return _final("entropic_pf", branches.rows, select, budget, failures, steps=steps, resamples=resamples,
                   target_ess=target_ess, betas=betas, lookahead=lookahead, lookahead_weight=lookahead_weight,
-                  lookahead_tokens=ahead_tokens)
+                  lookahead_tokens=ahead_tokens[0])
 
 
 def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune_after=1, seed=0, select="vote",
