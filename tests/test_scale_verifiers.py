@@ -11,7 +11,7 @@ import torch
 from steerscale import SteerscaleError
 from steerscale.scale import Budget, Candidate, LocalBackend, get_verifier, run_strategy
 from steerscale.scale.backend import Backend
-from steerscale.scale.strategies.extra import modulate, tempered
+from steerscale.scale.strategies.extra import modulate
 from steerscale.scale.strategies.search import run_particle_filter
 from steerscale.scale.verifiers import VERIFIERS, parse_options, parse_value, score_candidates
 from steerscale.scale.verifiers.base import Verifier
