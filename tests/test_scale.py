@@ -322,3 +322,17 @@ def test_smollm2_cli_solve_json(smol, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"] == "majority" and len(out["candidates"]) == 2
     assert out["budget"]["spent"]["generated_tokens"] <= 100
+
+
+def test_gym_arithmetic_problems_are_seeded_and_answered():
+    pytest.importorskip("reasoning_gym")
+    from steerscale.scale.tasks_arith import gym_problems
+
+    a, b = gym_problems(12, 3, terms=3, digits=2), gym_problems(12, 3, terms=3, digits=2)
+    assert a == b and a != gym_problems(12, 4, terms=3, digits=2)
+    for p in a:
+        assert p.n_ops == 2 and "(" not in p.expression
+        assert int(p.answer) == eval(p.expression, {"__builtins__": {}})
+        assert p.question.endswith(f"Calculate {p.expression}.")
+    with pytest.raises(SteerscaleError):
+        gym_problems(0)
