@@ -229,6 +229,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--select-limit", type=int, default=None, help="training questions used to choose the scale")
     for m, s in DEFAULT_SCALES.items():
         ap.add_argument(f"--scales-{m}", default=",".join(map(str, s)))
+    ap.add_argument("--combine", default="", help="composed methods, e.g. caa+iti: each part at its chosen setting")
+    ap.add_argument("--combine-mults", default="0.5,1", type=lambda x: [float(v) for v in x.split(",")],
+                    help="joint multipliers tried for --combine (chosen on the training fold)")
     ap.add_argument("--arc-limit", type=int, default=100, help="ARC-Easy questions for the cost (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "out" / "truthfulqa"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "truthfulqa_mc1_vs_scale.png"))
@@ -284,8 +287,13 @@ def main(argv=None) -> dict:
         f"MC2 {np.mean([base[i]['mc2'] for i in range(n)]):.4f} ({time.time() - t:.0f}s)")
 
     # per-method, per-question test scores (one list per seed), selection curves, chosen settings
-    test_scores = {m: {i: [] for i in range(n)} for m in methods}
-    curves = {m: {} for m in methods}  # scale -> list of train-subset MC1 (one per fold)
+    combos = [c.strip() for c in args.combine.split(",") if c.strip()] if args.combine else []
+    for c in combos:
+        if not set(c.split("+")) <= set(methods):
+            raise SystemExit(f"--combine {c}: every part must be one of --methods {methods}")
+    all_methods = methods + combos
+    test_scores = {m: {i: [] for i in range(n)} for m in all_methods}
+    curves = {m: {} for m in all_methods}  # (variant, scale) -> list of train-subset MC1 gains (one per fold)
     chosen_log = []
     cost_vec = {}
     for seed in seeds:
@@ -299,44 +307,62 @@ def main(argv=None) -> dict:
             sel = train if not args.select_limit else sorted(
                 random.Random(seed * 100 + fold).sample(train, min(args.select_limit, len(train))))
             base_sel = float(np.mean([base[i]["mc1"] for i in sel]))
-            for m in methods:
-                best = (base_sel, None, 0.0)  # (mc1, variant, scale): scale 0 = unsteered is a candidate
-                for (mm, label), (vec, layer) in vecs.items():
-                    if mm != m:
-                        continue
-                    for sc in scales[m]:
-                        t = time.time()
-                        r = scored("mc1", sel, vec.interventions(sc), dict(fk, method=m, variant=label, scale=sc))
-                        acc = float(np.mean([r[i]["mc1"] for i in sel]))
-                        curves[m].setdefault((label, sc), []).append(acc - base_sel)
-                        log(f"  select {m}[{label}{'' if layer is None else '=L' + str(layer)}] scale {sc:g}: "
-                            f"train MC1 {acc:.4f} (base {base_sel:.4f}, n={len(sel)}, {time.time() - t:.0f}s)")
-                        if acc > best[0] + 1e-9:
-                            best = (acc, label, sc)
-                if best[1] is None:
-                    ivs, desc = [], "unsteered"
-                else:
-                    vec, layer = vecs[(m, best[1])]
-                    where = '' if layer is None else '=L' + str(layer)
-                    ivs, desc = vec.interventions(best[2]), f"{best[1]}{where} x{best[2]:g}"
+            chosen_ivs = {}
+
+            def select_and_test(m, candidates):
+                """candidates: (variant label, scale, make, description) with ``make(multiplier)`` -> interventions;
+                scale 0 = unsteered is a candidate too and wins ties. Chosen by MC1 on the training-fold selection
+                set, then scored on the test fold."""
+                best = (base_sel, None, 0.0, lambda mult: [], "unsteered")
+                for label, sc, make, desc in candidates:
+                    ivs = make(1.0)
+                    t = time.time()
+                    r = scored("mc1", sel, ivs, dict(fk, method=m, variant=label, scale=sc))
+                    acc = float(np.mean([r[i]["mc1"] for i in sel]))
+                    curves[m].setdefault((label, sc), []).append(acc - base_sel)
+                    log(f"  select {m}[{desc}]: train MC1 {acc:.4f} (base {base_sel:.4f}, n={len(sel)}, "
+                        f"{time.time() - t:.0f}s)")
+                    if acc > best[0] + 1e-9:
+                        best = (acc, label, sc, make, desc)
+                acc, label, sc, make, desc = best
+                ivs = make(1.0)
                 t = time.time()
-                r = scored("union", test, ivs, dict(fk, method=m, variant=best[1], scale=best[2], test=True))
+                r = scored("union", test, ivs, dict(fk, method=m, variant=label, scale=sc, test=True))
                 for i in test:
                     test_scores[m][i].append(r[i])
                 mc1 = np.mean([r[i]["mc1"] for i in test])
                 bmc1 = np.mean([base[i]["mc1"] for i in test])
                 log(f"  test {m} at {desc}: MC1 {mc1:.4f} vs base {bmc1:.4f} (n={len(test)}, {time.time() - t:.0f}s)")
-                chosen_log.append({"seed": seed, "fold": fold, "method": m, "setting": desc, "train_mc1": best[0],
+                chosen_log.append({"seed": seed, "fold": fold, "method": m, "setting": desc, "train_mc1": acc,
                                    "train_base_mc1": base_sel, "test_mc1": float(mc1), "test_base_mc1": float(bmc1)})
                 if seed == seeds[0] and fold == 0:
                     cost_vec[m] = (ivs, desc)
+                chosen_ivs[m] = (make, desc)
+
+            def at_scale(vec, sc):
+                return lambda mult: vec.interventions(sc * mult)
+
+            for m in methods:
+                select_and_test(m, [(label, sc, at_scale(vec, sc),
+                                     f"{label}{'' if layer is None else '=L' + str(layer)} x{sc:g}")
+                                    for (mm, label), (vec, layer) in vecs.items() if mm == m for sc in scales[m]])
+            for c in combos:  # each part at its own fold-chosen setting, times a joint multiplier chosen here too
+                parts = [chosen_ivs[m] for m in c.split("+")]
+
+                def joint(mult, parts=parts):
+                    return lambda extra: [iv for make, _ in parts for iv in make(mult * extra)]
+
+                steered = [d for _, d in parts if d != "unsteered"]
+                select_and_test(c, [] if not steered else  # nothing to compose: the combination is unsteered
+                                [("|".join(d for _, d in parts), mult, joint(mult), " + ".join(steered) + f" (x{mult:g})")
+                                 for mult in args.combine_mults])
             (out / "chosen.json").write_text(json.dumps({"chosen": chosen_log, "fold_info": info}, indent=1))
 
     # -- table ------------------------------------------------------------------------------------------------
     base_mc1 = [base[i]["mc1"] for i in range(n)]
     base_mc2 = [base[i]["mc2"] for i in range(n)]
     table = [{"method": "baseline", "mc1": bootstrap_ci(base_mc1).to_dict(), "mc2": bootstrap_ci(base_mc2).to_dict()}]
-    for m in methods:
+    for m in all_methods:
         mc1 = [float(np.mean([d["mc1"] for d in test_scores[m][i]])) for i in range(n)]
         mc2 = [float(np.mean([d["mc2"] for d in test_scores[m][i]])) for i in range(n)]
         table.append({"method": m, "mc1": bootstrap_ci(mc1).to_dict(), "mc2": bootstrap_ci(mc2).to_dict(),
@@ -377,8 +403,8 @@ def main(argv=None) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False)
-        for ax, m in zip(axes[0], methods):
+        fig, axes = plt.subplots(1, len(all_methods), figsize=(3.6 * len(all_methods), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], all_methods):
             labels = sorted({lab for lab, _ in curves[m]})
             for lab in labels:
                 xs = [0.0] + sorted(sc for l2, sc in curves[m] if l2 == lab)
@@ -386,7 +412,7 @@ def main(argv=None) -> dict:
                 ax.plot(xs, ys, marker="o", label=lab)
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_title(m)
-            ax.set_xlabel("scale" if m != "iti" else "alpha")
+            ax.set_xlabel("joint multiplier" if "+" in m else "alpha" if m == "iti" else "scale")
             ax.set_ylabel("train-fold MC1 gain (points)")
             ax.legend(fontsize=7)
         fig.suptitle("TruthfulQA MC1 vs scale (training folds, selection subset; baseline = 0)", fontsize=9)
