@@ -1,7 +1,7 @@
 """Scaling curves: accuracy against generated tokens for greedy, self-consistency@k, best-of-k (arithmetic
 PRM), weighted vote, particle filtering, A*-decoding and adaptive self-consistency, on seeded arithmetic.
 
-    nice python bench/scaling.py --problems 12 --seeds 2 --difficulty 1
+    nice python bench/scaling.py --problems 12 --seeds 2 --source gym --terms 2 --digits 2
 
 Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
 16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). Particle

@@ -33,6 +33,15 @@ def extract_answer(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def check_dataset(dataset: str):
+    """reasoning-gym's module, after checking that ``dataset`` is one of its datasets (a clear error if not)."""
+    rg = _gym()
+    if dataset not in rg.factory.DATASETS:
+        raise SteerscaleError(f"unknown reasoning-gym dataset {dataset!r}",
+                              f"choose one of: {', '.join(sorted(rg.factory.DATASETS)[:30])}, ...")
+    return rg
+
+
 class GymTask(GenTask):
     """``gym:NAME`` -- ``size`` items generated with the load seed (so ``seed`` changes the problems)."""
 
@@ -40,10 +49,7 @@ class GymTask(GenTask):
     instruction = INSTRUCTION
 
     def __init__(self, dataset: str, size: int = 200, **kwargs):
-        rg = _gym()
-        if dataset not in rg.factory.DATASETS:
-            raise SteerscaleError(f"unknown reasoning-gym dataset {dataset!r}",
-                                  f"choose one of: {', '.join(sorted(rg.factory.DATASETS)[:30])}, ...")
+        check_dataset(dataset)
         self.dataset, self.size, self.kwargs = dataset, size, kwargs
         self.name = f"gym:{dataset}"
         self.description = f"reasoning-gym {dataset} (generated, seeded)"

@@ -183,13 +183,9 @@ class ArithmeticPRM(Verifier):
 # -- reasoning-gym ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _gym_scorer(dataset: str):
-    from ...measure.tasks.gym import _gym
+    from ...measure.tasks.gym import check_dataset
 
-    rg = _gym()
-    if dataset not in rg.factory.DATASETS:
-        raise SteerscaleError(f"unknown reasoning-gym dataset {dataset!r}",
-                              f"choose one of: {', '.join(sorted(rg.factory.DATASETS)[:30])}, ...")
-    return rg.get_score_answer_fn(dataset)
+    return check_dataset(dataset).get_score_answer_fn(dataset)
 
 
 class GymScore(_Reference):
