@@ -1,11 +1,14 @@
-"""Scaling curves: accuracy against generated tokens for greedy, self-consistency@k, best-of-k (arithmetic
-PRM), weighted vote, particle filtering, A*-decoding and adaptive self-consistency, on seeded arithmetic.
+"""Scaling curves: accuracy against generated tokens for every strategy in ``steerscale.scale`` on seeded
+arithmetic: greedy, self-consistency@k, best-of-k (arithmetic PRM), weighted vote, particle filtering,
+entropic PF, A*-decoding, beam search, DVTS, early pruning, verifier-guided refinement, adaptive
+self-consistency and compute-optimal allocation.
 
     nice python bench/scaling.py --problems 12 --seeds 2 --source gym --terms 2 --digits 2
 
 Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
-16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). Particle
-filtering, A* and adaptive SC are separate real runs. Intervals: paired bootstrap over problems (numpy).
+16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). The search
+strategies (PRM-guided: ``SEARCH_RUNS``) and adaptive SC are separate real runs per (problem, seed);
+compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
 one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
 ``--digits``); ``--source builtin`` from ``steerscale.scale.tasks_arith.make_problems`` (``--difficulty``).
@@ -21,6 +24,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+# (row name, strategy, knobs, plot marker): PRM-guided search runs, one per (problem, seed), besides PF and A*
+SEARCH_RUNS = [
+    ("beam@8", "beam_search", dict(n=8, width=4), "v"),
+    ("dvts@8", "dvts", dict(n=8, width=2), "<"),
+    ("epf@8", "entropic_pf", dict(n=8), ">"),
+    ("prune@8", "early_pruning", dict(n=8, keep=0.5, prune_after=1, select="best"), "p"),
+    ("refine@3x2", "refine", dict(rounds=3, n=2), "X"),
+]
 
 
 def main(argv=None) -> int:
@@ -45,6 +58,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from steerscale import load_model
     from steerscale.scale import Budget, LocalBackend, get_verifier, run_strategy
+    from steerscale.scale.strategies import run_compute_optimal
     from steerscale.scale.strategies.base import best_of, vote
     from steerscale.scale.tasks_arith import gym_problems, make_problems
 
@@ -96,6 +110,9 @@ def main(argv=None) -> int:
                 put(f"pf@{n}", p, s, r.answer == prob.answer, r.generated_tokens)
             r = run_strategy("astar", prob.question, backend, prm, Budget(), n=4, expand=1, seed=s, **knobs)
             put("astar@4", p, s, r.answer == prob.answer, r.generated_tokens)
+            for name, strat, extra_knobs, _ in SEARCH_RUNS:
+                r = run_strategy(strat, prob.question, backend, prm, Budget(), seed=s, **extra_knobs, **knobs)
+                put(name, p, s, r.answer == prob.answer, r.generated_tokens)
             r = run_strategy("adaptive_sc", prob.question, backend, None, Budget(), n=16, batch=2, min_samples=2,
                              seed=s, **knobs)
             put("adaptive_sc", p, s, r.answer == prob.answer, r.generated_tokens)
@@ -106,6 +123,15 @@ def main(argv=None) -> int:
         print(f"[{p + 1}/{P}] {time.time() - t0:.0f}s greedy={acc['greedy'][:p + 1, 0].mean():.2f} "
               f"sc@16={acc['sc@16'][:p + 1].mean():.2f} pf@{pfs[-1]}={acc[f'pf@{pfs[-1]}'][:p + 1].mean():.2f}",
               file=sys.stderr, flush=True)
+
+    # compute-optimal allocation: one batch-level run per seed, the same total samples as SC@4 on every problem
+    for s in range(S):
+        t_alloc = time.time()
+        results = run_compute_optimal([prob.question for prob in problems], backend, None, Budget(), total=4 * P,
+                                      probe=2, cap=16, seed=s, **knobs)
+        for p, (prob, r) in enumerate(zip(problems, results)):
+            put("alloc@4", p, s, r.answer == prob.answer, sum(c.n_tokens for c in r.candidates))
+        print(f"compute_optimal seed {s}: {time.time() - t_alloc:.0f}s", file=sys.stderr, flush=True)
 
     rng = np.random.default_rng(0)
     boot_idx = rng.integers(0, P, size=(args.boot, P))
@@ -125,7 +151,8 @@ def main(argv=None) -> int:
     bon = [(float(acc[f"bon@{k}"].mean()), float(tok_used[f"bon@{k}"].mean()), k) for k in ks]
     bon_best_acc = max(b[0] for b in bon)
     bon_best_tokens = min(b[1] for b in bon if b[0] == bon_best_acc)
-    search = [(float(acc[m].mean()), float(tok_used[m].mean()), m) for m in acc if m.startswith(("pf@", "astar"))]
+    search = [(float(acc[m].mean()), float(tok_used[m].mean()), m) for m in acc
+              if m.startswith(("pf@", "astar", "epf@"))]
     reach = [t for a_, t, _ in search if a_ >= bon_best_acc]
     ratio = (min(reach) / bon_best_tokens) if reach else None
     sc16 = float(acc["sc@16"].mean())
@@ -147,7 +174,9 @@ def main(argv=None) -> int:
     for fam, style in (("sc@", "o-"), ("bon@", "s-"), ("wvote@", "^-"), ("pass@", "k:")):
         pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
         ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
-    for m, mk in [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x")]:
+    markers = [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x"),
+                                                  ("alloc@4", "h")] + [(name, mk) for name, _, _, mk in SEARCH_RUNS]
+    for m, mk in markers:
         ax.plot(tok_used[m].mean(), acc[m].mean(), mk, markersize=10, label=m)
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log)")

@@ -166,8 +166,6 @@ def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2
     """Compute-optimal allocation over a batch of prompts: ``probe`` samples each, difficulty = 1 - share of
     the leading answer, then the rest of ``total`` samples goes to prompts in proportion to difficulty (at
     most ``cap`` each). Returns one majority-vote ``Result`` per prompt, all charged to one budget."""
-    from .base import Result  # noqa: F401  (documented return type)
-
     if isinstance(prompts, str):
         prompts = [prompts]
     check_positive("total", total)
