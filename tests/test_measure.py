@@ -322,6 +322,15 @@ def test_eval_with_a_strategy_records_what_it_spent(tmp_path):
     for r in res.records:
         assert 0 < r["tokens"]["generated"] <= 400 + 3  # stops within one decode step of the limit
         assert r["output"]["n_candidates"] >= 1
+    # the strategy's sampling temperature is part of the run's identity, and 0 means greedy (not a default)
+    assert res.summary["config"]["temperature"] == 0.7
+    cold = evaluate(lm, str(task_file), strategy="majority", n=3, max_new_tokens=12, temperature=0.0, seeds=[0, 1],
+                    outdir=tmp_path / "runs", progress=False)
+    assert cold.dir != res.dir and cold.summary["config"]["temperature"] == 0.0
+    by_id = {}
+    for r in cold.records:
+        by_id.setdefault(r["id"], set()).add(r["output"]["text"])
+    assert all(len(texts) == 1 for texts in by_id.values())  # greedy: every seed gives the same text
 
 
 def test_cli_parsers(tmp_path, capsys):

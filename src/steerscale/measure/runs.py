@@ -142,7 +142,7 @@ def _run_strategy_chunk(lm, task: Task, examples: list[Example], ivs, seed: int,
     prompts, outs, tokens = [], [], []
     for e in examples:
         prompt = fmt(e)
-        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"] or 0.7, seed=seed)
+        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], seed=seed)
         if cfg["strategy"]["name"] != "greedy":
             knobs["n"] = cfg["n"]
         result = run_strategy(cfg["strategy"]["name"], prompt, backend, verifier,
@@ -272,7 +272,7 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
         "limit": limit, "data_seed": data_seed, "seeds": run_seeds, "scope": scope, "chat": chat,
         "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
         "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
-        "temperature": temperature if sample else None, "strategy": strategy, "budget": budget,
+        "temperature": temperature if sample or strategy_cfg else None,  # a strategy samples at it "strategy": strategy, "budget": budget,
         **({"n": n, "verifier": verifier} if strategy_cfg else {}),
     }
     rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(config)}"
