@@ -336,3 +336,32 @@ def test_gym_arithmetic_problems_are_seeded_and_answered():
         assert p.question.endswith(f"Calculate {p.expression}.")
     with pytest.raises(SteerscaleError):
         gym_problems(0)
+
+
+def test_step_end_skips_leading_whitespace_delimiters():
+    from steerscale.scale.backend import step_end
+
+    assert step_end("12 + 3 = 15\nAns", "\n") == len("12 + 3 = 15\n")
+    # a step that opens with the delimiter ends at the next one (it used to run to max_step_tokens)
+    assert step_end("\n12 + 3 = 15\nAns", "\n") == len("\n12 + 3 = 15\n")
+    assert step_end("\n \n", "\n") == -1 and step_end("no delimiter", "\n") == -1 and step_end("", "\n") == -1
+    assert step_end("Step 1: a. Step 2", "Step") == len("Step 1: a. Step")
+
+
+def test_stop_string_split_across_steps_is_found():
+    from steerscale.scale.backend import find_stop
+
+    assert find_stop("1 + 5 = 6\n", "\nSo the answer", ["\n\n"]) == 0  # "\n" ended the step, "\n" opens the next
+    assert find_stop("", "6\n\nSo", ["\n\n"]) == 1
+    assert find_stop("6\n", "So", ["\n\n"]) == -1 and find_stop("anything", "text", []) == -1
+    assert find_stop("a", "bQuestion:", ["Question:", "b"]) == 0
+
+
+def test_particle_filter_temperature_is_the_sampling_temperature(backend):
+    # the weights have their own knob; temperature 0 samples greedily (it used to be taken as the weight
+    # temperature and rejected)
+    r = run_strategy("particle_filter", "Calculate 2 + 2.", backend, get_verifier("logprob"), Budget(), n=3,
+                     temperature=0.0, step="\n", max_tokens=6, seed=0)
+    assert len({c.text for c in r.candidates}) == 1
+    with pytest.raises(SteerscaleError, match="weight_temperature"):
+        run_strategy("particle_filter", "Calculate 2 + 2.", backend, None, Budget(), n=2, weight_temperature=0.0)

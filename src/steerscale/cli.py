@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "steerscale.commands.portability_cmds",
     "steerscale.commands.eval_cmds",
     "steerscale.commands.scale_cmds",
+    "steerscale.commands.serve_cmd",
     "steerscale.commands.demo_cmd",
 ]
 
@@ -31,6 +32,7 @@ examples:
   steerscale demo -o out/demo                        # the main job: build, apply and measure a steering vector
   steerscale generate -p "Tell me about cats" --steer out/demo/formal.safetensors:6
   steerscale extract --pairs pairs.jsonl --method caa --layers auto -o vec.safetensors
+  steerscale serve --vector formal=vec.safetensors   # OpenAI-compatible server, steering per request
 
 Every command takes -m/--model: a bundled alias (default smollm2-135m-instruct), an HF id, a directory or a .gguf.
 """

@@ -37,6 +37,24 @@ from .budget import Budget
 DEFAULT_STEP = "\n\n"
 
 
+def step_end(text: str, step: str) -> int:
+    """Index just past the first ``step`` delimiter in ``text`` that follows non-whitespace text, or -1. A
+    delimiter with only whitespace before it does not end a step: models often open a step with a newline, and
+    an empty step would stall a search."""
+    start = len(text) - len(text.lstrip())
+    i = text.find(step, start + 1) if start < len(text) else -1
+    return -1 if i < 0 else i + len(step)
+
+
+def find_stop(prev: str, text: str, stops: Sequence[str]) -> int:
+    """Where in ``text`` the earliest stop string begins, also when it began in ``prev`` (the text already kept
+    from earlier steps): then 0. -1 when there is none."""
+    tail = prev[len(prev) - max(0, max((len(s) for s in stops), default=1) - 1):]
+    joined = tail + text
+    cut = min((joined.find(s) for s in stops if s in joined), default=-1)
+    return cut if cut < 0 else max(0, cut - len(tail))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256  # total generated tokens per sequence (over all steps)
@@ -84,7 +102,8 @@ class Candidate:
 
     @property
     def n_tokens(self) -> int:
-        return len(self.token_ids)
+        # Remote backends get no token ids from an OpenAI-compatible server, only one log-prob per token.
+        return len(self.token_ids) or len(self.logprobs)
 
     @property
     def sum_logprob(self) -> float:

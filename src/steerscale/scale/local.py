@@ -26,7 +26,7 @@ from ..engine.generation import format_prompt, has_chat_template
 from ..engine.ops import Add
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
-from .backend import Backend, Branches, Candidate, SamplingParams
+from .backend import Backend, Branches, Candidate, SamplingParams, find_stop, step_end
 from .budget import Budget
 
 
@@ -247,7 +247,7 @@ class LocalBackend(Backend):
                     row.finished, row.finish_reason, active[b] = True, "eos", False
                     continue
                 text = self._decode(call_ids[b])
-                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+                cut = find_stop(row.text, text, params.stop)
                 if cut >= 0:
                     call_text[b] = text[:cut]
                     row.finished, row.finish_reason, active[b] = True, "stop", False
@@ -256,7 +256,7 @@ class LocalBackend(Backend):
                 if row.n_tokens + len(call_ids[b]) >= limit:
                     row.finished, row.finish_reason, active[b] = True, "length", False
                     continue
-                if stepwise and params.step and params.step in text and text.split(params.step, 1)[0].strip():
+                if stepwise and params.step and step_end(text, params.step) >= 0:
                     active[b] = False  # step complete; the row goes on in the next extend()
             budget.charge(generated_tokens=n_new, flops=2.0 * self.n_params * n_new)
             if not any(active) and not keep_state:

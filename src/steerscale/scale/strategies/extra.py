@@ -47,8 +47,8 @@ def modulate(weights, scores, ahead, strength: float) -> np.ndarray:
 
 
 def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookahead=0, lookahead_weight=1.0,
-                    lookahead_temperature=0.0, n=8, seed=0, max_steps=16, resampling="systematic", temperature=1.0,
-                    select="weighted", answer_fn=None, steer_scales=None, **knobs):
+                    lookahead_temperature=0.0, n=8, seed=0, max_steps=16, resampling="systematic",
+                    weight_temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
     """Entropic particle filtering (ePF; Red Hat AI Innovation's its_hub / "Entropic Particle Filtering", 2025):
     particle filtering with its two guards against premature exploitation.
 
@@ -101,7 +101,8 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
 
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
-        temperature=temperature, answer_fn=answer_fn, steer_scales=steer_scales, reweight=reweight, **knobs)
+        weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, reweight=reweight,
+        **knobs)
     return _final("entropic_pf", branches.rows, select, budget, failures, steps=steps, resamples=resamples,
                   target_ess=target_ess, betas=betas, lookahead=lookahead, lookahead_weight=lookahead_weight,
                   lookahead_tokens=ahead_tokens[0])

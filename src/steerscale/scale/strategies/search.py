@@ -105,15 +105,16 @@ def resample(weights, rng: np.random.Generator, method: str = "systematic") -> l
     return np.minimum(np.searchsorted(np.cumsum(p), positions), n - 1).tolist()
 
 
-def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, resampling, temperature, answer_fn,
-                     steer_scales, reweight=None, **knobs):
+def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, resampling, weight_temperature,
+                     answer_fn, steer_scales, reweight=None, **knobs):
     """The particle-filtering loop shared by ``particle_filter`` and ``entropic_pf``: extend every particle one
-    step, weight it by the verifier's score of its partial solution (``score ** (1 / temperature)``), let
+    step, weight it by the verifier's score of its partial solution (``score ** (1 / weight_temperature)``; the
+    ``temperature`` knob stays the sampling temperature), let
     ``reweight(weights, branches, failures)`` adjust the weights, resample. Returns (branches, failures, steps,
     resamples)."""
     check_positive("n", n, getattr(backend, "max_n", None))
-    if temperature <= 0:
-        raise SteerscaleError(f"particle-filter temperature must be > 0, got {temperature}")
+    if not weight_temperature > 0:
+        raise SteerscaleError(f"particle-filter weight_temperature must be > 0, got {weight_temperature}")
     params = sampling_params(**knobs)
     verifier = _scorer(verifier)
     rng = np.random.default_rng(seed)
@@ -126,7 +127,8 @@ def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, r
         failures += score(verifier, prompt, branches.rows, budget, partial=True)
         if branches.all_finished:
             break
-        w = [0.0 if c.failed or c.score is None else max(c.score, 1e-12) ** (1.0 / temperature) for c in branches.rows]
+        w = [0.0 if c.failed or c.score is None else max(c.score, 1e-12) ** (1.0 / weight_temperature)
+             for c in branches.rows]
         if reweight is not None:
             w = reweight(w, branches, failures)
         idx = resample(w, rng, resampling)
@@ -136,12 +138,12 @@ def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, r
 
 
 def run_particle_filter(prompt, backend, verifier, budget, *, n=8, seed=0, max_steps=16, resampling="systematic",
-                        temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
+                        weight_temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
     """Particle filtering (Puri et al., 2025): extend every particle one step, weight it by the (process)
     verifier's score of its partial solution, resample. Finished particles stay in the pool with their weight."""
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
-        temperature=temperature, answer_fn=answer_fn, steer_scales=steer_scales, **knobs)
+        weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, **knobs)
     return _final("particle_filter", branches.rows, select, budget, failures, steps=steps, resamples=resamples)
 
 

@@ -1,0 +1,611 @@
+"""``OpenAIBackend``: the ``Backend`` interface over any OpenAI-compatible ``/v1/completions`` server (vLLM, SGLang,
+llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standard library's ``urllib``.
+
+* Prompts: formatted client-side with ``format_prompt`` when a HF ``tokenizer`` with a chat template is given (and
+  ``chat`` is not False), exactly as ``LocalBackend`` does, and then sent with ``add_special_tokens: false`` (vLLM's
+  field; the template carries BOS itself); otherwise sent as raw text.
+* ``sample``: one request with ``n``, ``logprobs=1`` and the seed. ``Candidate.token_ids`` stays empty (the API has
+  no ids); ``logprobs`` holds one log-prob per token, so ``n_tokens`` counts tokens.
+* ``start``/``extend``: ``Branches.handle`` holds only the formatted prompt, the seed and a call counter; the rows'
+  texts are the state. ``extend`` asks for prompt + row text for the unfinished rows, ``stop`` = the user's stop
+  strings + the step delimiter, ``max_tokens`` = ``max_step_tokens``, and cuts every row client-side to what it may
+  still generate. Steps follow ``LocalBackend``'s rules, including its quirk that a delimiter with nothing but
+  whitespace before it does not end the step (that row goes on, without the delimiter as a stop string).
+* Requests per step: greedy (temperature 0), one request with each distinct row text once (copies share the
+  answer); sampling with a seed, one request per distinct text (``n`` = its copies, seeds derived from the search's
+  seed and the step), sent concurrently, because a server seeds every prompt of a request alike and rows sharing
+  one request would draw the same random numbers; sampling without a seed, one request with every row's text.
+* Which stop string ended a text comes from ``stop_reason`` (vLLM, steerscale serve), ``matched_stop`` (SGLang) or
+  ``stopping_word``. A server that reports none of them (llama.cpp's ``/v1/completions``) makes the backend
+  switch, for good, to stopping only at the user's stop strings and cutting steps at the delimiter client-side
+  (tokens past a step are then paid for and dropped), and a "stop" is read as a stop string when any were given,
+  else as EOS.
+* Server differences also handled: log-probs in the completions format (``token_logprobs``, ``text_offset``) or
+  the chat format (``content``, as llama.cpp answers); a server that rejects or ignores ``n`` > 1 gets ``n``
+  single-sample requests (seeds derived per copy).
+* Budget: every response's ``usage`` is charged (prompt and completion tokens; FLOPs when ``n_params`` is given).
+  A token limit caps each request's ``max_tokens`` at the remaining tokens split over the rows, so the overshoot
+  is at most one token per row, as for ``LocalBackend``; rows still going when the budget runs out finish with
+  ``"budget"``.
+* ``choice_logprobs``: ``echo=True, max_tokens=0, logprobs=1`` on context + option, reading the option's first
+  token's log-prob (vLLM's semantics; exact). A server that rejects echo gets ``max_tokens=1, logprobs=20,
+  temperature=0`` on the context and the option is looked up in the top 20 (-inf when absent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..engine.generation import format_prompt, has_chat_template
+from ..errors import SteerscaleError
+from .backend import Backend, Branches, Candidate, SamplingParams, step_end
+from .budget import Budget
+
+MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # the server does not say which stop matched
+HINT = ("is the server running? start one with `steerscale serve -m MODEL` (or `vllm serve MODEL`), and pass its "
+        "base URL, e.g. http://127.0.0.1:8000/v1")
+REASON_KEYS = ("stop_reason", "matched_stop", "stopping_word")  # vLLM / steerscale, SGLang, llama.cpp
+FALLBACK_TOP = 20  # top log-probs asked for when the server cannot echo
+MAX_PARALLEL = 16  # concurrent requests of one extend()
+
+
+class RemoteError(SteerscaleError):
+    """An error answer from the server (``status`` is its HTTP status)."""
+
+    def __init__(self, problem: str, hint: str | None, status: int):
+        super().__init__(problem, hint)
+        self.status = status
+
+
+def base_url_of(url: str) -> str:
+    """``http://host:port`` -> ``http://host:port/v1``; a URL with a path is taken as the API root as it is."""
+    if not isinstance(url, str) or not url.strip():
+        raise SteerscaleError("empty server URL", "pass e.g. http://127.0.0.1:8000/v1")
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SteerscaleError(f"bad server URL {url!r}", "use http://HOST:PORT/v1 (or https://...)")
+    path = parts.path.rstrip("/") or "/v1"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def http_json(url: str, body: dict | None = None, *, api_key: str | None = None, timeout: float = 60) -> dict:
+    """GET (``body`` None) or POST JSON; every failure is a ``SteerscaleError`` naming the URL."""
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        message = _error_message(exc.read())
+        hint = ("the server rejected the request; check the model name and the fields it supports"
+                if exc.code < 500 else "the server failed; its log says why")
+        if exc.code == 404:
+            hint = "check the base URL (it usually ends in /v1) and the model name (GET /v1/models lists them)"
+        raise RemoteError(f"{url} answered HTTP {exc.code}: {message}", hint, exc.code) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        what = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else f"failed ({reason})"
+        raise SteerscaleError(f"request to {url} {what}", HINT + (f"; or raise the timeout ({timeout} s)"
+                                                                    if what == "timed out" else "")) from None
+    try:
+        out = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SteerscaleError(f"{url} did not answer with JSON: {raw[:120]!r}", HINT) from None
+    if not isinstance(out, dict):
+        raise SteerscaleError(f"{url} answered with JSON that is not an object: {str(out)[:120]}", HINT)
+    return out
+
+
+def _error_message(raw: bytes) -> str:
+    """The server's own error message (OpenAI's ``{"error": {"message"}}``, vLLM's ``{"message"}``) or the text."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw[:300].decode("utf-8", "replace").strip() or "(empty body)"
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(err, dict):
+        return str(err.get("message") or err)[:500]
+    return str(err)[:500]
+
+
+def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 10) -> list[str]:
+    """The model ids a server serves (``GET /v1/models``)."""
+    data = http_json(base_url_of(base_url) + "/models", api_key=api_key, timeout=timeout)
+    return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def derive_seed(seed: int | None, *parts) -> int | None:
+    """A request seed from a search's seed and where the request sits in it (None stays None)."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(repr((seed, *parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+# -- reading a completions choice ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One choice of a completions response: generated text (a matched stop string excluded, as servers return
+    it), one log-prob per token, each token's start in ``text`` (None when not given), why it ended."""
+
+    text: str
+    logprobs: tuple[float, ...]
+    offsets: tuple[int, ...] | None
+    finish: str  # the server's finish_reason: stop or length
+    reason: Any = MISSING  # the matched stop string; None or a token id: EOS / a stop token; MISSING: not reported
+
+
+def parse_choice(choice: dict, url: str) -> Piece:
+    if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        raise SteerscaleError(f"{url} returned a choice without text: {str(choice)[:200]}", HINT)
+    lp = choice.get("logprobs")
+    if isinstance(lp, dict) and isinstance(lp.get("token_logprobs"), list):  # the completions format
+        values, offs = lp["token_logprobs"], lp.get("text_offset")
+    elif isinstance(lp, dict) and isinstance(lp.get("content"), list):  # the chat format (llama.cpp uses it here)
+        items = [it if isinstance(it, dict) else {} for it in lp["content"]]
+        values = [it.get("logprob") for it in items]
+        pieces = [it.get("token") if isinstance(it.get("token"), str) else "" for it in items]
+        offs = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    else:
+        raise SteerscaleError(f"{url} returned no log-probs", "steerscale needs `logprobs` on /v1/completions "
+                                                              "(vLLM, SGLang and steerscale serve support it)")
+    logprobs = tuple(-math.inf if v is None else float(v) for v in values)
+    offsets = None
+    if isinstance(offs, list) and len(offs) == len(logprobs) and offs and all(isinstance(o, int) for o in offs):
+        offsets = tuple(o - offs[0] for o in offs)  # servers differ on where 0 is; only differences matter
+    reason = MISSING
+    for key in REASON_KEYS:
+        if key in choice:
+            reason = choice[key] if choice[key] != "" else None
+            break
+    return Piece(choice["text"], logprobs, offsets, str(choice.get("finish_reason") or "length"), reason)
+
+
+# -- deciding what a piece does to a row ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    logprobs: tuple[float, ...]
+    status: str  # eos, stop, length: finished; step: the step is done; more: the row goes on in this call
+
+
+# at one token, LocalBackend checks EOS, then stop strings, then the length limit, then the step delimiter; the
+# step-token limit and the budget only act after that token
+_PRIORITY = {"eos": 7, "stop": 6, "length": 5, "delim": 4, "left": 3, "cap": 2, "end": 1}
+
+
+def advance(call_text: str, piece: Piece, *, stops: Sequence[str], step: str | None, room: int, left: int,
+            cap: int) -> Outcome:
+    """What ``piece`` adds to a row that has generated ``call_text`` so far in this call, under LocalBackend's
+    rules: ``room`` tokens left before ``max_tokens``, ``left`` before ``max_step_tokens``, ``cap`` before the
+    budget share. The earliest event wins; at the same token, ``_PRIORITY`` decides."""
+    n = len(piece.logprobs)
+    reason = piece.reason
+    full = piece.text + (reason if isinstance(reason, str) else "")
+    if n == 0:
+        return Outcome("", (), "eos" if piece.finish == "stop" and not isinstance(reason, str) else
+                       "stop" if piece.finish == "stop" else "length")
+    ends = list(piece.offsets[1:]) + [len(full)] if piece.offsets is not None else None
+    events = []  # (token count, priority, status)
+    if piece.finish == "stop":
+        if isinstance(reason, str) and step is not None and reason == step and reason not in stops:
+            events.append((n, _PRIORITY["end"], "more"))  # a delimiter: the step rule below says if it counts
+        elif isinstance(reason, str) or (reason is MISSING and stops):
+            events.append((n, _PRIORITY["stop"], "stop"))
+        else:
+            events.append((n, _PRIORITY["eos"], "eos"))
+    else:
+        events.append((n, _PRIORITY["end"], "length"))  # the server's own limit (its context window)
+    for k, key, status in ((room, "length", "length"), (left, "left", "step"), (cap, "cap", "more")):
+        if 1 <= k <= n:
+            events.append((k, _PRIORITY[key], status))
+    if step:
+        e = step_end(call_text + full, step)
+        end = e - len(call_text)
+        if e >= 0 and end > 0:
+            k = n if ends is None else next((j + 1 for j, e in enumerate(ends) if e >= end), n)
+            events.append((k, _PRIORITY["delim"], "step"))
+    k, _, status = min(events, key=lambda e: (e[0], -e[1]))
+    if k == n:
+        text = piece.text if status in ("eos", "stop") else full
+    else:  # cut inside the piece: at the end of token k (the whole text when the server gave no offsets)
+        text = full[: ends[k - 1]] if ends is not None else full
+    return Outcome(text, piece.logprobs[:k], status)
+
+
+def plan_requests(texts: Sequence[str], *, greedy: bool, seeded: bool) -> list[tuple[list[str], int, list[list[int]]]]:
+    """Requests for rows with prompts ``texts``: ``(prompts, n, owners)``, where ``owners[c]`` are the rows that
+    take choice ``c`` (choices come prompt by prompt, ``n`` each).
+
+    * Greedy: one request, each distinct text once, its answer copied to every row with that text.
+    * Sampling with a seed: one request per distinct text, ``n`` = its rows. A server seeds every prompt of a
+      request alike, so prompts sharing one request would draw the same random numbers and the rows would move
+      in lockstep; the ``n`` samples of one prompt are independent.
+    * Sampling without a seed: one request with every row's text."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        groups.setdefault(t, []).append(i)
+    if greedy:
+        return [(list(groups), 1, list(groups.values()))]
+    if seeded or len(groups) == 1:
+        return [([t], len(rows), [[r] for r in rows]) for t, rows in groups.items()]
+    return [(list(texts), 1, [[i] for i in range(len(texts))])]
+
+
+@dataclass
+class _Call:
+    """A row's progress within one sample()/extend() call."""
+
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    active: bool = True
+
+
+@dataclass
+class _Handle:
+    """``Branches.handle`` of this backend: no model state, only what makes requests reproducible."""
+
+    prompt: str  # formatted
+    seed: int | None
+    calls: int = 0
+
+
+# -- the backend ----------------------------------------------------------------------------------------------
+class OpenAIBackend(Backend):
+    """A ``Backend`` over an OpenAI-compatible completions server. See the module docstring."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, tokenizer=None,
+                 chat: bool | None = None, timeout: float = 60, max_n: int = 64, n_params: int = 0,
+                 extra_body: dict | None = None):
+        self.base_url = base_url_of(base_url)
+        if not isinstance(model, str) or not model:
+            raise SteerscaleError("OpenAIBackend needs the served model's name", "GET /v1/models lists them")
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise SteerscaleError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not isinstance(max_n, int) or max_n < 1:
+            raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
+        if not isinstance(n_params, int) or n_params < 0:
+            raise SteerscaleError(f"n_params must be a non-negative integer, got {n_params!r}")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise SteerscaleError("extra_body must be a dict of extra request fields")
+        if chat and (tokenizer is None or not has_chat_template(tokenizer)):
+            raise SteerscaleError("chat=True needs a tokenizer with a chat template",
+                                  "pass tokenizer=AutoTokenizer.from_pretrained(MODEL), or chat=False")
+        self.model, self.api_key, self.tokenizer, self.chat = model, api_key, tokenizer, chat
+        self.timeout, self.max_n, self._n_params = float(timeout), max_n, n_params
+        self.extra_body = dict(extra_body or {})
+        self.templated = tokenizer is not None and (has_chat_template(tokenizer) if chat is None else bool(chat))
+        self.reports_stop = True  # set False once a response shows the server does not say which stop matched
+        self.echo = True  # set False once the server rejects echo
+        self.multi_n = True  # set False once the server rejects or ignores n > 1
+
+    @property
+    def n_params(self) -> int:
+        return self._n_params
+
+    def format(self, prompt: str) -> str:
+        if self.tokenizer is not None:
+            return format_prompt(self.tokenizer, prompt, self.chat)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SteerscaleError("empty prompt", "pass a non-empty prompt text")
+        return prompt
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+    def completions(self, prompts: list[str], **fields) -> tuple[list[dict], dict]:
+        """``/completions`` for ``prompts``: the choices in order (prompt by prompt, ``n`` each) and the usage.
+        A server that takes no ``n`` (llama.cpp: it rejects or ignores it) gets ``n`` single-sample requests."""
+        n = fields.get("n", 1)
+        if n > 1 and not self.multi_n:
+            return self._one_by_one(prompts, fields)
+        try:
+            choices, usage = self._request(prompts, fields)
+        except RemoteError as exc:
+            if n == 1 or exc.status >= 500:
+                raise
+            self.multi_n = False
+            return self._one_by_one(prompts, fields)
+        if n > 1 and len(choices) == len(prompts):  # n ignored: these are each prompt's first sample
+            self.multi_n = False
+            more, more_usage = self._one_by_one(prompts, {**fields, "n": n - 1}, first=1)
+            choices = [c for i, first in enumerate(choices) for c in [first] + more[i * (n - 1):(i + 1) * (n - 1)]]
+            usage = _add_usage([usage, more_usage])
+        if len(choices) != len(prompts) * n:
+            raise SteerscaleError(f"{self.base_url}/completions returned {len(choices)} choices for {len(prompts)} "
+                                  f"prompt(s) x n={n}", HINT)
+        return choices, usage
+
+    def _request(self, prompts: list[str], fields: dict) -> tuple[list[dict], dict]:
+        body = {**self.extra_body, **fields, "model": self.model,
+                "prompt": prompts[0] if len(prompts) == 1 else prompts}
+        if self.templated:
+            body["add_special_tokens"] = False
+        url = self.base_url + "/completions"
+        data = http_json(url, body, api_key=self.api_key, timeout=self.timeout)
+        choices = data.get("choices")
+        if not isinstance(choices, list):
+            raise SteerscaleError(f"{url} returned no choices: {str(data)[:200]}", HINT)
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        return choices, data.get("usage") if isinstance(data.get("usage"), dict) else {}
+
+    def _one_by_one(self, prompts: list[str], fields: dict, first: int = 0) -> tuple[list[dict], dict]:
+        """``n`` requests of one sample each, regrouped prompt by prompt. Copy 0 keeps the seed (it is the sample a
+        server that ignores ``n`` returns for the plain request), later copies derive theirs."""
+        n, seed = fields["n"], fields.get("seed")
+
+        def seeded(j):
+            return {} if seed is None else {"seed": seed if j == 0 else derive_seed(seed, "copy", j)}
+
+        copies = [(prompts, {**fields, "n": 1, **seeded(j)}) for j in range(first, first + n)]
+        answers = self._send_all(copies)
+        for choices, _ in answers:
+            if len(choices) != len(prompts):
+                raise SteerscaleError(f"{self.base_url}/completions returned {len(choices)} choices for "
+                                      f"{len(prompts)} prompt(s)", HINT)
+        return [answers[j][0][i] for i in range(len(prompts)) for j in range(n)], _add_usage([u for _, u in answers])
+
+    def _send_all(self, requests: list[tuple[list[str], dict]]) -> list[tuple[list[dict], dict]]:
+        """Several completions requests at once (a batching server runs them together); answers in order."""
+        if len(requests) == 1:
+            prompts, fields = requests[0]
+            return [self.completions(prompts, **fields)]
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(requests))) as pool:
+            return list(pool.map(lambda r: self.completions(r[0], **r[1]), requests))
+
+    def _charge(self, budget: Budget, usage: dict, pieces: Sequence[Piece] = (), verifier_passes: int = 0) -> None:
+        p = int(usage.get("prompt_tokens") or 0)
+        if "completion_tokens" in usage:
+            c = int(usage["completion_tokens"] or 0)
+        else:  # a server without usage: count the tokens it returned
+            c = sum(len(x.logprobs) for x in pieces)
+        flops = 2.0 * self.n_params * (p + c)
+        if verifier_passes:
+            budget.charge(verifier_passes=verifier_passes, verifier_tokens=p + c, flops=flops)
+        else:
+            budget.charge(prompt_tokens=p, generated_tokens=c, flops=flops)
+
+    def _cap(self, budget: Budget, rows: int) -> int | None:
+        """Tokens per row this round may generate within the budget (None: no token-like limit)."""
+        left = budget.remaining_of("generated_tokens")
+        if self.n_params and "flops" in budget.limits:
+            left = min(left, budget.remaining_of("flops") / (2.0 * self.n_params))
+        return None if math.isinf(left) else max(1, math.ceil(left / rows))
+
+    # -- the decoding loop shared by sample() and extend() ------------------------------------------------------
+    def _grow(self, prompt: str, rows: list[Candidate], params: SamplingParams, budget: Budget, *, stepwise: bool,
+              seed: int | None, first_seed: int | None = None) -> None:
+        step = params.step if stepwise else None
+        calls = [_Call(active=not r.finished) for r in rows]
+        rnd = 0
+        while any(c.active for c in calls):
+            live = [i for i, c in enumerate(calls) if c.active]
+            if budget.exhausted:
+                for i in live:
+                    rows[i].finished, rows[i].finish_reason, calls[i].active = True, "budget", False
+                break
+            cap = self._cap(budget, len(live))
+            groups: dict[tuple, list[int]] = {}
+            for i in live:  # the step delimiter is dropped from the stops once the server is found not to report it
+                with_step = step is not None and self.reports_stop
+                groups.setdefault(params.stop + ((step,) if with_step else ()), []).append(i)
+            for g, (stops, members) in enumerate(groups.items()):
+                limits = {}
+                for i in members:
+                    room = params.max_tokens - rows[i].n_tokens - len(calls[i].logprobs)
+                    left = params.max_step_tokens - len(calls[i].logprobs) if stepwise else room
+                    limits[i] = dict(room=room, left=left, cap=room if cap is None else cap)
+                texts = [prompt + rows[i].text + calls[i].text for i in members]
+                plans = plan_requests(texts, greedy=params.temperature == 0, seeded=seed is not None)
+                requests = []
+                for p, (prompts, n, owners) in enumerate(plans):
+                    fields = dict(n=n, max_tokens=max(min(limits[members[o]].values()) for own in owners for o in own),
+                                  temperature=params.temperature, logprobs=1)
+                    if params.top_p < 1:
+                        fields["top_p"] = params.top_p
+                    if stops:
+                        fields["stop"] = list(stops)
+                    req_seed = (first_seed if rnd == 0 and len(groups) == len(plans) == 1 and first_seed is not None
+                                else derive_seed(seed, rnd, g, p))
+                    if req_seed is not None:
+                        fields["seed"] = req_seed
+                    requests.append((prompts, fields))
+                answers = self._send_all(requests)
+                redo = False
+                for (choices, usage), (_, _, owners) in zip(answers, plans):
+                    pieces = [parse_choice(c, self.base_url) for c in choices]
+                    self._charge(budget, usage, pieces)
+                    if any(pc.reason is MISSING for pc in pieces):
+                        self.reports_stop = False
+                        # a stop here may have been the delimiter or not: these rows are redone without it
+                        redo = redo or (step is not None and step in stops)
+                    if redo:
+                        continue
+                    for piece, own in zip(pieces, owners):
+                        for o in own:
+                            i = members[o]
+                            out = advance(calls[i].text, piece, stops=params.stop, step=step, **limits[i])
+                            calls[i].text += out.text
+                            calls[i].logprobs.extend(out.logprobs)
+                            if out.status in ("eos", "stop", "length"):
+                                rows[i].finished, rows[i].finish_reason, calls[i].active = True, out.status, False
+                            elif out.status == "step":
+                                calls[i].active = False
+            rnd += 1
+        for row, call in zip(rows, calls):
+            if call.logprobs:
+                row.logprobs.extend(call.logprobs)
+                row.steps.append(call.text)
+                row.text += call.text
+            if not stepwise and not row.finished:
+                row.finished, row.finish_reason = True, "length"
+
+    @staticmethod
+    def _no_scales(steer_scales) -> None:
+        if steer_scales is not None:
+            raise SteerscaleError("per-row steering multipliers (steer_scales) need a LocalBackend",
+                                  "with steerscale serve, steer a whole request: extra_body={'steer': [{'vector': "
+                                  "NAME, 'scale': 4.0}]}")
+
+    # -- Backend API ------------------------------------------------------------------------------------------
+    def sample(self, prompt, n, params, budget, *, seed=None, steer_scales=None) -> list[Candidate]:
+        self.check_n(n)
+        self._no_scales(steer_scales)
+        rows = [Candidate() for _ in range(n)]
+        # the first request carries the caller's seed as is, so a deterministic server reproduces a local run
+        self._grow(self.format(prompt), rows, params, budget, stepwise=False, seed=seed, first_seed=seed)
+        return rows
+
+    def start(self, prompt, n, budget, *, seed=None, steer_scales=None) -> Branches:
+        self.check_n(n)
+        self._no_scales(steer_scales)
+        return Branches(prompt, [Candidate() for _ in range(n)], _Handle(self.format(prompt), seed))
+
+    def extend(self, branches, params, budget) -> Branches:
+        h = _handle(branches)
+        if branches.rows and not branches.all_finished:
+            h.calls += 1
+            self._grow(h.prompt, branches.rows, params, budget, stepwise=True, seed=derive_seed(h.seed, h.calls))
+        return branches
+
+    def select(self, branches, indices) -> Branches:
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise SteerscaleError("select() needs at least one row", "keep at least one partial sequence")
+        if min(idx) < 0 or max(idx) >= len(branches.rows):
+            raise SteerscaleError(f"select() index out of range for {len(branches.rows)} rows: {idx}")
+        self.check_n(len(idx))
+        h = _handle(branches)
+        return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], _Handle(h.prompt, h.seed, h.calls))
+
+    def merge(self, parts) -> Branches:
+        parts = [p for p in parts if p.rows]
+        if not parts:
+            raise SteerscaleError("merge() needs at least one non-empty Branches")
+        if len({p.prompt for p in parts}) != 1:
+            raise SteerscaleError("merge() joins partial sequences of one prompt only")
+        h = _handle(parts[0])
+        return Branches(parts[0].prompt, [r for p in parts for r in p.rows],
+                        _Handle(h.prompt, h.seed, max(_handle(p).calls for p in parts)))
+
+    def choice_logprobs(self, contexts, options, budget) -> list[list[float]]:
+        if not contexts:
+            return []
+        if any(not isinstance(o, str) or not o for o in options):
+            raise SteerscaleError(f"options must be non-empty strings, got {list(options)!r}")
+        texts = [self.format(c) for c in contexts]
+        out: list[list[float] | None] = [None] * len(texts)
+        if self.echo:
+            try:
+                self._echo_logprobs(texts, list(options), out, budget)
+            except RemoteError as exc:
+                if exc.status >= 500:
+                    raise
+                self.echo = False  # the server cannot echo prompt log-probs: use its top log-probs from now on
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            self._top_logprobs([texts[i] for i in todo], list(options), todo, out, budget)
+        return out
+
+    def _echo_logprobs(self, texts, options, out, budget) -> None:
+        """Exact: each option appended to each context, scored with echo; the option's first token is the one
+        that starts where the context ends (rows whose tokens straddle that point stay None)."""
+        pairs = [(i, o) for i in range(len(texts)) for o in options]
+        found: dict[tuple[int, str], float] = {}
+        for start in range(0, len(pairs), self.max_n):
+            chunk = pairs[start:start + self.max_n]
+            choices, usage = self.completions([texts[i] + o for i, o in chunk], n=1, max_tokens=0, echo=True,
+                                              logprobs=1, temperature=0)
+            self._charge(budget, usage, verifier_passes=len(chunk))
+            for (i, o), ch in zip(chunk, choices):
+                lp = echo_option_logprob(ch, o)
+                if lp is not None:
+                    found[(i, o)] = lp
+        for i in range(len(texts)):
+            if all((i, o) in found for o in options):
+                out[i] = [found[(i, o)] for o in options]
+
+    def _top_logprobs(self, texts, options, where, out, budget) -> None:
+        """Fallback: the next token's top log-probs after each context; an option outside them gets -inf."""
+        firsts = [self._first_token(o) for o in options]
+        for start in range(0, len(texts), self.max_n):
+            chunk = texts[start:start + self.max_n]
+            choices, usage = self.completions(chunk, n=1, max_tokens=1, logprobs=FALLBACK_TOP, temperature=0)
+            self._charge(budget, usage, verifier_passes=len(chunk))
+            for j, ch in enumerate(choices):
+                out[where[start + j]] = [_lookup(first_top_logprobs(ch), f) for f in firsts]
+
+    def _first_token(self, option: str) -> str:
+        """The option's first token as text (the whole option when no tokenizer is known)."""
+        if self.tokenizer is None:
+            return option
+        ids = self.tokenizer([option], return_tensors="pt", padding=False, add_special_tokens=False)["input_ids"][0]
+        return self.tokenizer.decode([int(ids[0])]) if len(ids) else option
+
+
+def _add_usage(usages: Sequence[dict]) -> dict:
+    out: dict = {}
+    for u in usages:
+        for key in ("prompt_tokens", "completion_tokens"):
+            if key in u:
+                out[key] = out.get(key, 0) + int(u[key] or 0)
+    return out
+
+
+def _handle(branches: Branches) -> _Handle:
+    if not isinstance(branches.handle, _Handle):
+        raise SteerscaleError("these branches were not made by an OpenAIBackend", "use backend.start(...) first")
+    return branches.handle
+
+
+def echo_option_logprob(choice: dict, option: str) -> float | None:
+    """Log-prob of the echoed token that starts ``len(option)`` characters before the end of the text, if one
+    does (offsets are taken relative to the end, so servers that count from the prompt or from 0 agree)."""
+    lp = choice.get("logprobs") if isinstance(choice, dict) else None
+    if not isinstance(lp, dict):
+        return None
+    tokens, values, offs = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(offs, list)) or not tokens:
+        return None
+    if not (len(tokens) == len(values) == len(offs)) or not str(choice.get("text", "")).endswith(option):
+        return None  # not an echo of context + option (a server that ignored echo)
+    end = offs[-1] + len(tokens[-1])
+    target = end - len(option)
+    for tok_start, value in zip(offs, values):
+        if tok_start == target:
+            return None if value is None else float(value)
+    return None
+
+
+def first_top_logprobs(choice: dict) -> dict:
+    """``{token: log-prob}`` of the first generated position (completions or chat log-prob format)."""
+    lp = choice.get("logprobs") if isinstance(choice, dict) else None
+    if not isinstance(lp, dict):
+        return {}
+    if isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"] and isinstance(lp["top_logprobs"][0], dict):
+        return lp["top_logprobs"][0]
+    content = lp.get("content")
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        return {t.get("token"): t.get("logprob") for t in content[0].get("top_logprobs") or [] if isinstance(t, dict)}
+    return {}
+
+
+def _lookup(tops: dict, token: str) -> float:
+    if token in tops and tops[token] is not None:
+        return float(tops[token])
+    alike = [v for k, v in tops.items() if isinstance(k, str) and k.strip() == token.strip() and v is not None]
+    return float(max(alike)) if alike else -math.inf
