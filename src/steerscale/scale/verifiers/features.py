@@ -37,8 +37,8 @@ def _units(text: str, candidate, unit: str) -> int:
         return len(text.strip())
     if unit == "words":
         return len(text.split())
-    if not candidate.token_ids and text.strip():
-        raise ValueError("length unit 'tokens' needs generated token ids (this candidate has text only)")
+    if not candidate.n_tokens and text.strip():  # a remote candidate counts its tokens by their log-probs
+        raise ValueError("length unit 'tokens' needs generated tokens (this candidate has text only)")
     return candidate.n_tokens
 
 
