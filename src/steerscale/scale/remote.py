@@ -9,8 +9,9 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * ``start``/``extend``: ``Branches.handle`` holds only the formatted prompt, the seed and a call counter; the rows'
   texts are the state. ``extend`` asks for prompt + row text for the unfinished rows, ``stop`` = the user's stop
   strings + the step delimiter, ``max_tokens`` = ``max_step_tokens``, and cuts every row client-side to what it may
-  still generate. Steps follow ``LocalBackend``'s rules, including its quirk that a delimiter with nothing but
-  whitespace before it does not end the step (that row goes on, without the delimiter as a stop string).
+  still generate. Steps follow ``LocalBackend``'s rule (``backend.step_end``): a delimiter with nothing but
+  whitespace before it does not end the step, the row goes on to the next one. Unlike ``LocalBackend``, a stop
+  string split across two steps is not found (the server sees only what it generates in one request).
 * Requests per step: greedy (temperature 0), one request with each distinct row text once (copies share the
   answer); sampling with a seed, one request per distinct text (``n`` = its copies, seeds derived from the search's
   seed and the step), sent concurrently, because a server seeds every prompt of a request alike and rows sharing
