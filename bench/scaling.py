@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     ratio = (min(reach) / bon_best_tokens) if reach else None
     sc16 = float(acc["sc@16"].mean())
     asc = float(acc["adaptive_sc"].mean())
-    gain_frac = (asc - greedy_acc) / (sc16 - greedy_acc) if sc16 != greedy_acc else None
+    gain_frac = (asc - greedy_acc) / (sc16 - greedy_acc) if sc16 > greedy_acc else None  # no gain: nothing to keep
 
     lines = ["| method | accuracy | 95% CI | generated tokens / problem |", "|---|---|---|---|"]
     for m, a, lo, hi, t in table:
