@@ -160,6 +160,16 @@ class Backend(ABC):
                                   "lower n, or raise the backend's max_n if memory allows")
         return n
 
+    def check_select(self, branches: "Branches", indices: Sequence[int]) -> list[int]:
+        """The row indices of a ``select`` call, checked: at least one, each in range, at most ``max_n``."""
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise SteerscaleError("select() needs at least one row", "keep at least one partial sequence")
+        if min(idx) < 0 or max(idx) >= len(branches.rows):
+            raise SteerscaleError(f"select() index out of range for {len(branches.rows)} rows: {idx}")
+        self.check_n(len(idx))
+        return idx
+
     @abstractmethod
     def sample(self, prompt: str, n: int, params: SamplingParams, budget: Budget, *, seed: int | None = None,
                steer_scales: Sequence[float] | None = None) -> list[Candidate]:

@@ -305,12 +305,7 @@ class LocalBackend(Backend):
         return branches
 
     def select(self, branches, indices) -> Branches:
-        idx = [int(i) for i in indices]
-        if not idx:
-            raise SteerscaleError("select() needs at least one row", "keep at least one partial sequence")
-        if min(idx) < 0 or max(idx) >= len(branches.rows):
-            raise SteerscaleError(f"select() index out of range for {len(branches.rows)} rows: {idx}")
-        self.check_n(len(idx))
+        idx = self.check_select(branches, indices)
         kv: _KV = branches.handle
         t = torch.tensor(idx, device=self.device)
         new = _KV(_map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),

@@ -484,12 +484,7 @@ class OpenAIBackend(Backend):
         return branches
 
     def select(self, branches, indices) -> Branches:
-        idx = [int(i) for i in indices]
-        if not idx:
-            raise SteerscaleError("select() needs at least one row", "keep at least one partial sequence")
-        if min(idx) < 0 or max(idx) >= len(branches.rows):
-            raise SteerscaleError(f"select() index out of range for {len(branches.rows)} rows: {idx}")
-        self.check_n(len(idx))
+        idx = self.check_select(branches, indices)
         h = _handle(branches)
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], _Handle(h.prompt, h.seed, h.calls))
 
