@@ -170,6 +170,16 @@ class Backend(ABC):
         self.check_n(len(idx))
         return idx
 
+    @staticmethod
+    def check_merge(parts: Sequence["Branches"]) -> list["Branches"]:
+        """The non-empty parts of a ``merge`` call, checked: at least one, all of one prompt."""
+        parts = [p for p in parts if p.rows]
+        if not parts:
+            raise SteerscaleError("merge() needs at least one non-empty Branches")
+        if len({p.prompt for p in parts}) != 1:
+            raise SteerscaleError("merge() joins partial sequences of one prompt only")
+        return parts
+
     @abstractmethod
     def sample(self, prompt: str, n: int, params: SamplingParams, budget: Budget, *, seed: int | None = None,
                steer_scales: Sequence[float] | None = None) -> list[Candidate]:

@@ -314,11 +314,7 @@ class LocalBackend(Backend):
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], new)
 
     def merge(self, parts) -> Branches:
-        parts = [p for p in parts if p.rows]
-        if not parts:
-            raise SteerscaleError("merge() needs at least one non-empty Branches")
-        if len({p.prompt for p in parts}) != 1:
-            raise SteerscaleError("merge() joins partial sequences of one prompt only")
+        parts = self.check_merge(parts)
         if len(parts) == 1:
             return parts[0]
         kvs: list[_KV] = [p.handle for p in parts]

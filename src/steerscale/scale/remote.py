@@ -489,11 +489,7 @@ class OpenAIBackend(Backend):
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], _Handle(h.prompt, h.seed, h.calls))
 
     def merge(self, parts) -> Branches:
-        parts = [p for p in parts if p.rows]
-        if not parts:
-            raise SteerscaleError("merge() needs at least one non-empty Branches")
-        if len({p.prompt for p in parts}) != 1:
-            raise SteerscaleError("merge() joins partial sequences of one prompt only")
+        parts = self.check_merge(parts)
         h = _handle(parts[0])
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows],
                         _Handle(h.prompt, h.seed, max(_handle(p).calls for p in parts)))
