@@ -54,6 +54,7 @@ from steerscale.measure.tasks import get_task
 from steerscale.measure.tasks.truthfulqa import load_mc_rows
 from steerscale.models.sites import Site, SiteKind
 from steerscale.steer.extract import _iti_direction, collect, pair_texts, pick_layer, sweep
+from steerscale.steer.lofit import LofitConfig, fit_lofit
 from steerscale.steer.methods import get_method
 from steerscale.steer.pairs import load_pairs
 from steerscale.steer.vector import SteeringVector, fingerprint
@@ -64,6 +65,7 @@ DEFAULT_SCALES = {
     "pca": [0.5, 1.0, 2.0, 4.0],
     "probe": [0.5, 1.0, 2.0, 4.0],
     "iti": [2.0, 5.0, 10.0, 15.0],
+    "lofit": [0.5, 1.0, 1.5, 2.0, 3.0],
 }
 T0 = time.time()
 
@@ -150,17 +152,25 @@ def train_pairs(rows, idx, per_q: int, seed: int) -> list[dict]:
     return out
 
 
-def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed) -> dict:
-    """{(method, layer_label): SteeringVector} from one capture pass over all residual layers and heads."""
+def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed, lofit_knobs=None) -> dict:
+    """{(method, layer_label): SteeringVector} from one capture pass over all residual layers and heads (and, for
+    ``lofit``, its own two training runs)."""
     layout = lm.layout
     n_l, n_h = layout.n_layers, layout.n_heads
-    res_methods = [m for m in methods if m != "iti"]
+    res_methods = [m for m in methods if m not in ("iti", "lofit")]
     sites = [Site(l) for l in range(n_l)] if res_methods else []
     if "iti" in methods:
         sites += [Site(l, SiteKind.HEAD_OUT, h) for l in range(n_l) for h in range(n_h)]
+    vecs, info = {}, {}
+    if "lofit" in methods:
+        vec = fit_lofit(lm, pairs, seed=seed, progress=False, **(lofit_knobs or {}))
+        vecs[("lofit", "heads")] = (vec, None)
+        info["lofit_heads"] = [s.key() for s in vec.sites]
+        info["lofit_loss"] = vec.metadata["loss_history"]
+    if not sites:
+        return vecs, info
     texts = pair_texts(lm.tokenizer, load_pairs(pairs))
     pos, neg = collect(lm, texts, sites, read, batch_size=16, progress=False)
-    vecs, info = {}, {}
     mk = lambda d, m: SteeringVector(d, model_name=lm.name, model_fingerprint=fingerprint(layout), method=m)
     if res_methods:
         res = [s for s in sites if s.kind is SiteKind.RESID_POST]
@@ -195,11 +205,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="questions (seeded subset of 817, source order)")
     ap.add_argument("--subset-seed", type=int, default=0)
     ap.add_argument("--seeds", default="0", help="fold-split seeds, comma separated")
-    ap.add_argument("--methods", default="caa,pca,iti", help="from caa,pca,probe,iti")
+    ap.add_argument("--methods", default="caa,pca,iti", help="from caa,pca,probe,iti,lofit")
     ap.add_argument("--layers", default="auto", help="residual layer candidates: auto, N, or e.g. auto,12")
     ap.add_argument("--read", default="last", choices=["last", "mean"])
     ap.add_argument("--iti-heads", type=int, default=16)
     ap.add_argument("--pairs-per-q", type=int, default=2)
+    ap.add_argument("--lofit", default="", metavar="K=V,...",
+                    help="LoFiT knobs (steerscale.steer.lofit.LofitConfig), e.g. heads=16,epochs=2,lr=0.005")
     ap.add_argument("--select-limit", type=int, default=None, help="training questions used to choose the scale")
     for m, s in DEFAULT_SCALES.items():
         ap.add_argument(f"--scales-{m}", default=",".join(map(str, s)))
@@ -233,7 +245,9 @@ def main(argv=None) -> dict:
     n = len(rows)
     log(f"model {args.model}: {layout.n_layers} layers, {layout.n_heads} heads; {n} questions; seeds {seeds}; "
         f"methods {methods}; threads {torch.get_num_threads()}")
-    common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers)
+    lofit_knobs = LofitConfig.parse(args.lofit)
+    common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers,
+                  **({"lofit": lofit_knobs} if "lofit" in methods else {}))
 
     def scored(kind: str, idx: list[int], ivs, key_extra: dict) -> dict[int, dict]:
         """Per-question metrics for questions ``idx`` (kind 'union' = MC1+MC2, 'mc1' = MC1 only), cached."""
@@ -275,7 +289,7 @@ def main(argv=None) -> dict:
             fk = dict(common, seed=seed, fold=fold, limit=args.limit, subset_seed=args.subset_seed)
             t = time.time()
             pairs = train_pairs(rows, train, args.pairs_per_q, seed)
-            vecs, info = fit_vectors(lm, pairs, methods, args.layers, args.iti_heads, args.read, seed)
+            vecs, info = fit_vectors(lm, pairs, methods, args.layers, args.iti_heads, args.read, seed, lofit_knobs)
             log(f"seed {seed} fold {fold}: {len(train)} train / {len(test)} test questions, {len(pairs)} pairs; "
                 f"vectors fitted ({time.time() - t:.0f}s); auto layer {info.get('auto_layer')}")
             sel = train if not args.select_limit else sorted(

@@ -8,6 +8,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -287,6 +288,23 @@ def test_remote_search_equals_local_search(srv, any_remote, name, prompt, knobs)
     assert [c.steps for c in r.candidates] == [c.steps for c in loc.candidates]
 
 
+# greedy texts: "1+2=" -> "H*j3,5*j3s%HHHHfs%...", "12 + 3 =" -> "HHHHHHHHHHHHHfb27b27b...". With step "H" and stop "HH"
+# (the shape of "\n" steps and a "\n\n" stop, which this random model never writes), the stop's first "H" ends one
+# step and its second starts the next (or the next request of a step whose "H" had nothing before it), so the
+# server, which sees one request's text, never matches "HH" itself.
+@pytest.mark.parametrize("prompt,steps", [("1+2=", ["H*j3,5", "*j3s%H", ""]), ("12 + 3 =", [""])])
+def test_remote_stop_string_split_across_steps_matches_local(srv, any_remote, prompt, steps):
+    def go(backend):
+        return run_strategy("beam_search", prompt, backend, None, Budget(), seed=0, max_tokens=20, max_step_tokens=6,
+                            temperature=0, n=2, width=2, step="H", stop=["HH"])
+
+    loc, r = go(srv.local), go(any_remote)
+    assert [c.steps for c in loc.candidates] == [steps] * 2 and loc.best.finish_reason == "stop"  # the case is real
+    assert [c.text for c in r.candidates] == [c.text for c in loc.candidates]
+    assert [c.steps for c in r.candidates] == [c.steps for c in loc.candidates]
+    assert [c.finish_reason for c in r.candidates] == [c.finish_reason for c in loc.candidates]
+
+
 KNOBS = {"best_of_n": {"n": 4}, "majority": {"n": 4}, "beam_search": {"n": 4, "width": 2},
          "particle_filter": {"n": 4}, "astar": {"n": 2, "max_expansions": 4}}
 
@@ -380,6 +398,22 @@ def test_advance_follows_local_step_rules():
     assert (out.text, out.status) == ("ab", "stop")
 
 
+def test_advance_finds_a_stop_string_split_across_steps():
+    # "\n" ended the last step (the delimiter); this step's first "\n" completes the stop "\n\n": the server, which
+    # saw only the new "\n", reports the delimiter, but the row stops as LocalBackend's find_stop decides
+    out = advance("", piece("", "stop", "\n", 1), stops=("\n\n",), step="\n", room=9, left=9, cap=9, prev="ab\n")
+    assert (out.text, len(out.logprobs), out.status, out.drop) == ("", 1, "stop", 0)
+    # split across two requests of one step: the part already in this call's text is dropped, as locally
+    out = advance("\n", piece("", "stop", "\n", 1), stops=("\n\n",), step="\n", room=9, left=9, cap=9, prev="")
+    assert (out.text, out.status, out.drop) == ("", "stop", 1)
+    # cut at the token that completes the stop, not at the end of the piece (offsets known)
+    out = advance("", piece("\nxy", "length", None), stops=("\n\n",), step=None, room=9, left=9, cap=9, prev="a\n")
+    assert (out.text, len(out.logprobs), out.status) == ("", 1, "stop")
+    # no stop string: unchanged
+    out = advance("", piece("xy", "length", None), stops=("\n\n",), step=None, room=9, left=9, cap=9, prev="a\n")
+    assert (out.text, out.status, out.drop) == ("xy", "length", 0)
+
+
 def test_plan_requests_dedupes_greedy_rows_and_seeds_each_prompt_apart():
     assert plan_requests(["a", "b", "a"], greedy=True, seeded=True) == [(["a", "b"], 1, [[0, 2], [1]])]
     assert plan_requests(["a", "a", "a"], greedy=False, seeded=True) == [(["a"], 3, [[0], [1], [2]])]
@@ -411,3 +445,81 @@ def test_solve_runs_against_a_server(srv, capsys):
     out = json.loads(capsys.readouterr().out)
     ref = srv.local.sample(PROMPT, 1, greedy(6), Budget())[0]
     assert rc == 0 and out["model"] == "tiny" and out["text"] == ref.text
+
+
+# -- eval --strategy against the server ------------------------------------------------------------------------
+@pytest.fixture
+def sums(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in [(PROMPT, "15"), ("1+2=", "3")]))
+    return str(path)
+
+
+def outputs(res):
+    return [(r["id"], r["output"]["text"], r["output"]["strategy_answer"], r["score"], r["tokens"]["generated"],
+             r["tokens"]["prompt"]) for r in sorted(res.records, key=lambda r: r["id"])]
+
+
+@pytest.mark.parametrize("strategy,knobs", [("greedy", {}), ("majority", {"n": 3, "temperature": 1.0}),
+                                            ("best_of_n", {"n": 3, "temperature": 1.0, "verifier": "self_eval"})])
+def test_eval_strategy_on_a_server_matches_local(srv, remote, sums, tmp_path, monkeypatch, strategy, knobs):
+    from steerscale.measure.runs import evaluate
+
+    common = dict(strategy=strategy, max_new_tokens=8, chat=False, outdir=tmp_path / "runs", progress=False, **knobs)
+    loc = evaluate((srv.model, srv.tok, srv.layout), sums, **common)
+    rem = evaluate(None, sums, backend=remote, **common)
+    assert rem.summary["n_ok"] == 2 and outputs(rem) == outputs(loc)  # the server's answers are the local ones
+    assert rem.dir != loc.dir and rem.summary["config_hash"] != loc.summary["config_hash"]
+    assert rem.summary["config"]["backend"]["url"] == srv.url and rem.summary["config"]["backend"]["model"] == "tiny"
+    assert loc.summary["config"]["backend"] == {"type": "local"} and loc.summary["backend"] == "local"
+    assert srv.url in rem.summary["backend"] and srv.url in rem.summary["config"]["model"]
+    # a rerun is served from the run's cache: not one request reaches the server
+    monkeypatch.setattr(OpenAIBackend, "completions", lambda *a, **k: pytest.fail("a cached run sent a request"))
+    again = evaluate(None, sums, backend=remote, **common)
+    assert again.dir == rem.dir and outputs(again) == outputs(rem)
+
+
+def test_eval_backend_refuses_what_needs_the_local_model(srv, remote, sums, tmp_path):
+    from steerscale.measure.runs import evaluate
+
+    with pytest.raises(SteerscaleError, match="not into backend="):
+        evaluate(None, sums, strategy="greedy", backend=remote, steer=["v.safetensors:2"], outdir=tmp_path)
+    with pytest.raises(SteerscaleError, match="answers through a scaling strategy"):
+        evaluate(None, sums, backend=remote, outdir=tmp_path)
+    with pytest.raises(SteerscaleError, match="local model"):
+        evaluate(None, sums, strategy="greedy", backend=remote, cost=True, outdir=tmp_path)
+    with pytest.raises(SteerscaleError, match="needs a model"):
+        evaluate(None, sums, strategy="greedy", outdir=tmp_path)
+
+
+def test_eval_cli_runs_a_strategy_against_a_server(srv, sums, tmp_path, capsys):
+    from steerscale.cli import main
+    from steerscale.measure.runs import evaluate, read_records
+
+    root = srv.url.rsplit("/v1", 1)[0]
+    rc = main(["eval", "--task", sums, "--strategy", "greedy", "--max-new-tokens", "8", "--no-chat", "--backend-url",
+               root, "-o", str(tmp_path / "runs"), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["n_ok"] == 2 and summary["config"]["backend"]["url"] == srv.url
+    loc = evaluate((srv.model, srv.tok, srv.layout), sums, strategy="greedy", max_new_tokens=8, chat=False,
+                   outdir=tmp_path / "runs", progress=False)
+    remote_records = read_records(Path(summary["dir"]) / "examples.jsonl")
+    assert [(r["id"], r["output"]["text"]) for r in remote_records] == [(r["id"], r["output"]["text"]) for r in loc.records]
+    assert main(["eval", "--task", sums, "--strategy", "greedy", "--max-new-tokens", "8", "--no-chat",
+                 "--backend-url", root, "-o", str(tmp_path / "runs")]) == 0
+    assert f"backend: openai tiny @ {srv.url}" in capsys.readouterr().out
+
+
+def test_eval_cli_steer_with_a_backend_url_fails_like_solve(srv, sums, tmp_path, capsys):
+    from steerscale.cli import main
+
+    root = srv.url.rsplit("/v1", 1)[0]
+    common = ["--steer", str(tmp_path / "v.safetensors:2"), "--backend-url", root]
+    assert main(["eval", "--task", sums, "--strategy", "greedy", "-o", str(tmp_path), *common]) == 2
+    eval_err = capsys.readouterr().err
+    assert main(["solve", "-p", PROMPT, "--strategy", "greedy", *common]) == 2
+    solve_err = capsys.readouterr().err
+    assert eval_err == solve_err and "not into --backend-url" in eval_err and "hint:" in eval_err
+    assert "Traceback" not in eval_err
+    assert main(["eval", "--task", sums, "--backend-url", root, "-o", str(tmp_path)]) == 2  # no --strategy
+    assert "add --strategy greedy" in capsys.readouterr().err

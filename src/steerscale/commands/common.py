@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..models.registry import DEFAULT_MODEL
@@ -21,6 +22,60 @@ def add_steer_args(p: argparse.ArgumentParser) -> None:
                    help="apply a steering vector (.safetensors or .gguf) at SCALE (default 1); repeatable")
     p.add_argument("--scope", default="all", metavar="SCOPE",
                    help="token positions to steer: all, prompt, generated, last:K, positions:I,J (default: all)")
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """``--backend-*``: run a strategy against an OpenAI-compatible server instead of the local ``-m`` model
+    (``solve`` and ``eval --strategy``); ``remote_backend(args)`` turns them into an ``OpenAIBackend``."""
+    r = p.add_argument_group("remote generator (instead of loading -m locally)")
+    r.add_argument("--backend-url", default=None, metavar="URL",
+                   help="run the strategy against an OpenAI-compatible completions server (steerscale serve, vLLM, "
+                        "SGLang, llama.cpp), e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--backend-model", default=None, metavar="NAME",
+                   help="the served model's name (default: the one model GET /v1/models lists)")
+    r.add_argument("--backend-tokenizer", default=None, metavar="HF_ID_OR_DIR",
+                   help="format prompts with this tokenizer's chat template client-side, as a local run does "
+                        "(default: send prompts raw)")
+    r.add_argument("--backend-params", type=int, default=0, metavar="N",
+                   help="the remote model's parameter count, for FLOP accounting (needed for a flops= budget)")
+    r.add_argument("--backend-api-key", default=None, metavar="KEY",
+                   help="bearer token (default: $OPENAI_API_KEY)")
+    r.add_argument("--backend-timeout", type=float, default=120, metavar="S", help="seconds per request (default 120)")
+
+
+def remote_backend(args):
+    """An ``OpenAIBackend`` from ``--backend-*`` (the server is asked for its model when none is named). Checks
+    first what cannot work remotely: local steering vectors, and a flops budget without the model's size."""
+    from ..errors import SteerscaleError
+    from ..scale.budget import Budget
+    from ..scale.remote import OpenAIBackend, list_models
+
+    if args.steer or getattr(args, "steer_scales", None):
+        raise SteerscaleError("--steer/--steer-scales load vectors into a local model, not into --backend-url",
+                              "register vectors on the server (steerscale serve --vector NAME=PATH) and steer "
+                              "requests there, or drop --backend-url")
+    if "flops" in Budget.parse(args.budget or "").limits and not args.backend_params:
+        raise SteerscaleError("a flops budget needs the remote model's size", "pass --backend-params N")
+    api_key = args.backend_api_key or os.environ.get("OPENAI_API_KEY")
+    model = args.backend_model
+    if model is None:
+        models = list_models(args.backend_url, api_key=api_key, timeout=args.backend_timeout)
+        if len(models) != 1:
+            raise SteerscaleError(f"{args.backend_url} serves {len(models)} models ({', '.join(models) or 'none'})",
+                                  "name one with --backend-model")
+        model = models[0]
+    tokenizer = None
+    if args.backend_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.backend_tokenizer)
+        except OSError as exc:
+            raise SteerscaleError(f"could not load tokenizer {args.backend_tokenizer!r}: {str(exc)[:200]}",
+                                  "pass an HF id or a local model directory") from None
+    return OpenAIBackend(args.backend_url, model, api_key=api_key, tokenizer=tokenizer,
+                         chat=False if args.no_chat else None, timeout=args.backend_timeout,
+                         n_params=args.backend_params)
 
 
 def load(args):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, add_steer_args, emit_json, load
+from .common import add_backend_args, add_model_args, add_steer_args, emit_json, load, remote_backend
 
 
 def register(sub) -> None:
@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--strategy", default=None,
                    help="answer each example with a scaling strategy (majority, best_of_n, particle_filter, ...; "
-                        "see `steerscale solve --help`); needs generated answers (--mode generate)")
+                        "see `steerscale solve --help`); needs generated answers (--mode generate); generates on "
+                        "--backend-url when given")
     p.add_argument("--budget", default=None, metavar="NAME=V,...", help="per-example budget for --strategy, e.g. tokens=2000")
     p.add_argument("-n", type=int, default=8, help="samples / particles / beams for --strategy (default 8)")
     p.add_argument("--verifier", default=None, help="verifier for --strategy (self_eval, logprob, arith_prm, judge)")
@@ -35,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard cached records of this config and rerun")
     p.add_argument("-o", "--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_backend_args(p)  # --strategy only: tasks, answer checking and the run cache stay local
     p.set_defaults(func=run_eval)
 
     r = sub.add_parser("report", help="render Markdown/HTML tables and PNG plots for evaluation runs",
@@ -48,6 +50,8 @@ def _print_summary(s: dict) -> None:
     sc = s.get("score")
     line = f"{s['task']}: {s['primary']} = " + (f"{sc['mean']:.4f} [{sc['lo']:.4f}, {sc['hi']:.4f}]" if sc else "n/a")
     print(f"{line}  n={s['n_ok']} failed={s['n_failed']}  ({s['seconds']:.1f} s model time)")
+    if s.get("backend"):
+        print(f"  backend: {s['backend']}")
     for k, v in sorted(s.get("metrics", {}).items()):
         if k != s["primary"]:
             print(f"  {k:14s} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]")
@@ -71,13 +75,14 @@ def run_eval(args) -> int:
     if args.seeds < 1:
         raise SteerscaleError(f"--seeds must be >= 1, got {args.seeds}")
     task = get_task(args.task)  # fail on a bad task before loading the model
-    resolve_strategy(args.strategy, args.budget, scoring_mode(task, args.mode))
-    lm = load(args)
+    resolve_strategy(args.strategy, args.budget, scoring_mode(task, args.mode), remote=bool(args.backend_url))
+    # with --backend-url the strategy generates on the server and -m is not loaded
+    lm, backend = (None, remote_backend(args)) if args.backend_url else (load(args), None)
     res = evaluate(lm, task, steer=args.steer, scope=args.scope, limit=args.limit, seeds=range(args.seeds),
                    data_seed=args.data_seed, outdir=args.out, mode=args.mode, chat=False if args.no_chat else None,
                    max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                   strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, cost=args.cost, batch_tokens=args.batch_tokens,
-                   resume=not args.fresh)
+                   strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, backend=backend,
+                   cost=args.cost, batch_tokens=args.batch_tokens, resume=not args.fresh)
     if args.json:
         emit_json(res.summary)
     else:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-from .common import add_model_args, add_steer_args, emit_json, load, steering_from_args
+from .common import (add_backend_args, add_model_args, add_steer_args, emit_json, load, remote_backend,
+                     steering_from_args)
 
 
 def register(sub) -> None:
@@ -38,52 +37,8 @@ def register(sub) -> None:
     add_steer_args(p)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print a JSON object (with every candidate)")
-    r = p.add_argument_group("remote generator (instead of loading -m locally)")
-    r.add_argument("--backend-url", default=None, metavar="URL",
-                   help="run the strategy against an OpenAI-compatible completions server (steerscale serve, vLLM, "
-                        "SGLang, llama.cpp), e.g. http://127.0.0.1:8000/v1")
-    r.add_argument("--backend-model", default=None, metavar="NAME",
-                   help="the served model's name (default: the one model GET /v1/models lists)")
-    r.add_argument("--backend-tokenizer", default=None, metavar="HF_ID_OR_DIR",
-                   help="format prompts with this tokenizer's chat template client-side, as a local run does "
-                        "(default: send prompts raw)")
-    r.add_argument("--backend-params", type=int, default=0, metavar="N",
-                   help="the remote model's parameter count, for FLOP accounting (needed for a flops= budget)")
-    r.add_argument("--backend-api-key", default=None, metavar="KEY",
-                   help="bearer token (default: $OPENAI_API_KEY)")
-    r.add_argument("--backend-timeout", type=float, default=120, metavar="S", help="seconds per request (default 120)")
+    add_backend_args(p)
     p.set_defaults(func=run)
-
-
-def remote_backend(args):
-    """An ``OpenAIBackend`` from ``--backend-*`` (the server is asked for its model when none is named)."""
-    from ..errors import SteerscaleError
-    from ..scale.remote import OpenAIBackend, list_models
-
-    if args.steer or args.steer_scales:
-        raise SteerscaleError("--steer/--steer-scales load vectors into a local model, not into --backend-url",
-                              "register vectors on the server (steerscale serve --vector NAME=PATH) and steer "
-                              "requests there, or drop --backend-url")
-    api_key = args.backend_api_key or os.environ.get("OPENAI_API_KEY")
-    model = args.backend_model
-    if model is None:
-        models = list_models(args.backend_url, api_key=api_key, timeout=args.backend_timeout)
-        if len(models) != 1:
-            raise SteerscaleError(f"{args.backend_url} serves {len(models)} models ({', '.join(models) or 'none'})",
-                                  "name one with --backend-model")
-        model = models[0]
-    tokenizer = None
-    if args.backend_tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.backend_tokenizer)
-        except OSError as exc:
-            raise SteerscaleError(f"could not load tokenizer {args.backend_tokenizer!r}: {str(exc)[:200]}",
-                                  "pass an HF id or a local model directory") from None
-    return OpenAIBackend(args.backend_url, model, api_key=api_key, tokenizer=tokenizer,
-                         chat=False if args.no_chat else None, timeout=args.backend_timeout,
-                         n_params=args.backend_params)
 
 
 def run(args) -> int:
@@ -115,8 +70,6 @@ def run(args) -> int:
         if len(scales) != args.n:
             raise SteerscaleError(f"--steer-scales has {len(scales)} values but -n is {args.n}", "give one per sample")
     if args.backend_url:
-        if "flops" in budget.limits and not args.backend_params:
-            raise SteerscaleError("a flops budget needs the remote model's size", "pass --backend-params N")
         backend = remote_backend(args)
     else:
         lm = load(args)

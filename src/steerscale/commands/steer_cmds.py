@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .common import add_model_args, emit_json, load
 
-METHOD_HELP = "caa (mean difference), pca (RepE pca_diff), pca_center, probe (logistic regression), iti (per-head)"
+METHOD_HELP = ("caa (mean difference), pca (RepE pca_diff), pca_center, probe (logistic regression), iti (per-head), "
+               "lofit (learned per-head offsets; trains for minutes, needs prompt pairs)")
 
 
 def _add_data_args(p) -> None:
@@ -32,7 +33,10 @@ def register(sub) -> None:
     _add_data_args(p)
     p.add_argument("--method", default="caa", help=METHOD_HELP)
     p.add_argument("--layers", default="auto", help="auto (probe sweep picks), N, A-B or A,B,C (default: auto)")
-    p.add_argument("--heads", type=int, default=16, help="ITI: number of top heads to steer (default: 16)")
+    p.add_argument("--heads", type=int, default=16, help="ITI, LoFiT: number of heads to steer (default: 16)")
+    p.add_argument("--train", default=None, metavar="K=V,...",
+                   help="LoFiT training knobs, e.g. epochs=3,lr=0.005,loss=sft (fields of steer.lofit.LofitConfig: "
+                        "epochs, select_epochs, lr, select_lr, l1, beta, loss dpo|sft, batch_size)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf for a llama.cpp control vector)")
     p.set_defaults(func=run_extract)
 
@@ -59,7 +63,7 @@ def _extract(args, lm, method: str, layers, return_sweep: bool = False):
         return extract_labelled(lm, args.labelled, method, layers, read=args.read, iti_heads=getattr(args, "heads", 16),
                                 batch_size=args.batch_size, return_sweep=return_sweep)
     return extract(lm, _pairs_path(args.pairs), method, layers, read=args.read, iti_heads=getattr(args, "heads", 16),
-                   batch_size=args.batch_size, return_sweep=return_sweep)
+                   batch_size=args.batch_size, return_sweep=return_sweep, train=getattr(args, "train", None))
 
 
 def run_extract(args) -> int:

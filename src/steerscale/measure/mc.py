@@ -233,14 +233,32 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
             ids, mask, pos, (rows, srcs, tgts, keys) = _pad_rows(chunk, pad_id, param.device)
         # The padded path stays a plain forward: it is the reference the packed path is tested against.
         lps = _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets=method == "shared")
-        sums: dict = {}
-        for key, v in zip(keys, lps.tolist()):
-            sums.setdefault(key, []).append(v)
+        sums = _per_choice(lps, keys, chunk).tolist()
         for b, i in enumerate(group):
-            per = [sums[(b, k)] for k in range(len(items[i].choices))]
-            results[i] = {"logprobs": [sum(p) for p in per], "mean_logprobs": [sum(p) / len(p) for p in per],
-                          "n_tokens": [len(p) for p in per], "prompt_tokens": len(items[i].prompt)}
+            n_tok = [len(c) for c in items[i].choices]
+            per = sums[b][: len(n_tok)]
+            results[i] = {"logprobs": per, "mean_logprobs": [s / n for s, n in zip(per, n_tok)],
+                          "n_tokens": n_tok, "prompt_tokens": len(items[i].prompt)}
     return results
+
+
+def _per_choice(lps: torch.Tensor, keys, items: Sequence[Item]) -> torch.Tensor:
+    """Token log-probs summed per ``(item, choice)`` key: ``(n_items, max_choices)``, zero where an item has fewer
+    choices. A scatter-add, so gradients flow to whatever produced ``lps``."""
+    width = max(len(it.choices) for it in items)
+    flat = torch.tensor([b * width + k for b, k in keys], device=lps.device)
+    sums = torch.zeros(len(items) * width, dtype=lps.dtype, device=lps.device).index_add(0, flat, lps)
+    return sums.view(len(items), width)
+
+
+def choice_logprob_sums(model, items: Sequence[Item], pad_id: int = 0) -> torch.Tensor:
+    """Summed log-prob of every choice of ``items`` in one shared-prompt forward, as ``(n_items, max_choices)``.
+
+    Differentiable (no ``no_grad`` here): learned steering (``steer.lofit``) trains its offsets through the same
+    packed scoring that TruthfulQA-style evaluation uses, so what is optimised is what is measured."""
+    param = next(model.parameters())
+    ids, mask, pos, (rows, srcs, tgts, keys) = _pack(items, pad_id, param.dtype, param.device, *sliding_window(model))
+    return _per_choice(_target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets=True), keys, items)
 
 
 def score_choices(model, tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]], interventions=(),

@@ -108,12 +108,19 @@ def _append(path: Path, records: Sequence[dict]) -> None:
 
 
 # -- strategies -----------------------------------------------------------------------------------------------
-def resolve_strategy(name: str | None, budget: str | None, mode: str | None = None) -> dict | None:
-    """Validate ``--strategy``/``--budget`` before any model work; returns the strategy config or None.
+def resolve_strategy(name: str | None, budget: str | None, mode: str | None = None,
+                     remote: bool = False) -> dict | None:
+    """Validate ``--strategy``/``--budget`` (and ``--backend-url`` when ``remote``) before any model work; returns
+    the strategy config or None.
 
     A strategy replaces plain generation for each example (``mode == "generate"``); log-likelihood scoring has no
-    use for one, so that combination is refused rather than silently ignored."""
+    use for one, so that combination is refused rather than silently ignored. A remote backend only answers
+    through a strategy: plain generation and scoring run on the local model."""
     if name is None:
+        if remote:
+            raise SteerscaleError("a remote backend (--backend-url / backend=) answers through a scaling strategy; "
+                                  "plain generation and log-likelihood scoring run on the local model",
+                                  "add --strategy greedy (plain greedy decoding on the server), or drop the backend")
         if budget is not None:
             raise SteerscaleError("--budget needs --strategy", "pass --strategy NAME --budget B, or drop --budget")
         return None
@@ -128,15 +135,64 @@ def resolve_strategy(name: str | None, budget: str | None, mode: str | None = No
     return {"name": name, "budget": budget or ""}
 
 
-def _run_strategy_chunk(lm, task: Task, examples: list[Example], ivs, seed: int, cfg: dict):
-    """One strategy run per example; the budget (and what it spent) is per example."""
+def describe_backend(backend) -> dict:
+    """What generated a strategy run's answers, for its config (the cache key) and its report. A server is named by
+    URL and model plus what the client adds (chat template, extra request fields), so a remote run never reuses a
+    local run's records, nor one server's those of another; the default ``None`` is the local model."""
+    from ..scale.remote import OpenAIBackend
+
+    if backend is None:
+        return {"type": "local"}
+    out = {"type": backend.name}
+    if isinstance(backend, OpenAIBackend):
+        tok = backend.tokenizer
+        out.update(url=backend.base_url, model=backend.model, templated=backend.templated,
+                   tokenizer=None if tok is None else getattr(tok, "name_or_path", None) or type(tok).__name__,
+                   extra_body=backend.extra_body)
+    else:  # another in-process backend (e.g. a LocalBackend built by the caller): its model and steering
+        out["model"] = type(getattr(backend, "model", None)).__name__
+        steering = getattr(backend, "steering", None) or []
+        out["steering"] = [describe_intervention(iv) for iv in steering if isinstance(iv, Intervention)]
+        out["chat"] = getattr(backend, "chat", None)
+    return out
+
+
+def backend_label(desc: dict) -> str:
+    """One line for reports: ``local``, ``openai MODEL @ URL`` or a caller's backend and its model class."""
+    if desc.get("url"):
+        return f"{desc['type']} {desc['model']} @ {desc['url']}"
+    return " ".join(str(x) for x in (desc["type"], desc.get("model")) if x)
+
+
+def check_backend(backend, lm, steer: Sequence, interventions: Sequence, cost: bool | None) -> None:
+    """A caller's ``backend=`` generates a strategy's answers instead of ``lm``; what only a local model can do
+    (steering it, measuring steering cost) is refused with what to do instead; ``resolve_strategy`` refuses plain
+    generation and scoring."""
+    from ..scale.backend import Backend
+
+    if backend is None:
+        if lm is None:
+            raise SteerscaleError("evaluate() needs a model", "pass lm=load_model(...), or backend=... with a strategy")
+        return
+    if not isinstance(backend, Backend):
+        raise SteerscaleError(f"backend= must be a steerscale.scale Backend, got {type(backend).__name__}",
+                              "pass e.g. OpenAIBackend(URL, MODEL) or LocalBackend(model, tokenizer, layout)")
+    if steer or interventions:
+        raise SteerscaleError("steer=/interventions= load vectors into the local model, not into backend=",
+                              "steer on the server (steerscale serve --vector NAME=PATH, OpenAIBackend("
+                              "extra_body={'steer': [...]})), or build a LocalBackend with steering=...")
+    if cost:
+        raise SteerscaleError("cost=True measures KL and perplexity on the local model, which backend= replaces",
+                              "drop cost=True (it is measured for local steering runs)")
+
+
+def _run_strategy_chunk(backend, task: Task, examples: list[Example], seed: int, cfg: dict):
+    """One strategy run per example on ``backend`` (local or remote); the budget (and what it spent) is per
+    example. Prompts are formatted and answers checked here, so only generation and verifier calls go to it."""
     from ..scale.budget import Budget
-    from ..scale.local import LocalBackend
     from ..scale.strategies import run_strategy
     from ..scale.verifiers import get_verifier
 
-    model, tokenizer, layout, _ = _lm_parts(lm)
-    backend = LocalBackend(model, tokenizer, layout, steering=list(ivs), chat=cfg["chat"])
     verifier = get_verifier(cfg["verifier"], backend=backend)
     fmt = task.format_generate if task.kind == "mc" else task.format
     prompts, outs, tokens = [], [], []
@@ -189,17 +245,19 @@ def _score_one(task: Task, ex: Example, output: dict) -> dict:
         return {"metrics": {}, "score": None, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: int, cfg: dict) -> list[dict]:
-    model, tokenizer, layout, _ = _lm_parts(lm)
+def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: int, cfg: dict,
+               backend=None) -> list[dict]:
     t0 = time.perf_counter()
     if cfg.get("strategy"):
-        prompts, outs, tokens = _run_strategy_chunk(lm, task, examples, ivs, seed, cfg)
+        prompts, outs, tokens = _run_strategy_chunk(backend, task, examples, seed, cfg)
     elif mode == "loglik":
+        model, tokenizer, layout, _ = _lm_parts(lm)
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
                              ivs, layout, chat=cfg["chat"], max_tokens=cfg["batch_tokens"])
         prompts = [task.format(e) for e in examples]
         tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
     else:
+        model, tokenizer, layout, _ = _lm_parts(lm)
         fmt = task.format_generate if task.kind == "mc" else task.format
         prompts = [fmt(e) for e in examples]
         gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=cfg["max_new_tokens"],
@@ -245,7 +303,7 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
              limit: int | None = None, seeds: Sequence[int] = (0,), data_seed: int | None = None, outdir: str | Path = "runs",
              mode: str = "auto", chat: bool | None = None, max_new_tokens: int | None = None, sample: bool = False,
              temperature: float = 0.7, strategy: str | None = None, budget: str | None = None, n: int = 8,
-             verifier: str | None = None, cost: bool | None = None,
+             verifier: str | None = None, backend=None, cost: bool | None = None,
              batch_tokens: int = 4096, chunk: int = 32, progress: bool = True, resume: bool = True) -> RunResult:
     """Evaluate ``lm`` (a ``LoadedModel`` or ``(model, tokenizer, layout)``) on ``task``.
 
@@ -255,15 +313,25 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
     ``data_seed``: None keeps the first ``limit`` examples, an int draws a seeded subset. ``cost``: measure KL and
     perplexity change on neutral texts (default: when any steering is active). ``strategy``/``budget``/``n``/
     ``verifier``: answer each example with a scaling strategy from ``steerscale.scale`` under a per-example budget
-    (e.g. ``"tokens=2000"``); tokens and FLOPs spent are recorded per example.
+    (e.g. ``"tokens=2000"``); tokens and FLOPs spent are recorded per example. ``backend``: a ``Backend`` (e.g.
+    ``OpenAIBackend`` of a server) that runs the strategy's generation and verifier calls instead of a
+    ``LocalBackend`` on ``lm`` (``lm`` may then be None); tasks, answer checking and caching stay local, and the
+    backend is part of the run's config, so its records never mix with a local run's.
     """
     from ..steer.vector import load_steering
 
     task = get_task(task)
     mode = scoring_mode(task, mode)
-    model, tokenizer, layout, model_name = _lm_parts(lm)
-    strategy_cfg = resolve_strategy(strategy, budget, mode)
-    ivs = (load_steering(list(steer), layout, TokenScope.parse(scope)) if steer else []) + list(interventions)
+    strategy_cfg = resolve_strategy(strategy, budget, mode, remote=backend is not None)
+    check_backend(backend, lm, steer, interventions, cost)
+    desc = describe_backend(backend)
+    if backend is None:
+        model, tokenizer, layout, model_name = _lm_parts(lm)
+        ivs = (load_steering(list(steer), layout, TokenScope.parse(scope)) if steer else []) + list(interventions)
+    else:
+        ivs = []
+        # a server may serve anything under its name: the report's model column names the server too
+        model_name = backend_label(desc) if "url" in desc else _lm_parts(lm)[3] if lm is not None else desc["model"]
     seeds = [int(s) for s in seeds] or [0]
     deterministic = mode == "loglik" or (not sample and strategy_cfg is None)
     run_seeds = seeds[:1] if deterministic else seeds
@@ -272,8 +340,10 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
         "limit": limit, "data_seed": data_seed, "seeds": run_seeds, "scope": scope, "chat": chat,
         "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
         "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
-        "temperature": temperature if sample or strategy_cfg else None,  # a strategy samples at it "strategy": strategy, "budget": budget,
-        **({"n": n, "verifier": verifier} if strategy_cfg else {}),
+        "temperature": temperature if sample or strategy_cfg else None,  # a strategy samples at it
+        # what answers a strategy run, and where: a different backend is a different run (never a cache hit)
+        **({"strategy": strategy, "budget": budget, "n": n, "verifier": verifier,
+            "backend": desc} if strategy_cfg else {}),
     }
     rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(config)}"
     rundir.mkdir(parents=True, exist_ok=True)
@@ -287,17 +357,23 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
     cfg = {"chat": chat, "batch_tokens": batch_tokens, "max_new_tokens": config["max_new_tokens"], "sample": sample,
            "temperature": temperature, "strategy": strategy_cfg, "n": n, "verifier": verifier}
     todo = [(s, e) for s in run_seeds for e in examples if (e.id, s) not in done]
+    if strategy_cfg and backend is None and todo:
+        from ..scale.local import LocalBackend
+
+        backend = LocalBackend(model, tokenizer, layout, steering=list(ivs), chat=chat)
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"eval {task.name}", disable=not progress or not todo, unit="ex")
     for s in run_seeds:
         pending = [e for (ss, e) in todo if ss == s]
         for i in range(0, len(pending), chunk):
-            new = _run_chunk(lm, task, mode, pending[i : i + chunk], ivs, s, cfg)
+            new = _run_chunk(lm, task, mode, pending[i : i + chunk], ivs, s, cfg, backend)
             _append(path, new)
             records.extend(new)
             bar.update(len(new))
     bar.close()
     extra = {"dir": str(rundir), "deterministic": deterministic, "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
+    if strategy_cfg:
+        extra["backend"] = backend_label(config["backend"])  # which backend produced these numbers
     if cost if cost is not None else bool(ivs):
         from .cost import steering_cost
 

@@ -10,8 +10,9 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
   texts are the state. ``extend`` asks for prompt + row text for the unfinished rows, ``stop`` = the user's stop
   strings + the step delimiter, ``max_tokens`` = ``max_step_tokens``, and cuts every row client-side to what it may
   still generate. Steps follow ``LocalBackend``'s rule (``backend.step_end``): a delimiter with nothing but
-  whitespace before it does not end the step, the row goes on to the next one. Unlike ``LocalBackend``, a stop
-  string split across two steps is not found (the server sees only what it generates in one request).
+  whitespace before it does not end the step, the row goes on to the next one. Stop strings are also checked
+  client-side with ``LocalBackend``'s ``find_stop`` on the row's whole text, so one split across two steps or
+  requests (the server sees only what it generates in one request) ends the row as it does locally.
 * Requests per step: greedy (temperature 0), one request with each distinct row text once (copies share the
   answer); sampling with a seed, one request per distinct text (``n`` = its copies, seeds derived from the search's
   seed and the step), sent concurrently, because a server seeds every prompt of a request alike and rows sharing
@@ -48,7 +49,7 @@ from typing import Any, Sequence
 
 from ..engine.generation import format_prompt, has_chat_template
 from ..errors import SteerscaleError
-from .backend import Backend, Branches, Candidate, SamplingParams, step_end
+from .backend import Backend, Branches, Candidate, SamplingParams, find_stop, step_end
 from .budget import Budget
 
 MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # the server does not say which stop matched
@@ -182,6 +183,7 @@ class Outcome:
     text: str
     logprobs: tuple[float, ...]
     status: str  # eos, stop, length: finished; step: the step is done; more: the row goes on in this call
+    drop: int = 0  # characters to cut from the end of the call's earlier text: a stop string began there
 
 
 # at one token, LocalBackend checks EOS, then stop strings, then the length limit, then the step delimiter; the
@@ -189,11 +191,28 @@ class Outcome:
 _PRIORITY = {"eos": 7, "stop": 6, "length": 5, "delim": 4, "left": 3, "cap": 2, "end": 1}
 
 
+def first_stop(prev: str, call_text: str, full: str, ends: Sequence[int] | None, n: int,
+               stops: Sequence[str]) -> tuple[int, int] | None:
+    """LocalBackend's stop check (``find_stop`` on the row's earlier text and the call's text) replayed token by
+    token over a piece: ``(k, cut)``, the first token after which a stop string is there and where the call's text
+    (``call_text + full``) is cut, or None. It finds what the server cannot: a stop string that began in an
+    earlier step or request (e.g. "\\n" + "\\n" forming "\\n\\n"), whose first part the server never saw."""
+    if not stops or find_stop(prev, call_text + full, stops) < 0:  # the common case: no token-by-token replay
+        return None
+    units = enumerate(ends, 1) if ends is not None else [(n, len(full))]  # without offsets the piece is one unit
+    for k, end in units:
+        cut = find_stop(prev, call_text + full[:end], stops)
+        if cut >= 0:
+            return k, cut
+    return None
+
+
 def advance(call_text: str, piece: Piece, *, stops: Sequence[str], step: str | None, room: int, left: int,
-            cap: int) -> Outcome:
-    """What ``piece`` adds to a row that has generated ``call_text`` so far in this call, under LocalBackend's
-    rules: ``room`` tokens left before ``max_tokens``, ``left`` before ``max_step_tokens``, ``cap`` before the
-    budget share. The earliest event wins; at the same token, ``_PRIORITY`` decides."""
+            cap: int, prev: str = "") -> Outcome:
+    """What ``piece`` adds to a row that has generated ``prev`` in earlier calls and ``call_text`` so far in this
+    call, under LocalBackend's rules: ``room`` tokens left before ``max_tokens``, ``left`` before
+    ``max_step_tokens``, ``cap`` before the budget share. The earliest event wins; at the same token,
+    ``_PRIORITY`` decides, and a stop string found client-side comes before the server's report of the same."""
     n = len(piece.logprobs)
     reason = piece.reason
     full = piece.text + (reason if isinstance(reason, str) else "")
@@ -201,26 +220,33 @@ def advance(call_text: str, piece: Piece, *, stops: Sequence[str], step: str | N
         return Outcome("", (), "eos" if piece.finish == "stop" and not isinstance(reason, str) else
                        "stop" if piece.finish == "stop" else "length")
     ends = list(piece.offsets[1:]) + [len(full)] if piece.offsets is not None else None
-    events = []  # (token count, priority, status)
+    events = []  # (token count, priority, status, where a client-side stop cuts call_text + full, or None)
+    found = first_stop(prev, call_text, full, ends, n, stops)
+    if found is not None:
+        events.append((found[0], _PRIORITY["stop"], "stop", found[1]))
     if piece.finish == "stop":
         if isinstance(reason, str) and step is not None and reason == step and reason not in stops:
-            events.append((n, _PRIORITY["end"], "more"))  # a delimiter: the step rule below says if it counts
+            events.append((n, _PRIORITY["end"], "more", None))  # a delimiter: the step rule below says if it counts
         elif isinstance(reason, str) or (reason is MISSING and stops):
-            events.append((n, _PRIORITY["stop"], "stop"))
+            events.append((n, _PRIORITY["stop"], "stop", None))
         else:
-            events.append((n, _PRIORITY["eos"], "eos"))
+            events.append((n, _PRIORITY["eos"], "eos", None))
     else:
-        events.append((n, _PRIORITY["end"], "length"))  # the server's own limit (its context window)
+        events.append((n, _PRIORITY["end"], "length", None))  # the server's own limit (its context window)
     for k, key, status in ((room, "length", "length"), (left, "left", "step"), (cap, "cap", "more")):
         if 1 <= k <= n:
-            events.append((k, _PRIORITY[key], status))
+            events.append((k, _PRIORITY[key], status, None))
     if step:
         e = step_end(call_text + full, step)
         end = e - len(call_text)
         if e >= 0 and end > 0:
             k = n if ends is None else next((j + 1 for j, e in enumerate(ends) if e >= end), n)
-            events.append((k, _PRIORITY["delim"], "step"))
-    k, _, status = min(events, key=lambda e: (e[0], -e[1]))
+            events.append((k, _PRIORITY["delim"], "step", None))
+    k, _, status, cut = min(events, key=lambda e: (e[0], -e[1]))  # min keeps the first of equals
+    if cut is not None:  # cut where the stop string begins, in this piece or (drop) in the call's earlier text
+        if cut >= len(call_text):
+            return Outcome(full[: cut - len(call_text)], piece.logprobs[:k], status)
+        return Outcome("", piece.logprobs[:k], status, drop=len(call_text) - cut)
     if k == n:
         text = piece.text if status in ("eos", "stop") else full
     else:  # cut inside the piece: at the end of token k (the whole text when the server gave no offsets)
@@ -439,8 +465,9 @@ class OpenAIBackend(Backend):
                     for piece, own in zip(pieces, owners):
                         for o in own:
                             i = members[o]
-                            out = advance(calls[i].text, piece, stops=params.stop, step=step, **limits[i])
-                            calls[i].text += out.text
+                            out = advance(calls[i].text, piece, stops=params.stop, step=step, prev=rows[i].text,
+                                          **limits[i])
+                            calls[i].text = calls[i].text[: len(calls[i].text) - out.drop] + out.text
                             calls[i].logprobs.extend(out.logprobs)
                             if out.status in ("eos", "stop", "length"):
                                 rows[i].finished, rows[i].finish_reason, calls[i].active = True, out.status, False

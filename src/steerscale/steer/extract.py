@@ -153,16 +153,26 @@ def extract(
     chat: bool | None = None,
     progress: bool = True,
     return_sweep: bool = False,
+    train: str | dict | None = None,
 ):
     """Extract a steering vector from contrastive ``pairs`` (a JSONL path, dicts or ``ContrastPair`` list).
 
-    ``method``: ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` (residual stream, resid_post) or
-    ``iti`` (per attention head). ``layers``: ``auto`` or explicit (see ``parse_layers``); for residual methods
-    with explicit layers one direction is fitted per layer.
+    ``method``: ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` (residual stream, resid_post),
+    ``iti`` (per attention head) or ``lofit`` (learned per-head offsets, ``steer.lofit``; ``iti_heads`` heads,
+    ``train`` its other knobs, e.g. ``"epochs=3,lr=0.01"``). ``layers``: ``auto`` or explicit (see
+    ``parse_layers``); for residual methods with explicit layers one direction is fitted per layer.
     """
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
     if len(pairs) < 2:
         raise SteerscaleError(f"need at least 2 contrastive pairs, got {len(pairs)}")
+    if method == "lofit":
+        from .lofit import LofitConfig, fit_lofit
+
+        if return_sweep:
+            raise SteerscaleError("LoFiT chooses heads by training, not by a probe sweep",
+                                  "run the sweep with method caa or iti, or drop return_sweep")
+        knobs = {"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}
+        return fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
     texts = pair_texts(lm.tokenizer, pairs, chat)
     data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}
     return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
@@ -175,7 +185,7 @@ def extract_labelled(lm: LoadedModel, examples, method: str = "caa", layers="aut
     label 1 is the side a positive scale moves toward. Methods that need pairs (``pca_diff``, ``pca_center``)
     are refused; ``caa`` is the difference of class means, ``probe`` and ``iti`` fit on the classes."""
     examples = examples if isinstance(examples, list) and examples and isinstance(examples[0], tuple) else load_labelled(examples)
-    if method != "iti" and getattr(get_method(method), "PAIRED_ONLY", False):
+    if method == "lofit" or (method != "iti" and getattr(get_method(method), "PAIRED_ONLY", False)):
         raise SteerscaleError(f"method {method!r} needs contrastive pairs, not labelled texts",
                               "use caa, probe or iti with labelled data, or write the data as pairs")
     texts = labelled_texts(lm.tokenizer, examples)

@@ -74,7 +74,7 @@ def gguf_layer(site: Site) -> int:
     elif site.kind is SiteKind.RESID_PRE:
         n = site.layer - 1
     else:
-        what = "per-head (ITI) vectors" if site.kind is SiteKind.HEAD_OUT else f"{site.kind.value} sites"
+        what = "per-head (ITI, LoFiT) vectors" if site.kind is SiteKind.HEAD_OUT else f"{site.kind.value} sites"
         raise SteerscaleError(
             f"cannot export {site.key()} to GGUF: llama.cpp control vectors only add to the residual stream at a "
             f"block's output, so {what} cannot be expressed",

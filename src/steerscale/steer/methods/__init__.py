@@ -20,5 +20,5 @@ ALIASES = {"pca": "pca_diff", "mean_diff": "caa", "repe": "pca_diff"}
 def get_method(name: str) -> ModuleType:
     name = ALIASES.get(name, name)
     if name not in METHODS:
-        raise SteerscaleError(f"unknown steering method {name!r}", f"choose one of: {', '.join(sorted(METHODS) + ['iti'])}")
+        raise SteerscaleError(f"unknown steering method {name!r}", f"choose one of: {', '.join(sorted(METHODS) + ['iti', 'lofit'])}")
     return METHODS[name]

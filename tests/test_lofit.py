@@ -1,0 +1,170 @@
+"""LoFiT: learned per-head offsets, on tiny random models (training is real, just small)."""
+
+import json
+
+import pytest
+import torch
+
+from steerscale import Site, SiteKind, SteerscaleError, intervene
+from steerscale.cli import main
+from steerscale.measure import mc
+from steerscale.models.loading import LoadedModel
+from steerscale.steer import lofit
+from steerscale.steer.extract import extract, extract_labelled
+from steerscale.steer.lofit import LofitConfig, fit_lofit, pair_items
+from steerscale.steer.pairs import load_pairs
+from steerscale.steer.vector import SteeringVector
+from tiny import TinyTokenizer, tiny_model
+
+
+def _lm(family="llama"):
+    model, layout = tiny_model(family)
+    return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")
+
+
+def _pairs(n=8):
+    return [{"prompt": f"question {i}:", "positive": " yes it is true", "negative": " no it is false"} for i in range(n)]
+
+
+def _margins(lm, items, vector=None):
+    ivs = vector.interventions(1.0, layout=lm.layout) if vector else []
+    with torch.no_grad(), intervene(lm.layout, ivs):
+        sums = mc.choice_logprob_sums(lm.model, items)
+    return sums[:, 0] - sums[:, 1]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen2"])
+def test_lofit_learns_offsets_that_prefer_the_positive_completion(family):
+    lm = _lm(family)
+    pairs = load_pairs(_pairs())
+    items = pair_items(lm.tokenizer, pairs)
+    before_state, before_flags = _snapshot(lm.model)
+    v = fit_lofit(lm, pairs, heads=3, epochs=4, select_epochs=1, lr=0.05, batch_size=4, progress=False)
+    assert isinstance(v, SteeringVector) and v.method == "lofit" and len(v.sites) == 3
+    assert all(s.kind is SiteKind.HEAD_OUT for s in v.sites)
+    assert all(d.shape[0] == lm.layout.site_dim(s) for s, d in v.directions.items())
+    # what training optimised (DPO margin of preferred over rejected completion) went up on the training pairs
+    assert (_margins(lm, items, v) - _margins(lm, items)).mean() > 0.1
+    assert v.metadata["loss_history"][-1] < v.metadata["loss_history"][0]
+    # the model is exactly as before: weights, grad flags, no hooks left
+    after_state, after_flags = _snapshot(lm.model)
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert after_flags == before_flags and _hooks(lm.model) == 0
+
+
+def test_head_selection_picks_the_heads_with_the_largest_scalings():
+    lm = _lm()
+    v = fit_lofit(lm, _pairs(), heads=2, epochs=1, lr=0.05, select_lr=0.05, progress=False)
+    norms = {k: m["selection_norm"] for k, m in v.metadata["per_site"].items()}
+    assert len(norms) == 2 and all(n > 0 for n in norms.values())
+    assert v.metadata["select_loss_history"] and v.metadata["lofit"]["heads"] == 2
+
+
+def test_given_sites_skip_selection_and_sft_loss_raises_the_positive_likelihood():
+    lm = _lm()
+    sites = [Site(0, SiteKind.HEAD_OUT, 1), Site(2, SiteKind.HEAD_OUT, 3)]
+    items = pair_items(lm.tokenizer, load_pairs(_pairs()))
+    v = fit_lofit(lm, _pairs(), sites=sites, loss="sft", epochs=5, lr=0.05, progress=False)
+    assert v.sites == sites and v.metadata["select_loss_history"] == []
+    with torch.no_grad():
+        base = mc.choice_logprob_sums(lm.model, items)[:, 0]
+        with intervene(lm.layout, v.interventions(1.0)):
+            steered = mc.choice_logprob_sums(lm.model, items)[:, 0]
+    assert (steered - base).mean() > 0
+
+
+def test_vector_round_trips_and_scales(tmp_path):
+    lm = _lm()
+    v = fit_lofit(lm, _pairs(), heads=2, epochs=1, progress=False)
+    loaded = SteeringVector.load(v.save(tmp_path / "lofit.safetensors"))
+    assert loaded.method == "lofit" and loaded.metadata["lofit"]["loss"] == "dpo"
+    assert all(torch.equal(loaded.directions[s], v.directions[s]) for s in v.sites)
+    assert torch.equal((2 * v).directions[v.sites[0]], 2 * v.directions[v.sites[0]])
+
+
+def test_pairs_without_prompt_split_at_the_common_prefix():
+    lm = _lm()
+    items = pair_items(lm.tokenizer, load_pairs([{"positive": "the sky is blue", "negative": "the sky is green"}]))
+    assert len(items[0].prompt) > 0 and items[0].choices[0] != items[0].choices[1]
+    with pytest.raises(SteerscaleError, match="share no leading token"):
+        pair_items(lm.tokenizer, load_pairs([{"positive": "abc", "negative": "xyz"}]))
+    with pytest.raises(SteerscaleError, match="identical"):
+        pair_items(lm.tokenizer, load_pairs([{"prompt": "q", "positive": "same", "negative": "same"}]))
+
+
+@pytest.mark.parametrize("knobs, match", [
+    (dict(heads=0), "heads must be at least 1"),
+    (dict(lr=float("nan")), "lr must be a positive finite"),
+    (dict(beta=-1), "beta must be a positive"),
+    (dict(loss="hinge"), "hinge"),
+    (dict(l1=float("inf")), "l1 must be"),
+])
+def test_config_is_validated(knobs, match):
+    with pytest.raises((SteerscaleError, ValueError), match=match):
+        LofitConfig(**knobs)
+
+
+def test_parse_training_knobs():
+    assert LofitConfig.parse("epochs=3,lr=0.01,loss=sft") == {"epochs": 3, "lr": 0.01, "loss": "sft"}
+    with pytest.raises(SteerscaleError, match="bad LoFiT setting"):
+        LofitConfig.parse("epochz=3")
+    with pytest.raises(SteerscaleError, match="must be a number"):
+        LofitConfig.parse("epochs=many")
+
+
+def test_bad_sites_and_data():
+    lm = _lm()
+    with pytest.raises(SteerscaleError, match="not a head_out site"):
+        fit_lofit(lm, _pairs(), sites=[Site(1)], progress=False)
+    with pytest.raises(SteerscaleError, match="out of range"):
+        fit_lofit(lm, _pairs(), sites=[Site(9, SiteKind.HEAD_OUT, 0)], progress=False)
+    with pytest.raises(SteerscaleError, match="at least 2"):
+        fit_lofit(lm, _pairs(1), progress=False)
+    with pytest.raises(SteerscaleError, match="needs contrastive pairs"):
+        extract_labelled(lm, [("good text", 1), ("fine text", 1), ("bad text", 0), ("awful text", 0)], "lofit")
+
+
+def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch):
+    lm = _lm()
+    before_state, before_flags = _snapshot(lm.model)
+    calls = {"n": 0}
+    real = lofit.choice_logprob_sums
+
+    def flaky(model, items, pad_id=0):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the reference pass and one training step
+            raise RuntimeError("boom")
+        return real(model, items, pad_id)
+
+    monkeypatch.setattr(lofit, "choice_logprob_sums", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_lofit(lm, _pairs(), sites=[Site(1, SiteKind.HEAD_OUT, 0)], epochs=2, batch_size=4, progress=False)
+    after_state, after_flags = _snapshot(lm.model)
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert after_flags == before_flags and _hooks(lm.model) == 0
+
+
+def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch):
+    lm = _lm()
+    v = extract(lm, _pairs(), "lofit", "1-2", iti_heads=2, train="epochs=1", progress=False)
+    assert v.method == "lofit" and {s.layer for s in v.sites} <= {1, 2}
+    with pytest.raises(SteerscaleError, match="not by a probe sweep"):
+        extract(lm, _pairs(), "lofit", return_sweep=True, progress=False)
+
+    import steerscale.commands.steer_cmds as steer_cmds
+
+    monkeypatch.setattr(steer_cmds, "load", lambda args: lm)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in _pairs()))
+    out = tmp_path / "v.safetensors"
+    assert main(["extract", "--pairs", str(path), "--method", "lofit", "--heads", "2", "--train", "epochs=1",
+                 "-o", str(out)]) == 0
+    assert SteeringVector.load(out).method == "lofit"
