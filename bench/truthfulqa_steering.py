@@ -152,21 +152,15 @@ def train_pairs(rows, idx, per_q: int, seed: int) -> list[dict]:
     return out
 
 
-def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed, lofit_knobs=None) -> dict:
-    """{(method, layer_label): SteeringVector} from one capture pass over all residual layers and heads (and, for
-    ``lofit``, its own two training runs)."""
+def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed) -> dict:
+    """{(method, layer_label): SteeringVector} from one capture pass over all residual layers and heads."""
     layout = lm.layout
     n_l, n_h = layout.n_layers, layout.n_heads
-    res_methods = [m for m in methods if m not in ("iti", "lofit")]
+    res_methods = [m for m in methods if m != "iti"]
     sites = [Site(l) for l in range(n_l)] if res_methods else []
     if "iti" in methods:
         sites += [Site(l, SiteKind.HEAD_OUT, h) for l in range(n_l) for h in range(n_h)]
     vecs, info = {}, {}
-    if "lofit" in methods:
-        vec = fit_lofit(lm, pairs, seed=seed, progress=False, **(lofit_knobs or {}))
-        vecs[("lofit", "heads")] = (vec, None)
-        info["lofit_heads"] = [s.key() for s in vec.sites]
-        info["lofit_loss"] = vec.metadata["loss_history"]
     if not sites:
         return vecs, info
     texts = pair_texts(lm.tokenizer, load_pairs(pairs))
@@ -196,6 +190,27 @@ def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed, lofit_kno
         info["iti_heads"] = [s.key() for s in top]
         info["iti_top_acc"] = round(max(acc.values()), 4)
     return vecs, info
+
+
+def lazy_lofit(lm, pairs, seed: int, knobs: dict, path: Path):
+    """The fold's LoFiT vector, trained (minutes) only when a score that needs it is not cached, and kept at
+    ``path`` so that a rerun with more seeds (or the cost measurement) never trains it again."""
+    memo = []
+
+    def get() -> SteeringVector:
+        if not memo:
+            if path.is_file():
+                memo.append(SteeringVector.load(path))
+            else:
+                t = time.time()
+                memo.append(fit_lofit(lm, pairs, seed=seed, progress=False, **knobs))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                memo[0].save(path)
+                log(f"  lofit trained ({time.time() - t:.0f}s): heads {[s.key() for s in memo[0].sites]}, "
+                    f"loss by epoch {[round(x, 4) for x in memo[0].metadata['loss_history']]}")
+        return memo[0]
+
+    return get
 
 
 # -- main -----------------------------------------------------------------------------------------------------
@@ -249,8 +264,9 @@ def main(argv=None) -> dict:
     common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers,
                   **({"lofit": lofit_knobs} if "lofit" in methods else {}))
 
-    def scored(kind: str, idx: list[int], ivs, key_extra: dict) -> dict[int, dict]:
-        """Per-question metrics for questions ``idx`` (kind 'union' = MC1+MC2, 'mc1' = MC1 only), cached."""
+    def scored(kind: str, idx: list[int], make_ivs, key_extra: dict) -> dict[int, dict]:
+        """Per-question metrics for questions ``idx`` (kind 'union' = MC1+MC2, 'mc1' = MC1 only), cached.
+        ``make_ivs()`` builds the interventions only when something is not cached (it may train a vector)."""
         res, todo = {}, []
         for i in idx:
             k = keyof(kind=kind, q=keep[i], **key_extra)
@@ -261,7 +277,7 @@ def main(argv=None) -> dict:
                 res[i] = v
         if todo:
             items = [(Q.items_union if kind == "union" else Q.items_mc1)[i] for i in todo]
-            lps = score_items_fast(model, items, ivs, layout, pad_id=pad)
+            lps = score_items_fast(model, items, make_ivs(), layout, pad_id=pad)
             for i, lp in zip(todo, lps):
                 v = (Q.metrics_union if kind == "union" else Q.metrics_mc1)(i, lp)
                 cache.put(keyof(kind=kind, q=keep[i], **key_extra), v)
@@ -270,7 +286,7 @@ def main(argv=None) -> dict:
 
     # baseline: all questions, MC1 + MC2 (also the scale-0 point of every selection curve)
     t = time.time()
-    base = scored("union", list(range(n)), [], {"model": args.model, "steer": None})
+    base = scored("union", list(range(n)), list, {"model": args.model, "steer": None})
     log(f"baseline scored: MC1 {np.mean([base[i]['mc1'] for i in range(n)]):.4f} "
         f"MC2 {np.mean([base[i]['mc2'] for i in range(n)]):.4f} ({time.time() - t:.0f}s)")
 
@@ -289,7 +305,13 @@ def main(argv=None) -> dict:
             fk = dict(common, seed=seed, fold=fold, limit=args.limit, subset_seed=args.subset_seed)
             t = time.time()
             pairs = train_pairs(rows, train, args.pairs_per_q, seed)
-            vecs, info = fit_vectors(lm, pairs, methods, args.layers, args.iti_heads, args.read, seed, lofit_knobs)
+            vecs, info = fit_vectors(lm, pairs, [m for m in methods if m != "lofit"], args.layers, args.iti_heads,
+                                     args.read, seed)
+            # (method, label) -> (vector getter, layer): LoFiT's getter trains it on first use only
+            vecs = {key: ((lambda v=vec: v), layer) for key, (vec, layer) in vecs.items()}
+            if "lofit" in methods:
+                path = out / "vectors" / f"lofit-{keyof(**fk)}.safetensors"
+                vecs[("lofit", "heads")] = (lazy_lofit(lm, pairs, seed, lofit_knobs, path), None)
             log(f"seed {seed} fold {fold}: {len(train)} train / {len(test)} test questions, {len(pairs)} pairs; "
                 f"vectors fitted ({time.time() - t:.0f}s); auto layer {info.get('auto_layer')}")
             sel = train if not args.select_limit else sorted(
@@ -303,9 +325,8 @@ def main(argv=None) -> dict:
                 set, then scored on the test fold."""
                 best = (base_sel, None, 0.0, lambda mult: [], "unsteered")
                 for label, sc, make, desc in candidates:
-                    ivs = make(1.0)
                     t = time.time()
-                    r = scored("mc1", sel, ivs, dict(fk, method=m, variant=label, scale=sc))
+                    r = scored("mc1", sel, lambda make=make: make(1.0), dict(fk, method=m, variant=label, scale=sc))
                     acc = float(np.mean([r[i]["mc1"] for i in sel]))
                     curves[m].setdefault((label, sc), []).append(acc - base_sel)
                     log(f"  select {m}[{desc}]: train MC1 {acc:.4f} (base {base_sel:.4f}, n={len(sel)}, "
@@ -313,9 +334,8 @@ def main(argv=None) -> dict:
                     if acc > best[0] + 1e-9:
                         best = (acc, label, sc, make, desc)
                 acc, label, sc, make, desc = best
-                ivs = make(1.0)
                 t = time.time()
-                r = scored("union", test, ivs, dict(fk, method=m, variant=label, scale=sc, test=True))
+                r = scored("union", test, lambda: make(1.0), dict(fk, method=m, variant=label, scale=sc, test=True))
                 for i in test:
                     test_scores[m][i].append(r[i])
                 mc1 = np.mean([r[i]["mc1"] for i in test])
@@ -324,16 +344,16 @@ def main(argv=None) -> dict:
                 chosen_log.append({"seed": seed, "fold": fold, "method": m, "setting": desc, "train_mc1": acc,
                                    "train_base_mc1": base_sel, "test_mc1": float(mc1), "test_base_mc1": float(bmc1)})
                 if seed == seeds[0] and fold == 0:
-                    cost_vec[m] = (ivs, desc)
+                    cost_vec[m] = (make, desc)
                 chosen_ivs[m] = (make, desc)
 
-            def at_scale(vec, sc):
-                return lambda mult: vec.interventions(sc * mult)
+            def at_scale(get, sc):
+                return lambda mult: get().interventions(sc * mult)
 
             for m in methods:
-                select_and_test(m, [(label, sc, at_scale(vec, sc),
+                select_and_test(m, [(label, sc, at_scale(get, sc),
                                      f"{label}{'' if layer is None else '=L' + str(layer)} x{sc:g}")
-                                    for (mm, label), (vec, layer) in vecs.items() if mm == m for sc in scales[m]])
+                                    for (mm, label), (get, layer) in vecs.items() if mm == m for sc in scales[m]])
             for c in combos:  # each part at its own fold-chosen setting, times a joint multiplier chosen here too
                 parts = [chosen_ivs[m] for m in c.split("+")]
 
@@ -368,7 +388,8 @@ def main(argv=None) -> dict:
         arc_base = arc_acc(score_items_fast(model, arc_items, pad_id=pad))
         log(f"ARC-Easy baseline acc {np.mean(arc_base):.4f} (n={len(arc)}, {time.time() - t:.0f}s)")
     for row in table[1:]:
-        ivs, desc = cost_vec[row["method"]]
+        make, desc = cost_vec[row["method"]]
+        ivs = make(1.0)
         row["cost_setting"] = desc
         if not ivs:
             row["kl"], row["arc_delta"] = 0.0, None

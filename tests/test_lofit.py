@@ -168,3 +168,20 @@ def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch):
     assert main(["extract", "--pairs", str(path), "--method", "lofit", "--heads", "2", "--train", "epochs=1",
                  "-o", str(out)]) == 0
     assert SteeringVector.load(out).method == "lofit"
+
+
+@pytest.mark.integration
+def test_lofit_on_smollm2_chat_pairs():
+    """Real model, chat-templated prompt pairs (the bundled formal/casual set): a few steps raise the margin."""
+    from steerscale.models.loading import load_model
+    from steerscale.steer.pairs import bundled_pairs
+
+    lm = load_model("smollm2-135m-instruct")
+    pairs = load_pairs(bundled_pairs("formal_casual"))[:8]
+    items = pair_items(lm.tokenizer, pairs)
+    assert lm.tokenizer.decode(items[0].prompt).startswith("<|im_start|>")  # the chat template was applied
+    sites = [Site(14, SiteKind.HEAD_OUT, 0), Site(14, SiteKind.HEAD_OUT, 3)]
+    before = _margins(lm, items)
+    v = fit_lofit(lm, pairs, sites=sites, epochs=3, lr=0.02, batch_size=4, progress=False)
+    assert (_margins(lm, items, v) - before).mean() > 0.5
+    assert torch.equal(_margins(lm, items), before) and _hooks(lm.model) == 0
