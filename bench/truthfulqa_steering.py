@@ -261,8 +261,15 @@ def main(argv=None) -> dict:
     log(f"model {args.model}: {layout.n_layers} layers, {layout.n_heads} heads; {n} questions; seeds {seeds}; "
         f"methods {methods}; threads {torch.get_num_threads()}")
     lofit_knobs = LofitConfig.parse(args.lofit)
-    common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers,
-                  **({"lofit": lofit_knobs} if "lofit" in methods else {}))
+    LofitConfig.build(**lofit_knobs)  # a bad knob fails now, not at the first training an hour in
+    if "seed" in lofit_knobs:
+        raise SystemExit("--lofit seed=...: LoFiT is seeded by the fold-split seed (--seeds)")
+    common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers)
+
+    def own_key(m: str) -> dict:
+        """What identifies a method's scores besides the fold: LoFiT's knobs only for rows that use LoFiT, so adding
+        it (or changing them) leaves every other method's cached scores valid."""
+        return {"method": m, **({"lofit": lofit_knobs} if "lofit" in m.split("+") else {})}
 
     def scored(kind: str, idx: list[int], make_ivs, key_extra: dict) -> dict[int, dict]:
         """Per-question metrics for questions ``idx`` (kind 'union' = MC1+MC2, 'mc1' = MC1 only), cached.
@@ -310,7 +317,7 @@ def main(argv=None) -> dict:
             # (method, label) -> (vector getter, layer): LoFiT's getter trains it on first use only
             vecs = {key: ((lambda v=vec: v), layer) for key, (vec, layer) in vecs.items()}
             if "lofit" in methods:
-                path = out / "vectors" / f"lofit-{keyof(**fk)}.safetensors"
+                path = out / "vectors" / f"lofit-{keyof(**fk, lofit=lofit_knobs)}.safetensors"
                 vecs[("lofit", "heads")] = (lazy_lofit(lm, pairs, seed, lofit_knobs, path), None)
             log(f"seed {seed} fold {fold}: {len(train)} train / {len(test)} test questions, {len(pairs)} pairs; "
                 f"vectors fitted ({time.time() - t:.0f}s); auto layer {info.get('auto_layer')}")
@@ -326,7 +333,7 @@ def main(argv=None) -> dict:
                 best = (base_sel, None, 0.0, lambda mult: [], "unsteered")
                 for label, sc, make, desc in candidates:
                     t = time.time()
-                    r = scored("mc1", sel, lambda make=make: make(1.0), dict(fk, method=m, variant=label, scale=sc))
+                    r = scored("mc1", sel, lambda make=make: make(1.0), dict(fk, **own_key(m), variant=label, scale=sc))
                     acc = float(np.mean([r[i]["mc1"] for i in sel]))
                     curves[m].setdefault((label, sc), []).append(acc - base_sel)
                     log(f"  select {m}[{desc}]: train MC1 {acc:.4f} (base {base_sel:.4f}, n={len(sel)}, "
@@ -335,7 +342,7 @@ def main(argv=None) -> dict:
                         best = (acc, label, sc, make, desc)
                 acc, label, sc, make, desc = best
                 t = time.time()
-                r = scored("union", test, lambda: make(1.0), dict(fk, method=m, variant=label, scale=sc, test=True))
+                r = scored("union", test, lambda: make(1.0), dict(fk, **own_key(m), variant=label, scale=sc, test=True))
                 for i in test:
                     test_scores[m][i].append(r[i])
                 mc1 = np.mean([r[i]["mc1"] for i in test])
@@ -412,7 +419,7 @@ def main(argv=None) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(all_methods), figsize=(3.6 * len(all_methods), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(all_methods), figsize=(max(3.6 * len(all_methods), 6.0), 3.6), squeeze=False)
         for ax, m in zip(axes[0], all_methods):
             labels = sorted({lab for lab, _ in curves[m]})
             for lab in labels:

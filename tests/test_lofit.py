@@ -1,6 +1,7 @@
 """LoFiT: learned per-head offsets, on tiny random models (training is real, just small)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,9 +64,47 @@ def test_lofit_learns_offsets_that_prefer_the_positive_completion(family):
 def test_head_selection_picks_the_heads_with_the_largest_scalings():
     lm = _lm()
     v = fit_lofit(lm, _pairs(), heads=2, epochs=1, lr=0.05, select_lr=0.05, progress=False)
-    norms = {k: m["selection_norm"] for k, m in v.metadata["per_site"].items()}
-    assert len(norms) == 2 and all(n > 0 for n in norms.values())
+    norms = v.metadata["selection_norms"]
+    assert len(norms) == lm.layout.n_layers * lm.layout.n_heads  # every candidate head is recorded
+    chosen = {s.key() for s in v.sites}
+    assert len(chosen) == 2 and min(norms[k] for k in chosen) > 0
+    assert min(norms[k] for k in chosen) >= max(n for k, n in norms.items() if k not in chosen)
     assert v.metadata["select_loss_history"] and v.metadata["lofit"]["heads"] == 2
+    with pytest.raises(SteerscaleError, match="have only 4"):
+        fit_lofit(lm, _pairs(), heads=5, layers="1", progress=False)
+
+
+def test_same_seed_same_vector():
+    lm = _lm()
+    a, b = (fit_lofit(lm, _pairs(), heads=2, epochs=1, seed=3, progress=False) for _ in range(2))
+    assert a.sites == b.sites and all(torch.equal(a.directions[s], b.directions[s]) for s in a.sites)
+
+
+def test_dpo_objective_against_a_hand_computed_value():
+    cfg = LofitConfig(beta=0.5)
+    sums = torch.tensor([[-3.0, -5.0], [-2.0, -1.0]], dtype=torch.float64)
+    ref = torch.tensor([[-4.0, -4.0], [-2.0, -2.0]], dtype=torch.float64)
+    items = [mc.Item([1], [[2, 3], [4]]), mc.Item([1], [[2], [5]])]
+    # margins: (1 - (-1)) = 2 and (0 - 1) = -1
+    want = -(math.log(1 / (1 + math.exp(-1.0))) + math.log(1 / (1 + math.exp(0.5)))) / 2
+    assert abs(float(lofit._objective(sums, ref, items, cfg)) - float(want)) < 1e-9
+    sft = lofit._objective(sums, ref, items, LofitConfig(loss="sft"))  # mean NLL per token of the preferred side
+    assert abs(float(sft) - (3.0 / 2 + 2.0 / 1) / 2) < 1e-9
+
+
+def test_choice_logprob_sums_match_padded_scoring_and_carry_gradients():
+    lm = _lm()
+    items = pair_items(lm.tokenizer, load_pairs(_pairs(3))) + [mc.Item([5, 6, 7], [[8], [9, 10], [11, 12, 13]])]
+    padded = mc.score_items(lm.model, items, method="padded")
+    sums = mc.choice_logprob_sums(lm.model, items)
+    for row, r in zip(sums, padded):
+        assert torch.allclose(row[: len(r["logprobs"])], torch.tensor(r["logprobs"], dtype=row.dtype), atol=1e-4)
+    bias = torch.zeros(lm.layout.head_dim, requires_grad=True)
+    from steerscale import Affine, Intervention
+
+    with intervene(lm.layout, [Intervention(Site(1, SiteKind.HEAD_OUT, 0), Affine(bias=bias))]):
+        mc.choice_logprob_sums(lm.model, items)[:, 0].sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
 def test_given_sites_skip_selection_and_sft_loss_raises_the_positive_likelihood():
@@ -104,12 +143,13 @@ def test_pairs_without_prompt_split_at_the_common_prefix():
     (dict(heads=0), "heads must be at least 1"),
     (dict(lr=float("nan")), "lr must be a positive finite"),
     (dict(beta=-1), "beta must be a positive"),
-    (dict(loss="hinge"), "hinge"),
+    (dict(loss="hinge"), "unknown LoFiT loss 'hinge'"),
     (dict(l1=float("inf")), "l1 must be"),
+    (dict(epochz=2), "unknown LoFiT setting"),
 ])
 def test_config_is_validated(knobs, match):
-    with pytest.raises((SteerscaleError, ValueError), match=match):
-        LofitConfig(**knobs)
+    with pytest.raises(SteerscaleError, match=match):
+        LofitConfig.build(**knobs)
 
 
 def test_parse_training_knobs():
@@ -126,13 +166,18 @@ def test_bad_sites_and_data():
         fit_lofit(lm, _pairs(), sites=[Site(1)], progress=False)
     with pytest.raises(SteerscaleError, match="out of range"):
         fit_lofit(lm, _pairs(), sites=[Site(9, SiteKind.HEAD_OUT, 0)], progress=False)
+    with pytest.raises(SteerscaleError, match="distinct"):
+        fit_lofit(lm, _pairs(), sites=[Site(1, SiteKind.HEAD_OUT, 0)] * 2, progress=False)
+    with pytest.raises(SteerscaleError, match="distinct"):
+        fit_lofit(lm, _pairs(), sites=[], progress=False)
     with pytest.raises(SteerscaleError, match="at least 2"):
         fit_lofit(lm, _pairs(1), progress=False)
     with pytest.raises(SteerscaleError, match="needs contrastive pairs"):
         extract_labelled(lm, [("good text", 1), ("fine text", 1), ("bad text", 0), ("awful text", 0)], "lofit")
 
 
-def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch):
+@pytest.mark.parametrize("sites", [None, [Site(1, SiteKind.HEAD_OUT, 0)]], ids=["selection", "offsets"])
+def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch, sites):
     lm = _lm()
     before_state, before_flags = _snapshot(lm.model)
     calls = {"n": 0}
@@ -140,19 +185,19 @@ def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch):
 
     def flaky(model, items, pad_id=0):
         calls["n"] += 1
-        if calls["n"] == 3:  # after the reference pass and one training step
+        if calls["n"] == 4:  # 8 pairs in batches of 4: 2 reference calls, 1 full training step, then the failure
             raise RuntimeError("boom")
         return real(model, items, pad_id)
 
     monkeypatch.setattr(lofit, "choice_logprob_sums", flaky)
     with pytest.raises(RuntimeError, match="boom"):
-        fit_lofit(lm, _pairs(), sites=[Site(1, SiteKind.HEAD_OUT, 0)], epochs=2, batch_size=4, progress=False)
+        fit_lofit(lm, _pairs(), sites=sites, heads=2, epochs=2, batch_size=4, progress=False)
     after_state, after_flags = _snapshot(lm.model)
     assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
     assert after_flags == before_flags and _hooks(lm.model) == 0
 
 
-def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch):
+def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch, capsys):
     lm = _lm()
     v = extract(lm, _pairs(), "lofit", "1-2", iti_heads=2, train="epochs=1", progress=False)
     assert v.method == "lofit" and {s.layer for s in v.sites} <= {1, 2}
@@ -168,6 +213,10 @@ def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch):
     assert main(["extract", "--pairs", str(path), "--method", "lofit", "--heads", "2", "--train", "epochs=1",
                  "-o", str(out)]) == 0
     assert SteeringVector.load(out).method == "lofit"
+    assert main(["extract", "--pairs", str(path), "--method", "caa", "--train", "epochs=1", "-o", str(out)]) == 2
+    assert "does not train" in capsys.readouterr().err
+    assert main(["extract", "--pairs", str(path), "--method", "lofit", "-o", str(tmp_path / "v.gguf")]) == 2
+    assert "per attention head" in capsys.readouterr().err
 
 
 @pytest.mark.integration

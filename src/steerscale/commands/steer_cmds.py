@@ -8,7 +8,7 @@ from pathlib import Path
 from .common import add_model_args, emit_json, load
 
 METHOD_HELP = ("caa (mean difference), pca (RepE pca_diff), pca_center, probe (logistic regression), iti (per-head), "
-               "lofit (learned per-head offsets; trains for minutes, needs prompt pairs)")
+               "lofit (learned per-head offsets; trains for minutes; --layers limits where heads are chosen)")
 
 
 def _add_data_args(p) -> None:
@@ -67,6 +67,15 @@ def _extract(args, lm, method: str, layers, return_sweep: bool = False):
 
 
 def run_extract(args) -> int:
+    from ..errors import SteerscaleError
+
+    # refuse before loading and training (LoFiT trains for minutes) what can only fail afterwards
+    if args.train and args.method != "lofit":
+        raise SteerscaleError(f"--train sets LoFiT's training knobs; method {args.method!r} does not train",
+                              "drop --train, or use --method lofit")
+    if Path(args.output).suffix == ".gguf" and args.method in ("iti", "lofit"):
+        raise SteerscaleError(f"{args.method} vectors are per attention head; a llama.cpp control vector holds only "
+                              "residual directions", "write .safetensors and bake it (steerscale bake) for other engines")
     lm = load(args)
     vector = _extract(args, lm, args.method, args.layers)
     out = Path(args.output)

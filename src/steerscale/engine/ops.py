@@ -182,9 +182,9 @@ class Affine(Edit):
         return (self.matrix if self.matrix is not None else self.bias).shape[-1]
 
     def __call__(self, h):
-        # No dtype cache: trainable parameters change between calls.
-        out = h if self.matrix is None else h @ self.matrix.to(h.dtype).T
-        return out if self.bias is None else out + self.bias.to(h.dtype)
+        # No cast cache: trainable parameters change between calls (and may live on another device, e.g. CPU).
+        out = h if self.matrix is None else h @ self.matrix.to(device=h.device, dtype=h.dtype).T
+        return out if self.bias is None else out + self.bias.to(device=h.device, dtype=h.dtype)
 
 
 @dataclass(eq=False)

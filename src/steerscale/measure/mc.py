@@ -224,16 +224,13 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
     param = next(model.parameters())
     results: list[dict | None] = [None] * len(items)
     groups = list(_batches(items, method, max_tokens, max_rows))
-    window = sliding_window(model)
     for group in tqdm(groups, desc=f"scoring choices ({method})", disable=not progress, unit="batch"):
         chunk = [items[i] for i in group]
         if method == "shared":
-            ids, mask, pos, (rows, srcs, tgts, keys) = _pack(chunk, pad_id, param.dtype, param.device, *window)
-        else:
+            sums = choice_logprob_sums(model, chunk, pad_id).tolist()
+        else:  # a plain forward per (question, choice): the reference the packed path is tested against
             ids, mask, pos, (rows, srcs, tgts, keys) = _pad_rows(chunk, pad_id, param.device)
-        # The padded path stays a plain forward: it is the reference the packed path is tested against.
-        lps = _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets=method == "shared")
-        sums = _per_choice(lps, keys, chunk).tolist()
+            sums = _per_choice(_target_logprobs(model, ids, mask, pos, rows, srcs, tgts, False), keys, chunk).tolist()
         for b, i in enumerate(group):
             n_tok = [len(c) for c in items[i].choices]
             per = sums[b][: len(n_tok)]
@@ -244,10 +241,10 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
 
 def _per_choice(lps: torch.Tensor, keys, items: Sequence[Item]) -> torch.Tensor:
     """Token log-probs summed per ``(item, choice)`` key: ``(n_items, max_choices)``, zero where an item has fewer
-    choices. A scatter-add, so gradients flow to whatever produced ``lps``."""
+    choices. A scatter-add in float64 (long answers sum many terms), so gradients flow to whatever produced ``lps``."""
     width = max(len(it.choices) for it in items)
     flat = torch.tensor([b * width + k for b, k in keys], device=lps.device)
-    sums = torch.zeros(len(items) * width, dtype=lps.dtype, device=lps.device).index_add(0, flat, lps)
+    sums = torch.zeros(len(items) * width, dtype=torch.float64, device=lps.device).index_add(0, flat, lps.double())
     return sums.view(len(items), width)
 
 

@@ -171,7 +171,7 @@ def extract(
         if return_sweep:
             raise SteerscaleError("LoFiT chooses heads by training, not by a probe sweep",
                                   "run the sweep with method caa or iti, or drop return_sweep")
-        knobs = {"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}
+        knobs = {"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}  # batch_size: LoFiT's own knob
         return fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
     texts = pair_texts(lm.tokenizer, pairs, chat)
     data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}

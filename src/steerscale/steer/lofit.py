@@ -9,11 +9,11 @@ Two short training runs; the model stays frozen and only a few small tensors lea
 
 The result is an ordinary per-head ``SteeringVector`` (method ``lofit``, sites ``head_out``, like ITI): ``scale``
 multiplies the learned offsets (1 = as trained), it bakes into ``o_proj`` biases, and it composes with any other
-vector. Unlike ITI it cannot be exported as a llama.cpp control vector (per-head, not residual).
+vector. Like ITI it cannot be exported as a llama.cpp control vector (per-head, not residual).
 
 Loss, on contrastive prompt pairs (prompt, preferred completion, rejected completion), summed completion log-probs
-from steerscale's packed scorer (``measure.mc.choice_logprob_sums``, the same function TruthfulQA MC1 is scored
-with):
+from steerscale's packed scorer (``measure.mc.choice_logprob_sums``, which multiple-choice scoring such as
+TruthfulQA MC1 also runs on):
 
 * ``dpo`` (default; LoFiT's TruthfulQA setting): ``-log sigmoid(beta * ((lp+ - ref+) - (lp- - ref-)))`` with the
   unsteered model as the reference;
@@ -66,7 +66,10 @@ class LofitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "loss", LofitLoss(self.loss))
+        try:
+            object.__setattr__(self, "loss", LofitLoss(self.loss))
+        except ValueError:
+            raise SteerscaleError(f"unknown LoFiT loss {self.loss!r}", "use loss=dpo or loss=sft") from None
         for name in ("heads", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise SteerscaleError(f"LoFiT {name} must be at least 1, got {getattr(self, name)!r}")
@@ -86,18 +89,27 @@ class LofitConfig:
             return {}
         if isinstance(spec, dict):
             return dict(spec)
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}  # int, float or LofitLoss
         out = {}
         for part in str(spec).split(","):
             key, eq, value = (x.strip() for x in part.partition("="))
-            if not eq or key not in fields:
+            if not eq or key not in kinds:
                 raise SteerscaleError(f"bad LoFiT setting {part!r}",
-                                      f"use NAME=VALUE pairs with NAME one of: {', '.join(fields)}")
+                                      f"use NAME=VALUE pairs with NAME one of: {', '.join(kinds)}")
             try:
-                out[key] = value if key == "loss" else int(value) if fields[key] == "int" else float(value)
+                out[key] = value if kinds[key] is LofitLoss else kinds[key](value)
             except ValueError:
                 raise SteerscaleError(f"LoFiT {key} must be a number, got {value!r}") from None
         return out
+
+    @classmethod
+    def build(cls, config: "LofitConfig | None" = None, **knobs) -> "LofitConfig":
+        """``config`` with ``knobs`` overriding its fields; an unknown knob is an error that lists the known ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(knobs) - set(names))
+        if unknown:
+            raise SteerscaleError(f"unknown LoFiT setting(s) {', '.join(unknown)}", f"known: {', '.join(names)}")
+        return cls(**{**(asdict(config) if config else {}), **knobs})
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -155,7 +167,11 @@ def _objective(sums: torch.Tensor, ref: torch.Tensor, items: list[Item], cfg: Lo
     return -(sums[:, 0] / n_tok).mean()
 
 
-def _reference(lm: LoadedModel, items: list[Item], pad_id: int, size: int) -> torch.Tensor:
+def _reference(lm: LoadedModel, items: list[Item], pad_id: int, cfg: LofitConfig) -> torch.Tensor:
+    """The unsteered model's summed log-probs of both completions (DPO's reference; SFT needs none)."""
+    size = cfg.batch_size
+    if cfg.loss is not LofitLoss.DPO:
+        return torch.zeros(len(items), 2, dtype=torch.float64)
     with torch.no_grad():
         return torch.cat([choice_logprob_sums(lm.model, items[i : i + size], pad_id)[:, :2]
                           for i in range(0, len(items), size)])
@@ -197,15 +213,18 @@ def select_heads(lm: LoadedModel, items: list[Item], ref: torch.Tensor, layers, 
     dim = lm.layout.site_dim(sites[0])
     scales = torch.zeros(len(sites), dim, requires_grad=True)
 
-    def scaler(i):
-        return lambda z: z * (1 + scales[i].to(z.dtype))
+    def scaler(i):  # z * (1 + a), written so a small a survives bf16 (1 + a would round to 1)
+        return lambda z: z + z * scales[i].to(device=z.device, dtype=z.dtype)
 
     ivs = [Intervention(s, Lambda(scaler(i), dim)) for i, s in enumerate(sites)]
     history = _train(lm, items, ref, ivs, [scales], lambda: cfg.l1 * scales.abs().sum(), cfg.select_epochs,
                      cfg.select_lr, cfg, pad_id, "LoFiT head selection", progress)
     norms = {s: float(n) for s, n in zip(sites, scales.detach().norm(dim=-1))}
-    chosen = sorted(sorted(norms, key=lambda s: -norms[s])[: cfg.heads])
-    return chosen, norms, history
+    ranked = sorted(norms, key=lambda s: -norms[s])
+    if norms[ranked[cfg.heads - 1]] == 0:
+        raise SteerscaleError(f"LoFiT head selection left fewer than {cfg.heads} heads with a non-zero scaling",
+                              "lower l1, raise select_lr or select_epochs, or ask for fewer heads")
+    return sorted(ranked[: cfg.heads]), norms, history
 
 
 def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers="auto", sites: list[Site] | None = None,
@@ -216,17 +235,19 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
     step 1 and train offsets on these ``head_out`` sites. ``knobs`` override ``LofitConfig`` fields."""
     from .extract import parse_layers
 
-    cfg = LofitConfig(**{**(asdict(config) if config else {}), **knobs})
+    cfg = LofitConfig.build(config, **knobs)
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
     if len(pairs) < 2:
         raise SteerscaleError(f"LoFiT needs at least 2 contrastive pairs, got {len(pairs)}")
     layout = lm.layout
     chosen_layers = parse_layers(layers, layout.n_layers)
     layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers
+    if sites is None and cfg.heads > len(layers) * layout.n_heads:
+        raise SteerscaleError(f"LoFiT asked for {cfg.heads} heads, but layers {list(layers)} have only "
+                              f"{len(layers) * layout.n_heads}", "ask for fewer heads or allow more layers")
     items = pair_items(lm.tokenizer, pairs, chat)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    torch.manual_seed(cfg.seed)
-    ref = _reference(lm, items, pad_id, cfg.batch_size)
+    ref = _reference(lm, items, pad_id, cfg)
 
     norms, select_history = {}, []
     if sites is None:
@@ -235,6 +256,9 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
         heads, norms, select_history = select_heads(lm, items, ref, layers, cfg, pad_id, progress)
     else:
         heads = sorted(Site.parse(h) if isinstance(h, str) else h for h in sites)
+        if not heads or len(set(heads)) != len(heads):
+            raise SteerscaleError(f"LoFiT sites must be distinct head_out sites, got {[s.key() for s in heads]}",
+                                  "name each head once, or pass sites=None to select heads by training")
         for s in heads:
             layout.locate(s)
             if s.kind is not SiteKind.HEAD_OUT:
@@ -263,5 +287,6 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
             "select_loss_history": select_history,
             "per_site": {s.key(): {"selection_norm": norms.get(s), "offset_norm": float(directions[s].norm())}
                          for s in heads},
+            "selection_norms": {s.key(): round(n, 6) for s, n in norms.items()},  # every candidate head
         },
     )
