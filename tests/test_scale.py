@@ -167,6 +167,19 @@ def test_programmatic_verifiers():
     assert extract_answer("x = 3, then 5. Answer: 1,234") == "1234"
 
 
+@pytest.mark.parametrize("text, answer", [
+    ("The answer is 34 + 17 = 51.", "51"),  # a worked expression after "answer is": its result, not 34
+    ("answer: 2 * (3 + 4) = 14", "14"),
+    ("Answer: -5", "-5"),
+    ("Answer: 3.5", "3.5"),
+    ("Answer: 1/2.", "1/2"),
+    ("Answer: 12\n13 + 1 = 14", "12"),  # the expression skip stays on the answer's line
+    ("The answer is (C).", "C"),
+])
+def test_extract_answer_reads_the_result_of_a_worked_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
 def test_self_eval_and_logprob_scorers(backend):
     b = Budget()
     v = get_verifier("self_eval", backend=backend)

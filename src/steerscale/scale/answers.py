@@ -7,7 +7,10 @@ import re
 _NUM = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 _PATTERNS = [
     re.compile(r"\\boxed\{([^{}]*)\}"),
-    re.compile(r"[Aa]nswer\s*(?:is|:|=)\s*:?\s*\$?\s*(" + _NUM + ")"),
+    # "the answer is 34 + 17 = 51" means 51: skip a worked expression up to its last "=", and never stop inside
+    # a number or in front of an operator (that would read the expression's first operand as the answer)
+    re.compile(r"[Aa]nswer\s*(?:is|:|=)\s*:?\s*\$?\s*(?:[\d \t.,()+\-*/×÷^]+=[ \t]*)*(" + _NUM
+               + r")(?![\d,]|[./]\d|\s*[+\-*/×÷^]\s*\d)"),
     re.compile(r"[Aa]nswer\s*(?:is|:)\s*\(?([A-Ea-e])\b\)?"),
 ]
 
