@@ -8,7 +8,9 @@ self-consistency and compute-optimal allocation.
 Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
 16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). The search
 strategies (PRM-guided: ``SEARCH_RUNS``) and adaptive SC are separate real runs per (problem, seed);
-compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Intervals: paired bootstrap over problems (numpy).
+compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Every (problem,
+seed) samples from its own random stream (``derive_seed``), so samples are independent across problems.
+Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
 one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
 ``--digits``); ``--source builtin`` from ``steerscale.scale.tasks_arith.make_problems`` (``--difficulty``).
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from steerscale import load_model
-    from steerscale.scale import Budget, LocalBackend, get_verifier, run_strategy
+    from steerscale.scale import Budget, LocalBackend, derive_seed, get_verifier, run_strategy
     from steerscale.scale.strategies import run_compute_optimal
     from steerscale.scale.strategies.base import best_of, vote
     from steerscale.scale.tasks_arith import gym_problems, make_problems
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
         for s in range(S):
             put("greedy", p, s, g.answer == prob.answer, g.generated_tokens)
         for s in range(S):
-            pool = run_strategy("majority", prob.question, backend, None, Budget(), n=16, seed=1000 + s, **knobs).candidates
+            ps = derive_seed(s, p)  # seed s, problem p: no two problems share a random stream
+            pool = run_strategy("majority", prob.question, backend, None, Budget(), n=16, seed=derive_seed(ps, "pool"),
+                                **knobs).candidates
             from steerscale.scale.verifiers import score_candidates
 
             score_candidates(prm, prob.question, pool, Budget())
@@ -106,15 +110,15 @@ def main(argv=None) -> int:
                 put(f"wvote@{k}", p, s, vote(sub, w)[0] == prob.answer, tokens)
                 put(f"pass@{k}", p, s, any(c.answer == prob.answer for c in sub), tokens)
             for n in pfs:
-                r = run_strategy("particle_filter", prob.question, backend, prm, Budget(), n=n, seed=s, **knobs)
+                r = run_strategy("particle_filter", prob.question, backend, prm, Budget(), n=n, seed=ps, **knobs)
                 put(f"pf@{n}", p, s, r.answer == prob.answer, r.generated_tokens)
-            r = run_strategy("astar", prob.question, backend, prm, Budget(), n=4, expand=1, seed=s, **knobs)
+            r = run_strategy("astar", prob.question, backend, prm, Budget(), n=4, expand=1, seed=ps, **knobs)
             put("astar@4", p, s, r.answer == prob.answer, r.generated_tokens)
             for name, strat, extra_knobs, _ in SEARCH_RUNS:
-                r = run_strategy(strat, prob.question, backend, prm, Budget(), seed=s, **extra_knobs, **knobs)
+                r = run_strategy(strat, prob.question, backend, prm, Budget(), seed=ps, **extra_knobs, **knobs)
                 put(name, p, s, r.answer == prob.answer, r.generated_tokens)
             r = run_strategy("adaptive_sc", prob.question, backend, None, Budget(), n=16, batch=2, min_samples=2,
-                             seed=s, **knobs)
+                             seed=ps, **knobs)
             put("adaptive_sc", p, s, r.answer == prob.answer, r.generated_tokens)
             extra["asc_samples"][p, s] = r.info["samples_used"]
             runs.write(json.dumps({"problem": p, "seed": s, "answer": prob.answer,

@@ -296,6 +296,31 @@ def test_generate_mode_and_gen_tasks(tmp_path):
         evaluate((model, TOK, layout), str(p), mode="loglik", outdir=tmp_path / "o", progress=False)
 
 
+@pytest.mark.parametrize("strategy", [None, "majority"])
+def test_seeded_sampling_gives_each_example_its_own_stream(tmp_path, strategy):
+    # the same question twice: with one random stream per example the two draws differ; a shared stream (one seed
+    # for every example) would make them identical, which correlates samples across a whole benchmark
+    model, layout = tiny_model("llama")
+    p = tmp_path / "twice.jsonl"
+    p.write_text("\n".join(json.dumps({"question": "Name a colour.", "answer": "red"}) for _ in range(2)) + "\n")
+    kw = dict(strategy=strategy, n=2) if strategy else dict(sample=True, chunk=1)  # one batch per example
+    runs = [evaluate((model, TOK, layout), str(p), max_new_tokens=8, temperature=1.0, seeds=[3],
+                     outdir=tmp_path / f"o{i}", progress=False, **kw) for i in range(2)]
+    texts = [[r["output"]["text"] for r in run.records] for run in runs]
+    assert texts[0] == texts[1]  # still reproducible by seed
+    assert texts[0][0] != texts[0][1]
+    assert runs[0].summary["config"]["seeding"] == "per-example"
+
+
+def test_derive_seed_is_stable_distinct_and_in_range():
+    from steerscale.scale import derive_seed
+
+    assert derive_seed(None, 1) is None
+    assert derive_seed(7, "a", 1) == derive_seed(7, "a", 1)
+    seeds = {derive_seed(s, k) for s in range(20) for k in range(50)}
+    assert len(seeds) == 1000 and all(0 <= x < 2**31 - 1 for x in seeds)
+
+
 def test_strategy_flags_are_checked_before_any_model_work():
     with pytest.raises(SteerscaleError, match="unknown strategy"):
         resolve_strategy("no_such_strategy", None)

@@ -79,18 +79,19 @@ SCALING_METHODS = [("greedy", "greedy", 1, None), ("majority vote, 4 samples", "
 
 def scaling_section(lm, n_problems: int, seed: int = 0) -> list[dict]:
     """Accuracy and generated tokens per problem for each of ``SCALING_METHODS`` on seeded arithmetic."""
-    from .scale import Budget, LocalBackend, get_verifier, run_strategy
+    from .scale import Budget, LocalBackend, derive_seed, get_verifier, run_strategy
     from .scale.tasks_arith import make_problems
 
     backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
     problems = make_problems(n_problems, seed, difficulty=1)
-    knobs = dict(max_tokens=32, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=32, seed=seed)
+    knobs = dict(max_tokens=32, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=32)
     rows = []
     for label, name, n, verifier in SCALING_METHODS:
         correct, tokens = [], []
-        for prob in problems:
+        for i, prob in enumerate(problems):
             extra = {} if name == "greedy" else {"n": n}
-            r = run_strategy(name, prob.question, backend, get_verifier(verifier), Budget(), **knobs, **extra)
+            r = run_strategy(name, prob.question, backend, get_verifier(verifier), Budget(), seed=derive_seed(seed, i),
+                             **knobs, **extra)
             correct.append(float(r.answer == prob.answer))
             tokens.append(r.generated_tokens)
         rows.append({"method": label, "strategy": name, "n": n, "accuracy": bootstrap_ci(correct).to_dict(),

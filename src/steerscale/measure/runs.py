@@ -29,6 +29,7 @@ from ..engine.generation import generate
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
+from ..scale.backend import derive_seed
 from .mc import score_choices
 from .stats import bootstrap_ci
 from .tasks import Example, Task, get_task
@@ -198,7 +199,8 @@ def _run_strategy_chunk(backend, task: Task, examples: list[Example], seed: int,
     prompts, outs, tokens = [], [], []
     for e in examples:
         prompt = fmt(e)
-        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], seed=seed)
+        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                     seed=derive_seed(seed, e.id))  # one stream per example: see derive_seed
         if cfg["strategy"]["name"] != "greedy":
             knobs["n"] = cfg["n"]
         result = run_strategy(cfg["strategy"]["name"], prompt, backend, verifier,
@@ -261,7 +263,8 @@ def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: in
         fmt = task.format_generate if task.kind == "mc" else task.format
         prompts = [fmt(e) for e in examples]
         gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=cfg["max_new_tokens"],
-                        do_sample=cfg["sample"], temperature=cfg["temperature"], seed=seed,
+                        do_sample=cfg["sample"], temperature=cfg["temperature"],
+                        seed=derive_seed(seed, examples[0].id),  # chunks must not repeat one stream
                         chat=cfg["chat"])
         outs = [{"text": g.text} for g in gens]
         tokens = [{"prompt": g.n_prompt_tokens, "generated": g.n_tokens} for g in gens]
@@ -341,6 +344,8 @@ def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", int
         "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
         "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
         "temperature": temperature if sample or strategy_cfg else None,  # a strategy samples at it
+        # runs before per-example seeds reused one random stream for every example: never a cache hit for them
+        **({"seeding": "per-example"} if sample or strategy_cfg else {}),
         # what answers a strategy run, and where: a different backend is a different run (never a cache hit)
         **({"strategy": strategy, "budget": budget, "n": n, "verifier": verifier,
             "backend": desc} if strategy_cfg else {}),

@@ -26,6 +26,7 @@ server, an HTTP backend that overrides them with real async requests) can await 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,20 @@ def find_stop(prev: str, text: str, stops: Sequence[str]) -> int:
     joined = tail + text
     cut = min((joined.find(s) for s in stops if s in joined), default=-1)
     return cut if cut < 0 else max(0, cut - len(tail))
+
+
+def derive_seed(seed: int | None, *keys) -> int | None:
+    """The seed for one part of a seeded run (one example, one round, one prompt of a batch), sharing no random
+    stream with the other parts; ``None`` stays ``None`` (unseeded).
+
+    Why not pass one seed to every prompt: samplers draw tokens by inverse CDF, so prompts sampled from the same
+    stream pick their tokens at the same quantiles. Sample ``i`` of every prompt is then correlated with sample
+    ``i`` of every other, and averaging over prompts no longer averages out the sampling noise (a seeded
+    benchmark's intervals come out too narrow, its per-sample accuracy off by the luck of one draw)."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(repr((int(seed),) + tuple(str(k) for k in keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
 @dataclass(frozen=True)

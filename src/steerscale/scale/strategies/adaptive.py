@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 from ...errors import SteerscaleError
+from ..backend import derive_seed
 from .base import annotate, check_positive, finish, representative, sampling_params, vote
 
 
@@ -30,7 +31,7 @@ def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion="
     rnd = 0
     while len(cands) < n and not budget.exhausted:
         k = min(batch, n - len(cands))
-        new = backend.sample(prompt, k, params, budget, seed=seed * 1000 + rnd)
+        new = backend.sample(prompt, k, params, budget, seed=derive_seed(seed, "round", rnd))
         annotate(new, answer_fn)
         cands.extend(new)
         rnd += 1

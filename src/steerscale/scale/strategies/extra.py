@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 
 from ...errors import SteerscaleError
+from ..backend import derive_seed
 from ..budget import Budget
 from ..verifiers import LogprobConfidence
 from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
@@ -150,7 +151,7 @@ def run_refine(prompt, backend, verifier, budget, *, rounds=3, n=2, seed=0, answ
             break
         text = prompt if best is None else REFINE_TEMPLATE.format(prompt=prompt, score=best.score or 0.0,
                                                                   attempt=best.text.strip())
-        cands = backend.sample(text, n, params, budget, seed=seed * 100 + r)
+        cands = backend.sample(text, n, params, budget, seed=derive_seed(seed, "round", r))
         annotate(cands, answer_fn)
         failures += score(verifier, prompt, cands, budget)
         for c in cands:
@@ -176,7 +177,7 @@ def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2
     params = sampling_params(**knobs)
     pools, difficulty = [], []
     for i, p in enumerate(prompts):
-        c = backend.sample(p, probe, params, budget, seed=seed * 1000 + i)
+        c = backend.sample(p, probe, params, budget, seed=derive_seed(seed, "probe", i))
         annotate(c, answer_fn)
         pools.append(c)
         top = Counter(x.answer for x in c if x.answer is not None).most_common(1)
@@ -187,7 +188,7 @@ def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2
     results = []
     for i, p in enumerate(prompts):
         if alloc[i] > 0 and not budget.exhausted:
-            extra = backend.sample(p, int(alloc[i]), params, budget, seed=seed * 1000 + 500 + i)
+            extra = backend.sample(p, int(alloc[i]), params, budget, seed=derive_seed(seed, "extra", i))
             annotate(extra, answer_fn)
             pools[i] += extra
         answer, tally = vote(pools[i])
