@@ -162,6 +162,9 @@ def test_programmatic_verifiers():
     assert prm.score("q", c("3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"), b) == 1.0
     assert prm.score("q", c("3 + 4 = 8\nAnswer: 8"), b) == pytest.approx(0.05)
     assert prm.score("q", c("3 + 4 = 7\nAnswer: 9"), b) == pytest.approx(0.05)
+    # a search step that ends just before a stop string is blank: it must not cap a correct solution at neutral
+    stepped = Candidate(text="\n59 + 8 = 67\nAnswer: 67\n", steps=["\n59 + 8 = 67\n", "Answer: 67\n", ""])
+    assert prm.score("q", stepped, b) == 1.0 and stepped.step_scores == [1.0, 1.0]
     with pytest.raises(SteerscaleError, match="reference"):
         get_verifier("exact").score("q", c("1"), b)
     assert extract_answer("x = 3, then 5. Answer: 1,234") == "1234"
@@ -247,7 +250,7 @@ def test_compute_optimal_allocates_more_to_harder_prompts(backend):
     b = Budget()
     rs = run_compute_optimal(["ab", "xyz"], backend, None, b, total=10, probe=2, seed=0, max_tokens=4,
                              temperature=1.5)
-    assert len(rs) == 2 and sum(r.info["samples"] for r in rs) <= 10
+    assert len(rs) == 2 and sum(r.info["samples"] for r in rs) == 10  # every sample of the total is spent
     assert b.spent()["generated_tokens"] == sum(c.n_tokens for r in rs for c in r.candidates)
     with pytest.raises(SteerscaleError):
         run_compute_optimal(["a", "b"], backend, None, Budget(), total=3, probe=2)
@@ -259,6 +262,48 @@ def test_entropic_tempering_keeps_ess():
     w, beta = tempered([1.0, 1e-6, 1e-6, 1e-6], 0.5)
     assert beta < 1 and (w.sum() ** 2 / (w ** 2).sum()) / 4 >= 0.5 - 1e-6
     assert tempered([1, 1, 1], 0.5)[1] == 1.0
+
+
+def test_entropic_tempering_keeps_failed_particles_at_zero():
+    from steerscale.scale.strategies.extra import tempered
+
+    w, beta = tempered([1.0, 0.0, float("nan"), 1e-6], 0.9)
+    assert beta < 1 and w[1] == 0 and w[2] == 0 and w[3] > 0
+    assert tempered([0.0, 0.0], 0.5)[0].tolist() == [0.0, 0.0]
+
+
+def test_allocate_places_every_sample_by_difficulty_within_the_cap():
+    from steerscale.scale.strategies.extra import allocate
+
+    assert allocate(12, [0.5, 0.0, 1.0], 14).tolist() == [4, 0, 8]
+    assert allocate(13, [0.5, 0.5, 0.2], 5).tolist() == [5, 5, 3]  # the capped overflow goes to the third
+    assert allocate(40, [0.5, 0.0, 1.0], 14).tolist() == [14, 12, 14]  # more than fits: every prompt full
+    assert allocate(7, [0, 0, 0], 14).sum() == 7 and allocate(5, [1, 1], 0).sum() == 0
+
+
+class Recording(Verifier):
+    name = "recording"
+    process = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def score(self, question, candidate, budget, partial=False):
+        self.calls.append((partial, candidate.finished))
+        return 1.0 / (1 + len(candidate.text))
+
+
+@pytest.mark.parametrize("select", ["best", "weighted"])
+def test_early_pruning_judges_the_finished_survivors(backend, select):
+    v = Recording()
+    r = run_strategy("early_pruning", "ab", backend, v, Budget(), n=4, keep=0.5, prune_after=1, select=select,
+                     step="c", max_tokens=6, max_step_tokens=2, temperature=1.0, seed=0)
+    assert any(p for p, _ in v.calls) and any(not p and fin for p, fin in v.calls)
+    kept = [c for c in r.candidates]
+    assert len(kept) == 2 and all(c.score == pytest.approx(1.0 / (1 + len(c.text))) for c in kept)
+    with pytest.raises(SteerscaleError, match="final selection"):
+        run_strategy("early_pruning", "ab", backend, v, Budget(), n=4, select="bogus")
 
 
 def test_voting_and_resampling_helpers():

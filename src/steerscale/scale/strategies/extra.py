@@ -21,11 +21,18 @@ def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
     """Anneal ``weights`` to ``w ** beta`` with the largest beta in (0, 1] whose effective sample size is at
     least ``target_ess`` x n (entropy-triggered flattening: a collapsing population is kept diverse)."""
     w = np.asarray(weights, dtype=float)
-    w = np.where(np.isfinite(w) & (w > 0), w, 1e-12)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)  # failed particles stay at zero under any beta
     n = len(w)
+    if not w.any():
+        return w, 1.0
+
+    alive = w > 0
+
+    def power(beta):  # w ** beta on the live particles only (0 ** 0 would revive a failed one)
+        return np.where(alive, w, 1.0) ** beta * alive
 
     def ess(beta):
-        x = w ** beta
+        x = power(beta)
         return x.sum() ** 2 / (x ** 2).sum() / n
 
     if ess(1.0) >= target_ess:
@@ -34,7 +41,7 @@ def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
     for _ in range(30):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ess(mid) >= target_ess else (lo, mid)
-    return w ** lo, lo
+    return power(lo), lo
 
 
 def modulate(weights, scores, ahead, strength: float) -> np.ndarray:
@@ -116,6 +123,8 @@ def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune
     check_positive("n", n, getattr(backend, "max_n", None))
     if not 0 < keep <= 1:
         raise SteerscaleError(f"keep must be in (0, 1], got {keep}")
+    if select not in ("best", "vote", "weighted"):
+        raise SteerscaleError(f"unknown final selection {select!r}", "use best, vote or weighted")
     params = sampling_params(**knobs)
     verifier = verifier or LogprobConfidence()
     br = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
@@ -129,9 +138,9 @@ def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune
             order = sorted(range(len(br)), key=lambda i: (not br.rows[i].failed, br.rows[i].score or 0.0), reverse=True)
             br = backend.select(br, sorted(order[: max(1, math.ceil(keep * n))]))
     annotate(br.rows, answer_fn)
-    answer, tally = vote(br.rows) if select == "vote" else ((best_of(br.rows) or br.rows[0]).answer, {})
-    return finish("early_pruning", answer, representative(br.rows, answer), br.rows, budget, failures, tally=tally,
-                  kept=len(br), steps=steps)
+    if select != "vote":  # the pruning scores saw only the first steps: judge the finished survivors again
+        failures += score(verifier, prompt, br.rows, budget)
+    return _final("early_pruning", br.rows, select, budget, failures, kept=len(br), steps=steps)
 
 
 REFINE_TEMPLATE = ("{prompt}\n\nA previous attempt (verifier score {score:.2f} out of 1):\n{attempt}\n\n"
@@ -163,6 +172,25 @@ def run_refine(prompt, backend, verifier, budget, *, rounds=3, n=2, seed=0, answ
     return finish("refine", best.answer if best else None, best, pool, budget, failures, rounds=r + 1)
 
 
+def allocate(samples: int, difficulty, room: int) -> np.ndarray:
+    """Split ``samples`` over prompts in proportion to ``difficulty``, at most ``room`` each; every sample is
+    placed while some prompt has room (floors first, then one each by largest remainder, harder prompts first)."""
+    d = np.asarray(difficulty, dtype=float) + 1e-9
+    alloc = np.zeros(len(d), dtype=int)
+    room = max(int(room), 0)
+    left = min(int(samples), room * len(d))
+    while left > 0:  # each round places every sample or fills a prompt to ``room``; the overflow goes round again
+        share = np.where(alloc < room, d, 0.0)
+        exact = left * share / share.sum()
+        add = np.floor(exact + 1e-9).astype(int)
+        by_remainder = sorted(np.flatnonzero(alloc < room), key=lambda i: (exact[i] - add[i], d[i]), reverse=True)
+        add[by_remainder[: left - int(add.sum())]] += 1
+        add = np.minimum(add, room - alloc)
+        alloc += add
+        left -= int(add.sum())
+    return alloc
+
+
 def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2, cap=16, seed=0, answer_fn=None,
                         **knobs):
     """Compute-optimal allocation over a batch of prompts: ``probe`` samples each, difficulty = 1 - share of
@@ -182,9 +210,7 @@ def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2
         pools.append(c)
         top = Counter(x.answer for x in c if x.answer is not None).most_common(1)
         difficulty.append(1.0 - (top[0][1] / len(c) if top else 0.0))
-    left = total - probe * len(prompts)
-    d = np.asarray(difficulty) + 1e-9
-    alloc = np.minimum(np.floor(left * d / d.sum()).astype(int), cap - probe)
+    alloc = allocate(total - probe * len(prompts), difficulty, cap - probe)
     results = []
     for i, p in enumerate(prompts):
         if alloc[i] > 0 and not budget.exhausted:

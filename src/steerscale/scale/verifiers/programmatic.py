@@ -164,7 +164,9 @@ class ArithmeticPRM(Verifier):
         return self.neutral
 
     def steps_of(self, c: Candidate) -> list[str]:
-        steps = c.steps if len(c.steps) > 1 else [s for s in c.text.split("\n") if s.strip()]
+        # blank steps carry no work: a search step that ends just before a stop string is empty, and scoring it
+        # neutral would cap a finished, correct solution at ``neutral`` under ``min``
+        steps = [s for s in (c.steps if len(c.steps) > 1 else c.text.split("\n")) if s.strip()]
         return steps or [c.text]
 
     def score(self, question, candidate, budget, partial=False):
