@@ -178,6 +178,9 @@ def test_programmatic_verifiers():
     ("Answer: 1/2.", "1/2"),
     ("Answer: 12\n13 + 1 = 14", "12"),  # the expression skip stays on the answer's line
     ("The answer is (C).", "C"),
+    ("Step 2: 20-8", "8"),  # no answer marker: the last number, and a binary minus is not its sign
+    ("so x = -5", "-5"),
+    ("(3)-2", "2"),
 ])
 def test_extract_answer_reads_the_result_of_a_worked_answer(text, answer):
     assert extract_answer(text) == answer

@@ -32,5 +32,5 @@ def extract_answer(text: str) -> str | None:
         hits = pat.findall(text)
         if hits:
             return normalize(hits[-1])
-    nums = re.findall(_NUM, text)
+    nums = re.findall(r"(?<![\d)])" + _NUM, text)  # in "20-8" the minus is an operator, not 8's sign
     return normalize(nums[-1]) if nums else None
