@@ -47,13 +47,23 @@ def main(argv=None) -> int:
     ap.add_argument("--terms", type=int, default=2, help="gym: numbers per expression")
     ap.add_argument("--digits", type=int, default=2, help="gym: at most this many digits per number")
     ap.add_argument("--difficulty", type=int, default=1, help="builtin: 1..4")
+    ap.add_argument("--shots", type=int, default=0,
+                    help="k-shot plain-text prompt, completed without the chat template (0: one-shot chat prompt)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--pf", default="4,8", help="particle counts for particle filtering")
+    ap.add_argument("--search-runs", default=",".join(r[0] for r in SEARCH_RUNS),
+                    help="which other PRM-guided runs to include (comma list of row names, or 'none'); PF, A*, "
+                         "adaptive SC and allocation always run")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--boot", type=int, default=2000)
     args = ap.parse_args(argv)
+    wanted = set() if args.search_runs == "none" else set(args.search_runs.split(","))
+    unknown = wanted - {r[0] for r in SEARCH_RUNS}
+    if unknown:
+        ap.error(f"unknown --search-runs {sorted(unknown)}; choose from {[r[0] for r in SEARCH_RUNS]} or 'none'")
+    search_runs = [r for r in SEARCH_RUNS if r[0] in wanted]
 
     import torch
 
@@ -67,13 +77,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok, layout = load_model(args.model)
-    backend = LocalBackend(model, tok, layout)
+    backend = LocalBackend(model, tok, layout, chat=False if args.shots else None)
     if args.source == "gym":
-        problems = gym_problems(args.problems, 0, args.terms, args.digits)
+        problems = gym_problems(args.problems, 0, args.terms, args.digits, shots=args.shots)
         task_name = f"reasoning-gym basic_arithmetic, {args.terms} terms, <= {args.digits} digits, +/-"
     else:
-        problems = make_problems(args.problems, 0, args.difficulty)
+        problems = make_problems(args.problems, 0, args.difficulty, shots=args.shots)
         task_name = f"tasks_arith difficulty {args.difficulty}"
+    task_name += f", {args.shots}-shot raw prompt" if args.shots else ", one-shot chat prompt"
     prm = get_verifier("arith_prm")
     knobs = dict(max_tokens=args.max_tokens, temperature=args.temperature, step="\n", stop=["\n\n", "Question:"],
                  max_step_tokens=args.max_tokens)
@@ -114,7 +125,7 @@ def main(argv=None) -> int:
                 put(f"pf@{n}", p, s, r.answer == prob.answer, r.generated_tokens)
             r = run_strategy("astar", prob.question, backend, prm, Budget(), n=4, expand=1, seed=ps, **knobs)
             put("astar@4", p, s, r.answer == prob.answer, r.generated_tokens)
-            for name, strat, extra_knobs, _ in SEARCH_RUNS:
+            for name, strat, extra_knobs, _ in search_runs:
                 r = run_strategy(strat, prob.question, backend, prm, Budget(), seed=ps, **extra_knobs, **knobs)
                 put(name, p, s, r.answer == prob.answer, r.generated_tokens)
             r = run_strategy("adaptive_sc", prob.question, backend, None, Budget(), n=16, batch=2, min_samples=2,
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
         pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
         ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
     markers = [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x"),
-                                                  ("alloc@4", "h")] + [(name, mk) for name, _, _, mk in SEARCH_RUNS]
+                                                  ("alloc@4", "h")] + [(name, mk) for name, _, _, mk in search_runs]
     for m, mk in markers:
         ax.plot(tok_used[m].mean(), acc[m].mean(), mk, markersize=10, label=m)
     ax.set_xscale("log")

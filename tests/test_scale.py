@@ -399,6 +399,27 @@ def test_gym_arithmetic_problems_are_seeded_and_answered():
         gym_problems(0)
 
 
+def test_few_shot_arithmetic_prompt_has_worked_examples_distinct_from_the_test_problems():
+    from steerscale.scale.tasks_arith import make_problems, worked_solution
+
+    assert worked_solution("3 * 12 + 40") == "3 * 12 = 36\n36 + 40 = 76\nAnswer: 76"
+    assert worked_solution("0 - 4 - 8") == "0 - 4 = -4\n-4 - 8 = -12\nAnswer: -12"
+    plain = make_problems(30, 2, difficulty=1)
+    shot = make_problems(30, 2, difficulty=1, shots=3)
+    assert [(p.expression, p.answer) for p in shot] == [(p.expression, p.answer) for p in plain]
+    examples = shot[0].examples
+    assert len(examples) == 3 and all(p.examples == examples for p in shot)
+    assert not set(examples) & {p.expression for p in plain}
+    q = shot[0].question
+    assert q.count("Question: Calculate") == 4 and q.endswith(f"Question: Calculate {shot[0].expression}.\n")
+    for e in examples:  # every worked example is right
+        assert f"Answer: {eval(e, {'__builtins__': {}})}\n" in q
+    assert make_problems(30, 2, difficulty=1, shots=3) == shot
+    for bad in (-1, 1.5):
+        with pytest.raises(SteerscaleError, match="shots"):
+            make_problems(3, 0, 1, shots=bad)
+
+
 def test_step_end_skips_leading_whitespace_delimiters():
     from steerscale.scale.backend import step_end
 

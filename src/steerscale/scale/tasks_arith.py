@@ -6,6 +6,12 @@ return ``ArithProblem(expression, answer)``; the same arguments always
 give the same problems. ``problem.question`` is a one-shot prompt whose worked example writes one
 ``a op b = c`` per line and ends with ``Answer: N`` (steps are lines, so use ``step="\\n"`` for search).
 
+``shots=k`` instead gives every problem a plain-text k-shot prompt (``Question: Calculate ...`` followed by
+its worked steps, k times, then the problem's own ``Question:`` line): meant for a raw completion
+(``LocalBackend(..., chat=False)``). The examples are problems of the same kind drawn from a separate seed,
+none equal to a test problem. On SmolLM2-135M-Instruct, 3-term 1-digit ``+``/``-`` sums, 3 shots raw lift
+greedy accuracy from 0/8 (one-shot, chat template) to 4/16 and keep its answers step by step.
+
 ==========  ==============================  =========  SmolLM2-135M-Instruct greedy (16 problems, seed 0)
 difficulty  expression                      example
 ==========  ==============================  =========  ======================================================
@@ -33,6 +39,7 @@ EXAMPLES = {
 class ArithProblem:
     expression: str
     answer: str
+    examples: tuple[str, ...] = ()  # expressions of worked few-shot examples; empty: the one-shot chat prompt
 
     @property
     def n_ops(self) -> int:
@@ -40,8 +47,39 @@ class ArithProblem:
 
     @property
     def question(self) -> str:
+        if self.examples:
+            shots = "".join(f"Question: Calculate {e}.\n{worked_solution(e)}\n\n" for e in self.examples)
+            return f"{shots}Question: Calculate {self.expression}.\n"
         example = EXAMPLES[1 if self.n_ops == 1 else 2]
         return f"Example:\n{example}\n\nNow solve this in the same way.\nQuestion: Calculate {self.expression}."
+
+
+def worked_solution(expression: str) -> str:
+    """``a op b = c`` per line, left to right, then ``Answer: N`` (the generators never put ``*`` after ``+``/``-``,
+    so left to right is the right order)."""
+    tokens = expression.split()
+    value, lines = int(tokens[0]), []
+    for op, b in zip(tokens[1::2], tokens[2::2]):
+        new = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+        lines.append(f"{value} {op} {b} = {new}")
+        value = new
+    return "\n".join(lines + [f"Answer: {value}"])
+
+
+def _check_counts(n, shots) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise SteerscaleError(f"number of problems must be >= 1, got {n!r}")
+    if not isinstance(shots, int) or shots < 0:
+        raise SteerscaleError(f"shots must be an integer >= 0, got {shots!r}")
+
+
+def _with_shots(problems: list[ArithProblem], examples: list[ArithProblem], shots: int) -> list[ArithProblem]:
+    test = {p.expression for p in problems}
+    chosen = tuple(e.expression for e in examples if e.expression not in test)[:shots]
+    if len(chosen) < shots:
+        raise SteerscaleError(f"could not draw {shots} few-shot examples distinct from the test problems",
+                              "use fewer shots")
+    return [ArithProblem(p.expression, p.answer, chosen) for p in problems]
 
 
 def _expr(rng: random.Random, difficulty: int) -> str:
@@ -54,9 +92,8 @@ def _expr(rng: random.Random, difficulty: int) -> str:
     return f"{rng.randint(2, 9)} * {rng.randint(11, 19)} + {rng.randint(10, 99)}"
 
 
-def make_problems(n: int, seed: int = 0, difficulty: int = 1) -> list[ArithProblem]:
-    if not isinstance(n, int) or n < 1:
-        raise SteerscaleError(f"number of problems must be >= 1, got {n!r}")
+def make_problems(n: int, seed: int = 0, difficulty: int = 1, shots: int = 0) -> list[ArithProblem]:
+    _check_counts(n, shots)
     if difficulty not in (1, 2, 3, 4):
         raise SteerscaleError(f"arithmetic difficulty must be 1..4, got {difficulty!r}")
     rng = random.Random(f"arith-{seed}-{difficulty}")
@@ -64,14 +101,15 @@ def make_problems(n: int, seed: int = 0, difficulty: int = 1) -> list[ArithProbl
     for _ in range(n):
         expr = _expr(rng, difficulty)
         out.append(ArithProblem(expr, str(eval(expr, {"__builtins__": {}}))))  # our own digits-and-operators text
+    if shots:
+        return _with_shots(out, make_problems(shots + n, seed + 7919, difficulty), shots)
     return out
 
 
-def gym_problems(n: int, seed: int = 0, terms: int = 2, digits: int = 2) -> list[ArithProblem]:
+def gym_problems(n: int, seed: int = 0, terms: int = 2, digits: int = 2, shots: int = 0) -> list[ArithProblem]:
     """``n`` reasoning-gym ``basic_arithmetic`` problems (``terms`` numbers of 1..``digits`` digits, ``+``/``-``),
-    in the same one-shot prompt as ``make_problems``; reasoning-gym's own answer is the reference."""
-    if not isinstance(n, int) or n < 1:
-        raise SteerscaleError(f"number of problems must be >= 1, got {n!r}")
+    in the same prompts as ``make_problems``; reasoning-gym's own answer is the reference."""
+    _check_counts(n, shots)
     try:
         import reasoning_gym
     except ImportError:
@@ -79,4 +117,7 @@ def gym_problems(n: int, seed: int = 0, terms: int = 2, digits: int = 2) -> list
     ds = reasoning_gym.create_dataset("basic_arithmetic", min_terms=terms, max_terms=terms, min_digits=1,
                                       max_digits=digits, operators=("+", "-"), allow_parentheses=False,
                                       allow_negation=False, size=n, seed=seed)
-    return [ArithProblem(e["metadata"]["expression"], str(e["answer"])) for e in ds]
+    problems = [ArithProblem(e["metadata"]["expression"], str(e["answer"])) for e in ds]
+    if shots:
+        return _with_shots(problems, gym_problems(shots + n, seed + 7919, terms, digits), shots)
+    return problems
