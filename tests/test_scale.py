@@ -309,6 +309,15 @@ def test_early_pruning_judges_the_finished_survivors(backend, select):
         run_strategy("early_pruning", "ab", backend, v, Budget(), n=4, select="bogus")
 
 
+@pytest.mark.parametrize("strategy", ["early_pruning", "beam_search", "dvts", "particle_filter", "entropic_pf",
+                                      "astar"])
+def test_unknown_final_selection_fails_before_any_sampling(backend, strategy):
+    budget = Budget()
+    with pytest.raises(SteerscaleError, match=r"(?s)unknown final selection 'bogus'.*best, vote, weighted"):
+        run_strategy(strategy, "ab", backend, None, budget, n=4, select="bogus", max_tokens=4)
+    assert budget.spent()["generated_tokens"] == 0 and budget.spent()["prompt_tokens"] == 0
+
+
 def test_voting_and_resampling_helpers():
     assert prob_leader_better(5, 0) > 0.95 > prob_leader_better(2, 1)
     assert prob_leader_better(3, 3) == pytest.approx(0.5)

@@ -14,7 +14,7 @@ from ..backend import derive_seed
 from ..budget import Budget
 from ..verifiers import LogprobConfidence
 from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
-from .search import _final, _scorer, filter_particles
+from .search import _final, _scorer, check_select, filter_particles
 
 
 def tempered(weights, target_ess: float) -> tuple[np.ndarray, float]:
@@ -107,6 +107,7 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
         betas.append(round(float(beta), 6))
         return w
 
+    check_select(select)
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
         weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, reweight=reweight,
@@ -123,8 +124,7 @@ def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune
     check_positive("n", n, getattr(backend, "max_n", None))
     if not 0 < keep <= 1:
         raise SteerscaleError(f"keep must be in (0, 1], got {keep}")
-    if select not in ("best", "vote", "weighted"):
-        raise SteerscaleError(f"unknown final selection {select!r}", "use best, vote or weighted")
+    check_select(select)
     params = sampling_params(**knobs)
     verifier = verifier or LogprobConfidence()
     br = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)

@@ -19,17 +19,25 @@ def _scorer(verifier):
     return verifier if verifier is not None else LogprobConfidence()
 
 
+FINAL_SELECTIONS = ("best", "vote", "weighted")
+
+
+def check_select(select) -> None:
+    """Strategies that run before choosing (early pruning) call this up front, so a typo fails before any sampling."""
+    if select not in FINAL_SELECTIONS:
+        raise SteerscaleError(f"unknown final selection {select!r}", "use " + ", ".join(FINAL_SELECTIONS))
+
+
 def _final(name, cands, select, budget, failures, **info):
+    check_select(select)
     if select == "best":
         best = best_of(cands)
         answer = best.answer if best else None
-    elif select in ("vote", "weighted"):
+    else:
         weights = None if select == "vote" else [0.0 if c.failed or c.score is None else c.score for c in cands]
         answer, tally = vote(cands, weights)
         info["tally"] = tally
         best = representative(cands, answer)
-    else:
-        raise SteerscaleError(f"unknown final selection {select!r}", "use best, vote or weighted")
     return finish(name, answer, best, cands, budget, failures, **info)
 
 
@@ -38,6 +46,7 @@ def _tree(name, prompt, backend, verifier, budget, *, n, width, groups, seed, ma
           steer_scales, knobs):
     check_positive("n", n, getattr(backend, "max_n", None))
     check_positive("width", width)
+    check_select(select)
     if n % width:
         raise SteerscaleError(f"n={n} must be a multiple of width={width}", "e.g. n=8 width=4")
     params = sampling_params(**knobs)
@@ -141,6 +150,7 @@ def run_particle_filter(prompt, backend, verifier, budget, *, n=8, seed=0, max_s
                         weight_temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
     """Particle filtering (Puri et al., 2025): extend every particle one step, weight it by the (process)
     verifier's score of its partial solution, resample. Finished particles stay in the pool with their weight."""
+    check_select(select)
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
         weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, **knobs)
@@ -156,6 +166,7 @@ def run_astar(prompt, backend, verifier, budget, *, n=4, expand=2, seed=0, max_e
     when ``solutions`` finished nodes have been popped (the cheapest-first goal test of A*)."""
     check_positive("n", n, getattr(backend, "max_n", None))
     check_positive("expand", expand)
+    check_select(select)
     params = sampling_params(**knobs)
     verifier = _scorer(verifier)
     tick = itertools.count()
