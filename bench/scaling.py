@@ -7,13 +7,17 @@ self-consistency and compute-optimal allocation.
 
 Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
 16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). The search
-strategies (PRM-guided: ``SEARCH_RUNS``) and adaptive SC are separate real runs per (problem, seed);
-compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Every (problem,
+strategies (PRM-guided: ``SEARCH_RUNS``) and adaptive SC are separate real runs per (problem, seed); adaptive
+SC's stopping rule is also replayed on the pool at several confidences (``ADAPTIVE_REPLAY``); compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Every (problem,
 seed) samples from its own random stream (``derive_seed``), so samples are independent across problems.
 Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
 one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
 ``--digits``); ``--source builtin`` from ``steerscale.scale.tasks_arith.make_problems`` (``--difficulty``).
+``--shots 3`` gives a 3-shot plain-text prompt completed without the chat template, e.g. multi-step sums:
+
+    nice python bench/scaling.py --problems 36 --seeds 2 --source gym --terms 3 --digits 1 --shots 3 \
+        --max-tokens 40 --pf 2,4,6,8 --search-runs epf@8 --threads 2
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ SEARCH_RUNS = [
     ("prune@8", "early_pruning", dict(n=8, keep=0.5, prune_after=1, select="best"), "p"),
     ("refine@3x2", "refine", dict(rounds=3, n=2), "X"),
 ]
+
+
+# Beta-test confidences of adaptive SC replayed on every 16-sample pool (``samples_needed``: the same stopping rule
+# on prefixes of the pool, batch 2, at least 2 samples): its accuracy/samples trade-off without drawing again
+ADAPTIVE_REPLAY = (0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def replay_adaptive(pool, gold: str, confidence: float) -> tuple[bool, int, int]:
+    """(correct, generated tokens, samples) of adaptive SC stopped by ``confidence`` on this pool's prefixes."""
+    from steerscale.scale.strategies.adaptive import samples_needed
+    from steerscale.scale.strategies.base import vote
+
+    k = samples_needed([c.answer for c in pool], batch=2, min_samples=2, confidence=confidence)
+    return vote(pool[:k])[0] == gold, sum(c.n_tokens for c in pool[:k]), k
 
 
 def main(argv=None) -> int:
@@ -93,7 +111,7 @@ def main(argv=None) -> int:
     P, S = len(problems), args.seeds
     acc = {}  # method -> (P, S) array of 0/1
     tok_used = {}  # method -> (P, S) generated tokens
-    extra = {"asc_samples": np.zeros((P, S))}
+    samples_used = {}  # adaptive method -> (P, S) samples drawn
 
     def put(name, p, s, correct, tokens):
         acc.setdefault(name, np.zeros((P, S)))[p, s] = float(correct)
@@ -120,6 +138,10 @@ def main(argv=None) -> int:
                 w = [c.score or 0.0 for c in sub]
                 put(f"wvote@{k}", p, s, vote(sub, w)[0] == prob.answer, tokens)
                 put(f"pass@{k}", p, s, any(c.answer == prob.answer for c in sub), tokens)
+            for conf in ADAPTIVE_REPLAY:
+                ok, tokens, used = replay_adaptive(pool, prob.answer, conf)
+                put(f"asc-replay@{conf}", p, s, ok, tokens)
+                samples_used.setdefault(f"asc-replay@{conf}", np.zeros((P, S)))[p, s] = used
             for n in pfs:
                 r = run_strategy("particle_filter", prob.question, backend, prm, Budget(), n=n, seed=ps, **knobs)
                 put(f"pf@{n}", p, s, r.answer == prob.answer, r.generated_tokens)
@@ -131,9 +153,10 @@ def main(argv=None) -> int:
             r = run_strategy("adaptive_sc", prob.question, backend, None, Budget(), n=16, batch=2, min_samples=2,
                              seed=ps, **knobs)
             put("adaptive_sc", p, s, r.answer == prob.answer, r.generated_tokens)
-            extra["asc_samples"][p, s] = r.info["samples_used"]
+            samples_used.setdefault("adaptive_sc", np.zeros((P, S)))[p, s] = r.info["samples_used"]
             runs.write(json.dumps({"problem": p, "seed": s, "answer": prob.answer,
-                                   **{m: [acc[m][p, s], tok_used[m][p, s]] for m in acc}}) + "\n")
+                                   **{m: [acc[m][p, s], tok_used[m][p, s]] for m in acc},
+                                   "pool": [[c.answer, c.n_tokens, c.score] for c in pool]}) + "\n")
             runs.flush()
         print(f"[{p + 1}/{P}] {time.time() - t0:.0f}s greedy={acc['greedy'][:p + 1, 0].mean():.2f} "
               f"sc@16={acc['sc@16'][:p + 1].mean():.2f} pf@{pfs[-1]}={acc[f'pf@{pfs[-1]}'][:p + 1].mean():.2f}",
@@ -169,10 +192,17 @@ def main(argv=None) -> int:
     search = [(float(acc[m].mean()), float(tok_used[m].mean()), m) for m in acc
               if m.startswith(("pf@", "astar", "epf@"))]
     reach = [t for a_, t, _ in search if a_ >= bon_best_acc]
-    ratio = (min(reach) / bon_best_tokens) if reach else None
+    ratio = (min(reach) / bon_best_tokens) if reach and bon_best_acc > 0 else None  # nothing to reach at 0
     sc16 = float(acc["sc@16"].mean())
     asc = float(acc["adaptive_sc"].mean())
-    gain_frac = (asc - greedy_acc) / (sc16 - greedy_acc) if sc16 > greedy_acc else None  # no gain: nothing to keep
+
+    def gain_fraction(a):
+        return round((a - greedy_acc) / (sc16 - greedy_acc), 4) if sc16 > greedy_acc else None  # no gain to keep
+
+    gain_frac = gain_fraction(asc)
+    replay = [{"confidence": conf, "acc": round(float(acc[f"asc-replay@{conf}"].mean()), 4),
+               "sample_fraction": round(float(samples_used[f"asc-replay@{conf}"].mean()) / 16, 4),
+               "gain_fraction": gain_fraction(float(acc[f"asc-replay@{conf}"].mean()))} for conf in ADAPTIVE_REPLAY]
 
     lines = ["| method | accuracy | 95% CI | generated tokens / problem |", "|---|---|---|---|"]
     for m, a, lo, hi, t in table:
@@ -189,6 +219,8 @@ def main(argv=None) -> int:
     for fam, style in (("sc@", "o-"), ("bon@", "s-"), ("wvote@", "^-"), ("pass@", "k:")):
         pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
         ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
+    pts = [(tok_used[f"asc-replay@{c}"].mean(), acc[f"asc-replay@{c}"].mean()) for c in ADAPTIVE_REPLAY]
+    ax.plot(*zip(*pts), "P--", color="grey", label=f"adaptive SC replayed (conf {ADAPTIVE_REPLAY[0]}..{ADAPTIVE_REPLAY[-1]})")
     markers = [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x"),
                                                   ("alloc@4", "h")] + [(name, mk) for name, _, _, mk in search_runs]
     for m, mk in markers:
@@ -209,7 +241,8 @@ def main(argv=None) -> int:
         "search_tokens_ratio": None if ratio is None else round(ratio, 4),
         "adaptive_acc": round(asc, 4),
         "adaptive_gain_fraction": None if gain_frac is None else round(gain_frac, 4),
-        "adaptive_sample_fraction": round(float(extra["asc_samples"].mean()) / 16, 4),
+        "adaptive_sample_fraction": round(float(samples_used["adaptive_sc"].mean()) / 16, 4),
+        "adaptive_replay": replay,
         "pass16_acc": round(float(acc["pass@16"].mean()), 4),
         "search": {m: {"acc": round(a_, 4), "tokens": round(t, 1)} for a_, t, m in search},
         "wall_seconds": round(time.time() - t0, 1), "threads": args.threads,

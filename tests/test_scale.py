@@ -329,6 +329,34 @@ def test_voting_and_resampling_helpers():
         resample([1], rng, "bogus")
 
 
+def test_adaptive_stopping_rule_replayed_on_a_pool():
+    from steerscale.scale.strategies.adaptive import samples_needed, settled
+
+    assert not settled(["7", "7", "7"], min_samples=4)  # too few samples yet
+    assert settled(["7"] * 4) and not settled(["7", "7", "7", "8"])  # 4:0 passes the Beta test at 0.95, 3:1 not
+    assert settled(["7", "7", "7", "8"], confidence=0.8)
+    assert settled(["7", "7", None, "8"], criterion="supermajority", threshold=0.5)
+    assert not settled([None] * 6, min_samples=1)
+    pool = ["1", "2", "7", "7", "7", "7", "7", "7", "3", "4"]
+    assert samples_needed(pool, batch=2, min_samples=2) == 8  # 6:1 after 8 samples is 0.965 (4:1 after 6 is 0.89)
+    assert samples_needed(pool, batch=4, min_samples=2) == 8
+    assert samples_needed(pool, batch=3, min_samples=2, confidence=0.99) == 10  # never settles: the whole pool
+    assert samples_needed(["5"] * 16, batch=2, min_samples=4) == 4
+    with pytest.raises(SteerscaleError, match="stopping criterion"):
+        settled(["1"], criterion="vote")
+
+
+def test_adaptive_sc_stops_where_the_replayed_rule_says(backend):
+    from steerscale.scale.strategies.adaptive import samples_needed
+
+    r = run_strategy("adaptive_sc", "ab", backend, None, Budget(), n=8, batch=2, min_samples=2, confidence=0.6,
+                     max_tokens=3, temperature=1.5, seed=3)
+    answers = [c.answer for c in r.candidates]
+    assert r.info["samples_used"] == len(answers) == samples_needed(answers, batch=2, min_samples=2, confidence=0.6)
+    with pytest.raises(SteerscaleError, match="stopping criterion"):
+        run_strategy("adaptive_sc", "ab", backend, None, Budget(), n=8, criterion="bogus")
+
+
 def test_cli_solve_parser_rejects_bad_budget_before_loading():
     import argparse
 

@@ -19,12 +19,42 @@ def prob_leader_better(lead: int, second: int) -> float:
     return sum(math.comb(n, k) for k in range(a)) / 2 ** n
 
 
+CRITERIA = ("beta", "supermajority")
+
+
+def settled(answers, *, criterion="beta", confidence=0.95, threshold=0.7, min_samples=4) -> bool:
+    """The stopping rule: whether the vote over ``answers`` so far (``None`` = no answer) is decided."""
+    if criterion not in CRITERIA:
+        raise SteerscaleError(f"unknown stopping criterion {criterion!r}", "use " + " or ".join(CRITERIA))
+    counts = Counter(a for a in answers if a is not None).most_common(2)
+    if not counts or len(answers) < min_samples:
+        return False
+    lead = counts[0][1]
+    second = counts[1][1] if len(counts) > 1 else 0
+    if criterion == "beta":
+        return prob_leader_better(lead, second) >= confidence
+    return lead / len(answers) >= threshold
+
+
+def samples_needed(answers, *, batch=4, **rule) -> int:
+    """How many of an already drawn sequence of ``answers`` adaptive SC would have used with this ``batch`` and
+    stopping ``rule`` (``settled``'s knobs): replaying the rule on prefixes of one pool gives the accuracy/samples
+    trade-off of every setting without drawing again."""
+    check_positive("batch", batch)
+    k = 0
+    while k < len(answers):
+        k = min(k + batch, len(answers))
+        if settled(answers[:k], **rule):
+            break
+    return k
+
+
 def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion="beta", confidence=0.95,
         threshold=0.7, min_samples=4, answer_fn=None, steer_scales=None, **knobs):
     check_positive("n", n, getattr(backend, "max_n", None))
     check_positive("batch", batch)
-    if criterion not in ("beta", "supermajority"):
-        raise SteerscaleError(f"unknown stopping criterion {criterion!r}", "use beta or supermajority")
+    rule = dict(criterion=criterion, confidence=confidence, threshold=threshold, min_samples=min_samples)
+    settled([], **rule)  # a bad criterion fails before any sampling
     params = sampling_params(**knobs)
     cands = []
     stopped_early = False
@@ -35,16 +65,7 @@ def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion="
         annotate(new, answer_fn)
         cands.extend(new)
         rnd += 1
-        counts = Counter(c.answer for c in cands if c.answer is not None).most_common(2)
-        if not counts or len(cands) < min_samples:
-            continue
-        lead = counts[0][1]
-        second = counts[1][1] if len(counts) > 1 else 0
-        if criterion == "beta":
-            done = prob_leader_better(lead, second) >= confidence
-        else:
-            done = lead / len(cands) >= threshold
-        if done:
+        if settled([c.answer for c in cands], **rule):
             stopped_early = len(cands) < n
             break
     answer, tally = vote(cands)
