@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for fam, style in (("sc@", "o-"), ("bon@", "s-"), ("wvote@", "^-"), ("pass@", "k:")):
         pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
         ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
@@ -229,9 +229,9 @@ def main(argv=None) -> int:
     ax.set_xlabel("generated tokens per problem (log)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{args.model}: {task_name}\n{P} problems x {S} seeds", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves stay visible
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
+    fig.savefig(out / "scaling.png", dpi=120, bbox_inches="tight")
 
     summary = {
         "model": args.model, "task": task_name, "problems": P, "seeds": S,
