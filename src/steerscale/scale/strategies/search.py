@@ -23,7 +23,7 @@ FINAL_SELECTIONS = ("best", "vote", "weighted")
 
 
 def check_select(select) -> None:
-    """Strategies that run before choosing (early pruning) call this up front, so a typo fails before any sampling."""
+    """Every search strategy calls this before sampling (and ``_final`` again), so a typo costs no tokens."""
     if select not in FINAL_SELECTIONS:
         raise SteerscaleError(f"unknown final selection {select!r}", "use " + ", ".join(FINAL_SELECTIONS))
 
