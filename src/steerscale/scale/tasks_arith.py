@@ -11,7 +11,7 @@ its worked steps, k times, then the problem's own ``Question:`` line): meant for
 (``LocalBackend(..., chat=False)``). The examples are problems of the same kind drawn from a separate seed,
 none equal to a test problem. SmolLM2-135M-Instruct on 3-term 1-digit ``+``/``-`` sums: greedy 0.20 (seed 1,
 20 problems) and 0.14 (seed 0, 36 problems) with 3 shots, written step by step; the one-shot chat prompt solved
-none of the first 8 seed-0 problems and often wrote ``a - b - c = d`` in one line.
+none of the first 8 seed-0 problems (greedy wrote ``0 - 4 - 8 = 8`` on one line for the first).
 
 ==========  ==============================  =========  SmolLM2-135M-Instruct greedy (16 problems, seed 0)
 difficulty  expression                      example
