@@ -8,8 +8,9 @@ self-consistency and compute-optimal allocation.
 Self-consistency / best-of-k / weighted vote / pass@k at k = 1, 2, 4, 8, 16 are read off prefixes of one
 16-sample pool per (problem, seed), drawn by the ``majority`` strategy (prompt encoded once). The search
 strategies (PRM-guided: ``SEARCH_RUNS``) and adaptive SC are separate real runs per (problem, seed); adaptive
-SC's stopping rule is also replayed on the pool at several confidences (``ADAPTIVE_REPLAY``); compute-optimal allocation is one run per seed over the whole batch with the samples of SC@4. Every (problem,
-seed) samples from its own random stream (``derive_seed``), so samples are independent across problems.
+SC's stopping rule is also replayed on the pool at several confidences (``ADAPTIVE_REPLAY``); compute-optimal
+allocation is one run per seed over the whole batch with the samples of SC@4. Every (problem, seed) samples
+from its own random stream (``derive_seed``), so samples are independent across problems.
 Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
 one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
         pts = [(tok_used[f"{fam}{k}"].mean(), acc[f"{fam}{k}"].mean()) for k in ks]
         ax.plot(*zip(*pts), style, label=fam.rstrip("@") + "@k (k=1..16)")
     pts = [(tok_used[f"asc-replay@{c}"].mean(), acc[f"asc-replay@{c}"].mean()) for c in ADAPTIVE_REPLAY]
-    ax.plot(*zip(*pts), "P--", color="grey", label=f"adaptive SC replayed (conf {ADAPTIVE_REPLAY[0]}..{ADAPTIVE_REPLAY[-1]})")
+    ax.plot(*zip(*pts), "P--", color="grey",
+            label=f"adaptive SC replayed (conf {ADAPTIVE_REPLAY[0]}..{ADAPTIVE_REPLAY[-1]})")
     markers = [(f"pf@{n}", "D") for n in pfs] + [("astar@4", "*"), ("adaptive_sc", "P"), ("greedy", "x"),
                                                   ("alloc@4", "h")] + [(name, mk) for name, _, _, mk in search_runs]
     for m, mk in markers:
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
         "bon_best_tokens": round(bon_best_tokens, 1),
         "search_tokens_ratio": None if ratio is None else round(ratio, 4),
         "adaptive_acc": round(asc, 4),
-        "adaptive_gain_fraction": None if gain_frac is None else round(gain_frac, 4),
+        "adaptive_gain_fraction": gain_frac,
         "adaptive_sample_fraction": round(float(samples_used["adaptive_sc"].mean()) / 16, 4),
         "adaptive_replay": replay,
         "pass16_acc": round(float(acc["pass@16"].mean()), 4),
