@@ -14,7 +14,7 @@ from its own random stream (``derive_seed``), so samples are independent across 
 Intervals: paired bootstrap over problems (numpy).
 Writes ``OUT/scaling.png``, ``OUT/scaling_runs.jsonl``, ``OUT/scaling_table.md``; the last stdout line is
 one JSON object. ``--source gym`` draws the problems from reasoning-gym's ``basic_arithmetic`` (``--terms``,
-``--digits``); ``--source builtin`` from ``steerscale.scale.tasks_arith.make_problems`` (``--difficulty``).
+``--digits``); ``--source builtin`` from ``steerscale.measure.tasks.arith.make_problems`` (``--difficulty``).
 ``--shots 3`` gives a 3-shot plain-text prompt completed without the chat template, e.g. multi-step sums:
 
     nice python bench/scaling.py --problems 36 --seeds 2 --source gym --terms 3 --digits 1 --shots 3 \
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from steerscale.scale import Budget, LocalBackend, derive_seed, get_verifier, run_strategy
     from steerscale.scale.strategies import run_compute_optimal
     from steerscale.scale.strategies.base import best_of, vote
-    from steerscale.scale.tasks_arith import gym_problems, make_problems
+    from steerscale.measure.tasks.arith import gym_problems, make_problems
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,4 +20,23 @@ def test_demo_writes_report_and_steering_moves_toward_formal(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["layer"] == res["layer"]
     scaling = {r["strategy"]: r for r in res["scaling"]}
     assert set(scaling) == {"greedy", "majority", "particle_filter"}
-    assert scaling["greedy"]["tokens_per_problem"] < res["scaling"][2]["tokens_per_problem"]  # 8 samples cost more
+    assert scaling["greedy"]["tokens_per_problem"] < scaling["particle_filter"]["tokens_per_problem"]  # 4 particles
+    assert scaling["greedy"]["gain_vs_greedy"] is None
+    gain = scaling["majority"]["gain_vs_greedy"]  # paired: the same problems, accuracy minus greedy's
+    assert gain["n"] == 2 and gain["diff"] == pytest.approx(scaling["majority"]["accuracy"]["mean"]
+                                                            - scaling["greedy"]["accuracy"]["mean"])
+    assert "gain vs greedy" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_scaling_problems_are_seeded_three_number_sums_in_a_3_shot_prompt():
+    from steerscale.demo import three_number_sums
+
+    problems = three_number_sums(30, seed=0)
+    assert problems == three_number_sums(30, seed=0) and problems != three_number_sums(30, seed=1)
+    for p in problems:
+        a, op1, b, op2, c = p.expression.split()
+        assert {op1, op2} <= {"+", "-"} and all(0 <= int(x) <= 9 for x in (a, b, c))
+        assert int(p.answer) == int(a) + int(op1 + b) + int(op2 + c)
+        assert len(p.examples) == 3 and not set(p.examples) & {q.expression for q in problems}
+    q = problems[0].question  # plain text for a raw completion: three worked examples, then the problem's line
+    assert q.count("Question: Calculate") == 4 and q.endswith(f"Question: Calculate {problems[0].expression}.\n")

@@ -275,3 +275,28 @@ def test_several_heads_of_one_layer_each_get_their_own_slice():
         hook.remove()
     assert torch.allclose(seen["x"], plain["x"] + full, atol=1e-6)
     assert not torch.allclose(a, model(ids).logits)
+
+
+def test_observe_reads_without_changing_and_stops_after_a_block():
+    """The runtime's read side (what capture uses): observers change nothing, stop_after skips later blocks."""
+    from steerscale.engine import Observer, StopForward, observe
+
+    model, layout = tiny_model("llama")
+    ids = torch.randint(2, 90, (2, 5))
+    before = model(ids).logits
+    seen, ran = {}, []
+    later = layout.blocks[2].register_forward_hook(lambda m, a, o: ran.append(2))
+    try:
+        with observe(layout, [Observer(Site(1), lambda h: seen.setdefault("resid", h.clone())),
+                              Observer(Site(1, SiteKind.HEAD_OUT, 2), lambda h: seen.setdefault("head", h.clone()))]):
+            assert torch.equal(model(ids).logits, before)
+        with observe(layout, [Observer(Site(0), lambda h: seen.setdefault("early", h))], stop_after=0), \
+                pytest.raises(StopForward):
+            model(ids)
+    finally:
+        later.remove()
+    assert ran == [2]  # the unstopped pass only
+    assert seen["resid"].shape == (2, 5, layout.hidden_size) and seen["head"].shape == (2, 5, layout.head_dim)
+    assert "early" in seen and _hooks(model) == 0
+    with pytest.raises(SteerscaleError, match="stop_after"), observe(layout, [], stop_after=layout.n_layers):
+        pass

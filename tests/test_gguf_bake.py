@@ -239,6 +239,38 @@ def test_bake_refuses_what_a_bias_cannot_express(tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+def test_bake_leaves_the_model_and_the_directory_as_they_were_when_saving_fails(tmp_path, monkeypatch):
+    model, layout = tiny_model("llama")
+    model.train()
+    before = [(n, p.clone()) for n, p in model.named_parameters()]
+    v = _vector(layout, [Site(1), Site(2, SiteKind.HEAD_OUT, 1)])
+
+    def fail(*args, **kwargs):
+        assert layout.out_projs[2].bias is not None and not model.training  # biases set, eval mode, while saving
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        bake(model, layout, v, 2.0, tmp_path / "out")
+    assert model.training and all(m.bias is None for m in layout.out_projs)
+    after = list(model.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(after, before))
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging directory
+
+
+def test_any_module_that_loads_vectors_reads_gguf(tmp_path):
+    """SteeringVector.load reads .gguf files even when nothing imported steer.gguf by name."""
+    import subprocess
+    import sys
+
+    _, layout = tiny_model("llama")
+    path = export_gguf(_vector(layout, [Site(1)]), tmp_path / "v.gguf")
+    code = f"from steerscale.steer.vector import SteeringVector; print(SteeringVector.load({str(path)!r}).method)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "caa"
+
+
 # -- CLI -------------------------------------------------------------------------------------------------------
 def _cli(argv):
     from steerscale.commands import portability_cmds

@@ -9,18 +9,12 @@ import torch
 from steerscale import Site, SiteKind, SteerscaleError, intervene
 from steerscale.cli import main
 from steerscale.measure import mc
-from steerscale.models.loading import LoadedModel
 from steerscale.steer import lofit
 from steerscale.steer.extract import extract, extract_labelled
 from steerscale.steer.lofit import LofitConfig, fit_lofit, pair_items
 from steerscale.steer.pairs import load_pairs
 from steerscale.steer.vector import SteeringVector
-from tiny import TinyTokenizer, tiny_model
-
-
-def _lm(family="llama"):
-    model, layout = tiny_model(family)
-    return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")
+from tiny import tiny_lm
 
 
 def _pairs(n=8):
@@ -44,7 +38,7 @@ def _hooks(model):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen2"])
 def test_lofit_learns_offsets_that_prefer_the_positive_completion(family):
-    lm = _lm(family)
+    lm = tiny_lm(family)
     pairs = load_pairs(_pairs())
     items = pair_items(lm.tokenizer, pairs)
     before_state, before_flags = _snapshot(lm.model)
@@ -62,7 +56,7 @@ def test_lofit_learns_offsets_that_prefer_the_positive_completion(family):
 
 
 def test_head_selection_picks_the_heads_with_the_largest_scalings():
-    lm = _lm()
+    lm = tiny_lm()
     v = fit_lofit(lm, _pairs(), heads=2, epochs=1, lr=0.05, select_lr=0.05, progress=False)
     norms = v.metadata["selection_norms"]
     assert len(norms) == lm.layout.n_layers * lm.layout.n_heads  # every candidate head is recorded
@@ -75,7 +69,7 @@ def test_head_selection_picks_the_heads_with_the_largest_scalings():
 
 
 def test_same_seed_same_vector():
-    lm = _lm()
+    lm = tiny_lm()
     a, b = (fit_lofit(lm, _pairs(), heads=2, epochs=1, seed=3, progress=False) for _ in range(2))
     assert a.sites == b.sites and all(torch.equal(a.directions[s], b.directions[s]) for s in a.sites)
 
@@ -93,7 +87,7 @@ def test_dpo_objective_against_a_hand_computed_value():
 
 
 def test_choice_logprob_sums_match_padded_scoring_and_carry_gradients():
-    lm = _lm()
+    lm = tiny_lm()
     items = pair_items(lm.tokenizer, load_pairs(_pairs(3))) + [mc.Item([5, 6, 7], [[8], [9, 10], [11, 12, 13]])]
     padded = mc.score_items(lm.model, items, method="padded")
     sums = mc.choice_logprob_sums(lm.model, items)
@@ -108,7 +102,7 @@ def test_choice_logprob_sums_match_padded_scoring_and_carry_gradients():
 
 
 def test_given_sites_skip_selection_and_sft_loss_raises_the_positive_likelihood():
-    lm = _lm()
+    lm = tiny_lm()
     sites = [Site(0, SiteKind.HEAD_OUT, 1), Site(2, SiteKind.HEAD_OUT, 3)]
     items = pair_items(lm.tokenizer, load_pairs(_pairs()))
     v = fit_lofit(lm, _pairs(), sites=sites, loss="sft", epochs=5, lr=0.05, progress=False)
@@ -121,7 +115,7 @@ def test_given_sites_skip_selection_and_sft_loss_raises_the_positive_likelihood(
 
 
 def test_vector_round_trips_and_scales(tmp_path):
-    lm = _lm()
+    lm = tiny_lm()
     v = fit_lofit(lm, _pairs(), heads=2, epochs=1, progress=False)
     loaded = SteeringVector.load(v.save(tmp_path / "lofit.safetensors"))
     assert loaded.method == "lofit" and loaded.metadata["lofit"]["loss"] == "dpo"
@@ -130,7 +124,7 @@ def test_vector_round_trips_and_scales(tmp_path):
 
 
 def test_pairs_without_prompt_split_at_the_common_prefix():
-    lm = _lm()
+    lm = tiny_lm()
     items = pair_items(lm.tokenizer, load_pairs([{"positive": "the sky is blue", "negative": "the sky is green"}]))
     assert len(items[0].prompt) > 0 and items[0].choices[0] != items[0].choices[1]
     with pytest.raises(SteerscaleError, match="share no leading token"):
@@ -161,7 +155,7 @@ def test_parse_training_knobs():
 
 
 def test_bad_sites_and_data():
-    lm = _lm()
+    lm = tiny_lm()
     with pytest.raises(SteerscaleError, match="not a head_out site"):
         fit_lofit(lm, _pairs(), sites=[Site(1)], progress=False)
     with pytest.raises(SteerscaleError, match="out of range"):
@@ -178,7 +172,7 @@ def test_bad_sites_and_data():
 
 @pytest.mark.parametrize("sites", [None, [Site(1, SiteKind.HEAD_OUT, 0)]], ids=["selection", "offsets"])
 def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch, sites):
-    lm = _lm()
+    lm = tiny_lm()
     before_state, before_flags = _snapshot(lm.model)
     calls = {"n": 0}
     real = lofit.choice_logprob_sums
@@ -198,7 +192,7 @@ def test_an_exception_mid_training_leaves_the_model_as_before(monkeypatch, sites
 
 
 def test_extract_and_cli_route_to_lofit(tmp_path, monkeypatch, capsys):
-    lm = _lm()
+    lm = tiny_lm()
     v = extract(lm, _pairs(), "lofit", "1-2", iti_heads=2, train="epochs=1", progress=False)
     assert v.method == "lofit" and {s.layer for s in v.sites} <= {1, 2}
     with pytest.raises(SteerscaleError, match="not by a probe sweep"):
@@ -234,3 +228,13 @@ def test_lofit_on_smollm2_chat_pairs():
     v = fit_lofit(lm, pairs, sites=sites, epochs=3, lr=0.02, batch_size=4, progress=False)
     assert (_margins(lm, items, v) - before).mean() > 0.5
     assert torch.equal(_margins(lm, items), before) and _hooks(lm.model) == 0
+
+
+def test_the_packed_scorer_has_one_home_in_the_engine():
+    """measure.mc keeps its names, re-exported from engine.choices, where LoFiT reads them too."""
+    from steerscale.engine import choices
+    from steerscale.steer import lofit
+
+    for name in ("Item", "encode", "build_items", "choice_logprob_sums", "sliding_window"):
+        assert getattr(mc, name) is getattr(choices, name)
+    assert lofit.choice_logprob_sums is choices.choice_logprob_sums

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from steerscale.errors import SteerscaleError
 from steerscale.measure import cost, mc, stats
 from steerscale.measure.runs import evaluate, read_records, resolve_strategy
 from steerscale.measure.tasks import (Example, GymTask, MCTask, get_task, labelled_from_files, load_labelled,
-                                      load_pairs, parse_choice)
+                                      load_pairs)
 from steerscale.measure.tasks import truthfulqa as tqa
-from steerscale.measure.tasks.base import last_boxed, last_number, normalize_math
+from steerscale.answers import choice_letter as parse_choice, last_boxed, last_number, normalize_math
 from tiny import FAMILIES, TinyTokenizer, tiny_model
 
 TOK = TinyTokenizer()
@@ -330,7 +329,8 @@ def test_strategy_flags_are_checked_before_any_model_work():
         resolve_strategy("majority", "tokens=100", "loglik")
     with pytest.raises(SteerscaleError, match="--budget needs --strategy"):
         resolve_strategy(None, "8")
-    assert resolve_strategy("majority", "tokens=100", "generate") == {"name": "majority", "budget": "tokens=100"}
+    spec = resolve_strategy("majority", "tokens=100", "generate")
+    assert spec.name == "majority" and dict(spec.budget) == {"generated_tokens": 100.0}
 
 
 @pytest.mark.integration

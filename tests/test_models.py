@@ -1,6 +1,5 @@
 """Model loading and layout: every family from a tiny config; the real bundled model (integration)."""
 
-import os
 
 import pytest
 import torch

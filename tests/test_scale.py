@@ -7,39 +7,14 @@ import torch
 
 from steerscale import Add, Intervention, Site, SiteKind, SteerscaleError
 from steerscale.scale import Budget, Candidate, LocalBackend, SamplingParams, get_verifier, run_strategy
-from steerscale.scale.answers import extract_answer
+from steerscale.answers import extract_answer
 from steerscale.scale.strategies import STRATEGIES
 from steerscale.scale.strategies.adaptive import prob_leader_better
 from steerscale.scale.strategies.search import resample
 from steerscale.scale.verifiers import score_candidates
 from steerscale.scale.verifiers.base import Verifier
-from tiny import tiny_model
 
 import numpy as np
-
-
-class CharTokenizer:
-    """Printable characters and newline, one token each; id 1 is EOS, 0 pad; no chat template."""
-
-    pad_token_id, eos_token_id, pad_token, eos_token, chat_template, padding_side = 0, 1, "<pad>", "<eos>", None, "left"
-
-    def encode(self, text):
-        return [2 if ch == "\n" else 3 + min(max(ord(ch) - 32, 0), 92) for ch in text]
-
-    def __call__(self, texts, return_tensors="pt", padding=True, add_special_tokens=True):
-        ids = [self.encode(t) for t in texts]
-        width = max(map(len, ids))
-        return {"input_ids": torch.tensor([[0] * (width - len(s)) + s for s in ids]),
-                "attention_mask": torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("\n" if i == 2 else chr(32 + i - 3) for i in ids if i >= 2)
-
-
-@pytest.fixture(scope="module")
-def backend():
-    model, layout = tiny_model("llama")
-    return LocalBackend(model, CharTokenizer(), layout, chat=False, max_n=32)
 
 
 def full_logprobs(backend, prompt, ids):
@@ -140,10 +115,11 @@ def test_per_row_steering_scales(backend):
     layout = backend.layout
     site = Site(1, SiteKind.RESID_POST)
     vec = torch.randn(layout.site_dim(site), generator=torch.Generator().manual_seed(0)) * 4
-    steered = LocalBackend(backend.model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False)
+    steered = LocalBackend(backend.model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False,
+                           row_scales=[0.0, 3.0, 0.0])
     params = SamplingParams(max_tokens=8, temperature=0, step=None)
     plain = backend.sample("hi there", 1, params, Budget())[0]
-    rows = steered.sample("hi there", 3, params, Budget(), steer_scales=[0.0, 3.0, 0.0])
+    rows = steered.sample("hi there", 3, params, Budget())
     assert rows[0].token_ids == plain.token_ids == rows[2].token_ids
     assert rows[1].logprobs != pytest.approx(plain.logprobs)
     assert rows[1].meta["steer_scale"] == 3.0
@@ -218,7 +194,8 @@ def test_failing_verifier_marks_candidate_failed_and_search_continues(backend):
 KNOBS = {"greedy": {}, "best_of_n": {"n": 4}, "majority": {"n": 4}, "self_consistency": {"n": 4},
          "weighted_vote": {"n": 4}, "adaptive_sc": {"n": 8, "batch": 2}, "beam_search": {"n": 4, "width": 2},
          "dvts": {"n": 4, "width": 2}, "particle_filter": {"n": 4}, "astar": {"n": 2, "max_expansions": 4},
-         "entropic_pf": {"n": 4}, "early_pruning": {"n": 4}, "refine": {"n": 2, "rounds": 2}}
+         "entropic_pf": {"n": 4}, "early_pruning": {"n": 4}, "refine": {"n": 2, "rounds": 2},
+         "compute_optimal": {"total": 4, "probe": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -387,7 +364,7 @@ def smol():
 @pytest.mark.integration
 def test_smollm2_greedy_matches_generate_and_majority_runs(smol):
     from steerscale import generate
-    from steerscale.scale.tasks_arith import make_problems
+    from steerscale.measure.tasks.arith import make_problems
 
     model, tok, layout = smol
     be = LocalBackend(model, tok, layout)
@@ -424,7 +401,7 @@ def test_smollm2_cli_solve_json(smol, capsys):
 
 def test_gym_arithmetic_problems_are_seeded_and_answered():
     pytest.importorskip("reasoning_gym")
-    from steerscale.scale.tasks_arith import gym_problems
+    from steerscale.measure.tasks.arith import gym_problems
 
     a, b = gym_problems(12, 3, terms=3, digits=2), gym_problems(12, 3, terms=3, digits=2)
     assert a == b and a != gym_problems(12, 4, terms=3, digits=2)
@@ -437,7 +414,7 @@ def test_gym_arithmetic_problems_are_seeded_and_answered():
 
 
 def test_few_shot_arithmetic_prompt_has_worked_examples_distinct_from_the_test_problems():
-    from steerscale.scale.tasks_arith import make_problems, worked_solution
+    from steerscale.measure.tasks.arith import make_problems, worked_solution
 
     assert worked_solution("3 * 12 + 40") == "3 * 12 = 36\n36 + 40 = 76\nAnswer: 76"
     assert worked_solution("0 - 4 - 8") == "0 - 4 = -4\n-4 - 8 = -12\nAnswer: -12"

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from steerscale import SteerscaleError
-from steerscale.scale import Budget, Candidate, LocalBackend, get_verifier, run_strategy
+from steerscale.scale import Budget, Candidate, get_verifier, run_strategy
 from steerscale.scale.backend import Backend
 from steerscale.scale.strategies.extra import modulate
 from steerscale.scale.strategies.search import run_particle_filter
 from steerscale.scale.verifiers import VERIFIERS, parse_options, parse_value, score_candidates
 from steerscale.scale.verifiers.base import Verifier
-from test_scale import CharTokenizer
-from tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def backend():
-    model, layout = tiny_model("llama")
-    return LocalBackend(model, CharTokenizer(), layout, chat=False, max_n=32)
 
 
 def cands(*texts, logprobs=None):

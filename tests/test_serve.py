@@ -19,20 +19,9 @@ from steerscale.scale import Budget, LocalBackend, SamplingParams, get_verifier,
 from steerscale.scale.remote import MISSING, OpenAIBackend, Piece, advance, plan_requests
 from steerscale.serve import ApiError, App, make_server
 from steerscale.steer.vector import SteeringVector
-from test_scale import CharTokenizer
-from tiny import tiny_model
+from tiny import ChatCharTokenizer, tiny_model
 
 PROMPT = "12 + 3 ="
-
-
-class ChatCharTokenizer(CharTokenizer):
-    """One character per token, plus a minimal chat template."""
-
-    chat_template = "role: content lines"
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return text + ("assistant:" if add_generation_prompt else "")
 
 
 class BareApp(App):
@@ -362,8 +351,6 @@ def test_remote_choice_logprobs_match_local(srv, remote):
 def test_remote_errors_name_the_server(srv, remote):
     with pytest.raises(SteerscaleError, match="context window"):
         remote.sample("x" * 200, 1, greedy(2), Budget())
-    with pytest.raises(SteerscaleError, match="steer_scales"):
-        remote.sample("x", 2, greedy(2), Budget(), steer_scales=[0.0, 1.0])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -425,7 +412,7 @@ def test_plan_requests_dedupes_greedy_rows_and_seeds_each_prompt_apart():
 def test_serve_help_has_a_working_example(capsys):
     from steerscale.cli import main
     from steerscale.commands.serve_cmd import EPILOG
-    from steerscale.serve.app import parse_chat, parse_completion
+    from steerscale.serve.schema import parse_chat, parse_completion
 
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -7,17 +7,11 @@ import pytest
 import torch
 
 from steerscale import Site, SiteKind, SteerscaleError, intervene
-from steerscale.models.loading import LoadedModel
 from steerscale.steer.extract import extract, extract_labelled, parse_layers
 from steerscale.steer.methods import caa, pca_center, pca_diff, probe
 from steerscale.steer.pairs import load_labelled, load_pairs
 from steerscale.steer.vector import SteeringVector, fingerprint, parse_steer_arg
-from tiny import TinyTokenizer, tiny_model
-
-
-def _lm(family="llama"):
-    model, layout = tiny_model(family)
-    return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")
+from tiny import tiny_lm
 
 
 def _pairs(n=12):
@@ -52,7 +46,7 @@ def test_direction_methods_find_the_axis_and_point_positive(method):
 
 
 def test_extract_caa_explicit_layers_and_apply():
-    lm = _lm()
+    lm = tiny_lm()
     v = extract(lm, _pairs(), "caa", "0-2", progress=False)
     assert [s.layer for s in v.sites] == [0, 1, 2] and v.method == "caa"
     assert v.metadata["n_pairs"] == 12 and v.model_fingerprint == fingerprint(lm.layout)
@@ -64,7 +58,7 @@ def test_extract_caa_explicit_layers_and_apply():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_extract_auto_and_iti(family):
-    lm = _lm(family)
+    lm = tiny_lm(family)
     v, sweep = extract(lm, _pairs(), "pca", "auto", return_sweep=True, progress=False)
     assert len(v.sites) == 1 and set(sweep.accuracy) == {Site(i) for i in range(lm.layout.n_layers)}
     iti = extract(lm, _pairs(), "iti", "auto", iti_heads=3, progress=False)
@@ -74,14 +68,14 @@ def test_extract_auto_and_iti(family):
 
 
 def test_prompt_pairs_and_mean_readout():
-    lm = _lm()
+    lm = tiny_lm()
     pairs = [{"prompt": f"q{i}", "positive": "yes indeed", "negative": "no never"} for i in range(6)]
     v = extract(lm, pairs, "caa", "1", read="mean", progress=False)
     assert v.metadata["read"] == "mean"
 
 
 def test_vector_arithmetic_and_roundtrip(tmp_path):
-    lm = _lm()
+    lm = tiny_lm()
     a = extract(lm, _pairs(), "caa", "1", progress=False)
     b = SteeringVector({Site(1): torch.ones(32), Site(2): torch.ones(32)}, a.model_name, a.model_fingerprint)
     c = a + b
@@ -104,7 +98,7 @@ def test_vector_arithmetic_and_roundtrip(tmp_path):
 
 
 def test_vector_checks_model(tmp_path):
-    lm = _lm()
+    lm = tiny_lm()
     v = SteeringVector({Site(1): torch.ones(32)}, "x", "0123456789abcdef")
     with pytest.raises(SteerscaleError, match="different shape"):
         v.interventions(1.0, layout=lm.layout)
@@ -147,14 +141,14 @@ def test_parse_helpers():
 
 
 def test_identical_pair_is_named():
-    lm = _lm()
+    lm = tiny_lm()
     pairs = _pairs(3) + [{"positive": "same words", "negative": "same words"}]
     with pytest.raises(SteerscaleError, match="pair 3: positive and negative texts tokenize identically"):
         extract(lm, pairs, "caa", "1", progress=False)
 
 
 def test_labelled_extraction():
-    lm = _lm()
+    lm = tiny_lm()
     examples = [(f"good kind lovely {i}", 1) for i in range(8)] + [(f"bad rude awful {i}", 0) for i in range(6)]
     v = extract_labelled(lm, examples, "caa", "1", progress=False)
     from steerscale.engine.capture import capture
@@ -190,3 +184,19 @@ def test_batched_probe_matches_scikit_learn():
         assert ours[k][0] == pytest.approx(acc, abs=1e-12)
         np.testing.assert_allclose(ours[k][1], clf.coef_[0], rtol=1e-4, atol=1e-5)
         assert ours[k][2] == pytest.approx(clf.intercept_[0], abs=1e-5)
+
+
+def test_one_registry_lists_every_method():
+    from steerscale.registry import Registry
+    from steerscale.steer import lofit
+    from steerscale.steer.methods import ALIASES, METHODS, get_method, iti
+
+    assert isinstance(METHODS, Registry)
+    assert list(METHODS) == ["caa", "pca_diff", "pca_center", "probe", "iti", "lofit"]
+    assert all(description for _, description in METHODS.describe())
+    assert get_method("iti") is iti and get_method("lofit") is lofit
+    assert get_method("pca") is pca_diff and ALIASES["mean_diff"] == "caa"
+    with pytest.raises(SteerscaleError, match="did you mean 'lofit'"):
+        get_method("lofti")
+    with pytest.raises(SteerscaleError, match="did you mean 'probe'"):
+        extract(tiny_lm(), _pairs(), method="prob")

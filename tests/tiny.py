@@ -72,3 +72,39 @@ class TinyTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids)
+
+
+class CharTokenizer:
+    """Printable characters and newline, one token each; id 1 is EOS, 0 pad; no chat template."""
+
+    pad_token_id, eos_token_id, pad_token, eos_token, chat_template, padding_side = 0, 1, "<pad>", "<eos>", None, "left"
+
+    def encode(self, text):
+        return [2 if ch == "\n" else 3 + min(max(ord(ch) - 32, 0), 92) for ch in text]
+
+    def __call__(self, texts, return_tensors="pt", padding=True, add_special_tokens=True):
+        ids = [self.encode(t) for t in texts]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([[0] * (width - len(s)) + s for s in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("\n" if i == 2 else chr(32 + i - 3) for i in ids if i >= 2)
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """One character per token, plus a minimal chat template."""
+
+    chat_template = "role: content lines"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+
+def tiny_lm(family: str = "llama"):
+    """A tiny random model of ``family`` with the word-level tokenizer, as ``load_model`` returns a real one."""
+    from steerscale.models.loading import LoadedModel
+
+    model, layout = tiny_model(family)
+    return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")

@@ -1,13 +1,12 @@
 """steerscale: inference-time intervention on language models. Steer representations, scale compute, measure both."""
 
-__version__ = "0.1.0"
-
-from .engine import (  # noqa: E402
+from .engine import (
     Ablate, Add, Affine, Intervention, Lambda, Readout, SetProjection, Site, SiteKind, TokenScope, capture,
     format_prompt, generate, intervene,
 )
-from .errors import SteerscaleError  # noqa: E402
-from .models import DEFAULT_MODEL, LoadedModel, ModelLayout, find_layout, load_model  # noqa: E402
+from .errors import SteerscaleError
+from .models import DEFAULT_MODEL, LoadedModel, ModelLayout, find_layout, load_model
+from .version import __version__
 
 __all__ = [
     "Ablate", "Add", "Affine", "DEFAULT_MODEL", "Intervention", "Lambda", "LoadedModel", "ModelLayout", "Readout",

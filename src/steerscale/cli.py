@@ -1,7 +1,10 @@
 """The ``steerscale`` command line: one verb per command.
 
-Each command lives in a module that exposes ``register(subparsers)``; it adds its parser and sets
-``func=handler`` where ``handler(args) -> int``. Add a command by appending its module to ``COMMAND_MODULES``.
+``COMMANDS`` (a ``steerscale.registry.Registry``) maps each verb to the module that builds it, with the one-line
+description ``steerscale --help`` lists. A module exposes ``register(subparsers)``: it adds its verbs' parsers (one
+or more; the help line and aliases come from ``COMMANDS``) and sets ``func=handler`` where
+``handler(args) -> int``. Add a command with a line in the ``COMMANDS`` table (verb, module, description); a module
+that adds a verb the registry lacks, or a registered verb no module adds, fails when the parser is built.
 Errors a user can fix (``SteerscaleError``) print as one message and exit 2; ``--debug`` shows the traceback.
 """
 
@@ -12,30 +15,66 @@ import importlib
 import logging
 import os
 import sys
+import textwrap
 
 from .errors import SteerscaleError
+from .registry import Registry
 
-COMMAND_MODULES = [
-    "steerscale.commands.models_cmd",
-    "steerscale.commands.generate_cmd",
-    "steerscale.commands.steer_cmds",
-    "steerscale.commands.portability_cmds",
-    "steerscale.commands.eval_cmds",
-    "steerscale.commands.scale_cmds",
-    "steerscale.commands.serve_cmd",
-    "steerscale.commands.demo_cmd",
-]
+
+def _commands(table: str) -> Registry[str]:
+    """The command registry from a table: per line the verb, its module in ``steerscale.commands`` and the one-line
+    help ``steerscale --help`` lists."""
+    commands: Registry[str] = Registry("command")
+    for line in table.strip().splitlines():
+        verb, module, description = line.split(maxsplit=2)
+        commands.add(verb, f"steerscale.commands.{module}", description)
+    return commands
+
+
+COMMANDS = _commands("""
+models    models_cmd        list bundled models: installed, cached, size, architecture
+generate  generate_cmd      generate text, optionally with steering vectors
+extract   steer_cmds        extract a steering vector from contrastive pairs
+sweep     steer_cmds        probe accuracy per layer (or per head) to choose where to steer
+export    portability_cmds  export a steering vector as a llama.cpp GGUF control vector
+import    portability_cmds  import a llama.cpp / repeng GGUF control vector
+bake      portability_cmds  fold a steering vector into the biases of a standard HF checkpoint
+eval      eval_cmds         evaluate a model on a benchmark task, optionally steered
+report    eval_cmds         render Markdown/HTML tables and PNG plots for evaluation runs
+solve     scale_cmds        answer a prompt with a search/sampling strategy under a compute budget
+serve     serve_cmd         serve a model over an OpenAI-compatible HTTP API (steering per request)
+demo      demo_cmd          the main job: build, apply and measure a steering vector (a few minutes, offline)
+""")
 
 EPILOG = """\
 examples:
   steerscale models                                  # bundled models: installed? cached? size?
   steerscale demo -o out/demo                        # the main job: build, apply and measure a steering vector
-  steerscale generate -p "Tell me about cats" --steer out/demo/formal.safetensors:6
-  steerscale extract --pairs pairs.jsonl --method caa --layers auto -o vec.safetensors
-  steerscale serve --vector formal=vec.safetensors   # OpenAI-compatible server, steering per request
+  steerscale generate -p "Tell me about cats" --steer out/demo/formal.safetensors:1   # the demo's vector
+  steerscale extract --pairs formal_casual --method caa --layers auto -o formal.safetensors
+  steerscale serve --vector formal=formal.safetensors   # OpenAI-compatible server, steering per request
+  steerscale COMMAND --help                          # each command's options and examples
 
-Every command takes -m/--model: a bundled alias (default smollm2-135m-instruct), an HF id, a directory or a .gguf.
+Commands that load a model take -m/--model: a bundled alias (default smollm2-135m-instruct), an HF id, a directory
+or a .gguf.
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs with their line breaks: indented lines (the examples) and blank lines exactly as
+    written, each run of other lines (prose) one paragraph wrapped to the terminal's width."""
+
+    def _fill_text(self, text, width, indent):
+        out, prose = [], []
+        for line in text.splitlines() + [""]:
+            if line.strip() and not line[:1].isspace():
+                prose.append(line.strip())
+                continue
+            if prose:
+                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose = []
+            out.append(indent + line)
+        return "\n".join(out[:-1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +82,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog="steerscale",
         description="Inference-time intervention on language models: steer representations, scale compute, measure both.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    verbs = _Verbs(sub)
+    for module in dict.fromkeys(COMMANDS.values()):  # each module once, in registration order
+        importlib.import_module(module).register(verbs)
+    missing = [name for name in COMMANDS if name not in sub.choices]
+    if missing:
+        raise SteerscaleError(f"registered command(s) {', '.join(missing)} were not added by their module",
+                              "register() must call add_parser for every verb COMMANDS names it for")
     return parser
+
+
+class _Verbs:
+    """The subparsers action as a command module sees it: ``add_parser(verb, ...)`` takes the verb's one-line help
+    and aliases from ``COMMANDS`` and prints its epilog (the examples) as written; it refuses a verb that is not
+    registered there."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name not in COMMANDS or COMMANDS.canonical(name) != name:
+            raise SteerscaleError(f"a command module adds verb {name!r}, which steerscale.cli.COMMANDS does not list",
+                                  "add a line for it to the COMMANDS table in steerscale/cli.py")
+        kwargs["help"] = COMMANDS.description(name)
+        kwargs.setdefault("formatter_class", HelpFormatter)  # examples as written (RawDescriptionHelpFormatter)
+        kwargs.setdefault("aliases", [a for a, verb in COMMANDS.aliases.items() if verb == name])
+        return self._sub.add_parser(name, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)  # --debug is the only top-level option
+    if verb is not None and verb not in COMMANDS:  # the registry's error also guesses the verb meant
+        print(f"steerscale: error: {COMMANDS.unknown(verb)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

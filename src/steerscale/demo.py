@@ -8,8 +8,9 @@
    pairs where the formal reply is preferred.
 3. Measure the cost: KL divergence of next-token distributions and perplexity change on neutral texts.
 4. Show unsteered and steered generations side by side.
-5. Scaling: greedy against a few inference-time scaling strategies on seeded arithmetic problems, accuracy
-   against generated tokens.
+5. Scaling: greedy decoding against self-consistency and PRM-guided particle filtering on seeded three-number
+   sums (3-shot plain-text prompt, the task of docs/scaling.md's three-number run): accuracy against generated
+   tokens, and each strategy's gain over greedy on the same problems with a paired bootstrap interval.
 Everything lands in the output folder: ``report.md``, ``effect_vs_scale.png``, ``sweep.png``,
 ``scaling.png``, ``results.json`` and the vector itself.
 """
@@ -71,20 +72,45 @@ def plot_effect(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# (label, strategy, n, verifier): a handful that spans the cost range; bench/scaling.py has the full sweep.
+# (label, strategy, n, verifier): greedy, and two ways to spend about four samples' tokens: a vote over whole
+# samples, and step-level search guided by the arithmetic PRM (bench/scaling.py has the full sweep).
 SCALING_METHODS = [("greedy", "greedy", 1, None), ("majority vote, 4 samples", "majority", 4, None),
-                   ("majority vote, 8 samples", "majority", 8, None),
                    ("particle filter, 4 particles (arithmetic PRM)", "particle_filter", 4, "arith_prm")]
+SCALING_PROBLEMS = 32  # what fits the whole demo in about 3 minutes on 2 idle CPU cores (about 4 s a problem)
+
+
+def three_number_sums(n: int, seed: int = 0, shots: int = 3) -> list:
+    """``n`` seeded sums of three one-digit numbers (``a +/- b +/- c``; the answer may be negative), each asked in a
+    ``shots``-shot plain-text prompt (``ArithProblem.question``: worked examples with one ``a op b = c`` per line,
+    then ``Answer: N``) to be completed without the chat template. The task and prompt of docs/scaling.md's
+    three-number run, which draws its problems from reasoning-gym (an optional dependency); the examples come from
+    a random stream of their own and are none of the test problems."""
+    from .errors import SteerscaleError
+    from .measure.tasks.arith import ArithProblem, worked_solution
+
+    def draw(rng: random.Random) -> str:
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        return f"{a} {rng.choice('+-')} {b} {rng.choice('+-')} {c}"
+
+    rng, shot_rng = random.Random(f"demo-sums-{seed}"), random.Random(f"demo-sums-shots-{seed}")
+    tests = [draw(rng) for _ in range(n)]
+    examples = list(dict.fromkeys(e for e in (draw(shot_rng) for _ in range(200)) if e not in tests))[:shots]
+    if len(examples) < shots:
+        raise SteerscaleError(f"could not draw {shots} examples distinct from {n} test problems",
+                              "ask for fewer problems")
+    return [ArithProblem(e, worked_solution(e).rsplit("Answer: ", 1)[1], tuple(examples)) for e in tests]
 
 
 def scaling_section(lm, n_problems: int, seed: int = 0) -> list[dict]:
-    """Accuracy and generated tokens per problem for each of ``SCALING_METHODS`` on seeded arithmetic."""
+    """Accuracy, generated tokens per problem and the paired gain over greedy for each of ``SCALING_METHODS`` on
+    ``three_number_sums``, run as bench/scaling.py runs it: raw completion, temperature 0.7, a step is one line,
+    every problem sampled from its own seed."""
+    from .measure.stats import paired_compare
     from .scale import Budget, LocalBackend, derive_seed, get_verifier, run_strategy
-    from .scale.tasks_arith import make_problems
 
-    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
-    problems = make_problems(n_problems, seed, difficulty=1)
-    knobs = dict(max_tokens=32, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=32)
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, chat=False)
+    problems = three_number_sums(n_problems, seed)
+    knobs = dict(max_tokens=40, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=40)
     rows = []
     for label, name, n, verifier in SCALING_METHODS:
         correct, tokens = [], []
@@ -94,8 +120,10 @@ def scaling_section(lm, n_problems: int, seed: int = 0) -> list[dict]:
                              **knobs, **extra)
             correct.append(float(r.answer == prob.answer))
             tokens.append(r.generated_tokens)
+        gain = paired_compare(rows[0]["correct"], correct) if rows else None
         rows.append({"method": label, "strategy": name, "n": n, "accuracy": bootstrap_ci(correct).to_dict(),
-                     "tokens_per_problem": sum(tokens) / len(tokens)})
+                     "gain_vs_greedy": gain.to_dict() if gain else None,
+                     "tokens_per_problem": sum(tokens) / len(tokens), "correct": correct})
     return rows
 
 
@@ -104,16 +132,20 @@ def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        a = r["accuracy"]
+        a, g = r["accuracy"], r.get("gain_vs_greedy")
+        gain = f" (gain vs greedy {g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}])" if g else ""
         ax.errorbar(r["tokens_per_problem"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
-                    fmt="o", capsize=4, label=r["method"])
+                    fmt="o", capsize=4, label=r["method"] + gain)
     ax.set_xscale("log")
+    for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        set_formatter(ScalarFormatter())  # 30, 40, 60 rather than 3x10^1 on a range shorter than a decade
     ax.set_xlabel("generated tokens per problem (log scale)")
     ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.02, min(1.02, max(r["accuracy"]["hi"] for r in rows) + 0.15))  # room for the legend
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
@@ -123,7 +155,7 @@ def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
 
 def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0), gen_scales=(-1.0, 0.0, 1.0),
              n_test: int = 12, max_new_tokens: int = 40, seed: int = 0, device: str = "auto",
-             scaling_problems: int = 8, log=print) -> dict:
+             scaling_problems: int = SCALING_PROBLEMS, log=print) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -162,13 +194,16 @@ def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0)
 
     scaling = []
     if scaling_problems:
-        log(f"\n[5/5] scaling: greedy vs sampling and search strategies on {scaling_problems} arithmetic problems")
+        log(f"\n[5/5] scaling: greedy vs sampling and search strategies on {scaling_problems} three-number sums "
+            "(3-shot prompt)")
         scaling = scaling_section(lm, scaling_problems, seed)
         for r in scaling:
-            a = r["accuracy"]
-            log(f"  {r['method']:48} accuracy {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]  "
-                f"{r['tokens_per_problem']:.0f} tokens/problem")
-        plot_scaling(scaling, out / "scaling.png", f"{lm.name}: accuracy against compute ({scaling_problems} problems)")
+            a, g = r["accuracy"], r["gain_vs_greedy"]
+            log(f"  {r['method']:46} accuracy {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}]  "
+                f"{r['tokens_per_problem']:3.0f} tokens/problem"
+                + (f"  gain vs greedy {g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}] ({g['wins']} won, "
+                   f"{g['losses']} lost)" if g else ""))
+        plot_scaling(scaling, out / "scaling.png", f"{lm.name}: {scaling_problems} three-number sums, 3-shot")
 
     results = {"model": lm.name, "scaling": scaling, "layer": layer, "vector": str(vector_path), "n_train_pairs": len(train),
                "n_heldout_pairs": len(held), "sweep": sweep.table(), "rows": rows, "samples": samples,
@@ -203,11 +238,20 @@ def render_report(r: dict) -> str:
             lines.append(f"- scale {s['scale']}: {s['texts'][i]}")
         lines.append("")
     if r.get("scaling"):
-        lines += ["## Scaling: accuracy against compute", "",
-                  f"Seeded arithmetic (`NN + N`, one-shot prompt), {r['scaling'][0]['accuracy']['n']} problems.", "",
-                  "| method | accuracy [95% CI] | generated tokens / problem |", "|---|---|---:|"]
+        task = (f"{r['scaling'][0]['accuracy']['n']} seeded sums of three one-digit numbers (`a +/- b +/- c`), "
+                "each asked in a 3-shot plain-text prompt (worked examples, one `a op b = c` per line, then "
+                "`Answer: N`) completed without the chat template; temperature 0.7, a step is one line. Gain: "
+                "the method's accuracy minus greedy's on the same problems, with a paired bootstrap interval, "
+                "the problems it solved that greedy did not (won) and the reverse (lost), and the two-sided sign "
+                "test on those.")
+        header = ("| method | accuracy [95% CI] | gain vs greedy [95% CI] | won / lost | sign test p | "
+                  "generated tokens / problem |")
+        lines += ["## Scaling: accuracy against compute", "", task, "", header, "|---|---|---|---|---:|---:|"]
         for row in r["scaling"]:
-            a = row["accuracy"]
-            lines.append(f"| {row['method']} | {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] | {row['tokens_per_problem']:.0f} |")
+            a, g = row["accuracy"], row["gain_vs_greedy"]
+            gain = (f"{g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}] | {g['wins']} / {g['losses']} | "
+                    f"{g['p_sign']:.3g}") if g else "- | - | -"
+            lines.append(f"| {row['method']} | {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] | {gain} | "
+                         f"{row['tokens_per_problem']:.0f} |")
         lines += ["", "![accuracy against tokens](scaling.png)", ""]
     return "\n".join(lines)

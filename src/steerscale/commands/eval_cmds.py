@@ -5,8 +5,26 @@ from __future__ import annotations
 from .common import add_backend_args, add_model_args, add_steer_args, emit_json, load, remote_backend
 
 
+EVAL_EPILOG = """\
+examples:
+  steerscale eval --list-tasks
+  steerscale eval --task arc_easy --limit 20                                # -> runs/arc_easy-<hash>/summary.json
+  steerscale eval --task arc_easy --limit 20 --steer formal.safetensors:1   # effect, and cost (KL on neutral text)
+  steerscale eval --task gsm8k --limit 2 --strategy majority -n 4 --budget tokens=2000 --max-new-tokens 128
+  steerscale report runs                                                    # tables and plots of the runs above
+
+formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors
+"""
+
+REPORT_EPILOG = """\
+examples:
+  steerscale report runs                  # runs/report.md, report.html and PNGs from every summary.json under runs/
+  steerscale report runs -o out/report
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark task, optionally steered",
+    p = sub.add_parser("eval", epilog=EVAL_EPILOG,
                        description="Evaluate on a task (see --list-tasks); results go to OUT/<task>-<confighash>/ "
                                    "(per-example JSONL + summary.json), resumable and cached by config hash.")
     add_model_args(p)
@@ -27,7 +45,8 @@ def register(sub) -> None:
                         "see `steerscale solve --help`); needs generated answers (--mode generate); generates on "
                         "--backend-url when given")
     p.add_argument("--budget", default=None, metavar="NAME=V,...", help="per-example budget for --strategy, e.g. tokens=2000")
-    p.add_argument("-n", type=int, default=8, help="samples / particles / beams for --strategy (default 8)")
+    p.add_argument("-n", type=int, default=None,
+                   help="samples / particles / beams for --strategy (default: the strategy's own, 8 for most)")
     p.add_argument("--verifier", default=None, help="verifier for --strategy (self_eval, logprob, arith_prm, judge)")
     p.add_argument("--cost", dest="cost", action="store_true", default=None,
                    help="measure KL / perplexity change on neutral text (default: when steering)")
@@ -39,8 +58,8 @@ def register(sub) -> None:
     add_backend_args(p)  # --strategy only: tasks, answer checking and the run cache stay local
     p.set_defaults(func=run_eval)
 
-    r = sub.add_parser("report", help="render Markdown/HTML tables and PNG plots for evaluation runs",
-                       description="Collect every summary.json under DIR into report.md, report.html and PNGs.")
+    r = sub.add_parser("report", description="Collect every summary.json under DIR into report.md, report.html and PNGs.",
+                       epilog=REPORT_EPILOG)
     r.add_argument("dir", help="folder written by `steerscale eval -o`")
     r.add_argument("-o", "--out", default=None, help="where to write the report (default: DIR)")
     r.set_defaults(func=run_report)
@@ -64,7 +83,7 @@ def _print_summary(s: dict) -> None:
 
 def run_eval(args) -> int:
     from ..errors import SteerscaleError
-    from ..measure.runs import evaluate, resolve_strategy, scoring_mode
+    from ..measure.runs import RunConfig, evaluate, resolve_strategy, scoring_mode
     from ..measure.tasks import get_task, list_tasks
 
     if args.list_tasks:
@@ -75,14 +94,18 @@ def run_eval(args) -> int:
     if args.seeds < 1:
         raise SteerscaleError(f"--seeds must be >= 1, got {args.seeds}")
     task = get_task(args.task)  # fail on a bad task before loading the model
-    resolve_strategy(args.strategy, args.budget, scoring_mode(task, args.mode), remote=bool(args.backend_url))
+    config = RunConfig(steer=args.steer, scope=args.scope, limit=args.limit, seeds=range(args.seeds),
+                       data_seed=args.data_seed, mode=args.mode, chat=False if args.no_chat else None,
+                       max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                       strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, cost=args.cost,
+                       batch_tokens=args.batch_tokens)
+    # the strategy, its knobs, verifier and budget: checked now, before the model loads
+    resolve_strategy(config.strategy, config.budget, scoring_mode(task, config.mode), remote=bool(args.backend_url),
+                     n=config.n, verifier=config.verifier, temperature=config.temperature,
+                     max_tokens=config.max_new_tokens)
     # with --backend-url the strategy generates on the server and -m is not loaded
     lm, backend = (None, remote_backend(args)) if args.backend_url else (load(args), None)
-    res = evaluate(lm, task, steer=args.steer, scope=args.scope, limit=args.limit, seeds=range(args.seeds),
-                   data_seed=args.data_seed, outdir=args.out, mode=args.mode, chat=False if args.no_chat else None,
-                   max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                   strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, backend=backend,
-                   cost=args.cost, batch_tokens=args.batch_tokens, resume=not args.fresh)
+    res = evaluate(lm, task, config, backend=backend, outdir=args.out, resume=not args.fresh)
     if args.json:
         emit_json(res.summary)
     else:

@@ -5,9 +5,20 @@ from __future__ import annotations
 from .common import add_model_args, add_steer_args, emit_json, load, steering_from_args
 
 
+EPILOG = """\
+examples:
+  steerscale generate -p "How was your weekend?"                                # greedy, chat template applied
+  steerscale generate -p "How was your weekend?" --steer formal.safetensors:1   # toward formal
+  steerscale generate -p "How was your weekend?" --steer formal.safetensors:-1 --scope generated   # casual
+  steerscale generate -p "The weather today is" --no-chat --sample --seed 1 --max-new-tokens 24 --json
+
+formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors (see steerscale extract --help).
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate text, optionally with steering vectors",
-                       description="Generate a completion (chat template applied when the model has one).")
+    p = sub.add_parser("generate", description="Generate a completion (chat template applied when the model has one).",
+                       epilog=EPILOG)
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     add_steer_args(p)

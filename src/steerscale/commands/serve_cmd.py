@@ -7,8 +7,8 @@ import argparse
 from .common import add_model_args
 
 EPILOG = """\
-example:
-  steerscale serve -m smollm2-135m-instruct --vector formal=out/demo/formal.safetensors --port 8000
+examples:
+  steerscale serve -m smollm2-135m-instruct --vector formal=formal.safetensors --port 8000
 
   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{
     "model": "smollm2-135m-instruct", "prompt": "The weather today is", "max_tokens": 24,
@@ -27,7 +27,7 @@ See docs/serving.md.
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (steering per request)",
+    p = sub.add_parser("serve",
                        description="Serve one model over an OpenAI-compatible HTTP API (/v1/completions, "
                                    "/v1/chat/completions) with steerscale's extension fields: \"steer\" (registered "
                                    "vectors, per request) and \"strategy\" (an inference-time scaling strategy).",

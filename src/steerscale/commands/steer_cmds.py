@@ -7,8 +7,13 @@ from pathlib import Path
 
 from .common import add_model_args, emit_json, load
 
-METHOD_HELP = ("caa (mean difference), pca (RepE pca_diff), pca_center, probe (logistic regression), iti (per-head), "
-               "lofit (learned per-head offsets; trains for minutes; --layers limits where heads are chosen)")
+def method_help() -> str:
+    """The extraction methods, from the method registry (one place lists them)."""
+    from ..steer.methods import METHODS
+
+    aliases = METHODS.aliases
+    return "; ".join(f"{name} ({desc})" + "".join(f", alias {a}" for a, n in aliases.items() if n == name)
+                     for name, desc in METHODS.describe())
 
 
 def _add_data_args(p) -> None:
@@ -24,14 +29,33 @@ def _add_data_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
 
 
+EXTRACT_EPILOG = """\
+examples:
+  steerscale extract --pairs formal_casual --method caa --layers auto -o formal.safetensors
+  steerscale extract --pairs formal_casual --method pca --layers 10-14 --read mean -o formal_pca.safetensors
+  steerscale extract --pairs formal_casual --method iti --heads 8 -o formal_iti.safetensors   # per attention head
+  steerscale extract --pairs formal_casual --method caa --layers 14 -o formal.gguf   # a llama.cpp control vector
+
+formal_casual is the bundled pair set; --pairs also takes a JSONL file, one {"positive", "negative"} per line.
+Apply a vector with: steerscale generate -p "How was your weekend?" --steer formal.safetensors:1
+"""
+
+SWEEP_EPILOG = """\
+examples:
+  steerscale sweep --pairs formal_casual -o out/sweep              # sweep.json + sweep.png, one probe per layer
+  steerscale sweep --pairs formal_casual --per-head -o out/heads   # one probe per attention head (ITI)
+"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("extract", help="extract a steering vector from contrastive pairs",
+    p = sub.add_parser("extract",
                        description="Read activations for positive and negative texts and fit a steering vector.\n"
-                                   f"Methods: {METHOD_HELP}.",
-                       epilog="example: steerscale extract --pairs formal_casual --method caa --layers auto -o formal.safetensors")
+                                   f"Methods: {method_help()}.",
+                       epilog=EXTRACT_EPILOG)
     add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--method", default="caa", help=METHOD_HELP)
+    p.add_argument("--method", default="caa", help="extraction method (default caa; see above); --layers limits "
+                   "where LoFiT chooses heads")
     p.add_argument("--layers", default="auto", help="auto (probe sweep picks), N, A-B or A,B,C (default: auto)")
     p.add_argument("--heads", type=int, default=16, help="ITI, LoFiT: number of heads to steer (default: 16)")
     p.add_argument("--train", default=None, metavar="K=V,...",
@@ -40,9 +64,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf for a llama.cpp control vector)")
     p.set_defaults(func=run_extract)
 
-    s = sub.add_parser("sweep", help="probe accuracy per layer (or per head) to choose where to steer",
-                       description="Fit a held-out logistic probe at every layer (and head, with --heads) and write a "
-                                   "table (JSON) and a plot (PNG).")
+    s = sub.add_parser("sweep", description="Fit a held-out logistic probe at every layer (or head, with --per-head) "
+                                            "and write a table (JSON) and a plot (PNG).",
+                       epilog=SWEEP_EPILOG)
     add_model_args(s)
     _add_data_args(s)
     s.add_argument("--per-head", action="store_true", help="sweep every attention head (ITI) instead of layers")

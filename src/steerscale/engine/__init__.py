@@ -4,10 +4,11 @@ from ..models.sites import Site, SiteKind
 from .capture import Readout, capture
 from .generation import Generation, format_prompt, generate
 from .ops import Ablate, Add, Affine, ClampMode, Edit, Lambda, SetProjection
-from .runtime import Intervener, Intervention, intervene
+from .runtime import Intervener, Intervention, Observer, StopForward, intervene, observe
 from .scope import Scope, TokenScope
 
 __all__ = [
-    "Ablate", "Add", "Affine", "ClampMode", "Edit", "Generation", "Intervener", "Intervention", "Lambda", "Readout",
-    "Scope", "SetProjection", "Site", "SiteKind", "TokenScope", "capture", "format_prompt", "generate", "intervene",
+    "Ablate", "Add", "Affine", "ClampMode", "Edit", "Generation", "Intervener", "Intervention", "Lambda", "Observer",
+    "Readout", "Scope", "SetProjection", "Site", "SiteKind", "StopForward", "TokenScope", "capture", "format_prompt",
+    "generate", "intervene", "observe",
 ]

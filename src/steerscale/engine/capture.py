@@ -1,32 +1,31 @@
 """Activation capture: read the vectors at any sites for a batch of texts, padding handled.
 
 Readouts (``Readout``): the last real token, the mean over all real tokens, the mean over a token span per
-text (e.g. the completion after a prompt), or every real token. The forward pass stops right after the
-deepest block that is read, so reading early layers costs only those layers.
+text (e.g. the completion after a prompt), or every real token. Reading goes through the hook runtime's
+observers (``engine.runtime.observe``), and the forward pass stops right after the deepest block that is read,
+so reading early layers costs only those layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import SteerscaleError
-from ..models.layout import HookPoint, ModelLayout
+from ..models.layout import ModelLayout
 from ..models.sites import Site, SiteKind
+from .runtime import Observer, StopForward, observe
 
 
 class Readout(str, Enum):
     LAST = "last"  # the last real token of each text
     MEAN = "mean"  # mean over real tokens (or over `spans` when given)
     ALL = "all"  # every real token: a list of (n_tokens, dim) tensors
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook after the deepest needed block: the rest of the forward is wasted work."""
 
 
 @dataclass
@@ -95,59 +94,24 @@ def capture(
         raise SteerscaleError("no sites to capture")
     if spans is not None and len(spans) != len(texts):
         raise SteerscaleError(f"{len(spans)} spans for {len(texts)} texts", "give one (start, end) span per text")
-    locations = {s: layout.locate(s) for s in sites}
-    deepest = max(s.layer for s in sites)
+    if any(s.kind is SiteKind.ROUTER for s in sites):
+        raise SteerscaleError("router logits are not captured per token yet", "capture mlp_out or resid sites")
     device = next(model.parameters()).device
     results: dict[Site, list] = {s: [] for s in sites}
     current: dict[Site, torch.Tensor] = {}
-
-    def make_hook(module_sites):
-        def grab(tensor):
-            for s in module_sites:
-                loc = locations[s]
-                current[s] = tensor[..., loc.index] if loc.index is not None else tensor
-
-        def pre(module, args, kwargs):
-            grab(args[0] if args else kwargs["hidden_states"])
-
-        def post(module, args, output):
-            grab(output if isinstance(output, torch.Tensor) else output[0])
-
-        return pre, post
-
-    by_module: dict[tuple[int, HookPoint], list[Site]] = {}
-    for s, loc in locations.items():
-        if s.kind is SiteKind.ROUTER:
-            raise SteerscaleError("router logits are not captured per token yet", "capture mlp_out or resid sites")
-        by_module.setdefault((id(loc.module), loc.point), []).append(s)
-    handles = []
-    try:
-        for (_, point), module_sites in by_module.items():
-            module = locations[module_sites[0]].module
-            pre, post = make_hook(module_sites)
-            if point is HookPoint.INPUT:
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(post))
-
-        def stop(module, args, output):
-            raise _StopForward
-
-        handles.append(layout.blocks[deepest].register_forward_hook(stop))
+    observers = [Observer(s, partial(current.__setitem__, s)) for s in sites]
+    with observe(layout, observers, stop_after=max(s.layer for s in sites)):
         order = range(0, len(texts), batch_size)
         for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
             chunk = list(texts[start : start + batch_size])
             batch = tokenize(tokenizer, chunk, device)
             try:
                 model(**batch.model_inputs(), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             chunk_spans = spans[start : start + batch_size] if spans is not None else None
             for s in sites:
                 reduced = _reduce(current[s], batch.attention_mask, readout, chunk_spans)
                 results[s].extend(reduced) if readout is Readout.ALL else results[s].append(reduced)
             current.clear()
-    finally:
-        for h in handles:
-            h.remove()
     return {s: (v if readout is Readout.ALL else torch.cat(v)) for s, v in results.items()}

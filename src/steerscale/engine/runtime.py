@@ -2,6 +2,8 @@
 
 Contract
 --------
+* Two kinds of hook: edits (``intervene``) and read-only observers (``observe``, which ``engine.capture`` reads
+  activations through). Both locate sites the same way and share one hook per module and hook point.
 * An ``Intervention`` is ``(site, edit, scope, rows)``. ``layout.locate(site)`` says which module and hook point
   carry it (see ``models.layout``); this module never inspects module names.
 * All interventions of one ``intervene`` block that share a module and hook point run in a single hook, in the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -48,6 +50,41 @@ class Intervention:
             object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
 
 
+@dataclass(frozen=True, eq=False)
+class Observer:
+    """A read-only callback at a site: ``fn(activation)`` gets the site's tensor on every forward pass (``(batch,
+    seq, dim)``; for ``head_out`` the head's slice; a router's logits as the module passes them). It must not
+    modify the tensor; its return value is ignored."""
+
+    site: Site
+    fn: Callable[[torch.Tensor], object]
+
+    def __post_init__(self):
+        if not isinstance(self.site, Site):
+            raise SteerscaleError(f"Observer.site must be a Site, got {self.site!r}")
+        if not callable(self.fn):
+            raise SteerscaleError(f"Observer.fn must be callable, got {type(self.fn).__name__}")
+
+
+class StopForward(Exception):
+    """Raised right after the block named by ``observe(..., stop_after=)``: the rest of the forward pass would be
+    wasted work for a caller that only reads earlier sites. Catch it around the model call."""
+
+
+def _stop(module, args, output):
+    raise StopForward
+
+
+def _by_hook(located: Iterable[tuple[object, Location]]) -> dict[tuple[int, HookPoint], list]:
+    """``(item, location)`` pairs grouped by (module, hook point), in the order given: one hook per group. Each item
+    keeps its own Location because items sharing a module can act on different slices of it (several heads of one
+    attention output projection)."""
+    groups: dict[tuple[int, HookPoint], list] = {}
+    for item, loc in located:
+        groups.setdefault((id(loc.module), loc.point), []).append((item, loc))
+    return groups
+
+
 def _check(layout: ModelLayout, iv: Intervention) -> Location:
     location = layout.locate(iv.site)  # raises for a bad layer / head / kind
     want = layout.site_dim(iv.site)
@@ -61,19 +98,23 @@ def _check(layout: ModelLayout, iv: Intervention) -> Location:
 
 
 class Intervener:
-    """Attaches a list of interventions to a model and removes them again. Use ``intervene(...)``."""
+    """Attaches interventions (and observers) to a model and removes them again. Use ``intervene(...)`` or
+    ``observe(...)``. At a shared site, observers see the activation after this object's edits."""
 
-    def __init__(self, layout: ModelLayout, interventions: Sequence[Intervention], prompt_width: int | None = None):
+    def __init__(self, layout: ModelLayout, interventions: Sequence[Intervention], prompt_width: int | None = None,
+                 observers: Sequence[Observer] = (), stop_after: int | None = None):
         self.layout = layout
         self.interventions = list(interventions)
+        self.observers = list(observers)
         self.tracker = SequenceTracker(prompt_width)
         self._handles: list = []
-        # One hook per (module, hook point); each edit keeps its own Location because edits sharing a module can
-        # act on different slices of it (several heads of one attention output projection).
-        self._groups: dict[tuple[int, HookPoint], list[tuple[Intervention, Location]]] = {}
-        for iv in self.interventions:
-            loc = _check(layout, iv)
-            self._groups.setdefault((id(loc.module), loc.point), []).append((iv, loc))
+        self._groups: dict[tuple[int, HookPoint], list[tuple[Intervention, Location]]] = _by_hook(
+            (iv, _check(layout, iv)) for iv in self.interventions)
+        self._reads: dict[tuple[int, HookPoint], list[tuple[Observer, Location]]] = _by_hook(
+            (ob, layout.locate(ob.site)) for ob in self.observers)
+        if stop_after is not None and not 0 <= stop_after < layout.n_layers:
+            raise SteerscaleError(f"stop_after={stop_after} is not a block of this model ({layout.n_layers} blocks)")
+        self.stop_after = stop_after
 
     @property
     def state(self) -> TokenState | None:
@@ -88,18 +129,25 @@ class Intervener:
         if self._handles:
             raise SteerscaleError("this Intervener is already attached", "use a fresh intervene(...) block")
         try:
-            self._handles.append(self.layout.base.register_forward_pre_hook(self._observe, with_kwargs=True))
-            for group in self._groups.values():
-                loc = group[0][1]
-                if loc.point is HookPoint.INPUT:
-                    h = loc.module.register_forward_pre_hook(self._input_hook(group), with_kwargs=True)
-                else:
-                    h = loc.module.register_forward_hook(self._output_hook(group))
-                self._handles.append(h)
+            if self._groups:  # edits need token positions; observers alone do not
+                self._handles.append(self.layout.base.register_forward_pre_hook(self._observe, with_kwargs=True))
+            self._register(self._groups, self._input_hook, self._output_hook)
+            self._register(self._reads, self._read_input_hook, self._read_output_hook)
+            if self.stop_after is not None:
+                self._handles.append(self.layout.blocks[self.stop_after].register_forward_hook(_stop))
         except BaseException:
             self.detach()
             raise
         return self
+
+    def _register(self, groups: dict, input_hook, output_hook) -> None:
+        for group in groups.values():
+            loc = group[0][1]
+            if loc.point is HookPoint.INPUT:
+                h = loc.module.register_forward_pre_hook(input_hook(group), with_kwargs=True)
+            else:
+                h = loc.module.register_forward_hook(output_hook(group))
+            self._handles.append(h)
 
     def detach(self) -> None:
         while self._handles:
@@ -169,6 +217,23 @@ class Intervener:
 
         return hook
 
+    @staticmethod
+    def _read(h: torch.Tensor, group: list[tuple[Observer, Location]]) -> None:
+        for ob, loc in group:
+            ob.fn(h[..., loc.index] if loc.index is not None else h)
+
+    def _read_input_hook(self, group):
+        def hook(module, args, kwargs):
+            self._read(args[0] if args else kwargs["hidden_states"], group)
+
+        return hook
+
+    def _read_output_hook(self, group):
+        def hook(module, args, output):
+            self._read(output if isinstance(output, torch.Tensor) else output[0], group)
+
+        return hook
+
 
 @contextmanager
 def intervene(
@@ -186,6 +251,27 @@ def intervene(
         yield Intervener(layout, [])
         return
     handle = Intervener(layout, ivs, prompt_width).attach()
+    try:
+        yield handle
+    finally:
+        handle.detach()
+
+
+@contextmanager
+def observe(layout: ModelLayout, observers: Iterable[Observer], stop_after: int | None = None) -> Iterator[Intervener]:
+    """Run read-only ``observers`` at their sites inside a ``with`` block; removed on exit, exception or not.
+
+    ``stop_after``: a block index; right after that block runs, the forward pass raises ``StopForward`` (catch it
+    around the model call), so reading early layers costs only those layers.
+
+    >>> seen = {}
+    >>> with observe(layout, [Observer(Site(3), lambda h: seen.setdefault("h", h))], stop_after=3):
+    ...     try:
+    ...         model(input_ids)
+    ...     except StopForward:
+    ...         pass
+    """
+    handle = Intervener(layout, [], observers=list(observers), stop_after=stop_after).attach()
     try:
         yield handle
     finally:

@@ -14,11 +14,17 @@ From lm-eval's own CLI (after ``import steerscale.measure.lm_eval_bridge`` regis
 
 The interventions are active only inside lm-eval's forward and generate calls. lm-eval scores a context and a
 continuation in one pass, so the token scope is ``all`` unless ``scope=`` says otherwise.
+
+Device: the model runs where it is. A ``LoadedModel`` stays on its device; a model named by ``model=`` is loaded on
+``device`` (default ``auto``: CUDA when there is one, else MPS, else the CPU). lm-eval's own command line would
+send ``cuda:0`` whenever ``--device`` is not given, so ``main`` passes ``--device auto`` then.
 """
 
 from __future__ import annotations
 
 import sys
+
+import torch
 
 from ..engine.runtime import intervene
 from ..errors import SteerscaleError
@@ -43,7 +49,14 @@ class SteeredLM(HFLM):
         from ..models.loading import LoadedModel, load_model
         from ..steer.vector import load_steering
 
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        if isinstance(model, LoadedModel):
+            loaded = model  # lm-eval then runs on the model's own device
+        else:
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                raise SteerscaleError(f"device {device!r} was asked for, but this torch has no CUDA device",
+                                      "leave the device out (auto: the GPU when there is one, else the CPU) "
+                                      "or pass --device cpu")
+            loaded = load_model(model, device=device, dtype=dtype)
         specs = [s for s in steer.split("|") if s] if isinstance(steer, str) else list(steer)
         self.layout = loaded.layout
         self.interventions = list(interventions) + load_steering(specs, loaded.layout, scope)
@@ -59,10 +72,27 @@ class SteeredLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
-def main() -> None:
+def default_device_args(argv: list[str]) -> list[str]:
+    """lm-eval's command-line arguments with ``--device auto`` added to an evaluation run that names no device, on
+    the command line or in a ``--config`` file (lm-eval would send ``cuda:0``, which fails on a machine without
+    CUDA); anything else (``ls``, ``validate``, ``--help``) is left as it is."""
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    if not argv or argv[0] in ("ls", "validate") or flags & {"--device", "--config", "-C", "-h", "--help"}:
+        return list(argv)
+    return [*argv, "--device", "auto"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line with the ``steerscale`` model registered and the device defaulting to ``auto``."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    sys.argv = [sys.argv[0], *default_device_args(sys.argv[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    except SteerscaleError as exc:
+        print(f"steerscale: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,18 +17,20 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..engine.generation import generate
-from ..engine.runtime import Intervention, intervene
+from ..engine.runtime import Intervention
 from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
+from ..models.cache import file_digest
 from ..scale.backend import derive_seed
 from .mc import score_choices
 from .stats import bootstrap_ci
@@ -38,12 +40,12 @@ SCHEMA = "steerscale.eval/1"
 
 
 # -- config and hashing ---------------------------------------------------------------------------------------
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+class ScoringMode(StrEnum):
+    """How a task's outputs are scored: ``auto`` picks log-likelihood for multiple choice, else generation."""
+
+    AUTO = "auto"
+    LOGLIK = "loglik"
+    GENERATE = "generate"
 
 
 def describe_intervention(iv: Intervention) -> dict:
@@ -68,7 +70,7 @@ def describe_steer(spec) -> dict:
 
     if isinstance(spec, str):
         path, scale = parse_steer_arg(spec)
-        return {"path": str(path), "sha": file_digest(path) if Path(path).is_file() else None, "scale": scale}
+        return {"path": str(path), "sha": file_digest(path)[:16] if Path(path).is_file() else None, "scale": scale}
     vector, scale = spec
     return {"vector": [describe_intervention(iv) for iv in vector.interventions(1.0)], "scale": scale}
 
@@ -109,15 +111,17 @@ def _append(path: Path, records: Sequence[dict]) -> None:
 
 
 # -- strategies -----------------------------------------------------------------------------------------------
-def resolve_strategy(name: str | None, budget: str | None, mode: str | None = None,
-                     remote: bool = False) -> dict | None:
-    """Validate ``--strategy``/``--budget`` (and ``--backend-url`` when ``remote``) before any model work; returns
-    the strategy config or None.
+def resolve_strategy(strategy, budget: str | None = None, mode: str | None = None, remote: bool = False, *,
+                     n: int | None = None, verifier: str | None = None, **knobs):
+    """The run's ``StrategySpec`` (None without a strategy), checked before any model work: ``strategy`` is a
+    registered name (with ``budget``, ``n``, ``verifier`` and sampling ``knobs``) or a ready ``StrategySpec``.
 
     A strategy replaces plain generation for each example (``mode == "generate"``); log-likelihood scoring has no
     use for one, so that combination is refused rather than silently ignored. A remote backend only answers
     through a strategy: plain generation and scoring run on the local model."""
-    if name is None:
+    from ..scale.spec import StrategySpec
+
+    if strategy is None:
         if remote:
             raise SteerscaleError("a remote backend (--backend-url / backend=) answers through a scaling strategy; "
                                   "plain generation and log-likelihood scoring run on the local model",
@@ -125,15 +129,16 @@ def resolve_strategy(name: str | None, budget: str | None, mode: str | None = No
         if budget is not None:
             raise SteerscaleError("--budget needs --strategy", "pass --strategy NAME --budget B, or drop --budget")
         return None
-    from ..scale.budget import Budget
-    from ..scale.strategies import get_strategy
-
-    get_strategy(name)  # unknown name: a clear error listing the strategies
-    Budget.parse(budget or "")  # bad limits: a clear error now, not after the model loads
-    if mode == "loglik":
-        raise SteerscaleError(f"--strategy {name} needs generated answers, but this run scores by log-likelihood",
-                              "add --mode generate")
-    return {"name": name, "budget": budget or ""}
+    if isinstance(strategy, StrategySpec):
+        spec = strategy
+    else:
+        extra = {k: v for k, v in knobs.items() if v is not None}
+        spec = StrategySpec.of(strategy, budget=budget, verifier=verifier, **({"n": n} if n is not None else {}),
+                               **extra)
+    if mode == ScoringMode.LOGLIK:
+        raise SteerscaleError(f"--strategy {spec.name} needs generated answers, but this run scores by "
+                              "log-likelihood", "add --mode generate")
+    return spec
 
 
 def describe_backend(backend) -> dict:
@@ -187,24 +192,17 @@ def check_backend(backend, lm, steer: Sequence, interventions: Sequence, cost: b
                               "drop cost=True (it is measured for local steering runs)")
 
 
-def _run_strategy_chunk(backend, task: Task, examples: list[Example], seed: int, cfg: dict):
-    """One strategy run per example on ``backend`` (local or remote); the budget (and what it spent) is per
-    example. Prompts are formatted and answers checked here, so only generation and verifier calls go to it."""
-    from ..scale.budget import Budget
-    from ..scale.strategies import run_strategy
-    from ..scale.verifiers import get_verifier
-
-    verifier = get_verifier(cfg["verifier"], backend=backend)
+def _run_strategy_chunk(backend, task: Task, examples: list[Example], seed: int, spec):
+    """One strategy run per example on ``backend`` (local or remote), each with a fresh budget from the spec.
+    Prompts are formatted and answers checked here, so only generation and verifier calls go to the backend; the
+    strategy reads each candidate's answer with the task's own reader, so its vote and the score agree."""
     fmt = task.format_generate if task.kind == "mc" else task.format
     prompts, outs, tokens = [], [], []
     for e in examples:
         prompt = fmt(e)
-        knobs = dict(max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                     seed=derive_seed(seed, e.id))  # one stream per example: see derive_seed
-        if cfg["strategy"]["name"] != "greedy":
-            knobs["n"] = cfg["n"]
-        result = run_strategy(cfg["strategy"]["name"], prompt, backend, verifier,
-                              Budget.parse(cfg["strategy"]["budget"]), **knobs)
+        # one random stream per example: see derive_seed
+        result = spec.with_knobs(seed=derive_seed(seed, e.id)).run(
+            prompt, backend, answer_fn=lambda text, e=e: task.read_answer(text, e))
         spent = result.budget["spent"]
         prompts.append(prompt)
         outs.append({"text": result.best.text if result.best else "", "strategy_answer": result.answer,
@@ -227,13 +225,15 @@ def _lm_parts(lm):
     return model, tokenizer, layout, getattr(lm, "name", type(model).__name__)
 
 
-def scoring_mode(task: Task, mode: str) -> str:
+def scoring_mode(task: Task, mode: str) -> ScoringMode:
     """``auto`` resolves to log-likelihood for multiple choice and generation otherwise."""
-    if mode == "auto":
-        return "loglik" if task.kind == "mc" else "generate"
-    if mode not in ("loglik", "generate"):
-        raise SteerscaleError(f"unknown scoring mode {mode!r}", "use auto, loglik or generate")
-    if mode == "loglik" and task.kind != "mc":
+    try:
+        mode = ScoringMode(mode)
+    except ValueError:
+        raise SteerscaleError(f"unknown scoring mode {mode!r}", "use auto, loglik or generate") from None
+    if mode is ScoringMode.AUTO:
+        return ScoringMode.LOGLIK if task.kind == "mc" else ScoringMode.GENERATE
+    if mode is ScoringMode.LOGLIK and task.kind != "mc":
         raise SteerscaleError(f"task {task.name!r} is a generation task; log-likelihood scoring needs choices",
                               "use --mode generate (or auto)")
     return mode
@@ -247,25 +247,25 @@ def _score_one(task: Task, ex: Example, output: dict) -> dict:
         return {"metrics": {}, "score": None, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def _run_chunk(lm, task: Task, mode: str, examples: list[Example], ivs, seed: int, cfg: dict,
-               backend=None) -> list[dict]:
+def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) -> list[dict]:
     t0 = time.perf_counter()
-    if cfg.get("strategy"):
-        prompts, outs, tokens = _run_strategy_chunk(backend, task, examples, seed, cfg)
-    elif mode == "loglik":
+    cfg, ivs = run.config, run.interventions
+    if run.spec is not None:
+        prompts, outs, tokens = _run_strategy_chunk(run.backend, task, examples, seed, run.spec)
+    elif run.mode is ScoringMode.LOGLIK:
         model, tokenizer, layout, _ = _lm_parts(lm)
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
-                             ivs, layout, chat=cfg["chat"], max_tokens=cfg["batch_tokens"])
+                             ivs, layout, chat=cfg.chat, max_tokens=cfg.batch_tokens)
         prompts = [task.format(e) for e in examples]
         tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
     else:
         model, tokenizer, layout, _ = _lm_parts(lm)
         fmt = task.format_generate if task.kind == "mc" else task.format
         prompts = [fmt(e) for e in examples]
-        gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=cfg["max_new_tokens"],
-                        do_sample=cfg["sample"], temperature=cfg["temperature"],
+        gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=run.max_new_tokens,
+                        do_sample=cfg.sample, temperature=cfg.temperature,
                         seed=derive_seed(seed, examples[0].id),  # chunks must not repeat one stream
-                        chat=cfg["chat"])
+                        chat=cfg.chat)
         outs = [{"text": g.text} for g in gens]
         tokens = [{"prompt": g.n_prompt_tokens, "generated": g.n_tokens} for g in gens]
     per = (time.perf_counter() - t0) / len(examples)
@@ -302,94 +302,174 @@ def summarize(records: list[dict], task: Task, config: dict, extra: dict | None 
     return out
 
 
-def evaluate(lm, task: str | Task, steer: Sequence = (), scope: str = "all", interventions: Sequence[Intervention] = (),
-             limit: int | None = None, seeds: Sequence[int] = (0,), data_seed: int | None = None, outdir: str | Path = "runs",
-             mode: str = "auto", chat: bool | None = None, max_new_tokens: int | None = None, sample: bool = False,
-             temperature: float = 0.7, strategy: str | None = None, budget: str | None = None, n: int = 8,
-             verifier: str | None = None, backend=None, cost: bool | None = None,
-             batch_tokens: int = 4096, chunk: int = 32, progress: bool = True, resume: bool = True) -> RunResult:
-    """Evaluate ``lm`` (a ``LoadedModel`` or ``(model, tokenizer, layout)``) on ``task``.
+@dataclass(frozen=True)
+class RunConfig:
+    """What an evaluation computes, in one place (its hashed form names the run directory and is its cache key).
 
     ``steer``: ``"vec.safetensors:4"`` specs or ``(SteeringVector, scale)`` pairs, applied at token ``scope``;
     ``interventions``: extra ready-made interventions. ``seeds``: generation seeds; when scoring is
     deterministic (log-likelihood or greedy decoding) only the first seed is run, since more repeat it exactly.
     ``data_seed``: None keeps the first ``limit`` examples, an int draws a seeded subset. ``cost``: measure KL and
-    perplexity change on neutral texts (default: when any steering is active). ``strategy``/``budget``/``n``/
-    ``verifier``: answer each example with a scaling strategy from ``steerscale.scale`` under a per-example budget
-    (e.g. ``"tokens=2000"``); tokens and FLOPs spent are recorded per example. ``backend``: a ``Backend`` (e.g.
-    ``OpenAIBackend`` of a server) that runs the strategy's generation and verifier calls instead of a
-    ``LocalBackend`` on ``lm`` (``lm`` may then be None); tasks, answer checking and caching stay local, and the
-    backend is part of the run's config, so its records never mix with a local run's.
-    """
+    perplexity change on neutral texts (default: when any steering is active). ``strategy``: answer each example
+    with a scaling strategy, a registered name (with ``budget`` per example, e.g. ``"tokens=2000"``, ``n`` and
+    ``verifier``; ``max_new_tokens`` and ``temperature`` become its knobs) or a ready ``StrategySpec``; tokens and
+    FLOPs spent are recorded per example."""
+
+    steer: tuple = ()
+    scope: str = "all"
+    interventions: tuple = ()
+    limit: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    data_seed: int | None = None
+    mode: ScoringMode | str = ScoringMode.AUTO
+    chat: bool | None = None
+    max_new_tokens: int | None = None
+    sample: bool = False
+    temperature: float = 0.7
+    strategy: Any = None  # a strategy name or a StrategySpec
+    budget: str | None = None
+    n: int | None = None
+    verifier: str | None = None
+    cost: bool | None = None
+    batch_tokens: int = 4096
+
+    def __post_init__(self):
+        object.__setattr__(self, "steer", tuple(self.steer))
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+        object.__setattr__(self, "seeds", tuple(int(x) for x in self.seeds) or (0,))
+
+
+@dataclass
+class _Run:
+    """A run being prepared and executed: the checked config and what it resolved to."""
+
+    config: RunConfig
+    mode: ScoringMode
+    spec: Any  # StrategySpec | None
+    backend: Any  # what runs the strategy: the caller's backend, or a LocalBackend on the model
+    given_backend: Any = None  # the caller's backend (None: the local model), which names the run
+    interventions: list = field(default_factory=list)
+    max_new_tokens: int = 128
+    model_name: str = ""
+
+    @property
+    def deterministic(self) -> bool:
+        return self.mode is ScoringMode.LOGLIK or (not self.config.sample and self.spec is None)
+
+    @property
+    def run_seeds(self) -> list[int]:
+        return list(self.config.seeds[:1] if self.deterministic else self.config.seeds)
+
+    def hashed(self, task: Task) -> dict:
+        """The config that names the run directory: what changes the numbers, nothing else."""
+        c = self.config
+        strategy = self.spec is not None
+        return {
+            "schema": SCHEMA, "version": __version__, "model": self.model_name, "task": task.config(),
+            "mode": str(self.mode), "limit": c.limit, "data_seed": c.data_seed, "seeds": self.run_seeds,
+            "scope": c.scope, "chat": c.chat, "steer": [describe_steer(x) for x in c.steer],
+            "interventions": [describe_intervention(iv) for iv in c.interventions],
+            "max_new_tokens": self.max_new_tokens, "sample": c.sample,
+            "temperature": c.temperature if c.sample or strategy else None,  # a strategy samples at it
+            # runs before per-example seeds reused one random stream for every example: never a cache hit for them
+            **({"seeding": "per-example"} if c.sample or strategy else {}),
+            # what answers a strategy run, and where: a different backend is a different run (never a cache hit)
+            **({"strategy": self.spec.to_dict(), "backend": describe_backend(self.given_backend)} if strategy else {}),
+        }
+
+
+def _prepare(lm, task: Task, config: RunConfig, backend) -> _Run:
+    """Check the config against the task and the backend, and resolve the steering and the strategy."""
     from ..steer.vector import load_steering
 
-    task = get_task(task)
-    mode = scoring_mode(task, mode)
-    strategy_cfg = resolve_strategy(strategy, budget, mode, remote=backend is not None)
-    check_backend(backend, lm, steer, interventions, cost)
-    desc = describe_backend(backend)
+    mode = scoring_mode(task, config.mode)
+    max_new_tokens = config.max_new_tokens or getattr(task, "max_new_tokens", 128)
+    spec = resolve_strategy(config.strategy, config.budget, mode, remote=backend is not None, n=config.n,
+                            verifier=config.verifier, max_tokens=max_new_tokens, temperature=config.temperature)
+    check_backend(backend, lm, config.steer, config.interventions, config.cost)
+    run = _Run(config, mode, spec, backend, backend, max_new_tokens=max_new_tokens)
     if backend is None:
-        model, tokenizer, layout, model_name = _lm_parts(lm)
-        ivs = (load_steering(list(steer), layout, TokenScope.parse(scope)) if steer else []) + list(interventions)
+        model, tokenizer, layout, run.model_name = _lm_parts(lm)
+        steering = load_steering(list(config.steer), layout, TokenScope.parse(config.scope)) if config.steer else []
+        run.interventions = steering + list(config.interventions)
+        if spec is not None:
+            from ..scale.local import LocalBackend
+
+            run.backend = LocalBackend(model, tokenizer, layout, steering=list(run.interventions), chat=config.chat)
     else:
-        ivs = []
         # a server may serve anything under its name: the report's model column names the server too
-        model_name = backend_label(desc) if "url" in desc else _lm_parts(lm)[3] if lm is not None else desc["model"]
-    seeds = [int(s) for s in seeds] or [0]
-    deterministic = mode == "loglik" or (not sample and strategy_cfg is None)
-    run_seeds = seeds[:1] if deterministic else seeds
-    config = {
-        "schema": SCHEMA, "version": __version__, "model": model_name, "task": task.config(), "mode": mode,
-        "limit": limit, "data_seed": data_seed, "seeds": run_seeds, "scope": scope, "chat": chat,
-        "steer": [describe_steer(s) for s in steer], "interventions": [describe_intervention(iv) for iv in interventions],
-        "max_new_tokens": max_new_tokens or getattr(task, "max_new_tokens", 128), "sample": sample,
-        "temperature": temperature if sample or strategy_cfg else None,  # a strategy samples at it
-        # runs before per-example seeds reused one random stream for every example: never a cache hit for them
-        **({"seeding": "per-example"} if sample or strategy_cfg else {}),
-        # what answers a strategy run, and where: a different backend is a different run (never a cache hit)
-        **({"strategy": strategy, "budget": budget, "n": n, "verifier": verifier,
-            "backend": desc} if strategy_cfg else {}),
-    }
-    rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(config)}"
+        desc = describe_backend(backend)
+        run.model_name = (backend_label(desc) if "url" in desc else _lm_parts(lm)[3] if lm is not None
+                          else desc["model"])
+    return run
+
+
+def evaluate(lm, task: str | Task, config: RunConfig | None = None, *, backend=None, outdir: str | Path = "runs",
+             chunk: int = 32, progress: bool = True, resume: bool = True, **options) -> RunResult:
+    """Evaluate ``lm`` (a ``LoadedModel`` or ``(model, tokenizer, layout)``) on ``task`` under ``config`` (a
+    ``RunConfig``; or its fields as keywords: ``evaluate(lm, "arc_easy", limit=50, steer=["v.safetensors:4"])``).
+
+    ``backend``: a ``Backend`` (e.g. ``OpenAIBackend`` of a server) that runs a strategy's generation and verifier
+    calls instead of a ``LocalBackend`` on ``lm`` (``lm`` may then be None); tasks, answer checking and caching
+    stay local, and the backend is part of the run's config, so its records never mix with a local run's.
+    Results go to ``outdir/<task>-<confighash>/``; a rerun of the same config resumes (``resume=False``: start
+    over)."""
+    if config is None:
+        config = RunConfig(**options)
+    elif options:
+        raise SteerscaleError(f"evaluate() got both a config and {', '.join(sorted(options))}",
+                              "put every setting in the RunConfig")
+    task = get_task(task)
+    run = _prepare(lm, task, config, backend)
+    hashed = run.hashed(task)
+    rundir = Path(outdir) / f"{task.name.replace(':', '_').replace('/', '_')}-{config_hash(hashed)}"
     rundir.mkdir(parents=True, exist_ok=True)
-    (rundir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (rundir / "config.json").write_text(json.dumps(hashed, indent=2, default=str) + "\n")
     path = rundir / "examples.jsonl"
     if not resume and path.exists():
         path.unlink()
     records = read_records(path)
-    done = {(r["id"], r["seed"]) for r in records}
-    examples = task.load(limit=limit, seed=data_seed)
-    cfg = {"chat": chat, "batch_tokens": batch_tokens, "max_new_tokens": config["max_new_tokens"], "sample": sample,
-           "temperature": temperature, "strategy": strategy_cfg, "n": n, "verifier": verifier}
-    todo = [(s, e) for s in run_seeds for e in examples if (e.id, s) not in done]
-    if strategy_cfg and backend is None and todo:
-        from ..scale.local import LocalBackend
-
-        backend = LocalBackend(model, tokenizer, layout, steering=list(ivs), chat=chat)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"eval {task.name}", disable=not progress or not todo, unit="ex")
-    for s in run_seeds:
-        pending = [e for (ss, e) in todo if ss == s]
-        for i in range(0, len(pending), chunk):
-            new = _run_chunk(lm, task, mode, pending[i : i + chunk], ivs, s, cfg, backend)
-            _append(path, new)
-            records.extend(new)
-            bar.update(len(new))
-    bar.close()
-    extra = {"dir": str(rundir), "deterministic": deterministic, "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
-    if strategy_cfg:
-        extra["backend"] = backend_label(config["backend"])  # which backend produced these numbers
-    if cost if cost is not None else bool(ivs):
-        from .cost import steering_cost
-
-        prev = rundir / "summary.json"
-        old = json.loads(prev.read_text()).get("cost") if prev.is_file() else None
-        extra["cost"] = old or steering_cost(model, tokenizer, layout, ivs, progress=progress)
-    wanted = {(e.id, s) for s in run_seeds for e in examples}
+    examples = task.load(limit=config.limit, seed=config.data_seed)
+    records += _run_missing(lm, task, run, examples, records, path, chunk, progress)
+    extra = {"dir": str(rundir), "deterministic": run.deterministic,
+             "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
+    if run.spec is not None:
+        extra["backend"] = backend_label(hashed["backend"])  # which backend produced these numbers
+    if config.cost if config.cost is not None else bool(run.interventions):
+        extra["cost"] = _steering_cost(lm, run, rundir, progress)
+    wanted = {(e.id, s) for s in run.run_seeds for e in examples}
     records = [r for r in records if (r["id"], r["seed"]) in wanted]
-    summary = summarize(records, task, config, extra)
+    summary = summarize(records, task, hashed, extra)
     (rundir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return RunResult(rundir, summary, records)
+
+
+def _run_missing(lm, task: Task, run: _Run, examples, records, path: Path, chunk: int, progress: bool) -> list[dict]:
+    """Run the (example, seed) pairs not yet recorded, chunk by chunk, appending each chunk to ``path``."""
+    done = {(r["id"], r["seed"]) for r in records}
+    todo = [(s, e) for s in run.run_seeds for e in examples if (e.id, s) not in done]
+    new_records = []
+    bar = tqdm(total=len(todo), desc=f"eval {task.name}", disable=not progress or not todo, unit="ex")
+    for s in run.run_seeds:
+        pending = [e for (ss, e) in todo if ss == s]
+        for i in range(0, len(pending), chunk):
+            new = _run_chunk(lm, task, run, pending[i : i + chunk], s)
+            _append(path, new)
+            new_records.extend(new)
+            bar.update(len(new))
+    bar.close()
+    return new_records
+
+
+def _steering_cost(lm, run: _Run, rundir: Path, progress: bool) -> dict:
+    """KL and perplexity change of the run's steering on neutral texts (kept from an earlier call of this run)."""
+    from .cost import steering_cost
+
+    prev = rundir / "summary.json"
+    old = json.loads(prev.read_text()).get("cost") if prev.is_file() else None
+    model, tokenizer, layout, _ = _lm_parts(lm)
+    return old or steering_cost(model, tokenizer, layout, run.interventions, progress=progress)
 
 
 def load_runs(root: str | Path) -> list[dict]:

@@ -157,9 +157,9 @@ def _missing(arch: str, what: str, tried) -> SteerscaleError:
     )
 
 
-def _text_config(model: nn.Module):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+def text_config(config):
+    """The language-model part of a config (a multimodal model's text sub-config; otherwise ``config`` itself)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _cfg(cfg, *names, default=None):
@@ -172,7 +172,7 @@ def _cfg(cfg, *names, default=None):
 
 def find_layout(model: nn.Module) -> ModelLayout:
     """Locate blocks, attention, per-head output projections, MLPs, norms and routers of ``model``."""
-    cfg = _text_config(model)
+    cfg = text_config(model.config)
     arch = getattr(cfg, "model_type", type(model).__name__)
     blocks = None
     for path in _BLOCK_PATHS:

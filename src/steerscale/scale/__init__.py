@@ -3,8 +3,9 @@
 from .backend import Backend, Branches, Candidate, SamplingParams, derive_seed
 from .budget import Budget
 from .local import LocalBackend
-from .strategies import STRATEGIES, Result, get_strategy, run_strategy
+from .spec import StrategySpec, run_strategy
+from .strategies import STRATEGIES, Result, get_strategy
 from .verifiers import VERIFIERS, Verifier, get_verifier
 
-__all__ = ["Backend", "Branches", "Budget", "Candidate", "LocalBackend", "Result", "SamplingParams", "STRATEGIES",
+__all__ = ["Backend", "Branches", "Budget", "Candidate", "LocalBackend", "Result", "SamplingParams", "STRATEGIES", "StrategySpec",
            "VERIFIERS", "Verifier", "derive_seed", "get_strategy", "get_verifier", "run_strategy"]

@@ -19,17 +19,20 @@ understands (for ``LocalBackend``: a batched KV cache, one row per candidate; fo
 the texts, re-sent with server-side prefix caching). That is what keeps a second backend (an
 OpenAI-compatible client for vLLM, SGLang or llama.cpp servers) free of changes to the strategies.
 
-The core methods are synchronous; ``asample``/``aextend`` run them in a worker thread so async callers (a
-server, an HTTP backend that overrides them with real async requests) can await them.
+Steering is not part of this interface: a backend that can steer (``LocalBackend``) is built with its
+interventions (and per-row multipliers for steering-diversified sampling); strategies never mention it.
+
+Budget: a backend buys every unit of work from the ledger (``Budget.buy_*``) before doing it, so a limit is a
+hard cap; see ``scale.budget``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any, Sequence
 
 from ..errors import SteerscaleError
@@ -99,6 +102,15 @@ class SamplingParams:
         return replace(self, **changes)
 
 
+class FinishReason(StrEnum):
+    """Why a candidate stopped growing (members compare equal to their text, and serialise as it)."""
+
+    EOS = "eos"  # the model's end-of-sequence token
+    STOP = "stop"  # a stop string (the text is cut before it)
+    LENGTH = "length"  # max_tokens, or the context window
+    BUDGET = "budget"  # the budget could pay for no more tokens
+
+
 @dataclass
 class Candidate:
     """One (partial or complete) continuation of the prompt."""
@@ -108,7 +120,7 @@ class Candidate:
     logprobs: list[float] = field(default_factory=list)  # model log-prob (temperature 1) of each sampled token
     steps: list[str] = field(default_factory=list)  # text of each completed step
     finished: bool = False
-    finish_reason: str | None = None  # eos, stop, length, budget
+    finish_reason: FinishReason | None = None
     score: float | None = None  # the verifier's score (None: not scored)
     step_scores: list[float] = field(default_factory=list)
     answer: str | None = None
@@ -196,13 +208,12 @@ class Backend(ABC):
         return parts
 
     @abstractmethod
-    def sample(self, prompt: str, n: int, params: SamplingParams, budget: Budget, *, seed: int | None = None,
-               steer_scales: Sequence[float] | None = None) -> list[Candidate]:
+    def sample(self, prompt: str, n: int, params: SamplingParams, budget: Budget, *,
+               seed: int | None = None) -> list[Candidate]:
         """``n`` complete continuations of ``prompt`` (prompt encoded once)."""
 
     @abstractmethod
-    def start(self, prompt: str, n: int, budget: Budget, *, seed: int | None = None,
-              steer_scales: Sequence[float] | None = None) -> Branches:
+    def start(self, prompt: str, n: int, budget: Budget, *, seed: int | None = None) -> Branches:
         """``n`` empty partial sequences of ``prompt``, ready for ``extend``."""
 
     @abstractmethod
@@ -227,10 +238,3 @@ class Backend(ABC):
         raise SteerscaleError(f"this backend ({self.name}) cannot embed texts",
                               "use a LocalBackend (mean-pooled hidden states), or a verifier that needs no "
                               "embeddings instead of 'diverse'")
-
-    # -- async wrappers (an HTTP backend overrides these with real async requests) ---------------------------
-    async def asample(self, *args, **kwargs) -> list[Candidate]:
-        return await asyncio.to_thread(self.sample, *args, **kwargs)
-
-    async def aextend(self, *args, **kwargs) -> Branches:
-        return await asyncio.to_thread(self.extend, *args, **kwargs)

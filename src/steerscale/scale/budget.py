@@ -12,9 +12,21 @@ Currencies (any subset may be limited):
 ``wall_seconds``       wall time since the budget was created (or ``restart()``)
 =====================  ====================================================================================
 
-The backend charges prompt/generated tokens and generator FLOPs; verifiers charge their own passes, tokens
-and FLOPs. Strategies only *read* the ledger (``exhausted``, ``remaining``) to decide when to stop; every
-``Result`` carries ``budget.report()``.
+The cost rules live here and nowhere else: ``flops_of`` (2 x parameters x tokens) and the purchase methods the
+backends and verifiers call. The budget is a hard cap: a purchase is granted *before* the work is done, cut to
+what remains, so no limited currency is ever exceeded:
+
+* ``buy_prompt(tokens, rows, n_params)``: encode a prompt (all or nothing);
+* ``buy_tokens(rows, n_params)``: one decoding step of ``rows`` rows, cut to the rows that can still be paid for
+  (the others finish with ``"budget"``);
+* ``buy_verifier(token_counts, n_params)``: a batch of verifier passes (one per entry, reading that many tokens),
+  cut to the leading passes that fit;
+* ``buy_judge(calls)``: LLM-as-judge calls, cut likewise.
+
+Two costs are known only after the work: wall time (checked between steps, ``exhausted``), and the prompt tokens
+of a remote server's request (the server counts them; ``record_remote`` charges what it reports). Strategies only
+*read* the ledger (``exhausted``, ``remaining``) to decide when to stop; every ``Result`` carries
+``budget.report()``.
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ _IDS = itertools.count(1)
 ALIASES = {"tokens": "generated_tokens", "gen": "generated_tokens", "prompt": "prompt_tokens",
            "wall": "wall_seconds", "seconds": "wall_seconds", "time": "wall_seconds", "judge": "judge_calls",
            "verifier": "verifier_passes"}
+
+
+def flops_of(tokens: float, n_params: int) -> float:
+    """Estimated FLOPs of running ``tokens`` tokens through a model of ``n_params`` parameters (forward only)."""
+    return 2.0 * n_params * tokens
 
 
 def _canonical(name: str) -> str:
@@ -103,6 +120,65 @@ class Budget:
             if value < 0:
                 raise SteerscaleError(f"cannot charge a negative amount of {key} ({value})")
             self._spent[key] += value
+
+    # -- purchases: reserved before the work, cut to what remains ------------------------------------------------
+    def affordable(self, costs) -> int:
+        """How many of the leading ``costs`` (one ``{currency: amount}`` per unit of work) fit in what remains of
+        every limited currency (wall time is not reserved: it is checked between steps)."""
+        left = {k: v for k, v in self.remaining().items() if k != "wall_seconds"}
+        if not left:
+            return len(costs)
+        total = dict.fromkeys(left, 0.0)
+        for k, cost in enumerate(costs):
+            for key in left:
+                total[key] += cost.get(key, 0.0)
+                if total[key] > left[key] + 1e-9:
+                    return k
+        return len(costs)
+
+    def _buy(self, costs) -> int:
+        k = self.affordable(costs)
+        summed: dict = {}
+        for cost in costs[:k]:
+            for key, v in cost.items():
+                summed[key] = summed.get(key, 0) + v
+        if summed:
+            self.charge(**summed)
+        return k
+
+    def buy_prompt(self, tokens: int, rows: int, n_params: int) -> bool:
+        """Encode ``rows`` copies of a ``tokens``-token prompt: charged and True if all of it fits, else nothing."""
+        cost = {"prompt_tokens": rows * tokens, "flops": flops_of(rows * tokens, n_params)}
+        return self._buy([cost]) == 1
+
+    def buy_tokens(self, rows: int, n_params: int) -> int:
+        """One generated token for each of ``rows`` rows: the number of rows granted (charged), at most ``rows``."""
+        return self._buy([{"generated_tokens": 1, "flops": flops_of(1, n_params)}] * rows)
+
+    def buy_verifier(self, token_counts, n_params: int) -> int:
+        """One verifier pass per entry of ``token_counts`` (the tokens it reads): how many leading passes are granted
+        (charged)."""
+        return self._buy([{"verifier_passes": 1, "verifier_tokens": t, "flops": flops_of(t, n_params)}
+                          for t in token_counts])
+
+    def buy_judge(self, calls: int) -> int:
+        """``calls`` LLM-as-judge calls: how many are granted (charged)."""
+        return self._buy([{"judge_calls": 1}] * calls)
+
+    def record_remote(self, *, prompt_tokens: int = 0, generated_tokens: int = 0, verifier_passes: int = 0,
+                      verifier_tokens: int = 0, n_params: int = 0) -> None:
+        """What a remote server reports it spent on a request the backend had already capped (its prompt tokens
+        cannot be known before it answers). FLOPs follow ``flops_of`` when the model size is known."""
+        tokens = prompt_tokens + generated_tokens + verifier_tokens
+        self.charge(prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, verifier_passes=verifier_passes,
+                    verifier_tokens=verifier_tokens, flops=flops_of(tokens, n_params))
+
+    def tokens_left(self, n_params: int) -> float:
+        """Generated tokens still affordable under the token and FLOP limits (``inf`` when neither is set)."""
+        left = self.remaining_of("generated_tokens")
+        if n_params and "flops" in self.limits:
+            left = min(left, self.remaining_of("flops") / flops_of(1, n_params))
+        return left
 
     # -- reading --------------------------------------------------------------------------------------------
     def spent(self) -> dict:

@@ -8,16 +8,22 @@
   count of real tokens, so the holes are invisible to the model (and to ``engine.scope``'s token masks).
 * ``select`` forks/drops rows of the cache (resampling, pruning); ``merge`` left-pads caches of different
   lengths with masked columns and joins them (A* pops nodes kept in separate caches).
-* Steering: the backend's interventions wrap every forward pass via ``steerscale.intervene``. With
-  ``steer_scales`` each row gets its own multiplier of every ``Add`` edit (steering-diversified sampling);
-  the prompt is then encoded once per distinct multiplier.
+* Steering belongs to the backend, never to a strategy: the backend's interventions wrap every forward pass via
+  ``steerscale.intervene``. With ``row_scales`` (steering-diversified sampling) row ``i`` of every ``sample``/
+  ``start`` call gets multiplier ``row_scales[i % len(row_scales)]`` of every ``Add`` edit; the prompt is then
+  encoded once per distinct multiplier. Both are checked when the backend is built.
+* Budget: every purchase goes through the ledger's ``buy_*`` methods before the work (a hard cap): a prompt that
+  does not fit is not encoded, a decoding step is cut to the rows still paid for, a batch of verifier passes to
+  the passes that fit (the others come back NaN: unscored).
 * Seeds: one ``torch.Generator`` per ``Branches``/``sample`` call, so equal seeds give equal results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -26,7 +32,7 @@ from ..engine.generation import format_prompt, has_chat_template
 from ..engine.ops import Add
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
-from .backend import Backend, Branches, Candidate, SamplingParams, find_stop, step_end
+from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, find_stop, step_end
 from .budget import Budget
 
 
@@ -40,6 +46,24 @@ class _KV:
     scales: torch.Tensor | None  # (B,) per-row steering multipliers, None: 1 for every row
     generator: torch.Generator
     prompt_width: int
+
+
+@dataclass
+class _Call:
+    """What one row generates in one ``sample``/``extend`` call, appended to the row when the call ends."""
+
+    ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    text: str = ""
+
+    def close(self, row: Candidate, stepwise: bool) -> None:
+        if self.ids:
+            row.token_ids.extend(self.ids)
+            row.logprobs.extend(self.logprobs)
+            row.steps.append(self.text)
+            row.text += self.text
+        if not stepwise and not row.finished:
+            row.finished, row.finish_reason = True, FinishReason.LENGTH
 
 
 def _map_cache(cache, fn):
@@ -78,18 +102,24 @@ def _cat_caches(caches: list, widths: list[int], total: int):
 class LocalBackend(Backend):
     """Sampling and step-wise search on a local transformers model.
 
-    ``LocalBackend(model, tokenizer, layout, steering=[...], chat=None)``; ``steering`` is a list of
-    ``Intervention`` (e.g. ``load_steering([...], layout)`` or ``vector.interventions(4.0)``).
+    ``LocalBackend(model, tokenizer, layout, steering=[...], row_scales=None, chat=None)``; ``steering`` is a list
+    of ``Intervention`` (e.g. ``load_steering([...], layout)`` or ``vector.interventions(4.0)``); ``row_scales``
+    (steering-diversified sampling) multiplies every ``Add`` edit by ``row_scales[i % len(row_scales)]`` in row ``i``
+    of each call. ``add_special_tokens``: None (default) adds BOS/EOS to prompts only when no chat template formats
+    them; True/False forces it (a server's raw completions prompt).
     """
 
     name = "local"
 
     def __init__(self, model, tokenizer, layout=None, steering: Sequence[Intervention] = (), chat: bool | None = None,
-                 max_n: int = 256, prefix_cache_size: int = 4):
+                 max_n: int = 256, prefix_cache_size: int = 4, row_scales: Sequence[float] | None = None,
+                 add_special_tokens: bool | None = None):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.steering = list(steering)
         if self.steering and layout is None:
             raise SteerscaleError("steering needs the model's layout", "pass layout= (load_model returns it)")
+        self.row_scales = self._check_row_scales(row_scales)
+        self.add_special_tokens = add_special_tokens
         self.chat = chat
         self.max_n = max_n
         self.device = next(model.parameters()).device
@@ -117,6 +147,20 @@ class LocalBackend(Backend):
         model, tok, layout = load_model(name, **{k: kwargs.pop(k) for k in ("device", "dtype") if k in kwargs})
         return cls(model, tok, layout, steering=steering, **kwargs)
 
+    def _check_row_scales(self, row_scales) -> tuple[float, ...] | None:
+        if row_scales is None:
+            return None
+        try:
+            scales = tuple(float(s) for s in row_scales)
+        except (TypeError, ValueError):
+            raise SteerscaleError(f"row_scales must be numbers, got {row_scales!r}", "e.g. row_scales=[0, 2, 4, 8]") from None
+        if not scales or not all(math.isfinite(s) for s in scales):
+            raise SteerscaleError(f"row_scales must be one or more finite numbers, got {row_scales!r}")
+        if not any(isinstance(iv.edit, Add) for iv in self.steering):
+            raise SteerscaleError("row_scales multiply the backend's steering vectors, but it has none",
+                                  "construct the backend with steering=... (e.g. --steer VEC) or drop row_scales")
+        return scales
+
     @property
     def n_params(self) -> int:
         return self._n_params
@@ -125,10 +169,16 @@ class LocalBackend(Backend):
     def format(self, prompt: str) -> str:
         return format_prompt(self.tokenizer, prompt, self.chat)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _adds_special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return not has_chat_template(self.tokenizer) or self.chat is False
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids this backend feeds the model for ``prompt`` (formatted, special tokens as configured);
+        a prompt longer than the context window is a ``SteerscaleError``."""
         text = self.format(prompt)
-        add_special = not has_chat_template(self.tokenizer) or self.chat is False
-        enc = self.tokenizer([text], return_tensors="pt", padding=False, add_special_tokens=add_special)
+        enc = self.tokenizer([text], return_tensors="pt", padding=False, add_special_tokens=self._adds_special_tokens())
         ids = enc["input_ids"][0].tolist()
         if not ids:
             raise SteerscaleError("the prompt encodes to no tokens", "pass a non-empty prompt")
@@ -149,36 +199,34 @@ class LocalBackend(Backend):
             out.append(iv)
         return out
 
-    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width):
+    def _steered(self, scales, prompt_width):
         ivs = self._interventions(scales)
+        return intervene(self.layout, ivs, prompt_width=prompt_width) if ivs else contextlib.nullcontext()
+
+    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width):
         self.forward_passes += 1
-        with intervene(self.layout, ivs, prompt_width=prompt_width) if ivs else _null():
+        with self._steered(scales, prompt_width):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
-    def _encode(self, prompt: str, n: int, budget: Budget, seed, steer_scales) -> _KV:
-        ids = self._prompt_ids(prompt)
+    def _encode(self, prompt: str, n: int, budget: Budget, seed) -> _KV | None:
+        """The prompt's decoding state expanded to ``n`` rows; None when the budget cannot pay for the prompt."""
+        ids = self.prompt_ids(prompt)
         scales = None
-        if steer_scales is not None:
-            scales = torch.as_tensor([float(s) for s in steer_scales], dtype=torch.float32)
-            if scales.shape != (n,):
-                raise SteerscaleError(f"steer_scales has {scales.numel()} values for {n} samples", "give one per sample")
-            if not torch.isfinite(scales).all():
-                raise SteerscaleError("steer_scales must be finite numbers")
-            if not self.steering:
-                raise SteerscaleError("steer_scales given but the backend has no steering vector",
-                                      "construct the backend with steering=... (e.g. --steer VEC)")
+        if self.row_scales is not None:
+            scales = torch.tensor([self.row_scales[i % len(self.row_scales)] for i in range(n)], dtype=torch.float32)
         uniq, inverse = (torch.unique(scales, return_inverse=True) if scales is not None else (None, torch.zeros(n, dtype=torch.long)))
         key = (tuple(ids), None if uniq is None else tuple(uniq.tolist()), budget.uid)
         hit = self._prefix.get(key)
         if hit is None:
             u = 1 if uniq is None else uniq.numel()
+            if not budget.buy_prompt(len(ids), u, self.n_params):
+                return None
             inp = torch.tensor([ids] * u, device=self.device)
             mask = torch.ones_like(inp)
             pos = torch.arange(len(ids), device=self.device)[None].expand(u, -1)
             logits, cache = self._forward(inp, mask, pos, None, uniq, None)
-            budget.charge(prompt_tokens=u * len(ids), flops=2.0 * self.n_params * u * len(ids))
             hit = (cache, mask, logits)
             self._prefix[key] = hit
             while len(self._prefix) > self._prefix_size:
@@ -206,60 +254,62 @@ class LocalBackend(Backend):
             tok = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated token ids (EOS and special tokens dropped), as candidates' texts are built."""
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=True)
 
     # -- the decoding loop shared by sample() and extend() ----------------------------------------------------
+    def _limit(self, rows: list[Candidate], kv: _KV, params: SamplingParams) -> int:
+        """Total tokens a row may have generated: ``max_tokens``, cut to what the context window still holds."""
+        limit = params.max_tokens
+        if self.context_window:
+            limit = max(1, min(limit, self.context_window - kv.mask.shape[1] - 1 + max(c.n_tokens for c in rows)))
+        return limit
+
+    def _accept(self, row: Candidate, call: "_Call", token: int, logprob: float, params: SamplingParams, limit: int,
+                stepwise: bool) -> bool:
+        """Append one sampled token to a row's call; False when the row stops taking tokens in this call (finished,
+        or its step is complete). The order of the checks is the contract remote backends replay: EOS, stop string,
+        length, step delimiter."""
+        call.ids.append(token)
+        call.logprobs.append(logprob)
+        if token in self.eos_ids:
+            row.finished, row.finish_reason = True, FinishReason.EOS
+            return False
+        text = self.decode(call.ids)
+        cut = find_stop(row.text, text, params.stop)
+        if cut >= 0:
+            call.text = text[:cut]
+            row.finished, row.finish_reason = True, FinishReason.STOP
+            return False
+        call.text = text
+        if row.n_tokens + len(call.ids) >= limit:
+            row.finished, row.finish_reason = True, FinishReason.LENGTH
+            return False
+        return not (stepwise and params.step and step_end(text, params.step) >= 0)
+
     def _run(self, rows: list[Candidate], kv: _KV, params: SamplingParams, budget: Budget, stepwise: bool,
              keep_state: bool) -> _KV:
         B = len(rows)
         active = [not c.finished for c in rows]
-        call_ids: list[list[int]] = [[] for _ in range(B)]
-        call_lp: list[list[float]] = [[] for _ in range(B)]
-        call_text = [""] * B
-        limit = params.max_tokens
-        if self.context_window:
-            limit = max(1, min(limit, self.context_window - kv.mask.shape[1] - 1 + max(c.n_tokens for c in rows)))
-        per_call = params.max_step_tokens if stepwise else limit
-        for _ in range(per_call):
+        calls = [_Call() for _ in range(B)]
+        limit = self._limit(rows, kv, params)
+        for _ in range(params.max_step_tokens if stepwise else limit):
             if not any(active):
                 break
-            if budget.exhausted:
-                for b in range(B):
-                    if active[b]:
-                        active[b] = False
-                        rows[b].finished, rows[b].finish_reason = True, "budget"
-                break
             tok, lp = self._choose(kv.logits, params, kv.generator)
+            live = [b for b in range(B) if active[b]]
+            granted = len(live) if not budget.exhausted else 0  # wall time: checked here, between tokens
+            granted = budget.buy_tokens(granted, self.n_params) if granted else 0
+            for b in live[granted:]:  # the budget pays for no more tokens: these rows end here
+                active[b] = False
+                rows[b].finished, rows[b].finish_reason = True, FinishReason.BUDGET
             fed = torch.zeros(B, dtype=torch.long, device=self.device)
             tok_list, lp_list = tok.tolist(), lp.tolist()
-            n_new = 0
-            for b in range(B):
-                if not active[b]:
-                    continue
-                n_new += 1
+            for b in live[:granted]:
                 fed[b] = 1
-                t = tok_list[b]
-                call_ids[b].append(t)
-                call_lp[b].append(lp_list[b])
-                row = rows[b]
-                if t in self.eos_ids:
-                    row.finished, row.finish_reason, active[b] = True, "eos", False
-                    continue
-                text = self._decode(call_ids[b])
-                cut = find_stop(row.text, text, params.stop)
-                if cut >= 0:
-                    call_text[b] = text[:cut]
-                    row.finished, row.finish_reason, active[b] = True, "stop", False
-                    continue
-                call_text[b] = text
-                if row.n_tokens + len(call_ids[b]) >= limit:
-                    row.finished, row.finish_reason, active[b] = True, "length", False
-                    continue
-                if stepwise and params.step and step_end(text, params.step) >= 0:
-                    active[b] = False  # step complete; the row goes on in the next extend()
-            budget.charge(generated_tokens=n_new, flops=2.0 * self.n_params * n_new)
-            if not any(active) and not keep_state:
+                active[b] = self._accept(rows[b], calls[b], tok_list[b], lp_list[b], params, limit, stepwise)
+            if not granted or (not any(active) and not keep_state):
                 break
             # feed the sampled tokens (masked pads for rows that were idle) to get the next distribution
             inp = torch.where(fed.bool(), tok, torch.full_like(tok, self.pad_id))[:, None]
@@ -269,35 +319,36 @@ class LocalBackend(Backend):
             kv.logits = torch.where(fed.bool()[:, None], logits, kv.logits)  # idle rows keep their distribution
             kv.mask = mask
         # a row still active here hit max_step_tokens: its step ends where it is
-        for b in range(B):
-            row = rows[b]
-            if call_ids[b]:
-                row.token_ids.extend(call_ids[b])
-                row.logprobs.extend(call_lp[b])
-                row.steps.append(call_text[b])
-                row.text += call_text[b]
-            if not stepwise and not row.finished:
-                row.finished, row.finish_reason = True, "length"
+        for row, call in zip(rows, calls):
+            call.close(row, stepwise)
         return kv
 
     # -- Backend API ----------------------------------------------------------------------------------------
+    def _new_rows(self, kv: _KV | None, n: int) -> list[Candidate]:
+        if kv is None:  # the budget could not pay for the prompt
+            return [Candidate(finished=True, finish_reason=FinishReason.BUDGET) for _ in range(n)]
+        return [Candidate(meta={"steer_scale": float(kv.scales[i])} if kv.scales is not None else {})
+                for i in range(n)]
+
     @torch.no_grad()
-    def sample(self, prompt, n, params, budget, *, seed=None, steer_scales=None) -> list[Candidate]:
+    def sample(self, prompt, n, params, budget, *, seed=None) -> list[Candidate]:
         self.check_n(n)
-        kv = self._encode(prompt, n, budget, seed, steer_scales)
-        rows = [Candidate(meta={"steer_scale": float(kv.scales[i])} if kv.scales is not None else {}) for i in range(n)]
-        self._run(rows, kv, params, budget, stepwise=False, keep_state=False)
+        kv = self._encode(prompt, n, budget, seed)
+        rows = self._new_rows(kv, n)
+        if kv is not None:
+            self._run(rows, kv, params, budget, stepwise=False, keep_state=False)
         return rows
 
     @torch.no_grad()
-    def start(self, prompt, n, budget, *, seed=None, steer_scales=None) -> Branches:
+    def start(self, prompt, n, budget, *, seed=None) -> Branches:
         self.check_n(n)
-        kv = self._encode(prompt, n, budget, seed, steer_scales)
-        rows = [Candidate(meta={"steer_scale": float(kv.scales[i])} if kv.scales is not None else {}) for i in range(n)]
-        return Branches(prompt, rows, kv)
+        kv = self._encode(prompt, n, budget, seed)
+        return Branches(prompt, self._new_rows(kv, n), kv)
 
     @torch.no_grad()
     def extend(self, branches, params, budget) -> Branches:
+        if branches.handle is None and branches.all_finished:  # a prompt the budget could not pay for
+            return branches
         if not isinstance(branches.handle, _KV):
             raise SteerscaleError("these branches were not made by this LocalBackend", "use backend.start(...) first")
         if branches.rows and not branches.all_finished:
@@ -307,6 +358,8 @@ class LocalBackend(Backend):
     def select(self, branches, indices) -> Branches:
         idx = self.check_select(branches, indices)
         kv: _KV = branches.handle
+        if kv is None:
+            return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], None)
         t = torch.tensor(idx, device=self.device)
         new = _KV(_map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
                   kv.logits.index_select(0, t), None if kv.scales is None else kv.scales.index_select(0, t.cpu()),
@@ -315,6 +368,7 @@ class LocalBackend(Backend):
 
     def merge(self, parts) -> Branches:
         parts = self.check_merge(parts)
+        parts = [p for p in parts if p.handle is not None] or parts[:1]
         if len(parts) == 1:
             return parts[0]
         kvs: list[_KV] = [p.handle for p in parts]
@@ -329,6 +383,24 @@ class LocalBackend(Backend):
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows], kv)
 
     @torch.no_grad()
+    def token_logprobs(self, ids: list[int], k: int = 0, prompt_width: int | None = None):
+        """Teacher-forced log-prob of tokens 1.. of ``ids`` under this backend's steering, and the ``k`` most likely
+        tokens ``(id, log-prob)`` at each of those positions, in one forward pass (``prompt_width``: where the
+        prompt ends, for ``prompt``/``generated`` steering scopes). Not charged to any budget: it scores what was
+        already generated (a server's ``logprobs``/``echo``)."""
+        if not ids:
+            raise SteerscaleError("token_logprobs() needs at least one token id")
+        x = torch.tensor([ids], device=self.device)
+        with self._steered(None, prompt_width):
+            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1)
+        chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+        if not k:
+            return chosen, [[] for _ in chosen]
+        vals, idx = logp.topk(min(k, logp.shape[-1]), -1)
+        return chosen, [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+
+    @torch.no_grad()
     def choice_logprobs(self, contexts, options, budget) -> list[list[float]]:
         if not contexts:
             return []
@@ -339,15 +411,16 @@ class LocalBackend(Backend):
                 raise SteerscaleError(f"option {o!r} encodes to no tokens")
             first.append(int(ids[0]))
         texts = [self.format(c) for c in contexts]
-        add_special = not has_chat_template(self.tokenizer) or self.chat is False
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
-        n_tok = int(mask.sum())
-        budget.charge(verifier_passes=len(texts), verifier_tokens=n_tok, flops=2.0 * self.n_params * n_tok)
-        return logp[:, first].tolist()
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self._adds_special_tokens())
+        k = budget.buy_verifier(enc["attention_mask"].sum(-1).tolist(), self.n_params)
+        out = [[math.nan] * len(first) for _ in texts]  # passes the budget cannot pay for stay unscored
+        if k:
+            ids, mask = enc["input_ids"][:k].to(self.device), enc["attention_mask"][:k].to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                logits_to_keep=1).logits
+            out[:k] = torch.log_softmax(logits[:, -1].float(), -1)[:, first].tolist()
+        return out
 
     @torch.no_grad()
     def embed(self, texts, budget, *, layer=-1) -> torch.Tensor:
@@ -369,23 +442,20 @@ class LocalBackend(Backend):
         if self.context_window and ids.shape[1] > self.context_window:
             raise SteerscaleError(f"a text to embed is {ids.shape[1]} tokens but the context window is "
                                   f"{self.context_window}", "shorten the texts")
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                         output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states
-        if not -len(hidden) <= layer < len(hidden):
-            raise SteerscaleError(f"embed layer {layer} out of range for {len(hidden)} hidden states",
-                                  f"use -{len(hidden)}..{len(hidden) - 1} (-1: the last layer)")
-        h = hidden[layer].float()
-        m = mask[..., None].to(h.dtype)
-        n_tok = int(lengths.sum())
-        budget.charge(verifier_passes=len(texts), verifier_tokens=n_tok, flops=2.0 * self.n_params * n_tok)
-        return ((h * m).sum(1) / m.sum(1)).cpu()
+        n_hidden = int(getattr(getattr(self.model, "config", None), "num_hidden_layers", 0) or 0) + 1
+        if n_hidden > 1 and not -n_hidden <= layer < n_hidden:
+            raise SteerscaleError(f"embed layer {layer} out of range for {n_hidden} hidden states",
+                                  f"use -{n_hidden}..{n_hidden - 1} (-1: the last layer)")
+        k = budget.buy_verifier(lengths.tolist(), self.n_params)
+        dim = int(self.model.get_input_embeddings().weight.shape[-1])
+        result = torch.full((len(texts), dim), math.nan)  # texts the budget cannot pay for stay unembedded
+        if k:
+            ids, mask = ids[:k], mask[:k]
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                output_hidden_states=True, logits_to_keep=1).hidden_states
+            h = hidden[layer].float()
+            m = mask[..., None].to(h.dtype)
+            result[:k] = ((h * m).sum(1) / m.sum(1)).cpu()
+        return result
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

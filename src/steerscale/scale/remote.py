@@ -25,10 +25,10 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * Server differences also handled: log-probs in the completions format (``token_logprobs``, ``text_offset``) or
   the chat format (``content``, as llama.cpp answers); a server that rejects or ignores ``n`` > 1 gets ``n``
   single-sample requests (seeds derived per copy).
-* Budget: every response's ``usage`` is charged (prompt and completion tokens; FLOPs when ``n_params`` is given).
-  A token limit caps each request's ``max_tokens`` at the remaining tokens split over the rows, so the overshoot
-  is at most one token per row, as for ``LocalBackend``; rows still going when the budget runs out finish with
-  ``"budget"``.
+* Budget: a hard cap on generated tokens, FLOPs and verifier passes, as for ``LocalBackend``: before each round
+  the rows still going are cut to the tokens left (the others finish with ``"budget"``) and each request's
+  ``max_tokens`` to its rows' equal share; verifier requests are cut to the passes left. What the server then
+  reports in ``usage`` is recorded (``Budget.record_remote``); its prompt tokens are known only then.
 * ``choice_logprobs``: ``echo=True, max_tokens=0, logprobs=1`` on context + option, reading the option's first
   token's log-prob (vLLM's semantics; exact). A server that rejects echo gets ``max_tokens=1, logprobs=20,
   temperature=0`` on the context and the option is looked up in the top 20 (-inf when absent).
@@ -36,7 +36,6 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import math
@@ -49,7 +48,7 @@ from typing import Any, Sequence
 
 from ..engine.generation import format_prompt, has_chat_template
 from ..errors import SteerscaleError
-from .backend import Backend, Branches, Candidate, SamplingParams, find_stop, step_end
+from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, derive_seed, find_stop, step_end
 from .budget import Budget
 
 MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # the server does not say which stop matched
@@ -131,13 +130,6 @@ def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 1
     return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def derive_seed(seed: int | None, *parts) -> int | None:
-    """A request seed from a search's seed and where the request sits in it (None stays None)."""
-    if seed is None:
-        return None
-    return int.from_bytes(hashlib.sha256(repr((seed, *parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
 # -- reading a completions choice ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Piece:
@@ -151,7 +143,7 @@ class Piece:
     reason: Any = MISSING  # the matched stop string; None or a token id: EOS / a stop token; MISSING: not reported
 
 
-def parse_choice(choice: dict, url: str) -> Piece:
+def read_choice(choice: dict, url: str) -> Piece:
     if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
         raise SteerscaleError(f"{url} returned a choice without text: {str(choice)[:200]}", HINT)
     lp = choice.get("logprobs")
@@ -400,79 +392,49 @@ class OpenAIBackend(Backend):
             c = int(usage["completion_tokens"] or 0)
         else:  # a server without usage: count the tokens it returned
             c = sum(len(x.logprobs) for x in pieces)
-        flops = 2.0 * self.n_params * (p + c)
         if verifier_passes:
-            budget.charge(verifier_passes=verifier_passes, verifier_tokens=p + c, flops=flops)
+            budget.record_remote(verifier_passes=verifier_passes, verifier_tokens=p + c, n_params=self.n_params)
         else:
-            budget.charge(prompt_tokens=p, generated_tokens=c, flops=flops)
+            budget.record_remote(prompt_tokens=p, generated_tokens=c, n_params=self.n_params)
 
-    def _cap(self, budget: Budget, rows: int) -> int | None:
-        """Tokens per row this round may generate within the budget (None: no token-like limit)."""
-        left = budget.remaining_of("generated_tokens")
-        if self.n_params and "flops" in budget.limits:
-            left = min(left, budget.remaining_of("flops") / (2.0 * self.n_params))
-        return None if math.isinf(left) else max(1, math.ceil(left / rows))
+    def _paid_rows(self, budget: Budget, rows: list[Candidate], calls: list["_Call"], live: list[int]):
+        """The rows of ``live`` this round can pay for, and each one's token cap (None: no token-like limit). With
+        fewer tokens left than rows, the rows past them finish with ``"budget"``."""
+        left = budget.tokens_left(self.n_params)
+        if budget.exhausted:
+            left = 0
+        if math.isinf(left):
+            return live, None
+        paid = live[: int(left)]
+        for i in live[len(paid):]:
+            rows[i].finished, rows[i].finish_reason, calls[i].active = True, FinishReason.BUDGET, False
+        return paid, (int(left) // len(paid) if paid else 0)
 
     # -- the decoding loop shared by sample() and extend() ------------------------------------------------------
     def _grow(self, prompt: str, rows: list[Candidate], params: SamplingParams, budget: Budget, *, stepwise: bool,
               seed: int | None, first_seed: int | None = None) -> None:
+        """Grow ``rows`` by one step (``stepwise``) or to the end, in rounds of requests until every row is done."""
         step = params.step if stepwise else None
         calls = [_Call(active=not r.finished) for r in rows]
         rnd = 0
         while any(c.active for c in calls):
-            live = [i for i, c in enumerate(calls) if c.active]
-            if budget.exhausted:
-                for i in live:
-                    rows[i].finished, rows[i].finish_reason, calls[i].active = True, "budget", False
+            live, cap = self._paid_rows(budget, rows, calls, [i for i, c in enumerate(calls) if c.active])
+            if not live:
                 break
-            cap = self._cap(budget, len(live))
             groups: dict[tuple, list[int]] = {}
             for i in live:  # the step delimiter is dropped from the stops once the server is found not to report it
                 with_step = step is not None and self.reports_stop
                 groups.setdefault(params.stop + ((step,) if with_step else ()), []).append(i)
             for g, (stops, members) in enumerate(groups.items()):
-                limits = {}
-                for i in members:
-                    room = params.max_tokens - rows[i].n_tokens - len(calls[i].logprobs)
-                    left = params.max_step_tokens - len(calls[i].logprobs) if stepwise else room
-                    limits[i] = dict(room=room, left=left, cap=room if cap is None else cap)
+                limits = {i: self._limits(rows[i], calls[i], params, stepwise, cap) for i in members}
                 texts = [prompt + rows[i].text + calls[i].text for i in members]
                 plans = plan_requests(texts, greedy=params.temperature == 0, seeded=seed is not None)
-                requests = []
-                for p, (prompts, n, owners) in enumerate(plans):
-                    fields = dict(n=n, max_tokens=max(min(limits[members[o]].values()) for own in owners for o in own),
-                                  temperature=params.temperature, logprobs=1)
-                    if params.top_p < 1:
-                        fields["top_p"] = params.top_p
-                    if stops:
-                        fields["stop"] = list(stops)
-                    req_seed = (first_seed if rnd == 0 and len(groups) == len(plans) == 1 and first_seed is not None
-                                else derive_seed(seed, rnd, g, p))
-                    if req_seed is not None:
-                        fields["seed"] = req_seed
-                    requests.append((prompts, fields))
+                first = first_seed if rnd == 0 and len(groups) == len(plans) == 1 else None
+                requests = [(prompts, self._fields(n, [limits[members[o]] for own in owners for o in own], params,
+                                                   stops, first if first is not None else derive_seed(seed, rnd, g, p)))
+                            for p, (prompts, n, owners) in enumerate(plans)]
                 answers = self._send_all(requests)
-                redo = False
-                for (choices, usage), (_, _, owners) in zip(answers, plans):
-                    pieces = [parse_choice(c, self.base_url) for c in choices]
-                    self._charge(budget, usage, pieces)
-                    if any(pc.reason is MISSING for pc in pieces):
-                        self.reports_stop = False
-                        # a stop here may have been the delimiter or not: these rows are redone without it
-                        redo = redo or (step is not None and step in stops)
-                    if redo:
-                        continue
-                    for piece, own in zip(pieces, owners):
-                        for o in own:
-                            i = members[o]
-                            out = advance(calls[i].text, piece, stops=params.stop, step=step, prev=rows[i].text,
-                                          **limits[i])
-                            calls[i].text = calls[i].text[: len(calls[i].text) - out.drop] + out.text
-                            calls[i].logprobs.extend(out.logprobs)
-                            if out.status in ("eos", "stop", "length"):
-                                rows[i].finished, rows[i].finish_reason, calls[i].active = True, out.status, False
-                            elif out.status == "step":
-                                calls[i].active = False
+                self._take(answers, plans, members, rows, calls, limits, params, step, stops, budget)
             rnd += 1
         for row, call in zip(rows, calls):
             if call.logprobs:
@@ -480,27 +442,63 @@ class OpenAIBackend(Backend):
                 row.steps.append(call.text)
                 row.text += call.text
             if not stepwise and not row.finished:
-                row.finished, row.finish_reason = True, "length"
+                row.finished, row.finish_reason = True, FinishReason.LENGTH
 
     @staticmethod
-    def _no_scales(steer_scales) -> None:
-        if steer_scales is not None:
-            raise SteerscaleError("per-row steering multipliers (steer_scales) need a LocalBackend",
-                                  "with steerscale serve, steer a whole request: extra_body={'steer': [{'vector': "
-                                  "NAME, 'scale': 4.0}]}")
+    def _limits(row: Candidate, call: _Call, params: SamplingParams, stepwise: bool, cap: int | None) -> dict:
+        """Tokens a row may still take in this request: ``room`` before ``max_tokens``, ``left`` before the step's
+        ``max_step_tokens``, ``cap`` before its share of the budget."""
+        room = params.max_tokens - row.n_tokens - len(call.logprobs)
+        left = params.max_step_tokens - len(call.logprobs) if stepwise else room
+        return dict(room=room, left=left, cap=room if cap is None else cap)
+
+    @staticmethod
+    def _fields(n: int, limits: list[dict], params: SamplingParams, stops: tuple, seed: int | None) -> dict:
+        """The completions request fields for ``n`` choices of rows with ``limits``."""
+        fields = dict(n=n, max_tokens=max(min(lim.values()) for lim in limits), temperature=params.temperature,
+                      logprobs=1)
+        if params.top_p < 1:
+            fields["top_p"] = params.top_p
+        if stops:
+            fields["stop"] = list(stops)
+        if seed is not None:
+            fields["seed"] = seed
+        return fields
+
+    def _take(self, answers, plans, members, rows, calls, limits, params, step, stops, budget) -> None:
+        """Charge each answer and advance its rows (``advance``); a server found not to report which stop matched
+        has its answers dropped when the step delimiter was among the stops: those rows go again without it."""
+        redo = False
+        for (choices, usage), (_, _, owners) in zip(answers, plans):
+            pieces = [read_choice(c, self.base_url) for c in choices]
+            self._charge(budget, usage, pieces)
+            if any(pc.reason is MISSING for pc in pieces):
+                self.reports_stop = False
+                redo = redo or (step is not None and step in stops)
+            if redo:
+                continue
+            for piece, own in zip(pieces, owners):
+                for o in own:
+                    i = members[o]
+                    out = advance(calls[i].text, piece, stops=params.stop, step=step, prev=rows[i].text, **limits[i])
+                    calls[i].text = calls[i].text[: len(calls[i].text) - out.drop] + out.text
+                    calls[i].logprobs.extend(out.logprobs)
+                    if out.status in ("eos", "stop", "length"):
+                        rows[i].finished, rows[i].finish_reason = True, FinishReason(out.status)
+                        calls[i].active = False
+                    elif out.status == "step":
+                        calls[i].active = False
 
     # -- Backend API ------------------------------------------------------------------------------------------
-    def sample(self, prompt, n, params, budget, *, seed=None, steer_scales=None) -> list[Candidate]:
+    def sample(self, prompt, n, params, budget, *, seed=None) -> list[Candidate]:
         self.check_n(n)
-        self._no_scales(steer_scales)
         rows = [Candidate() for _ in range(n)]
         # the first request carries the caller's seed as is, so a deterministic server reproduces a local run
         self._grow(self.format(prompt), rows, params, budget, stepwise=False, seed=seed, first_seed=seed)
         return rows
 
-    def start(self, prompt, n, budget, *, seed=None, steer_scales=None) -> Branches:
+    def start(self, prompt, n, budget, *, seed=None) -> Branches:
         self.check_n(n)
-        self._no_scales(steer_scales)
         return Branches(prompt, [Candidate() for _ in range(n)], _Handle(self.format(prompt), seed))
 
     def extend(self, branches, params, budget) -> Branches:
@@ -526,9 +524,12 @@ class OpenAIBackend(Backend):
             return []
         if any(not isinstance(o, str) or not o for o in options):
             raise SteerscaleError(f"options must be non-empty strings, got {list(options)!r}")
-        texts = [self.format(c) for c in contexts]
+        # the verifier passes left decide how many contexts are scored; the rest stay unscored (NaN)
+        per_context = len(options) if self.echo else 1
+        k = budget.affordable([{"verifier_passes": per_context}] * len(contexts))
+        texts = [self.format(c) for c in contexts[:k]]
         out: list[list[float] | None] = [None] * len(texts)
-        if self.echo:
+        if self.echo and texts:
             try:
                 self._echo_logprobs(texts, list(options), out, budget)
             except RemoteError as exc:
@@ -538,7 +539,7 @@ class OpenAIBackend(Backend):
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             self._top_logprobs([texts[i] for i in todo], list(options), todo, out, budget)
-        return out
+        return out + [[math.nan] * len(options) for _ in contexts[k:]]
 
     def _echo_logprobs(self, texts, options, out, budget) -> None:
         """Exact: each option appended to each context, scored with echo; the option's first token is the one

@@ -46,18 +46,20 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
 
-from .. import __version__
 from ..engine.ops import Add, check_scale
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import Scope
 from ..errors import SteerscaleError
-from ..models.layout import ModelLayout
+from ..models.layout import ModelLayout, text_config
 from ..models.sites import Site, SiteKind
+from ..version import __version__
 from .vector import SteeringVector
 
 log = logging.getLogger(__name__)
@@ -210,10 +212,6 @@ def _plan(layout: ModelLayout, ivs: list[Intervention]) -> list[_Fold]:
 
 
 # -- which biases plain transformers will load -------------------------------------------------------------------
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _meta_params(cls, config) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = cls(config)
@@ -222,7 +220,7 @@ def _meta_params(cls, config) -> dict[str, torch.Size]:
 
 def _config_path(config) -> list[str]:
     """Attribute path from the top-level config to its text config ([] when they are the same object)."""
-    text = _text_config(config)
+    text = text_config(config)
     if text is config:
         return []
     for name, value in vars(config).items():
@@ -258,14 +256,14 @@ def _bias_plan(model: nn.Module, needed: dict[str, nn.Module]) -> _BiasPlan:
             f"this {cls.__name__} has parameters its config does not describe (wrapped or modified model)",
             "bake a plain transformers model (merge adapters first)")
     path = _config_path(model.config)
-    text = _text_config(model.config)
+    text = text_config(model.config)
     flags: list[str] = []
     added: dict[str, torch.Size] = {}
     for flag in _BIAS_FLAGS:
         if not hasattr(text, flag) or getattr(text, flag):
             continue
         cfg = copy.deepcopy(model.config)
-        setattr(_text_config(cfg), flag, True)
+        setattr(text_config(cfg), flag, True)
         new = {n: s for n, s in _meta_params(cls, cfg).items() if n not in base and n.endswith(".bias")}
         if new.keys() & needed.keys():
             flags.append(flag)
@@ -301,7 +299,7 @@ def _bias_plan(model: nn.Module, needed: dict[str, nn.Module]) -> _BiasPlan:
 
 # -- checks ----------------------------------------------------------------------------------------------------
 def _probe_ids(model: nn.Module, device) -> torch.Tensor:
-    vocab = int(getattr(_text_config(model.config), "vocab_size", 0) or 32)
+    vocab = int(getattr(text_config(model.config), "vocab_size", 0) or 32)
     return torch.tensor([[(7 * k + 3) % vocab for k in range(_PROBE_TOKENS)]], device=device)
 
 
@@ -331,7 +329,27 @@ def bake(model: nn.Module, layout: ModelLayout, steering, scale: float, out_dir:
     ivs, sources = _as_interventions(steering, scale, layout)
     folds = _plan(layout, ivs)
     _check_target(out_dir, overwrite)
+    deltas, record = _bias_deltas(model, folds)
+    plan = _bias_plan(model, _missing_biases(model, deltas))
+    probe = _probe(model, layout, ivs)
+    with _staging(out_dir) as tmp:
+        diff_mem = _save_baked(model, layout, deltas, plan, probe, tmp)
+        _patch_config(tmp / "config.json", model.config, plan)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        report = _report(model, layout, plan, deltas, scale, record, sources, source)
+        report["check"] = {"probe_tokens": _PROBE_TOKENS, "edit_effect": probe.effect, "tolerance": probe.tol,
+                           "in_memory_max_abs_diff": diff_mem}
+        if verify:
+            report["check"]["reload_max_abs_diff"] = _verify_reload(tmp, probe)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        _publish(tmp, out_dir)
+    report["out_dir"] = str(out_dir)
+    return report
 
+
+def _bias_deltas(model: nn.Module, folds: list[_Fold]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The change to each bias parameter, by name (folds on one module add up), and a record of each fold."""
     names = {id(m): n for n, m in model.named_modules()}
     deltas: dict[str, torch.Tensor] = {}
     record = []
@@ -342,76 +360,116 @@ def bake(model: nn.Module, layout: ModelLayout, steering, scale: float, out_dir:
         key = f"{mod_name}.bias"
         deltas[key] = deltas[key] + f.delta if key in deltas else f.delta
         record.append({"site": f.site.key(), "scale": f.scale, "bias": key})
-    needed = {k: model.get_submodule(k.rsplit(".", 1)[0]) for k in deltas}
-    needed = {k: m for k, m in needed.items() if m.bias is None}
-    plan = _bias_plan(model, needed)
+    return deltas, record
 
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ids = _probe_ids(model, device)
+
+def _missing_biases(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """The modules (by bias name) that get an edit but have no bias yet."""
+    needed = {k: model.get_submodule(k.rsplit(".", 1)[0]) for k in deltas}
+    return {k: m for k, m in needed.items() if m.bias is None}
+
+
+@dataclass
+class _Probe:
+    """The hooked model's logits on a short probe input: what the baked checkpoint must reproduce."""
+
+    ids: torch.Tensor
+    hooked: torch.Tensor
+    effect: float  # max logit change the edit makes
+    tol: float
+    dtype: torch.dtype
+    device: torch.device
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
     was_training = model.training
     model.eval()
-    plain = _logits(model, ids)
-    with intervene(layout, ivs):
-        hooked = _logits(model, ids)
-    effect = float((hooked - plain).abs().max())
-    tol = _tolerance(dtype, hooked, effect)
-
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}.tmp-"))
-    restore: list[tuple[nn.Module, object]] = []
     try:
-        try:
-            for key in sorted(set(plan.new_biases) | set(deltas)):
-                module = model.get_submodule(key.rsplit(".", 1)[0])
-                old = module._parameters.get("bias")
-                size = plan.new_biases.get(key) or (old.shape if old is not None else (_out_features(module),))
-                value = old.detach().float().clone() if old is not None else torch.zeros(size, device=module.weight.device)
-                if key in deltas:
-                    value = value + deltas[key].to(value.device)
-                restore.append((module, old))
-                module.bias = nn.Parameter(value.to(module.weight.dtype), requires_grad=False)
-            baked_mem = _logits(model, ids)
-            diff_mem = float((baked_mem - hooked).abs().max())
-            if diff_mem > tol:
-                raise SteerscaleError(
-                    f"the biases do not reproduce the hooked edit on this {layout.architecture} model (max logit difference "
-                    f"{diff_mem:.3g}, edit effect {effect:.3g}): this architecture transforms the slot's output before it "
-                    "reaches the residual stream (e.g. a norm after the MLP), so the edit is not a bias here",
-                    "keep the edit as a runtime hook, or steer mlp_out/attn_out sites")
-            model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            for module, old in reversed(restore):
-                module.bias = old
-            model.train(was_training)
-        _patch_config(tmp / "config.json", model.config, plan)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        report = {
-            "format": FORMAT,
-            "library_version": __version__,
-            "source_model": source or getattr(model.config, "_name_or_path", "") or "",
-            "architecture": layout.architecture,
-            "saved_as": plan.retarget.model_type if plan.retarget is not None else layout.architecture,
-            "config_flags_set": plan.flags,
-            "zero_biases_added": len(set(plan.new_biases) - set(deltas)),
-            "scale": float(scale),
-            "edits": record,
-            "vectors": sources,
-            "check": {"probe_tokens": _PROBE_TOKENS, "edit_effect": effect, "tolerance": tol,
-                      "in_memory_max_abs_diff": diff_mem},
-        }
-        if verify:
-            report["check"]["reload_max_abs_diff"] = _verify_reload(tmp, dtype, device, ids, hooked, tol)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _publish_modes(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _probe(model: nn.Module, layout: ModelLayout, ivs: list[Intervention]) -> _Probe:
+    param = next(model.parameters())
+    ids = _probe_ids(model, param.device)
+    with _eval_mode(model):
+        plain = _logits(model, ids)
+        with intervene(layout, ivs):
+            hooked = _logits(model, ids)
+    effect = float((hooked - plain).abs().max())
+    return _Probe(ids, hooked, effect, _tolerance(param.dtype, hooked, effect), param.dtype, param.device)
+
+
+@contextmanager
+def _staging(out_dir: Path):
+    """A temporary directory beside ``out_dir`` to write the checkpoint into; removed if the block fails."""
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report["out_dir"] = str(out_dir)
-    return report
+
+
+@contextmanager
+def _biases_set(model: nn.Module, deltas: dict[str, torch.Tensor], plan: _BiasPlan):
+    """``model`` with the baked biases in place (new ones created, edited ones replaced); its own come back on exit."""
+    restore: list[tuple[nn.Module, object]] = []
+    try:
+        for key in sorted(set(plan.new_biases) | set(deltas)):
+            module = model.get_submodule(key.rsplit(".", 1)[0])
+            old = module._parameters.get("bias")
+            size = plan.new_biases.get(key) or (old.shape if old is not None else (_out_features(module),))
+            value = old.detach().float().clone() if old is not None else torch.zeros(size, device=module.weight.device)
+            if key in deltas:
+                value = value + deltas[key].to(value.device)
+            restore.append((module, old))
+            module.bias = nn.Parameter(value.to(module.weight.dtype), requires_grad=False)
+        yield
+    finally:
+        for module, old in reversed(restore):
+            module.bias = old
+
+
+def _save_baked(model: nn.Module, layout: ModelLayout, deltas: dict[str, torch.Tensor], plan: _BiasPlan,
+                probe: _Probe, directory: Path) -> float:
+    """Save ``model`` with the biases set, once they reproduce the hooked edit in memory; returns that difference."""
+    with _eval_mode(model), _biases_set(model, deltas, plan):
+        diff_mem = float((_logits(model, probe.ids) - probe.hooked).abs().max())
+        if diff_mem > probe.tol:
+            raise SteerscaleError(
+                f"the biases do not reproduce the hooked edit on this {layout.architecture} model (max logit difference "
+                f"{diff_mem:.3g}, edit effect {probe.effect:.3g}): this architecture transforms the slot's output before "
+                "it reaches the residual stream (e.g. a norm after the MLP), so the edit is not a bias here",
+                "keep the edit as a runtime hook, or steer mlp_out/attn_out sites")
+        model.save_pretrained(directory, safe_serialization=True)
+    return diff_mem
+
+
+def _report(model: nn.Module, layout: ModelLayout, plan: _BiasPlan, deltas: dict, scale: float, record: list[dict],
+            sources: list[dict], source: str | None) -> dict:
+    return {
+        "format": FORMAT,
+        "library_version": __version__,
+        "source_model": source or getattr(model.config, "_name_or_path", "") or "",
+        "architecture": layout.architecture,
+        "saved_as": plan.retarget.model_type if plan.retarget is not None else layout.architecture,
+        "config_flags_set": plan.flags,
+        "zero_biases_added": len(set(plan.new_biases) - set(deltas)),
+        "scale": float(scale),
+        "edits": record,
+        "vectors": sources,
+    }
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished checkpoint into place (replacing an earlier bake there)."""
+    _publish_modes(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
 
 
 def _publish_modes(directory: Path) -> None:
@@ -459,12 +517,12 @@ def _patch_config(path: Path, config, plan: _BiasPlan) -> None:
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def _verify_reload(directory: Path, dtype, device, ids, hooked: torch.Tensor, tol: float) -> float:
+def _verify_reload(directory: Path, probe: _Probe) -> float:
     """Load ``directory`` with plain transformers and compare its logits with the hooked model's."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=probe.dtype, output_loading_info=True)
     except Exception as exc:
         raise SteerscaleError(f"plain transformers could not load the baked checkpoint ({type(exc).__name__}: "
                               f"{str(exc)[:200]})", "report this architecture") from None
@@ -472,12 +530,12 @@ def _verify_reload(directory: Path, dtype, device, ids, hooked: torch.Tensor, to
     if problems:
         raise SteerscaleError(f"plain transformers loads the baked checkpoint with {problems}",
                               "report this architecture; the edit would be lost or wrong")
-    model = model.to(device).eval()
-    diff = float((_logits(model, ids) - hooked).abs().max())
+    model = model.to(probe.device).eval()
+    diff = float((_logits(model, probe.ids) - probe.hooked).abs().max())
     del model
-    if diff > tol:
+    if diff > probe.tol:
         raise SteerscaleError(f"the reloaded checkpoint differs from the hooked model (max logit difference {diff:.3g} > "
-                              f"{tol:.3g})", "report this architecture")
+                              f"{probe.tol:.3g})", "report this architecture")
     return diff
 
 

@@ -22,7 +22,10 @@ from ..engine.generation import format_prompt
 from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
-from .methods import get_method
+from .layers import parse_layers
+from .lofit import LofitConfig, fit_lofit
+from .methods import METHODS, get_method
+from .methods.iti import fit as _iti_direction  # noqa: F401 (re-exported for bench/truthfulqa_steering.py)
 from .methods.probe import probe_accuracies
 from .pairs import ContrastPair, load_labelled, load_pairs, pairs_hash
 from .vector import SteeringVector, fingerprint
@@ -117,29 +120,6 @@ def pick_layer(accuracy: dict[Site, float], n_layers: int) -> Site:
     return min(near, key=lambda s: (abs(s.layer - (n_layers - 1) / 2), s.layer))
 
 
-def parse_layers(spec, n_layers: int) -> list[int] | str:
-    """``auto``, ``N``, ``A-B`` (inclusive), ``A,B,C`` or a list of ints."""
-    if spec in (None, "auto"):
-        return "auto"
-    if isinstance(spec, int):
-        layers = [spec]
-    elif isinstance(spec, (list, tuple)):
-        layers = [int(x) for x in spec]
-    else:
-        try:
-            layers = []
-            for part in str(spec).split(","):
-                a, _, b = part.partition("-")
-                layers.extend(range(int(a), int(b) + 1) if b else [int(a)])
-        except ValueError:
-            raise SteerscaleError(f"bad layer spec {spec!r}", "use auto, N, A-B or A,B,C") from None
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise SteerscaleError(f"layer(s) {bad or spec} out of range: this model has {n_layers} blocks",
-                              f"use layers between 0 and {n_layers - 1}")
-    return sorted(set(layers))
-
-
 def extract(
     lm: LoadedModel,
     pairs,
@@ -165,9 +145,7 @@ def extract(
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
     if len(pairs) < 2:
         raise SteerscaleError(f"need at least 2 contrastive pairs, got {len(pairs)}")
-    if method == "lofit":
-        from .lofit import LofitConfig, fit_lofit
-
+    if METHODS.canonical(method) == "lofit":
         if return_sweep:
             raise SteerscaleError("LoFiT chooses heads by training, not by a probe sweep",
                                   "run the sweep with method caa or iti, or drop return_sweep")
@@ -185,7 +163,7 @@ def extract_labelled(lm: LoadedModel, examples, method: str = "caa", layers="aut
     label 1 is the side a positive scale moves toward. Methods that need pairs (``pca_diff``, ``pca_center``)
     are refused; ``caa`` is the difference of class means, ``probe`` and ``iti`` fit on the classes."""
     examples = examples if isinstance(examples, list) and examples and isinstance(examples[0], tuple) else load_labelled(examples)
-    if method == "lofit" or (method != "iti" and getattr(get_method(method), "PAIRED_ONLY", False)):
+    if get_method(method).PAIRED_ONLY:
         raise SteerscaleError(f"method {method!r} needs contrastive pairs, not labelled texts",
                               "use caa, probe or iti with labelled data, or write the data as pairs")
     texts = labelled_texts(lm.tokenizer, examples)
@@ -199,16 +177,16 @@ def _extract(lm, texts: PairTexts, data: dict, method, layers, read, iti_heads, 
     layout = lm.layout
     chosen_layers = parse_layers(layers, layout.n_layers)
     candidate_layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers
-    is_iti = method == "iti"
-    if is_iti:
+    fitter = get_method(method)
+    per_head = getattr(fitter, "PER_HEAD", False)  # ITI
+    if per_head:
         sites = [Site(l, SiteKind.HEAD_OUT, h) for l in candidate_layers for h in range(layout.n_heads)]
     else:
-        fit_fn = get_method(method).fit
         sites = [Site(l) for l in candidate_layers]
     pos, neg = collect(lm, texts, sites, read, batch_size, progress)
 
     accuracy: dict[Site, float] = {}
-    if is_iti:
+    if per_head:
         accuracy = sweep(pos, neg, holdout, seed)
         k = min(iti_heads, len(sites))
         chosen = sorted(sorted(accuracy, key=lambda s: -accuracy[s])[:k])
@@ -220,38 +198,28 @@ def _extract(lm, texts: PairTexts, data: dict, method, layers, read, iti_heads, 
 
     directions, per_site = {}, {}
     for s in chosen:
-        if is_iti:
-            directions[s], per_site[s.key()] = _iti_direction(pos[s], neg[s])
+        directions[s], per_site[s.key()] = fitter.fit(pos[s], neg[s])
+        if per_head:
             per_site[s.key()]["probe_accuracy"] = accuracy[s]
-        else:
-            directions[s], per_site[s.key()] = fit_fn(pos[s], neg[s])
     vector = SteeringVector(
         directions,
         model_name=lm.name,
         model_fingerprint=fingerprint(layout),
-        method=method if is_iti else get_method(method).NAME,
+        method=fitter.NAME,
         metadata={
-            "site_kind": "head_out" if is_iti else "resid_post",
+            "site_kind": "head_out" if per_head else "resid_post",
             "layer_convention": "0-based block index; resid_post = output of the block",
             "layers": "auto" if chosen_layers == "auto" else chosen_layers,
             "read": Readout(read).value,
             **data,
             "holdout": holdout,
             "seed": seed,
-            "iti_heads": iti_heads if is_iti else None,
+            "iti_heads": iti_heads if per_head else None,
             "per_site": per_site,
             "sweep": {s.key(): a for s, a in accuracy.items()},
         },
     )
     return (vector, Sweep(accuracy, chosen)) if return_sweep else vector
-
-
-def _iti_direction(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mass-mean shift, unit length, times the std of activations along it (ITI's ``alpha`` is then the scale)."""
-    shift = (pos.double() - neg.double()).mean(0)
-    unit = shift / shift.norm()
-    std = float(torch.cat([pos, neg]).double().matmul(unit).std())
-    return (unit * std).float(), {"std_along_direction": std, "mass_mean_norm": float(shift.norm())}
 
 
 def sweep_plot(sweep_result: Sweep, path, title: str = "probe accuracy by site") -> None:

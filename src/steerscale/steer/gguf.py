@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
 from ..engine.ops import check_scale
 from ..errors import SteerscaleError
 from ..models.sites import Site, SiteKind
-from .vector import SteeringVector, _json_default
+from ..version import __version__
+from .vector import SteeringVector, json_default, register_reader
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def export_gguf(vector: SteeringVector, path: str | Path, scale: float = 1.0, *,
         writer.add_string(_KEYS["method"], vector.method)
         writer.add_string(_KEYS["model_name"], vector.model_name)
         writer.add_string(_KEYS["model_fingerprint"], vector.model_fingerprint)
-        writer.add_string(_KEYS["metadata"], json.dumps(metadata, default=_json_default))
+        writer.add_string(_KEYS["metadata"], json.dumps(metadata, default=json_default))
         writer.add_float32(_KEYS["scale"], factor)
         for n in sorted(directions):
             data = (directions[n].double() * factor).float().numpy().astype(np.float32)
@@ -186,77 +186,10 @@ def import_gguf(path: str | Path) -> SteeringVector:
     imports with method ``"gguf"``, its ``model_hint`` as model name and an empty fingerprint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SteerscaleError(f"GGUF file not found: {path}", "check the path")
-    import gguf
-
+    reader = _open_reader(path)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... for damaged files
-        raise SteerscaleError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]})",
-            "the file is corrupt or truncated; re-export it",
-        ) from None
-    try:
-        arch = _field_value(reader, "general.architecture")
-        if arch != ARCH:
-            raise SteerscaleError(
-                f"{path} is a GGUF file but not a control vector (general.architecture is {arch!r}, expected {ARCH!r})",
-                "a model GGUF goes to -m/--model; --steer and import take control vectors",
-            )
-        directions: dict[Site, torch.Tensor] = {}
-        size = None
-        for t in reader.tensors:
-            prefix, _, tail = t.name.partition(".")
-            if prefix != "direction" or not tail.isdigit():
-                raise SteerscaleError(f"{path}: unexpected tensor {t.name!r}", "a control vector holds only direction.N tensors")
-            n = int(tail)
-            if n == 0:
-                raise SteerscaleError(
-                    f"{path}: has a tensor direction.0, which llama.cpp rejects (direction.N edits the output of block "
-                    "N, and block 0 is never steered)", "re-export the vector without layer 0")
-            if int(t.tensor_type) != int(gguf.GGMLQuantizationType.F32):
-                raise SteerscaleError(f"{path}: {t.name} is {gguf.GGMLQuantizationType(int(t.tensor_type)).name}, not F32",
-                                      "llama.cpp only reads F32 control vectors; re-export as F32")
-            shape = [int(d) for d in t.shape]
-            if not shape or any(d != 1 for d in shape[1:]):
-                raise SteerscaleError(f"{path}: {t.name} has shape {shape}, expected a 1-D vector")
-            if size is not None and shape[0] != size:
-                raise SteerscaleError(f"{path}: direction tensors have mixed sizes ({size} and {shape[0]} at {t.name})",
-                                      "every direction of a control vector has the model's hidden size")
-            size = shape[0]
-            site = Site(n, SiteKind.RESID_POST)
-            if site in directions:
-                raise SteerscaleError(f"{path}: {t.name} appears twice")
-            directions[site] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
-        if not directions:
-            raise SteerscaleError(f"{path}: control vector has no direction tensors")
-
-        def text(key: str) -> str:
-            value = _field_value(reader, key)
-            return "" if value is None else str(value)
-
-        hint = text(f"{ARCH}.model_hint")
-        ours = text(_KEYS["format"]) == FORMAT
-        metadata: dict = {}
-        if ours:
-            try:
-                metadata = json.loads(text(_KEYS["metadata"]) or "{}")
-            except json.JSONDecodeError:
-                raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON", "the file is corrupt; re-export it") from None
-            scale = _field_value(reader, _KEYS["scale"])
-            if scale is not None and float(scale) != 1.0:
-                metadata["gguf_folded_scale"] = float(scale)
-        metadata["gguf_source"] = str(path)
-        if hint:
-            metadata.setdefault("gguf_model_hint", hint)
-        return SteeringVector(
-            directions,
-            model_name=text(_KEYS["model_name"]) if ours else hint,
-            model_fingerprint=text(_KEYS["model_fingerprint"]) if ours else "",
-            method=(text(_KEYS["method"]) or "gguf") if ours else "gguf",
-            metadata=metadata,
-        )
+        _check_architecture(reader, path)
+        return _vector(reader, path, _read_directions(reader, path))
     except SteerscaleError:
         raise
     except Exception as exc:  # a damaged header can also fail lazily, while reading fields or tensor data
@@ -264,3 +197,100 @@ def import_gguf(path: str | Path) -> SteeringVector:
             f"{path} is not a readable control vector ({type(exc).__name__}: {str(exc)[:120]})",
             "the file is corrupt or truncated; re-export it",
         ) from None
+
+
+def _open_reader(path: Path):
+    if not path.is_file():
+        raise SteerscaleError(f"GGUF file not found: {path}", "check the path")
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... for damaged files
+        raise SteerscaleError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]})",
+            "the file is corrupt or truncated; re-export it",
+        ) from None
+
+
+def _check_architecture(reader, path: Path) -> None:
+    arch = _field_value(reader, "general.architecture")
+    if arch != ARCH:
+        raise SteerscaleError(
+            f"{path} is a GGUF file but not a control vector (general.architecture is {arch!r}, expected {ARCH!r})",
+            "a model GGUF goes to -m/--model; --steer and import take control vectors",
+        )
+
+
+def _read_directions(reader, path: Path) -> dict[Site, torch.Tensor]:
+    """Every ``direction.N`` tensor as ``resid_post`` of block N, checked: F32, 1-D, one size for all, N >= 1."""
+    import gguf
+
+    directions: dict[Site, torch.Tensor] = {}
+    size = None
+    for t in reader.tensors:
+        site = Site(_direction_index(t.name, path), SiteKind.RESID_POST)
+        if int(t.tensor_type) != int(gguf.GGMLQuantizationType.F32):
+            raise SteerscaleError(f"{path}: {t.name} is {gguf.GGMLQuantizationType(int(t.tensor_type)).name}, not F32",
+                                  "llama.cpp only reads F32 control vectors; re-export as F32")
+        shape = [int(d) for d in t.shape]
+        if not shape or any(d != 1 for d in shape[1:]):
+            raise SteerscaleError(f"{path}: {t.name} has shape {shape}, expected a 1-D vector")
+        if size is not None and shape[0] != size:
+            raise SteerscaleError(f"{path}: direction tensors have mixed sizes ({size} and {shape[0]} at {t.name})",
+                                  "every direction of a control vector has the model's hidden size")
+        size = shape[0]
+        if site in directions:
+            raise SteerscaleError(f"{path}: {t.name} appears twice")
+        directions[site] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
+    if not directions:
+        raise SteerscaleError(f"{path}: control vector has no direction tensors")
+    return directions
+
+
+def _direction_index(name: str, path: Path) -> int:
+    """The ``N`` of a tensor named ``direction.N`` (N >= 1)."""
+    prefix, _, tail = name.partition(".")
+    if prefix != "direction" or not tail.isdigit():
+        raise SteerscaleError(f"{path}: unexpected tensor {name!r}", "a control vector holds only direction.N tensors")
+    if int(tail) == 0:
+        raise SteerscaleError(
+            f"{path}: has a tensor direction.0, which llama.cpp rejects (direction.N edits the output of block "
+            "N, and block 0 is never steered)", "re-export the vector without layer 0")
+    return int(tail)
+
+
+def _text(reader, key: str) -> str:
+    value = _field_value(reader, key)
+    return "" if value is None else str(value)
+
+
+def _vector(reader, path: Path, directions: dict[Site, torch.Tensor]) -> SteeringVector:
+    """The vector, with our own header's facts when ``export_gguf`` wrote the file, else the peer's model hint."""
+    hint = _text(reader, f"{ARCH}.model_hint")
+    ours = _text(reader, _KEYS["format"]) == FORMAT
+    metadata = _our_metadata(reader, path) if ours else {}
+    metadata["gguf_source"] = str(path)
+    if hint:
+        metadata.setdefault("gguf_model_hint", hint)
+    return SteeringVector(
+        directions,
+        model_name=_text(reader, _KEYS["model_name"]) if ours else hint,
+        model_fingerprint=_text(reader, _KEYS["model_fingerprint"]) if ours else "",
+        method=(_text(reader, _KEYS["method"]) or "gguf") if ours else "gguf",
+        metadata=metadata,
+    )
+
+
+def _our_metadata(reader, path: Path) -> dict:
+    try:
+        metadata = json.loads(_text(reader, _KEYS["metadata"]) or "{}")
+    except json.JSONDecodeError:
+        raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON", "the file is corrupt; re-export it") from None
+    scale = _field_value(reader, _KEYS["scale"])
+    if scale is not None and float(scale) != 1.0:
+        metadata["gguf_folded_scale"] = float(scale)
+    return metadata
+
+
+register_reader(".gguf", import_gguf)  # SteeringVector.load reads control vectors too

@@ -12,7 +12,7 @@ multiplies the learned offsets (1 = as trained), it bakes into ``o_proj`` biases
 vector. Like ITI it cannot be exported as a llama.cpp control vector (per-head, not residual).
 
 Loss, on contrastive prompt pairs (prompt, preferred completion, rejected completion), summed completion log-probs
-from steerscale's packed scorer (``measure.mc.choice_logprob_sums``, which multiple-choice scoring such as
+from steerscale's packed scorer (``engine.choices.choice_logprob_sums``, which multiple-choice scoring such as
 TruthfulQA MC1 also runs on):
 
 * ``dpo`` (default; LoFiT's TruthfulQA setting): ``-log sigmoid(beta * ((lp+ - ref+) - (lp- - ref-)))`` with the
@@ -35,14 +35,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..engine.choices import Item, build_items, choice_logprob_sums, encode
 from ..engine.ops import Affine, Lambda
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
-from ..measure.mc import Item, build_items, choice_logprob_sums, encode
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
+from .layers import parse_layers
 from .pairs import ContrastPair, load_pairs, pairs_hash
 from .vector import SteeringVector, fingerprint
+
+NAME = "lofit"  # its entry in steer.methods.METHODS
+PAIRED_ONLY = True  # trains on the completions of contrastive prompt pairs
 
 
 class LofitLoss(str, Enum):
@@ -233,8 +237,6 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
 
     ``layers``: where heads may be chosen (``auto`` = every layer, or a spec as in ``extract``). ``sites``: skip
     step 1 and train offsets on these ``head_out`` sites. ``knobs`` override ``LofitConfig`` fields."""
-    from .extract import parse_layers
-
     cfg = LofitConfig.build(config, **knobs)
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
     if len(pairs) < 2:

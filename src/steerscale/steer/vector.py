@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import __version__
 from ..engine.ops import Add, check_scale
 from ..engine.runtime import Intervention
 from ..engine.scope import ALL_TOKENS, TokenScope
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.sites import Site, SiteKind
+from ..version import __version__
 
 FORMAT = "steerscale.vector/1"
+_READERS: dict[str, Callable[[Path], SteeringVector]] = {}  # file suffix -> reader, see register_reader
 
 
 def fingerprint(layout: ModelLayout) -> str:
@@ -157,16 +159,14 @@ class SteeringVector:
         header = {"format": FORMAT, "model_name": self.model_name, "model_fingerprint": self.model_fingerprint,
                   "method": self.method, "metadata": self.metadata}
         tensors = {site.key(): vec.contiguous() for site, vec in self.directions.items()}
-        save_file(tensors, str(path), metadata={"steerscale": json.dumps(header, default=_json_default)})
+        save_file(tensors, str(path), metadata={"steerscale": json.dumps(header, default=json_default)})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVector":
         path = Path(path)
-        if path.suffix == ".gguf":
-            from .gguf import import_gguf
-
-            return import_gguf(path)
+        if path.suffix in _READERS:
+            return _READERS[path.suffix](path)
         if not path.is_file():
             raise SteerscaleError(f"steering vector file not found: {path}", "check the path (vectors end in .safetensors)")
         try:
@@ -190,7 +190,15 @@ class SteeringVector:
                    header.get("model_fingerprint", ""), header.get("method", "custom"), header.get("metadata", {}))
 
 
-def _json_default(obj):
+def register_reader(suffix: str, read: Callable[[Path], SteeringVector]) -> None:
+    """Let ``SteeringVector.load`` read files ending in ``suffix`` with ``read(path)``. Formats built on top of
+    the vector register themselves (``steer.gguf``: ``.gguf``; the ``steer`` package imports it), so this module
+    imports none of them."""
+    _READERS[suffix] = read
+
+
+def json_default(obj):
+    """``json.dumps(default=...)`` for metadata: tensors and numpy scalars as numbers, sets as lists, else str."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if hasattr(obj, "item"):

@@ -11,20 +11,22 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import SteerscaleError
-from .base import Example, FunctionTask, GenTask, MCTask, Task, parse_choice, subset
-from .gym import GymTask, gym_names
+from ...registry import Registry
+from .base import Example, FunctionTask, GenTask, MCTask, Task, subset
+from ...gym import gym_names
+from .gym import GymTask
 from ...steer.pairs import ContrastPair, load_labelled, load_pairs  # steering data has one home: steer.pairs
 from .local import jsonl_task, labelled_from_files, read_rows
 from .olmo import olmo_tasks
 from .truthfulqa import TruthfulQAGen, TruthfulQAMC
 
 #: name -> factory; factories are cheap and load data only on ``Task.load``.
-TASKS: dict[str, Callable[[], Task]] = {
-    "truthfulqa_mc1": lambda: TruthfulQAMC("mc1"),
-    "truthfulqa_mc2": lambda: TruthfulQAMC("mc2"),
-    "truthfulqa_gen": TruthfulQAGen,
-    **olmo_tasks(),
-}
+TASKS: Registry[Callable[[], Task]] = Registry("task")
+TASKS.add("truthfulqa_mc1", lambda: TruthfulQAMC("mc1"), "TruthfulQA MC1: one true answer among the choices")
+TASKS.add("truthfulqa_mc2", lambda: TruthfulQAMC("mc2"), "TruthfulQA MC2: probability mass on the true answers")
+TASKS.add("truthfulqa_gen", TruthfulQAGen, TruthfulQAGen.description)
+for _name, (_factory, _description) in olmo_tasks().items():
+    TASKS.add(_name, _factory, _description)
 
 
 def list_tasks() -> list[str]:
@@ -44,10 +46,10 @@ def get_task(name: str | Task) -> Task:
         return GymTask(dataset, int(rest[0])) if rest else GymTask(dataset)
     if name.endswith((".jsonl", ".json")) or Path(name).expanduser().is_file():
         return jsonl_task(name)
-    raise SteerscaleError(f"unknown task {name!r}",
+    raise SteerscaleError(TASKS.unknown(name).problem,  # "did you mean" the closest registered name
                           f"choose one of: {', '.join(list_tasks())} (reasoning-gym: {len(gym_names())} datasets)")
 
 
 __all__ = ["Example", "FunctionTask", "GenTask", "GymTask", "MCTask", "ContrastPair", "TASKS", "Task", "get_task",
-           "jsonl_task", "labelled_from_files", "list_tasks", "load_labelled", "load_pairs", "parse_choice",
+           "jsonl_task", "labelled_from_files", "list_tasks", "load_labelled", "load_pairs",
            "read_rows", "subset"]

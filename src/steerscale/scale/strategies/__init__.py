@@ -1,50 +1,48 @@
-"""Strategy registry. Each strategy is ``run(prompt, backend, verifier, budget, **knobs) -> Result``.
+"""The strategy registry: each entry is ``run(prompt, backend, verifier, budget, **knobs) -> Result``.
 
-Shared knobs: ``n``, ``seed``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``step`` (step delimiter for
-search strategies), ``answer_fn`` (text -> answer, default ``answers.extract_answer``) and ``steer_scales``
-(one steering multiplier per sample: steering-diversified sampling). Strategies stop when the budget is spent
-and report ``budget.report()`` in the result.
+Shared knobs: ``seed``, the sampling knobs ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``step`` (step
+delimiter for search strategies) and ``max_step_tokens``, and ``answer_fn`` (text -> answer, default
+``steerscale.answers.extract_answer``; code, so never a JSON/CLI knob). Each strategy adds its own (``n``, ``width``,
+``select``, ...). Strategies stop when the budget is spent and report ``budget.report()`` in the result. Steering
+is not a knob: it belongs to the backend (``LocalBackend(steering=..., row_scales=...)``).
+
+Where a strategy request is built and checked: ``steerscale.scale.spec.StrategySpec`` (from JSON, CLI arguments or
+Python keywords); the CLI, the server and ``evaluate`` all run strategies through it. ``spec.run_strategy`` is the
+same check for a Python caller holding a verifier object and a ``Budget``.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from ...errors import SteerscaleError
-from ..budget import Budget
+from ...registry import Registry
 from . import adaptive, extra, search, simple
 from .base import Result
 
-STRATEGIES: dict[str, Callable] = {
-    "greedy": simple.run_greedy,
-    "best_of_n": simple.run_best_of_n,
-    "majority": simple.run_majority,
-    "self_consistency": simple.run_majority,
-    "weighted_vote": simple.run_weighted_vote,
-    "adaptive_sc": adaptive.run,
-    "beam_search": search.run_beam,
-    "dvts": search.run_dvts,
-    "particle_filter": search.run_particle_filter,
-    "astar": search.run_astar,
-    "entropic_pf": extra.run_entropic_pf,
-    "early_pruning": extra.run_early_pruning,
-    "refine": extra.run_refine,
-}
-# batch-level: run_compute_optimal(prompts, backend, verifier, budget, total=...) -> list[Result]
+STRATEGIES: Registry[Callable] = Registry("strategy")
+STRATEGIES.add("greedy", simple.run_greedy, "one greedy sample (temperature 0; sampling knobs other than the "
+                                            "length and stops do not apply)")
+STRATEGIES.add("best_of_n", simple.run_best_of_n, "n samples, the verifier's best (default verifier: log-prob)")
+STRATEGIES.add("majority", simple.run_majority, "self-consistency: n samples, majority vote over their answers",
+               aliases=("self_consistency",))
+STRATEGIES.add("weighted_vote", simple.run_weighted_vote, "n samples, vote weighted by the verifier's scores")
+STRATEGIES.add("adaptive_sc", adaptive.run, "self-consistency that stops sampling once the vote is settled")
+STRATEGIES.add("beam_search", search.run_beam, "step-level beam search guided by a (process) verifier")
+STRATEGIES.add("dvts", search.run_dvts, "diverse verifier tree search: independent subtrees of beam search")
+STRATEGIES.add("particle_filter", search.run_particle_filter, "particle filtering over steps, weighted by the "
+                                                              "verifier")
+STRATEGIES.add("astar", search.run_astar, "A*-decoding: cheapest-first expansion of partial solutions")
+STRATEGIES.add("entropic_pf", extra.run_entropic_pf, "particle filtering with entropic annealing and look-ahead")
+STRATEGIES.add("early_pruning", extra.run_early_pruning, "score partial solutions early, finish the best share")
+STRATEGIES.add("refine", extra.run_refine, "verifier-guided iterative refinement of the best attempt")
+STRATEGIES.add("compute_optimal", extra.run_compute_optimal_one,
+               "probe, then spend more samples where the vote is less settled (a batch: run_compute_optimal)")
+# batch-level form: run_compute_optimal(prompts, backend, verifier, budget, total=...) -> list[Result]
 run_compute_optimal = extra.run_compute_optimal
 
 
 def get_strategy(name: str) -> Callable:
-    if name not in STRATEGIES:
-        raise SteerscaleError(f"unknown strategy {name!r}", f"choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 
-def run_strategy(name: str, prompt: str, backend, verifier=None, budget: Budget | None = None, **knobs) -> Result:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SteerscaleError("empty prompt", "pass a non-empty prompt text")
-    budget = budget if budget is not None else Budget()
-    return get_strategy(name)(prompt, backend, verifier, budget, **knobs)
-
-
-__all__ = ["STRATEGIES", "Result", "get_strategy", "run_compute_optimal", "run_strategy"]
+__all__ = ["STRATEGIES", "Result", "get_strategy", "run_compute_optimal"]

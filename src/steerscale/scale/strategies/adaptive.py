@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from ...errors import SteerscaleError
 from ..backend import derive_seed
-from .base import annotate, check_positive, finish, representative, sampling_params, vote
+from .base import Criterion, annotate, check_positive, finish, representative, sampling_params, vote
 
 
 def prob_leader_better(lead: int, second: int) -> float:
@@ -19,19 +18,15 @@ def prob_leader_better(lead: int, second: int) -> float:
     return sum(math.comb(n, k) for k in range(a)) / 2 ** n
 
 
-CRITERIA = ("beta", "supermajority")
-
-
-def settled(answers, *, criterion="beta", confidence=0.95, threshold=0.7, min_samples=4) -> bool:
+def settled(answers, *, criterion=Criterion.BETA, confidence=0.95, threshold=0.7, min_samples=4) -> bool:
     """The stopping rule: whether the vote over ``answers`` so far (``None`` = no answer) is decided."""
-    if criterion not in CRITERIA:
-        raise SteerscaleError(f"unknown stopping criterion {criterion!r}", "use " + " or ".join(CRITERIA))
+    criterion = Criterion.parse(criterion)
     counts = Counter(a for a in answers if a is not None).most_common(2)
     if not counts or len(answers) < min_samples:
         return False
     lead = counts[0][1]
     second = counts[1][1] if len(counts) > 1 else 0
-    if criterion == "beta":
+    if criterion is Criterion.BETA:
         return prob_leader_better(lead, second) >= confidence
     return lead / len(answers) >= threshold
 
@@ -49,8 +44,8 @@ def samples_needed(answers, *, batch=4, **rule) -> int:
     return k
 
 
-def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion="beta", confidence=0.95,
-        threshold=0.7, min_samples=4, answer_fn=None, steer_scales=None, **knobs):
+def run(prompt, backend, verifier, budget, *, n=16, batch=4, seed=0, criterion=Criterion.BETA, confidence=0.95,
+        threshold=0.7, min_samples=4, answer_fn=None, **knobs):
     check_positive("n", n, getattr(backend, "max_n", None))
     check_positive("batch", batch)
     rule = dict(criterion=criterion, confidence=confidence, threshold=threshold, min_samples=min_samples)

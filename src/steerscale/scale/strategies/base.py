@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Callable, Sequence
 
 from ...errors import SteerscaleError
-from ..answers import extract_answer
-from ..backend import DEFAULT_STEP, Candidate, SamplingParams
+from ...answers import extract_answer
+from ..backend import Candidate, SamplingParams
 from ..budget import Budget
 from ..verifiers import score_candidates
 
@@ -36,10 +37,58 @@ class Result:
         return d
 
 
-def sampling_params(max_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, stop=(),
-                    step: str | None = DEFAULT_STEP, max_step_tokens: int = 128, **_) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop or ()),
-                          step=step, max_step_tokens=max_step_tokens)
+# -- knobs with a fixed set of values -------------------------------------------------------------------------
+class Choice(StrEnum):
+    """A knob with a fixed set of values. ``parse`` turns text (JSON, CLI) into a member, or a ``SteerscaleError``
+    naming the knob and listing the values; members compare equal to their text."""
+
+    @classmethod
+    def parse(cls, value) -> "Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            raise SteerscaleError(f"unknown {cls.label()} {value!r}", "use " + ", ".join(m.value for m in cls)) from None
+
+    @classmethod
+    def label(cls) -> str:
+        first = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__
+        return first.split(":")[0].rstrip(".").lower()  # "Final selection: how ..." -> "final selection"
+
+
+class Selection(Choice):
+    """Final selection: how a search picks its answer from its finished candidates."""
+
+    BEST = "best"  # the highest-scored candidate
+    VOTE = "vote"  # majority over answers
+    WEIGHTED = "weighted"  # vote weighted by the verifier's scores
+
+
+class Resampling(Choice):
+    """Resampling method of particle filtering."""
+
+    SYSTEMATIC = "systematic"  # one uniform offset: low variance
+    MULTINOMIAL = "multinomial"
+
+
+class Criterion(Choice):
+    """Stopping criterion of adaptive self-consistency."""
+
+    BETA = "beta"  # Beta-posterior test that the leading answer is the majority
+    SUPERMAJORITY = "supermajority"  # the leading answer's share reaches a threshold
+
+
+SAMPLING_KNOBS = tuple(f.name for f in fields(SamplingParams))  # max_tokens, temperature, top_p, stop, step, ...
+
+
+def sampling_params(**knobs) -> SamplingParams:
+    """``SamplingParams`` from a strategy's sampling knobs; any other key is a typo and a ``SteerscaleError``."""
+    unknown = sorted(set(knobs) - set(SAMPLING_KNOBS))
+    if unknown:
+        raise SteerscaleError(f"unknown knob {', '.join(map(repr, unknown))}",
+                              f"sampling knobs: {', '.join(SAMPLING_KNOBS)}; see StrategySpec for each strategy's own")
+    if "stop" in knobs:
+        knobs["stop"] = tuple(knobs["stop"] or ())
+    return SamplingParams(**knobs)
 
 
 def check_positive(name: str, value, cap: int | None = None) -> int:

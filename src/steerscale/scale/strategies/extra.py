@@ -11,9 +11,9 @@ import numpy as np
 
 from ...errors import SteerscaleError
 from ..backend import derive_seed
-from ..budget import Budget
 from ..verifiers import LogprobConfidence
-from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
+from .base import (Resampling, Selection, annotate, best_of, check_positive, finish, representative, sampling_params,
+                   score, vote)
 from .search import _final, _scorer, check_select, filter_particles
 
 
@@ -55,8 +55,8 @@ def modulate(weights, scores, ahead, strength: float) -> np.ndarray:
 
 
 def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookahead=0, lookahead_weight=1.0,
-                    lookahead_temperature=0.0, n=8, seed=0, max_steps=16, resampling="systematic",
-                    weight_temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
+                    lookahead_temperature=0.0, n=8, seed=0, max_steps=16, resampling=Resampling.SYSTEMATIC,
+                    weight_temperature=1.0, select=Selection.WEIGHTED, answer_fn=None, **knobs):
     """Entropic particle filtering (ePF; Red Hat AI Innovation's its_hub / "Entropic Particle Filtering", 2025):
     particle filtering with its two guards against premature exploitation.
 
@@ -110,15 +110,15 @@ def run_entropic_pf(prompt, backend, verifier, budget, *, target_ess=0.5, lookah
     check_select(select)
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
-        weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, reweight=reweight,
+        weight_temperature=weight_temperature, answer_fn=answer_fn, reweight=reweight,
         **knobs)
     return _final("entropic_pf", branches.rows, select, budget, failures, steps=steps, resamples=resamples,
                   target_ess=target_ess, betas=betas, lookahead=lookahead, lookahead_weight=lookahead_weight,
                   lookahead_tokens=ahead_tokens[0])
 
 
-def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune_after=1, seed=0, select="vote",
-                      answer_fn=None, steer_scales=None, max_steps=16, **knobs):
+def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune_after=1, seed=0, select=Selection.VOTE,
+                      answer_fn=None, max_steps=16, **knobs):
     """Grow n solutions ``prune_after`` steps, score the partial solutions (e.g. ``self_eval``), drop all but the
     best ``keep`` fraction, and finish the survivors."""
     check_positive("n", n, getattr(backend, "max_n", None))
@@ -127,7 +127,7 @@ def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune
     check_select(select)
     params = sampling_params(**knobs)
     verifier = verifier or LogprobConfidence()
-    br = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
+    br = backend.start(prompt, n, budget, seed=seed)
     failures, steps = [], 0
     while not br.all_finished and steps < max_steps and not budget.exhausted:
         backend.extend(br, params, budget)
@@ -138,7 +138,7 @@ def run_early_pruning(prompt, backend, verifier, budget, *, n=8, keep=0.5, prune
             order = sorted(range(len(br)), key=lambda i: (not br.rows[i].failed, br.rows[i].score or 0.0), reverse=True)
             br = backend.select(br, sorted(order[: max(1, math.ceil(keep * n))]))
     annotate(br.rows, answer_fn)
-    if select != "vote":  # the pruning scores saw only the first steps: judge the finished survivors again
+    if select != Selection.VOTE:  # the pruning scores saw only the first steps: judge the finished survivors again
         failures += score(verifier, prompt, br.rows, budget)
     return _final("early_pruning", br.rows, select, budget, failures, kept=len(br), steps=steps)
 
@@ -221,3 +221,11 @@ def run_compute_optimal(prompts, backend, verifier, budget, *, total=32, probe=2
         results.append(finish("compute_optimal", answer, representative(pools[i], answer), pools[i], budget, [],
                               tally=tally, difficulty=round(difficulty[i], 3), samples=len(pools[i])))
     return results
+
+
+def run_compute_optimal_one(prompt, backend, verifier, budget, *, total=16, probe=2, cap=16, seed=0, answer_fn=None,
+                            **knobs):
+    """Compute-optimal allocation for one prompt (the registry's form): ``probe`` samples, then up to ``cap`` in
+    all while ``total`` allows. Over a batch of prompts, ``run_compute_optimal`` shares ``total`` between them."""
+    return run_compute_optimal([prompt], backend, verifier, budget, total=total, probe=probe, cap=cap, seed=seed,
+                               answer_fn=answer_fn, **knobs)[0]

@@ -12,29 +12,25 @@ import numpy as np
 
 from ...errors import SteerscaleError
 from ..verifiers import LogprobConfidence
-from .base import annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
+from .base import (Resampling, Selection, annotate, best_of, check_positive, finish, rank_key, representative,
+                   sampling_params, score, vote)
 
 
 def _scorer(verifier):
     return verifier if verifier is not None else LogprobConfidence()
 
 
-FINAL_SELECTIONS = ("best", "vote", "weighted")
-
-
-def check_select(select) -> None:
+def check_select(select) -> Selection:
     """Every search strategy calls this before sampling (and ``_final`` again), so a typo costs no tokens."""
-    if select not in FINAL_SELECTIONS:
-        raise SteerscaleError(f"unknown final selection {select!r}", "use " + ", ".join(FINAL_SELECTIONS))
+    return Selection.parse(select)
 
 
 def _final(name, cands, select, budget, failures, **info):
-    check_select(select)
-    if select == "best":
+    if check_select(select) is Selection.BEST:
         best = best_of(cands)
         answer = best.answer if best else None
     else:
-        weights = None if select == "vote" else [0.0 if c.failed or c.score is None else c.score for c in cands]
+        weights = None if select == Selection.VOTE else [0.0 if c.failed or c.score is None else c.score for c in cands]
         answer, tally = vote(cands, weights)
         info["tally"] = tally
         best = representative(cands, answer)
@@ -43,7 +39,7 @@ def _final(name, cands, select, budget, failures, **info):
 
 # -- beam search and DVTS ----------------------------------------------------------------------------------
 def _tree(name, prompt, backend, verifier, budget, *, n, width, groups, seed, max_steps, select, answer_fn,
-          steer_scales, knobs):
+          knobs):
     check_positive("n", n, getattr(backend, "max_n", None))
     check_positive("width", width)
     check_select(select)
@@ -51,7 +47,7 @@ def _tree(name, prompt, backend, verifier, budget, *, n, width, groups, seed, ma
         raise SteerscaleError(f"n={n} must be a multiple of width={width}", "e.g. n=8 width=4")
     params = sampling_params(**knobs)
     verifier = _scorer(verifier)
-    branches = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
+    branches = backend.start(prompt, n, budget, seed=seed)
     group = [i * groups // n for i in range(n)]  # subtree of each row (DVTS); 1 group: plain beam search
     done, failures, steps = [], [], 0
     while len(branches) and steps < max_steps and not budget.exhausted:
@@ -71,7 +67,7 @@ def _tree(name, prompt, backend, verifier, budget, *, n, width, groups, seed, ma
         chosen = []
         per_group = max(1, (n // width) // groups)
         for g in sorted(set(group[i] for i in keep)):
-            members = sorted((i for i in keep if group[i] == g), key=lambda i: _rank(branches.rows[i]), reverse=True)
+            members = sorted((i for i in keep if group[i] == g), key=lambda i: rank_key(branches.rows[i]), reverse=True)
             chosen += members[:per_group]
         idx = [i for i in chosen for _ in range(width)]
         group = [group[i] for i in idx]
@@ -80,25 +76,21 @@ def _tree(name, prompt, backend, verifier, budget, *, n, width, groups, seed, ma
     return _final(name, pool, select, budget, failures, steps=steps, completed=len(done))
 
 
-def _rank(c):
-    return (0 if c.failed or c.score is None else 1, c.score if c.score is not None else -math.inf, c.mean_logprob)
-
-
-def run_beam(prompt, backend, verifier, budget, *, n=8, width=4, seed=0, max_steps=16, select="best",
-             answer_fn=None, steer_scales=None, **knobs):
+def run_beam(prompt, backend, verifier, budget, *, n=8, width=4, seed=0, max_steps=16, select=Selection.BEST,
+             answer_fn=None, **knobs):
     return _tree("beam_search", prompt, backend, verifier, budget, n=n, width=width, groups=1, seed=seed,
-                 max_steps=max_steps, select=select, answer_fn=answer_fn, steer_scales=steer_scales, knobs=knobs)
+                 max_steps=max_steps, select=select, answer_fn=answer_fn, knobs=knobs)
 
 
-def run_dvts(prompt, backend, verifier, budget, *, n=8, width=2, seed=0, max_steps=16, select="weighted",
-             answer_fn=None, steer_scales=None, **knobs):
+def run_dvts(prompt, backend, verifier, budget, *, n=8, width=2, seed=0, max_steps=16, select=Selection.WEIGHTED,
+             answer_fn=None, **knobs):
     """Diverse verifier tree search: n/width independent subtrees, each keeping its single best beam."""
     return _tree("dvts", prompt, backend, verifier, budget, n=n, width=width, groups=max(1, n // width), seed=seed,
-                 max_steps=max_steps, select=select, answer_fn=answer_fn, steer_scales=steer_scales, knobs=knobs)
+                 max_steps=max_steps, select=select, answer_fn=answer_fn, knobs=knobs)
 
 
 # -- particle filtering -------------------------------------------------------------------------------------
-def resample(weights, rng: np.random.Generator, method: str = "systematic") -> list[int]:
+def resample(weights, rng: np.random.Generator, method: Resampling | str = Resampling.SYSTEMATIC) -> list[int]:
     """Indices drawn in proportion to ``weights`` (systematic: one uniform offset, low variance)."""
     w = np.asarray(weights, dtype=float)
     w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
@@ -106,16 +98,14 @@ def resample(weights, rng: np.random.Generator, method: str = "systematic") -> l
     if w.sum() <= 0:
         w = np.ones(n)
     p = w / w.sum()
-    if method == "multinomial":
+    if Resampling.parse(method) is Resampling.MULTINOMIAL:
         return sorted(rng.choice(n, size=n, p=p).tolist())
-    if method != "systematic":
-        raise SteerscaleError(f"unknown resampling method {method!r}", "use systematic or multinomial")
     positions = (rng.random() + np.arange(n)) / n
     return np.minimum(np.searchsorted(np.cumsum(p), positions), n - 1).tolist()
 
 
 def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, resampling, weight_temperature,
-                     answer_fn, steer_scales, reweight=None, **knobs):
+                     answer_fn, reweight=None, **knobs):
     """The particle-filtering loop shared by ``particle_filter`` and ``entropic_pf``: extend every particle one
     step, weight it by the verifier's score of its partial solution (``score ** (1 / weight_temperature)``; the
     ``temperature`` knob stays the sampling temperature), let
@@ -127,7 +117,7 @@ def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, r
     params = sampling_params(**knobs)
     verifier = _scorer(verifier)
     rng = np.random.default_rng(seed)
-    branches = backend.start(prompt, n, budget, seed=seed, steer_scales=steer_scales)
+    branches = backend.start(prompt, n, budget, seed=seed)
     failures, steps, resamples = [], 0, 0
     while not branches.all_finished and steps < max_steps and not budget.exhausted:
         backend.extend(branches, params, budget)
@@ -146,20 +136,20 @@ def filter_particles(prompt, backend, verifier, budget, *, n, seed, max_steps, r
     return branches, failures, steps, resamples
 
 
-def run_particle_filter(prompt, backend, verifier, budget, *, n=8, seed=0, max_steps=16, resampling="systematic",
-                        weight_temperature=1.0, select="weighted", answer_fn=None, steer_scales=None, **knobs):
+def run_particle_filter(prompt, backend, verifier, budget, *, n=8, seed=0, max_steps=16, resampling=Resampling.SYSTEMATIC,
+                        weight_temperature=1.0, select=Selection.WEIGHTED, answer_fn=None, **knobs):
     """Particle filtering (Puri et al., 2025): extend every particle one step, weight it by the (process)
     verifier's score of its partial solution, resample. Finished particles stay in the pool with their weight."""
     check_select(select)
     branches, failures, steps, resamples = filter_particles(
         prompt, backend, verifier, budget, n=n, seed=seed, max_steps=max_steps, resampling=resampling,
-        weight_temperature=weight_temperature, answer_fn=answer_fn, steer_scales=steer_scales, **knobs)
+        weight_temperature=weight_temperature, answer_fn=answer_fn, **knobs)
     return _final("particle_filter", branches.rows, select, budget, failures, steps=steps, resamples=resamples)
 
 
 # -- A*-decoding ----------------------------------------------------------------------------------------------
 def run_astar(prompt, backend, verifier, budget, *, n=4, expand=2, seed=0, max_expansions=32, h_weight=0.5,
-              solutions=1, select="best", answer_fn=None, steer_scales=None, **knobs):
+              solutions=1, select=Selection.BEST, answer_fn=None, **knobs):
     """A*-decoding: a priority queue of partial solutions ordered by f = g + h, g = -log(verifier score of the
     partial solution) and h = h_weight * (-mean token log-prob). Each round pops the ``expand`` cheapest
     unfinished nodes, forks each into ``n`` children that grow one step, and pushes them back. The search stops
@@ -170,7 +160,7 @@ def run_astar(prompt, backend, verifier, budget, *, n=4, expand=2, seed=0, max_e
     params = sampling_params(**knobs)
     verifier = _scorer(verifier)
     tick = itertools.count()
-    root = backend.start(prompt, 1, budget, seed=seed, steer_scales=None if steer_scales is None else steer_scales[:1])
+    root = backend.start(prompt, 1, budget, seed=seed)
     heap = [(0.0, next(tick), root)]
     goals, failures, expansions, seen = [], [], 0, []
 

@@ -9,7 +9,8 @@ confidence) and the answer-feature scorers ``length``, ``hedging`` and ``feature
 ``gym`` scores with reasoning-gym's own checker (the reference is the generated entry); ``diverse`` wraps another
 verifier and adds a representation-diversity bonus (``backend.embed``).
 
-``get_verifier`` passes ``reference`` and ``backend`` to the verifiers that take them (and drops them for the
+The registry (``VERIFIERS``, a ``steerscale.registry.Registry`` of classes by ``.name``) and ``get_verifier`` live
+in ``verifiers/registry.py``; this module fills it. ``get_verifier`` passes ``reference`` and ``backend`` to the verifiers that take them (and drops them for the
 others); any other option must be one the verifier accepts, or it is a ``SteerscaleError``.
 
 ``score_candidates`` is how strategies call a verifier: a verifier that raises or returns NaN/inf on one
@@ -26,40 +27,14 @@ from ...errors import SteerscaleError
 from ..backend import Candidate
 from ..budget import Budget
 from .base import Verifier, parse_options, parse_value
+from .registry import CONTEXT_OPTIONS, VERIFIERS, check_options, get_verifier
 from .features import FeatureScore, HedgingScore, LengthScore
 from .model_based import DiversityBonus, LLMJudge, LogprobConfidence, PairwiseJudge, SelfEval
 from .programmatic import ArithmeticPRM, ExactMatch, GymScore, MathEquivalence, MultipleChoice, NumericMatch
 
-VERIFIERS: dict[str, type[Verifier]] = {
-    cls.name: cls for cls in (ExactMatch, NumericMatch, MathEquivalence, MultipleChoice, ArithmeticPRM, GymScore,
-                              SelfEval, LLMJudge, PairwiseJudge, LogprobConfidence, LengthScore, HedgingScore,
-                              FeatureScore, DiversityBonus)
-}
-CONTEXT_OPTIONS = ("reference", "backend")  # given to every verifier by callers; dropped where not accepted
-
-
-def check_options(name: str, options: dict) -> None:
-    """Raise ``SteerscaleError`` for an unknown verifier name or an option it does not accept (cheap: call it
-    before loading a model)."""
-    if name not in VERIFIERS:
-        raise SteerscaleError(f"unknown verifier {name!r}", f"choose one of: {', '.join(VERIFIERS)}")
-    accepted = VERIFIERS[name].options()
-    unknown = sorted(k for k in options if k not in accepted and k not in CONTEXT_OPTIONS)
-    if unknown:
-        opts = sorted(accepted - set(CONTEXT_OPTIONS))
-        raise SteerscaleError(f"verifier {name!r} has no option {', '.join(map(repr, unknown))}",
-                              f"its options: {', '.join(opts) or '(none)'}")
-
-
-def get_verifier(name: str | Verifier | None, **options) -> Verifier | None:
-    """A verifier by registry name (``None`` stays ``None``; a ``Verifier`` instance is returned as is)."""
-    if name is None or isinstance(name, Verifier):
-        return name
-    check_options(name, options)
-    cls = VERIFIERS[name]
-    accepted = cls.options()
-    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
-    return cls(**kwargs)
+for _cls in (ExactMatch, NumericMatch, MathEquivalence, MultipleChoice, ArithmeticPRM, GymScore, SelfEval, LLMJudge,
+             PairwiseJudge, LogprobConfidence, LengthScore, HedgingScore, FeatureScore, DiversityBonus):
+    VERIFIERS.add(_cls.name, _cls)
 
 
 def score_candidates(verifier: Verifier | None, question: str, cands: Sequence[Candidate], budget: Budget,
@@ -94,7 +69,7 @@ def score_candidates(verifier: Verifier | None, question: str, cands: Sequence[C
     return failures
 
 
-__all__ = ["VERIFIERS", "Verifier", "check_options", "get_verifier", "parse_options", "parse_value",
+__all__ = ["CONTEXT_OPTIONS", "VERIFIERS", "Verifier", "check_options", "get_verifier", "parse_options", "parse_value",
            "score_candidates", "ArithmeticPRM", "DiversityBonus", "ExactMatch", "FeatureScore", "GymScore",
            "HedgingScore", "LLMJudge", "LengthScore", "LogprobConfidence", "MathEquivalence", "MultipleChoice",
            "NumericMatch", "PairwiseJudge", "SelfEval"]

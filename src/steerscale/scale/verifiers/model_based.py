@@ -59,8 +59,8 @@ class LLMJudge(_ModelVerifier):
     def score(self, question, candidate, budget, partial=False):
         prompt = self.template.format(question=question, solution=candidate.text.strip() or "(empty)")
         params = SamplingParams(max_tokens=8, temperature=self.temperature if self.votes > 1 else 0.0, step=None)
-        outs = self.backend.sample(prompt, self.votes, params, budget, seed=self.seed)
-        budget.charge(judge_calls=self.votes)
+        votes = budget.buy_judge(self.votes)  # the judge calls left; none: the candidate stays unscored
+        outs = self.backend.sample(prompt, votes, params, budget, seed=self.seed) if votes else []
         ratings = []
         for o in outs:
             m = re.search(r"\b(10|[1-9])\b", o.text)
@@ -139,8 +139,9 @@ class PairwiseJudge(_ModelVerifier):
         out = []
         for start in range(0, len(prompts), self.batch):
             chunk = prompts[start:start + self.batch]
-            lp = self.backend.choice_logprobs(chunk, ["A", "B"], budget)
-            budget.charge(judge_calls=len(chunk))
+            paid = budget.buy_judge(len(chunk))  # prompts past the judge calls left stay undecided (NaN)
+            lp = self.backend.choice_logprobs(chunk[:paid], ["A", "B"], budget) if paid else []
+            lp += [(math.nan, math.nan)] * (len(chunk) - paid)
             for la, lb in lp:
                 out.append(0.5 * (1.0 + math.tanh((la - lb) / 2.0)) if not (la == lb == -math.inf) else math.nan)
         return out
@@ -150,8 +151,8 @@ class PairwiseJudge(_ModelVerifier):
         params = SamplingParams(max_tokens=4, temperature=self.temperature if self.votes > 1 else 0.0, step=None)
         out = []
         for p in prompts:
-            outs = self.backend.sample(p, self.votes, params, budget, seed=self.seed)
-            budget.charge(judge_calls=self.votes)
+            votes = budget.buy_judge(self.votes)
+            outs = self.backend.sample(p, votes, params, budget, seed=self.seed) if votes else []
             picks = [m.group(1) for m in (re.search(r"(?<![A-Za-z])([AB])(?![A-Za-z])", o.text) for o in outs) if m]
             out.append(picks.count("A") / len(picks) if picks else math.nan)
         return out
@@ -211,7 +212,7 @@ class DiversityBonus(Verifier):
 
     def __init__(self, reference=None, backend=None, base: str = "logprob", weight: float = 0.1, layer: int = -1,
                  base_options=None):
-        from . import get_verifier  # the registry imports this module
+        from .registry import get_verifier
 
         super().__init__(reference)
         if backend is None:

@@ -4,14 +4,14 @@ reasoning-gym's own scorers."""
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import math
 import operator
 import re
 
 from ...errors import SteerscaleError
-from ..answers import extract_answer, normalize
+from ...answers import answer_line, extract_answer, normalize
+from ...gym import scorer as gym_scorer
 from ..backend import Candidate
 from .base import Verifier, require_candidates
 
@@ -183,13 +183,6 @@ class ArithmeticPRM(Verifier):
 
 
 # -- reasoning-gym ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _gym_scorer(dataset: str):
-    from ...measure.tasks.gym import check_dataset
-
-    return check_dataset(dataset).get_score_answer_fn(dataset)
-
-
 class GymScore(_Reference):
     """reasoning-gym's own ``score_answer`` for a generated entry (a score in ``[0, 1]``, partial credit where
     the dataset gives it). The answer is what the ``gym:NAME`` tasks of ``steerscale.measure`` send to the same
@@ -205,7 +198,7 @@ class GymScore(_Reference):
         super().__init__(reference)
         self.dataset = dataset
         if dataset is not None:
-            _gym_scorer(dataset)  # unknown names fail here, not on the first candidate
+            gym_scorer(dataset)  # unknown names fail here, not on the first candidate
 
     def entry(self) -> tuple[str, dict]:
         """``(dataset name, entry dict)`` from the reference."""
@@ -236,8 +229,6 @@ class GymScore(_Reference):
         return super().score_batch(question, require_candidates(self.name, candidates), budget, partial)
 
     def score(self, question, candidate, budget, partial=False):
-        from ...measure.tasks.gym import extract_answer as gym_answer
-
         name, entry = self.entry()
-        value = float(_gym_scorer(name)(gym_answer(candidate.text), entry) or 0.0)
+        value = float(gym_scorer(name)(answer_line(candidate.text), entry) or 0.0)
         return min(1.0, max(0.0, value)) if math.isfinite(value) else value

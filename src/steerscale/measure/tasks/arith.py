@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..errors import SteerscaleError
+from ...errors import SteerscaleError
 
 EXAMPLES = {
     1: "Question: Calculate 25 + 13.\n25 + 13 = 38\nAnswer: 38",
