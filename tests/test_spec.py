@@ -77,6 +77,13 @@ def test_cli_errors_are_one_line_before_the_model_loads(capsys, argv, match):
     assert rc == 2 and match in err and "Traceback" not in err  # the bad model would fail later: it never loads
 
 
+def test_cli_unknown_method_fails_before_the_model_loads(capsys, tmp_path):
+    rc = main(["extract", "-m", "no/such-model", "--pairs", "formal_casual", "--method", "proble",
+               "-o", str(tmp_path / "v.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown steering method 'proble'; did you mean 'probe'?" in err
+
+
 @pytest.fixture(scope="module")
 def app():
     model, layout = tiny_model("llama")

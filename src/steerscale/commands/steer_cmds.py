@@ -92,8 +92,10 @@ def _extract(args, lm, method: str, layers, return_sweep: bool = False):
 
 def run_extract(args) -> int:
     from ..errors import SteerscaleError
+    from ..steer.methods import METHODS
 
     # refuse before loading and training (LoFiT trains for minutes) what can only fail afterwards
+    args.method = METHODS.canonical(args.method)  # unknown: "did you mean", before the model loads
     if args.train and args.method != "lofit":
         raise SteerscaleError(f"--train sets LoFiT's training knobs; method {args.method!r} does not train",
                               "drop --train, or use --method lofit")
