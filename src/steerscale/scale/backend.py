@@ -109,6 +109,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # a stop string (the text is cut before it)
     LENGTH = "length"  # max_tokens, or the context window
     BUDGET = "budget"  # the budget could pay for no more tokens
+    CANCELLED = "cancelled"  # the request was cancelled (a server's client went away)
 
 
 @dataclass

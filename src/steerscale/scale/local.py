@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,6 +28,7 @@ from typing import Sequence
 import torch
 
 from ..engine.generation import format_prompt, has_chat_template
+from ..engine.kvcache import cache_of, cat_caches, map_cache
 from ..engine.ops import Add
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
@@ -64,39 +64,6 @@ class _Call:
             row.text += self.text
         if not stepwise and not row.finished:
             row.finished, row.finish_reason = True, FinishReason.LENGTH
-
-
-def _map_cache(cache, fn):
-    """A new cache whose every key/value tensor is ``fn(tensor)`` (the input cache is left untouched)."""
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        nl = copy.copy(layer)
-        if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
-            nl.keys, nl.values = fn(layer.keys), fn(layer.values)
-        new.layers.append(nl)
-    return new
-
-
-def _cat_caches(caches: list, widths: list[int], total: int):
-    """Left-pad each cache to ``total`` columns with zeros and concatenate along the batch."""
-    base = caches[0]
-    new = copy.copy(base)
-    new.layers = []
-    for li, layer in enumerate(base.layers):
-        nl = copy.copy(layer)
-        ks, vs = [], []
-        for c, w in zip(caches, widths):
-            k, v = c.layers[li].keys, c.layers[li].values
-            pad = total - w
-            if pad:
-                k = torch.cat([k.new_zeros(*k.shape[:2], pad, k.shape[3]), k], dim=2)
-                v = torch.cat([v.new_zeros(*v.shape[:2], pad, v.shape[3]), v], dim=2)
-            ks.append(k)
-            vs.append(v)
-        nl.keys, nl.values = torch.cat(ks), torch.cat(vs)
-        new.layers.append(nl)
-    return new
 
 
 class LocalBackend(Backend):
@@ -208,7 +175,7 @@ class LocalBackend(Backend):
         with self._steered(scales, prompt_width):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                              use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits[:, -1].float(), cache_of(out)
 
     def _encode(self, prompt: str, n: int, budget: Budget, seed) -> _KV | None:
         """The prompt's decoding state expanded to ``n`` rows; None when the budget cannot pay for the prompt."""
@@ -235,12 +202,14 @@ class LocalBackend(Backend):
         idx = inverse.to(self.device)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        return _KV(_map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
+        return _KV(map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
                    logits.index_select(0, idx), scales, gen, len(ids))
 
     # -- token choice ---------------------------------------------------------------------------------------
     @staticmethod
-    def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+    def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+        """The next token of each row of ``logits`` (greedy at temperature 0, else sampled with top-p from
+        ``gen``) and its log-prob at temperature 1."""
         logp = torch.log_softmax(logits, dim=-1)
         if params.temperature == 0:
             tok = logits.argmax(-1)
@@ -297,7 +266,7 @@ class LocalBackend(Backend):
         for _ in range(params.max_step_tokens if stepwise else limit):
             if not any(active):
                 break
-            tok, lp = self._choose(kv.logits, params, kv.generator)
+            tok, lp = self.choose(kv.logits, params, kv.generator)
             live = [b for b in range(B) if active[b]]
             granted = len(live) if not budget.exhausted else 0  # wall time: checked here, between tokens
             granted = budget.buy_tokens(granted, self.n_params) if granted else 0
@@ -361,7 +330,7 @@ class LocalBackend(Backend):
         if kv is None:
             return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], None)
         t = torch.tensor(idx, device=self.device)
-        new = _KV(_map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
+        new = _KV(map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
                   kv.logits.index_select(0, t), None if kv.scales is None else kv.scales.index_select(0, t.cpu()),
                   kv.generator, kv.prompt_width)
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], new)
@@ -377,7 +346,7 @@ class LocalBackend(Backend):
         mask = torch.cat([torch.cat([k.mask.new_zeros(k.mask.shape[0], total - w), k.mask], 1) for k, w in zip(kvs, widths)])
         has_scales = any(k.scales is not None for k in kvs)
         scales = torch.cat([k.scales if k.scales is not None else torch.ones(k.mask.shape[0]) for k in kvs]) if has_scales else None
-        kv = _KV(_cat_caches([k.cache for k in kvs], widths, total), mask, torch.cat([k.logits for k in kvs]), scales,
+        kv = _KV(cat_caches([k.cache for k in kvs], widths, total), mask, torch.cat([k.logits for k in kvs]), scales,
                  kvs[0].generator, kvs[0].prompt_width + (total - widths[0]))
         # prompt_width is only used by steering scopes; rows with different padding see their own real positions
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows], kv)
