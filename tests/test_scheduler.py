@@ -48,7 +48,7 @@ def alone(model, tok, layout, job):
     fut = s.submit(job)
     while not fut.done():
         s.step()
-    return fut.result(), s
+    return fut.result()[0], s
 
 
 def logits_alone(model, tok, layout, job, prefix):
@@ -58,7 +58,7 @@ def logits_alone(model, tok, layout, job, prefix):
     s.submit(j)
     s._admit()
     for t in prefix:
-        s.rows[0].cand.token_ids.append(t)
+        s.rows[0].job.cands[0].token_ids.append(t)
         s._select([0])
         inp = torch.tensor([[t]])
         pos = s._mask.sum(-1, keepdim=True)
@@ -92,7 +92,7 @@ def test_mixed_batch_equals_each_request_alone(setup):
     longest = max(len(r.token_ids) for r in ref)
     assert sched.steps < sum(len(r.token_ids) for r in ref) and sched.steps <= longest + 2
     for job, f, r in zip(batch, futs, ref):
-        got = f.result()
+        got = f.result()[0]
         if got.token_ids != r.token_ids:
             k = next(i for i, (a, b) in enumerate(zip(got.token_ids, r.token_ids)) if a != b)
             margin = logits_alone(model, tok, layout, job, r.token_ids[:k])
@@ -119,7 +119,7 @@ def test_background_loop_serves_concurrent_submitters_and_cancellation(setup):
         def client(i):
             job = Job(tok.encode(f"client {i}"), SamplingParams(max_tokens=6, temperature=0.0, step=None),
                       steer=((vecs["a"], float(i % 3 - 1)),))
-            results[i] = sched.submit(job).result(timeout=60)
+            results[i] = sched.submit(job).result(timeout=60)[0]
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
         for t in threads:
@@ -132,13 +132,13 @@ def test_background_loop_serves_concurrent_submitters_and_cancellation(setup):
         while sched.steps < 3 or not any(r.job is long for r in sched.rows):  # decoding now
             threading.Event().wait(0.01)
         long.cancel()
-        out = fut.result(timeout=30)
+        out = fut.result(timeout=30)[0]
         assert out.finish_reason == "cancelled" and 1 <= len(out.token_ids) < 10_000
         early = Job(tok.encode("never ran"), SamplingParams(max_tokens=5, temperature=0.0, step=None))
         early.cancel()
         assert isinstance(sched.submit(early).exception(timeout=30), SteerscaleError)
         quick = sched.submit(Job(tok.encode("next"), SamplingParams(max_tokens=3, temperature=0.0, step=None)))
-        assert quick.result(timeout=30).finished
+        assert quick.result(timeout=30)[0].finished
     finally:
         sched.stop()
 
@@ -152,3 +152,57 @@ def test_bad_jobs_are_refused(setup):
         sched.submit(Job(tok.encode("x"), SamplingParams(), steer=((vecs["a"], float("nan")),)))
     with pytest.raises(SteerscaleError, match="context window"):
         sched.submit(Job(tok.encode("x" * 500), SamplingParams()))
+
+
+def test_a_seeded_job_of_n_rows_samples_what_the_scaling_engine_samples(setup):
+    model, layout, tok, vecs = setup
+    params = SamplingParams(max_tokens=8, temperature=1.0, step=None)
+    want = LocalBackend(model, tok, layout, chat=False).sample("ab", 3, params, Budget(), seed=7)
+    sched = Scheduler(model, tok, layout, max_batch=8)
+    other = sched.submit(Job(tok.encode("zzz"), SamplingParams(max_tokens=5, temperature=0.0, step=None),
+                             steer=((vecs["a"], 1.0),)))
+    sched.step()
+    mine = sched.submit(Job(tok.encode("ab"), params, seed=7, n=3))
+    while not (mine.done() and other.done()):
+        sched.step()
+    assert [c.token_ids for c in mine.result()] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in mine.result()] == [c.finish_reason for c in want]
+    assert sched.call(lambda: 41 + 1).done() is False  # queued until the next step
+    sched.step()
+
+
+def test_the_server_batches_concurrent_requests_with_their_own_steering(setup):
+    import json
+    import urllib.request
+
+    from steerscale.serve import App, make_server
+
+    model, layout, tok, vecs = setup
+    app = App(model, tok, layout, model_id="tiny", vectors={"a": vecs["a"], "b": vecs["b"]}, max_n=8)
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+
+    def post(body):
+        req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+
+    bodies = [{"prompt": f"request {i}", "max_tokens": 16, "temperature": 0,
+               "steer": [{"vector": "ab"[i % 2], "scale": float(i - 2)}] if i % 3 else []} for i in range(6)]
+    try:
+        alone = [post(b) for b in bodies]  # one after another
+        steps_alone = app.engine.scheduler.steps
+        together = [None] * len(bodies)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, post(bodies[i])))
+                   for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert together == alone
+        assert app.engine.scheduler.steps - steps_alone < steps_alone  # they shared forward passes
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.close()

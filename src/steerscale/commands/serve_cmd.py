@@ -19,8 +19,9 @@ examples:
     "messages": [{"role": "user", "content": "Calculate 59 + 8."}], "max_tokens": 64,
     "strategy": {"name": "best_of_n", "verifier": "self_eval", "n": 8, "budget": "tokens=2000"}}'
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Requests are served
-one at a time on the model. Clients can only use the vectors registered here with --vector, by NAME.
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Concurrent requests
+are batched by one engine loop, each row with its own steering (--max-batch rows at a time). Clients can only
+use the vectors registered here with --vector, by NAME.
 A remote search against this (or a vLLM/SGLang/llama.cpp) server: steerscale solve --backend-url URL ...
 See docs/serving.md.
 """
@@ -38,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--vector", action="append", default=[], metavar="NAME=PATH",
                    help="register a steering vector (.safetensors or .gguf) under NAME; repeatable")
     p.add_argument("--max-n", type=int, default=64, help="cap on n and on prompts per request (default 64)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="rows decoded together by the engine loop (default 16); requests beyond it wait their turn")
     p.add_argument("--model-id", default=None, help="the id clients send as \"model\" (default: the -m value)")
     p.set_defaults(func=run)
 
@@ -67,6 +70,6 @@ def run(args) -> int:
         vectors[name] = SteeringVector.load(path)
     lm = load(args)
     app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, vectors=vectors,
-              max_n=args.max_n)
+              max_n=args.max_n, max_batch=args.max_batch)
     serve(app, args.host, args.port)
     return 0

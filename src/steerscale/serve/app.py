@@ -1,15 +1,15 @@
 """``steerscale serve``'s application: routing, state and the order of work for each endpoint. See docs/serving.md.
 
 ``App.handle(method, path, body) -> (status, payload)`` is all the HTTP front end calls; it never raises. A
-request is parsed in ``serve/schema.py``, run on the model in ``serve/engine.py`` and shaped into OpenAI's
-response objects in ``serve/responses.py``; one lock serialises all model (and tokenizer) use.
+request is parsed in ``serve/schema.py``, run on the model in ``serve/engine.py`` (one engine loop owns the
+model and batches concurrent requests, ``serve/scheduler.py``) and shaped into OpenAI's response objects in
+``serve/responses.py``. ``close()`` stops the engine loop.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 
 from ..engine.generation import has_chat_template
@@ -25,9 +25,10 @@ __all__ = ["ApiError", "App", "ROUTES", "to_json"]
 
 
 class App:
-    """The server's state: one model (``Engine``), its registered steering vectors, one lock."""
+    """The server's state: one model and its engine loop (``Engine``), its registered steering vectors."""
 
-    def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64):
+    def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
+                 max_batch: int = 16):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -38,10 +39,12 @@ class App:
                 raise SteerscaleError(f"bad vector name {name!r}", "use letters, digits, '_', '.' and '-'")
             vec.check_compatible(layout)  # a vector for another model fails here, not in a request
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
-        self.engine = Engine(model, tokenizer, layout, self.vectors, max_n)
+        self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch)
         self.shaper = Shaper(tokenizer, self.engine.base.decode, model_id)
         self.created = int(time.time())
-        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.close()
 
     # -- routing ----------------------------------------------------------------------------------------------
     def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
@@ -84,22 +87,20 @@ class App:
     def completions(self, body: dict) -> dict:
         self.check_model(body)
         req = parse_completion(body, max_n=self.max_n, vectors=self.vectors)
-        with self.lock:
-            if req.strategy is not None:
-                return self.shaper.strategy_response(self.engine.run_strategy(req, req.prompts[0], chat=False),
-                                                     chat=False)
-            choices, usage = self.engine.generate(req, req.prompts)
+        if req.strategy is not None:
+            return self.shaper.strategy_response(self.engine.run_strategy(req, req.prompts[0], chat=False),
+                                                 chat=False)
+        choices, usage = self.engine.generate(req, req.prompts)
         return self.shaper.envelope([self.completion_choice(i, c, req) for i, c in enumerate(choices)], usage,
                                     chat=False)
 
     def chat_completions(self, body: dict) -> dict:
         self.check_model(body)
         req = parse_chat(body, max_n=self.max_n, vectors=self.vectors)
-        with self.lock:
-            if req.strategy is not None:
-                result = self.engine.run_strategy(req, req.prompts[0][0]["content"], chat=True)
-                return self.shaper.strategy_response(result, chat=True)
-            choices, usage = self.engine.generate(req, [self.chat_text(req.prompts[0])])
+        if req.strategy is not None:
+            result = self.engine.run_strategy(req, req.prompts[0][0]["content"], chat=True)
+            return self.shaper.strategy_response(result, chat=True)
+        choices, usage = self.engine.generate(req, [self.chat_text(req.prompts[0])])
         return self.shaper.envelope([self.chat_choice(i, c, req) for i, c in enumerate(choices)], usage,
                                     chat=True)
 

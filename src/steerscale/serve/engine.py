@@ -1,7 +1,9 @@
-"""The server's model work: one request's generation (or strategy run) on the loaded model, through
-``LocalBackend``'s public methods only. Every request gets a ``LocalBackend`` built for it alone, with that
-request's steering, so one request's steering cannot reach another's; ``intervene`` removes the hooks even when
-a forward pass fails. The caller (``App``) serialises model use.
+"""The server's model work. One engine loop owns the model (``serve.scheduler.Scheduler``): plain generations
+are jobs it batches with every other request's, each row with its own steering, sampling parameters and seed;
+other model work (a strategy run, the teacher-forced pass behind ``logprobs``/``echo``) runs on the same thread
+between two decoding steps (``Scheduler.call``), through ``LocalBackend``'s public methods only. A request's
+steering lives in its own rows' edits (or its own ``LocalBackend``), so it cannot reach another request's;
+``intervene`` removes the hooks even when a forward pass fails.
 
 Completions take the prompt as raw text (no chat template), as OpenAI and vLLM do; chat completions apply the
 model's chat template. ``add_special_tokens`` (vLLM's extension) says whether BOS/EOS are added when encoding.
@@ -11,19 +13,24 @@ from __future__ import annotations
 
 from ..errors import SteerscaleError
 from ..scale.backend import FinishReason
-from ..scale.budget import Budget
 from ..scale.local import LocalBackend
 from ..scale.strategies.base import Result
 from .responses import Choice, matched_stop
+from .scheduler import Job, Scheduler
 from .schema import GenRequest
 
 
 class Engine:
-    """One model, its registered steering vectors, and the generation a request asks for."""
+    """One model, its registered steering vectors, the engine loop, and the generation a request asks for."""
 
-    def __init__(self, model, tokenizer, layout, vectors: dict, max_n: int):
+    def __init__(self, model, tokenizer, layout, vectors: dict, max_n: int, max_batch: int = 16):
         self.model, self.tokenizer, self.layout, self.vectors, self.max_n = model, tokenizer, layout, vectors, max_n
         self.base = self.backend([], add_special_tokens=True)  # encoding and decoding, no steering
+        self.scheduler = Scheduler(model, tokenizer, layout, max_batch=max_batch).start()
+
+    def close(self) -> None:
+        """Stop the engine loop; requests still running end with an error."""
+        self.scheduler.stop()
 
     def backend(self, steer, *, add_special_tokens: bool, chat: bool | None = False) -> LocalBackend:
         """A backend for one request: its own steering, nothing shared with other requests."""
@@ -32,27 +39,26 @@ class Engine:
                             add_special_tokens=add_special_tokens)
 
     def generate(self, req: GenRequest, prompts: list[str]) -> tuple[list[Choice], dict]:
-        """``n`` choices per prompt (echo-only: the prompt itself), with log-probs as requested; OpenAI's usage."""
+        """``n`` choices per prompt (echo-only: the prompt itself), with log-probs as requested; OpenAI's usage.
+        Every prompt's ``n`` rows are one scheduler job (seeded alike, as vLLM seeds every prompt of a request)."""
         backend = self.backend(req.steer, add_special_tokens=req.add_special_tokens)
+        steer = [(self.vectors[name], scale) for name, scale in req.steer]
+        all_ids = [backend.prompt_ids(p) for p in prompts]  # raises past the context window, before any work
+        jobs = [self.scheduler.submit(Job(ids, req.params(), seed=req.seed, steer=steer, n=req.n))
+                if req.max_tokens else None for ids in all_ids]
         k = req.top_logprobs
         out, n_prompt, n_gen = [], 0, 0
-        for prompt in prompts:
-            ids = backend.prompt_ids(prompt)  # the very ids sample() encodes; raises past the context window
-            if req.max_tokens:
-                budget = Budget()
-                cands = backend.sample(prompt, req.n, req.params(), budget, seed=req.seed)
-                n_prompt += budget.spent()["prompt_tokens"]
-                n_gen += budget.spent()["generated_tokens"]
-            else:
-                cands = [None] * req.n
-                n_prompt += len(ids)
+        for prompt, ids, job in zip(prompts, all_ids, jobs):
+            cands = job.result() if job is not None else [None] * req.n
+            n_prompt += len(ids)
+            n_gen += sum(len(c.token_ids) for c in cands if c is not None)
             for cand in cands:
                 choice = Choice(prompt, ids, cand, None)
                 if cand is not None and cand.finish_reason is FinishReason.STOP:
                     choice.stop_reason = matched_stop(backend.decode(cand.token_ids), cand.text, req.stop)
                 if k is not None and (req.echo or k):  # prompt log-probs or top-k: one teacher-forced pass
-                    gen = cand.token_ids if cand is not None else []
-                    chosen, tops = backend.token_logprobs(ids + gen, k or 0, len(ids))
+                    full = ids + (cand.token_ids if cand is not None else [])
+                    chosen, tops = self.scheduler.call(lambda: backend.token_logprobs(full, k or 0, len(ids))).result()
                     cut = len(ids) - 1
                     choice.prompt_scores = (chosen[:cut], tops[:cut])
                     choice.gen_tops = tops[cut:]
@@ -66,4 +72,4 @@ class Engine:
             raise SteerscaleError("this request has no strategy")
         backend = self.backend(req.steer, add_special_tokens=True if chat else req.add_special_tokens,
                                chat=None if chat else False)
-        return req.strategy.run(prompt, backend)
+        return self.scheduler.call(lambda: req.strategy.run(prompt, backend)).result()

@@ -1,6 +1,6 @@
 """The HTTP front end of ``steerscale serve``: stdlib ``ThreadingHTTPServer``, JSON in and out, no streaming.
 
-Connections are handled on threads; the model work itself is serialised by ``App.lock``.
+Connections are handled on threads; each waits for its request's work on the engine loop, which batches them.
 """
 
 from __future__ import annotations
@@ -82,3 +82,4 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 8000) -> None:
         pass
     finally:
         server.server_close()
+        app.close()

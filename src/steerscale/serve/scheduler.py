@@ -15,7 +15,8 @@ one forward pass per token, each row with its own steering, sampling parameters,
   ``tests/test_scheduler.py`` checks that where a greedy token differs, the top-2 logit margin there is tiny.
 * ``step()`` is one iteration of the loop (admit waiting jobs, then decode one token for every running row);
   ``start()`` runs it on a background thread and ``submit`` returns a ``concurrent.futures.Future``. One thread
-  owns the model: a scheduler, not a lock.
+  owns the model: a scheduler, not a lock. Other model work (a strategy run, a scoring pass) goes to the same
+  thread with ``call(fn)`` and runs between two steps.
 
 Token scopes: ``all`` (prompt and generated tokens), ``prompt`` (the prefill only) and ``generated`` (decode only).
 Position-based scopes (``last:K``, ``positions:``) are refused at submission: they need the request's own width.
@@ -45,18 +46,27 @@ SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
 
 @dataclass
 class Job:
-    """One generated sequence: token ids of the prompt, sampling parameters, seed, and steering as
-    ``(vector, scale)`` pairs applied in order at ``scope``."""
+    """``n`` sequences of one prompt (its token ids), with sampling parameters, a seed, and steering as
+    ``(vector, scale)`` pairs applied in order at ``scope``. Its future gives the ``n`` finished ``Candidate``s.
+    The ``n`` rows draw from one generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives
+    the tokens ``LocalBackend`` gives."""
 
     prompt_ids: list[int]
     params: SamplingParams
     seed: int | None = None
     steer: Sequence[tuple[object, float]] = ()
     scope: TokenScope | str = "all"
+    n: int = 1
     future: Future = field(default_factory=Future, repr=False)
     cancelled: bool = False
+    # engine state, set when the job is admitted
+    cands: list = field(default_factory=list, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+    last_logits: torch.Tensor | None = field(default=None, repr=False)  # (n, V): each row's latest distribution
 
     def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise SteerscaleError(f"n must be a positive integer, got {self.n!r}")
         self.scope = TokenScope.parse(self.scope)
         if self.scope.kind not in SCHEDULED_SCOPES:
             raise SteerscaleError(f"token scope {self.scope!r} is not supported by the batching scheduler",
@@ -71,9 +81,14 @@ class Job:
 
 @dataclass
 class _Row:
+    """A row of the running batch: sequence ``index`` of ``job``."""
+
     job: Job
-    generator: torch.Generator
-    cand: Candidate = field(default_factory=Candidate)
+    index: int
+
+    @property
+    def cand(self) -> Candidate:
+        return self.job.cands[self.index]
 
 
 class Scheduler:
@@ -91,6 +106,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._calls: queue.Queue = queue.Queue()
+        self._next: Job | None = None  # the first waiting job, taken off the queue but not yet admitted
         self.steps = 0  # decoding steps run (each one forward pass for the whole batch)
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -125,38 +142,66 @@ class Scheduler:
         for row in self.rows:
             _fail(row.job, "the server is shutting down")
         self.rows = []
+        while not self._calls.empty():
+            _, future = self._calls.get_nowait()
+            if not future.done():
+                future.set_exception(SteerscaleError("the server is shutting down"))
         self._cache = self._mask = self._logits = None
+        if self._next is not None:
+            _fail(self._next, "the server is shutting down")
+            self._next = None
         while not self.waiting.empty():
             _fail(self.waiting.get_nowait(), "the server is shutting down")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.rows and self.waiting.empty():
+            if not self.rows and self._next is None and self.waiting.empty() and self._calls.empty():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
                 self.step()
-            except Exception as exc:  # a failed forward fails the batch it ran, never the loop
+            except Exception as exc:  # a failed forward fails the batch it ran (a server error), never the loop
                 for row in self.rows:
-                    _fail(row.job, f"generation failed: {type(exc).__name__}: {exc}")
+                    if not row.job.future.done():
+                        row.job.future.set_exception(exc)
                 self.rows, self._cache, self._mask, self._logits = [], None, None, None
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the engine thread between two steps, with the model to itself (work that is not a
+        batched generation: a strategy run, a teacher-forced scoring pass). Returns its future."""
+        future: Future = Future()
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
 
     @torch.no_grad()
     def step(self) -> None:
-        """Admit waiting jobs (prefill each alone, join the batch), then decode one token for every running row."""
+        """Run queued calls, admit waiting jobs (prefill each alone, join the batch), then decode one token for
+        every running row."""
+        self._run_calls()
         self._admit()
         if not self.rows:
             return
-        keep, fed = [], []
+        new_logits = {}
         for b, row in enumerate(self.rows):
-            if row.job.cancelled:
-                self._finish(row, FinishReason.CANCELLED)
+            new_logits.setdefault(id(row.job), (row.job, []))[1].append((row.index, b))
+        keep, fed = [], []
+        for job, members in new_logits.values():
+            for i, b in members:
+                job.last_logits[i] = self._logits[b]
+            if job.cancelled:
+                for i, _ in members:
+                    self._finish(job, i, FinishReason.CANCELLED)
                 continue
-            tok, lp = self.base.choose(self._logits[b : b + 1], row.job.params, row.generator)
-            if self._accept(row, int(tok[0]), float(lp[0])):
-                keep.append(b)
-                fed.append(int(tok[0]))
+            # every row of the job draws, finished ones from their last distribution, as LocalBackend draws them
+            tok, lp = self.base.choose(job.last_logits, job.params, job.generator)
+            for i, b in members:
+                if self._accept(job, i, int(tok[i]), float(lp[i])):
+                    keep.append(b)
+                    fed.append(int(tok[i]))
+        order = sorted(range(len(keep)), key=keep.__getitem__)  # rows keep their batch order
+        keep, fed = [keep[k] for k in order], [fed[k] for k in order]
         self._select(keep)
         if not self.rows:
             return
@@ -169,22 +214,48 @@ class Scheduler:
         self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
         self.steps += 1
 
+    def _run_calls(self) -> None:
+        while not self._calls.empty():
+            fn, future = self._calls.get_nowait()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the caller gets the error; the loop goes on
+                future.set_exception(exc)
+
     # -- pieces of a step ---------------------------------------------------------------------------------------
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch and not self.waiting.empty():
-            job = self.waiting.get_nowait()
+        """Prefill waiting jobs, in order, while their rows fit in ``max_batch`` (a job larger than that runs when
+        the batch is empty)."""
+        while True:
+            if self._next is None:
+                if self.waiting.empty():
+                    return
+                self._next = self.waiting.get_nowait()
+            job = self._next
             if job.cancelled:
+                self._next = None
                 _fail(job, "cancelled before it started")
                 continue
+            if self.rows and len(self.rows) + job.n > self.max_batch:
+                return
+            self._next = None
             ids = torch.tensor([job.prompt_ids], device=self.base.device)
             edits = [iv for vector, scale in job.steer for iv in vector.interventions(scale, job.scope)]
             with intervene(self.layout, edits, prompt_width=len(job.prompt_ids)) if edits else contextlib.nullcontext():
                 out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                  logits_to_keep=1)
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(int(job.seed) if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-            self._join(cache_of(out), torch.ones_like(ids), out.logits[:, -1].float())
-            self.rows.append(_Row(job, gen))
+            job.generator = torch.Generator(device="cpu")
+            job.generator.manual_seed(int(job.seed) if job.seed is not None
+                                      else int(torch.randint(0, 2**31 - 1, ()).item()))
+            job.cands = [Candidate() for _ in range(job.n)]
+            logits = out.logits[:, -1].float().expand(job.n, -1)
+            job.last_logits = logits.clone()
+            rows = torch.zeros(job.n, dtype=torch.long, device=self.base.device)  # the prompt encoded once
+            self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)),
+                       torch.ones_like(ids).expand(job.n, -1), logits)
+            self.rows += [_Row(job, i) for i in range(job.n)]
 
     def _join(self, cache, mask, logits) -> None:
         if self._cache is None:
@@ -209,30 +280,35 @@ class Scheduler:
         self._cache = map_cache(self._cache, lambda t: t.index_select(0, idx))
         self._mask, self._logits = self._mask.index_select(0, idx), self._logits.index_select(0, idx)
 
-    def _accept(self, row: _Row, token: int, logprob: float) -> bool:
-        """Append a sampled token; False when the row has finished (and its future is resolved)."""
-        c, params = row.cand, row.job.params
+    def _accept(self, job: Job, i: int, token: int, logprob: float) -> bool:
+        """Append a sampled token to row ``i`` of ``job``; False when the row has finished. The checks run in
+        ``LocalBackend``'s order: EOS, stop string, length (``max_tokens`` or the context window)."""
+        c, params = job.cands[i], job.params
         c.token_ids.append(token)
         c.logprobs.append(logprob)
         if token in self.base.eos_ids:
-            return self._finish(row, FinishReason.EOS)
+            return self._finish(job, i, FinishReason.EOS)
         text = self.base.decode(c.token_ids)
         cut = find_stop("", text, params.stop)
         if cut >= 0:
             c.text = text[:cut]
-            return self._finish(row, FinishReason.STOP)
+            return self._finish(job, i, FinishReason.STOP)
         c.text = text
-        window = self.base.context_window
-        if len(c.token_ids) >= params.max_tokens or (window and len(row.job.prompt_ids) + len(c.token_ids) >= window):
-            return self._finish(row, FinishReason.LENGTH)
+        limit = params.max_tokens
+        if self.base.context_window:
+            limit = max(1, min(limit, self.base.context_window - len(job.prompt_ids) - 1))
+        if len(c.token_ids) >= limit:
+            return self._finish(job, i, FinishReason.LENGTH)
         return True
 
     @staticmethod
-    def _finish(row: _Row, reason: FinishReason) -> bool:
-        row.cand.finished, row.cand.finish_reason = True, reason
-        row.cand.steps = [row.cand.text]
-        if not row.job.future.done():
-            row.job.future.set_result(row.cand)
+    def _finish(job: Job, i: int, reason: FinishReason) -> bool:
+        c = job.cands[i]
+        if not c.finished:
+            c.finished, c.finish_reason = True, reason
+            c.steps = [c.text] if c.token_ids else []
+        if all(x.finished for x in job.cands) and not job.future.done():
+            job.future.set_result(job.cands)
         return False
 
     def _decode_edits(self) -> list[Intervention]:
