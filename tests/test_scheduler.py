@@ -206,3 +206,31 @@ def test_the_server_batches_concurrent_requests_with_their_own_steering(setup):
         server.shutdown()
         server.server_close()
         app.close()
+
+
+def test_the_official_openai_client_gets_steered_and_seeded_answers(setup):
+    openai = pytest.importorskip("openai")
+    from steerscale.serve import App, make_server
+
+    model, layout, tok, vecs = setup
+    app = App(model, tok, layout, model_id="tiny", vectors={"a": vecs["a"]}, max_n=8)
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none", timeout=60)
+    try:
+        def ask(**kw):
+            r = client.completions.create(model="tiny", prompt="The cat", max_tokens=8, **kw)
+            return [c.text for c in r.choices]
+
+        plain, steered = ask(temperature=0), ask(temperature=0, extra_body={"steer": [{"vector": "a", "scale": 2}]})
+        assert plain != steered
+        sampled = ask(temperature=1.0, n=3, seed=5)
+        want = LocalBackend(model, tok, layout, chat=False).sample("The cat", 3, SamplingParams(
+            max_tokens=8, temperature=1.0, step=None), Budget(), seed=5)
+        assert sampled == [c.text for c in want] == ask(temperature=1.0, n=3, seed=5)
+        with pytest.raises(openai.BadRequestError, match="unknown steering vector"):
+            ask(extra_body={"steer": [{"vector": "nope", "scale": 1}]})
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.close()
