@@ -234,3 +234,21 @@ def test_the_official_openai_client_gets_steered_and_seeded_answers(setup):
         server.shutdown()
         server.server_close()
         app.close()
+
+
+def test_a_failed_prefill_fails_only_its_request_and_padding_does_not_pile_up(setup):
+    model, layout, tok, vecs = setup
+    sched = Scheduler(model, tok, layout, max_batch=8)
+    greedy = dict(temperature=0.0, step=None)
+    short = sched.submit(Job(tok.encode("hi"), SamplingParams(max_tokens=12, **greedy)))
+    sched.step()
+    broken = sched.submit(Job([10**6], SamplingParams(max_tokens=3, **greedy)))  # no such token: the forward fails
+    long = sched.submit(Job(tok.encode("a much longer prompt " * 3), SamplingParams(max_tokens=2, **greedy)))
+    while not (short.done() and long.done()):
+        sched.step()
+        if long.done() and not short.done():  # the long prompt left: its padding columns went with it
+            assert sched._mask.shape[1] <= len(tok.encode("hi")) + 12
+    assert broken.exception() is not None and short.result()[0].finished and long.result()[0].finished
+    sched.stop()
+    with pytest.raises(SteerscaleError, match="shutting down"):
+        sched.submit(Job(tok.encode("late"), SamplingParams(max_tokens=2, **greedy)))

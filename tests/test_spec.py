@@ -47,10 +47,17 @@ def test_the_three_constructors_build_the_same_spec():
     (lambda: StrategySpec.of("best_of_n", verifier="slef_eval"), r"unknown verifier 'slef_eval'; did you mean"),
     (lambda: StrategySpec.of("best_of_n", verifier="judge", verifier_options={"vots": 3}), r"has no option 'vots'"),
     (lambda: StrategySpec.of("greedy", n=4), r"strategy 'greedy' has no knob 'n'"),
+    (lambda: StrategySpec.of("particle_filter", seed=-1), r"knob 'seed' must be an integer in"),
+    (lambda: StrategySpec.of("majority", seed=2**70), r"knob 'seed' must be an integer in"),
 ])
 def test_bad_specs_name_the_field(make, match):
     with pytest.raises(SteerscaleError, match=match):
         make()
+
+
+def test_null_knobs_mean_none():
+    spec = StrategySpec.from_json({"name": "majority", "stop": None, "seed": None, "step": None})
+    assert spec.knobs["stop"] == () and spec.knobs["seed"] is None and spec.knobs["step"] is None
 
 
 def test_a_typo_fails_before_any_sampling_from_python(backend):

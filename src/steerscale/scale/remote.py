@@ -537,9 +537,11 @@ class OpenAIBackend(Backend):
                     raise
                 self.echo = False  # the server cannot echo prompt log-probs: use its top log-probs from now on
         todo = [i for i, v in enumerate(out) if v is None]
+        todo = todo[: budget.affordable([{"verifier_passes": 1}] * len(todo))]  # the fallback within what is left
         if todo:
             self._top_logprobs([texts[i] for i in todo], list(options), todo, out, budget)
-        return out + [[math.nan] * len(options) for _ in contexts[k:]]
+        unscored = [math.nan] * len(options)
+        return [v if v is not None else list(unscored) for v in out] + [list(unscored) for _ in contexts[k:]]
 
     def _echo_logprobs(self, texts, options, out, budget) -> None:
         """Exact: each option appended to each context, scored with echo; the option's first token is the one

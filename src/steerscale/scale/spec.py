@@ -58,7 +58,7 @@ class Knob:
             except SteerscaleError as exc:
                 raise SteerscaleError(f"strategy {strategy!r} knob {name!r}: {exc.problem}", exc.hint) from None
         if name == "stop":
-            stops = [value] if isinstance(value, str) else value
+            stops = [value] if isinstance(value, str) else () if value is None else value
             if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
                 raise wrong("a string or a list of strings")
             return tuple(stops)
@@ -71,6 +71,8 @@ class Knob:
         if isinstance(d, int) or name == "seed":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise wrong("an integer")
+            if name == "seed" and not 0 <= value < 2**63:
+                raise wrong("an integer in [0, 2**63)")
             return value
         if isinstance(d, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -14,7 +14,7 @@ import time
 
 from ..engine.generation import has_chat_template
 from ..errors import SteerscaleError
-from .engine import Engine
+from .engine import Engine, SharedTokenizer
 from .responses import Shaper, to_json
 from .schema import ApiError, bad, parse_chat, parse_completion, parse_json, read
 
@@ -38,6 +38,7 @@ class App:
             if not VECTOR_NAME.fullmatch(name):
                 raise SteerscaleError(f"bad vector name {name!r}", "use letters, digits, '_', '.' and '-'")
             vec.check_compatible(layout)  # a vector for another model fails here, not in a request
+        tokenizer = SharedTokenizer(tokenizer)  # used by the HTTP threads and the engine thread
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
         self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch)
         self.shaper = Shaper(tokenizer, self.engine.base.decode, model_id)

@@ -11,6 +11,8 @@ model's chat template. ``add_special_tokens`` (vLLM's extension) says whether BO
 
 from __future__ import annotations
 
+import threading
+
 from ..errors import SteerscaleError
 from ..scale.backend import FinishReason
 from ..scale.local import LocalBackend
@@ -18,6 +20,31 @@ from ..scale.strategies.base import Result
 from .responses import Choice, matched_stop
 from .scheduler import Job, Scheduler
 from .schema import GenRequest
+
+
+class SharedTokenizer:
+    """The tokenizer, with its calls serialised: HTTP threads encode prompts and decode tokens while the engine
+    thread encodes for strategies, and a fast (Rust) tokenizer raises "Already borrowed" when one thread changes
+    its padding settings while another uses it. Attributes pass through."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name):
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
 
 
 class Engine:

@@ -108,10 +108,13 @@ class Scheduler:
         self._wake = threading.Event()
         self._calls: queue.Queue = queue.Queue()
         self._next: Job | None = None  # the first waiting job, taken off the queue but not yet admitted
+        self._closed = False
         self.steps = 0  # decoding steps run (each one forward pass for the whole batch)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
+        if self._closed:
+            raise SteerscaleError("the server is shutting down", "retry on another replica or later")
         for vector, scale in job.steer:
             vector.check_compatible(self.layout)
             if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
@@ -134,10 +137,11 @@ class Scheduler:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still running or waiting end with a ``SteerscaleError``."""
+        self._closed = True  # nothing new is taken from here on
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout)  # a step still running after this ends its batch with the errors below
             self._thread = None
         for row in self.rows:
             _fail(row.job, "the server is shutting down")
@@ -170,6 +174,8 @@ class Scheduler:
     def call(self, fn) -> Future:
         """Run ``fn()`` on the engine thread between two steps, with the model to itself (work that is not a
         batched generation: a strategy run, a teacher-forced scoring pass). Returns its future."""
+        if self._closed:
+            raise SteerscaleError("the server is shutting down", "retry on another replica or later")
         future: Future = Future()
         self._calls.put((fn, future))
         self._wake.set()
@@ -241,21 +247,29 @@ class Scheduler:
             if self.rows and len(self.rows) + job.n > self.max_batch:
                 return
             self._next = None
-            ids = torch.tensor([job.prompt_ids], device=self.base.device)
-            edits = [iv for vector, scale in job.steer for iv in vector.interventions(scale, job.scope)]
-            with intervene(self.layout, edits, prompt_width=len(job.prompt_ids)) if edits else contextlib.nullcontext():
-                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                 logits_to_keep=1)
-            job.generator = torch.Generator(device="cpu")
-            job.generator.manual_seed(int(job.seed) if job.seed is not None
-                                      else int(torch.randint(0, 2**31 - 1, ()).item()))
-            job.cands = [Candidate() for _ in range(job.n)]
-            logits = out.logits[:, -1].float().expand(job.n, -1)
-            job.last_logits = logits.clone()
-            rows = torch.zeros(job.n, dtype=torch.long, device=self.base.device)  # the prompt encoded once
-            self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)),
-                       torch.ones_like(ids).expand(job.n, -1), logits)
-            self.rows += [_Row(job, i) for i in range(job.n)]
+            try:
+                self._prefill(job)
+            except Exception as exc:  # this request's prefill failed (a server error): it alone fails
+                if not job.future.done():
+                    job.future.set_exception(exc)
+
+    def _prefill(self, job: Job) -> None:
+        """Encode ``job``'s prompt alone under its steering and join its ``n`` rows to the batch."""
+        ids = torch.tensor([job.prompt_ids], device=self.base.device)
+        edits = [iv for vector, scale in job.steer for iv in vector.interventions(scale, job.scope)]
+        with intervene(self.layout, edits, prompt_width=len(job.prompt_ids)) if edits else contextlib.nullcontext():
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                             logits_to_keep=1)
+        job.generator = torch.Generator(device="cpu")
+        job.generator.manual_seed(int(job.seed) if job.seed is not None
+                                  else int(torch.randint(0, 2**31 - 1, ()).item()))
+        job.cands = [Candidate() for _ in range(job.n)]
+        logits = out.logits[:, -1].float().expand(job.n, -1)
+        job.last_logits = logits.clone()
+        rows = torch.zeros(job.n, dtype=torch.long, device=self.base.device)  # the prompt encoded once
+        self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)),
+                   torch.ones_like(ids).expand(job.n, -1), logits)
+        self.rows += [_Row(job, i) for i in range(job.n)]
 
     def _join(self, cache, mask, logits) -> None:
         if self._cache is None:
@@ -279,6 +293,13 @@ class Scheduler:
         idx = torch.tensor(keep, device=self.base.device)
         self._cache = map_cache(self._cache, lambda t: t.index_select(0, idx))
         self._mask, self._logits = self._mask.index_select(0, idx), self._logits.index_select(0, idx)
+        # columns that were padding for every row still running (a long prompt that left): drop them, so the
+        # cache does not keep growing under steady load
+        real = self._mask.any(0).nonzero()
+        first = int(real[0, 0]) if real.numel() else 0
+        if first:
+            self._mask = self._mask[:, first:]
+            self._cache = map_cache(self._cache, lambda t: t[:, :, first:])
 
     def _accept(self, job: Job, i: int, token: int, logprob: float) -> bool:
         """Append a sampled token to row ``i`` of ``job``; False when the row has finished. The checks run in
