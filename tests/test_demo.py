@@ -29,7 +29,7 @@ def test_demo_writes_report_and_steering_moves_toward_formal(tmp_path):
 
 
 def test_demo_scaling_problems_are_seeded_three_number_sums_in_a_3_shot_prompt():
-    from steerscale.demo import three_number_sums
+    from steerscale.measure.tasks.arith import three_number_sums
 
     problems = three_number_sums(30, seed=0)
     assert problems == three_number_sums(30, seed=0) and problems != three_number_sums(30, seed=1)

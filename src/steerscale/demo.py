@@ -74,50 +74,30 @@ def plot_effect(rows: list[dict], path: Path, title: str) -> None:
 
 # (label, strategy, n, verifier): greedy, and two ways to spend about four samples' tokens: a vote over whole
 # samples, and step-level search guided by the arithmetic PRM (bench/scaling.py has the full sweep).
-SCALING_METHODS = [("greedy", "greedy", 1, None), ("majority vote, 4 samples", "majority", 4, None),
-                   ("particle filter, 4 particles (arithmetic PRM)", "particle_filter", 4, "arith_prm")]
+SCALING_METHODS = [("greedy", "greedy", {}), ("majority vote, 4 samples", "majority", {"n": 4}),
+                   ("particle filter, 4 particles (arithmetic PRM)", "particle_filter",
+                    {"n": 4, "verifier": "arith_prm"})]
 SCALING_PROBLEMS = 32  # what fits the whole demo in about 3 minutes on 2 idle CPU cores (about 4 s a problem)
-
-
-def three_number_sums(n: int, seed: int = 0, shots: int = 3) -> list:
-    """``n`` seeded sums of three one-digit numbers (``a +/- b +/- c``; the answer may be negative), each asked in a
-    ``shots``-shot plain-text prompt (``ArithProblem.question``: worked examples with one ``a op b = c`` per line,
-    then ``Answer: N``) to be completed without the chat template. The task and prompt of docs/scaling.md's
-    three-number run, which draws its problems from reasoning-gym (an optional dependency); the examples come from
-    a random stream of their own and are none of the test problems."""
-    from .errors import SteerscaleError
-    from .measure.tasks.arith import ArithProblem, worked_solution
-
-    def draw(rng: random.Random) -> str:
-        a, b, c = (rng.randint(0, 9) for _ in range(3))
-        return f"{a} {rng.choice('+-')} {b} {rng.choice('+-')} {c}"
-
-    rng, shot_rng = random.Random(f"demo-sums-{seed}"), random.Random(f"demo-sums-shots-{seed}")
-    tests = [draw(rng) for _ in range(n)]
-    examples = list(dict.fromkeys(e for e in (draw(shot_rng) for _ in range(200)) if e not in tests))[:shots]
-    if len(examples) < shots:
-        raise SteerscaleError(f"could not draw {shots} examples distinct from {n} test problems",
-                              "ask for fewer problems")
-    return [ArithProblem(e, worked_solution(e).rsplit("Answer: ", 1)[1], tuple(examples)) for e in tests]
 
 
 def scaling_section(lm, n_problems: int, seed: int = 0) -> list[dict]:
     """Accuracy, generated tokens per problem and the paired gain over greedy for each of ``SCALING_METHODS`` on
-    ``three_number_sums``, run as bench/scaling.py runs it: raw completion, temperature 0.7, a step is one line,
-    every problem sampled from its own seed."""
+    ``measure.tasks.arith.three_number_sums``, run as bench/scaling.py runs it: raw completion, temperature 0.7, a
+    step is one line, every problem sampled from its own seed. Each method is one ``StrategySpec``."""
     from .measure.stats import paired_compare
-    from .scale import Budget, LocalBackend, derive_seed, get_verifier, run_strategy
+    from .measure.tasks.arith import three_number_sums
+    from .scale import LocalBackend, StrategySpec, derive_seed
 
     backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, chat=False)
     problems = three_number_sums(n_problems, seed)
     knobs = dict(max_tokens=40, temperature=0.7, step="\n", stop=["\n\n", "Question:"], max_step_tokens=40)
     rows = []
-    for label, name, n, verifier in SCALING_METHODS:
+    for label, name, options in SCALING_METHODS:
+        spec = StrategySpec.of(name, **knobs, **options)
+        n = spec.knobs.get("n", 1)
         correct, tokens = [], []
         for i, prob in enumerate(problems):
-            extra = {} if name == "greedy" else {"n": n}
-            r = run_strategy(name, prob.question, backend, get_verifier(verifier), Budget(), seed=derive_seed(seed, i),
-                             **knobs, **extra)
+            r = spec.with_knobs(seed=derive_seed(seed, i)).run(prob.question, backend)
             correct.append(float(r.answer == prob.answer))
             tokens.append(r.generated_tokens)
         gain = paired_compare(rows[0]["correct"], correct) if rows else None

@@ -122,3 +122,23 @@ def gym_problems(n: int, seed: int = 0, terms: int = 2, digits: int = 2, shots: 
     if shots:
         return _with_shots(problems, gym_problems(shots + n, seed + 7919, terms, digits), shots)
     return problems
+
+
+def three_number_sums(n: int, seed: int = 0, shots: int = 3) -> list:
+    """``n`` seeded sums of three one-digit numbers (``a +/- b +/- c``; the answer may be negative), each asked in a
+    ``shots``-shot plain-text prompt (``ArithProblem.question``: worked examples with one ``a op b = c`` per line,
+    then ``Answer: N``) to be completed without the chat template. The task and prompt of docs/scaling.md's
+    three-number run (which draws its problems from reasoning-gym, an optional dependency; these need none; the demo
+    uses them); the examples come from
+    a random stream of their own and are none of the test problems."""
+    def draw(rng: random.Random) -> str:
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        return f"{a} {rng.choice('+-')} {b} {rng.choice('+-')} {c}"
+
+    rng, shot_rng = random.Random(f"demo-sums-{seed}"), random.Random(f"demo-sums-shots-{seed}")
+    tests = [draw(rng) for _ in range(n)]
+    examples = list(dict.fromkeys(e for e in (draw(shot_rng) for _ in range(200)) if e not in tests))[:shots]
+    if len(examples) < shots:
+        raise SteerscaleError(f"could not draw {shots} examples distinct from {n} test problems",
+                              "ask for fewer problems")
+    return [ArithProblem(e, worked_solution(e).rsplit("Answer: ", 1)[1], tuple(examples)) for e in tests]
