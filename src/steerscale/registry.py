@@ -65,11 +65,10 @@ class Registry(Mapping, Generic[T]):
                 return self._aliases[name]
         raise self.unknown(name)
 
-    def get(self, name: str, default=None):  # noqa: D102 (Mapping.get, but an unknown name is an error)
-        if default is not None and (not isinstance(name, str) or (name not in self._entries
-                                                                   and name not in self._aliases)):
-            return default
-        return self._entries[self.canonical(name)]
+    def get(self, name: str, default=None):
+        """The entry for ``name`` (an alias resolves), or ``default`` when there is none; ``reg[name]`` raises the
+        helpful error instead."""
+        return self._entries[self.canonical(name)] if name in self else default
 
     def unknown(self, name) -> SteerscaleError:
         """The error for an unknown ``name``: the valid names, and the closest one when there is one."""

@@ -189,11 +189,11 @@ class Scheduler:
         self._admit()
         if not self.rows:
             return
-        new_logits = {}
+        by_job = {}
         for b, row in enumerate(self.rows):
-            new_logits.setdefault(id(row.job), (row.job, []))[1].append((row.index, b))
+            by_job.setdefault(id(row.job), (row.job, []))[1].append((row.index, b))
         keep, fed = [], []
-        for job, members in new_logits.values():
+        for job, members in by_job.values():
             for i, b in members:
                 job.last_logits[i] = self._logits[b]
             if job.cancelled:
