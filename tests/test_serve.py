@@ -5,7 +5,6 @@ import json
 import math
 import re
 import socket
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from steerscale import Site, SiteKind, SteerscaleError
 from steerscale.scale import Budget, LocalBackend, SamplingParams, get_verifier, run_strategy
 from steerscale.scale.remote import MISSING, OpenAIBackend, Piece, advance, plan_requests
-from steerscale.serve import ApiError, App, make_server
+from steerscale.serve import ApiError, App, start_server
 from steerscale.steer.vector import SteeringVector
 from tiny import ChatCharTokenizer, tiny_model
 
@@ -38,16 +37,15 @@ class BareApp(App):
                 for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]}
         return out
 
-    def completions(self, body):
-        if body.get("echo"):
+    async def completions(self, body, request=None):
+        if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        return super().completions({**body, "n": 1})
+        return await super().completions(body.model_copy(update={"n": 1}), request)
 
 
 def start(app):
-    server = make_server(app, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server = start_server(app)
+    return server, server.url
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +61,7 @@ def srv():
     yield SimpleNamespace(url=url, bare_url=bare_url, app=app, model=model, layout=layout, tok=tok,
                           local=LocalBackend(model, tok, layout, chat=False, max_n=16))
     for s in (server, bare):
-        s.shutdown()
-        s.server_close()
+        s.close()
     torch.set_num_threads(threads)
 
 
@@ -106,7 +103,8 @@ def assert_error(status, body, want_status, param="any"):
 
 # -- the server -----------------------------------------------------------------------------------------------
 def test_models_and_health(srv):
-    assert call(srv, "/health") == (200, {"status": "ok"})
+    status, health = call(srv, "/health")
+    assert status == 200 and health["status"] == "ok" and health["running_rows"] == 0
     status, out = call(srv, "/v1/models")
     assert status == 200 and [m["id"] for m in out["data"]] == ["tiny"]
     assert out["data"][0]["steerscale"]["vectors"] == ["rand"]
@@ -195,11 +193,11 @@ def test_per_request_steering_is_isolated(srv):
     status, err = call(srv, "/v1/completions", {**plain, "steer": [{"vector": "nope", "scale": 1}]})
     assert_error(status, err, 400, "steer")
     assert "rand" in err["error"]["message"]
-    # a steer this strong makes the logits NaN, so sampling fails mid-request: a 500 without a traceback
-    huge = [{"vector": "rand", "scale": 3e38}]
-    status, err = call(srv, "/v1/completions", {**plain, "temperature": 1.0, "steer": huge})
-    assert_error(status, err, 500)
-    assert err["error"]["type"] == "server_error"
+    # a steer this strong would overflow the activations: refused up front, naming the field
+    for scale in (3e38, -1e308, 1e30):
+        status, err = call(srv, "/v1/completions", {**plain, "temperature": 1.0, "steer": [{"vector": "rand",
+                                                                                             "scale": scale}]})
+        assert_error(status, err, 400, "steer.0.scale")
     assert hook_count(srv.model) == hooks  # no steering hook left behind
     _, after = call(srv, "/v1/completions", plain)
     assert json.dumps(after["choices"]) == json.dumps(before["choices"]) and after["usage"] == before["usage"]
@@ -231,9 +229,10 @@ def test_bad_requests_get_openai_errors(srv):
     assert_error(*call(srv, "/v1/completions", {"prompt": "x", "n": 17}), 400, "n")
     assert_error(*call(srv, "/v1/completions", raw=b'{"prompt": "x", "temperature": NaN}'), 400, "temperature")
     assert_error(*call(srv, "/v1/completions", {"prompt": "x", "max_tokens": "10"}), 400, "max_tokens")
-    assert_error(*call(srv, "/v1/completions", {"prompt": "x", "stream": True}), 400, "stream")
-    assert_error(*call(srv, "/v1/completions", {"prompt": ""}), 400)
-    assert_error(*call(srv, "/v1/completions", {"prompt": [1, 2]}), 400, "prompt")
+    assert_error(*call(srv, "/v1/completions", {"prompt": "x", "stream": True, "echo": True}), 400, "stream")
+    assert_error(*call(srv, "/v1/completions", {"prompt": [[]]}), 400, "prompt")
+    assert_error(*call(srv, "/v1/completions", {"prompt": [-1, 2]}), 400, "prompt")
+    assert_error(*call(srv, "/v1/completions", {"prompt": [10**6]}), 400, "prompt")
     status, err = call(srv, "/v1/completions", {"prompt": "x" * 200})
     assert_error(status, err, 400)
     assert "context window" in err["error"]["message"]
@@ -241,7 +240,8 @@ def test_bad_requests_get_openai_errors(srv):
     assert_error(status, err, 404, "model")
     assert_error(*call(srv, "/v2/nothing"), 404)
     assert_error(*call(srv, "/v1/models", {}), 405)
-    assert_error(*call(srv, "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400, "messages")
+    assert_error(*call(srv, "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400,
+                 "messages.0.role")
 
 
 # -- OpenAIBackend against the server -------------------------------------------------------------------------
@@ -412,7 +412,7 @@ def test_plan_requests_dedupes_greedy_rows_and_seeds_each_prompt_apart():
 def test_serve_help_has_a_working_example(capsys):
     from steerscale.cli import main
     from steerscale.commands.serve_cmd import EPILOG
-    from steerscale.serve.schema import parse_chat, parse_completion
+    from steerscale.serve.schema import ChatRequest, CompletionRequest, parse_chat, parse_completion, read_body
 
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
@@ -420,8 +420,9 @@ def test_serve_help_has_a_working_example(capsys):
     assert "curl" in out and "/v1/completions" in out and "--vector NAME=PATH" in out
     bodies = [json.loads(b) for b in re.findall(r"-d '(.*?)'", EPILOG, flags=re.S)]
     assert len(bodies) == 2
-    parse_completion(bodies[0], max_n=64, vectors={"formal": None})
-    parse_chat(bodies[1], max_n=64, vectors={})
+    parse_completion(read_body(CompletionRequest, json.dumps(bodies[0]).encode()), max_n=64,
+                     vectors={"formal": None})
+    parse_chat(read_body(ChatRequest, json.dumps(bodies[1]).encode()), max_n=64, vectors={})
 
 
 def test_solve_runs_against_a_server(srv, capsys):

@@ -2,6 +2,8 @@
 
 import json
 import math
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from steerscale.scale import Budget, Candidate, LocalBackend, get_verifier, run_
 from steerscale.scale.backend import Backend, Branches
 from steerscale.scale.spec import StrategySpec
 from steerscale.scale.strategies import STRATEGIES
-from steerscale.serve import App
+from steerscale.serve import App, start_server
 from tiny import CharTokenizer, tiny_model
 
 
@@ -94,7 +96,19 @@ def test_cli_unknown_method_fails_before_the_model_loads(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def app():
     model, layout = tiny_model("llama")
-    return App(model, CharTokenizer(), layout, model_id="tiny", max_n=8)
+    server = start_server(App(model, CharTokenizer(), layout, model_id="tiny", max_n=8))
+    yield server
+    server.close()
+
+
+def post(server, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + "/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @pytest.mark.parametrize("strategy,match", [
@@ -105,13 +119,13 @@ def app():
     ({"name": "majority", "budget": [1]}, "budget"),
 ])
 def test_server_answers_400_naming_the_strategy_field(app, strategy, match):
-    status, body = app.handle("POST", "/v1/completions", json.dumps({"prompt": "ab", "strategy": strategy}).encode())
+    status, body = post(app, {"prompt": "ab", "strategy": strategy})
     assert status == 400 and body["error"]["param"] == "strategy" and match in body["error"]["message"]
 
 
 def test_server_strategy_inherits_only_the_request_knobs_it_takes(app):
     body = {"prompt": "ab", "max_tokens": 3, "temperature": 0.9, "seed": 2, "strategy": {"name": "greedy"}}
-    status, out = app.handle("POST", "/v1/completions", json.dumps(body).encode())
+    status, out = post(app, body)
     assert status == 200 and out["steerscale"]["strategy"] == "greedy"
     assert out["usage"]["completion_tokens"] <= 3
 

@@ -19,9 +19,17 @@ examples:
     "messages": [{"role": "user", "content": "Calculate 59 + 8."}], "max_tokens": 64,
     "strategy": {"name": "best_of_n", "verifier": "self_eval", "n": 8, "budget": "tokens=2000"}}'
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Concurrent requests
-are batched by one engine loop, each row with its own steering (--max-batch rows at a time). Clients can only
-use the vectors registered here with --vector, by NAME.
+  # streaming, with the official client: client.chat.completions.create(..., stream=True)
+  # register a vector while the server runs (safetensors or GGUF; never pickle), then steer with it by name
+  curl -s -X PUT http://127.0.0.1:8000/v1/steering/vectors/formal2 --data-binary @formal.safetensors
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true), GET /v1/models,
+GET|PUT|DELETE /v1/steering/vectors[/NAME], GET /health, GET /metrics (Prometheus), GET /docs (the API, from
+/openapi.json). Concurrent requests are batched by one engine loop, each row with its own steering (--max-batch
+rows at a time). With --api-key (or STEERSCALE_API_KEY) every /v1 route needs 'Authorization: Bearer KEY'.
+Limits: past --max-pending requests in flight a client gets 429 with Retry-After; bodies past --max-body-mb get
+413; a request running past --request-timeout is cancelled (408); a client that disconnects is cancelled at
+the next decoding step. SIGTERM/SIGINT let requests in flight finish for --shutdown-timeout seconds.
 A remote search against this (or a vLLM/SGLang/llama.cpp) server: steerscale solve --backend-url URL ...
 See docs/serving.md.
 """
@@ -42,6 +50,19 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16,
                    help="rows decoded together by the engine loop (default 16); requests beyond it wait their turn")
     p.add_argument("--model-id", default=None, help="the id clients send as \"model\" (default: the -m value)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEERSCALE_API_KEY, else open)")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="generation requests in flight (queued or running) before new ones get 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the most max_tokens a request may ask for (default 4096)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
+    p.add_argument("--max-vector-mb", type=float, default=64.0,
+                   help="largest vector file PUT /v1/steering/vectors/NAME takes, in MiB (default 64)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may run before it is cancelled (default 600)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds requests in flight get to finish (default 30)")
     p.set_defaults(func=run)
 
 
@@ -56,7 +77,9 @@ def parse_vector_spec(spec: str) -> tuple[str, str]:
 
 def run(args) -> int:
     from ..errors import SteerscaleError
-    from ..serve import App, serve
+    import os
+
+    from ..serve import App, Limits, serve
     from ..steer.vector import SteeringVector
     from .common import load
 
@@ -68,8 +91,16 @@ def run(args) -> int:
         if name in vectors:
             raise SteerscaleError(f"vector name {name!r} given twice", "give each --vector its own NAME")
         vectors[name] = SteeringVector.load(path)
+    if args.max_body_mb <= 0 or args.max_vector_mb <= 0:
+        raise SteerscaleError("--max-body-mb and --max-vector-mb must be positive")
+    limits = Limits(max_pending=args.max_pending, max_body_bytes=int(args.max_body_mb * 2**20),
+                    max_vector_bytes=int(args.max_vector_mb * 2**20), max_tokens_limit=args.max_tokens_limit,
+                    request_timeout=args.request_timeout)  # checked before the model loads
+    if not args.shutdown_timeout > 0:
+        raise SteerscaleError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("STEERSCALE_API_KEY") or None
     lm = load(args)
     app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, vectors=vectors,
-              max_n=args.max_n, max_batch=args.max_batch)
-    serve(app, args.host, args.port)
+              max_n=args.max_n, max_batch=args.max_batch, limits=limits, api_key=api_key)
+    serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

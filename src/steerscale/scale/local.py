@@ -34,6 +34,7 @@ from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, find_stop, step_end
 from .budget import Budget
+from .logits import process_logits
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _KV:
     scales: torch.Tensor | None  # (B,) per-row steering multipliers, None: 1 for every row
     generator: torch.Generator
     prompt_width: int
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt's ids (every row's: one prompt per batch)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Call:
     ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     text: str = ""
+    held: int = 0  # length of the text decoded before ``min_tokens`` was reached: stop strings end after it
 
     def close(self, row: Candidate, stepwise: bool) -> None:
         if self.ids:
@@ -64,6 +67,10 @@ class _Call:
             row.text += self.text
         if not stepwise and not row.finished:
             row.finished, row.finish_reason = True, FinishReason.LENGTH
+
+
+# temperatures below this sample greedily: dividing logits by a smaller one overflows to inf and NaN (vLLM's rule)
+GREEDY_BELOW = 1e-5
 
 
 class LocalBackend(Backend):
@@ -203,21 +210,38 @@ class LocalBackend(Backend):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         return _KV(map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
-                   logits.index_select(0, idx), scales, gen, len(ids))
+                   logits.index_select(0, idx), scales, gen, len(ids), ids)
 
     # -- token choice ---------------------------------------------------------------------------------------
     @staticmethod
-    def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
-        """The next token of each row of ``logits`` (greedy at temperature 0, else sampled with top-p from
-        ``gen``) and its log-prob at temperature 1."""
+    def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, eos_ids=(),
+               prompt_ids: Sequence[Sequence[int]] | None = None, output_ids: Sequence[Sequence[int]] | None = None):
+        """The next token of each row of ``logits`` (B, V) and its log-prob.
+
+        The logits first go through ``scale.logits.process_logits`` (logit bias, EOS masks for ``min_tokens`` and
+        ``ignore_eos`` over ``eos_ids``, penalties over each row's ``prompt_ids``/``output_ids`` so far); then
+        temperature 0 takes the argmax, any other divides by the temperature, keeps the ``top_k`` most likely
+        tokens, those with probability >= ``min_p`` times the top one, then the ``top_p`` nucleus, and samples
+        from ``gen``. Default params sample exactly as without these extras.
+
+        The log-prob returned is the model's own: temperature 1 over the RAW ``logits``, before any processor or
+        truncation (what strategies and verifiers score, and what a server reports)."""
         logp = torch.log_softmax(logits, dim=-1)
-        if params.temperature == 0:
-            tok = logits.argmax(-1)
+        x = process_logits(logits, params, eos_ids=eos_ids, prompt_ids=prompt_ids, output_ids=output_ids)
+        if params.temperature < GREEDY_BELOW:
+            tok = x.argmax(-1)
         else:
-            probs = torch.softmax(logits / params.temperature, dim=-1)
+            x = x / params.temperature
+            if 0 < params.top_k < x.shape[-1]:
+                x = x.masked_fill(x < x.topk(params.top_k, dim=-1).values[:, -1:], -torch.inf)
+            probs = torch.softmax(x, dim=-1)
+            if params.min_p > 0:
+                probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0)
+                probs = probs / probs.sum(-1, keepdim=True)  # renormalised: top_p reads cumulative mass
             if params.top_p < 1:
                 sp, si = probs.sort(-1, descending=True)
                 keep = (sp.cumsum(-1) - sp) < params.top_p
+                keep[:, 0] = True  # the most likely token always stays (a top_p that underflows float32 keeps it)
                 sp = sp * keep
                 probs = torch.zeros_like(probs).scatter(-1, si, sp)
             tok = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
@@ -246,7 +270,10 @@ class LocalBackend(Backend):
             row.finished, row.finish_reason = True, FinishReason.EOS
             return False
         text = self.decode(call.ids)
-        cut = find_stop(row.text, text, params.stop)
+        if row.n_tokens + len(call.ids) < params.min_tokens:  # too early for a stop string to end the row
+            call.held, cut = len(text), -1
+        else:  # a stop string counts when it ends past the text held back (none without min_tokens)
+            cut = find_stop(row.text, text, params.stop, call.held)
         if cut >= 0:
             call.text = text[:cut]
             row.finished, row.finish_reason = True, FinishReason.STOP
@@ -266,7 +293,11 @@ class LocalBackend(Backend):
         for _ in range(params.max_step_tokens if stepwise else limit):
             if not any(active):
                 break
-            tok, lp = self.choose(kv.logits, params, kv.generator)
+            history = {}
+            if params.has_processors:  # what the logits processors read: each row's prompt and output so far
+                history = {"eos_ids": self.eos_ids, "prompt_ids": [kv.prompt_ids] * B,
+                           "output_ids": [r.token_ids + c.ids for r, c in zip(rows, calls)]}
+            tok, lp = self.choose(kv.logits, params, kv.generator, **history)
             live = [b for b in range(B) if active[b]]
             granted = len(live) if not budget.exhausted else 0  # wall time: checked here, between tokens
             granted = budget.buy_tokens(granted, self.n_params) if granted else 0
@@ -332,7 +363,7 @@ class LocalBackend(Backend):
         t = torch.tensor(idx, device=self.device)
         new = _KV(map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
                   kv.logits.index_select(0, t), None if kv.scales is None else kv.scales.index_select(0, t.cpu()),
-                  kv.generator, kv.prompt_width)
+                  kv.generator, kv.prompt_width, kv.prompt_ids)
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], new)
 
     def merge(self, parts) -> Branches:
@@ -347,7 +378,7 @@ class LocalBackend(Backend):
         has_scales = any(k.scales is not None for k in kvs)
         scales = torch.cat([k.scales if k.scales is not None else torch.ones(k.mask.shape[0]) for k in kvs]) if has_scales else None
         kv = _KV(cat_caches([k.cache for k in kvs], widths, total), mask, torch.cat([k.logits for k in kvs]), scales,
-                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]))
+                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]), kvs[0].prompt_ids)
         # prompt_width is only used by steering scopes; rows with different padding see their own real positions
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows], kv)
 

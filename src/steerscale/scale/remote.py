@@ -459,6 +459,15 @@ class OpenAIBackend(Backend):
                       logprobs=1)
         if params.top_p < 1:
             fields["top_p"] = params.top_p
+        if params.min_tokens:  # the server would hold stop strings back too, but a step's request cannot know when
+            raise SteerscaleError("min_tokens is not supported with a remote backend",
+                                  "drop min_tokens, or run the strategy on a local model")
+        for name, off in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                          ("frequency_penalty", 0.0), ("ignore_eos", False)):  # vLLM's fields, sent only when on
+            if getattr(params, name) != off:
+                fields[name] = getattr(params, name)
+        if params.logit_bias:
+            fields["logit_bias"] = {str(t): b for t, b in params.logit_bias}
         if stops:
             fields["stop"] = list(stops)
         if seed is not None:

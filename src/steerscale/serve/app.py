@@ -1,109 +1,209 @@
-"""``steerscale serve``'s application: routing, state and the order of work for each endpoint. See docs/serving.md.
+"""``steerscale serve``'s application: the FastAPI routes, the server's state, and the order of work per request.
+See docs/serving.md.
 
-``App.handle(method, path, body) -> (status, payload)`` is all the HTTP front end calls; it never raises. A
-request is parsed in ``serve/schema.py``, run on the model in ``serve/engine.py`` (one engine loop owns the
-model and batches concurrent requests, ``serve/scheduler.py``) and shaped into OpenAI's response objects in
-``serve/responses.py``. ``close()`` stops the engine loop.
+A request's body is read here (size-capped, time-capped), parsed into a pydantic model and a checked
+``GenRequest`` in ``serve/schema.py``, run on the model in ``serve/engine.py`` (one engine loop owns the model
+and batches concurrent requests, ``serve/scheduler.py``) and shaped into OpenAI's response objects, or a stream of
+them, in ``serve/responses.py``. Every error a client can cause is a 4xx in OpenAI's error shape; a 5xx means a
+bug (logged, no traceback to the client).
+
+Admission: at most ``Limits.max_pending`` generation requests are in flight (queued or running); the next gets a
+429 with ``Retry-After``. A request that runs past ``Limits.request_timeout`` or whose client disconnects is
+cancelled, and its rows leave the batch at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
-import re
+import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
-from ..engine.generation import has_chat_template
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from ..errors import SteerscaleError
+from ..steer.vector import SteeringVector
+from ..version import __version__
 from .engine import Engine, SharedTokenizer
-from .responses import Shaper, to_json
-from .schema import ApiError, bad, parse_chat, parse_completion, parse_json, read
+from .metrics import Metrics
+from .responses import Shaper, StreamShaper, sse, stream_safe, to_json
+from .schema import VECTOR_NAME, ApiError, ChatRequest, CompletionRequest, GenRequest, bad, parse_chat, \
+    parse_completion, read_body
 
 log = logging.getLogger("steerscale.serve")
 
-VECTOR_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-__all__ = ["ApiError", "App", "ROUTES", "to_json"]
+__all__ = ["ApiError", "App", "Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; checked at construction."""
+
+    max_pending: int = 64  # generation requests in flight (queued or running); past it: 429
+    max_body_bytes: int = 4 * 2**20  # a request body (JSON); past it: 413
+    max_vector_bytes: int = 64 * 2**20  # an uploaded vector file
+    max_tokens_limit: int = 4096  # max_tokens a request may ask for
+    request_timeout: float = 600.0  # seconds from arrival to the last token; past it the request is cancelled
+    body_timeout: float = 30.0  # seconds to receive a request body
+    retry_after: int = 1  # seconds, the 429's Retry-After
+
+    def __post_init__(self):
+        for name in ("max_pending", "max_body_bytes", "max_vector_bytes", "max_tokens_limit", "retry_after"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SteerscaleError(f"server limit {name} must be a positive integer, got {value!r}")
+        for name in ("request_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise SteerscaleError(f"server limit {name} must be a positive number of seconds, got {value!r}")
 
 
 class App:
-    """The server's state: one model and its engine loop (``Engine``), its registered steering vectors."""
+    """The server's state: one model and its engine loop (``Engine``), its registered steering vectors, limits,
+    metrics, and the FastAPI application (``.api``) that routes to the endpoint methods below."""
 
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
-                 max_batch: int = 16):
+                 max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
             raise SteerscaleError("the served model needs a non-empty id")
-        self.vectors = dict(vectors or {})
-        for name, vec in self.vectors.items():
-            if not VECTOR_NAME.fullmatch(name):
-                raise SteerscaleError(f"bad vector name {name!r}", "use letters, digits, '_', '.' and '-'")
-            vec.check_compatible(layout)  # a vector for another model fails here, not in a request
-        tokenizer = SharedTokenizer(tokenizer)  # used by the HTTP threads and the engine thread
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise SteerscaleError("the API key is empty", "pass a non-empty --api-key, or none for an open server")
+        self.layout, self.limits, self.api_key = layout, limits or Limits(), api_key
+        self.vectors = {}
+        for name, vec in (vectors or {}).items():
+            self.add_vector(name, vec)  # a vector for another model fails here, not in a request
+        tokenizer = SharedTokenizer(tokenizer)  # used by request threads and the engine thread
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
-        self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch)
+        self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch,
+                             max_tokens_limit=self.limits.max_tokens_limit)
         self.shaper = Shaper(tokenizer, self.engine.base.decode, model_id)
+        self.metrics = Metrics(self.engine.scheduler)
+        self.workers = ThreadPoolExecutor(max_workers=max(4, max_batch), thread_name_prefix="steerscale-request")
+        self.pending = 0  # generation requests in flight; only the event loop's thread changes it
         self.created = int(time.time())
+        self.api = build_api(self)
 
     def close(self) -> None:
+        """Stop the engine loop (requests still running end with an error) and the worker threads."""
         self.engine.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
-    # -- routing ----------------------------------------------------------------------------------------------
-    def handle(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
-        try:
-            route = ROUTES.get(path.split("?", 1)[0].rstrip("/") or "/")
-            if route is None:
-                raise ApiError(404, f"no route {method} {path}; see /v1/models, /v1/completions, /v1/chat/completions",
-                               type="not_found_error", code="not_found")
-            want, name = route
-            if method != want:
-                raise ApiError(405, f"{path} takes {want}, not {method}", code="method_not_allowed")
-            endpoint = getattr(self, name)
-            return 200, endpoint(parse_json(body)) if want == "POST" else endpoint()
-        except ApiError as exc:
-            return exc.status, exc.body()
-        except SteerscaleError as exc:
-            msg = exc.problem + (f" (hint: {exc.hint})" if exc.hint else "")
-            return 400, ApiError(400, msg).body()
-        except Exception:  # a bug or a failed forward pass: the client gets no traceback, the log does
-            log.exception("internal error on %s %s", method, path)
-            return 500, ApiError(500, "internal server error (details are in the server log)", type="server_error",
-                                 code="internal_error").body()
+    def add_vector(self, name: str, vec: SteeringVector) -> None:
+        import re
 
-    def check_model(self, body: dict) -> None:
-        name = read(body, "model", "str")
+        if not isinstance(name, str) or not re.fullmatch(VECTOR_NAME, name):
+            raise SteerscaleError(f"bad vector name {name!r}", "use 1-128 letters, digits, '_', '.' and '-'")
+        vec.check_compatible(self.layout)
+        self.vectors[name] = vec
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
             raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}",
                            param="model", type="not_found_error", code="model_not_found")
 
+    async def blocking(self, fn, *args, **kwargs):
+        """``fn`` on a worker thread (tokenising, waiting on the engine), so the event loop keeps serving."""
+        return await asyncio.wrap_future(self.workers.submit(fn, *args, **kwargs))
+
+    def admit(self) -> None:
+        if self.pending >= self.limits.max_pending:
+            raise ApiError(429, f"the server is busy ({self.pending} requests in flight); retry in "
+                                f"{self.limits.retry_after} s", type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(self.limits.retry_after)})
+        self.pending += 1
+        self.metrics.in_flight.set(self.pending)
+
+    def release(self) -> None:
+        self.pending -= 1
+        self.metrics.in_flight.set(self.pending)
+
+    async def wait(self, futures: list[Future], request: Request | None, deadline: float, cancel) -> None:
+        """Until every future is done; on a disconnect or past ``deadline`` (loop time): ``cancel()`` and an error."""
+        loop = asyncio.get_running_loop()
+        waiting = {asyncio.wrap_future(f) for f in futures}
+        while waiting:
+            _, waiting = await asyncio.wait(waiting, timeout=0.2)
+            if not waiting:
+                return
+            if request is not None and await request.is_disconnected():
+                cancel()
+                raise ClientGone()
+            if loop.time() > deadline:
+                cancel()
+                raise timeout_error(self.limits.request_timeout)
+
     # -- endpoints --------------------------------------------------------------------------------------------
-    def health(self) -> dict:
-        return {"status": "ok"}
-
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.model_id, "object": "model", "created": self.created, "owned_by": "steerscale",
-            "max_model_len": self.engine.base.context_window,
-            "steerscale": {"vectors": sorted(self.vectors), "max_n": self.max_n}}]}
+        return {"object": "list", "data": [self.model_card()]}
 
-    def completions(self, body: dict) -> dict:
-        self.check_model(body)
-        req = parse_completion(body, max_n=self.max_n, vectors=self.vectors)
-        if req.strategy is not None:
-            return self.shaper.strategy_response(self.engine.run_strategy(req, req.prompts[0], chat=False),
-                                                 chat=False)
-        choices, usage = self.engine.generate(req, req.prompts)
-        return self.shaper.envelope([self.completion_choice(i, c, req) for i, c in enumerate(choices)], usage,
-                                    chat=False)
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "steerscale",
+                "max_model_len": self.engine.base.context_window,
+                "steerscale": {"vectors": sorted(self.vectors), "max_n": self.max_n}}
 
-    def chat_completions(self, body: dict) -> dict:
-        self.check_model(body)
-        req = parse_chat(body, max_n=self.max_n, vectors=self.vectors)
-        if req.strategy is not None:
-            result = self.engine.run_strategy(req, req.prompts[0][0]["content"], chat=True)
-            return self.shaper.strategy_response(result, chat=True)
-        choices, usage = self.engine.generate(req, [self.chat_text(req.prompts[0])])
-        return self.shaper.envelope([self.chat_choice(i, c, req) for i, c in enumerate(choices)], usage,
-                                    chat=True)
+    async def completions(self, body: CompletionRequest, request: Request | None = None):
+        self.check_model(body.model)
+        return await self.generate(parse_completion(body, max_n=self.max_n, vectors=self.vectors), request,
+                                   chat=False)
+
+    async def chat_completions(self, body: ChatRequest, request: Request | None = None):
+        self.check_model(body.model)
+        return await self.generate(parse_chat(body, max_n=self.max_n, vectors=self.vectors), request, chat=True)
+
+    async def generate(self, req: GenRequest, request: Request | None, *, chat: bool):
+        start = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + self.limits.request_timeout
+        self.admit()
+        handed_off = False  # a stream releases its slot when it ends
+        try:
+            texts, all_ids, max_tokens = await self.blocking(self.engine.encode, req, chat=chat)
+            self.metrics.prompt_tokens.inc(sum(len(ids) for ids in all_ids))
+            if req.strategy is not None:
+                return await self.strategy(req, request, deadline, chat=chat)
+            if req.stream:
+                stream = Stream(self, req, texts, all_ids, max_tokens, chat=chat, start=start, deadline=deadline)
+                stream.submit()  # a 4xx (e.g. the server is closing) is still answered as JSON
+                handed_off = True
+                return StreamingResponse(stream.events(request), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                         background=BackgroundTask(stream.close))
+            timer = FirstToken(self.metrics, start)
+            jobs = self.engine.submit(req, all_ids, max_tokens, on_update=timer)
+            try:
+                await self.wait([j.future for j in jobs if j is not None], request, deadline,
+                                lambda: [j.cancel() for j in jobs if j is not None])
+            finally:
+                for j in jobs:
+                    if j is not None and not j.future.done():
+                        j.cancel()
+            choices, usage = await self.blocking(self.engine.finish, req, texts, all_ids, jobs)
+            self.metrics.generation_tokens.inc(usage["completion_tokens"])
+            shape = self.chat_choice if chat else self.completion_choice
+            return self.shaper.envelope([shape(i, c, req) for i, c in enumerate(choices)], usage, chat=chat)
+        finally:
+            if not handed_off:
+                self.release()
+                self.metrics.latency.observe(time.monotonic() - start)
+
+    async def strategy(self, req: GenRequest, request: Request | None, deadline: float, *, chat: bool) -> dict:
+        backend = self.engine.strategy_backend(req, chat=chat)
+        prompt = req.prompts[0][0]["content"] if chat else req.prompts[0]
+        future = self.workers.submit(self.engine.run_strategy, req, prompt, backend)
+        await self.wait([future], request, deadline, backend.cancel)
+        result = future.result()
+        self.metrics.generation_tokens.inc(result.budget["spent"]["generated_tokens"])
+        return self.shaper.strategy_response(result, chat=chat)
 
     # -- response shape: one choice (a subclass may answer like another server, e.g. llama.cpp's) ----------------
     def completion_choice(self, index: int, c, req) -> dict:
@@ -112,18 +212,322 @@ class App:
     def chat_choice(self, index: int, c, req) -> dict:
         return self.shaper.chat_choice(index, c, req)
 
-    def chat_text(self, messages: list[dict]) -> str:
-        if not has_chat_template(self.tokenizer):
-            raise bad("messages", f"{self.model_id} has no chat template; use /v1/completions with a raw prompt")
+    # -- the vector registry ----------------------------------------------------------------------------------
+    def vector_card(self, name: str) -> dict:
+        v = self.vectors[name]
+        return {"id": name, "object": "steering_vector", "method": v.method, "model_name": v.model_name,
+                "sites": [s.key() for s in v.sites], "norms": v.norms}
+
+    def list_vectors(self) -> dict:
+        return {"object": "list", "data": [self.vector_card(name) for name in sorted(self.vectors)]}
+
+    def upload_vector(self, name: str, data: bytes) -> dict:
+        """Register ``data`` (a steerscale .safetensors vector or a llama.cpp control-vector .gguf) as ``name``,
+        replacing any vector of that name (requests already running keep the one they started with)."""
+        import re
+
+        if not re.fullmatch(VECTOR_NAME, name):
+            raise bad("name", f"bad vector name {name!r}: use 1-128 letters, digits, '_', '.' and '-'")
+        if data[:4] == b"GGUF":
+            suffix = ".gguf"
+        elif len(data) > 8 and data[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
+            suffix = ".safetensors"
+        else:
+            raise bad(None, "the body is neither a safetensors nor a GGUF file; upload the vector file's bytes "
+                            "(e.g. curl --data-binary @vec.safetensors)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            try:
+                vec = SteeringVector.load(path)
+                self.add_vector(name, vec)
+            except SteerscaleError as exc:
+                raise bad(None, f"vector {name!r} rejected: {exc.problem}" + (f" ({exc.hint})" if exc.hint
+                                                                               else "")) from None
+        return self.vector_card(name)
+
+    def delete_vector(self, name: str) -> dict:
+        if name not in self.vectors:
+            raise ApiError(404, f"no steering vector {name!r} on this server", param="name", type="not_found_error",
+                           code="vector_not_found")
+        del self.vectors[name]
+        return {"id": name, "object": "steering_vector", "deleted": True}
+
+
+class ClientGone(Exception):
+    """The client disconnected: nothing is sent back."""
+
+
+def timeout_error(seconds: float) -> ApiError:
+    return ApiError(408, f"the request ran past the server's limit of {seconds:g} s and was cancelled; ask for "
+                         "fewer tokens or raise steerscale serve --request-timeout", type="timeout_error",
+                    code="request_timeout")
+
+
+class FirstToken:
+    """A job's ``on_update``: observes the time to the first generated token once (engine thread)."""
+
+    def __init__(self, metrics: Metrics, start: float):
+        self.metrics, self.start, self.seen = metrics, start, False
+
+    def __call__(self) -> None:
+        if not self.seen:
+            self.seen = True
+            self.metrics.ttft.observe(time.monotonic() - self.start)
+
+
+class Stream:
+    """One streamed response: submits the request's jobs with an ``on_update`` that wakes the event loop, then
+    yields each choice's new text as server-sent events until every choice has finished."""
+
+    def __init__(self, app: App, req: GenRequest, texts, all_ids, max_tokens: int, *, chat: bool, start: float,
+                 deadline: float):
+        self.app, self.req, self.texts, self.all_ids, self.max_tokens = app, req, texts, all_ids, max_tokens
+        self.chat, self.start, self.deadline = chat, start, deadline
+        self.shaper = StreamShaper(app.model_id, chat=chat, include_usage=req.include_usage)
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.jobs = []
+        self.first_token = FirstToken(app.metrics, start)
+        self.n_gen = 0
+        self.closed = False
+
+    def _update(self) -> None:  # engine thread
+        self.first_token()
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja templates raise their own errors (e.g. no system role)
-            raise bad("messages", f"the chat template rejected these messages: {exc}") from None
+            self.loop.call_soon_threadsafe(self.wake.set)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
+    def submit(self) -> None:
+        self.jobs = self.app.engine.submit(self.req, self.all_ids, self.max_tokens, on_update=self._update)
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            if not job.future.done():
+                job.cancel()
+
+    def close(self) -> None:
+        """Cancel what still runs and give back the request's slot (once; the generator's end and the response's
+        background task both call it, as either may not run when a client vanishes)."""
+        self.cancel()
+        if not self.closed:
+            self.closed = True
+            self.app.metrics.generation_tokens.inc(self.n_gen)
+            self.app.metrics.latency.observe(time.monotonic() - self.start)
+            self.app.release()
+
+    async def events(self, request: Request | None):
+        n = self.req.n
+        sent = [0] * (len(self.jobs) * n)
+        done = [False] * len(sent)
+        try:
+            if self.chat:
+                yield self.shaper.chunk([self.shaper.role(i) for i in range(len(sent))])
+            while not all(done):
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=0.5)
+                except TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    if self.loop.time() > self.deadline:
+                        self.cancel()
+                        yield sse(timeout_error(self.app.limits.request_timeout).body())
+                        return
+                    continue
+                self.wake.clear()
+                out = []
+                for p, job in enumerate(self.jobs):
+                    failed = job.future.done() and job.future.exception() is not None
+                    if failed:
+                        exc = job.future.exception()
+                        err = ApiError(400, exc.problem) if isinstance(exc, SteerscaleError) else ApiError(
+                            500, "internal server error (details are in the server log)", type="server_error")
+                        if not isinstance(exc, SteerscaleError):
+                            log.error("stream failed", exc_info=exc)
+                        yield sse(err.body())
+                        return
+                    for i, cand in enumerate(list(job.cands)):
+                        index = p * n + i
+                        if done[index]:
+                            continue
+                        finished = cand.finished
+                        text = cand.text
+                        if finished:
+                            stop = self.app.engine.stop_reason(cand, self.req)
+                            text = cand.text
+                            out.append(self.shaper.delta(index, text[sent[index]:], cand, stop))
+                            done[index] = True
+                            self.n_gen += len(cand.token_ids)
+                        else:
+                            end = stream_safe(text, self.req.stop)
+                            if end > sent[index]:
+                                out.append(self.shaper.delta(index, text[sent[index]:end]))
+                                sent[index] = end
+                if out:
+                    yield self.shaper.chunk(out)
+            if self.req.include_usage:
+                n_prompt = sum(len(ids) for ids in self.all_ids)
+                yield self.shaper.usage({"prompt_tokens": n_prompt, "completion_tokens": self.n_gen,
+                                         "total_tokens": n_prompt + self.n_gen})
+            yield sse(b"[DONE]")
+        finally:
+            self.close()  # the client went away (or the server is stopping): its rows leave the batch
 
 
-ROUTES = {  # path -> (method, App method name)
-    "/health": ("GET", "health"),
-    "/v1/models": ("GET", "models"),
-    "/v1/completions": ("POST", "completions"),
-    "/v1/chat/completions": ("POST", "chat_completions"),
-}
+# -- the FastAPI application --------------------------------------------------------------------------------------
+def build_api(app: App) -> FastAPI:
+    """The HTTP routes of ``app``. Bodies are read here (``read_request``) and parsed by ``serve/schema.py``."""
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        app.close()  # after uvicorn has drained (or cancelled) the requests in flight
+
+    api = FastAPI(title="steerscale serve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat completions with per-request steering "
+                              "(`steer`) and inference-time scaling strategies (`strategy`). See docs/serving.md.")
+
+    async def read_request(request: Request, limit: int) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ApiError(413 if length.isdigit() else 400, f"the request body is over this server's limit of "
+                                                             f"{limit} bytes" if length.isdigit() else
+                           "bad Content-Length header", code="body_too_large" if length.isdigit() else None)
+        chunks, size = [], 0
+
+        async def receive():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
+                                   code="body_too_large")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive(), app.limits.body_timeout)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {app.limits.body_timeout:g} s",
+                           code="body_timeout") from None
+        return b"".join(chunks)
+
+    def authorize(request: Request) -> None:
+        if app.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), app.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           type="authentication_error", code="invalid_api_key")
+
+    def answer(payload, status: int = 200):
+        if isinstance(payload, Response):
+            return payload
+        return Response(to_json(payload), status_code=status, media_type="application/json")
+
+    @api.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        app.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @api.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return Response(to_json(exc.body()), status_code=exc.status, media_type="application/json",
+                        headers=exc.headers)
+
+    @api.exception_handler(SteerscaleError)
+    async def steerscale_error(_, exc: SteerscaleError):
+        msg = exc.problem + (f" (hint: {exc.hint})" if exc.hint else "")
+        return await api_error(_, ApiError(400, msg))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+        typ, code = kind.get(exc.status_code, ("invalid_request_error", None))
+        msg = (f"no route {request.method} {request.url.path}; see /docs" if exc.status_code == 404 else
+               f"{request.url.path} does not take {request.method}" if exc.status_code == 405 else str(exc.detail))
+        return await api_error(request, ApiError(exc.status_code, msg, type=typ, code=code))
+
+    @api.exception_handler(ClientGone)
+    async def client_gone(_, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it (nginx's code for "client closed the request")
+
+    @api.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # a bug: the log gets the traceback
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return await api_error(request, ApiError(500, "internal server error (details are in the server log)",
+                                                 type="server_error", code="internal_error"))
+
+    def body_doc(model) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    @api.get("/health", tags=["server"])
+    async def health():
+        return {"status": "ok", "running_rows": app.engine.scheduler.running,
+                "queue_depth": app.engine.scheduler.queue_depth}
+
+    @api.get("/metrics", tags=["server"], response_class=Response)
+    async def metrics():
+        return Response(app.metrics.render(), media_type=app.metrics.content_type)
+
+    @api.get("/v1/models", tags=["openai"])
+    async def models(request: Request):
+        authorize(request)
+        return answer(app.models())
+
+    @api.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        app.check_model(model_id)
+        return answer(app.model_card())
+
+    @api.post("/v1/completions", tags=["openai"], openapi_extra=body_doc(CompletionRequest))
+    async def completions(request: Request):
+        authorize(request)
+        body = read_body(CompletionRequest, await read_request(request, app.limits.max_body_bytes))
+        return answer(await app.completions(body, request))
+
+    @api.post("/v1/chat/completions", tags=["openai"], openapi_extra=body_doc(ChatRequest))
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = read_body(ChatRequest, await read_request(request, app.limits.max_body_bytes))
+        return answer(await app.chat_completions(body, request))
+
+    @api.get("/v1/steering/vectors", tags=["steering"])
+    async def list_vectors(request: Request):
+        authorize(request)
+        return answer(app.list_vectors())
+
+    @api.put("/v1/steering/vectors/{name}", tags=["steering"], openapi_extra={"requestBody": {
+        "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "a steerscale .safetensors vector or a llama.cpp control-vector .gguf (never pickle)"}})
+    async def upload_vector(name: str, request: Request):
+        authorize(request)
+        data = await read_request(request, app.limits.max_vector_bytes)
+        return answer(await app.blocking(app.upload_vector, name, data), 201)
+
+    @api.delete("/v1/steering/vectors/{name}", tags=["steering"])
+    async def delete_vector(name: str, request: Request):
+        authorize(request)
+        return answer(app.delete_vector(name))
+
+    default_openapi = api.openapi
+
+    def openapi() -> dict:
+        """FastAPI's schema plus the request models (read by hand, so FastAPI cannot see them)."""
+        if api.openapi_schema is None:
+            schema = default_openapi()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionRequest, ChatRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi
+    return api

@@ -1,85 +1,78 @@
-"""The HTTP front end of ``steerscale serve``: stdlib ``ThreadingHTTPServer``, JSON in and out, no streaming.
-
-Connections are handled on threads; each waits for its request's work on the engine loop, which batches them.
-"""
+"""Running the application under uvicorn: ``serve`` in the foreground (``steerscale serve``; SIGTERM/SIGINT drain
+the requests in flight for ``shutdown_timeout`` seconds, then cancel the rest and stop the engine loop), and
+``start_server`` on a background thread (tests, benches, notebooks)."""
 
 from __future__ import annotations
 
-import logging
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import asyncio
+import socket
+import threading
+import time
 
-from .app import ApiError, App, to_json
+import uvicorn
 
-log = logging.getLogger("steerscale.serve")
+from .app import App
 
-MAX_BODY = 32 * 1024 * 1024  # bytes; a request body is JSON text, never a model file
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients that make many small requests reuse one connection
-    server_version = "steerscale-serve"
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = to_json(payload)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _dispatch(self, method: str) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY:
-            self.close_connection = True  # the body was not read, so the connection cannot be reused
-            err = ApiError(413 if length > MAX_BODY else 400, f"bad Content-Length (at most {MAX_BODY} bytes)")
-            self._send(err.status, err.body())
-            return
-        body = self.rfile.read(length) if length else b""
-        status, payload = self.server.app.handle(method, self.path, body)
-        self._send(status, payload)
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        self._dispatch("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._dispatch("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._dispatch("DELETE")
-
-    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-        log.info("%s %s", self.address_string(), format % args)
+KEEP_ALIVE_S = 5  # idle keep-alive connections are closed after this
+MAX_CONNECTIONS = 1024  # open connections past this get a 503 from uvicorn (load, not a request's fault)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client must not keep the process alive at shutdown
-
-    def __init__(self, address, app: App):
-        self.app = app
-        super().__init__(address, _Handler)
+def _config(app: App, *, shutdown_timeout: float, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app.api, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                          limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=shutdown_timeout,
+                          access_log=False, lifespan="on")
 
 
-def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A bound, not yet running server (port 0: any free port, see ``server.server_address``)."""
-    return _Server((host, port), app)
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
-def serve(app: App, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted."""
-    server = make_server(app, host, port)
-    h, p = server.server_address[:2]
+def serve(app: App, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT."""
+    sock = _bind(host, port)
+    h, p = sock.getsockname()[:2]
     vectors = ", ".join(sorted(app.vectors)) or "none"
-    print(f"steerscale serve: {app.model_id} on http://{h}:{p}/v1 (vectors: {vectors})", flush=True)
+    print(f"steerscale serve: {app.model_id} on http://{h}:{p}/v1 (vectors: {vectors}; API docs: "
+          f"http://{h}:{p}/docs)", flush=True)
+    server = uvicorn.Server(_config(app, shutdown_timeout=shutdown_timeout, log_level=log_level))
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
         app.close()
+
+
+class ServerThread:
+    """``app`` served on a background thread: ``.url`` (ends in /v1), ``.port``, ``.close()``."""
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 5.0):
+        self.app = app
+        self.sock = _bind(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}/v1"
+        self.server = uvicorn.Server(_config(app, shutdown_timeout=shutdown_timeout, log_level="warning"))
+        self.server.install_signal_handlers = lambda: None  # signals belong to the main thread's program
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
+                                       name="steerscale-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the steerscale server thread did not start")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.app.close()
+
+
+def start_server(app: App, host: str = "127.0.0.1", port: int = 0) -> ServerThread:
+    """Serve ``app`` on a background thread (port 0: any free port); ``close()`` stops it."""
+    return ServerThread(app, host, port)

@@ -7,6 +7,12 @@ reasons) from what the engine generated. Nothing here parses requests or runs th
   counted from 0).
 * ``finish_reason`` is ``stop`` (EOS or a stop string) or ``length``; ``stop_reason`` (vLLM's field) names the stop
   string that ended the text, or is null (EOS, length).
+* Streaming (``stream: true``): server-sent events, one ``data: {chunk}`` per update and ``data: [DONE]`` last, in
+  OpenAI's ``text_completion`` / ``chat.completion.chunk`` shapes. Text still being generated is sent only up to
+  where it cannot change: a trailing partial UTF-8 character, or a tail that could begin a stop string, waits for
+  the next token.
+* ``logprobs.bytes`` (chat) are the token's own bytes: a byte-level BPE token that is part of a multi-byte
+  character has bytes that are not valid UTF-8 on their own, and its ``token`` string shows them as U+FFFD.
 """
 
 from __future__ import annotations
@@ -62,9 +68,19 @@ class Shaper:
 
     def __init__(self, tokenizer, decode, model_id: str):
         self.tokenizer, self.decode, self.model_id = tokenizer, decode, model_id
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.byte_level = any(piece.startswith("\u0120") for piece in vocab)  # GPT-2's spelling of a leading space
 
     def token_str(self, tid: int) -> str:
         return self.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def token_bytes(self, tid: int) -> list[int]:
+        """The bytes a token stands for. Byte-level BPE vocabularies (GPT-2 style, SmolLM2's) spell each byte as
+        one printable character; decoding one token alone loses a partial UTF-8 sequence, this does not."""
+        piece = self.tokenizer.convert_ids_to_tokens(tid) if self.byte_level else None
+        if isinstance(piece, str) and piece and all(ch in _BYTE_OF for ch in piece):
+            return [_BYTE_OF[ch] for ch in piece]
+        return list(self.token_str(tid).encode())
 
     def offsets(self, ids: list[int], base: int = 0) -> list[int]:
         """Start of each token in the decoded text (a prefix decode, so merged pieces and special tokens count
@@ -114,8 +130,7 @@ class Shaper:
         logprobs = None
         if req.top_logprobs is not None:
             def item(t, lp):
-                s = self.token_str(t)
-                return {"token": s, "logprob": clamp(lp), "bytes": list(s.encode())}
+                return {"token": self.token_str(t), "logprob": clamp(lp), "bytes": self.token_bytes(t)}
 
             logprobs = {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]}
                                     for t, lp, alts in self.token_rows(c, req)]}
@@ -143,6 +158,73 @@ class Shaper:
                              "failures": result.failures, "info": result.info,
                              "n_candidates": len(result.candidates)}
         return out
+
+
+def stream_safe(text: str, stops) -> int:
+    """How much of ``text`` (still growing) a stream can send now: not a trailing partial character (U+FFFD from
+    an incomplete UTF-8 sequence), not a tail that could be the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), hold, -1):
+            if text.startswith(s[:k], end - k):
+                hold = k
+                break
+    return end - hold
+
+
+def sse(payload) -> bytes:
+    """One server-sent event (``[DONE]`` as is, anything else as JSON)."""
+    return b"data: " + (payload if isinstance(payload, bytes) else to_json(payload)) + b"\n\n"
+
+
+class StreamShaper:
+    """The chunks of one streamed response: every chunk carries the same id, creation time and model."""
+
+    def __init__(self, model_id: str, *, chat: bool, include_usage: bool):
+        self.chat, self.include_usage = chat, include_usage
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                     "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                     "model": model_id}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        out = {**self.head, "choices": choices}
+        if self.include_usage:
+            out["usage"] = usage
+        return sse(out)
+
+    def role(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, index: int, text: str, cand: Candidate | None = None, stop_reason: str | None = None) -> dict:
+        """A choice's new text; with ``cand`` (finished) its finish and stop reasons too."""
+        finish = finish_reason(cand) if cand is not None else None
+        if self.chat:
+            return {"index": index, "delta": {"content": text} if text or cand is None else {}, "logprobs": None,
+                    "finish_reason": finish, **({"stop_reason": stop_reason} if cand is not None else {})}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}
+
+    def usage(self, usage: dict) -> bytes:
+        return self.chunk([], usage)
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte -> printable character map, inverted (the spelling byte-level BPE vocabularies use)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_table()
 
 
 def _plain(obj: Any):

@@ -29,7 +29,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from ..engine.runtime import Intervention, intervene
 from ..engine.scope import Scope, TokenScope
 from ..errors import SteerscaleError
 from ..scale.backend import Candidate, FinishReason, SamplingParams, find_stop
+from ..scale.budget import Budget
 from ..scale.local import LocalBackend
 
 SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
@@ -47,36 +48,57 @@ SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
 @dataclass
 class Job:
     """``n`` sequences of one prompt (its token ids), with sampling parameters, a seed, and steering as
-    ``(vector, scale)`` pairs applied in order at ``scope``. Its future gives the ``n`` finished ``Candidate``s.
-    The ``n`` rows draw from one generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives
-    the tokens ``LocalBackend`` gives."""
+    ``(vector, scale)`` or ``(vector, scale, scope)`` entries applied in order (``scope`` is the default scope of
+    entries that name none). Its future gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one
+    generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives the tokens ``LocalBackend``
+    gives.
+
+    ``budget`` (optional): the ledger that pays for the job's tokens, bought step by step as ``LocalBackend`` buys
+    them (rows it cannot pay for end with ``FinishReason.BUDGET``). ``on_update`` (optional) is called on the engine
+    thread after every step that gave the job tokens and when it finishes (a streaming response wakes on it): it
+    must be quick and must not raise."""
 
     prompt_ids: list[int]
     params: SamplingParams
     seed: int | None = None
-    steer: Sequence[tuple[object, float]] = ()
+    steer: Sequence[tuple] = ()
     scope: TokenScope | str = "all"
     n: int = 1
+    budget: Budget | None = None
+    n_params: int = 0
+    on_update: Callable[[], None] | None = field(default=None, repr=False)
     future: Future = field(default_factory=Future, repr=False)
     cancelled: bool = False
     # engine state, set when the job is admitted
     cands: list = field(default_factory=list, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
     last_logits: torch.Tensor | None = field(default=None, repr=False)  # (n, V): each row's latest distribution
+    held: list = field(default_factory=list, repr=False)  # per row: text decoded before min_tokens was reached
 
     def __post_init__(self):
         if not isinstance(self.n, int) or self.n < 1:
             raise SteerscaleError(f"n must be a positive integer, got {self.n!r}")
-        self.scope = TokenScope.parse(self.scope)
-        if self.scope.kind not in SCHEDULED_SCOPES:
-            raise SteerscaleError(f"token scope {self.scope!r} is not supported by the batching scheduler",
-                                  "use all, prompt or generated")
+        self.scope = _scheduled_scope(self.scope)
+        self.steer = [(entry[0], entry[1], _scheduled_scope(entry[2]) if len(entry) > 2 else self.scope)
+                      for entry in self.steer]
         if not self.prompt_ids:
             raise SteerscaleError("a job needs at least one prompt token")
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary; the future ends with what was generated so far."""
         self.cancelled = True
+
+    def notify(self) -> None:
+        if self.on_update is not None:
+            self.on_update()
+
+
+def _scheduled_scope(scope) -> TokenScope:
+    scope = TokenScope.parse(scope)
+    if scope.kind not in SCHEDULED_SCOPES:
+        raise SteerscaleError(f"token scope {scope!r} is not supported by the batching scheduler",
+                              "use all, prompt or generated")
+    return scope
 
 
 @dataclass
@@ -111,11 +133,21 @@ class Scheduler:
         self._closed = False
         self.steps = 0  # decoding steps run (each one forward pass for the whole batch)
 
+    @property
+    def queue_depth(self) -> int:
+        """Jobs submitted and not yet admitted to the batch."""
+        return self.waiting.qsize() + (self._next is not None)
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch."""
+        return len(self.rows)
+
     # -- requests ---------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
         if self._closed:
             raise SteerscaleError("the server is shutting down", "retry on another replica or later")
-        for vector, scale in job.steer:
+        for vector, scale, _ in job.steer:
             vector.check_compatible(self.layout)
             if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
                 raise SteerscaleError(f"steering scale must be a finite number, got {scale!r}")
@@ -167,8 +199,7 @@ class Scheduler:
                 self.step()
             except Exception as exc:  # a failed forward fails the batch it ran (a server error), never the loop
                 for row in self.rows:
-                    if not row.job.future.done():
-                        row.job.future.set_exception(exc)
+                    _fail(row.job, exc)
                 self.rows, self._cache, self._mask, self._logits = [], None, None, None
 
     def call(self, fn) -> Future:
@@ -201,11 +232,23 @@ class Scheduler:
                     self._finish(job, i, FinishReason.CANCELLED)
                 continue
             # every row of the job draws, finished ones from their last distribution, as LocalBackend draws them
-            tok, lp = self.base.choose(job.last_logits, job.params, job.generator)
-            for i, b in members:
-                if self._accept(job, i, int(tok[i]), float(lp[i])):
+            history = {}
+            if job.params.has_processors:  # what the logits processors read: each row's prompt and output so far
+                history = {"eos_ids": self.base.eos_ids, "prompt_ids": [job.prompt_ids] * job.n,
+                           "output_ids": [c.token_ids for c in job.cands]}
+            try:
+                tok, lp = self.base.choose(job.last_logits, job.params, job.generator, **history)
+            except Exception as exc:  # this request's sampling failed (a server error): it alone leaves
+                _fail(job, exc)
+                continue
+            granted = self._buy(job, len(members))
+            for rank, (i, b) in enumerate(members):
+                if rank >= granted:  # the budget pays for no more tokens: this row ends here
+                    self._finish(job, i, FinishReason.BUDGET)
+                elif self._accept(job, i, int(tok[i]), float(lp[i])):
                     keep.append(b)
                     fed.append(int(tok[i]))
+            job.notify()
         order = sorted(range(len(keep)), key=keep.__getitem__)  # rows keep their batch order
         keep, fed = [keep[k] for k in order], [fed[k] for k in order]
         self._select(keep)
@@ -219,6 +262,15 @@ class Scheduler:
                              logits_to_keep=1)
         self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
         self.steps += 1
+
+    @staticmethod
+    def _buy(job: Job, live: int) -> int:
+        """How many of the job's ``live`` rows its budget pays a token for (all of them without a budget)."""
+        if job.budget is None:
+            return live
+        if job.budget.exhausted:  # wall time: checked here, between tokens, as LocalBackend checks it
+            return 0
+        return job.budget.buy_tokens(live, job.n_params)
 
     def _run_calls(self) -> None:
         while not self._calls.empty():
@@ -250,13 +302,12 @@ class Scheduler:
             try:
                 self._prefill(job)
             except Exception as exc:  # this request's prefill failed (a server error): it alone fails
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                _fail(job, exc)
 
     def _prefill(self, job: Job) -> None:
         """Encode ``job``'s prompt alone under its steering and join its ``n`` rows to the batch."""
         ids = torch.tensor([job.prompt_ids], device=self.base.device)
-        edits = [iv for vector, scale in job.steer for iv in vector.interventions(scale, job.scope)]
+        edits = [iv for vector, scale, scope in job.steer for iv in vector.interventions(scale, scope)]
         with intervene(self.layout, edits, prompt_width=len(job.prompt_ids)) if edits else contextlib.nullcontext():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                              logits_to_keep=1)
@@ -264,6 +315,7 @@ class Scheduler:
         job.generator.manual_seed(int(job.seed) if job.seed is not None
                                   else int(torch.randint(0, 2**31 - 1, ()).item()))
         job.cands = [Candidate() for _ in range(job.n)]
+        job.held = [0] * job.n
         logits = out.logits[:, -1].float().expand(job.n, -1)
         job.last_logits = logits.clone()
         rows = torch.zeros(job.n, dtype=torch.long, device=self.base.device)  # the prompt encoded once
@@ -310,7 +362,10 @@ class Scheduler:
         if token in self.base.eos_ids:
             return self._finish(job, i, FinishReason.EOS)
         text = self.base.decode(c.token_ids)
-        cut = find_stop("", text, params.stop)
+        if len(c.token_ids) < params.min_tokens:  # too early for a stop string to end the row
+            job.held[i], cut = len(text), -1
+        else:  # a stop string counts when it ends past the text held back (as LocalBackend._accept counts it)
+            cut = find_stop("", text, params.stop, job.held[i])
         if cut >= 0:
             c.text = text[:cut]
             return self._finish(job, i, FinishReason.STOP)
@@ -330,6 +385,7 @@ class Scheduler:
             c.steps = [c.text] if c.token_ids else []
         if all(x.finished for x in job.cands) and not job.future.done():
             job.future.set_result(job.cands)
+            job.notify()
         return False
 
     def _decode_edits(self) -> list[Intervention]:
@@ -338,9 +394,9 @@ class Scheduler:
         slots: dict[tuple[int, object], torch.Tensor] = {}
         order: list[tuple[int, object]] = []
         for b, row in enumerate(self.rows):
-            if row.job.scope.kind is Scope.PROMPT:
-                continue
-            for k, (vector, scale) in enumerate(row.job.steer):
+            for k, (vector, scale, scope) in enumerate(row.job.steer):
+                if scope.kind is Scope.PROMPT:
+                    continue
                 for site, direction in vector.directions.items():
                     key = (k, site)
                     if key not in slots:
@@ -351,6 +407,8 @@ class Scheduler:
         return [Intervention(site, Add(slots[(k, site)], 1.0)) for k, site in order]
 
 
-def _fail(job: Job, message: str) -> None:
+def _fail(job: Job, error: str | BaseException) -> None:
+    """End ``job`` with ``error`` (a message: a ``SteerscaleError``) unless it already ended."""
     if not job.future.done():
-        job.future.set_exception(SteerscaleError(message))
+        job.future.set_exception(SteerscaleError(error) if isinstance(error, str) else error)
+        job.notify()

@@ -1,6 +1,11 @@
-"""Where a request is parsed: OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` bodies (and steerscale's
-``steer`` and ``strategy`` extension fields) read into a checked ``GenRequest``, or an ``ApiError`` (a 4xx with
-OpenAI's error object naming the field). Nothing here touches the model.
+"""Where a request is parsed: the pydantic models of OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` bodies
+(with steerscale's ``steer`` and ``strategy`` extension fields), read into a checked ``GenRequest``, or an
+``ApiError`` (a 4xx with OpenAI's error object naming the field). Nothing here touches the model.
+
+The models are strict and closed: a field of the wrong JSON type, a non-finite number, a value out of range or a
+field this server does not know is a 400 naming it. OpenAI fields steerscale cannot honour (``tools``,
+``response_format`` other than text, ``suffix``, ...) are rejected when set to anything but their no-op value,
+never silently ignored. The same models document the API (``/openapi.json``).
 
 The ``strategy`` field becomes a ``StrategySpec`` here (``StrategySpec.from_json``), so an unknown strategy,
 verifier or knob, a mistyped knob or a malformed budget is a 400 naming the field before any model work; the
@@ -10,10 +15,10 @@ names that the strategy takes.
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import SteerscaleError
 from ..scale.backend import SamplingParams
@@ -21,10 +26,10 @@ from ..scale.spec import StrategySpec
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_STOPS = 16
-VECTOR_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-# OpenAI fields we accept but cannot honour: rejected when set to anything but their no-op value, never ignored
-UNSUPPORTED = {"stream": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0, 0.0),
-               "frequency_penalty": (0, 0.0), "best_of": (1,), "tools": ([],)}
+MAX_STOP_CHARS = 256
+MAX_STEER_ENTRIES = 16
+MAX_STEER_SCALE = 1e3  # |scale|: far past any useful strength, far short of overflowing a float32 activation
+VECTOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
 REQUEST_KNOBS = ("max_tokens", "temperature", "top_p", "stop", "seed")  # request fields a strategy inherits
 
 
@@ -32,9 +37,10 @@ class ApiError(Exception):
     """An error the client sees: an HTTP status and OpenAI's error object."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -44,126 +50,194 @@ def bad(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-# -- reading request fields ------------------------------------------------------------------------------------
-_KINDS = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "bool": ("a boolean", lambda v: isinstance(v, bool)),
-    "list": ("an array", lambda v: isinstance(v, list)),
-    "dict": ("an object", lambda v: isinstance(v, dict)),
-}
+# -- the request models ------------------------------------------------------------------------------------------
+class Strict(BaseModel):
+    """JSON types as written (no "5" for 5, no 5.0 for an int), finite numbers only, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def read(body: dict, key: str, kind: str, default=None):
-    """``body[key]`` if it has JSON type ``kind``; absent or null: ``default``; any other type: a 400."""
-    value = body.get(key)
-    if value is None:
-        return default
-    what, ok = _KINDS[kind]
-    if not ok(value):
-        raise bad(key, f"'{key}' must be {what}, got {json.dumps(value)[:60]}")
-    return value
+class SteerEntry(Strict):
+    """One steering vector registered on the server, its scale, and which tokens it edits."""
+
+    vector: str = Field(pattern=VECTOR_NAME, description="name of a vector registered on the server "
+                                                         "(GET /v1/steering/vectors)")
+    scale: float = Field(1.0, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE)
+    scope: Literal["all", "prompt", "generated"] = Field(
+        "all", description="edit the prompt and generated tokens, the prompt only, or generated tokens only")
 
 
-def read_int(body, key, default, low, high=None):
-    value = read(body, key, "int", default)
-    if value is not None and (value < low or (high is not None and value > high)):
-        rng = f">= {low}" if high is None else f"between {low} and {high}"
-        raise bad(key, f"'{key}' must be {rng}, got {value}")
-    return value
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
-def read_number(body, key, default, low, high=None, *, open_low=False):
-    value = read(body, key, "number", default)
-    if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high):
-        rng = f"{'>' if open_low else '>='} {low}" + ("" if high is None else f" and <= {high}")
-        raise bad(key, f"'{key}' must be a finite number {rng}, got {value}")
-    return value
+class ResponseFormat(Strict):
+    type: Literal["text"] = Field(description="only plain text: JSON modes and schemas are not supported")
 
 
-def read_stop(body) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("stop", "'stop' must be a string or an array of strings")
-    if len(stops) > MAX_STOPS or any(not s for s in stops):
-        raise bad("stop", f"'stop' takes 1 to {MAX_STOPS} non-empty strings")
-    return tuple(stops)
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-def check_unsupported(body: dict) -> None:
-    for key, noop in UNSUPPORTED.items():
-        if key in body and body[key] is not None and body[key] not in noop:
-            raise bad(key, f"'{key}' is not supported by steerscale serve")
+class _Common(Strict):
+    """Fields both endpoints take."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0, description="new tokens per choice (the server caps it)")
+    temperature: float = Field(1.0, ge=0, le=100, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1: off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit")
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    n: int = Field(1, ge=1)
+    stop: Stop | list[Stop] | None = None
+    include_stop_str_in_output: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    add_special_tokens: bool | None = None
+    steer: list[SteerEntry] = Field(default_factory=list, max_length=MAX_STEER_ENTRIES,
+                                    description="steerscale: this request's steering vectors, applied in order")
+    strategy: dict[str, Any] | None = Field(
+        None, description='steerscale: an inference-time scaling strategy, e.g. {"name": "best_of_n", "n": 8, '
+                          '"verifier": "self_eval", "budget": "tokens=4000"}; its knobs as fields')
+    # OpenAI fields with no steerscale meaning: accepted only at their no-op value
+    best_of: Literal[1] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
 
 
+class CompletionRequest(_Common):
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="a text, several texts, or token ids (one list, or one list per prompt)")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: Literal[""] | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# -- the checked request the engine runs ------------------------------------------------------------------------
 @dataclass
 class GenRequest:
     """A validated completions / chat completions request (one or more prompts, not yet chat-formatted)."""
 
-    prompts: list  # completions: raw texts; chat: one list of messages
-    max_tokens: int  # 0: score the prompt only (echo)
-    temperature: float
-    top_p: float
+    prompts: list  # completions: texts or token-id lists; chat: one list of {"role", "content"} messages
+    max_tokens: int | None  # None: the endpoint's default (cut to the context); 0: score the prompt only (echo)
     n: int
-    stop: tuple[str, ...]
     seed: int | None
     top_logprobs: int | None  # None: no log-probs; k: the k most likely tokens at each position
     echo: bool
     add_special_tokens: bool
-    steer: list[tuple[str, float]]
+    steer: list[tuple[str, float, str]]  # (vector name, scale, scope)
     strategy: StrategySpec | None
+    stream: bool
+    include_usage: bool
+    include_stop: bool  # include_stop_str_in_output
+    sampling: dict = field(default_factory=dict)  # SamplingParams fields besides max_tokens
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              stop=self.stop, step=None)
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.sampling.get("stop", ())
 
-
-def read_steer(body: dict, vectors: dict) -> list[tuple[str, float]]:
-    steer = read(body, "steer", "list", [])
-    out = []
-    for item in steer:
-        if not isinstance(item, dict) or set(item) - {"vector", "scale"} or not isinstance(item.get("vector"), str):
-            raise bad("steer", 'each steer entry is {"vector": NAME, "scale": NUMBER}')
-        name = item["vector"]
-        if name not in vectors:
-            known = ", ".join(sorted(vectors)) or "(none: start the server with --vector NAME=PATH)"
-            raise bad("steer", f"unknown steering vector {name!r}; this server has: {known}")
-        scale = read_number(item, "scale", 1.0, -math.inf)
-        out.append((name, scale))
-    return out
+    def params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, step=None, **self.sampling)
 
 
-def read_common(body: dict, *, max_n: int, vectors: dict, default_max_tokens: int, max_tokens_key: str) -> dict:
-    check_unsupported(body)
-    max_tokens = read_int(body, max_tokens_key, None, 0)
-    if max_tokens is None:
-        max_tokens = read_int(body, "max_tokens", default_max_tokens, 0)
-    seed = read_int(body, "seed", None, 0, 2**63 - 1)
-    out = dict(max_tokens=max_tokens, temperature=read_number(body, "temperature", 1.0, 0.0),
-               top_p=read_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True), n=read_int(body, "n", 1, 1, max_n),
-               stop=read_stop(body), seed=seed, steer=read_steer(body, vectors))
-    given = {k for k, v in body.items() if v is not None}
-    inherit = {k: (list(out["stop"]) if k == "stop" else out[k]) for k in REQUEST_KNOBS if k in given}
-    out["strategy"] = read_strategy(body, inherit)
-    return out
+def read_body(model: type[Strict], raw: bytes) -> Strict:
+    """``raw`` JSON as ``model``, or a 400 naming the first bad field (pydantic's JSON parser: no recursion limit
+    to hit, no NaN, no lone surrogates)."""
+    try:
+        return model.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
 
 
-def read_strategy(body: dict, inherit: dict) -> StrategySpec | None:
+def _validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+    param = ".".join(loc) or None
+    if err["type"] == "json_invalid":
+        return bad(None, f"the request body is not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')})")
+    if err["type"] == "model_type" and not loc:
+        return bad(None, "the request body must be a JSON object")
+    if err["type"] == "extra_forbidden":
+        return bad(param, f"unknown field {param!r}: this server does not support it (see /docs for the fields)")
+    if err["type"] == "missing":
+        return bad(param, f"missing required field {param!r}")
+    got = repr(err.get("input"))[:60]
+    return bad(param, f"{param or 'body'}: {err['msg']} (got {got})")
+
+
+def _is_union_tag(part) -> bool:  # pydantic names the union member it tried: "str", "list[str]", "function-..."
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part)
+
+
+def _common(body: _Common, vectors) -> dict:
+    if body.stream_options is not None and not body.stream:
+        raise bad("stream_options", "'stream_options' needs 'stream': true")
+    steer = []
+    for e in body.steer:
+        if e.vector not in vectors:
+            known = ", ".join(sorted(vectors)) or "(none: register one with --vector or PUT /v1/steering/vectors/NAME)"
+            raise bad("steer", f"unknown steering vector {e.vector!r}; this server has: {known}")
+        steer.append((e.vector, e.scale, e.scope))
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOPS:
+        raise bad("stop", f"'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise bad("logit_bias", f"logit_bias keys are token ids written as strings, got {key!r}")
+        bias[int(key)] = value
+    sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), min_p=body.min_p,
+                    repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                    logit_bias=tuple(sorted(bias.items())), stop=stop)
+    given = body.model_fields_set
+    inherit = {k: (list(stop) if k == "stop" else getattr(body, k)) for k in REQUEST_KNOBS if k in given
+               and getattr(body, k) is not None}
+    strategy = read_strategy(body.strategy, inherit)
+    if strategy is not None and body.stream:
+        raise bad("stream", "a strategy answers once, when it has chosen: send it with 'stream': false")
+    return dict(n=body.n, seed=body.seed, steer=steer, strategy=strategy, stream=body.stream,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                include_stop=body.include_stop_str_in_output, sampling=sampling)
+
+
+def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
     """The ``strategy`` field as a checked ``StrategySpec`` (None when absent); any problem is a 400 naming it."""
-    strategy = read(body, "strategy", "dict")
     if strategy is None:
         return None
     if not isinstance(strategy.get("name"), str):
         raise bad("strategy", "'strategy' needs a \"name\" (e.g. best_of_n, majority, beam_search)")
+    scalars = (str, int, float, bool, type(None))
     for key, value in strategy.items():
-        scalars = (str, int, float, bool, type(None))
         if key in ("verifier_opts", "verifier_options", "reference", "budget"):
             continue
         if not isinstance(value, scalars) and not (isinstance(value, list) and all(isinstance(v, scalars)
@@ -175,76 +249,59 @@ def read_strategy(body: dict, inherit: dict) -> StrategySpec | None:
         raise bad("strategy", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
 
 
-def parse_completion(body: dict, *, max_n: int, vectors: dict) -> GenRequest:
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise bad("prompt", "'prompt' must be a string or a non-empty array of strings (token-id prompts are not "
-                            "supported)")
-    if len(prompts) > max_n:
-        raise bad("prompt", f"{len(prompts)} prompts in one request; this server takes at most {max_n}")
-    common = read_common(body, max_n=max_n, vectors=vectors, default_max_tokens=16, max_tokens_key="max_tokens")
-    if len(prompts) * common["n"] > max_n:
-        raise bad("n", f"{len(prompts)} prompts x n={common['n']} choices; this server returns at most {max_n}")
-    echo = read(body, "echo", "bool", False)
-    k = read_int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    if common["max_tokens"] == 0 and not echo:
+def parse_completion(body: CompletionRequest, *, max_n: int, vectors) -> GenRequest:
+    p = body.prompt
+    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
+        prompts = [p]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
+    if len(prompts) * body.n > max_n:
+        raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
+    common = _common(body, vectors)
+    k = body.logprobs
+    if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
-    if common["strategy"] is not None and (len(prompts) != 1 or common["n"] != 1 or echo or k is not None):
-        raise bad("strategy", "a strategy answers one prompt with one choice: drop n, echo and logprobs, and put the "
-                              "strategy's own n inside \"strategy\"")
-    return GenRequest(prompts, top_logprobs=k, echo=echo,
-                      add_special_tokens=read(body, "add_special_tokens", "bool", True), **common)
+    if common["strategy"] is not None and (len(prompts) != 1 or body.n != 1 or body.echo or k is not None
+                                           or not isinstance(prompts[0], str)):
+        raise bad("strategy", "a strategy answers one text prompt with one choice: drop n, echo and logprobs, and "
+                              "put the strategy's own n inside \"strategy\"")
+    if body.stream and (body.echo or k is not None):
+        raise bad("stream", "streaming sends the generated text only: use 'stream': false for echo or log-probs")
+    return GenRequest(prompts, max_tokens=body.max_tokens if body.max_tokens is not None else 16, top_logprobs=k,
+                      echo=body.echo, add_special_tokens=True if body.add_special_tokens is None
+                      else body.add_special_tokens, **common)
 
 
-def read_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages", "'messages' must be a non-empty array of {\"role\", \"content\"} objects")
+def chat_messages(body: ChatRequest) -> list[dict]:
+    """The messages as ``{"role", "content"}`` dicts for a chat template (``developer`` is OpenAI's newer name for
+    ``system``; text parts are joined)."""
     out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise bad("messages", "each message needs a role: system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad("messages", "only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad("messages", "message content must be a string (or text parts)")
-        out.append({"role": m["role"], "content": content})
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
 
-def parse_chat(body: dict, *, max_n: int, vectors: dict) -> GenRequest:
-    messages = read_messages(body)
-    common = read_common(body, max_n=max_n, vectors=vectors, default_max_tokens=256,
-                         max_tokens_key="max_completion_tokens")
-    if common["max_tokens"] == 0:
+def parse_chat(body: ChatRequest, *, max_n: int, vectors) -> GenRequest:
+    if body.n > max_n:
+        raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
+    messages = chat_messages(body)
+    common = _common(body, vectors)
+    if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
-    want = read(body, "logprobs", "bool", False)
-    k = read_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-    if k is not None and not want:
+    if body.top_logprobs is not None and not body.logprobs:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    if body.stream and body.logprobs:
+        raise bad("stream", "streaming sends the generated text only: use 'stream': false for log-probs")
     if common["strategy"] is not None:
-        if common["n"] != 1 or want:
+        if body.n != 1 or body.logprobs:
             raise bad("strategy", "a strategy answers with one choice: drop n and logprobs (the strategy's own n goes "
                                   "inside \"strategy\")")
         if len(messages) != 1 or messages[0]["role"] != "user":
             raise bad("messages", "with a strategy, send one user message (the strategy formats it with the chat "
                                   "template, as `steerscale solve` does)")
-    return GenRequest([messages], top_logprobs=(k or 0) if want else None, echo=False,
-                      add_special_tokens=read(body, "add_special_tokens", "bool", False), **common)
-
-
-def parse_json(body: bytes) -> dict:
-    try:
-        data = json.loads(body.decode("utf-8") if body else "")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(None, f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise bad(None, "the request body must be a JSON object")
-    return data
-
-
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return GenRequest([messages], max_tokens=max_tokens, top_logprobs=(body.top_logprobs or 0) if body.logprobs
+                      else None, echo=False, add_special_tokens=bool(body.add_special_tokens), **common)
