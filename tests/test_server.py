@@ -212,6 +212,50 @@ def test_an_aborted_stream_leaves_the_batch_and_the_next_request_is_served(srv, 
         assert status == 200 and time.monotonic() - t < 5
 
 
+def test_a_client_that_hangs_up_before_the_answer_is_cancelled(srv, parts):
+    sched = srv.app.engine.scheduler
+    with Slow(parts[0], 0.03):
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "go", "max_tokens": 100, "ignore_eos": True}),
+                     {"Content-Type": "application/json"})
+        assert wait_until(lambda: sched.running == 1, 5)
+        steps = sched.steps
+        conn.sock.shutdown(2)
+        conn.close()
+        assert wait_until(lambda: sched.running == 0, 5) and sched.steps - steps < 40
+        assert wait_until(lambda: srv.app.pending == 0, 5)
+
+
+def test_half_sent_requests_do_not_block_the_server(srv):
+    import socket
+
+    socks = []
+    for i in range(100):  # headers that never end, and bodies that never arrive
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + (b"Content-Length: 50\r\n\r\n{" if i % 2 else b""))
+        socks.append(s)
+    try:
+        t = time.monotonic()
+        status, out, _ = call(srv, "/v1/completions", {"prompt": "ok", "max_tokens": 3})
+        assert status == 200 and time.monotonic() - t < 5
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_chunked_body_is_read_once(srv):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    body = json.dumps({"prompt": "chunks", "max_tokens": 4, "temperature": 0}).encode()
+    conn.request("POST", "/v1/completions", body=iter([body[:10], body[10:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    out = json.loads(resp.read())
+    assert resp.status == 200 and len(out["choices"]) == 1
+    conn.request("GET", "/health")  # the same connection: nothing of the body was left unread
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
 def test_a_request_past_its_timeout_is_cancelled(parts):
     model, layout, tok, _ = parts
     server = start_server(App(model, tok, layout, model_id="tiny", limits=Limits(request_timeout=0.3)))
@@ -364,6 +408,35 @@ def test_sampling_extras_over_http(srv):
     assert text(temperature=0, repetition_penalty=1.5)["text"] != greedy or True  # runs; the unit tests check math
 
 
+def test_stop_strings_min_tokens_and_include_stop_str(srv):
+    def first(**kw):
+        status, out, _ = call(srv, "/v1/completions", {"prompt": "Hello", "max_tokens": 20, "temperature": 0, **kw})
+        assert status == 200, out
+        return out["choices"][0]
+
+    free = first(ignore_eos=True)["text"]
+    stop = free[2]
+    cut = first(stop=[stop], ignore_eos=True)
+    assert cut["text"] == free[:free.index(stop)] and cut["stop_reason"] == stop
+    kept = first(stop=[stop], ignore_eos=True, include_stop_str_in_output=True)
+    assert kept["text"] == cut["text"] + stop
+    late = first(stop=[stop], ignore_eos=True, min_tokens=free.index(stop) + 2)
+    assert len(late["text"]) > len(cut["text"])  # the early stop string did not count before min_tokens
+
+
+def test_the_remote_backend_sends_the_sampling_extras(srv, parts):
+    from steerscale.scale.remote import OpenAIBackend
+    from steerscale import SteerscaleError
+
+    model, layout, tok, _ = parts
+    remote = OpenAIBackend(srv.url, "tiny", timeout=30)
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=1, step=None)
+    want = LocalBackend(model, tok, layout, chat=False).sample("The cat", 1, params.with_(temperature=0), Budget())
+    assert remote.sample("The cat", 1, params, Budget(), seed=1)[0].text == want[0].text
+    with pytest.raises(SteerscaleError, match="min_tokens"):
+        remote.sample("The cat", 1, params.with_(min_tokens=2), Budget())
+
+
 def test_logprob_bytes_are_the_tokens_own_bytes():
     class ByteLevel:  # GPT-2 style pieces: "\u0120" is a space, "\u00c3\u00a9" the two bytes of "é"
         def get_vocab(self):
@@ -425,7 +498,7 @@ def test_fuzzed_requests_never_get_a_server_error(srv):
     assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 0  # mostly refused, some valid
     after = call(srv, "/v1/completions", {"prompt": "ok", "max_tokens": 6, "temperature": 0})[1]["choices"]
     assert after == expected
-    assert srv.app.engine.scheduler.running == 0 and srv.app.pending == 0
+    assert wait_until(lambda: srv.app.engine.scheduler.running == 0 and srv.app.pending == 0, 5)
 
 
 # -- shutdown -------------------------------------------------------------------------------------------------

@@ -375,6 +375,31 @@ class Stream:
             self.close()  # the client went away (or the server is stopping): its rows leave the batch
 
 
+class CountRequests:
+    """ASGI middleware: every response counted by route and status (a plain ASGI wrapper: Starlette's
+    ``BaseHTTPMiddleware`` would hide a client's disconnect from the endpoint, and with it cancellation)."""
+
+    def __init__(self, asgi, metrics: Metrics):
+        self.asgi, self.metrics = asgi, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        status = 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.asgi(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
 # -- the FastAPI application --------------------------------------------------------------------------------------
 def build_api(app: App) -> FastAPI:
     """The HTTP routes of ``app``. Bodies are read here (``read_request``) and parsed by ``serve/schema.py``."""
@@ -426,12 +451,7 @@ def build_api(app: App) -> FastAPI:
             return payload
         return Response(to_json(payload), status_code=status, media_type="application/json")
 
-    @api.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        app.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    api.add_middleware(CountRequests, metrics=app.metrics)
 
     @api.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
