@@ -22,6 +22,9 @@ new tokens. The 16 requests: each of the 8 ``PROMPTS`` once unsteered and once s
 * ``mismatches``: answers of every concurrent run (and of the probes) that differ from the same request's
   serial answer; greedy decoding must not depend on the batch, steered or not. Should be 0.
 
+* the ceiling: before the server starts, one bare decoding forward pass of the model at batch 1, 8 and 16
+  (``decode_step_ms``): ``forward_ceiling8 = 8 x t1 / t8`` is the most any batching server can gain at 8 rows here.
+
 Decoding steps per run come from ``GET /metrics`` (Prometheus text, ``steerscale_*`` series) when the server has
 it. A readable table first; last line: one JSON object.
 
@@ -175,13 +178,38 @@ def random_vectors(model: str) -> dict:
 
     log(f"loading {model} to size the vectors ...")
     site = Site(SITE_LAYER, SiteKind.RESID_POST)
-    dim = load_model(model).layout.site_dim(site)
+    lm = load_model(model)
+    dim = lm.layout.site_dim(site)
+    CEILING.update(decode_step_ms(lm.model))
     g = torch.Generator().manual_seed(0)
     vectors = {}
     for name in ("v1", "v2"):
         d = torch.randn(dim, generator=g)
         vectors[name] = SteeringVector({site: VECTOR_NORM * d / d.norm()}, model_name=model)
     return vectors
+
+
+CEILING: dict = {}  # the model's own decode-step time per batch size, measured before the server starts
+
+
+def decode_step_ms(model, batches=(1, 8, 16), context: int = 60, repeats: int = 10) -> dict:
+    """Milliseconds of one bare decoding forward pass (no server, no sampling) at each batch size, with a KV cache
+    of ``context`` tokens: what batching can at best gain on this machine (``8 x t1 / t8``)."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for b in batches:
+            ids = torch.randint(0, 1000, (b, context))
+            cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            mask = torch.ones(b, context + 1, dtype=torch.long)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                model(input_ids=ids[:, :1], attention_mask=mask, position_ids=torch.full((b, 1), context),
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache.crop(-1)
+            out[b] = round((time.perf_counter() - t) / repeats * 1000, 1)
+    return out
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -325,6 +353,10 @@ def main() -> None:
         ["end to end" + ("" if probe["streamed"] else " (unstreamed)"), len(probe["e2e"]),
          percentile(probe["e2e"], 0.5), percentile(probe["e2e"], 0.99), sum(probe["e2e"]) / len(probe["e2e"])]]))
     print(f"mismatches: {mismatches} ({', '.join(f'{k} {v}' for k, v in by_run.items())})")
+    if CEILING:
+        print(f"bare decoding step (no server) at batch 1 / 8 / 16: {CEILING[1]} / {CEILING[8]} / {CEILING[16]} ms: "
+              f"batching can at best give x{8 * CEILING[1] / CEILING[8]:.2f} at 8 rows, "
+              f"x{16 * CEILING[1] / CEILING[16]:.2f} at 16")
     for note in notes:
         print(f"note: {note}")
 
@@ -333,6 +365,9 @@ def main() -> None:
         "quick": args.quick, "server_threads": args.threads, "requests": N_REQUESTS, "probes": n_probes,
         "vectors": f"2 random directions at block {SITE_LAYER}, norm {VECTOR_NORM}",
         "concurrent8_vs_serial": r3(c8), "concurrent16_vs_serial": r3(c16), "mixed_vs_plain": r3(mixed),
+        "decode_step_ms": CEILING or None,
+        "forward_ceiling8": r3(8 * CEILING[1] / CEILING[8]) if CEILING else None,
+        "forward_ceiling16": r3(16 * CEILING[1] / CEILING[16]) if CEILING else None,
         "ttft_p50_s": r3(percentile(ttft, 0.5)), "ttft_p99_s": r3(percentile(ttft, 0.99)),
         "e2e_p50_s": r3(percentile(probe["e2e"], 0.5)), "e2e_p99_s": r3(percentile(probe["e2e"], 0.99)),
         "streaming": probe["streamed"], "mismatches": mismatches, "mismatches_by_run": by_run,

@@ -73,6 +73,36 @@ def logits_alone(model, tok, layout, job, prefix):
     return float(top[0] - top[1])
 
 
+def assert_as_alone(model, tok, layout, batch, futs, ref):
+    """Each job's tokens are the ones it got alone, but where the alone run's top-2 logits were a tie."""
+    for job, f, r in zip(batch, futs, ref):
+        got = f.result()[0]
+        if got.token_ids != r.token_ids:
+            k = next(i for i, (a, b) in enumerate(zip(got.token_ids, r.token_ids)) if a != b)
+            margin = logits_alone(model, tok, layout, job, r.token_ids[:k])
+            assert margin < MARGIN, f"token {k} differs with a top-2 margin of {margin}"
+        assert got.finish_reason == r.finish_reason and got.text == r.text
+
+
+def test_requests_arriving_together_share_one_prefill_and_get_what_they_get_alone(setup):
+    model, layout, tok, vecs = setup
+    ref = [alone(model, tok, layout, j)[0] for j in jobs(tok, vecs)]
+    sched = Scheduler(model, tok, layout, max_batch=8)
+    batch = jobs(tok, vecs)
+    futs = [sched.submit(j) for j in batch]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        sched.step()
+    finally:
+        handle.remove()
+    assert calls[0] == (len(batch), max(len(j.prompt_ids) for j in batch))  # one left-padded prefill for all
+    while not all(f.done() for f in futs):
+        sched.step()
+    assert_as_alone(model, tok, layout, batch, futs, ref)
+
+
 def test_mixed_batch_equals_each_request_alone(setup):
     model, layout, tok, vecs = setup
     free = alone(model, tok, layout, jobs(tok, vecs, stop=())[6])[0].text
@@ -91,13 +121,7 @@ def test_mixed_batch_equals_each_request_alone(setup):
     assert peak >= 5  # requests really shared forward passes
     longest = max(len(r.token_ids) for r in ref)
     assert sched.steps < sum(len(r.token_ids) for r in ref) and sched.steps <= longest + 2
-    for job, f, r in zip(batch, futs, ref):
-        got = f.result()[0]
-        if got.token_ids != r.token_ids:
-            k = next(i for i, (a, b) in enumerate(zip(got.token_ids, r.token_ids)) if a != b)
-            margin = logits_alone(model, tok, layout, job, r.token_ids[:k])
-            assert margin < MARGIN, f"token {k} differs with a top-2 margin of {margin}"
-        assert got.finish_reason == r.finish_reason and got.text == r.text
+    assert_as_alone(model, tok, layout, batch, futs, ref)
     # served alone, the scheduler decodes as the scaling engine does (plain and steered)
     for i, scale in ((0, None), (1, 1.0)):
         steering = vecs["a"].interventions(scale) if scale is not None else []

@@ -337,6 +337,7 @@ def test_vectors_upload_list_steer_and_delete(srv, parts, tmp_path):
     status, card, _ = call(srv, "/v1/steering/vectors/uploaded", raw=path.read_bytes(), method="PUT")
     assert status == 201 and card["id"] == "uploaded" and card["sites"] == [s.key() for s in vecs["a"].sites]
     assert "uploaded" in [v["id"] for v in call(srv, "/v1/steering/vectors")[1]["data"]]
+    assert call(srv, "/v1/steering/vectors/uploaded")[1] == card
     c = client(srv)
 
     def ask(name):
@@ -351,6 +352,7 @@ def test_vectors_upload_list_steer_and_delete(srv, parts, tmp_path):
     assert call(srv, "/v1/steering/vectors/bad%20name", raw=path.read_bytes(), method="PUT")[0] == 400
     assert call(srv, "/v1/steering/vectors/uploaded", method="DELETE")[1]["deleted"] is True
     assert call(srv, "/v1/steering/vectors/uploaded", method="DELETE")[0] == 404
+    assert call(srv, "/v1/steering/vectors/uploaded")[0] == 404
     with pytest.raises(openai.BadRequestError, match="unknown steering vector"):
         ask("uploaded")
 
@@ -406,6 +408,16 @@ def test_sampling_extras_over_http(srv):
     assert forced["text"] and set(forced["text"]) == {forced["text"][0]}
     assert text(temperature=0, ignore_eos=True, max_tokens=30)["finish_reason"] == "length"
     assert text(temperature=0, repetition_penalty=1.5)["text"] != greedy or True  # runs; the unit tests check math
+
+
+def test_a_strategy_inherits_the_requests_sampling_fields(srv, parts):
+    model, layout, tok, _ = parts
+    body = {"prompt": "12 + 3 =", "max_tokens": 6, "temperature": 1.0, "top_k": 1,
+            "logit_bias": {str(ord("q") % 96): 100}, "strategy": {"name": "majority", "n": 2, "seed": 1}}
+    status, out, _ = call(srv, "/v1/completions", body)
+    plain = call(srv, "/v1/completions", {k: v for k, v in body.items() if k != "strategy"})[1]
+    forced = set(plain["choices"][0]["text"])
+    assert status == 200 and len(forced) == 1 and set(out["choices"][0]["text"]) == forced  # the bias reached it
 
 
 def test_stop_strings_min_tokens_and_include_stop_str(srv):

@@ -214,6 +214,9 @@ class App:
 
     # -- the vector registry ----------------------------------------------------------------------------------
     def vector_card(self, name: str) -> dict:
+        if name not in self.vectors:
+            raise ApiError(404, f"no steering vector {name!r} on this server", param="name", type="not_found_error",
+                           code="vector_not_found")
         v = self.vectors[name]
         return {"id": name, "object": "steering_vector", "method": v.method, "model_name": v.model_name,
                 "sites": [s.key() for s in v.sites], "norms": v.norms}
@@ -247,9 +250,7 @@ class App:
         return self.vector_card(name)
 
     def delete_vector(self, name: str) -> dict:
-        if name not in self.vectors:
-            raise ApiError(404, f"no steering vector {name!r} on this server", param="name", type="not_found_error",
-                           code="vector_not_found")
+        self.vector_card(name)  # 404 when there is none
         del self.vectors[name]
         return {"id": name, "object": "steering_vector", "deleted": True}
 
@@ -521,6 +522,11 @@ def build_api(app: App) -> FastAPI:
     async def list_vectors(request: Request):
         authorize(request)
         return answer(app.list_vectors())
+
+    @api.get("/v1/steering/vectors/{name}", tags=["steering"])
+    async def get_vector(name: str, request: Request):
+        authorize(request)
+        return answer(app.vector_card(name))
 
     @api.put("/v1/steering/vectors/{name}", tags=["steering"], openapi_extra={"requestBody": {
         "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},

@@ -162,7 +162,8 @@ class Engine:
                       f"the prompt is {longest} tokens but the model's context window is {window}; shorten it")
         if req.max_tokens is None or req.max_tokens == 0:
             default = DEFAULT_MAX_TOKENS["chat" if chat else "completions"]
-            max_tokens = req.max_tokens if req.max_tokens == 0 else min(default, room or default)
+            max_tokens = req.max_tokens if req.max_tokens == 0 else min(default, room or default,
+                                                                        self.max_tokens_limit)
         else:
             max_tokens = req.max_tokens
             if max_tokens > self.max_tokens_limit:

@@ -1,14 +1,14 @@
 """Continuous batching with per-row steering: one engine loop owns the model and decodes every running request in
 one forward pass per token, each row with its own steering, sampling parameters, seed and stop strings.
 
-* A request (``Job``) joins at a decoding-step boundary: its prompt is prefilled alone (under its own steering,
-  scoped to the prompt as ``intervene`` scopes it), and its KV-cache row joins the running batch without
-  restarting the others (caches of different lengths are left-padded with masked columns, ``engine.kvcache``;
+* A request (``Job``) joins at a decoding-step boundary: its prompt is prefilled under its own steering (the
+  jobs that arrived together share one left-padded prefill pass; a job alone is encoded exactly as
+  ``LocalBackend`` encodes it), and its KV-cache rows join the running batch without restarting the others (caches of different lengths are left-padded with masked columns, ``engine.kvcache``;
   positions are counted from real tokens, so the padding is invisible). It leaves when it finishes (EOS, a stop
   string, ``max_tokens``, the context window) or is cancelled; its row is dropped before the next forward.
-* Steering per row: for the k-th steering entry of the rows, one ``Add`` per site with a ``(rows, dim)`` vector,
-  the row's ``scale x direction`` (zeros for rows without a k-th entry, and for rows whose scope excludes
-  generated tokens). A row's edits therefore run in the order its request gave them, exactly as alone, and an
+* Steering per row (``_row_edits``): for the k-th steering entry of the rows, one ``Add`` per site with a
+  ``(rows, dim)`` vector, the row's ``scale x direction`` (zeros for rows without a k-th entry, and for rows whose
+  entry's scope excludes the tokens of this pass). A row's edits therefore run in the order its request gave them, exactly as alone, and an
   unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with different vectors, share the pass.
 * Sampling per row: every row has its own ``torch.Generator`` seeded from its request, so seeded sampling gives the
   same tokens alone or in a batch. Greedy rows are argmax. Float rounding can still differ with the batch shape;
@@ -257,7 +257,8 @@ class Scheduler:
         inp = torch.tensor(fed, device=self.base.device)[:, None]
         pos = self._mask.sum(-1, keepdim=True)
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        with intervene(self.layout, self._decode_edits()):
+        edits = self._row_edits([row.job for row in self.rows], Scope.GENERATED)
+        with intervene(self.layout, edits):
             out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, cache=self._cache, use_cache=True,
                              logits_to_keep=1)
         self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
@@ -285,43 +286,73 @@ class Scheduler:
     # -- pieces of a step ---------------------------------------------------------------------------------------
     def _admit(self) -> None:
         """Prefill waiting jobs, in order, while their rows fit in ``max_batch`` (a job larger than that runs when
-        the batch is empty)."""
+        the batch is empty): all that fit, in one forward pass."""
+        batch, rows = [], len(self.rows)
         while True:
             if self._next is None:
                 if self.waiting.empty():
-                    return
+                    break
                 self._next = self.waiting.get_nowait()
             job = self._next
             if job.cancelled:
                 self._next = None
                 _fail(job, "cancelled before it started")
                 continue
-            if self.rows and len(self.rows) + job.n > self.max_batch:
-                return
+            if (rows or batch) and rows + job.n > self.max_batch:
+                break
             self._next = None
-            try:
-                self._prefill(job)
-            except Exception as exc:  # this request's prefill failed (a server error): it alone fails
-                _fail(job, exc)
+            batch.append(job)
+            rows += job.n
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except Exception as exc:  # a prefill failed (a server error): find the request that fails, alone
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            for job in batch:
+                try:
+                    self._prefill([job])
+                except Exception as exc_alone:
+                    _fail(job, exc_alone)
 
-    def _prefill(self, job: Job) -> None:
-        """Encode ``job``'s prompt alone under its steering and join its ``n`` rows to the batch."""
-        ids = torch.tensor([job.prompt_ids], device=self.base.device)
-        edits = [iv for vector, scale, scope in job.steer for iv in vector.interventions(scale, scope)]
-        with intervene(self.layout, edits, prompt_width=len(job.prompt_ids)) if edits else contextlib.nullcontext():
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                             logits_to_keep=1)
-        job.generator = torch.Generator(device="cpu")
-        job.generator.manual_seed(int(job.seed) if job.seed is not None
-                                  else int(torch.randint(0, 2**31 - 1, ()).item()))
-        job.cands = [Candidate() for _ in range(job.n)]
-        job.held = [0] * job.n
-        logits = out.logits[:, -1].float().expand(job.n, -1)
-        job.last_logits = logits.clone()
-        rows = torch.zeros(job.n, dtype=torch.long, device=self.base.device)  # the prompt encoded once
-        self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)),
-                   torch.ones_like(ids).expand(job.n, -1), logits)
-        self.rows += [_Row(job, i) for i in range(job.n)]
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Encode the jobs' prompts, each under its own steering, and join their rows to the batch. One job is
+        encoded alone (exactly as ``LocalBackend`` encodes it); several share one left-padded forward pass, each
+        row with its own edits (``_row_edits``), its padding masked and its positions counted from its first real
+        token, so a row gets what it gets alone up to float rounding."""
+        if len(jobs) == 1:
+            job = jobs[0]
+            ids = torch.tensor([job.prompt_ids], device=self.base.device)
+            mask = torch.ones_like(ids)
+            edits = [iv for vector, scale, scope in job.steer for iv in vector.interventions(scale, scope)]
+            with intervene(self.layout, edits, prompt_width=ids.shape[1]) if edits else contextlib.nullcontext():
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        else:
+            width = max(len(job.prompt_ids) for job in jobs)
+            ids = torch.full((len(jobs), width), self.base.pad_id, dtype=torch.long, device=self.base.device)
+            mask = torch.zeros_like(ids)
+            for b, job in enumerate(jobs):
+                ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+                mask[b, width - len(job.prompt_ids):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            edits = self._row_edits(jobs, Scope.PROMPT)
+            with intervene(self.layout, edits, prompt_width=width) if edits else contextlib.nullcontext():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.base.device)
+        self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)), mask.index_select(0, rows),
+                   logits.index_select(0, rows))
+        for b, job in enumerate(jobs):
+            job.generator = torch.Generator(device="cpu")
+            job.generator.manual_seed(int(job.seed) if job.seed is not None
+                                      else int(torch.randint(0, 2**31 - 1, ()).item()))
+            job.cands = [Candidate() for _ in range(job.n)]
+            job.held = [0] * job.n
+            job.last_logits = logits[b].expand(job.n, -1).clone()
+            self.rows += [_Row(job, i) for i in range(job.n)]
 
     def _join(self, cache, mask, logits) -> None:
         if self._cache is None:
@@ -388,23 +419,29 @@ class Scheduler:
             job.notify()
         return False
 
-    def _decode_edits(self) -> list[Intervention]:
-        """One ``Add`` per (entry k, site) with a ``(rows, dim)`` vector: row b's k-th ``scale x direction``, zeros
-        where row b has no k-th entry at that site or its scope leaves generated tokens alone."""
-        slots: dict[tuple[int, object], torch.Tensor] = {}
-        order: list[tuple[int, object]] = []
-        for b, row in enumerate(self.rows):
-            for k, (vector, scale, scope) in enumerate(row.job.steer):
-                if scope.kind is Scope.PROMPT:
+    def _row_edits(self, jobs: list[Job], phase: Scope) -> list[Intervention]:
+        """The edits of a batch whose row b belongs to ``jobs[b]``: one ``Add`` per (entry k, site, scope) with a
+        ``(rows, dim)`` vector, row b's k-th ``scale x direction`` and zeros where row b has no such entry. A row's
+        edits therefore run in the order its request gave them, exactly as alone, and an unsteered row gets
+        ``h + 0 == h``.
+
+        ``phase``: ``Scope.PROMPT`` for a prefill, where each ``Add`` keeps its entry's scope (``intervene``
+        finds each row's prompt under the padding: ``generated`` edits only the last prompt token, as alone);
+        ``Scope.GENERATED`` for a decoding step, where every token is generated and ``prompt`` entries drop out."""
+        slots: dict[tuple, torch.Tensor] = {}
+        scopes: dict[tuple, TokenScope] = {}
+        for b, job in enumerate(jobs):
+            for k, (vector, scale, scope) in enumerate(job.steer):
+                if phase is Scope.GENERATED and scope.kind is Scope.PROMPT:
                     continue
                 for site, direction in vector.directions.items():
-                    key = (k, site)
+                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL)
                     if key not in slots:
-                        slots[key] = torch.zeros(len(self.rows), direction.shape[-1], dtype=direction.dtype)
-                        order.append(key)
+                        slots[key] = torch.zeros(len(jobs), direction.shape[-1], dtype=direction.dtype)
+                        scopes[key] = scope if phase is Scope.PROMPT else TokenScope.parse("all")
                     slots[key][b] = scale * direction
-        order.sort(key=lambda key: key[0])  # entry by entry: each row's edits run in its request's order
-        return [Intervention(site, Add(slots[(k, site)], 1.0)) for k, site in order]
+        order = sorted(slots, key=lambda key: key[0])  # entry by entry: each row's edits run in its request's order
+        return [Intervention(key[1], Add(slots[key], 1.0), scopes[key]) for key in order]
 
 
 def _fail(job: Job, error: str | BaseException) -> None:

@@ -9,8 +9,9 @@ never silently ignored. The same models document the API (``/openapi.json``).
 
 The ``strategy`` field becomes a ``StrategySpec`` here (``StrategySpec.from_json``), so an unknown strategy,
 verifier or knob, a mistyped knob or a malformed budget is a 400 naming the field before any model work; the
-request's ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and ``seed`` are inherited by the knobs of those
-names that the strategy takes.
+request's sampling fields (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, the penalties,
+``logit_bias``, ``min_tokens``, ``ignore_eos``, ``stop``) and ``seed`` are inherited, when set, by the knobs of
+those names that the strategy takes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ MAX_STOP_CHARS = 256
 MAX_STEER_ENTRIES = 16
 MAX_STEER_SCALE = 1e3  # |scale|: far past any useful strength, far short of overflowing a float32 activation
 VECTOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
-REQUEST_KNOBS = ("max_tokens", "temperature", "top_p", "stop", "seed")  # request fields a strategy inherits
+# request fields a strategy inherits (when the request sets them): every sampling field, and the seed
+REQUEST_KNOBS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "min_tokens", "ignore_eos", "stop", "seed")
 
 
 class ApiError(Exception):
@@ -219,9 +222,10 @@ def _common(body: _Common, vectors) -> dict:
                     repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                     logit_bias=tuple(sorted(bias.items())), stop=stop)
-    given = body.model_fields_set
-    inherit = {k: (list(stop) if k == "stop" else getattr(body, k)) for k in REQUEST_KNOBS if k in given
-               and getattr(body, k) is not None}
+    given = {k for k in body.model_fields_set if getattr(body, k) is not None}
+    inherit = {k: sampling.get(k, getattr(body, k)) for k in REQUEST_KNOBS if k in given}
+    if "stop" in inherit:
+        inherit["stop"] = list(stop)
     strategy = read_strategy(body.strategy, inherit)
     if strategy is not None and body.stream:
         raise bad("stream", "a strategy answers once, when it has chosen: send it with 'stream': false")
