@@ -300,3 +300,20 @@ def test_observe_reads_without_changing_and_stops_after_a_block():
     assert "early" in seen and _hooks(model) == 0
     with pytest.raises(SteerscaleError, match="stop_after"), observe(layout, [], stop_after=layout.n_layers):
         pass
+
+
+def test_the_kv_cache_goes_under_the_keyword_the_model_takes():
+    from steerscale.engine.kvcache import with_cache
+
+    class Old(torch.nn.Module):  # transformers < 5.20
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    class New(torch.nn.Module):  # transformers >= 5.20 (past_key_values would land in **kwargs)
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return cache
+
+    marker = object()
+    assert with_cache(Old(), marker) == {"past_key_values": marker}
+    assert with_cache(New(), marker) == {"cache": marker}
+    assert New()(**with_cache(New(), marker)) is marker and Old()(**with_cache(Old(), marker)) is marker

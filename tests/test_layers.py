@@ -16,7 +16,7 @@ import steerscale
 ROOT = Path(steerscale.__file__).parent
 BASE = 0
 LAYERS = {"errors": BASE, "registry": BASE, "version": BASE, "answers": BASE, "gym": BASE, "models": 1, "engine": 2,
-          "steer": 3, "scale": 3, "measure": 4, "serve": 5, "commands": 6, "cli": 6, "demo": 6}
+          "steer": 3, "scale": 3, "measure": 4, "serve": 5, "vllm": 5, "commands": 6, "cli": 6, "demo": 6}
 TOP = 7  # the package itself (steerscale/__init__.py re-exports the public API of every layer)
 
 

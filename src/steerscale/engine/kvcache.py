@@ -10,6 +10,7 @@ a running batch).
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -45,6 +46,19 @@ def cat_caches(caches: list, widths: list[int], total: int):
         nl.keys, nl.values = torch.cat(ks), torch.cat(vs)
         new.layers.append(nl)
     return new
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands ``cache`` to ``model``'s forward: ``cache`` in transformers >= 5.20, ``past_key_values``
+    before (an unknown keyword would be swallowed by ``**kwargs`` and the cache silently dropped)."""
+    forward = type(model).forward
+    name = _CACHE_ARG.get(forward)
+    if name is None:
+        name = _CACHE_ARG[forward] = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_ARG: dict = {}
 
 
 def cache_of(out):

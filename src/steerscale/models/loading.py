@@ -131,6 +131,24 @@ def _load_hf(name_or_path: str, dtype: torch.dtype):
     return model, tok
 
 
+def checkpoint_dir(name_or_path: str = DEFAULT_MODEL) -> str:
+    """What another engine (vLLM) loads for ``name_or_path``: a bundled alias or a ``.gguf`` file becomes its
+    dequantized safetensors directory (written on first use, the one ``load_model`` reads); a directory or an HF
+    id is returned as it is."""
+    if name_or_path in BUNDLED or name_or_path.endswith(".gguf"):
+        path = bundled_gguf_path(name_or_path) if name_or_path in BUNDLED else Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise SteerscaleError(f"GGUF file not found: {path}", "check the path")
+        cache = gguf_cache_dir(path)
+        if not (cache / "config.json").exists():
+            _load_gguf(path, torch.float32)
+        if not (cache / "config.json").exists():
+            raise SteerscaleError(f"could not write the dequantized checkpoint of {path} to {cache}",
+                                  "make the cache writable ($STEERSCALE_CACHE)")
+        return str(cache)
+    return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
     """Load a causal LM, its tokenizer and its layout.
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..engine.generation import format_prompt, has_chat_template
-from ..engine.kvcache import cache_of, cat_caches, map_cache
+from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.ops import Add
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
@@ -180,7 +180,7 @@ class LocalBackend(Backend):
     def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width):
         self.forward_passes += 1
         with self._steered(scales, prompt_width):
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), cache_of(out)
 

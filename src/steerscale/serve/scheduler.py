@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..engine.kvcache import cache_of, cat_caches, map_cache
+from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.ops import Add
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import Scope, TokenScope
@@ -259,7 +259,7 @@ class Scheduler:
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         edits = self._row_edits([row.job for row in self.rows], Scope.GENERATED)
         with intervene(self.layout, edits):
-            out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, cache=self._cache, use_cache=True,
+            out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, **with_cache(self.model, self._cache), use_cache=True,
                              logits_to_keep=1)
         self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
         self.steps += 1

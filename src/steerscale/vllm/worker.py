@@ -1,0 +1,311 @@
+"""steerscale's steering inside vLLM's worker process: where the edits attach in vLLM's model, and how each token
+row of vLLM's packed batch gets its own request's edit.
+
+How it is wired (vLLM 0.32, V1 engine; every name below is vLLM's):
+
+* ``register()`` is the ``vllm.general_plugins`` entry point (``pyproject.toml``). vLLM runs it in every process;
+  it does nothing unless ``STEERSCALE_VLLM`` (or ``STEERSCALE_VLLM_VECTORS``) is set, so installing steerscale never
+  changes another vLLM deployment. Set, it wraps ``GPUModelRunner._model_forward`` (the CPU runner inherits it):
+  before each real forward pass (after vLLM has ordered the batch) the wrapper reads every scheduled request's
+  ``sampling_params.extra_args["steer"]`` and builds the step's ``_Plan``; the hooks read the plan, and a forward
+  pass without one (vLLM's warm-up and dummy runs) is left alone.
+* The hooks are placed from ``models.layout.find_layout`` applied to vLLM's own module tree (``model.layers[i]``,
+  ``self_attn``, ``o_proj``, ``mlp``: the same attribute paths as transformers'), so the site -> module mapping is
+  the local engine's. What differs is the tensor convention: a vLLM decoder layer takes ``(positions, hidden,
+  residual)`` and returns ``(hidden, residual)``, the residual stream being their sum, so adding to ``hidden`` adds
+  to the stream; tokens are flat ``(tokens, dim)`` rows of many requests.
+* In-graph form: per site one table of vectors (row 0 zeros; three rows per steered request: its edit at its early
+  prompt tokens, at its last prompt token, at generated tokens, which is how the local engine's ``all``,
+  ``prompt`` and ``generated`` scopes split a sequence), and one per-token index into it computed from vLLM's
+  positions and each request's prompt length. The hook is ``h + table[index]``: plain tensor ops, the same for a
+  prefill chunk, a decode row or a mix, with chunked prefill and prefix caching on.
+* ``SteerExtension`` (``worker_extension_cls``) adds RPCs for ``LLM.collective_rpc``: register and remove vectors,
+  engine-wide steering, and what the worker has. ``vllm serve`` without RPCs reads vectors from
+  ``STEERSCALE_VLLM_VECTORS=NAME=PATH,...`` and engine-wide steering from ``STEERSCALE_VLLM_STEER``.
+
+Supported: ``Add`` edits (steering vectors) at ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` and
+``head_out`` (tensor parallel size 1 for ``head_out``: heads are split across ranks otherwise). Needs
+``enforce_eager=True``: with vLLM's compilation on (its default) Python hooks would be traced once, so the engine
+refuses to start instead of steering wrongly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SteerscaleError
+from ..models.layout import find_layout
+from ..models.sites import Site, SiteKind
+from .steering import STEER_KEY, parse_steer
+
+log = logging.getLogger("steerscale.vllm")
+
+ENABLE_ENV = "STEERSCALE_VLLM"
+VECTORS_ENV = "STEERSCALE_VLLM_VECTORS"  # NAME=PATH,NAME=PATH: registered in every worker at start
+GLOBAL_ENV = "STEERSCALE_VLLM_STEER"  # engine-wide steering, "NAME:SCALE[:SCOPE],..."
+SUPPORTED = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.ATTN_OUT, SiteKind.MLP_OUT, SiteKind.HEAD_OUT)
+CLASSES = 3  # token classes per request: early prompt tokens, the last prompt token, generated tokens
+_APPLIES = {"all": (True, True, True), "prompt": (True, True, False), "generated": (False, True, True)}
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENABLE_ENV) or os.environ.get(VECTORS_ENV))
+
+
+@dataclass
+class _Plan:
+    """One forward pass's steering: per site a ``(1 + 3 x steered requests, dim)`` table, and each token's row."""
+
+    tables: dict[Site, torch.Tensor]
+    index: torch.Tensor  # (tokens,) long
+
+
+class SteerState:
+    """The steering of one model runner: registered vectors, engine-wide steering, the hooks, the step's plan."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.model = runner.get_model()
+        self.layout = find_layout(self.model)
+        self.vectors: dict = {}
+        self.global_entries: list = []
+        self.plan: _Plan | None = None
+        self._rows: dict = {}  # (request id, its steer spec) -> {site: (3, dim)}
+        self._handles: dict[Site, object] = {}
+        self._check_mode()
+        for spec in filter(None, os.environ.get(VECTORS_ENV, "").split(",")):
+            name, _, path = spec.partition("=")
+            self.register(name.strip(), Path(path.strip()).read_bytes())
+        self.set_global(os.environ.get(GLOBAL_ENV) or None)
+
+    def _check_mode(self) -> None:
+        config = getattr(self.runner, "vllm_config", None)
+        mode = getattr(getattr(config, "compilation_config", None), "mode", 0)
+        if mode not in (0, None) and str(mode).split(".")[-1] not in ("NONE", "0"):
+            raise SteerscaleError(f"steerscale's vLLM steering needs eager mode, but vLLM compiles the model "
+                                  f"(compilation mode {mode})", "start vLLM with enforce_eager=True (vllm serve "
+                                                                "--enforce-eager)")
+        parallel = getattr(config, "parallel_config", None)
+        self.tensor_parallel = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+
+    # -- vectors ----------------------------------------------------------------------------------------------
+    def register(self, name: str, data: bytes) -> dict:
+        """Register a steerscale ``.safetensors`` vector or a llama.cpp ``.gguf`` control vector (its bytes) as
+        ``name``, checked against this model's layout."""
+        from .. import steer  # noqa: F401 (the package registers the .gguf reader)
+        from ..steer.vector import SteeringVector
+
+        if not name:
+            raise SteerscaleError("a vector needs a name")
+        parse_steer(f"{name}:0")  # the name rule
+        suffix = ".gguf" if data[:4] == b"GGUF" else ".safetensors"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"vector{suffix}"
+            path.write_bytes(data)
+            vec = SteeringVector.load(path)
+        vec.check_compatible(self.layout)
+        for site in vec.sites:
+            if site.kind not in SUPPORTED:
+                raise SteerscaleError(f"vector {name!r} edits {site.kind.value} sites, which the vLLM path does not "
+                                      f"support", f"use {', '.join(k.value for k in SUPPORTED)}")
+            if site.kind is SiteKind.HEAD_OUT and self.tensor_parallel > 1:
+                raise SteerscaleError(f"vector {name!r} edits single heads, which vLLM splits across "
+                                      f"{self.tensor_parallel} ranks", "serve it with tensor_parallel_size=1")
+        self.vectors[name] = vec
+        self._rows.clear()
+        for site in vec.sites:
+            self._hook(site)
+        return {"name": name, "sites": [s.key() for s in vec.sites]}
+
+    def unregister(self, name: str) -> None:
+        if name not in self.vectors:
+            raise SteerscaleError(f"no vector {name!r} registered in vLLM", f"registered: {sorted(self.vectors)}")
+        del self.vectors[name]
+        self._rows.clear()
+
+    def set_global(self, spec) -> None:
+        entries = parse_steer(spec)
+        for name, _, _ in entries:
+            self._vector(name)
+        self.global_entries = entries
+        self._rows.clear()
+
+    def _vector(self, name: str):
+        if name not in self.vectors:
+            known = ", ".join(sorted(self.vectors)) or "none"
+            raise SteerscaleError(f"unknown steering vector {name!r}; registered in vLLM: {known}",
+                                  "register it (SteeredLLM.register, or STEERSCALE_VLLM_VECTORS=NAME=PATH)")
+        return self.vectors[name]
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def _hook(self, site: Site) -> None:
+        if site in self._handles:
+            return
+        loc = self.layout.locate(site)
+
+        def delta(n_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
+            plan = self.plan
+            if plan is None or site not in plan.tables:
+                return None
+            index = plan.index
+            if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (zeros)
+                index = torch.nn.functional.pad(index[:n_tokens], (0, max(0, n_tokens - index.shape[0])))
+            return plan.tables[site].to(like.device, like.dtype)[index.to(like.device)]
+
+        if site.kind is SiteKind.RESID_PRE:
+            def pre(module, args):  # (positions, hidden, residual): the stream is hidden + residual
+                d = delta(args[1].shape[0], args[1])
+                return None if d is None else (args[0], args[1] + d, *args[2:])
+
+            handle = loc.module.register_forward_pre_hook(pre)
+        elif site.kind is SiteKind.HEAD_OUT:
+            cols = loc.index
+
+            def pre(module, args):  # the output projection's input: the heads side by side
+                d = delta(args[0].shape[0], args[0])
+                if d is None:
+                    return None
+                x = args[0].clone()
+                x[..., cols] += d
+                return (x, *args[1:])
+
+            handle = loc.module.register_forward_pre_hook(pre)
+        else:
+            def post(module, args, output):  # a block's (hidden, residual), or attention's / the MLP's tensor
+                first = output[0] if isinstance(output, tuple) else output
+                d = delta(first.shape[0], first)
+                if d is None:
+                    return None
+                return (first + d, *output[1:]) if isinstance(output, tuple) else first + d
+
+            handle = loc.module.register_forward_hook(post)
+        self._handles[site] = handle
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    def _request_rows(self, rid, spec) -> dict[Site, torch.Tensor] | None:
+        """A request's three rows per site (early prompt, last prompt token, generated), engine-wide entries first;
+        None when it is not steered. Cached per request."""
+        key = (rid, spec if not isinstance(spec, list) else tuple(spec))
+        if key not in self._rows:
+            entries = self.global_entries + parse_steer(spec)
+            rows: dict[Site, torch.Tensor] = {}
+            for name, scale, scope in entries:
+                for site, direction in self._vector(name).directions.items():
+                    r = rows.setdefault(site, torch.zeros(CLASSES, direction.shape[-1]))
+                    for c, on in enumerate(_APPLIES[scope]):
+                        if on:
+                            r[c] += scale * direction.float()
+            self._rows[key] = rows or None
+        return self._rows[key]
+
+    def prepare(self, positions: torch.Tensor | None) -> None:
+        """The plan of the forward pass about to run (None when no scheduled request is steered)."""
+        self.plan = None
+        runner = self.runner
+        n = runner.input_batch.num_reqs
+        if not n or positions is None:
+            return
+        req_ids = runner.input_batch.req_ids[:n]
+        if len(self._rows) > 2 * n + 64:  # finished requests' rows: keep only the batch's
+            live = set(req_ids)
+            self._rows = {k: v for k, v in self._rows.items() if k[0] in live}
+        slot, plen, rows = [], [], []
+        for rid in req_ids:
+            state = runner.requests[rid]
+            extra = getattr(state.sampling_params, "extra_args", None) or {}
+            r = self._request_rows(rid, extra.get(STEER_KEY)) if (extra.get(STEER_KEY) or self.global_entries) \
+                else None
+            slot.append(len(rows) if r is not None else -1)
+            plen.append(int(state.num_prompt_tokens))
+            if r is not None:
+                rows.append(r)
+        if not rows:
+            return
+        qsl = runner.query_start_loc.cpu[: n + 1]
+        counts = qsl[1:] - qsl[:-1]
+        tok_req = torch.repeat_interleave(torch.arange(n), counts)
+        pos = positions[: tok_req.shape[0]].cpu().long()
+        p = torch.tensor(plen)[tok_req]
+        cls = (pos >= p - 1).long() + (pos >= p).long()
+        s = torch.tensor(slot)[tok_req]
+        index = torch.where(s >= 0, 1 + CLASSES * s + cls, torch.zeros_like(s))
+        tables = {}
+        for site in {site for r in rows for site in r}:
+            dim = self.layout.site_dim(site)
+            parts = [torch.zeros(1, dim)] + [r.get(site, torch.zeros(CLASSES, dim)) for r in rows]
+            tables[site] = torch.cat(parts)
+        self.plan = _Plan(tables, index)
+
+
+
+def state_of(runner) -> SteerState:
+    """The runner's ``SteerState``, made on first use (registers ``STEERSCALE_VLLM_VECTORS``)."""
+    state = getattr(runner, "_steerscale", None)
+    if state is None:
+        state = runner._steerscale = SteerState(runner)
+    return state
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: wrap the model runner's forward when steering is enabled."""
+    if not enabled():
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._model_forward, "_steerscale", False):
+        return  # vLLM loads plugins once per process, but be safe
+    forward = GPUModelRunner._model_forward
+    load = GPUModelRunner.load_model
+
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        state = state_of(self)
+        state.prepare(positions)
+        try:
+            return forward(self, input_ids, positions, *args, **kwargs)
+        finally:
+            state.plan = None
+
+    def load_model(self, *args, **kwargs):
+        out = load(self, *args, **kwargs)
+        state_of(self)  # eager mode checked and the vectors read now: a bad setup fails at start, not mid-request
+        return out
+
+    _model_forward._steerscale = True
+    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner.load_model = load_model
+    log.info("steerscale: per-request steering enabled in vLLM's model runner")
+
+
+class SteerExtension:
+    """vLLM ``worker_extension_cls``: the RPCs ``SteeredLLM`` calls through ``LLM.collective_rpc``. Method names
+    start with ``steerscale_`` so they never clash with the worker's own."""
+
+    def steerscale_register(self, name: str, data: bytes) -> dict:
+        return state_of(self.model_runner).register(name, data)
+
+    def steerscale_unregister(self, name: str) -> None:
+        state_of(self.model_runner).unregister(name)
+
+    def steerscale_set_steering(self, spec) -> None:
+        state_of(self.model_runner).set_global(spec)
+
+    def steerscale_info(self) -> dict:
+        state = state_of(self.model_runner)
+        return {"vectors": {n: [s.key() for s in v.sites] for n, v in state.vectors.items()},
+                "engine_wide": state.global_entries, "architecture": state.layout.architecture,
+                "n_layers": state.layout.n_layers}
+
+
+def vector_bytes(vector) -> bytes:
+    """A ``SteeringVector`` as the bytes of its ``.safetensors`` file (what the RPC carries: never pickle)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return vector.save(Path(tmp) / "v.safetensors").read_bytes()
+
+
+__all__ = ["SteerExtension", "SteerState", "register", "state_of", "vector_bytes"]

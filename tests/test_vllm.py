@@ -1,0 +1,58 @@
+"""steerscale's steering inside real vLLM (the CPU build, float32, eager), against the local engine. vLLM lives in
+its own venv (``bash scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks run there
+(``tests/vllm_checks.py``) and report one JSON line; without that venv they are skipped. The request format is
+tested here without vLLM."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from steerscale import SteerscaleError
+from steerscale.vllm import cache_salt, format_steer, parse_steer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vllm_python() -> Path | None:
+    python = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"
+    return python if python.exists() else None
+
+
+@pytest.fixture(scope="module")
+def checks():
+    python = vllm_python()
+    if python is None:
+        pytest.skip("no vLLM venv: build it with `bash scripts/make_vllm_venv.sh`")
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "vllm_checks.py")], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_vllm_steered_greedy_tokens_equal_the_local_engines(checks):
+    assert checks["cases"] == 18
+    assert checks["equivalence_mismatches"] == 0, checks["token_differences"]
+    assert checks["steering_changed_outputs"] == 6  # both vectors change every prompt's answer
+
+
+def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
+    assert checks["isolation_mismatches"] == 0
+    assert checks["prefix_cache_ok"], checks["prefix_cache"]  # no KV reuse across steering
+    assert checks["unknown_vector_refused"]
+
+
+def test_the_request_format():
+    assert parse_steer("a:4, b:-2:generated") == [("a", 4.0, "all"), ("b", -2.0, "generated")]
+    assert parse_steer(["a:1.5"]) == parse_steer([("a", 1.5)]) == [("a", 1.5, "all")]
+    assert format_steer("a:4") == ["a:4.0:all"]
+    for bad, match in [("a", "NAME:SCALE"), ("a:x", "not a number"), ("a:1e9", "finite"), ("a:1:sometimes", "scope"),
+                       ("a/b:1", "bad vector name")]:
+        with pytest.raises(SteerscaleError, match=match):
+            parse_steer(bad)
+    assert cache_salt(None) is None and cache_salt("a:1") != cache_salt("a:2") != cache_salt("a:2:prompt")
+    assert cache_salt("a:1", {"a": "x"}) != cache_salt("a:1", {"a": "y"})  # a re-registered vector
+    assert len(cache_salt("a:1")) <= 128  # vLLM's limit
