@@ -113,7 +113,8 @@ def main() -> None:
                  for i in range(len(prompts)) for n in sites)
     print(json.dumps({
         "cases": len(cases), "tokens": args.tokens, "equivalence_mismatches": equivalence,
-        "token_differences": report, "isolation_mismatches": isolation, "prefix_cache_ok": all(all(c.values()) for c in cached), "prefix_cache": cached,
+        "token_differences": report, "isolation_mismatches": isolation,
+        "prefix_cache_ok": all(all(c.values()) for c in cached), "prefix_cache": cached,
         "unknown_vector_refused": unknown_refused, "steering_changed_outputs": effect,
         "info": llm.info(), "local_s": round(t_local, 1), "vllm_start_s": round(t_start, 1),
         "vllm_batch_s": round(t_gen, 2), "wall_s": round(time.perf_counter() - t0, 1)}))

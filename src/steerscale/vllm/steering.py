@@ -33,7 +33,8 @@ def parse_steer(spec) -> list[tuple[str, float, str]]:
     for item in items:
         parts = item.strip().split(":") if isinstance(item, str) else list(item)
         if not 2 <= len(parts) <= 3:
-            raise SteerscaleError(f"bad steer entry {item!r}", 'write "NAME:SCALE" or "NAME:SCALE:SCOPE", e.g. "formal:4"')
+            raise SteerscaleError(f"bad steer entry {item!r}",
+                                  'write "NAME:SCALE" or "NAME:SCALE:SCOPE", e.g. "formal:4"')
         name, scale, scope = str(parts[0]).strip(), parts[1], (str(parts[2]).strip() if len(parts) == 3 else "all")
         if not NAME.fullmatch(name):
             raise SteerscaleError(f"bad vector name {name!r} in steer entry {item!r}",
