@@ -1,7 +1,8 @@
-"""steerscale's steering inside real vLLM (the CPU build, float32, eager), against the local engine. vLLM lives in
-its own venv (``bash scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks run there
-(``tests/vllm_checks.py``) and report one JSON line; without that venv they are skipped. The request format is
-tested here without vLLM."""
+"""steerscale inside real vLLM (the CPU build, float32, eager), against the local engine: offline
+(``tests/vllm_checks.py``) and behind ``vllm serve`` with the official client, a baked checkpoint, and strategies
+through ``OpenAIBackend`` (``tests/vllm_serve_checks.py``). vLLM lives in its own venv (``bash
+scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks run there and report one JSON line;
+without that venv they are skipped. The request format is tested here without vLLM."""
 
 import json
 import os
@@ -21,16 +22,25 @@ def vllm_python() -> Path | None:
     return python if python.exists() else None
 
 
-@pytest.fixture(scope="module")
-def checks():
+def run_checks(script: str) -> dict:
     python = vllm_python()
     if python is None:
         pytest.skip("no vLLM venv: build it with `bash scripts/make_vllm_venv.sh`")
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "vllm_checks.py")], capture_output=True, text=True,
+    proc = subprocess.run([str(python), str(ROOT / "tests" / script)], capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return run_checks("vllm_checks.py")
+
+
+@pytest.fixture(scope="module")
+def serve_checks():
+    return run_checks("vllm_serve_checks.py")
 
 
 def test_vllm_steered_greedy_tokens_equal_the_local_engines(checks):
@@ -43,6 +53,20 @@ def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
     assert checks["isolation_mismatches"] == 0
     assert checks["prefix_cache_ok"], checks["prefix_cache"]  # no KV reuse across steering
     assert checks["unknown_vector_refused"]
+
+
+def test_vllm_serve_steers_each_openai_request_with_the_plugin(serve_checks):
+    assert serve_checks["serve_cases"] == 9 and serve_checks["serve_mismatches"] == 0
+    assert serve_checks["serve_steering_acted"] >= 2
+
+
+def test_a_baked_checkpoint_under_plain_vllm_serve_equals_the_hooked_vector(serve_checks):
+    assert serve_checks["baked_mismatches"] == 0
+
+
+def test_strategies_run_against_a_real_vllm_server_within_their_budget(serve_checks):
+    assert set(serve_checks["strategies"]) == {"majority", "best_of_n", "beam_search", "particle_filter"}
+    assert all(s["within_budget"] and s["answer"] is not None for s in serve_checks["strategies"].values())
 
 
 def test_the_request_format():

@@ -32,14 +32,36 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * ``choice_logprobs``: ``echo=True, max_tokens=0, logprobs=1`` on context + option, reading the option's first
   token's log-prob (vLLM's semantics; exact). A server that rejects echo gets ``max_tokens=1, logprobs=20,
   temperature=0`` on the context and the option is looked up in the top 20 (-inf when absent).
+* Faults (``http_json``): each request runs on a fresh connection (``http.client``; proxies from the environment
+  are honoured as ``urllib`` does). No connection (refused, connect timeout), a connection dropped before the
+  answer (reset, closed), HTTP 5xx and 429 are retried ``retries`` times, ``backoff`` * 2^k s apart with jitter
+  (capped at ``MAX_BACKOFF``), or after a 429/503's ``Retry-After`` (capped at ``MAX_RETRY_AFTER``); another 4xx
+  is an immediate ``RemoteError`` with the server's message. A read timeout is not retried: the connection is
+  shut down at once, which makes servers that watch for it (vLLM, steerscale serve) abort the generation, and the
+  error says the request was abandoned. Only the answer used is charged to the budget (retries happen below it).
+* Interrupted runs: a ``RemoteError`` raised by ``sample``/``extend``/``choice_logprobs`` carries ``partial``, every
+  candidate this backend finished under the same ``Budget`` object (one strategy run; a sample-mode verifier's
+  judge samples included, ``partial_prompts`` says each one's prompt) up to the failure: earlier calls' results,
+  and the rows of the failing call that finished in requests answered before it (concurrent requests that did
+  answer are taken and charged). Unfinished rows are not in it.
+* Chat template without ``tokenizer=``: unless ``chat=False``, the served model's own tokenizer is looked for on
+  this machine, never on the network (``find_tokenizer``: a local directory, a bundled alias's converted
+  checkpoint, the HF cache); when none is found, prompts go raw and one warning is logged saying how to fix it.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import email.utils
 import http.client
 import json
+import logging
 import math
-import urllib.error
+import random
+import socket
+import ssl
+import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -57,14 +79,29 @@ HINT = ("is the server running? start one with `steerscale serve -m MODEL` (or `
 REASON_KEYS = ("stop_reason", "matched_stop", "stopping_word")  # vLLM / steerscale, SGLang, llama.cpp
 FALLBACK_TOP = 20  # top log-probs asked for when the server cannot echo
 MAX_PARALLEL = 16  # concurrent requests of one extend()
+MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts of a request
+MAX_RETRY_AFTER = 60.0  # seconds: the longest Retry-After honoured
+log = logging.getLogger(__name__)
+_jitter = random.Random()  # its own generator: retries never move the global random state
 
 
 class RemoteError(SteerscaleError):
-    """An error answer from the server (``status`` is its HTTP status)."""
+    """A request to the server that failed for good (after any retries). ``status``: the server's HTTP status, None
+    when no answer came (no connection, connection dropped, timeout); ``attempts``: requests sent; ``timed_out``: the
+    read timed out and the request was abandoned; ``partial``/``partial_prompts``: what ``OpenAIBackend`` finished
+    before the failure (see the module docstring; empty when raised by ``http_json`` itself)."""
 
-    def __init__(self, problem: str, hint: str | None, status: int):
+    def __init__(self, problem: str, hint: str | None, status: int | None = None, *, attempts: int = 1,
+                 timed_out: bool = False):
         super().__init__(problem, hint)
-        self.status = status
+        self.status, self.attempts, self.timed_out = status, attempts, timed_out
+        self.partial: list[Candidate] = []
+        self.partial_prompts: list[str] = []
+
+
+def rejected(exc: RemoteError) -> bool:
+    """The server refused the request itself (4xx but 429): resending it as it is cannot help."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
 
 
 def base_url_of(url: str) -> str:
@@ -78,37 +115,160 @@ def base_url_of(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def http_json(url: str, body: dict | None = None, *, api_key: str | None = None, timeout: float = 60) -> dict:
-    """GET (``body`` None) or POST JSON; every failure is a ``SteerscaleError`` naming the URL."""
-    headers = {"Accept": "application/json"}
+class _Failed(Exception):
+    """One attempt that got no HTTP answer: ``what`` (for the message), whether another attempt may help."""
+
+    def __init__(self, what: str, retry: bool, timed_out: bool = False):
+        super().__init__(what)
+        self.what, self.retry, self.timed_out = what, retry, timed_out
+
+
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
+    """A connection for ``url`` (through the environment's proxy, as urllib would), the request target, and the
+    headers the proxy needs."""
+    parts = urllib.parse.urlsplit(url)
+    https = parts.scheme == "https"
+    kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.netloc.rsplit("@", 1)[-1]):
+        return kind(parts.hostname, parts.port, timeout=timeout), target, {}
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    auth = {}
+    if p.username:
+        token = base64.b64encode(f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+                                 .encode()).decode()
+        auth = {"Proxy-Authorization": f"Basic {token}"}
+    if https:  # a CONNECT tunnel through the proxy, TLS to the server inside it
+        conn = kind(p.hostname, p.port or 80, timeout=timeout)
+        conn.set_tunnel(parts.hostname, parts.port, headers=auth)
+        return conn, target, {}
+    return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=timeout), url, auth
+
+
+def _exchange(url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, Any, bytes]:
+    """One HTTP request on a fresh connection: ``(status, headers, body)``, or ``_Failed``. The socket is shut down
+    whatever happens, so a server sees the client go away at once (a read timeout abandons the request)."""
+    conn, target, more = _connection(url, timeout)
+    sock = resp = None
+    try:
+        try:
+            conn.connect()
+        except ssl.SSLError as exc:
+            raise _Failed(f"failed (TLS: {exc})", retry=False) from None
+        except socket.gaierror as exc:
+            raise _Failed(f"failed (cannot resolve the host: {exc})", retry=False) from None
+        except TimeoutError:
+            raise _Failed(f"could not connect (timed out after {timeout:g} s)", retry=True) from None
+        except OSError as exc:  # refused, unreachable, reset during the handshake
+            raise _Failed(f"could not connect ({_reason(exc)})", retry=True) from None
+        sock = conn.sock  # kept: the connection drops its own reference once the response says "close"
+        try:
+            conn.request("POST" if data is not None else "GET", target, body=data, headers={**headers, **more})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except TimeoutError:
+            raise _Failed(f"timed out after {timeout:g} s; the request was abandoned (connection closed, so the "
+                          "server stops working on it)", retry=False, timed_out=True) from None
+        except (OSError, http.client.HTTPException) as exc:  # reset, closed without an answer, a cut-off body
+            raise _Failed(f"failed ({_reason(exc)})", retry=True) from None
+        return resp.status, resp.headers, raw
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if resp is not None:
+            resp.close()
+        conn.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    return f"{name}: {text}" if text else name
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date), capped; None when absent."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
+
+
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """The wait before retry number ``attempt`` + 1: ``backoff`` * 2^attempt capped at ``MAX_BACKOFF``, with jitter
+    (a uniform draw from its upper half), so clients that failed together do not come back together."""
+    top = min(MAX_BACKOFF, backoff * 2 ** attempt)
+    return _jitter.uniform(top / 2, top)
+
+
+def http_json(url: str, body: dict | None = None, *, api_key: str | None = None, timeout: float = 60,
+              retries: int = 0, backoff: float = 0.5) -> dict:
+    """GET (``body`` None) or POST JSON; every failure is a ``RemoteError`` naming the URL. ``retries`` more
+    attempts follow a failure another attempt may fix (no connection, a dropped connection, HTTP 5xx, 429): see
+    the module docstring; a read timeout and other 4xx are final at once."""
+    headers = {"Accept": "application/json", "User-Agent": "steerscale", "Connection": "close"}
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        message = _error_message(exc.read())
-        hint = ("the server rejected the request; check the model name and the fields it supports"
-                if exc.code < 500 else "the server failed; its log says why")
-        if exc.code == 404:
-            hint = "check the base URL (it usually ends in /v1) and the model name (GET /v1/models lists them)"
-        raise RemoteError(f"{url} answered HTTP {exc.code}: {message}", hint, exc.code) from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        what = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else f"failed ({reason})"
-        raise SteerscaleError(f"request to {url} {what}", HINT + (f"; or raise the timeout ({timeout} s)"
-                                                                    if what == "timed out" else "")) from None
+    for attempt in range(retries + 1):
+        wait = None
+        try:
+            status, answer_headers, raw = _exchange(url, data, headers, timeout)
+        except _Failed as f:
+            retry, status = f.retry, None
+            problem, timed_out = f"request to {url} {f.what}", f.timed_out
+            hint = (f"raise the timeout (timeout=, --backend-timeout; now {timeout:g} s) or ask for fewer tokens"
+                    if timed_out else HINT)
+        else:
+            if 200 <= status < 300:
+                return _json_object(url, raw)
+            retry, timed_out = status >= 500 or status == 429, False
+            problem = f"{url} answered HTTP {status}: {_error_message(raw)}"
+            hint = ("the server rejected the request; check the model name and the fields it supports"
+                    if status < 500 else "the server failed; its log says why")
+            if status == 429:
+                hint = "the server is overloaded; send fewer requests at once, or raise retries"
+            elif status == 404:
+                hint = "check the base URL (it usually ends in /v1) and the model name (GET /v1/models lists them)"
+            elif 300 <= status < 400:
+                hint = f"the server redirects to {answer_headers.get('Location')}: use that URL"
+            if retry:
+                wait = retry_after(answer_headers.get("Retry-After"))
+        if not retry or attempt == retries:
+            if attempt:
+                problem += f" (after {attempt + 1} attempts)"
+            raise RemoteError(problem, hint, status, attempts=attempt + 1, timed_out=timed_out)
+        delay = wait if wait is not None else backoff_delay(backoff, attempt)
+        log.warning("%s; retrying in %.1f s (attempt %d of %d)", problem, delay, attempt + 2, retries + 1)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _json_object(url: str, raw: bytes) -> dict:
     try:
         out = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SteerscaleError(f"{url} did not answer with JSON: {raw[:120]!r}", HINT) from None
+        raise RemoteError(f"{url} did not answer with JSON: {raw[:120]!r}", HINT, 200) from None
     if not isinstance(out, dict):
-        raise SteerscaleError(f"{url} answered with JSON that is not an object: {str(out)[:120]}", HINT)
+        raise RemoteError(f"{url} answered with JSON that is not an object: {str(out)[:120]}", HINT, 200)
     return out
 
 
@@ -124,9 +284,11 @@ def _error_message(raw: bytes) -> str:
     return str(err)[:500]
 
 
-def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 10) -> list[str]:
+def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 10, retries: int = 0,
+                backoff: float = 0.5) -> list[str]:
     """The model ids a server serves (``GET /v1/models``)."""
-    data = http_json(base_url_of(base_url) + "/models", api_key=api_key, timeout=timeout)
+    data = http_json(base_url_of(base_url) + "/models", api_key=api_key, timeout=timeout, retries=retries,
+                     backoff=backoff)
     return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
@@ -284,15 +446,64 @@ class _Handle:
 
 
 # -- the backend ----------------------------------------------------------------------------------------------
+def find_tokenizer(model: str):
+    """The served model's tokenizer when this machine has it, without the network (``local_files_only``), or
+    None: ``model`` as a local directory, as a bundled alias whose converted checkpoint exists (what ``steerscale
+    serve -m ALIAS`` serves under that name), or as an HF id in the local HF cache (vLLM serves HF ids)."""
+    from pathlib import Path
+
+    places = []
+    try:
+        from ..models.registry import BUNDLED
+
+        if model in BUNDLED:
+            from ..models.cache import gguf_cache_dir
+            from ..models.registry import bundled_gguf_path
+
+            places.append(gguf_cache_dir(bundled_gguf_path(model)))
+        elif model.endswith(".gguf"):
+            from ..models.cache import gguf_cache_dir
+
+            places.append(gguf_cache_dir(Path(model).expanduser()))
+    except (SteerscaleError, OSError):
+        pass
+    path = Path(model).expanduser()
+    places.append(path if path.is_dir() else model)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    for place in places:
+        if isinstance(place, Path) and not (place / "tokenizer_config.json").is_file():
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(place), local_files_only=True)
+        except Exception:  # noqa: BLE001 - not there, or not loadable: a best-effort look, the caller warns
+            continue
+    return None
+
+
 class OpenAIBackend(Backend):
     """A ``Backend`` over an OpenAI-compatible completions server. See the module docstring."""
 
     name = "openai"
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, tokenizer=None,
-                 chat: bool | None = None, timeout: float = 60, max_n: int = 64, n_params: int = 0,
-                 extra_body: dict | None = None):
+                 chat: bool | str | None = None, timeout: float = 60, max_n: int = 64, n_params: int = 0,
+                 extra_body: dict | None = None, retries: int = 3, backoff: float = 0.5):
+        """``tokenizer``: formats prompts client-side; None looks for the served model's own on this machine unless
+        ``chat`` is False (``find_tokenizer``; none found: raw prompts and one logged warning). ``chat``: None or
+        "auto" (the template when the tokenizer has one), True (required), False (raw prompts). ``timeout``: seconds
+        per request (connect, then each read); ``retries``/``backoff``: see ``http_json``."""
         self.base_url = base_url_of(base_url)
+        if chat == "auto":
+            chat = None
+        if chat not in (None, True, False):
+            raise SteerscaleError(f"chat must be True, False, None or 'auto', got {chat!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise SteerscaleError(f"retries must be a non-negative integer, got {retries!r}")
+        if not isinstance(backoff, (int, float)) or not 0 <= backoff < math.inf:
+            raise SteerscaleError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
         if not isinstance(model, str) or not model:
             raise SteerscaleError("OpenAIBackend needs the served model's name", "GET /v1/models lists them")
         if not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -303,11 +514,22 @@ class OpenAIBackend(Backend):
             raise SteerscaleError(f"n_params must be a non-negative integer, got {n_params!r}")
         if extra_body is not None and not isinstance(extra_body, dict):
             raise SteerscaleError("extra_body must be a dict of extra request fields")
+        self.found_tokenizer = False  # True: the tokenizer is the served model's own, found on this machine
+        if tokenizer is None and chat is not False:
+            tokenizer = find_tokenizer(model)
+            self.found_tokenizer = tokenizer is not None
+            if tokenizer is None and not chat:
+                log.warning("no tokenizer of %r found on this machine: prompts to %s are sent raw, without a chat "
+                            "template; pass its tokenizer (tokenizer=, --backend-tokenizer HF_ID_OR_DIR), or chat=False "
+                            "(--no-chat) for raw prompts on purpose", model, self.base_url)
         if chat and (tokenizer is None or not has_chat_template(tokenizer)):
             raise SteerscaleError("chat=True needs a tokenizer with a chat template",
                                   "pass tokenizer=AutoTokenizer.from_pretrained(MODEL), or chat=False")
         self.model, self.api_key, self.tokenizer, self.chat = model, api_key, tokenizer, chat
         self.timeout, self.max_n, self._n_params = float(timeout), max_n, n_params
+        self.retries, self.backoff = retries, float(backoff)
+        self._run: Budget | None = None  # the budget of the run whose finished candidates _done holds
+        self._done: list[tuple[str, Candidate]] = []
         self.extra_body = dict(extra_body or {})
         self.templated = tokenizer is not None and (has_chat_template(tokenizer) if chat is None else bool(chat))
         self.reports_stop = True  # set False once a response shows the server does not say which stop matched
@@ -335,7 +557,7 @@ class OpenAIBackend(Backend):
         try:
             choices, usage = self._request(prompts, fields)
         except RemoteError as exc:
-            if n == 1 or exc.status >= 500:
+            if n == 1 or not rejected(exc):
                 raise
             self.multi_n = False
             return self._one_by_one(prompts, fields)
@@ -355,7 +577,8 @@ class OpenAIBackend(Backend):
         if self.templated:
             body["add_special_tokens"] = False
         url = self.base_url + "/completions"
-        data = http_json(url, body, api_key=self.api_key, timeout=self.timeout)
+        data = http_json(url, body, api_key=self.api_key, timeout=self.timeout, retries=self.retries,
+                         backoff=self.backoff)
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise SteerscaleError(f"{url} returned no choices: {str(data)[:200]}", HINT)
@@ -378,13 +601,21 @@ class OpenAIBackend(Backend):
                                       f"{len(prompts)} prompt(s)", HINT)
         return [answers[j][0][i] for i in range(len(prompts)) for j in range(n)], _add_usage([u for _, u in answers])
 
-    def _send_all(self, requests: list[tuple[list[str], dict]]) -> list[tuple[list[dict], dict]]:
-        """Several completions requests at once (a batching server runs them together); answers in order."""
+    def _send_all(self, requests: list[tuple[list[str], dict]], settle: bool = False) -> list:
+        """Several completions requests at once (a batching server runs them together); answers in order. A
+        failure raises once all are back; with ``settle``, a failed request's place holds its ``RemoteError``."""
+        def one(r):
+            try:
+                return self.completions(r[0], **r[1])
+            except RemoteError as exc:
+                if not settle:
+                    raise
+                return exc
+
         if len(requests) == 1:
-            prompts, fields = requests[0]
-            return [self.completions(prompts, **fields)]
+            return [one(requests[0])]
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(requests))) as pool:
-            return list(pool.map(lambda r: self.completions(r[0], **r[1]), requests))
+            return list(pool.map(one, requests))
 
     def _charge(self, budget: Budget, usage: dict, pieces: Sequence[Piece] = (), verifier_passes: int = 0) -> None:
         p = int(usage.get("prompt_tokens") or 0)
@@ -416,6 +647,19 @@ class OpenAIBackend(Backend):
         """Grow ``rows`` by one step (``stepwise``) or to the end, in rounds of requests until every row is done."""
         step = params.step if stepwise else None
         calls = [_Call(active=not r.finished) for r in rows]
+        try:
+            self._rounds(prompt, rows, calls, params, budget, step, stepwise, seed, first_seed)
+        except RemoteError:  # the rows that are done keep what they got; those still mid-request stay as they were
+            _fold([r for r, c in zip(rows, calls) if not c.active], [c for c in calls if not c.active])
+            raise
+        _fold(rows, calls)
+        for row in rows:
+            if not stepwise and not row.finished:
+                row.finished, row.finish_reason = True, FinishReason.LENGTH
+
+    def _rounds(self, prompt, rows, calls, params, budget, step, stepwise, seed, first_seed) -> None:
+        """``_grow``'s rounds of requests; a failed request is raised after the answered ones of its round are
+        taken (and charged)."""
         rnd = 0
         while any(c.active for c in calls):
             live, cap = self._paid_rows(budget, rows, calls, [i for i, c in enumerate(calls) if c.active])
@@ -433,16 +677,14 @@ class OpenAIBackend(Backend):
                 requests = [(prompts, self._fields(n, [limits[members[o]] for own in owners for o in own], params,
                                                    stops, first if first is not None else derive_seed(seed, rnd, g, p)))
                             for p, (prompts, n, owners) in enumerate(plans)]
-                answers = self._send_all(requests)
-                self._take(answers, plans, members, rows, calls, limits, params, step, stops, budget)
+                answers = self._send_all(requests, settle=True)
+                ok = [k for k, a in enumerate(answers) if not isinstance(a, RemoteError)]
+                self._take([answers[k] for k in ok], [plans[k] for k in ok], members, rows, calls, limits, params,
+                           step, stops, budget)
+                failed = next((a for a in answers if isinstance(a, RemoteError)), None)
+                if failed is not None:
+                    raise failed
             rnd += 1
-        for row, call in zip(rows, calls):
-            if call.logprobs:
-                row.logprobs.extend(call.logprobs)
-                row.steps.append(call.text)
-                row.text += call.text
-            if not stepwise and not row.finished:
-                row.finished, row.finish_reason = True, FinishReason.LENGTH
 
     @staticmethod
     def _limits(row: Candidate, call: _Call, params: SamplingParams, stepwise: bool, cap: int | None) -> dict:
@@ -499,11 +741,30 @@ class OpenAIBackend(Backend):
                         calls[i].active = False
 
     # -- Backend API ------------------------------------------------------------------------------------------
+    # -- what a run has finished, for RemoteError.partial -----------------------------------------------------
+    def _record(self, budget: Budget, prompt: str, rows: Sequence[Candidate]) -> None:
+        """Note the finished ``rows`` among the candidates of the run that ``budget`` pays for."""
+        if budget is not self._run:
+            self._run, self._done = budget, []
+        seen = {id(c) for _, c in self._done}
+        self._done += [(prompt, r) for r in rows if r.finished and id(r) not in seen]
+
+    def _failed(self, exc: RemoteError, budget: Budget) -> RemoteError:
+        """``exc`` with what the run paid by ``budget`` finished so far."""
+        done = self._done if budget is self._run else []
+        exc.partial, exc.partial_prompts = [c for _, c in done], [p for p, _ in done]
+        return exc
+
     def sample(self, prompt, n, params, budget, *, seed=None) -> list[Candidate]:
         self.check_n(n)
         rows = [Candidate() for _ in range(n)]
-        # the first request carries the caller's seed as is, so a deterministic server reproduces a local run
-        self._grow(self.format(prompt), rows, params, budget, stepwise=False, seed=seed, first_seed=seed)
+        text = self.format(prompt)
+        try:  # the first request carries the caller's seed as is, so a deterministic server reproduces a local run
+            self._grow(text, rows, params, budget, stepwise=False, seed=seed, first_seed=seed)
+        except RemoteError as exc:
+            self._record(budget, prompt, rows)
+            raise self._failed(exc, budget) from None
+        self._record(budget, prompt, rows)
         return rows
 
     def start(self, prompt, n, budget, *, seed=None) -> Branches:
@@ -514,7 +775,13 @@ class OpenAIBackend(Backend):
         h = _handle(branches)
         if branches.rows and not branches.all_finished:
             h.calls += 1
-            self._grow(h.prompt, branches.rows, params, budget, stepwise=True, seed=derive_seed(h.seed, h.calls))
+            live = [r for r in branches.rows if not r.finished]
+            try:
+                self._grow(h.prompt, branches.rows, params, budget, stepwise=True, seed=derive_seed(h.seed, h.calls))
+            except RemoteError as exc:
+                self._record(budget, branches.prompt, live)
+                raise self._failed(exc, budget) from None
+            self._record(budget, branches.prompt, live)
         return branches
 
     def select(self, branches, indices) -> Branches:
@@ -538,17 +805,20 @@ class OpenAIBackend(Backend):
         k = budget.affordable([{"verifier_passes": per_context}] * len(contexts))
         texts = [self.format(c) for c in contexts[:k]]
         out: list[list[float] | None] = [None] * len(texts)
-        if self.echo and texts:
-            try:
-                self._echo_logprobs(texts, list(options), out, budget)
-            except RemoteError as exc:
-                if exc.status >= 500:
-                    raise
-                self.echo = False  # the server cannot echo prompt log-probs: use its top log-probs from now on
-        todo = [i for i, v in enumerate(out) if v is None]
-        todo = todo[: budget.affordable([{"verifier_passes": 1}] * len(todo))]  # the fallback within what is left
-        if todo:
-            self._top_logprobs([texts[i] for i in todo], list(options), todo, out, budget)
+        try:
+            if self.echo and texts:
+                try:
+                    self._echo_logprobs(texts, list(options), out, budget)
+                except RemoteError as exc:
+                    if not rejected(exc):
+                        raise
+                    self.echo = False  # the server cannot echo prompt log-probs: use its top log-probs from now on
+            todo = [i for i, v in enumerate(out) if v is None]
+            todo = todo[: budget.affordable([{"verifier_passes": 1}] * len(todo))]  # the fallback within what is left
+            if todo:
+                self._top_logprobs([texts[i] for i in todo], list(options), todo, out, budget)
+        except RemoteError as exc:
+            raise self._failed(exc, budget) from None
         unscored = [math.nan] * len(options)
         return [v if v is not None else list(unscored) for v in out] + [list(unscored) for _ in contexts[k:]]
 
@@ -586,6 +856,15 @@ class OpenAIBackend(Backend):
             return option
         ids = self.tokenizer([option], return_tensors="pt", padding=False, add_special_tokens=False)["input_ids"][0]
         return self.tokenizer.decode([int(ids[0])]) if len(ids) else option
+
+
+def _fold(rows: Sequence[Candidate], calls: Sequence[_Call]) -> None:
+    """Append what each row got in this call to it (one step)."""
+    for row, call in zip(rows, calls):
+        if call.logprobs:
+            row.logprobs.extend(call.logprobs)
+            row.steps.append(call.text)
+            row.text += call.text
 
 
 def _add_usage(usages: Sequence[dict]) -> dict:
