@@ -1,7 +1,8 @@
 """steerscale's per-request steering inside vLLM: what it costs there, how vLLM compares with steerscale's own
 batching engine on the same steered requests, and whether both give the same greedy tokens. One run.
 
-    .venv-vllm/bin/python bench/vllm_steer.py [--model smollm2-135m-instruct] [--tokens 32] [--repeats 3] [--quick]
+    .venv-vllm/bin/python bench/vllm_steer.py [--model smollm2-135m-instruct] [--tokens 32] [--repeats 3]
+                                              [--local-threads 1] [--quick]
 
 Run it with the vLLM venv's python (``scripts/make_vllm_venv.sh``; steerscale installed editable there). Measured
 on CPU only (vLLM's CPU build, 2 cores, no GPU here): the numbers say how the pieces compare on this machine, not
@@ -14,9 +15,9 @@ caching off (the local engine has none, and repeats of the same prompts would ot
 norm 8. The 32 requests: the 8 ``PROMPTS`` (chat template applied, the same token ids for both engines) four times,
 steered with ``layers`` at scale 1, -1, 0.5, -0.5 (one scale per round of 8). Every request is greedy, ``ignore_eos``,
 exactly ``--tokens`` new tokens. Batch B means the first B requests submitted together. Each timing takes a warm-up
-first, then ``--repeats`` repetitions; the two conditions compared are interleaved within a repetition (order
-alternating) and a ratio is the median over repetitions of that repetition's throughput ratio, so slow drifts of a
-shared machine cancel.
+first (the same batch for a few tokens), then ``--repeats`` repetitions; the two conditions compared are interleaved
+within a repetition (order alternating) and a ratio is the median over repetitions of that repetition's throughput
+ratio, so slow drifts of a shared machine cancel.
 
 * ``steered_vs_plain_b1`` / ``_b16``: inside vLLM, ``llm.generate`` on the same 1 / 16 requests steered (per
   request, through ``steer=``) vs unsteered: throughput ratio (target >= 0.9).
@@ -29,9 +30,13 @@ shared machine cancel.
 * ``isolation_mismatches``: a batch of 16 in vLLM with every other request steered (the rest unsteered) against
   each request alone in vLLM (should be 0).
 
-vLLM's engine runs in its own process; while the local engine runs it sits idle (its idle CPU use is measured and
-reported: ``vllm_idle_cpu_s``). Other work on the machine skews every timing: the 1-minute load average at the start
-and the end is reported. A readable table first; last line: one JSON object.
+Threads: on this 2-cpu machine vLLM's CPU worker binds its OpenMP compute to one core and reserves the other for its
+engine and frontend processes (``VLLM_CPU_OMP_THREADS_BIND=auto``; the processes' cpu affinity is reported), so the
+local engine computes on one torch thread too (``--local-threads``; it runs in this process, after vLLM's startup).
+vLLM's engine and worker processes poll their queues even when idle (``vllm_idle`` reports their CPU seconds over an
+idle window), so they are paused (SIGSTOP, then SIGCONT) while the local engine runs. Other work on the machine skews
+every timing (and a second thread contending with another process slows torch's barriers badly): the 1-minute load
+average at the start and the end is reported. A readable table first; last line: one JSON object.
 
 ``--quick`` is a smoke check: 8 new tokens per request (unless ``--tokens`` is given) and 1 repetition.
 """
@@ -48,16 +53,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PROMPTS, fmt_table, log, machine_info  # noqa: E402
+from _common import PROMPTS, fmt_table, log, machine_info
 
 VECTOR_NORM = 8.0
 SCALES = (1.0, -1.0, 0.5, -0.5)  # one per round of the 8 prompts: 32 requests
 N_REQUESTS = 32
 LOCAL_MAX_BATCH = 32
+WARMUP_TOKENS = 4
 
 
 def r3(x):
     return None if x is None else round(x, 3)
+
+
+def shutdown(llm) -> None:
+    """Stop vLLM's engine processes now and silence its loggers (its exit hooks would print after the report)."""
+    import gc
+    import logging
+
+    try:
+        llm.llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # noqa: BLE001 (best effort: the processes end with this one anyway)
+        log(f"vLLM shutdown: {type(exc).__name__}: {exc}")
+    logging.getLogger("vllm").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("vllm"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    del llm
+    gc.collect()
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -65,6 +89,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 32; --quick: 8)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3; --quick: 1)")
+    ap.add_argument("--local-threads", type=int, default=1,
+                    help="torch threads of the local engine (default 1: what vLLM's CPU worker computes on here)")
     ap.add_argument("--quick", action="store_true", help="smoke check: fewer tokens and repetitions")
     args = ap.parse_args()
     tokens = args.tokens or (8 if args.quick else 32)
@@ -115,16 +141,26 @@ def main() -> None:
     reqs = [{"prompt_token_ids": ids} for ids in prompt_ids]
     greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     local_params = LocalParams(max_tokens=tokens, temperature=0.0, step=None, ignore_eos=True)
+    warm = min(WARMUP_TOKENS, tokens)  # warm-ups run the same batch shapes for a few tokens
+    warm_greedy = SamplingParams(temperature=0.0, max_tokens=warm, ignore_eos=True)
+    warm_local = LocalParams(max_tokens=warm, temperature=0.0, step=None, ignore_eos=True)
 
     # -- the local engine ----------------------------------------------------------------------------------------------
+    torch.set_num_threads(args.local_threads)
+    machine["local_engine_torch_threads"] = torch.get_num_threads()
     sched = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=LOCAL_MAX_BATCH)
 
-    def local(idx: list[int]) -> tuple[list[list[int]], float]:
-        t = time.perf_counter()
-        futures = [sched.submit(Job(list(prompt_ids[i]), local_params, steer=[(vector, scales[i])])) for i in idx]
-        while not all(f.done() for f in futures):
-            sched.step()
-        secs = time.perf_counter() - t
+    def local(idx: list[int], params=local_params) -> tuple[list[list[int]], float]:
+        """The steered requests ``idx`` through the local engine, with vLLM's processes paused meanwhile."""
+        paused = pause_vllm()
+        try:
+            t = time.perf_counter()
+            futures = [sched.submit(Job(list(prompt_ids[i]), params, steer=[(vector, scales[i])])) for i in idx]
+            while not all(f.done() for f in futures):
+                sched.step()
+            secs = time.perf_counter() - t
+        finally:
+            resume(paused)
         return [list(f.result()[0].token_ids) for f in futures], secs
 
     # -- vLLM ------------------------------------------------------------------------------------------------------------
@@ -142,10 +178,30 @@ def main() -> None:
     vinfo = {"processes": len(vllm_procs())}
     try:
         procs = vllm_procs()
+        vinfo["names"] = [p.name() for p in procs]
         vinfo["threads"] = [p.num_threads() for p in procs]
         vinfo["cpu_affinity"] = [p.cpu_affinity() for p in procs]
     except (psutil.Error, AttributeError):
         pass
+
+    def pause_vllm() -> list:
+        """SIGSTOP vLLM's engine and worker processes (idle, they still poll their queues and take CPU from the
+        local engine); ``resume`` continues them."""
+        paused = []
+        for p in vllm_procs():
+            try:
+                p.suspend()
+                paused.append(p)
+            except psutil.Error:
+                pass
+        return paused
+
+    def resume(paused: list) -> None:
+        for p in paused:
+            try:
+                p.resume()
+            except psutil.Error:
+                pass
 
     def vllm_cpu() -> float:
         total = 0.0
@@ -157,18 +213,20 @@ def main() -> None:
                 pass
         return total
 
-    def vllm(idx: list[int], steer=True) -> tuple[list[list[int]], float]:
+    def vllm(idx: list[int], steer=True, params=greedy) -> tuple[list[list[int]], float]:
+        """Requests ``idx`` through vLLM in one ``generate``: all steered (``steer=True``), or steered where the
+        per-request flags ``steer`` say so."""
         rs = [reqs[i] for i in idx]
-        st = [specs[i] if (steer is True or (steer and steer[k])) else None for k, i in enumerate(idx)]
+        st = [specs[i] if (steer is True or steer[k]) else None for k, i in enumerate(idx)]
         t = time.perf_counter()
-        outs = llm.generate(rs, greedy, steer=st)
+        outs = llm.generate(rs, params, steer=st)
         secs = time.perf_counter() - t
         return [list(o.outputs[0].token_ids) for o in outs], secs
 
-    def plain(idx):
+    def plain(idx: list[int], params=greedy) -> tuple[list[list[int]], float]:
         rs = [reqs[i] for i in idx]
         t = time.perf_counter()
-        outs = llm.generate(rs, greedy)
+        outs = llm.generate(rs, params)
         secs = time.perf_counter() - t
         return [list(o.outputs[0].token_ids) for o in outs], secs
 
@@ -185,17 +243,20 @@ def main() -> None:
     for b in (1, 16):
         idx = list(range(b))
         log(f"vLLM steered vs plain, batch {b}: warm-up + {repeats} repetitions ...")
-        vllm(idx), plain(idx)
-        rows = {"steered": [], "plain": []}
+        vllm(idx, params=warm_greedy), plain(idx, params=warm_greedy)
+        rows, last = {"steered": [], "plain": []}, {}
         for rep in range(repeats):
             order = ("steered", "plain") if rep % 2 == 0 else ("plain", "steered")
             for cond in order:
                 outs, secs = vllm(idx) if cond == "steered" else plain(idx)
                 rows[cond].append(ntok(outs) / secs)
+                last[cond] = outs
         ratios = [s / p for s, p in zip(rows["steered"], rows["plain"])]
         svp[b] = {"steered_tok_s": rows["steered"], "plain_tok_s": rows["plain"], "ratios": ratios,
-                  "ratio": statistics.median(ratios), "steered_changed": None}
-        svp[b]["steered_changed"] = sum(a != c for a, c in zip(vllm(idx)[0], plain(idx)[0]))
+                  "ratio": statistics.median(ratios),
+                  "steered_changed": sum(a != c for a, c in zip(last["steered"], last["plain"]))}
+        if b == 16:
+            plain16 = last["plain"]
 
     # -- 2. vLLM vs the local engine, both steered ------------------------------------------------------------------------
     vvl: dict[int, dict] = {}
@@ -203,7 +264,7 @@ def main() -> None:
     for b in (1, 8, 32):
         idx = list(range(b))
         log(f"vLLM vs local, batch {b}: warm-up + {repeats} repetitions ...")
-        vllm(idx), local(idx)
+        vllm(idx, params=warm_greedy), local(idx, params=warm_local)
         rows = {"vllm": [], "local": []}
         for rep in range(repeats):
             order = ("vllm", "local") if rep % 2 == 0 else ("local", "vllm")
@@ -241,16 +302,19 @@ def main() -> None:
     mixed, _ = vllm(list(range(16)), steer=half)
     alone = [vllm([i], steer=[half[i]])[0][0] for i in range(16)]
     isolation = sum(a != m for a, m in zip(alone, mixed))
-    steered_acted = sum(mixed[i] != plain([i])[0][0] for i in range(16) if half[i])
+    steered_acted = sum(mixed[i] != plain16[i] for i in range(16) if half[i])
 
     load_at_end = round(os.getloadavg()[0], 2)
+    vllm_info = llm.info()
+    shutdown(llm)  # vLLM logs its shutdown to stdout: done before the report, so the JSON line stays the last
     wall_s = time.perf_counter() - wall0
 
     # -- report ------------------------------------------------------------------------------------------------------------
     med = statistics.median
     print(f"steerscale in vLLM (CPU only, {machine['cpus']} cpus, load {load_at_start} at start, {load_at_end} at end): "
           f"{args.model}, float32, enforce_eager, greedy, {tokens} new tokens per request, median of {repeats}; "
-          f"vLLM up in {vllm_start_s:.1f} s")
+          f"vLLM up in {vllm_start_s:.1f} s; local engine on {args.local_threads} torch thread(s), vLLM worker on "
+          f"cpus {(vinfo.get('cpu_affinity') or ['?'])[-1]}")
     print(f"steering: vector 'layers' at resid_post of all {n_layers} blocks, norm {VECTOR_NORM} each, scales "
           f"{'/'.join(str(s) for s in SCALES)}")
     print(fmt_table(["vLLM", "batch", "steered tok/s", "plain tok/s", "steered / plain", "outputs changed"],
@@ -296,7 +360,7 @@ def main() -> None:
         "vllm_startup_s": round(vllm_start_s, 1), "local_load_s": round(local_load_s, 1),
         "vllm_processes": vinfo, "vllm_idle": idle,
         "loadavg_1m_at_start": load_at_start, "loadavg_1m_at_end": load_at_end,
-        "wall_s": round(wall_s, 1), "machine": machine, "vllm_info": llm.info()}))
+        "wall_s": round(wall_s, 1), "machine": machine, "vllm_info": vllm_info}), flush=True)
 
 
 if __name__ == "__main__":

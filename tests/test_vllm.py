@@ -22,11 +22,11 @@ def vllm_python() -> Path | None:
     return python if python.exists() else None
 
 
-def run_checks(script: str) -> dict:
+def run_checks(script: str, *args: str) -> dict:
     python = vllm_python()
     if python is None:
         pytest.skip("no vLLM venv: build it with `bash scripts/make_vllm_venv.sh`")
-    proc = subprocess.run([str(python), str(ROOT / "tests" / script)], capture_output=True, text=True,
+    proc = subprocess.run([str(python), str(ROOT / "tests" / script), *args], capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -53,6 +53,13 @@ def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
     assert checks["isolation_mismatches"] == 0
     assert checks["prefix_cache_ok"], checks["prefix_cache"]  # no KV reuse across steering
     assert checks["unknown_vector_refused"]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma3"])  # llama: SmolLM2 above
+def test_each_family_vllm_serves_is_steered_as_locally(family):
+    out = run_checks("vllm_checks.py", "--family", family)
+    assert out["cases"] == 18 and out["mismatches"] == 0, out["token_differences"]
+    assert out["steering_acted"] == 6  # +1 differs from 0 for every prompt and vector
 
 
 def test_vllm_serve_steers_each_openai_request_with_the_plugin(serve_checks):

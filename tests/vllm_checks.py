@@ -23,12 +23,112 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
+# tiny random checkpoints of the families vLLM serves (head size 64: what vLLM's CPU attention kernels take)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 64}),
+    "gemma": ("GemmaConfig", {"head_dim": 64}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 64, "sliding_window": 64, "query_pre_attn_scalar": 64}),
+}
+
+
+def top2_margin(model, layout, vector, scale, ids, prefix) -> float:
+    """The local engine's top-2 logit margin after ``ids + prefix`` under ``vector`` at ``scale``."""
+    import torch
+
+    from steerscale.engine.runtime import intervene
+
+    edits = vector.interventions(scale) if scale else []
+    with torch.no_grad(), intervene(layout, edits, prompt_width=len(ids)):
+        logits = model(input_ids=torch.tensor([list(ids) + list(prefix)])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def differences(cases, got, want, model, layout, vectors, prompts) -> list[dict]:
+    """Each case whose vLLM tokens differ from the local ones, with the local top-2 margin at the first difference."""
+    out = []
+    for (i, name, scale), g, w in zip(cases, got, want):
+        if g[: len(w)] != w[: len(g)]:  # vLLM ignores EOS; the local run stops at it
+            k = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            out.append({"prompt": i, "vector": name, "scale": scale, "first_difference": k, "vllm": g, "local": w,
+                        "margin": top2_margin(model, layout, vectors[name], scale, prompts[i], w[:k])})
+    return out
+
+
+def family_checks(family: str, tokens: int) -> dict:
+    """A tiny random ``family`` checkpoint: steered greedy tokens in vLLM (one batch) vs the local engine."""
+    import tempfile
+
+    import torch
+    import transformers
+    from vllm import SamplingParams
+
+    from steerscale import Site, SiteKind
+    from steerscale.models.layout import find_layout
+    from steerscale.scale import SamplingParams as LocalParams
+    from steerscale.serve.scheduler import Job, Scheduler
+    from steerscale.steer.vector import SteeringVector
+    from steerscale.vllm import SteeredLLM
+    from tiny import TinyTokenizer
+
+    cls, extra = FAMILY_CONFIGS[family]
+    config = getattr(transformers, cls)(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    if not config.tie_word_embeddings:  # random weights give near-flat logits: sharpen them (tied: the input too)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(20.0)
+    directory = tempfile.mkdtemp(prefix=f"tiny-{family}-")
+    model.save_pretrained(directory)
+    layout = find_layout(model)
+    prompts = [[1, 17, 99, 203, 45], [1, 300, 12, 7], [1, 64, 65, 66, 67, 68, 69]]
+    with torch.no_grad():  # the vectors' size: 8x the residual stream's, so every family's answers move
+        norm = float(model(input_ids=torch.tensor([prompts[0]]), output_hidden_states=True).hidden_states[1]
+                     .norm(dim=-1).mean())
+    g = torch.Generator().manual_seed(2)
+    vectors = {}
+    for name, site in {"a": Site(0, SiteKind.RESID_POST), "b": Site(1, SiteKind.MLP_OUT)}.items():
+        d = torch.randn(layout.site_dim(site), generator=g)
+        vectors[name] = SteeringVector({site: 8.0 * norm * d / d.norm()})
+    tok = TinyTokenizer(512)
+    tok.eos_token_id = config.eos_token_id
+    cases = [(i, name, scale) for i in range(len(prompts)) for name in vectors for scale in (-1.0, 0.0, 1.0)]
+    want = []
+    for i, name, scale in cases:
+        sched = Scheduler(model, tok, layout, max_batch=1)
+        fut = sched.submit(Job(prompts[i], LocalParams(max_tokens=tokens, temperature=0.0, step=None),
+                               steer=[(vectors[name], scale)] if scale else []))
+        while not fut.done():
+            sched.step()
+        want.append(fut.result()[0].token_ids)
+    llm = SteeredLLM(directory, vectors=vectors, max_model_len=128, skip_tokenizer_init=True, max_num_seqs=32)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(
+        [{"prompt_token_ids": prompts[i]} for i, _, _ in cases],
+        SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False),
+        steer=[[f"{n}:{s}"] if s else None for _, n, s in cases])]
+    report = differences(cases, got, want, model, layout, vectors, prompts)
+    acted = sum(got[k] != got[k + 1] for k in range(0, len(cases), 3))
+    return {"family": family, "architecture": llm.info()["architecture"], "cases": len(cases),
+            "mismatches": sum(1 for r in report if r["margin"] >= 1e-4), "token_differences": report,
+            "steering_acted": acted}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default=None,
+                    help="check a tiny random checkpoint of this family instead of SmolLM2")
     args = ap.parse_args()
+    if args.family:
+        print(json.dumps(family_checks(args.family, args.tokens)))
+        return
     t0 = time.perf_counter()
 
     import torch
@@ -61,15 +161,6 @@ def main() -> None:
             sched.step()
         return fut.result()[0].token_ids
 
-    def margin(ids, name, scale, prefix):
-        from steerscale.engine.runtime import intervene
-
-        edits = vectors[name].interventions(scale) if scale else []
-        with torch.no_grad(), intervene(lm.layout, edits, prompt_width=len(ids)):
-            logits = lm.model(input_ids=torch.tensor([list(ids) + list(prefix)])).logits[0, -1].float()
-        top = logits.topk(2).values
-        return float(top[0] - top[1])
-
     t_local = time.perf_counter()
     want = [local(prompts[i], name, scale) for i, name, scale in cases]
     t_local = time.perf_counter() - t_local
@@ -85,12 +176,7 @@ def main() -> None:
     t_gen = time.perf_counter()
     batched = [list(o.outputs[0].token_ids) for o in llm.generate(reqs, greedy, steer=steer_of)]
     t_gen = time.perf_counter() - t_gen
-    report = []
-    for (i, name, scale), got, ref in zip(cases, batched, want):
-        if got != ref[: len(got)]:
-            k = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-            report.append({"prompt": i, "vector": name, "scale": scale, "first_difference": k,
-                           "margin": margin(prompts[i], name, scale, ref[:k])})
+    report = differences(cases, batched, want, lm.model, lm.layout, vectors, prompts)
     equivalence = sum(1 for r in report if r["margin"] >= 1e-4)
 
     alone = [list(llm.generate(r, greedy, steer=s).outputs[0].token_ids) for r, s in zip(reqs, steer_of)]

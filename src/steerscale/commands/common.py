@@ -33,14 +33,19 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "SGLang, llama.cpp), e.g. http://127.0.0.1:8000/v1")
     r.add_argument("--backend-model", default=None, metavar="NAME",
                    help="the served model's name (default: the one model GET /v1/models lists)")
-    r.add_argument("--backend-tokenizer", default=None, metavar="HF_ID_OR_DIR",
+    r.add_argument("--backend-tokenizer", default="auto", metavar="HF_ID_OR_DIR",
                    help="format prompts with this tokenizer's chat template client-side, as a local run does "
-                        "(default: send prompts raw)")
+                        "(default auto: the served model's own when it is on this machine -- a local directory, a "
+                        "bundled alias, the HF cache --, else prompts go raw with a warning; --no-chat: raw)")
     r.add_argument("--backend-params", type=int, default=0, metavar="N",
                    help="the remote model's parameter count, for FLOP accounting (needed for a flops= budget)")
     r.add_argument("--backend-api-key", default=None, metavar="KEY",
                    help="bearer token (default: $OPENAI_API_KEY)")
-    r.add_argument("--backend-timeout", type=float, default=120, metavar="S", help="seconds per request (default 120)")
+    r.add_argument("--backend-timeout", type=float, default=120, metavar="S",
+                   help="seconds per request; past it the request is abandoned and the server stops it (default 120)")
+    r.add_argument("--backend-retries", type=int, default=3, metavar="N",
+                   help="retries of a request that got no connection, a dropped one, HTTP 5xx or 429, with "
+                        "exponential backoff (default 3; 0: none)")
 
 
 def remote_backend(args):
@@ -56,16 +61,19 @@ def remote_backend(args):
                               "requests there, or drop --backend-url")
     if "flops" in Budget.parse(args.budget or "").limits and not args.backend_params:
         raise SteerscaleError("a flops budget needs the remote model's size", "pass --backend-params N")
+    if args.backend_retries < 0:
+        raise SteerscaleError(f"--backend-retries must be 0 or more, got {args.backend_retries}")
     api_key = args.backend_api_key or os.environ.get("OPENAI_API_KEY")
     model = args.backend_model
     if model is None:
-        models = list_models(args.backend_url, api_key=api_key, timeout=args.backend_timeout)
+        models = list_models(args.backend_url, api_key=api_key, timeout=args.backend_timeout,
+                             retries=args.backend_retries)
         if len(models) != 1:
             raise SteerscaleError(f"{args.backend_url} serves {len(models)} models ({', '.join(models) or 'none'})",
                                   "name one with --backend-model")
         model = models[0]
     tokenizer = None
-    if args.backend_tokenizer:
+    if args.backend_tokenizer and args.backend_tokenizer != "auto":  # auto: OpenAIBackend looks for it
         from transformers import AutoTokenizer
 
         try:
@@ -75,7 +83,7 @@ def remote_backend(args):
                                   "pass an HF id or a local model directory") from None
     return OpenAIBackend(args.backend_url, model, api_key=api_key, tokenizer=tokenizer,
                          chat=False if args.no_chat else None, timeout=args.backend_timeout,
-                         n_params=args.backend_params)
+                         n_params=args.backend_params, retries=args.backend_retries)
 
 
 def load(args):

@@ -35,12 +35,14 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * Faults (``http_json``): each request runs on a fresh connection (``http.client``; proxies from the environment
   are honoured as ``urllib`` does). No connection (refused, connect timeout), a connection dropped before the
   answer (reset, closed), HTTP 5xx and 429 are retried ``retries`` times, ``backoff`` * 2^k s apart with jitter
-  (capped at ``MAX_BACKOFF``), or after a 429/503's ``Retry-After`` (capped at ``MAX_RETRY_AFTER``); another 4xx
-  is an immediate ``RemoteError`` with the server's message. A read timeout is not retried: the connection is
-  shut down at once, which makes servers that watch for it (vLLM, steerscale serve) abort the generation, and the
-  error says the request was abandoned. Only the answer used is charged to the budget (retries happen below it).
+  (capped at ``MAX_BACKOFF``), or after the answer's ``Retry-After`` when it has one (capped at
+  ``MAX_RETRY_AFTER``); another 4xx is an immediate ``RemoteError`` with the server's message. ``timeout`` bounds
+  the connect and each read (a non-streaming answer comes whole, so the generation is timed as a whole). A read
+  timeout is not retried: the connection is shut down at once, which makes servers that watch for it (vLLM,
+  steerscale serve) abort the generation, and the error says the request was abandoned. Only the answer used is
+  charged to the budget (retries happen below it).
 * Interrupted runs: a ``RemoteError`` raised by ``sample``/``extend``/``choice_logprobs`` carries ``partial``, every
-  candidate this backend finished under the same ``Budget`` object (one strategy run; a sample-mode verifier's
+  candidate this backend finished under the same live ``Budget`` object (one strategy run; a sample-mode verifier's
   judge samples included, ``partial_prompts`` says each one's prompt) up to the failure: earlier calls' results,
   and the rows of the failing call that finished in requests answered before it (concurrent requests that did
   answer are taken and charged). Unfinished rows are not in it.
@@ -61,7 +63,9 @@ import math
 import random
 import socket
 import ssl
+import threading
 import time
+import weakref
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -519,17 +523,17 @@ class OpenAIBackend(Backend):
             tokenizer = find_tokenizer(model)
             self.found_tokenizer = tokenizer is not None
             if tokenizer is None and not chat:
-                log.warning("no tokenizer of %r found on this machine: prompts to %s are sent raw, without a chat "
-                            "template; pass its tokenizer (tokenizer=, --backend-tokenizer HF_ID_OR_DIR), or chat=False "
-                            "(--no-chat) for raw prompts on purpose", model, self.base_url)
+                log.warning("no tokenizer of %r found on this machine: prompts to %s are sent raw, without a "
+                            "chat template; pass its tokenizer (tokenizer=, --backend-tokenizer HF_ID_OR_DIR), or "
+                            "chat=False (--no-chat) for raw prompts on purpose", model, self.base_url)
         if chat and (tokenizer is None or not has_chat_template(tokenizer)):
             raise SteerscaleError("chat=True needs a tokenizer with a chat template",
                                   "pass tokenizer=AutoTokenizer.from_pretrained(MODEL), or chat=False")
         self.model, self.api_key, self.tokenizer, self.chat = model, api_key, tokenizer, chat
         self.timeout, self.max_n, self._n_params = float(timeout), max_n, n_params
         self.retries, self.backoff = retries, float(backoff)
-        self._run: Budget | None = None  # the budget of the run whose finished candidates _done holds
-        self._done: list[tuple[str, Candidate]] = []
+        self._done: dict[int, list[tuple[str, Candidate]]] = {}  # id(budget) -> its run's finished candidates
+        self._done_lock = threading.Lock()
         self.extra_body = dict(extra_body or {})
         self.templated = tokenizer is not None and (has_chat_template(tokenizer) if chat is None else bool(chat))
         self.reports_stop = True  # set False once a response shows the server does not say which stop matched
@@ -743,15 +747,21 @@ class OpenAIBackend(Backend):
     # -- Backend API ------------------------------------------------------------------------------------------
     # -- what a run has finished, for RemoteError.partial -----------------------------------------------------
     def _record(self, budget: Budget, prompt: str, rows: Sequence[Candidate]) -> None:
-        """Note the finished ``rows`` among the candidates of the run that ``budget`` pays for."""
-        if budget is not self._run:
-            self._run, self._done = budget, []
-        seen = {id(c) for _, c in self._done}
-        self._done += [(prompt, r) for r in rows if r.finished and id(r) not in seen]
+        """Note the finished ``rows`` among the candidates of the run that ``budget`` pays for (kept while the
+        budget lives: its entry goes when it is collected, before its id can be reused)."""
+        key = id(budget)
+        with self._done_lock:
+            if key not in self._done:
+                self._done[key] = []
+                weakref.finalize(budget, self._done.pop, key, None)
+            done = self._done[key]
+            seen = {id(c) for _, c in done}
+            done += [(prompt, r) for r in rows if r.finished and id(r) not in seen]
 
     def _failed(self, exc: RemoteError, budget: Budget) -> RemoteError:
         """``exc`` with what the run paid by ``budget`` finished so far."""
-        done = self._done if budget is self._run else []
+        with self._done_lock:
+            done = list(self._done.get(id(budget), []))
         exc.partial, exc.partial_prompts = [c for _, c in done], [p for p, _ in done]
         return exc
 
