@@ -92,9 +92,15 @@ def family_checks(family: str, tokens: int) -> dict:
                      .norm(dim=-1).mean())
     g = torch.Generator().manual_seed(2)
     vectors = {}
-    for name, site in {"a": Site(0, SiteKind.RESID_POST), "b": Site(1, SiteKind.MLP_OUT)}.items():
-        d = torch.randn(layout.site_dim(site), generator=g)
-        vectors[name] = SteeringVector({site: 8.0 * norm * d / d.norm()})
+    sites = {  # every hook kind of the vLLM path: block output and input, MLP output, one head
+        "a": [Site(0, SiteKind.RESID_POST), Site(1, SiteKind.RESID_PRE)],
+        "b": [Site(1, SiteKind.MLP_OUT), Site(0, SiteKind.HEAD_OUT, head=1)]}
+    for name, group in sites.items():
+        directions = {}
+        for site in group:
+            d = torch.randn(layout.site_dim(site), generator=g)
+            directions[site] = 8.0 * norm * d / d.norm()
+        vectors[name] = SteeringVector(directions)
     tok = TinyTokenizer(512)
     tok.eos_token_id = config.eos_token_id
     cases = [(i, name, scale) for i in range(len(prompts)) for name in vectors for scale in (-1.0, 0.0, 1.0)]

@@ -127,8 +127,8 @@ def main() -> None:
                                       ("beam_search", "self_eval", {"width": 2, "step": "\n", "max_step_tokens": 8}),
                                       ("particle_filter", "self_eval", {"n": 3, "step": "\n", "max_step_tokens": 8})]:
             budget = Budget.of(tokens=200)
-            r = run_strategy(name, "Calculate 12 + 7.", backend, get_verifier(verifier, backend=backend) if verifier else None,
-                             budget, seed=0, max_tokens=24, **knobs)
+            verify = get_verifier(verifier, backend=backend) if verifier else None
+            r = run_strategy(name, "Calculate 12 + 7.", backend, verify, budget, seed=0, max_tokens=24, **knobs)
             spent = r.budget["spent"]
             strategies[name] = {"answer": r.answer, "tokens": spent["generated_tokens"] + spent.get(
                 "verifier_tokens", 0), "within_budget": spent["generated_tokens"] <= 200 + knobs.get("n", 4)}

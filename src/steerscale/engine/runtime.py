@@ -75,6 +75,16 @@ def _stop(module, args, output):
     raise StopForward
 
 
+def attach_hook(location: Location, fn):
+    """Register ``fn`` at ``location`` and return its removable handle: for ``HookPoint.INPUT`` a forward pre-hook
+    ``fn(module, args, kwargs) -> (args, kwargs) | None``, for ``OUTPUT`` a forward hook ``fn(module, args, output)
+    -> output | None``. Every hook steerscale puts on a model goes through here (``Intervener``; vLLM's worker,
+    ``steerscale.vllm.worker``), so a reader finds where hooks attach in one place."""
+    if location.point is HookPoint.INPUT:
+        return location.module.register_forward_pre_hook(fn, with_kwargs=True)
+    return location.module.register_forward_hook(fn)
+
+
 def _by_hook(located: Iterable[tuple[object, Location]]) -> dict[tuple[int, HookPoint], list]:
     """``(item, location)`` pairs grouped by (module, hook point), in the order given: one hook per group. Each item
     keeps its own Location because items sharing a module can act on different slices of it (several heads of one
@@ -130,11 +140,11 @@ class Intervener:
             raise SteerscaleError("this Intervener is already attached", "use a fresh intervene(...) block")
         try:
             if self._groups:  # edits need token positions; observers alone do not
-                self._handles.append(self.layout.base.register_forward_pre_hook(self._observe, with_kwargs=True))
+                self._handles.append(attach_hook(Location(self.layout.base, HookPoint.INPUT), self._observe))
             self._register(self._groups, self._input_hook, self._output_hook)
             self._register(self._reads, self._read_input_hook, self._read_output_hook)
             if self.stop_after is not None:
-                self._handles.append(self.layout.blocks[self.stop_after].register_forward_hook(_stop))
+                self._handles.append(attach_hook(Location(self.layout.blocks[self.stop_after], HookPoint.OUTPUT), _stop))
         except BaseException:
             self.detach()
             raise
@@ -143,11 +153,8 @@ class Intervener:
     def _register(self, groups: dict, input_hook, output_hook) -> None:
         for group in groups.values():
             loc = group[0][1]
-            if loc.point is HookPoint.INPUT:
-                h = loc.module.register_forward_pre_hook(input_hook(group), with_kwargs=True)
-            else:
-                h = loc.module.register_forward_hook(output_hook(group))
-            self._handles.append(h)
+            hook = input_hook(group) if loc.point is HookPoint.INPUT else output_hook(group)
+            self._handles.append(attach_hook(loc, hook))
 
     def detach(self) -> None:
         while self._handles:

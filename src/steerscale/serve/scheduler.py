@@ -3,13 +3,14 @@ one forward pass per token, each row with its own steering, sampling parameters,
 
 * A request (``Job``) joins at a decoding-step boundary: its prompt is prefilled under its own steering (the
   jobs that arrived together share one left-padded prefill pass; a job alone is encoded exactly as
-  ``LocalBackend`` encodes it), and its KV-cache rows join the running batch without restarting the others (caches of different lengths are left-padded with masked columns, ``engine.kvcache``;
-  positions are counted from real tokens, so the padding is invisible). It leaves when it finishes (EOS, a stop
+  ``LocalBackend`` encodes it), and its KV-cache rows join the running batch without restarting the others
+  (caches of different lengths are left-padded with masked columns, ``engine.kvcache``; positions are counted
+  from real tokens, so the padding is invisible). It leaves when it finishes (EOS, a stop
   string, ``max_tokens``, the context window) or is cancelled; its row is dropped before the next forward.
 * Steering per row (``_row_edits``): for the k-th steering entry of the rows, one ``Add`` per site with a
   ``(rows, dim)`` vector, the row's ``scale x direction`` (zeros for rows without a k-th entry, and for rows whose
-  entry's scope excludes the tokens of this pass). A row's edits therefore run in the order its request gave them, exactly as alone, and an
-  unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with different vectors, share the pass.
+  entry's scope excludes the tokens of this pass). A row's edits therefore run in the order its request gave
+  them, exactly as alone, and an unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with different vectors, share the pass.
 * Sampling per row: every row has its own ``torch.Generator`` seeded from its request, so seeded sampling gives the
   same tokens alone or in a batch. Greedy rows are argmax. Float rounding can still differ with the batch shape;
   ``tests/test_scheduler.py`` checks that where a greedy token differs, the top-2 logit margin there is tiny.
@@ -259,8 +260,8 @@ class Scheduler:
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         edits = self._row_edits([row.job for row in self.rows], Scope.GENERATED)
         with intervene(self.layout, edits):
-            out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, **with_cache(self.model, self._cache), use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **with_cache(self.model, self._cache))
         self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
         self.steps += 1
 

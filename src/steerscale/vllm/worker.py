@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.runtime import attach_hook
 from ..errors import SteerscaleError
 from ..models.layout import find_layout
 from ..models.sites import Site, SiteKind
@@ -159,33 +160,28 @@ class SteerState:
             return plan.tables[site].to(like.device, like.dtype)[index.to(like.device)]
 
         if site.kind is SiteKind.RESID_PRE:
-            def pre(module, args):  # (positions, hidden, residual): the stream is hidden + residual
+            def hook(module, args, kwargs):  # (positions, hidden, residual): the stream is hidden + residual
                 d = delta(args[1].shape[0], args[1])
-                return None if d is None else (args[0], args[1] + d, *args[2:])
-
-            handle = loc.module.register_forward_pre_hook(pre)
+                return None if d is None else ((args[0], args[1] + d, *args[2:]), kwargs)
         elif site.kind is SiteKind.HEAD_OUT:
             cols = loc.index
 
-            def pre(module, args):  # the output projection's input: the heads side by side
+            def hook(module, args, kwargs):  # the output projection's input: the heads side by side
                 d = delta(args[0].shape[0], args[0])
                 if d is None:
                     return None
                 x = args[0].clone()
                 x[..., cols] += d
-                return (x, *args[1:])
-
-            handle = loc.module.register_forward_pre_hook(pre)
+                return (x, *args[1:]), kwargs
         else:
-            def post(module, args, output):  # a block's (hidden, residual), or attention's / the MLP's tensor
+            def hook(module, args, output):  # a block's (hidden, residual), or attention's / the MLP's tensor
                 first = output[0] if isinstance(output, tuple) else output
                 d = delta(first.shape[0], first)
                 if d is None:
                     return None
                 return (first + d, *output[1:]) if isinstance(output, tuple) else first + d
 
-            handle = loc.module.register_forward_hook(post)
-        self._handles[site] = handle
+        self._handles[site] = attach_hook(loc, hook)
 
     # -- the step -----------------------------------------------------------------------------------------------
     def _request_rows(self, rid, spec) -> dict[Site, torch.Tensor] | None:
