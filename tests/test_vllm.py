@@ -53,6 +53,7 @@ def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
     assert checks["isolation_mismatches"] == 0
     assert checks["prefix_cache_ok"], checks["prefix_cache"]  # no KV reuse across steering
     assert checks["unknown_vector_refused"]
+    assert checks["engine_wide_ok"]  # engine-wide steering reaches every request, and is lifted
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma3"])  # llama: SmolLM2 above

@@ -196,6 +196,13 @@ def main() -> None:
         again = list(llm.generate(ids, greedy).outputs[0].token_ids)
         cached.append({"steered_as_local": steered == local(ids["prompt_token_ids"], name, scale),
                        "plain_unchanged": again == plain, "steering_acted": steered != plain})
+    # engine-wide steering: every request gets it, then it is lifted
+    llm.set_steering(["a:1.0"])
+    engine_wide = list(llm.generate(reqs[0], greedy).outputs[0].token_ids)
+    llm.set_steering(None)
+    lifted = list(llm.generate(reqs[0], greedy).outputs[0].token_ids)
+    engine_wide_ok = (engine_wide == batched[cases.index((0, "a", 1.0))]
+                      and lifted == batched[cases.index((0, "a", 0.0))])
     try:
         llm.generate(reqs[0], greedy, steer=["nope:1"])
         unknown_refused = False
@@ -207,7 +214,7 @@ def main() -> None:
         "cases": len(cases), "tokens": args.tokens, "equivalence_mismatches": equivalence,
         "token_differences": report, "isolation_mismatches": isolation,
         "prefix_cache_ok": all(all(c.values()) for c in cached), "prefix_cache": cached,
-        "unknown_vector_refused": unknown_refused, "steering_changed_outputs": effect,
+        "unknown_vector_refused": unknown_refused, "engine_wide_ok": engine_wide_ok, "steering_changed_outputs": effect,
         "info": llm.info(), "local_s": round(t_local, 1), "vllm_start_s": round(t_start, 1),
         "vllm_batch_s": round(t_gen, 2), "wall_s": round(time.perf_counter() - t0, 1)}))
 

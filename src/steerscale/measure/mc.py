@@ -81,3 +81,37 @@ def score_choices(model, tokenizer, questions: Sequence[str], choices: Sequence[
         return score_items(model, items, method, max_tokens, max_rows, pad, progress)
     with intervene(layout, interventions):
         return score_items(model, items, method, max_tokens, max_rows, pad, progress)
+
+
+def score_choices_remote(backend, questions: Sequence[str], choices: Sequence[Sequence[str]],
+                         budget=None) -> list[dict]:
+    """``score_choices`` through a server: the same per-question dicts (``logprobs``, ``mean_logprobs``,
+    ``n_tokens``, ``prompt_tokens``) from ``backend.loglikelihood`` (an ``OpenAIBackend``), so the task's metrics
+    (``acc`` on the sums, ``acc_norm`` on the per-token means, ``acc_per_char``, ``mc2``) are computed as for a
+    local run. The context is formatted client-side as ``build_items`` formats it (``backend.format``: the chat
+    template when the backend applies one) and each choice follows it as locally: right after a chat template, or
+    after a space unless the prompt ends in whitespace. The server tokenizes context + choice in one piece, so
+    ``n_tokens`` are its token counts (equal to the local ones when no token spans the boundary)."""
+    if not hasattr(backend, "loglikelihood"):
+        raise SteerscaleError(f"{type(backend).__name__} cannot score log-likelihoods",
+                              "pass an OpenAIBackend of a server, or score with the local model")
+    requests, spans = [], []
+    for q, chs in zip(questions, choices, strict=True):
+        if not chs:
+            raise SteerscaleError(f"question {q[:60]!r} has no choices")
+        context = backend.format(q)
+        sep = "" if backend.templated or context.endswith((" ", "\n")) else " "
+        start = len(requests)
+        for c in chs:
+            if not str(c):
+                raise SteerscaleError(f"question {q[:60]!r} has an empty choice", "choices must be non-empty text")
+            requests.append((context, sep + str(c)))
+        spans.append((start, len(requests)))
+    got = backend.loglikelihood(requests, budget)
+    out = []
+    for start, stop in spans:
+        per = [g.logprob for g in got[start:stop]]
+        n_tok = [g.n_tokens for g in got[start:stop]]
+        out.append({"logprobs": per, "mean_logprobs": [s / n for s, n in zip(per, n_tok)], "n_tokens": n_tok,
+                    "prompt_tokens": got[start].n_context})
+    return out

@@ -32,7 +32,7 @@ from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
 from ..models.cache import file_digest
 from ..scale.backend import derive_seed
-from .mc import score_choices
+from .mc import score_choices, score_choices_remote
 from .stats import bootstrap_ci
 from .tasks import Example, Task, get_task
 
@@ -117,15 +117,17 @@ def resolve_strategy(strategy, budget: str | None = None, mode: str | None = Non
     registered name (with ``budget``, ``n``, ``verifier`` and sampling ``knobs``) or a ready ``StrategySpec``.
 
     A strategy replaces plain generation for each example (``mode == "generate"``); log-likelihood scoring has no
-    use for one, so that combination is refused rather than silently ignored. A remote backend only answers
-    through a strategy: plain generation and scoring run on the local model."""
+    use for one, so that combination is refused rather than silently ignored. A remote backend answers through a
+    strategy, or scores multiple choice by log-likelihood (``mode == "loglik"``); plain generation runs on the local
+    model."""
     from ..scale.spec import StrategySpec
 
     if strategy is None:
-        if remote:
-            raise SteerscaleError("a remote backend (--backend-url / backend=) answers through a scaling strategy; "
-                                  "plain generation and log-likelihood scoring run on the local model",
-                                  "add --strategy greedy (plain greedy decoding on the server), or drop the backend")
+        if remote and mode != ScoringMode.LOGLIK:
+            raise SteerscaleError("a remote backend (--backend-url / backend=) answers through a scaling strategy "
+                                  "(or scores multiple choice by log-likelihood); plain generation runs on the local "
+                                  "model", "add --strategy greedy (plain greedy decoding on the server), or drop the "
+                                  "backend")
         if budget is not None:
             raise SteerscaleError("--budget needs --strategy", "pass --strategy NAME --budget B, or drop --budget")
         return None
@@ -192,6 +194,21 @@ def check_backend(backend, lm, steer: Sequence, interventions: Sequence, cost: b
                               "drop cost=True (it is measured for local steering runs)")
 
 
+def check_remote_scoring(backend, config: "RunConfig") -> None:
+    """Log-likelihood scoring through ``backend`` (no strategy): it must be able to score (``loglikelihood``: an
+    ``OpenAIBackend``), and the prompt formatting the run asks for must be the backend's."""
+    if not callable(getattr(backend, "loglikelihood", None)):
+        raise SteerscaleError(f"log-likelihood scoring through backend= needs a server backend (OpenAIBackend); "
+                              f"{type(backend).__name__} has no loglikelihood()",
+                              "pass the model as evaluate(lm, ...) to score it locally, or add a strategy")
+    templated = bool(getattr(backend, "templated", False))
+    if config.chat is not None and bool(config.chat) != templated:
+        raise SteerscaleError(f"chat={config.chat} asks for {'a' if config.chat else 'no'} chat template, but the "
+                              f"backend formats prompts {'with' if templated else 'without'} one",
+                              "build the OpenAIBackend with the same chat= (or pass its tokenizer=), or leave chat "
+                              "unset")
+
+
 def _run_strategy_chunk(backend, task: Task, examples: list[Example], seed: int, spec):
     """One strategy run per example on ``backend`` (local or remote), each with a fresh budget from the spec.
     Prompts are formatted and answers checked here, so only generation and verifier calls go to the backend; the
@@ -252,6 +269,10 @@ def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) 
     cfg, ivs = run.config, run.interventions
     if run.spec is not None:
         prompts, outs, tokens = _run_strategy_chunk(run.backend, task, examples, seed, run.spec)
+    elif run.mode is ScoringMode.LOGLIK and run.given_backend is not None:  # scored on a server (echo log-probs)
+        prompts = [task.format(e) for e in examples]
+        outs = score_choices_remote(run.given_backend, prompts, [e.choices for e in examples])
+        tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
     elif run.mode is ScoringMode.LOGLIK:
         model, tokenizer, layout, _ = _lm_parts(lm)
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
@@ -374,7 +395,8 @@ class _Run:
             # runs before per-example seeds reused one random stream for every example: never a cache hit for them
             **({"seeding": "per-example"} if c.sample or strategy else {}),
             # what answers a strategy run, and where: a different backend is a different run (never a cache hit)
-            **({"strategy": self.spec.to_dict(), "backend": describe_backend(self.given_backend)} if strategy else {}),
+            **({"strategy": self.spec.to_dict(), "backend": describe_backend(self.given_backend)} if strategy else
+               {"backend": describe_backend(self.given_backend)} if self.given_backend is not None else {}),
         }
 
 
@@ -387,6 +409,8 @@ def _prepare(lm, task: Task, config: RunConfig, backend) -> _Run:
     spec = resolve_strategy(config.strategy, config.budget, mode, remote=backend is not None, n=config.n,
                             verifier=config.verifier, max_tokens=max_new_tokens, temperature=config.temperature)
     check_backend(backend, lm, config.steer, config.interventions, config.cost)
+    if backend is not None and spec is None:  # resolve_strategy let it through: log-likelihood scoring remotely
+        check_remote_scoring(backend, config)
     run = _Run(config, mode, spec, backend, backend, max_new_tokens=max_new_tokens)
     if backend is None:
         model, tokenizer, layout, run.model_name = _lm_parts(lm)
@@ -410,8 +434,10 @@ def evaluate(lm, task: str | Task, config: RunConfig | None = None, *, backend=N
     ``RunConfig``; or its fields as keywords: ``evaluate(lm, "arc_easy", limit=50, steer=["v.safetensors:4"])``).
 
     ``backend``: a ``Backend`` (e.g. ``OpenAIBackend`` of a server) that runs a strategy's generation and verifier
-    calls instead of a ``LocalBackend`` on ``lm`` (``lm`` may then be None); tasks, answer checking and caching
-    stay local, and the backend is part of the run's config, so its records never mix with a local run's.
+    calls instead of a ``LocalBackend`` on ``lm`` (``lm`` may then be None); without a strategy, a multiple-choice
+    task is scored by log-likelihood on it (``OpenAIBackend.loglikelihood``: echoed prompt log-probs, with the
+    local prompt formatting and metrics). Tasks, answer checking and caching stay local, and the backend is part
+    of the run's config, so its records never mix with a local run's.
     Results go to ``outdir/<task>-<confighash>/``; a rerun of the same config resumes (``resume=False``: start
     over)."""
     if config is None:
@@ -434,7 +460,7 @@ def evaluate(lm, task: str | Task, config: RunConfig | None = None, *, backend=N
     records += _run_missing(lm, task, run, examples, records, path, chunk, progress)
     extra = {"dir": str(rundir), "deterministic": run.deterministic,
              "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
-    if run.spec is not None:
+    if "backend" in hashed:
         extra["backend"] = backend_label(hashed["backend"])  # which backend produced these numbers
     if config.cost if config.cost is not None else bool(run.interventions):
         extra["cost"] = _steering_cost(lm, run, rundir, progress)

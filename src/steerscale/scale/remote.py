@@ -32,6 +32,9 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * ``choice_logprobs``: ``echo=True, max_tokens=0, logprobs=1`` on context + option, reading the option's first
   token's log-prob (vLLM's semantics; exact). A server that rejects echo gets ``max_tokens=1, logprobs=20,
   temperature=0`` on the context and the option is looked up in the top 20 (-inf when absent).
+* ``loglikelihood`` (multiple-choice scoring, lm-eval's way): the same echo on context + continuation, summing the
+  log-probs of the tokens that end after the context (a token straddling the boundary is counted); prompt arrays of
+  ``max_n`` pairs, sent concurrently. No fallback: a server that cannot echo is a ``SteerscaleError``.
 * Faults (``http_json``): each request runs on a fresh connection (``http.client``; proxies from the environment
   are honoured as ``urllib`` does). No connection (refused, connect timeout), a connection dropped before the
   answer (reset, closed), HTTP 5xx and 429 are retried ``retries`` times, ``backoff`` * 2^k s apart with jitter
@@ -429,6 +432,21 @@ def plan_requests(texts: Sequence[str], *, greedy: bool, seeded: bool) -> list[t
     if seeded or len(groups) == 1:
         return [([t], len(rows), [[r] for r in rows]) for t, rows in groups.items()]
     return [(list(texts), 1, [[i] for i in range(len(texts))])]
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    """``OpenAIBackend.loglikelihood``'s answer for one (context, continuation): ``logprob``, the sum of the
+    continuation's token log-probs; ``n_tokens``, how many tokens that sums (the server's tokenization of context +
+    continuation); ``n_context``, the tokens before them; ``straddles``: the first counted token began inside the
+    context (see ``echo_continuation_logprob``); ``greedy``: every counted token was the most likely one (None when
+    the server listed no top log-probs)."""
+
+    logprob: float
+    n_tokens: int
+    n_context: int
+    straddles: bool = False
+    greedy: bool | None = None
 
 
 @dataclass
@@ -850,6 +868,52 @@ class OpenAIBackend(Backend):
             if all((i, o) in found for o in options):
                 out[i] = [found[(i, o)] for o in options]
 
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], budget: Budget | None = None) -> list[Loglikelihood]:
+        """The log-likelihood of each ``(context, continuation)``'s continuation given its context, lm-eval's way:
+        one echo of context + continuation per pair (``echo: true, max_tokens: 0, logprobs: 1``), summing the
+        log-probs of the tokens that end after the context (``echo_continuation_logprob``; a token straddling the
+        boundary is counted). The texts are sent as given (``format`` them first for a chat template); the server
+        tokenizes them (with ``add_special_tokens: false`` when this backend applies a chat template). Pairs go
+        ``max_n`` to a request (a prompt array), the requests concurrently; each answer's ``usage`` is charged to
+        ``budget`` (prompt tokens) when one is given. A server that cannot echo prompt log-probs is a
+        ``SteerscaleError`` (there is no exact fallback)."""
+        pairs = [(c, x) for c, x in requests]
+        for c, x in pairs:
+            if not isinstance(c, str) or not isinstance(x, str) or not x:
+                raise SteerscaleError(f"loglikelihood needs (context, continuation) strings with a non-empty "
+                                      f"continuation, got {(c, x)!r}"[:300])
+        if not pairs:
+            return []
+        fields = dict(n=1, max_tokens=0, echo=True, logprobs=1, temperature=0)
+        chunks = [pairs[i:i + self.max_n] for i in range(0, len(pairs), self.max_n)]
+        try:
+            answers = self._send_all([([c + x for c, x in chunk], fields) for chunk in chunks])
+        except RemoteError as exc:
+            if not rejected(exc):
+                raise
+            self.echo = False
+            raise SteerscaleError(f"{self.base_url} cannot score log-likelihoods: it rejected an echo of the prompt's "
+                                  f"log-probs ({exc.problem})",
+                                  "log-likelihood scoring needs `echo` with `max_tokens: 0` on /v1/completions "
+                                  "(vLLM, steerscale serve); on other servers use --mode generate with --strategy "
+                                  "greedy") from None
+        out = []
+        for chunk, (choices, usage) in zip(chunks, answers):
+            if budget is not None:
+                self._charge(budget, usage)
+            for (c, x), ch in zip(chunk, choices):
+                got = echo_continuation_logprob(ch, x)
+                if got is None:
+                    if echo_tokens(ch, x) is None:
+                        raise SteerscaleError(f"{self.base_url} did not echo the prompt with its log-probs",
+                                              "log-likelihood scoring needs `echo` with `max_tokens: 0` and "
+                                              "`logprobs` on /v1/completions (vLLM, steerscale serve)")
+                    raise SteerscaleError(f"{self.base_url}'s echoed tokens cannot be placed on the continuation "
+                                          f"{x[:80]!r} (their strings do not spell it, or a log-prob is missing)",
+                                          "score this task with a local model")
+                out.append(got)
+        return out
+
     def _top_logprobs(self, texts, options, where, out, budget) -> None:
         """Fallback: the next token's top log-probs after each context; an option outside them gets -inf."""
         firsts = [self._first_token(o) for o in options]
@@ -892,23 +956,68 @@ def _handle(branches: Branches) -> _Handle:
     return branches.handle
 
 
-def echo_option_logprob(choice: dict, option: str) -> float | None:
-    """Log-prob of the echoed token that starts ``len(option)`` characters before the end of the text, if one
-    does (offsets are taken relative to the end, so servers that count from the prompt or from 0 agree)."""
+def echo_tokens(choice: dict, tail: str) -> tuple[list[str], list, list[int], int, int] | None:
+    """An echoed completion's tokens, log-probs and starts, with where the text ends and where its last
+    ``len(tail)`` characters (``tail``) begin on the same axis: ``(tokens, values, starts, end, target)``. ``end``
+    is the last token's start plus its length, so positions count back from the end and servers that count offsets
+    from the prompt or from 0 agree. None when the choice is not an echo of a text ending in ``tail`` (a server
+    that ignored echo) or its log-probs are malformed."""
     lp = choice.get("logprobs") if isinstance(choice, dict) else None
     if not isinstance(lp, dict):
         return None
     tokens, values, offs = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
     if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(offs, list)) or not tokens:
         return None
-    if not (len(tokens) == len(values) == len(offs)) or not str(choice.get("text", "")).endswith(option):
-        return None  # not an echo of context + option (a server that ignored echo)
+    if not (len(tokens) == len(values) == len(offs)) or not str(choice.get("text", "")).endswith(tail):
+        return None  # not an echo of context + tail
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(o, int) for o in offs):
+        return None
     end = offs[-1] + len(tokens[-1])
-    target = end - len(option)
+    return tokens, values, offs, end, end - len(tail)
+
+
+def echo_option_logprob(choice: dict, option: str) -> float | None:
+    """Log-prob of the echoed token that starts ``len(option)`` characters before the end of the text, if one
+    does (offsets are taken relative to the end, so servers that count from the prompt or from 0 agree)."""
+    echoed = echo_tokens(choice, option)
+    if echoed is None:
+        return None
+    _, values, offs, _, target = echoed
     for tok_start, value in zip(offs, values):
         if tok_start == target:
             return None if value is None else float(value)
     return None
+
+
+def echo_continuation_logprob(choice: dict, continuation: str) -> Loglikelihood | None:
+    """The log-likelihood of ``continuation`` in an echo of context + continuation: the sum of the log-probs of
+    the echoed tokens that end after the context does (``echo_tokens``' axis). Those are the tokens that start at
+    or after the boundary and, when the server's tokenization merged the context's last characters with the
+    continuation's first ones, the one token that straddles the boundary: it is counted (it carries the
+    continuation's first characters; lm-eval's text-offset readers do the same). None when the tokens cannot be
+    placed: not an echo, a missing log-prob among the counted tokens, or token strings that do not spell the
+    continuation (a server whose per-token strings differ from the text there, e.g. U+FFFD for the pieces of a
+    multi-byte character)."""
+    echoed = echo_tokens(choice, continuation)
+    if echoed is None or not continuation:
+        return None
+    tokens, values, offs, end, target = echoed
+    ends = list(offs[1:]) + [end]
+    picked = [i for i in range(len(tokens)) if ends[i] > target]
+    if not picked or picked[0] == 0 or any(values[i] is None for i in picked):
+        return None  # the first echoed token has no log-prob: nothing precedes the continuation
+    spelled = "".join(tokens[i] for i in picked)
+    if not spelled.endswith(continuation):
+        return None
+    tops = choice["logprobs"].get("top_logprobs")
+    greedy = None
+    if isinstance(tops, list) and len(tops) == len(tokens):
+        at = [tops[i] for i in picked]
+        if all(isinstance(t, dict) and t for t in at):  # greedy: no listed token beats the text's own
+            greedy = all(float(values[i]) >= max(float(v) for v in t.values() if v is not None) - 1e-6
+                         for i, t in zip(picked, at))
+    return Loglikelihood(math.fsum(float(values[i]) for i in picked), len(picked), picked[0],
+                         straddles=offs[picked[0]] < target, greedy=greedy)
 
 
 def first_top_logprobs(choice: dict) -> dict:
