@@ -11,6 +11,7 @@ examples:
   steerscale eval --task arc_easy --limit 20                                # -> runs/arc_easy-<hash>/summary.json
   steerscale eval --task arc_easy --limit 20 --steer formal.safetensors:1   # effect, and cost (KL on neutral text)
   steerscale eval --task gsm8k --limit 2 --strategy majority -n 4 --budget tokens=2000 --max-new-tokens 128
+  steerscale eval --task arc_easy --limit 20 --backend-url http://127.0.0.1:8000/v1  # scored on a server (echo)
   steerscale report runs                                                    # tables and plots of the runs above
 
 formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors
@@ -31,11 +32,14 @@ def register(sub) -> None:
     p.add_argument("--task", help="task name, gym:DATASET, or a local .jsonl path")
     p.add_argument("--list-tasks", action="store_true", help="print the known task names and exit")
     p.add_argument("--limit", type=int, default=None, help="evaluate only N examples")
-    p.add_argument("--data-seed", type=int, default=None, help="draw the --limit subset with this seed (default: first N)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="draw the --limit subset with this seed (default: first N)")
     add_steer_args(p)
-    p.add_argument("--seeds", type=int, default=1, help="number of generation seeds (0..N-1); deterministic scoring runs one")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of generation seeds (0..N-1); deterministic scoring runs one")
     p.add_argument("--mode", default="auto", choices=["auto", "loglik", "generate"],
-                   help="multiple choice: log-likelihood (default) or generate-then-parse")
+                   help="multiple choice: log-likelihood (default; with --backend-url from the server's echoed "
+                        "prompt log-probs) or generate-then-parse")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--sample", action="store_true", help="sample (temperature --temperature) instead of greedy")
@@ -44,7 +48,8 @@ def register(sub) -> None:
                    help="answer each example with a scaling strategy (majority, best_of_n, particle_filter, ...; "
                         "see `steerscale solve --help`); needs generated answers (--mode generate); generates on "
                         "--backend-url when given")
-    p.add_argument("--budget", default=None, metavar="NAME=V,...", help="per-example budget for --strategy, e.g. tokens=2000")
+    p.add_argument("--budget", default=None, metavar="NAME=V,...",
+                   help="per-example budget for --strategy, e.g. tokens=2000")
     p.add_argument("-n", type=int, default=None,
                    help="samples / particles / beams for --strategy (default: the strategy's own, 8 for most)")
     p.add_argument("--verifier", default=None, help="verifier for --strategy (self_eval, logprob, arith_prm, judge)")
@@ -55,11 +60,11 @@ def register(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard cached records of this config and rerun")
     p.add_argument("-o", "--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_backend_args(p)  # --strategy only: tasks, answer checking and the run cache stay local
+    add_backend_args(p)  # --strategy, or multiple-choice log-likelihood scoring: tasks, answers and cache stay local
     p.set_defaults(func=run_eval)
 
-    r = sub.add_parser("report", description="Collect every summary.json under DIR into report.md, report.html and PNGs.",
-                       epilog=REPORT_EPILOG)
+    r = sub.add_parser("report", epilog=REPORT_EPILOG,
+                       description="Collect every summary.json under DIR into report.md, report.html and PNGs.")
     r.add_argument("dir", help="folder written by `steerscale eval -o`")
     r.add_argument("-o", "--out", default=None, help="where to write the report (default: DIR)")
     r.set_defaults(func=run_report)
@@ -103,7 +108,7 @@ def run_eval(args) -> int:
     resolve_strategy(config.strategy, config.budget, scoring_mode(task, config.mode), remote=bool(args.backend_url),
                      n=config.n, verifier=config.verifier, temperature=config.temperature,
                      max_tokens=config.max_new_tokens)
-    # with --backend-url the strategy generates on the server and -m is not loaded
+    # with --backend-url the strategy generates (or the choices are scored) on the server and -m is not loaded
     lm, backend = (None, remote_backend(args)) if args.backend_url else (load(args), None)
     res = evaluate(lm, task, config, backend=backend, outdir=args.out, resume=not args.fresh)
     if args.json:

@@ -313,8 +313,8 @@ def summarize(records: list[dict], task: Task, config: dict, extra: dict | None 
         out["metrics"] = {k: bootstrap_ci([r["metrics"][k] for r in ok if k in r["metrics"]]).to_dict() for k in names}
         seeds = sorted({r["seed"] for r in ok})
         if len(seeds) > 1:
-            out["per_seed"] = {str(s): sum(r["score"] for r in ok if r["seed"] == s) / max(1, sum(r["seed"] == s for r in ok))
-                               for s in seeds}
+            out["per_seed"] = {str(s): sum(r["score"] for r in ok if r["seed"] == s)
+                               / max(1, sum(r["seed"] == s for r in ok)) for s in seeds}
     out["tokens"] = {k: sum(r["tokens"].get(k, 0) for r in records) for k in ("prompt", "generated", "scored")}
     out["seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 3)
     if failed:
