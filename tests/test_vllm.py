@@ -56,6 +56,11 @@ def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
     assert checks["engine_wide_ok"]  # engine-wide steering reaches every request, and is lifted
 
 
+def test_ablation_and_set_projection_inside_vllm_equal_the_local_engine(checks):
+    assert checks["projection_mismatches"] == 0, checks["projection"]
+    assert checks["projection_changed"] >= 6, checks["projection"]
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma3"])  # llama: SmolLM2 above
 def test_each_family_vllm_serves_is_steered_as_locally(family):
     out = run_checks("vllm_checks.py", "--family", family)

@@ -58,6 +58,31 @@ def differences(cases, got, want, model, layout, vectors, prompts) -> list[dict]
     return out
 
 
+def full_forward_greedy(lm, vectors, ids, spec, tokens) -> list[int]:
+    """Greedy tokens of the local engine under ``spec`` (adds, ablations, set projections, in order), one full
+    forward pass per token (no cache): the reference for projection edits."""
+    import torch
+
+    from steerscale.engine.ops import SetProjection
+    from steerscale.engine.runtime import Intervention, intervene
+    from steerscale.vllm import parse_steer
+
+    edits = []
+    for name, op, scope in parse_steer(spec):
+        if isinstance(op, tuple):
+            edits += [Intervention(site, SetProjection(d, op[1]), scope) for site, d in vectors[name].directions.items()]
+        else:
+            edits += vectors[name].interventions(op, scope)
+    out = []
+    for _ in range(tokens):
+        with torch.no_grad(), intervene(lm.layout, edits, prompt_width=len(ids)):
+            logits = lm.model(input_ids=torch.tensor([list(ids) + out])).logits[0, -1]
+        out.append(int(logits.argmax()))
+        if out[-1] in (lm.tokenizer.eos_token_id,):
+            break
+    return out
+
+
 def family_checks(family: str, tokens: int) -> dict:
     """A tiny random ``family`` checkpoint: steered greedy tokens in vLLM (one batch) vs the local engine."""
     import tempfile
@@ -196,6 +221,14 @@ def main() -> None:
         again = list(llm.generate(ids, greedy).outputs[0].token_ids)
         cached.append({"steered_as_local": steered == local(ids["prompt_token_ids"], name, scale),
                        "plain_unchanged": again == plain, "steering_acted": steered != plain})
+    # projection edits (Ablate, SetProjection), alone and in order with an addition, against a full-forward local run
+    projection = []
+    for spec in (["a:ablate"], ["b:=20.0"], ["a:ablate", "a:1.0"], ["b:1.0", "b:=-20.0:generated"]):
+        for i in range(2):
+            got = list(llm.generate({"prompt_token_ids": list(prompts[i])}, greedy, steer=spec).outputs[0].token_ids)
+            ref = full_forward_greedy(lm, vectors, prompts[i], spec, args.tokens)
+            projection.append({"spec": spec, "prompt": i, "same": got[: len(ref)] == ref[: len(got)],
+                               "changed": got != batched[cases.index((i, spec[0][0], 0.0))]})
     # engine-wide steering: every request gets it, then it is lifted
     llm.set_steering(["a:1.0"])
     engine_wide = list(llm.generate(reqs[0], greedy).outputs[0].token_ids)
@@ -214,7 +247,9 @@ def main() -> None:
         "cases": len(cases), "tokens": args.tokens, "equivalence_mismatches": equivalence,
         "token_differences": report, "isolation_mismatches": isolation,
         "prefix_cache_ok": all(all(c.values()) for c in cached), "prefix_cache": cached,
-        "unknown_vector_refused": unknown_refused, "engine_wide_ok": engine_wide_ok, "steering_changed_outputs": effect,
+        "unknown_vector_refused": unknown_refused, "engine_wide_ok": engine_wide_ok,
+        "projection_mismatches": sum(not p["same"] for p in projection),
+        "projection_changed": sum(p["changed"] for p in projection), "projection": projection, "steering_changed_outputs": effect,
         "info": llm.info(), "local_s": round(t_local, 1), "vllm_start_s": round(t_start, 1),
         "vllm_batch_s": round(t_gen, 2), "wall_s": round(time.perf_counter() - t0, 1)}))
 

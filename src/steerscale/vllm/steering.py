@@ -1,7 +1,10 @@
 """What a request asks of steerscale inside vLLM, in the flat form vLLM carries (no vLLM import here).
 
-A request names registered vectors with a scale and a token scope: ``"NAME:SCALE[:SCOPE]"`` strings, one per
-entry, applied in order (``formal:4``, ``honest:-2:generated``), as ``SamplingParams.extra_args["steer"]`` offline
+A request names registered vectors with an operation and a token scope: ``"NAME:OP[:SCOPE]"`` strings, one per
+entry, applied in order. OP is a scale (``formal:4``: add 4 x the vector, the ``Add`` edit), ``ablate``
+(``refusal:ablate``: project the vector's direction out, ``Ablate``) or ``=VALUE`` (``refusal:=2.5``: set the
+component along the direction to VALUE, ``SetProjection``); ``honest:-2:generated`` edits generated tokens only.
+They travel as ``SamplingParams.extra_args["steer"]`` offline
 or ``"vllm_xargs": {"steer": [...]}`` in an OpenAI request to ``vllm serve`` (vLLM's ``vllm_xargs`` take strings,
 numbers and flat lists only, hence strings). A comma-separated string is the same list.
 
@@ -23,9 +26,10 @@ MAX_SCALE = 1e3  # as the steerscale server's cap: far past any useful strength,
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
-def parse_steer(spec) -> list[tuple[str, float, str]]:
-    """``"a:4,b:-2:generated"`` or ``["a:4", "b:-2:generated"]`` (or ``(name, scale[, scope])`` tuples) as
-    ``[(name, scale, scope)]``; anything malformed is a ``SteerscaleError`` naming the entry."""
+def parse_steer(spec) -> list[tuple[str, float | tuple[str, float], str]]:
+    """``"a:4,b:ablate:generated"`` or ``["a:4", "b:=2"]`` (or ``(name, op[, scope])`` tuples) as
+    ``[(name, op, scope)]``, op a float scale (add) or ``("set", value)`` (ablate: value 0); anything malformed is a
+    ``SteerscaleError`` naming the entry."""
     if spec is None:
         return []
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
@@ -34,26 +38,44 @@ def parse_steer(spec) -> list[tuple[str, float, str]]:
         parts = item.strip().split(":") if isinstance(item, str) else list(item)
         if not 2 <= len(parts) <= 3:
             raise SteerscaleError(f"bad steer entry {item!r}",
-                                  'write "NAME:SCALE" or "NAME:SCALE:SCOPE", e.g. "formal:4"')
+                                  'write "NAME:OP" or "NAME:OP:SCOPE", OP a scale, "ablate" or "=VALUE", e.g. '
+                                  '"formal:4"')
         name, scale, scope = str(parts[0]).strip(), parts[1], (str(parts[2]).strip() if len(parts) == 3 else "all")
         if not NAME.fullmatch(name):
             raise SteerscaleError(f"bad vector name {name!r} in steer entry {item!r}",
                                   "use 1-128 letters, digits, '_', '.' and '-'")
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise SteerscaleError(f"steer entry {item!r}: scale {scale!r} is not a number") from None
-        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
-            raise SteerscaleError(f"steer entry {item!r}: scale must be finite with |scale| <= {MAX_SCALE:g}")
+        scale = _op(scale, item)
         if scope not in SCOPES:
             raise SteerscaleError(f"steer entry {item!r}: unknown scope {scope!r}", f"use one of {', '.join(SCOPES)}")
         out.append((name, scale, scope))
     return out
 
 
+def _op(op, item):
+    """A scale (float), or ``("set", value)`` from ``ablate`` / ``=VALUE`` / a ``("set", value)`` tuple."""
+    if isinstance(op, tuple) and len(op) == 2 and op[0] == "set":
+        op = f"={op[1]}"
+    text = op.strip() if isinstance(op, str) else op
+    setting = isinstance(text, str) and (text == "ablate" or text.startswith("="))
+    raw = 0.0 if text == "ablate" else text[1:] if setting else text
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise SteerscaleError(f"steer entry {item!r}: {op!r} is not a scale, 'ablate' or '=VALUE'") from None
+    if not math.isfinite(value) or abs(value) > MAX_SCALE:
+        raise SteerscaleError(f"steer entry {item!r}: the value must be finite with |value| <= {MAX_SCALE:g}")
+    return ("set", value) if setting else value
+
+
+def _op_text(op) -> str:
+    if isinstance(op, tuple):
+        return "ablate" if op[1] == 0 else f"={op[1]!r}"
+    return repr(op)
+
+
 def format_steer(entries) -> list[str]:
-    """The ``"NAME:SCALE:SCOPE"`` strings of ``entries`` (checked), for ``extra_args`` / ``vllm_xargs``."""
-    return [f"{name}:{scale!r}:{scope}" for name, scale, scope in parse_steer(entries)]
+    """The ``"NAME:OP:SCOPE"`` strings of ``entries`` (checked), for ``extra_args`` / ``vllm_xargs``."""
+    return [f"{name}:{_op_text(op)}:{scope}" for name, op, scope in parse_steer(entries)]
 
 
 def cache_salt(entries, digests: dict[str, str] | None = None) -> str | None:

@@ -23,8 +23,10 @@ How it is wired (vLLM 0.32, V1 engine; every name below is vLLM's):
   engine-wide steering, and what the worker has. ``vllm serve`` without RPCs reads vectors from
   ``STEERSCALE_VLLM_VECTORS=NAME=PATH,...`` and engine-wide steering from ``STEERSCALE_VLLM_STEER``.
 
-Supported: ``Add`` edits (steering vectors) at ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` and
-``head_out`` (tensor parallel size 1 for ``head_out``: heads are split across ranks otherwise). Needs
+Supported, per request entry (``steering.py``): ``Add`` (a scale), ``Ablate`` and ``SetProjection`` (``ablate``,
+``=VALUE``: the component along the vector's unit direction, taken on the whole residual stream, hidden +
+residual) at ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` and ``head_out`` (tensor parallel size 1 for
+``head_out``: heads are split across ranks otherwise), in the request's order per site. Needs
 ``enforce_eager=True``: with vLLM's compilation on (its default) Python hooks would be traced once, so the engine
 refuses to start instead of steering wrongly.
 """
@@ -60,10 +62,29 @@ def enabled() -> bool:
 
 
 @dataclass
-class _Plan:
-    """One forward pass's steering: per site a ``(1 + 3 x steered requests, dim)`` table, and each token's row."""
+class _Op:
+    """One edit slot at a site: ``add`` (``h + row``) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit
+    direction, or zeros where the edit does not apply). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
 
-    tables: dict[Site, torch.Tensor]
+    kind: str
+    rows: torch.Tensor  # (1 + 3m, dim)
+    targets: torch.Tensor | None  # (1 + 3m,) for "set"
+
+    def apply(self, x: torch.Tensor, index: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """``x`` edited for each token's row; the stream is ``x + extra`` (a vLLM layer's residual) or ``x``."""
+        rows = self.rows.to(x.device, x.dtype)[index]
+        if self.kind == "add":
+            return x + rows
+        stream = x if extra is None else x + extra
+        proj = (stream * rows).sum(-1, keepdim=True)
+        return x + (self.targets.to(x.device, x.dtype)[index][:, None] - proj) * rows
+
+
+@dataclass
+class _Plan:
+    """One forward pass's steering: per site its edit slots in order, and each token's row in their tables."""
+
+    ops: dict[Site, list[_Op]]
     index: torch.Tensor  # (tokens,) long
 
 
@@ -150,54 +171,60 @@ class SteerState:
             return
         loc = self.layout.locate(site)
 
-        def delta(n_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
+        def edit(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor | None:
             plan = self.plan
-            if plan is None or site not in plan.tables:
+            if plan is None or site not in plan.ops:
                 return None
-            index = plan.index
-            if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (zeros)
+            index, n_tokens = plan.index, x.shape[0]
+            if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (no edit)
                 index = torch.nn.functional.pad(index[:n_tokens], (0, max(0, n_tokens - index.shape[0])))
-            return plan.tables[site].to(like.device, like.dtype)[index.to(like.device)]
+            index = index.to(x.device)
+            for op in plan.ops[site]:  # in the request's order, as the local engine runs them
+                x = op.apply(x, index, extra)
+            return x
 
         if site.kind is SiteKind.RESID_PRE:
             def hook(module, args, kwargs):  # (positions, hidden, residual): the stream is hidden + residual
-                d = delta(args[1].shape[0], args[1])
-                return None if d is None else ((args[0], args[1] + d, *args[2:]), kwargs)
+                x = edit(args[1], args[2] if len(args) > 2 else None)
+                return None if x is None else ((args[0], x, *args[2:]), kwargs)
         elif site.kind is SiteKind.HEAD_OUT:
             cols = loc.index
 
             def hook(module, args, kwargs):  # the output projection's input: the heads side by side
-                d = delta(args[0].shape[0], args[0])
-                if d is None:
+                head = edit(args[0][..., cols], None)
+                if head is None:
                     return None
                 x = args[0].clone()
-                x[..., cols] += d
+                x[..., cols] = head
                 return (x, *args[1:]), kwargs
         else:
             def hook(module, args, output):  # a block's (hidden, residual), or attention's / the MLP's tensor
-                first = output[0] if isinstance(output, tuple) else output
-                d = delta(first.shape[0], first)
-                if d is None:
-                    return None
-                return (first + d, *output[1:]) if isinstance(output, tuple) else first + d
+                if isinstance(output, tuple):
+                    x = edit(output[0], output[1] if len(output) > 1 and torch.is_tensor(output[1]) else None)
+                    return None if x is None else (x, *output[1:])
+                return edit(output, None)
 
         self._handles[site] = attach_hook(loc, hook)
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def _request_rows(self, rid, spec) -> dict[Site, torch.Tensor] | None:
-        """A request's three rows per site (early prompt, last prompt token, generated), engine-wide entries first;
-        None when it is not steered. Cached per request."""
+    def _request_rows(self, rid, spec) -> dict | None:
+        """A request's edits per site: ``{site: {(entry k, kind): (rows (3, dim), targets (3,) or None)}}``, the
+        three rows for its early prompt tokens, last prompt token and generated tokens; engine-wide entries come
+        first. None when it is not steered. Cached per request."""
         key = (rid, spec if not isinstance(spec, list) else tuple(spec))
         if key not in self._rows:
             entries = self.global_entries + parse_steer(spec)
-            rows: dict[Site, torch.Tensor] = {}
-            for name, scale, scope in entries:
+            out: dict = {}
+            for k, (name, op, scope) in enumerate(entries):
+                on = torch.tensor(_APPLIES[scope], dtype=torch.float32)[:, None]
                 for site, direction in self._vector(name).directions.items():
-                    r = rows.setdefault(site, torch.zeros(CLASSES, direction.shape[-1]))
-                    for c, on in enumerate(_APPLIES[scope]):
-                        if on:
-                            r[c] += scale * direction.float()
-            self._rows[key] = rows or None
+                    d = direction.float()
+                    if isinstance(op, tuple):  # ("set", value): the unit direction, and its target per row
+                        u = d / d.norm()
+                        out.setdefault(site, {})[(k, "set")] = (on * u, on[:, 0] * op[1])
+                    else:
+                        out.setdefault(site, {})[(k, "add")] = (on * (op * d), None)
+            self._rows[key] = out or None
         return self._rows[key]
 
     def prepare(self, positions: torch.Tensor | None) -> None:
@@ -231,12 +258,19 @@ class SteerState:
         cls = (pos >= p - 1).long() + (pos >= p).long()
         s = torch.tensor(slot)[tok_req]
         index = torch.where(s >= 0, 1 + CLASSES * s + cls, torch.zeros_like(s))
-        tables = {}
+        ops: dict[Site, list[_Op]] = {}
         for site in {site for r in rows for site in r}:
             dim = self.layout.site_dim(site)
-            parts = [torch.zeros(1, dim)] + [r.get(site, torch.zeros(CLASSES, dim)) for r in rows]
-            tables[site] = torch.cat(parts)
-        self.plan = _Plan(tables, index)
+            slots = sorted({slot for r in rows for slot in r.get(site, {})})
+            for slot in slots:
+                parts, targets = [torch.zeros(1, dim)], [torch.zeros(1)]
+                for r in rows:
+                    vec, tgt = r.get(site, {}).get(slot, (torch.zeros(CLASSES, dim), None))
+                    parts.append(vec)
+                    targets.append(tgt if tgt is not None else torch.zeros(CLASSES))
+                ops.setdefault(site, []).append(_Op(slot[1], torch.cat(parts),
+                                                    torch.cat(targets) if slot[1] == "set" else None))
+        self.plan = _Plan(ops, index)
 
 
 
