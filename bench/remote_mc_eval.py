@@ -20,53 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_vllm(model_dir: str, name: str, log: Path, max_len: int) -> tuple[subprocess.Popen, str]:
-    """``vllm serve`` of ``model_dir`` under ``name`` (as ``tests/vllm_serve_checks.py`` starts it); its base URL."""
-    port = free_port()
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_len),
-           "--served-model-name", name, "--max-num-seqs", "16"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited ({proc.returncode}); log: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url + "/v1"
-        except OSError:
-            time.sleep(1)
-    stop(proc)
-    raise RuntimeError(f"vllm serve did not start within 300 s; log: {log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def argmax(xs):
@@ -80,8 +37,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-model-len", type=int, default=1024)
     args = ap.parse_args()
-    if not VLLM_PYTHON.exists():
-        raise SystemExit(f"no vLLM venv at {VLLM_PYTHON} (scripts/make_vllm_venv.sh)")
+    from steerscale.vllm.server import start_vllm, vllm_python
+
+    if vllm_python() is None:
+        raise SystemExit("no vLLM venv (build it with scripts/make_vllm_venv.sh)")
 
     import torch
 
@@ -101,15 +60,16 @@ def main() -> None:
     local_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    proc, url = start_vllm(str(checkpoint_dir(args.model)), args.model, tmp / "vllm.log", args.max_model_len)
+    server = start_vllm(str(checkpoint_dir(args.model)), name=args.model, log=tmp / "vllm.log",
+                        max_model_len=args.max_model_len)
     start_s = time.perf_counter() - t0
     try:
-        backend = OpenAIBackend(url, args.model, tokenizer=lm.tokenizer, timeout=300, max_n=16)
+        backend = OpenAIBackend(server.url, args.model, tokenizer=lm.tokenizer, timeout=300, max_n=16)
         t0 = time.perf_counter()
         rem = evaluate(None, args.task, backend=backend, **common)
         remote_s = time.perf_counter() - t0
     finally:
-        stop(proc)
+        server.stop()
 
     by_id = {r["id"]: r for r in rem.records}
     rows, max_diff, token_diffs, n_choices = [], 0.0, 0, 0

@@ -5,7 +5,6 @@ scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks 
 without that venv they are skipped. The request format is tested here without vLLM."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,13 +12,9 @@ import pytest
 
 from steerscale import SteerscaleError
 from steerscale.vllm import cache_salt, format_steer, parse_steer
+from steerscale.vllm.server import vllm_python
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def vllm_python() -> Path | None:
-    python = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"
-    return python if python.exists() else None
 
 
 def run_checks(script: str, *args: str) -> dict:
@@ -86,8 +81,10 @@ def test_the_request_format():
     assert parse_steer("a:4, b:-2:generated") == [("a", 4.0, "all"), ("b", -2.0, "generated")]
     assert parse_steer(["a:1.5"]) == parse_steer([("a", 1.5)]) == [("a", 1.5, "all")]
     assert format_steer("a:4") == ["a:4.0:all"]
-    for bad, match in [("a", "NAME:SCALE"), ("a:x", "not a number"), ("a:1e9", "finite"), ("a:1:sometimes", "scope"),
-                       ("a/b:1", "bad vector name")]:
+    assert parse_steer("r:ablate, r:=2.5:generated") == [("r", ("set", 0.0), "all"), ("r", ("set", 2.5), "generated")]
+    assert parse_steer(format_steer("r:ablate,r:=2.5")) == parse_steer("r:ablate,r:=2.5")
+    for bad, match in [("a", "NAME:OP"), ("a:x", "not a scale"), ("a:1e9", "finite"), ("a:=1e9", "finite"),
+                       ("a:1:sometimes", "scope"), ("a/b:1", "bad vector name")]:
         with pytest.raises(SteerscaleError, match=match):
             parse_steer(bad)
     assert cache_salt(None) is None and cache_salt("a:1") != cache_salt("a:2") != cache_salt("a:2:prompt")

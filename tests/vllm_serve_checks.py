@@ -15,53 +15,12 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model_dir: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-           "--served-model-name", MODEL, "--max-num-seqs", "16"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_V2_MODEL_RUNNER": "0",
-                                      **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited ({proc.returncode}); log: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url + "/v1"
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError("vllm serve did not start within 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def main() -> None:
@@ -77,6 +36,7 @@ def main() -> None:
     from steerscale.steer.bake import bake
     from steerscale.steer.vector import SteeringVector
     from steerscale.vllm import cache_salt, format_steer
+    from steerscale.vllm.server import start_vllm
 
     lm = load_model(MODEL, dtype="float32")
     site = Site(14, SiteKind.RESID_POST)
@@ -97,7 +57,8 @@ def main() -> None:
         return lm.tokenizer.decode(fut.result()[0].token_ids, skip_special_tokens=True)
 
     out = {}
-    proc, url = start(checkpoint_dir(MODEL), {"STEERSCALE_VLLM_VECTORS": f"a={path}"}, tmp / "serve.log")
+    server = start_vllm(checkpoint_dir(MODEL), name=MODEL, log=tmp / "serve.log", vectors={"a": path})
+    url = server.url
     try:
         client = OpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
 
@@ -134,18 +95,19 @@ def main() -> None:
                 "verifier_tokens", 0), "within_budget": spent["generated_tokens"] <= 200 + knobs.get("n", 4)}
         out["strategies"] = strategies
     finally:
-        stop(proc)
+        server.stop()
 
     # a baked checkpoint under plain vllm serve vs the hooked vector
     baked = tmp / "baked"
     bake(lm.model, lm.layout, vec, 1.0, baked, lm.tokenizer)
-    proc, url = start(str(baked), {}, tmp / "baked.log")
+    server = start_vllm(str(baked), name=MODEL, log=tmp / "baked.log")
+    url = server.url
     try:
         client = OpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
         baked_text = [client.completions.create(model=MODEL, prompt=p, max_tokens=tokens, temperature=0,
                                                 extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
     finally:
-        stop(proc)
+        server.stop()
     hooked = [got[cases.index((p, 1.0))] for p in prompts]
     out["baked_mismatches"] = sum(a != b for a, b in zip(baked_text, hooked))
     out["wall_s"] = round(time.perf_counter() - t0, 1)

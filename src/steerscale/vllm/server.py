@@ -1,0 +1,81 @@
+"""Start and stop a real ``vllm serve`` from Python (benches, tests, notebooks): a subprocess of the vLLM venv's
+interpreter, float32 and eager as steerscale's steering needs, with the plugin enabled when vectors are given."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SteerscaleError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def vllm_python() -> Path | None:
+    """An interpreter with vLLM: this one when it imports vLLM, else the vLLM venv's (``$VLLM_VENV`` or
+    ``.venv-vllm`` in the checkout); None without either."""
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    python = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"
+    return python if python.exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VllmServer:
+    """A running ``vllm serve``: ``url`` (ends in /v1), ``stop()``."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def start_vllm(model_dir: str, *, name: str, log: Path, vectors: dict[str, Path] | None = None,
+               max_model_len: int = 512, max_num_seqs: int = 16, timeout: float = 300.0) -> VllmServer:
+    """``vllm serve model_dir`` as ``name`` on a free local port, waiting until ``/health`` answers; with
+    ``vectors`` (name -> file) steerscale's plugin registers them (``STEERSCALE_VLLM_VECTORS``)."""
+    python = vllm_python()
+    if python is None:
+        raise SteerscaleError("no vLLM venv found", "build it with `bash scripts/make_vllm_venv.sh`")
+    port = _free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+           "--served-model-name", name, "--max-num-seqs", str(max_num_seqs)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_USE_V2_MODEL_RUNNER": "0"}
+    if vectors:
+        env["STEERSCALE_VLLM_VECTORS"] = ",".join(f"{k}={v}" for k, v in vectors.items())
+    server = VllmServer(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
+                        f"http://127.0.0.1:{port}/v1", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise SteerscaleError(f"vllm serve exited ({server.process.returncode})", f"its log: {log}")
+        try:
+            with urllib.request.urlopen(server.url[: -len("/v1")] + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(1)
+    server.stop()
+    raise SteerscaleError(f"vllm serve did not start within {timeout:g} s", f"its log: {log}")
