@@ -315,6 +315,16 @@ def test_caps_on_tokens_context_and_stops(srv):
     assert status == 200 and out["usage"]["total_tokens"] < 128
 
 
+def test_the_default_max_tokens_respects_the_servers_limit(parts):
+    model, layout, tok, _ = parts
+    server = start_server(App(model, tok, layout, model_id="tiny", limits=Limits(max_tokens_limit=8)))
+    try:
+        status, out, _ = call(server, "/v1/completions", {"prompt": "x", "ignore_eos": True})  # default 16, cut to 8
+        assert status == 200 and out["usage"]["completion_tokens"] == 8
+    finally:
+        server.close()
+
+
 def test_an_api_key_guards_every_v1_route(parts):
     model, layout, tok, vecs = parts
     server = start_server(App(model, tok, layout, model_id="tiny", api_key="s3cret"))
@@ -485,7 +495,8 @@ RAW = [b"", b"{", b"[]", b"null", b'{"prompt": "x", "temperature": NaN}', b'{"pr
        b'{"prompt": "\\ud800"}', b'{"prompt": "x", "max_tokens": 1e400}', b"\xff\xfe", b'{"prompt": "x"}' * 2,
        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
        b'{"messages": [{"role": "user", "content": "x"}], "strategy": {"name": "majority", "stop": [1]}}',
-       b'{"prompt": "x", "steer": [{"vector": "a", "scale": 1e30}]}', b'{"prompt": [[1, 2], "x"]}']
+       b'{"prompt": "x", "steer": [{"vector": "a", "scale": 1e30}]}', b'{"prompt": [[1, 2], "x"]}',
+       '{"prompt": "x", "logit_bias": {"\u00b2": 1}}'.encode(), b'{"prompt": "x", "logit_bias": {"' + b"9" * 5000 + b'": 1}}']
 
 
 def test_fuzzed_requests_never_get_a_server_error(srv):

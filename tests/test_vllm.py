@@ -66,6 +66,7 @@ def test_each_family_vllm_serves_is_steered_as_locally(family):
 def test_vllm_serve_steers_each_openai_request_with_the_plugin(serve_checks):
     assert serve_checks["serve_cases"] == 9 and serve_checks["serve_mismatches"] == 0
     assert serve_checks["serve_steering_acted"] >= 2
+    assert serve_checks["bad_spec_unsteered"] and serve_checks["alive_after_bad_spec"]  # logged, engine alive
 
 
 def test_a_baked_checkpoint_under_plain_vllm_serve_equals_the_hooked_vector(serve_checks):
@@ -87,6 +88,10 @@ def test_the_request_format():
                        ("a:1:sometimes", "scope"), ("a/b:1", "bad vector name")]:
         with pytest.raises(SteerscaleError, match=match):
             parse_steer(bad)
-    assert cache_salt(None) is None and cache_salt("a:1") != cache_salt("a:2") != cache_salt("a:2:prompt")
+    assert cache_salt(None) is None and cache_salt("a:1") != cache_salt("a:2") != cache_salt("a:2:prompt", prompt="x")
+    # a scoped entry edits tokens by where the prompt ends: the prompt is part of its salt
+    assert cache_salt("a:2:generated", prompt="x") != cache_salt("a:2:generated", prompt="x y")
+    with pytest.raises(SteerscaleError, match="needs the prompt"):
+        cache_salt("a:2:generated")
     assert cache_salt("a:1", {"a": "x"}) != cache_salt("a:1", {"a": "y"})  # a re-registered vector
     assert len(cache_salt("a:1")) <= 128  # vLLM's limit

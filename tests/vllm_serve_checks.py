@@ -80,6 +80,11 @@ def main() -> None:
         out["serve_mismatches"] = sum(g != w for g, w in zip(got, want))
         out["serve_cases"] = len(cases)
         out["serve_steering_acted"] = sum(got[i] != got[i + 1] for i in range(0, len(cases), 3))
+        # a spec the worker cannot run (unknown vector) must not take the engine down: unsteered, logged
+        bad = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=tokens, temperature=0, extra_body={
+            "vllm_xargs": {"steer": ["nope:1"]}, "cache_salt": "bad-spec", "ignore_eos": True}).choices[0].text
+        out["bad_spec_unsteered"] = bad == got[cases.index((prompts[0], 0.0))]
+        out["alive_after_bad_spec"] = ask(prompts[0], 1.0) == got[cases.index((prompts[0], 1.0))]
 
         # strategies through OpenAIBackend against the real server, each within its budget
         backend = OpenAIBackend(url, MODEL, timeout=120, max_n=16)

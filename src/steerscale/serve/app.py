@@ -89,6 +89,9 @@ class App:
         self.shaper = Shaper(tokenizer, self.engine.base.decode, model_id)
         self.metrics = Metrics(self.engine.scheduler)
         self.workers = ThreadPoolExecutor(max_workers=max(4, max_batch), thread_name_prefix="steerscale-request")
+        # strategies hold a thread for their whole run: their own pool, so they never starve the others' encoding
+        self.strategy_workers = ThreadPoolExecutor(max_workers=max(2, max_batch),
+                                                   thread_name_prefix="steerscale-strategy")
         self.pending = 0  # generation requests in flight; only the event loop's thread changes it
         self.created = int(time.time())
         self.api = build_api(self)
@@ -96,7 +99,8 @@ class App:
     def close(self) -> None:
         """Stop the engine loop (requests still running end with an error) and the worker threads."""
         self.engine.close()
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.workers, self.strategy_workers):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def add_vector(self, name: str, vec: SteeringVector) -> None:
         import re
@@ -199,7 +203,7 @@ class App:
     async def strategy(self, req: GenRequest, request: Request | None, deadline: float, *, chat: bool) -> dict:
         backend = self.engine.strategy_backend(req, chat=chat)
         prompt = req.prompts[0][0]["content"] if chat else req.prompts[0]
-        future = self.workers.submit(self.engine.run_strategy, req, prompt, backend)
+        future = self.strategy_workers.submit(self.engine.run_strategy, req, prompt, backend)
         await self.wait([future], request, deadline, backend.cancel)
         result = future.result()
         self.metrics.generation_tokens.inc(result.budget["spent"]["generated_tokens"])
@@ -337,6 +341,10 @@ class Stream:
                         return
                     continue
                 self.wake.clear()
+                if self.loop.time() > self.deadline:  # a stream that keeps producing still ends at its deadline
+                    self.cancel()
+                    yield sse(timeout_error(self.app.limits.request_timeout).body())
+                    return
                 out = []
                 for p, job in enumerate(self.jobs):
                     failed = job.future.done() and job.future.exception() is not None

@@ -182,8 +182,9 @@ class Engine:
         return list(ids)
 
     # -- generation -------------------------------------------------------------------------------------------
-    def steer_entries(self, req: GenRequest) -> list[tuple]:
-        return [(self.vectors[name], scale, scope) for name, scale, scope in req.steer]
+    @staticmethod
+    def steer_entries(req: GenRequest) -> list[tuple]:
+        return list(req.steer)
 
     def submit(self, req: GenRequest, all_ids: list[list[int]], max_tokens: int, on_update=None) -> list[Job | None]:
         """One job per prompt (its ``n`` rows seeded alike, as vLLM seeds every prompt of a request); None where

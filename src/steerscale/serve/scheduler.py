@@ -10,7 +10,8 @@ one forward pass per token, each row with its own steering, sampling parameters,
 * Steering per row (``_row_edits``): for the k-th steering entry of the rows, one ``Add`` per site with a
   ``(rows, dim)`` vector, the row's ``scale x direction`` (zeros for rows without a k-th entry, and for rows whose
   entry's scope excludes the tokens of this pass). A row's edits therefore run in the order its request gave
-  them, exactly as alone, and an unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with different vectors, share the pass.
+  them, exactly as alone, and an unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with
+  different vectors, share the pass.
 * Sampling per row: every row has its own ``torch.Generator`` seeded from its request, so seeded sampling gives the
   same tokens alone or in a batch. Greedy rows are argmax. Float rounding can still differ with the batch shape;
   ``tests/test_scheduler.py`` checks that where a greedy token differs, the top-2 logit margin there is tiny.
@@ -158,6 +159,9 @@ class Scheduler:
                                   "shorten the prompt")
         self.waiting.put(job)
         self._wake.set()
+        if self._closed:  # stop() ran between the check above and the put: nobody will take it now
+            while not self.waiting.empty():
+                _fail(self.waiting.get_nowait(), "the server is shutting down")
         return job.future
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -413,7 +417,8 @@ class Scheduler:
     def _finish(job: Job, i: int, reason: FinishReason) -> bool:
         c = job.cands[i]
         if not c.finished:
-            c.finished, c.finish_reason = True, reason
+            c.finish_reason = reason  # before ``finished``: a streaming reader that sees finished sees the reason
+            c.finished = True
             c.steps = [c.text] if c.token_ids else []
         if all(x.finished for x in job.cands) and not job.future.done():
             job.future.set_result(job.cands)

@@ -157,7 +157,7 @@ class GenRequest:
     top_logprobs: int | None  # None: no log-probs; k: the k most likely tokens at each position
     echo: bool
     add_special_tokens: bool
-    steer: list[tuple[str, float, str]]  # (vector name, scale, scope)
+    steer: list[tuple]  # (SteeringVector, scale, scope), resolved when the request was parsed
     strategy: StrategySpec | None
     stream: bool
     include_usage: bool
@@ -209,13 +209,13 @@ def _common(body: _Common, vectors) -> dict:
         if e.vector not in vectors:
             known = ", ".join(sorted(vectors)) or "(none: register one with --vector or PUT /v1/steering/vectors/NAME)"
             raise bad("steer", f"unknown steering vector {e.vector!r}; this server has: {known}")
-        steer.append((e.vector, e.scale, e.scope))
+        steer.append((vectors[e.vector], e.scale, e.scope))  # the vector itself: a later DELETE/PUT cannot reach it
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOPS:
         raise bad("stop", f"'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):
             raise bad("logit_bias", f"logit_bias keys are token ids written as strings, got {key!r}")
         bias[int(key)] = value
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), min_p=body.min_p,
@@ -273,7 +273,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors) -> GenRequ
                               "put the strategy's own n inside \"strategy\"")
     if body.stream and (body.echo or k is not None):
         raise bad("stream", "streaming sends the generated text only: use 'stream': false for echo or log-probs")
-    return GenRequest(prompts, max_tokens=body.max_tokens if body.max_tokens is not None else 16, top_logprobs=k,
+    return GenRequest(prompts, max_tokens=body.max_tokens, top_logprobs=k,
                       echo=body.echo, add_special_tokens=True if body.add_special_tokens is None
                       else body.add_special_tokens, **common)
 

@@ -86,7 +86,8 @@ class SteeredLLM:
             extra[STEER_KEY] = format_steer(entries)
         params.extra_args = extra or None
         item = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-        salt = cache_salt(self.engine_wide + entries, self.digests)
+        salt = cache_salt(self.engine_wide + entries, self.digests,
+                          prompt=item.get("prompt_token_ids", item.get("prompt")))
         if salt:
             item["cache_salt"] = salt
         return item, params
@@ -98,8 +99,9 @@ class SteeredLLM:
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
         params = sampling_params or SamplingParams()
+        # one spec per prompt: a list of lists (or None); a list of strings or (name, op) tuples is one spec
         per_prompt = isinstance(steer, list) and len(steer) == len(prompts) and all(
-            s is None or isinstance(s, (list, tuple)) for s in steer) and not _is_entry_list(steer)
+            s is None or isinstance(s, list) for s in steer) and not _is_entry_list(steer)
         specs = steer if per_prompt else [steer] * len(prompts)
         pairs = [self.request(p, params[i] if isinstance(params, list) else params, s)
                  for i, (p, s) in enumerate(zip(prompts, specs))]

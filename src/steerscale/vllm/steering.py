@@ -78,11 +78,19 @@ def format_steer(entries) -> list[str]:
     return [f"{name}:{_op_text(op)}:{scope}" for name, op, scope in parse_steer(entries)]
 
 
-def cache_salt(entries, digests: dict[str, str] | None = None) -> str | None:
+def cache_salt(entries, digests: dict[str, str] | None = None, prompt=None) -> str | None:
     """The prefix-cache salt of a request steered with ``entries`` (None: unsteered, share the cache). ``digests``
-    (name -> content digest) makes a re-registered vector of the same name a different salt."""
+    (name -> content digest) makes a re-registered vector of the same name a different salt. ``prompt`` (its text
+    or token ids) is needed when an entry's scope is not ``all``: which tokens such an entry edits depends on where
+    the prompt ends, so a later request whose prompt extends this one's text (a chat's next turn) must not reuse
+    its cached blocks; the salt then covers the prompt too."""
     entries = parse_steer(entries)
     if not entries:
         return None
     key = ";".join(f"{n}#{(digests or {}).get(n, '')}:{s!r}:{c}" for n, s, c in entries)
+    if any(scope != "all" for _, _, scope in entries):
+        if prompt is None:
+            raise SteerscaleError("a steer entry scoped to the prompt or to generated tokens needs the prompt in its "
+                                  "cache salt", "pass prompt= (its text or token ids) to cache_salt")
+        key += "|" + repr(prompt)
     return "steerscale-" + hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -100,6 +100,7 @@ class SteerState:
         self.plan: _Plan | None = None
         self._rows: dict = {}  # (request id, its steer spec) -> {site: (3, dim)}
         self._handles: dict[Site, object] = {}
+        self._refused: set = set()  # requests whose steer spec was refused (logged once)
         self._check_mode()
         for spec in filter(None, os.environ.get(VECTORS_ENV, "").split(",")):
             name, _, path = spec.partition("=")
@@ -148,6 +149,8 @@ class SteerState:
     def unregister(self, name: str) -> None:
         if name not in self.vectors:
             raise SteerscaleError(f"no vector {name!r} registered in vLLM", f"registered: {sorted(self.vectors)}")
+        if any(entry[0] == name for entry in self.global_entries):
+            raise SteerscaleError(f"vector {name!r} is in the engine-wide steering", "set_steering(None) first")
         del self.vectors[name]
         self._rows.clear()
 
@@ -227,6 +230,14 @@ class SteerState:
             self._rows[key] = out or None
         return self._rows[key]
 
+    def _refuse(self, rid, exc: SteerscaleError) -> None:
+        """A request whose steer spec cannot run (unknown vector, malformed entry) generates unsteered; vLLM's
+        worker has no way to fail one request, so the error is logged once per request, loudly."""
+        if rid not in self._refused:
+            self._refused.add(rid)
+            log.error("steerscale: request %s is NOT steered: %s%s", rid, exc.problem,
+                      f" ({exc.hint})" if exc.hint else "")
+
     def prepare(self, positions: torch.Tensor | None) -> None:
         """The plan of the forward pass about to run (None when no scheduled request is steered)."""
         self.plan = None
@@ -242,8 +253,12 @@ class SteerState:
         for rid in req_ids:
             state = runner.requests[rid]
             extra = getattr(state.sampling_params, "extra_args", None) or {}
-            r = self._request_rows(rid, extra.get(STEER_KEY)) if (extra.get(STEER_KEY) or self.global_entries) \
-                else None
+            r = None
+            if extra.get(STEER_KEY) or self.global_entries:
+                try:
+                    r = self._request_rows(rid, extra.get(STEER_KEY))
+                except SteerscaleError as exc:  # one client's bad spec must not stop the engine for everyone
+                    self._refuse(rid, exc)
             slot.append(len(rows) if r is not None else -1)
             plen.append(int(state.num_prompt_tokens))
             if r is not None:
