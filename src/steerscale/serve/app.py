@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -503,51 +503,47 @@ def build_api(app: App) -> FastAPI:
     async def metrics():
         return Response(app.metrics.render(), media_type=app.metrics.content_type)
 
-    @api.get("/v1/models", tags=["openai"])
-    async def models(request: Request):
-        authorize(request)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])  # every /v1 route: the API key, when set
+
+    @v1.get("/models", tags=["openai"])
+    async def models():
         return answer(app.models())
 
-    @api.get("/v1/models/{model_id:path}", tags=["openai"])
-    async def model(model_id: str, request: Request):
-        authorize(request)
+    @v1.get("/models/{model_id:path}", tags=["openai"])
+    async def model(model_id: str):
         app.check_model(model_id)
         return answer(app.model_card())
 
-    @api.post("/v1/completions", tags=["openai"], openapi_extra=body_doc(CompletionRequest))
+    @v1.post("/completions", tags=["openai"], openapi_extra=body_doc(CompletionRequest))
     async def completions(request: Request):
-        authorize(request)
         body = read_body(CompletionRequest, await read_request(request, app.limits.max_body_bytes))
         return answer(await app.completions(body, request))
 
-    @api.post("/v1/chat/completions", tags=["openai"], openapi_extra=body_doc(ChatRequest))
+    @v1.post("/chat/completions", tags=["openai"], openapi_extra=body_doc(ChatRequest))
     async def chat_completions(request: Request):
-        authorize(request)
         body = read_body(ChatRequest, await read_request(request, app.limits.max_body_bytes))
         return answer(await app.chat_completions(body, request))
 
-    @api.get("/v1/steering/vectors", tags=["steering"])
-    async def list_vectors(request: Request):
-        authorize(request)
+    @v1.get("/steering/vectors", tags=["steering"])
+    async def list_vectors():
         return answer(app.list_vectors())
 
-    @api.get("/v1/steering/vectors/{name}", tags=["steering"])
-    async def get_vector(name: str, request: Request):
-        authorize(request)
+    @v1.get("/steering/vectors/{name}", tags=["steering"])
+    async def get_vector(name: str):
         return answer(app.vector_card(name))
 
-    @api.put("/v1/steering/vectors/{name}", tags=["steering"], openapi_extra={"requestBody": {
+    @v1.put("/steering/vectors/{name}", tags=["steering"], openapi_extra={"requestBody": {
         "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         "description": "a steerscale .safetensors vector or a llama.cpp control-vector .gguf (never pickle)"}})
     async def upload_vector(name: str, request: Request):
-        authorize(request)
         data = await read_request(request, app.limits.max_vector_bytes)
         return answer(await app.blocking(app.upload_vector, name, data), 201)
 
-    @api.delete("/v1/steering/vectors/{name}", tags=["steering"])
-    async def delete_vector(name: str, request: Request):
-        authorize(request)
+    @v1.delete("/steering/vectors/{name}", tags=["steering"])
+    async def delete_vector(name: str):
         return answer(app.delete_vector(name))
+
+    api.include_router(v1)
 
     default_openapi = api.openapi
 
