@@ -13,6 +13,7 @@ apply the model's chat template. ``add_special_tokens`` (vLLM's extension) says 
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 from ..engine.generation import has_chat_template
 from ..errors import SteerscaleError
@@ -182,16 +183,12 @@ class Engine:
         return list(ids)
 
     # -- generation -------------------------------------------------------------------------------------------
-    @staticmethod
-    def steer_entries(req: GenRequest) -> list[tuple]:
-        return list(req.steer)
-
     def submit(self, req: GenRequest, all_ids: list[list[int]], max_tokens: int, on_update=None) -> list[Job | None]:
         """One job per prompt (its ``n`` rows seeded alike, as vLLM seeds every prompt of a request); None where
         nothing is generated (echo with ``max_tokens`` 0)."""
         if not max_tokens:
             return [None] * len(all_ids)
-        steer, params = self.steer_entries(req), req.params(max_tokens)
+        steer, params = req.steer, req.params(max_tokens)
         jobs = [Job(ids, params, seed=req.seed, steer=steer, n=req.n, on_update=on_update) for ids in all_ids]
         submitted = []
         try:
@@ -208,8 +205,7 @@ class Engine:
                ) -> tuple[list[Choice], dict]:
         """The finished jobs as ``Choice``s (stop reasons, log-prob passes as the request asks) and OpenAI's usage."""
         k = req.top_logprobs
-        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=[
-            iv for vector, scale, scope in self.steer_entries(req) for iv in vector.interventions(scale, scope)])
+        scorer = None  # a backend under the request's steering, built only when log-probs need a scoring pass
         out, n_prompt, n_gen = [], 0, 0
         for text, ids, job in zip(texts, all_ids, jobs):
             cands = job.future.result() if job is not None else [None] * req.n
@@ -219,7 +215,10 @@ class Engine:
                 choice = Choice(text, ids, cand, self.stop_reason(cand, req) if cand is not None else None)
                 if k is not None and (req.echo or k):  # prompt log-probs or top-k: one teacher-forced pass
                     full = ids + (cand.token_ids if cand is not None else [])
-                    chosen, tops = self.scheduler.call(lambda: scorer.token_logprobs(full, k or 0, len(ids))).result()
+                    if scorer is None:
+                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=[
+                            iv for vector, scale, scope in req.steer for iv in vector.interventions(scale, scope)])
+                    chosen, tops = self.scheduler.call(partial(scorer.token_logprobs, full, k or 0, len(ids))).result()
                     cut = len(ids) - 1
                     choice.prompt_scores = (chosen[:cut], tops[:cut])
                     choice.gen_tops = tops[cut:]
@@ -242,7 +241,7 @@ class Engine:
     def strategy_backend(self, req: GenRequest, *, chat: bool) -> ScheduledBackend:
         """The backend a strategy request runs on: its steering, its samples batched by the engine loop; chat: the
         strategy formats the one user message with the chat template, as a local ``steerscale solve`` does."""
-        return ScheduledBackend(self.scheduler, self.steer_entries(req), chat=None if chat else False,
+        return ScheduledBackend(self.scheduler, req.steer, chat=None if chat else False,
                                 max_n=self.max_n, add_special_tokens=True if chat else req.add_special_tokens)
 
     @staticmethod
