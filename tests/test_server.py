@@ -388,7 +388,7 @@ def test_metrics_openapi_and_model_routes(srv):
                  "steerscale_running_rows"):
         assert name in text
     doc = call(srv, "/openapi.json")[1]
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/steering/vectors/{name}"} <= set(doc["paths"])
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/steering/{kind}/{name}"} <= set(doc["paths"])
     fields = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"steer", "strategy", "prompt", "top_k", "min_p"} <= set(fields)
     assert call(srv, "/docs")[0] == 200

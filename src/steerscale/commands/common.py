@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from ..models.registry import DEFAULT_MODEL
 
@@ -17,11 +18,104 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto)")
 
 
-def add_steer_args(p: argparse.ArgumentParser) -> None:
+PROMPT_KEYS = ("text", "instruction", "prompt")
+
+
+def add_steer_args(p: argparse.ArgumentParser, gates: bool = False) -> None:
     p.add_argument("--steer", action="append", default=[], metavar="VEC[:SCALE]",
                    help="apply a steering vector (.safetensors or .gguf) at SCALE (default 1); repeatable")
     p.add_argument("--scope", default="all", metavar="SCOPE",
                    help="token positions to steer: all, prompt, generated, last:K, positions:I,J (default: all)")
+    c = p.add_argument_group("conditional steering (docs/conditional.md)")
+    c.add_argument("--condition", action="append", default=[], metavar="COND.safetensors",
+                   help="apply the --steer vectors only to prompts that meet this CAST condition (steerscale "
+                        "condition); repeatable")
+    c.add_argument("--condition-rule", choices=("any", "all"), default="any",
+                   help="with several --condition: steer when any (default) or all of them hold")
+    c.add_argument("--controller", action="append", default=[], metavar="CTL.safetensors[:GAIN]",
+                   help="a steering controller (steerscale controller) that sets the strength per prompt; "
+                        "GAIN multiplies it (default 1); repeatable")
+    if gates:
+        c.add_argument("--gate", default=None, metavar="GATE.safetensors",
+                       help="a token gate (steerscale gate): the --steer vectors apply from the first generated "
+                            "token at which it fires")
+
+
+def steering_from_args(args, layout) -> tuple[list, list]:
+    """``(interventions, rules)`` from ``--steer``/``--scope`` and the conditional-steering flags: with
+    ``--condition`` the vectors become CAST rules; ``--controller`` files are rules; ``--gate`` gates the vectors."""
+    from ..errors import SteerscaleError
+    from ..steer.conditional import Condition, ConditionalSteering
+    from ..steer.controller import SteeringController
+    from ..steer.gating import gated, load_gate
+    from ..steer.vector import SteeringVector, load_steering, parse_steer_arg
+
+    conditions = [Condition.load(path, layout) for path in args.condition]
+    gate = getattr(args, "gate", None)
+    if (conditions or gate) and not args.steer:
+        raise SteerscaleError("--condition and --gate decide when the --steer vectors apply, but none was given",
+                              "add --steer VEC[:SCALE]")
+    if conditions and gate:
+        raise SteerscaleError("use --condition (per prompt) or --gate (per token), not both")
+    rules = []
+    for spec in args.controller:
+        path, gain = parse_steer_arg(spec)
+        ctl = SteeringController.load(path, layout)
+        ctl.gain = gain
+        rules.append(ctl)
+    if conditions:
+        for spec in args.steer:
+            path, scale = parse_steer_arg(spec)
+            rules.append(ConditionalSteering(SteeringVector.load(path), conditions, scale, args.condition_rule,
+                                             args.scope))
+        return [], rules
+    steering = load_steering(args.steer, layout, args.scope)
+    return (gated(steering, load_gate(gate, layout)) if gate else steering), rules
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a file: ``.jsonl`` -> one JSON object a line, the first of "text", "instruction", "prompt" that
+    it has; ``.json`` -> a list of such objects or of strings; any other file -> one prompt per non-blank line."""
+    from ..errors import SteerscaleError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SteerscaleError(f"prompt file not found: {path}", "give a .txt (one prompt a line), .jsonl or .json file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = [_prompt_of(_json(line, f"{path}:{n}"), f"{path}:{n}")
+                   for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif path.suffix == ".json":
+        rows = _json(text, str(path))
+        if not isinstance(rows, list):
+            raise SteerscaleError(f"{path}: expected a JSON list of prompts", 'e.g. [{"instruction": "..."}, ...]')
+        prompts = [_prompt_of(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SteerscaleError(f"{path} has no prompts", "one prompt per line (or per JSON object)")
+    return prompts
+
+
+def _json(text: str, where: str):
+    from ..errors import SteerscaleError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SteerscaleError(f"{where}: not valid JSON ({exc.msg})", "each line must be one JSON object") from None
+
+
+def _prompt_of(obj, where: str) -> str:
+    from ..errors import SteerscaleError
+
+    if isinstance(obj, str) and obj.strip():
+        return obj
+    key = next((k for k in PROMPT_KEYS if isinstance(obj, dict) and k in obj), None)
+    if key is None or not isinstance(obj[key], str) or not obj[key].strip():
+        raise SteerscaleError(f"{where}: no non-empty {' / '.join(map(repr, PROMPT_KEYS))} field",
+                              'lines look like {"text": "..."}')
+    return obj[key]
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -55,8 +149,9 @@ def remote_backend(args):
     from ..scale.budget import Budget
     from ..scale.remote import OpenAIBackend, list_models
 
-    if args.steer or getattr(args, "steer_scales", None):
-        raise SteerscaleError("--steer/--steer-scales load vectors into a local model, not into --backend-url",
+    if args.steer or getattr(args, "steer_scales", None) or args.condition or args.controller:
+        raise SteerscaleError("--steer/--steer-scales/--condition/--controller load into a local model, not into "
+                              "--backend-url",
                               "register vectors on the server (steerscale serve --vector NAME=PATH) and steer "
                               "requests there, or drop --backend-url")
     if "flops" in Budget.parse(args.budget or "").limits and not args.backend_params:
@@ -90,12 +185,6 @@ def load(args):
     from ..models.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def steering_from_args(args, layout):
-    from ..steer.vector import load_steering
-
-    return load_steering(args.steer, layout, args.scope)
 
 
 def emit_json(obj) -> None:

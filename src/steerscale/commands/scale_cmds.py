@@ -80,7 +80,8 @@ def run(args) -> int:
         backend = remote_backend(args)
     else:
         lm = load(args)
-        backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=steering_from_args(args, lm.layout),
+        steering, rules = steering_from_args(args, lm.layout)
+        backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=steering, rules=rules,
                                row_scales=scales, chat=False if args.no_chat else None)
     result = spec.run(args.prompt, backend)
     if args.json:

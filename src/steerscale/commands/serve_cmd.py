@@ -23,8 +23,12 @@ examples:
   # register a vector while the server runs (safetensors or GGUF; never pickle), then steer with it by name
   curl -s -X PUT http://127.0.0.1:8000/v1/steering/vectors/formal2 --data-binary @formal.safetensors
 
+  # conditional steering per request: a vector added only when a CAST condition holds, or a learned controller
+  steerscale serve --vector refusal=refusal.safetensors --condition harmful=harmful.safetensors --controller ctl=ctl.safetensors
+  ... "steer": [{"vector": "refusal", "scale": 4, "condition": "harmful"}]     # or [{"controller": "ctl"}]
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true), GET /v1/models,
-GET|PUT|DELETE /v1/steering/vectors[/NAME], GET /health, GET /metrics (Prometheus), GET /docs (the API, from
+GET|PUT|DELETE /v1/steering/{vectors,conditions,controllers}[/NAME], GET /health, GET /metrics (Prometheus), GET /docs (the API, from
 /openapi.json). Concurrent requests are batched by one engine loop, each row with its own steering (--max-batch
 rows at a time). With --api-key (or STEERSCALE_API_KEY) every /v1 route needs 'Authorization: Bearer KEY'.
 Limits: past --max-pending requests in flight a client gets 429 with Retry-After; bodies past --max-body-mb get
@@ -46,6 +50,12 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--vector", action="append", default=[], metavar="NAME=PATH",
                    help="register a steering vector (.safetensors or .gguf) under NAME; repeatable")
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=PATH",
+                   help="register a CAST condition (steerscale condition) under NAME; requests gate a vector "
+                        "with it: {\"vector\": V, \"condition\": NAME}; repeatable")
+    p.add_argument("--controller", action="append", default=[], metavar="NAME=PATH",
+                   help="register a steering controller (steerscale controller) under NAME; requests steer "
+                        "with {\"controller\": NAME}; repeatable")
     p.add_argument("--max-n", type=int, default=64, help="cap on n and on prompts per request (default 64)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="rows decoded together by the engine loop (default 16); requests beyond it wait their turn")
@@ -58,7 +68,7 @@ def register(sub) -> None:
                    help="the most max_tokens a request may ask for (default 4096)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--max-vector-mb", type=float, default=64.0,
-                   help="largest vector file PUT /v1/steering/vectors/NAME takes, in MiB (default 64)")
+                   help="largest file PUT /v1/steering/KIND/NAME takes, in MiB (default 64)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run before it is cancelled (default 600)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -66,12 +76,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_vector_spec(spec: str) -> tuple[str, str]:
+def parse_vector_spec(spec: str, flag: str = "vector") -> tuple[str, str]:
     from ..errors import SteerscaleError
 
     name, sep, path = spec.partition("=")
     if not sep or not name.strip() or not path.strip():
-        raise SteerscaleError(f"bad --vector {spec!r}", "write NAME=PATH, e.g. --vector formal=vec.safetensors")
+        raise SteerscaleError(f"bad --{flag} {spec!r}", f"write NAME=PATH, e.g. --{flag} name=file.safetensors")
     return name.strip(), path.strip()
 
 
@@ -80,17 +90,22 @@ def run(args) -> int:
     import os
 
     from ..serve import App, Limits, serve
+    from ..steer.conditional import Condition
+    from ..steer.controller import SteeringController
     from ..steer.vector import SteeringVector
     from .common import load
 
     if not 0 <= args.port <= 65535:
         raise SteerscaleError(f"--port {args.port} is not a port number", "use 1-65535, or 0 for any free port")
-    vectors = {}
-    for spec in args.vector:  # read every vector before the model loads: a bad file fails fast
-        name, path = parse_vector_spec(spec)
-        if name in vectors:
-            raise SteerscaleError(f"vector name {name!r} given twice", "give each --vector its own NAME")
-        vectors[name] = SteeringVector.load(path)
+    shelves = {}
+    for flag, kind, load_file in (("vector", "vectors", SteeringVector.load), ("condition", "conditions", Condition.load),
+                                  ("controller", "controllers", SteeringController.load)):
+        shelves[kind] = {}
+        for spec in getattr(args, flag):  # read every file before the model loads: a bad one fails fast
+            name, path = parse_vector_spec(spec, flag)
+            if name in shelves[kind]:
+                raise SteerscaleError(f"{flag} name {name!r} given twice", f"give each --{flag} its own NAME")
+            shelves[kind][name] = load_file(path)
     if args.max_body_mb <= 0 or args.max_vector_mb <= 0:
         raise SteerscaleError("--max-body-mb and --max-vector-mb must be positive")
     limits = Limits(max_pending=args.max_pending, max_body_bytes=int(args.max_body_mb * 2**20),
@@ -100,7 +115,7 @@ def run(args) -> int:
         raise SteerscaleError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEERSCALE_API_KEY") or None
     lm = load(args)
-    app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, vectors=vectors,
+    app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, **shelves,
               max_n=args.max_n, max_batch=args.max_batch, limits=limits, api_key=api_key)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

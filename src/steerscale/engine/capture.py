@@ -98,20 +98,25 @@ def capture(
         raise SteerscaleError("router logits are not captured per token yet", "capture mlp_out or resid sites")
     device = next(model.parameters()).device
     results: dict[Site, list] = {s: [] for s in sites}
-    current: dict[Site, torch.Tensor] = {}
-    observers = [Observer(s, partial(current.__setitem__, s)) for s in sites]
-    with observe(layout, observers, stop_after=max(s.layer for s in sites)):
-        order = range(0, len(texts), batch_size)
-        for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
-            chunk = list(texts[start : start + batch_size])
-            batch = tokenize(tokenizer, chunk, device)
-            try:
-                model(**batch.model_inputs(), use_cache=False)
-            except StopForward:
-                pass
-            chunk_spans = spans[start : start + batch_size] if spans is not None else None
-            for s in sites:
-                reduced = _reduce(current[s], batch.attention_mask, readout, chunk_spans)
-                results[s].extend(reduced) if readout is Readout.ALL else results[s].append(reduced)
-            current.clear()
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = tokenize(tokenizer, list(texts[start : start + batch_size]), device)
+        chunk_spans = spans[start : start + batch_size] if spans is not None else None
+        for s, reduced in read_batch(model, layout, batch, sites, (readout,), chunk_spans)[readout].items():
+            results[s].extend(reduced) if readout is Readout.ALL else results[s].append(reduced)
     return {s: (v if readout is Readout.ALL else torch.cat(v)) for s, v in results.items()}
+
+
+@torch.no_grad()
+def read_batch(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site], readouts: Sequence[Readout] = (Readout.LAST,),
+               spans: Sequence[tuple[int, int]] | None = None) -> dict[Readout, dict[Site, torch.Tensor]]:
+    """One forward pass of an encoded ``batch`` that stops after the deepest site read: ``{readout: {site: rows}}``
+    for each readout asked for (``capture`` for texts; ``engine.prompt_rules`` for prompts being generated)."""
+    current: dict[Site, torch.Tensor] = {}
+    with observe(layout, [Observer(s, partial(current.__setitem__, s)) for s in sites],
+                 stop_after=max(s.layer for s in sites)):
+        try:
+            model(**batch.model_inputs(), use_cache=False)
+        except StopForward:
+            pass
+    return {Readout(r): {s: _reduce(current[s], batch.attention_mask, Readout(r), spans) for s in sites}
+            for r in readouts}

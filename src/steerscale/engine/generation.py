@@ -10,6 +10,7 @@ import torch
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from .capture import tokenize
+from .prompt_rules import PromptRule, prompt_interventions
 from .runtime import Intervention, intervene
 
 
@@ -58,8 +59,14 @@ def generate(
     chat: bool | None = None,
     use_cache: bool = True,
     num_return_sequences: int = 1,
+    rules: Sequence[PromptRule] = (),
 ) -> list[Generation]:
-    """Generate for a batch of prompts (left-padded) with interventions active only during this call."""
+    """Generate for a batch of prompts (left-padded) with interventions active only during this call.
+
+    ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
+    each row's decision is in ``Generation.extra["rule_scales"]`` (edit site -> scale; empty: unsteered).
+    Interventions with a token gate report in ``extra["gate_from"]`` the index of the first generated token
+    produced under the gated edits (None: the gate never fired)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if max_new_tokens < 1:
@@ -75,7 +82,9 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with intervene(layout, interventions, prompt_width=None):
+    rule_edits, rule_scales = prompt_interventions(model, layout, rules, batch, num_return_sequences)
+    gates = list({id(iv.gate): iv.gate for iv in interventions if iv.gate is not None}.values())
+    with intervene(layout, list(interventions) + rule_edits, prompt_width=None) as handle:
         out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     width = batch.input_ids.shape[1]
     results = []
@@ -85,10 +94,12 @@ def generate(
         while ids and ids[-1] in eos:  # trailing padding after an early stop
             ids.pop()
         src = row // num_return_sequences
-        results.append(Generation(
-            prompt=prompts[src],
-            text=tokenizer.decode(ids, skip_special_tokens=True),
-            token_ids=ids,
-            n_prompt_tokens=int(batch.attention_mask[src].sum()),
-        ))
+        n_prompt = int(batch.attention_mask[src].sum())
+        extra = {"rule_scales": rule_scales[row]} if rules else {}
+        if gates:  # the gate fired on the hidden state at real index p, which predicts generated token p + 1 - n_prompt
+            fired = [handle.gate_positions(g)[row] for g in gates]
+            fired = [p for p in fired if p is not None]
+            extra["gate_from"] = min(fired) + 1 - n_prompt if fired else None
+        results.append(Generation(prompt=prompts[src], text=tokenizer.decode(ids, skip_special_tokens=True),
+                                  token_ids=ids, n_prompt_tokens=n_prompt, extra=extra))
     return results

@@ -13,6 +13,10 @@ Contract
   the same tokens. A pre-hook on the decoder stack computes them once per forward pass.
 * Lifetime: hooks exist only inside the ``with`` block. They are removed in ``finally``, so after any exception
   the model is exactly as before; with no intervention active nothing is attached and nothing runs.
+* Token gates (``engine.token_gates``): an intervention with ``gate=`` applies to a row from the first token at
+  which the gate's probe fires; the gate is read at its own site in the same forward pass (before the edit: the
+  edit's site must come later), and each row's latch lives in the ``Intervener``. A pass that starts at column 0
+  (a prompt, or an uncached recompute) recomputes the latch from scratch.
 * Isolation: state lives in the ``Intervener`` object, not in globals; two models, or two sequential requests on
   one model, never see each other's edits. Different rows of one batch can carry different edits (per-row
   vectors/scales in the edit, or ``rows=``), which is how concurrent requests share a forward pass.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -30,7 +35,10 @@ from ..errors import SteerscaleError
 from ..models.layout import HookPoint, Location, ModelLayout
 from ..models.sites import Site
 from .ops import Edit, apply_edit
-from .scope import ALL_TOKENS, SequenceTracker, TokenScope, TokenState
+from .scope import ALL_TOKENS, Scope, SequenceTracker, TokenScope, TokenState
+from .token_gates import TokenGate
+
+_NEVER = torch.iinfo(torch.long).max  # a row's latch before its gate has fired
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +47,7 @@ class Intervention:
     edit: Edit
     scope: TokenScope = ALL_TOKENS
     rows: tuple[int, ...] | None = None  # only these batch rows; None: every row
+    gate: TokenGate | None = None  # apply from the token at which this gate fires (per row), not from the start
 
     def __post_init__(self):
         if not isinstance(self.site, Site):
@@ -48,6 +57,10 @@ class Intervention:
         object.__setattr__(self, "scope", TokenScope.parse(self.scope))
         if self.rows is not None:
             object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        if self.gate is not None:
+            if not isinstance(self.gate, TokenGate):
+                raise SteerscaleError(f"Intervention.gate must be a TokenGate, got {type(self.gate).__name__}")
+            self.gate.check_edit_site(self.site)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,8 +133,16 @@ class Intervener:
         self._handles: list = []
         self._groups: dict[tuple[int, HookPoint], list[tuple[Intervention, Location]]] = _by_hook(
             (iv, _check(layout, iv)) for iv in self.interventions)
+        self._latches: dict[int, torch.Tensor] = {}  # id(gate) -> (batch,) real index of the token it fired at
+        gates = {id(iv.gate): iv.gate for iv in self.interventions if iv.gate is not None}
+        for gate in gates.values():
+            if gate.dim != layout.site_dim(gate.site):
+                raise SteerscaleError(f"gate at {gate.site.key()} has size {gate.dim}, but this {layout.architecture} "
+                                      f"model's site has size {layout.site_dim(gate.site)}",
+                                      "the gate was fitted on another model; fit it on this one")
+        gate_reads = [Observer(g.site, partial(self._read_gate, g)) for g in gates.values()]
         self._reads: dict[tuple[int, HookPoint], list[tuple[Observer, Location]]] = _by_hook(
-            (ob, layout.locate(ob.site)) for ob in self.observers)
+            (ob, layout.locate(ob.site)) for ob in self.observers + gate_reads)
         if stop_after is not None and not 0 <= stop_after < layout.n_layers:
             raise SteerscaleError(f"stop_after={stop_after} is not a block of this model ({layout.n_layers} blocks)")
         self.stop_after = stop_after
@@ -129,6 +150,11 @@ class Intervener:
     @property
     def state(self) -> TokenState | None:
         return self.tracker.state
+
+    def gate_positions(self, gate: TokenGate) -> list[int | None]:
+        """Per row of the last forward pass, the real-token index at which ``gate`` fired (None: it did not)."""
+        latch = self._latches.get(id(gate))
+        return [] if latch is None else [None if int(p) == _NEVER else int(p) for p in latch]
 
     def new_sequence(self, prompt_width: int | None = None) -> None:
         """Forget the current prompt (only needed when a new prompt is an extension of the previous one)."""
@@ -186,6 +212,9 @@ class Intervener:
             x = h[..., loc.index] if loc.index is not None else h
             new = apply_edit(iv.edit, x)
             mask = state.mask(iv.scope)
+            if iv.gate is not None:
+                on = self._gate_on(iv.gate, state)
+                mask = on if mask is None else mask & on
             if iv.rows is not None:
                 rows = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
                 rows[list(iv.rows)] = True
@@ -223,6 +252,24 @@ class Intervener:
             raise SteerscaleError(f"cannot edit output of type {type(output).__name__} at {type(module).__name__}")
 
         return hook
+
+    def _read_gate(self, gate: TokenGate, h: torch.Tensor) -> None:
+        """Latch each row at the first position (last prompt token onwards) where ``gate`` fires."""
+        state = self.tracker.state
+        latch = self._latches.get(id(gate))
+        if latch is None or int(state.cache_position[0]) == 0 or latch.shape[0] != state.batch:
+            latch = torch.full((state.batch,), _NEVER, dtype=torch.long, device=h.device)
+        real = state.real_positions()
+        fired = gate.fires(h) & state.mask(TokenScope(Scope.GENERATED))
+        first = torch.where(fired, real, torch.full_like(real, _NEVER)).min(-1).values
+        self._latches[id(gate)] = torch.minimum(latch, first.to(latch.device))
+
+    def _gate_on(self, gate: TokenGate, state: TokenState) -> torch.Tensor:
+        latch = self._latches.get(id(gate))
+        if latch is None:  # the pass stopped before the gate's site: nothing has fired
+            return torch.zeros(state.batch, state.cache_position.shape[0], dtype=torch.bool,
+                               device=state.cache_position.device)
+        return state.real_positions() >= latch[:, None]
 
     @staticmethod
     def _read(h: torch.Tensor, group: list[tuple[Observer, Location]]) -> None:

@@ -90,6 +90,11 @@ class TokenState:
             self._masks[scope] = self._compute(scope)
         return self._masks[scope]
 
+    def real_positions(self) -> torch.Tensor:
+        """(B, T) index of each input token among its row's real tokens; -1 for padding."""
+        real, _ = self._padding()
+        return real if real is not None else self.cache_position[None, :].expand(self.batch, -1)
+
     def _padding(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(real_position (B, T) with -1 for padding, real prompt length per row (B,)); (None, None): no padding."""
         if self._rows is None:

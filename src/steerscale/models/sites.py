@@ -22,6 +22,10 @@ class SiteKind(str, Enum):
     ROUTER = "router"  # MoE router logits (number of experts)
 
 
+_FORWARD_ORDER = {SiteKind.RESID_PRE: 0, SiteKind.HEAD_OUT: 1, SiteKind.ATTN_OUT: 2, SiteKind.ROUTER: 3,
+                  SiteKind.MLP_OUT: 4, SiteKind.RESID_POST: 5}
+
+
 @dataclass(frozen=True, order=True)
 class Site:
     layer: int
@@ -42,6 +46,11 @@ class Site:
                 f"site {self.kind.value} at layer {self.layer} has head={self.head!r}",
                 "give head=H exactly for kind 'head_out' and never for other kinds",
             )
+
+    def forward_rank(self) -> tuple[int, int]:
+        """Where the site's hook runs in a forward pass: sites with a smaller rank run first (within a block:
+        its input, the attention output and heads, the router, the MLP output, the block's output)."""
+        return self.layer, _FORWARD_ORDER[self.kind]
 
     def key(self) -> str:
         """A stable string form, used as tensor names in files: ``resid_post.12`` or ``head_out.12.3``."""

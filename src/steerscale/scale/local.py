@@ -12,6 +12,10 @@
   ``steerscale.intervene``. With ``row_scales`` (steering-diversified sampling) row ``i`` of every ``sample``/
   ``start`` call gets multiplier ``row_scales[i % len(row_scales)]`` of every ``Add`` edit; the prompt is then
   encoded once per distinct multiplier. Both are checked when the backend is built.
+* Conditional steering (``rules``: ``engine.prompt_rules.PromptRule``, e.g. CAST conditions or a steering
+  controller) is decided once per prompt, by a reading pass charged as one more prompt pass, before the prompt is
+  encoded; its edits then join the backend's steering for every row of that prompt (kept with the encoded prompt).
+  Token gates need one hook block over a whole generation and are refused here (``generate`` runs them).
 * Budget: every purchase goes through the ledger's ``buy_*`` methods before the work (a hard cap): a prompt that
   does not fit is not encoded, a decoding step is cut to the rows still paid for, a batch of verifier passes to
   the passes that fit (the others come back NaN: unscored).
@@ -27,9 +31,11 @@ from typing import Sequence
 
 import torch
 
+from ..engine.capture import Batch
 from ..engine.generation import format_prompt, has_chat_template
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.ops import Add
+from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, find_stop, step_end
@@ -48,6 +54,7 @@ class _KV:
     generator: torch.Generator
     prompt_width: int
     prompt_ids: list[int] = field(default_factory=list)  # the prompt's ids (every row's: one prompt per batch)
+    decided: list = field(default_factory=list)  # the prompt rules' edits for this prompt (conditional steering)
 
 
 @dataclass
@@ -76,8 +83,9 @@ GREEDY_BELOW = 1e-5
 class LocalBackend(Backend):
     """Sampling and step-wise search on a local transformers model.
 
-    ``LocalBackend(model, tokenizer, layout, steering=[...], row_scales=None, chat=None)``; ``steering`` is a list
-    of ``Intervention`` (e.g. ``load_steering([...], layout)`` or ``vector.interventions(4.0)``); ``row_scales``
+    ``LocalBackend(model, tokenizer, layout, steering=[...], row_scales=None, chat=None, rules=())``; ``steering`` is
+    a list of ``Intervention`` (e.g. ``load_steering([...], layout)`` or ``vector.interventions(4.0)``); ``rules``
+    conditional steering decided per prompt (``PromptRule``); ``row_scales``
     (steering-diversified sampling) multiplies every ``Add`` edit by ``row_scales[i % len(row_scales)]`` in row ``i``
     of each call. ``add_special_tokens``: None (default) adds BOS/EOS to prompts only when no chat template formats
     them; True/False forces it (a server's raw completions prompt).
@@ -87,11 +95,19 @@ class LocalBackend(Backend):
 
     def __init__(self, model, tokenizer, layout=None, steering: Sequence[Intervention] = (), chat: bool | None = None,
                  max_n: int = 256, prefix_cache_size: int = 4, row_scales: Sequence[float] | None = None,
-                 add_special_tokens: bool | None = None):
+                 add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = ()):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.steering = list(steering)
-        if self.steering and layout is None:
+        self.rules = list(rules)
+        if (self.steering or self.rules) and layout is None:
             raise SteerscaleError("steering needs the model's layout", "pass layout= (load_model returns it)")
+        if any(iv.gate is not None for iv in self.steering):
+            raise SteerscaleError("token-gated steering latches across a whole generation, but LocalBackend hooks "
+                                  "each forward pass separately", "use engine.generate(...) for token gates")
+        for rule in self.rules:
+            if not isinstance(rule, PromptRule):
+                raise SteerscaleError(f"rules must be PromptRule objects, got {type(rule).__name__}")
+            rule.check(layout)
         self.row_scales = self._check_row_scales(row_scales)
         self.add_special_tokens = add_special_tokens
         self.chat = chat
@@ -130,7 +146,7 @@ class LocalBackend(Backend):
             raise SteerscaleError(f"row_scales must be numbers, got {row_scales!r}", "e.g. row_scales=[0, 2, 4, 8]") from None
         if not scales or not all(math.isfinite(s) for s in scales):
             raise SteerscaleError(f"row_scales must be one or more finite numbers, got {row_scales!r}")
-        if not any(isinstance(iv.edit, Add) for iv in self.steering):
+        if not self.rules and not any(isinstance(iv.edit, Add) for iv in self.steering):
             raise SteerscaleError("row_scales multiply the backend's steering vectors, but it has none",
                                   "construct the backend with steering=... (e.g. --steer VEC) or drop row_scales")
         return scales
@@ -162,24 +178,37 @@ class LocalBackend(Backend):
                 "shorten the prompt (fewer few-shot examples) or use a model with a longer context")
         return ids
 
-    def _interventions(self, scales: torch.Tensor | None) -> list[Intervention]:
-        if scales is None or not self.steering:
-            return self.steering
+    def _interventions(self, scales: torch.Tensor | None, decided=()) -> list[Intervention]:
+        steering = self.steering + list(decided)
+        if scales is None or not steering:
+            return steering
         out = []
-        for iv in self.steering:
+        for iv in steering:
             if isinstance(iv.edit, Add):
                 edit = Add(iv.edit.vector, iv.edit.scale * scales, preserve_norm=iv.edit.preserve_norm)
                 iv = Intervention(iv.site, edit, iv.scope, iv.rows)
             out.append(iv)
         return out
 
-    def _steered(self, scales, prompt_width):
-        ivs = self._interventions(scales)
+    def _steered(self, scales, prompt_width, decided=()):
+        ivs = self._interventions(scales, decided)
         return intervene(self.layout, ivs, prompt_width=prompt_width) if ivs else contextlib.nullcontext()
 
-    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width):
+    def _decide(self, ids: list[int], budget: Budget | None) -> list[Intervention] | None:
+        """The prompt rules' edits for this prompt (scalar scales: every row of it gets the same); None when the
+        budget cannot pay for the reading pass (no budget: not charged)."""
+        if not self.rules:
+            return []
+        if budget is not None and not budget.buy_prompt(len(ids), 1, self.n_params):
+            return None
+        x = torch.tensor([ids], device=self.device)
+        edits, _ = prompt_interventions(self.model, self.layout, self.rules, Batch(x, torch.ones_like(x)))
+        return [Intervention(iv.site, Add(iv.edit.vector, float(iv.edit.scale[0])), iv.scope) for iv in edits
+                if float(iv.edit.scale[0]) != 0.0]
+
+    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=()):
         self.forward_passes += 1
-        with self._steered(scales, prompt_width):
+        with self._steered(scales, prompt_width, decided):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), cache_of(out)
@@ -194,23 +223,24 @@ class LocalBackend(Backend):
         key = (tuple(ids), None if uniq is None else tuple(uniq.tolist()), budget.uid)
         hit = self._prefix.get(key)
         if hit is None:
+            decided = self._decide(ids, budget)
             u = 1 if uniq is None else uniq.numel()
-            if not budget.buy_prompt(len(ids), u, self.n_params):
+            if decided is None or not budget.buy_prompt(len(ids), u, self.n_params):
                 return None
             inp = torch.tensor([ids] * u, device=self.device)
             mask = torch.ones_like(inp)
             pos = torch.arange(len(ids), device=self.device)[None].expand(u, -1)
-            logits, cache = self._forward(inp, mask, pos, None, uniq, None)
-            hit = (cache, mask, logits)
+            logits, cache = self._forward(inp, mask, pos, None, uniq, None, decided)
+            hit = (cache, mask, logits, decided)
             self._prefix[key] = hit
             while len(self._prefix) > self._prefix_size:
                 self._prefix.pop(next(iter(self._prefix)))
-        cache, mask, logits = hit
+        cache, mask, logits, decided = hit
         idx = inverse.to(self.device)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         return _KV(map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
-                   logits.index_select(0, idx), scales, gen, len(ids), ids)
+                   logits.index_select(0, idx), scales, gen, len(ids), ids, decided)
 
     # -- token choice ---------------------------------------------------------------------------------------
     @staticmethod
@@ -315,7 +345,7 @@ class LocalBackend(Backend):
             inp = torch.where(fed.bool(), tok, torch.full_like(tok, self.pad_id))[:, None]
             pos = kv.mask.sum(-1, keepdim=True)  # position = number of real tokens before this one
             mask = torch.cat([kv.mask, fed[:, None]], dim=1)
-            logits, kv.cache = self._forward(inp, mask, pos, kv.cache, kv.scales, kv.prompt_width)
+            logits, kv.cache = self._forward(inp, mask, pos, kv.cache, kv.scales, kv.prompt_width, kv.decided)
             kv.logits = torch.where(fed.bool()[:, None], logits, kv.logits)  # idle rows keep their distribution
             kv.mask = mask
         # a row still active here hit max_step_tokens: its step ends where it is
@@ -363,7 +393,7 @@ class LocalBackend(Backend):
         t = torch.tensor(idx, device=self.device)
         new = _KV(map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
                   kv.logits.index_select(0, t), None if kv.scales is None else kv.scales.index_select(0, t.cpu()),
-                  kv.generator, kv.prompt_width, kv.prompt_ids)
+                  kv.generator, kv.prompt_width, kv.prompt_ids, kv.decided)
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], new)
 
     def merge(self, parts) -> Branches:
@@ -378,7 +408,7 @@ class LocalBackend(Backend):
         has_scales = any(k.scales is not None for k in kvs)
         scales = torch.cat([k.scales if k.scales is not None else torch.ones(k.mask.shape[0]) for k in kvs]) if has_scales else None
         kv = _KV(cat_caches([k.cache for k in kvs], widths, total), mask, torch.cat([k.logits for k in kvs]), scales,
-                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]), kvs[0].prompt_ids)
+                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]), kvs[0].prompt_ids, kvs[0].decided)
         # prompt_width is only used by steering scopes; rows with different padding see their own real positions
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows], kv)
 
@@ -391,7 +421,8 @@ class LocalBackend(Backend):
         if not ids:
             raise SteerscaleError("token_logprobs() needs at least one token id")
         x = torch.tensor([ids], device=self.device)
-        with self._steered(None, prompt_width):
+        decided = self._decide(ids[:prompt_width] if prompt_width else ids, None)
+        with self._steered(None, prompt_width, decided):
             logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
         logp = torch.log_softmax(logits, -1)
         chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()

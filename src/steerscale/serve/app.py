@@ -30,6 +30,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SteerscaleError
+from ..steer.conditional import Condition
+from ..steer.controller import SteeringController
 from ..steer.vector import SteeringVector
 from ..version import __version__
 from .engine import Engine, SharedTokenizer
@@ -71,7 +73,8 @@ class App:
     metrics, and the FastAPI application (``.api``) that routes to the endpoint methods below."""
 
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
-                 max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None):
+                 max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None,
+                 conditions: dict | None = None, controllers: dict | None = None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -79,9 +82,12 @@ class App:
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise SteerscaleError("the API key is empty", "pass a non-empty --api-key, or none for an open server")
         self.layout, self.limits, self.api_key = layout, limits or Limits(), api_key
-        self.vectors = {}
-        for name, vec in (vectors or {}).items():
-            self.add_vector(name, vec)  # a vector for another model fails here, not in a request
+        # the steering registries (GET/PUT/DELETE /v1/steering/KIND[/NAME]); requests name their entries
+        self.vectors, self.conditions, self.controllers = {}, {}, {}
+        self.shelves = {"vectors": self.vectors, "conditions": self.conditions, "controllers": self.controllers}
+        for kind, given in (("vectors", vectors), ("conditions", conditions), ("controllers", controllers)):
+            for name, obj in (given or {}).items():
+                self.add_artifact(kind, name, obj)  # one made for another model fails here, not in a request
         tokenizer = SharedTokenizer(tokenizer)  # used by request threads and the engine thread
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
         self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch,
@@ -102,13 +108,17 @@ class App:
         for pool in (self.workers, self.strategy_workers):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def add_vector(self, name: str, vec: SteeringVector) -> None:
+    def add_artifact(self, kind: str, name: str, obj) -> None:
+        """Register ``obj`` (a vector, condition or controller, as ``kind`` says) under ``name``, checked against the
+        served model."""
         import re
 
         if not isinstance(name, str) or not re.fullmatch(VECTOR_NAME, name):
-            raise SteerscaleError(f"bad vector name {name!r}", "use 1-128 letters, digits, '_', '.' and '-'")
-        vec.check_compatible(self.layout)
-        self.vectors[name] = vec
+            raise SteerscaleError(f"bad {ARTIFACTS[kind].what} name {name!r}", "use 1-128 letters, digits, '_', '.' and '-'")
+        if not isinstance(obj, ARTIFACTS[kind].type):
+            raise SteerscaleError(f"{name!r} is a {type(obj).__name__}, not a {ARTIFACTS[kind].what}")
+        obj.check_compatible(self.layout) if kind == "vectors" else obj.check(self.layout)
+        self.shelves[kind][name] = obj
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -154,16 +164,16 @@ class App:
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "steerscale",
                 "max_model_len": self.engine.base.context_window,
-                "steerscale": {"vectors": sorted(self.vectors), "max_n": self.max_n}}
+                "steerscale": {**{kind: sorted(shelf) for kind, shelf in self.shelves.items()}, "max_n": self.max_n}}
 
     async def completions(self, body: CompletionRequest, request: Request | None = None):
         self.check_model(body.model)
-        return await self.generate(parse_completion(body, max_n=self.max_n, vectors=self.vectors), request,
+        return await self.generate(parse_completion(body, max_n=self.max_n, **self.shelves), request,
                                    chat=False)
 
     async def chat_completions(self, body: ChatRequest, request: Request | None = None):
         self.check_model(body.model)
-        return await self.generate(parse_chat(body, max_n=self.max_n, vectors=self.vectors), request, chat=True)
+        return await self.generate(parse_chat(body, max_n=self.max_n, **self.shelves), request, chat=True)
 
     async def generate(self, req: GenRequest, request: Request | None, *, chat: bool):
         start = time.monotonic()
@@ -216,47 +226,84 @@ class App:
     def chat_choice(self, index: int, c, req) -> dict:
         return self.shaper.chat_choice(index, c, req)
 
-    # -- the vector registry ----------------------------------------------------------------------------------
-    def vector_card(self, name: str) -> dict:
-        if name not in self.vectors:
-            raise ApiError(404, f"no steering vector {name!r} on this server", param="name", type="not_found_error",
-                           code="vector_not_found")
-        v = self.vectors[name]
-        return {"id": name, "object": "steering_vector", "method": v.method, "model_name": v.model_name,
-                "sites": [s.key() for s in v.sites], "norms": v.norms}
+    # -- the steering registries ------------------------------------------------------------------------------
+    def artifact_card(self, kind: str, name: str) -> dict:
+        shelf = self.shelf(kind)
+        if name not in shelf:
+            what = ARTIFACTS[kind].what
+            raise ApiError(404, f"no {what} {name!r} on this server", param="name", type="not_found_error",
+                           code=f"{what.split()[-1]}_not_found")
+        return {"id": name, **ARTIFACTS[kind].card(shelf[name])}
 
-    def list_vectors(self) -> dict:
-        return {"object": "list", "data": [self.vector_card(name) for name in sorted(self.vectors)]}
+    def list_artifacts(self, kind: str) -> dict:
+        return {"object": "list", "data": [self.artifact_card(kind, name) for name in sorted(self.shelf(kind))]}
 
-    def upload_vector(self, name: str, data: bytes) -> dict:
-        """Register ``data`` (a steerscale .safetensors vector or a llama.cpp control-vector .gguf) as ``name``,
-        replacing any vector of that name (requests already running keep the one they started with)."""
+    def shelf(self, kind: str) -> dict:
+        if kind not in self.shelves:
+            raise ApiError(404, f"no steering registry {kind!r}; the server has {', '.join(self.shelves)}",
+                           param="kind", type="not_found_error", code="registry_not_found")
+        return self.shelves[kind]
+
+    def upload_artifact(self, kind: str, name: str, data: bytes) -> dict:
+        """Register ``data`` (a steerscale .safetensors artifact of ``kind``; for vectors also a llama.cpp
+        control-vector .gguf) as ``name``, replacing any of that name (running requests keep the one they
+        started with)."""
         import re
 
+        self.shelf(kind)  # 404 for an unknown registry
+        spec = ARTIFACTS[kind]
         if not re.fullmatch(VECTOR_NAME, name):
-            raise bad("name", f"bad vector name {name!r}: use 1-128 letters, digits, '_', '.' and '-'")
-        if data[:4] == b"GGUF":
+            raise bad("name", f"bad {spec.what} name {name!r}: use 1-128 letters, digits, '_', '.' and '-'")
+        if data[:4] == b"GGUF" and kind == "vectors":
             suffix = ".gguf"
         elif len(data) > 8 and data[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
             suffix = ".safetensors"
         else:
-            raise bad(None, "the body is neither a safetensors nor a GGUF file; upload the vector file's bytes "
-                            "(e.g. curl --data-binary @vec.safetensors)")
+            raise bad(None, f"the body is not a {spec.what} file ({spec.files}); upload the file's bytes "
+                            "(e.g. curl --data-binary @file.safetensors)")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"upload{suffix}"
             path.write_bytes(data)
             try:
-                vec = SteeringVector.load(path)
-                self.add_vector(name, vec)
+                self.add_artifact(kind, name, spec.load(path))
             except SteerscaleError as exc:
-                raise bad(None, f"vector {name!r} rejected: {exc.problem}" + (f" ({exc.hint})" if exc.hint
-                                                                               else "")) from None
-        return self.vector_card(name)
+                raise bad(None, f"{spec.what} {name!r} rejected: {exc.problem}" + (f" ({exc.hint})" if exc.hint
+                                                                                     else "")) from None
+        return self.artifact_card(kind, name)
 
-    def delete_vector(self, name: str) -> dict:
-        self.vector_card(name)  # 404 when there is none
-        del self.vectors[name]
-        return {"id": name, "object": "steering_vector", "deleted": True}
+    def delete_artifact(self, kind: str, name: str) -> dict:
+        card = self.artifact_card(kind, name)  # 404 when there is none
+        del self.shelves[kind][name]
+        return {"id": name, "object": card["object"], "deleted": True}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One kind of steering artifact the server registers: its class, loader, listing card and file formats."""
+
+    what: str
+    type: type
+    load: object
+    card: object
+    files: str
+
+
+ARTIFACTS = {
+    "vectors": _Kind("steering vector", SteeringVector, SteeringVector.load,
+                     lambda v: {"object": "steering_vector", "method": v.method, "model_name": v.model_name,
+                                "sites": [s.key() for s in v.sites], "norms": v.norms},
+                     "a steerscale .safetensors vector or a llama.cpp control-vector .gguf"),
+    "conditions": _Kind("steering condition", Condition, Condition.load,
+                        lambda c: {"object": "steering_condition", "site": c.site.key(), "threshold": c.threshold,
+                                   "comparison": c.comparison.value, "readout": c.readout.value,
+                                   "model_name": c.model_name, "f1": c.metadata.get("f1")},
+                        "a steerscale .safetensors condition (steerscale condition)"),
+    "controllers": _Kind("steering controller", SteeringController, SteeringController.load,
+                         lambda c: {"object": "steering_controller", "reads": [s.key() for s in c.reads],
+                                    "edits": [s.key() for s in c.edit_sites], "max_strength": c.max_strength,
+                                    "model_name": c.model_name},
+                         "a steerscale .safetensors controller (steerscale controller)"),
+}
 
 
 class ClientGone(Exception):
@@ -524,24 +571,26 @@ def build_api(app: App) -> FastAPI:
         body = read_body(ChatRequest, await read_request(request, app.limits.max_body_bytes))
         return answer(await app.chat_completions(body, request))
 
-    @v1.get("/steering/vectors", tags=["steering"])
-    async def list_vectors():
-        return answer(app.list_vectors())
+    @v1.get("/steering/{kind}", tags=["steering"])
+    async def list_artifacts(kind: str):
+        """The registered steering artifacts of one kind: vectors, conditions or controllers."""
+        return answer(app.list_artifacts(kind))
 
-    @v1.get("/steering/vectors/{name}", tags=["steering"])
-    async def get_vector(name: str):
-        return answer(app.vector_card(name))
+    @v1.get("/steering/{kind}/{name}", tags=["steering"])
+    async def get_artifact(kind: str, name: str):
+        return answer(app.artifact_card(kind, name))
 
-    @v1.put("/steering/vectors/{name}", tags=["steering"], openapi_extra={"requestBody": {
+    @v1.put("/steering/{kind}/{name}", tags=["steering"], openapi_extra={"requestBody": {
         "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        "description": "a steerscale .safetensors vector or a llama.cpp control-vector .gguf (never pickle)"}})
-    async def upload_vector(name: str, request: Request):
+        "description": "; ".join(f"{kind}: {spec.files}" for kind, spec in ARTIFACTS.items()) + " (never pickle)"}})
+    async def upload_artifact(kind: str, name: str, request: Request):
+        app.shelf(kind)  # 404 before reading a body for a registry that does not exist
         data = await read_request(request, app.limits.max_vector_bytes)
-        return answer(await app.blocking(app.upload_vector, name, data), 201)
+        return answer(await app.blocking(app.upload_artifact, kind, name, data), 201)
 
-    @v1.delete("/steering/vectors/{name}", tags=["steering"])
-    async def delete_vector(name: str):
-        return answer(app.delete_vector(name))
+    @v1.delete("/steering/{kind}/{name}", tags=["steering"])
+    async def delete_artifact(kind: str, name: str):
+        return answer(app.delete_artifact(kind, name))
 
     api.include_router(v1)
 

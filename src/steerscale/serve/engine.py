@@ -16,6 +16,7 @@ import threading
 from functools import partial
 
 from ..engine.generation import has_chat_template
+from ..engine.prompt_rules import PromptRule
 from ..errors import SteerscaleError
 from ..scale.backend import Candidate, FinishReason
 from ..scale.local import LocalBackend
@@ -55,14 +56,22 @@ class SharedTokenizer:
         return len(self._tokenizer)
 
 
+def split_steer(steer) -> tuple[list, list[PromptRule]]:
+    """A request's steering entries as a ``LocalBackend`` takes them: interventions of the ``(vector, scale, scope)``
+    entries, and the prompt rules (CAST, controllers), whose edits the backend runs after the others."""
+    ivs = [iv for e in steer if not isinstance(e, PromptRule) for iv in e[0].interventions(e[1], e[2])]
+    return ivs, [e for e in steer if isinstance(e, PromptRule)]
+
+
 class ScheduledBackend(LocalBackend):
     """A ``LocalBackend`` for one strategy request whose model work all happens on the engine thread: ``sample``
     becomes a scheduler job (batched with other requests), everything else that runs the model goes through
     ``Scheduler.call``. ``cancel()`` (the client went away) ends running samples and refuses further work."""
 
     def __init__(self, scheduler: Scheduler, steer, **kwargs):
-        ivs = [iv for vector, scale, scope in steer for iv in vector.interventions(scale, scope)]
-        super().__init__(scheduler.model, scheduler.base.tokenizer, scheduler.layout, steering=ivs, **kwargs)
+        ivs, rules = split_steer(steer)
+        super().__init__(scheduler.model, scheduler.base.tokenizer, scheduler.layout, steering=ivs, rules=rules,
+                         **kwargs)
         self.scheduler, self.steer = scheduler, steer
         self._jobs: list[Job] = []
         self.cancelled = False
@@ -216,8 +225,8 @@ class Engine:
                 if k is not None and (req.echo or k):  # prompt log-probs or top-k: one teacher-forced pass
                     full = ids + (cand.token_ids if cand is not None else [])
                     if scorer is None:
-                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=[
-                            iv for vector, scale, scope in req.steer for iv in vector.interventions(scale, scope)])
+                        ivs, rules = split_steer(req.steer)
+                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=ivs, rules=rules)
                     chosen, tops = self.scheduler.call(partial(scorer.token_logprobs, full, k or 0, len(ids))).result()
                     cut = len(ids) - 1
                     choice.prompt_scores = (chosen[:cut], tops[:cut])

@@ -35,14 +35,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engine.capture import Batch
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.ops import Add
+from ..engine.prompt_rules import PromptRule, read_prompts
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import Scope, TokenScope
 from ..errors import SteerscaleError
 from ..scale.backend import Candidate, FinishReason, SamplingParams, find_stop
 from ..scale.budget import Budget
 from ..scale.local import LocalBackend
+from ..steer.vector import SteeringVector
 
 SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
 
@@ -51,7 +54,8 @@ SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
 class Job:
     """``n`` sequences of one prompt (its token ids), with sampling parameters, a seed, and steering as
     ``(vector, scale)`` or ``(vector, scale, scope)`` entries applied in order (``scope`` is the default scope of
-    entries that name none). Its future gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one
+    entries that name none) and ``PromptRule``s (CAST conditions, controllers), which the engine decides for the
+    prompt right before its prefill (``Scheduler._decide``) and replaces by the entries they chose. Its future gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one
     generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives the tokens ``LocalBackend``
     gives.
 
@@ -81,7 +85,8 @@ class Job:
         if not isinstance(self.n, int) or self.n < 1:
             raise SteerscaleError(f"n must be a positive integer, got {self.n!r}")
         self.scope = _scheduled_scope(self.scope)
-        self.steer = [(entry[0], entry[1], _scheduled_scope(entry[2]) if len(entry) > 2 else self.scope)
+        self.steer = [entry if isinstance(entry, PromptRule) and _scheduled_scope(entry.scope) else
+                      (entry[0], entry[1], _scheduled_scope(entry[2]) if len(entry) > 2 else self.scope)
                       for entry in self.steer]
         if not self.prompt_ids:
             raise SteerscaleError("a job needs at least one prompt token")
@@ -149,7 +154,11 @@ class Scheduler:
     def submit(self, job: Job) -> Future:
         if self._closed:
             raise SteerscaleError("the server is shutting down", "retry on another replica or later")
-        for vector, scale, _ in job.steer:
+        for entry in job.steer:
+            if isinstance(entry, PromptRule):
+                entry.check(self.layout)
+                continue
+            vector, scale, _ = entry
             vector.check_compatible(self.layout)
             if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
                 raise SteerscaleError(f"steering scale must be a finite number, got {scale!r}")
@@ -327,6 +336,8 @@ class Scheduler:
         encoded alone (exactly as ``LocalBackend`` encodes it); several share one left-padded forward pass, each
         row with its own edits (``_row_edits``), its padding masked and its positions counted from its first real
         token, so a row gets what it gets alone up to float rounding."""
+        for job in jobs:
+            self._decide(job)
         if len(jobs) == 1:
             job = jobs[0]
             ids = torch.tensor([job.prompt_ids], device=self.base.device)
@@ -358,6 +369,26 @@ class Scheduler:
             job.held = [0] * job.n
             job.last_logits = logits[b].expand(job.n, -1).clone()
             self.rows += [_Row(job, i) for i in range(job.n)]
+
+    def _decide(self, job: Job) -> None:
+        """Replace the job's prompt rules by the entries they choose for its prompt (one reading pass that stops at
+        the deepest site read): ``(vector of scale x direction per site, 1, the rule's scope)``, or nothing for a
+        prompt the rule leaves unsteered."""
+        rules = [e for e in job.steer if isinstance(e, PromptRule)]
+        if not rules:
+            return
+        ids = torch.tensor([job.prompt_ids], device=self.base.device)
+        readings = iter(read_prompts(self.model, self.layout, Batch(ids, torch.ones_like(ids)), rules))
+        steer = []
+        for entry in job.steer:
+            if not isinstance(entry, PromptRule):
+                steer.append(entry)
+                continue
+            chosen = {site: float(scales[0]) * direction
+                      for site, (direction, scales) in entry.site_scales(next(readings)).items() if float(scales[0])}
+            if chosen:
+                steer.append((SteeringVector(chosen, method="decided"), 1.0, _scheduled_scope(entry.scope)))
+        job.steer = steer
 
     def _join(self, cache, mask, logits) -> None:
         if self._cache is None:

@@ -16,19 +16,23 @@ those names that the strategy takes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
 from ..scale.backend import SamplingParams
 from ..scale.spec import StrategySpec
+from ..steer.conditional import ConditionalSteering
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STEER_ENTRIES = 16
+MAX_CONDITIONS = 8  # per steer entry
 MAX_STEER_SCALE = 1e3  # |scale|: far past any useful strength, far short of overflowing a float32 activation
 VECTOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
 # request fields a strategy inherits (when the request sets them): every sampling field, and the seed
@@ -60,14 +64,35 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class SteerEntry(Strict):
-    """One steering vector registered on the server, its scale, and which tokens it edits."""
+Name = Annotated[str, Field(pattern=VECTOR_NAME)]
 
-    vector: str = Field(pattern=VECTOR_NAME, description="name of a vector registered on the server "
-                                                         "(GET /v1/steering/vectors)")
-    scale: float = Field(1.0, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE)
+
+class SteerEntry(Strict):
+    """One steering entry: a vector registered on the server (added always, or only to prompts that meet
+    registered conditions: CAST), or a registered steering controller (which sets its own strength per prompt)."""
+
+    vector: Name | None = Field(None, description="name of a vector registered on the server (GET "
+                                                  "/v1/steering/vectors)")
+    controller: Name | None = Field(None, description="name of a steering controller registered on the server (GET "
+                                                      "/v1/steering/controllers); instead of 'vector'")
+    scale: float = Field(1.0, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
+                         description="the vector's scale; for a controller, a multiplier of the strength it sets")
     scope: Literal["all", "prompt", "generated"] = Field(
         "all", description="edit the prompt and generated tokens, the prompt only, or generated tokens only")
+    condition: Name | list[Name] | None = Field(
+        None, description="names of conditions registered on the server (GET /v1/steering/conditions): the vector "
+                          "is added only when the prompt meets them (CAST)")
+    condition_rule: Literal["any", "all"] = Field("any", description="steer when any (or all) of the conditions hold")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.vector is None) == (self.controller is None):
+            raise ValueError("give exactly one of 'vector' and 'controller'")
+        if self.condition is not None and self.vector is None:
+            raise ValueError("'condition' gates a vector; a controller decides on its own")
+        if isinstance(self.condition, list) and not 1 <= len(self.condition) <= MAX_CONDITIONS:
+            raise ValueError(f"'condition' takes 1 to {MAX_CONDITIONS} names")
+        return self
 
 
 class StreamOptions(Strict):
@@ -157,7 +182,7 @@ class GenRequest:
     top_logprobs: int | None  # None: no log-probs; k: the k most likely tokens at each position
     echo: bool
     add_special_tokens: bool
-    steer: list[tuple]  # (SteeringVector, scale, scope), resolved when the request was parsed
+    steer: list  # (SteeringVector, scale, scope) tuples and PromptRules (CAST, controllers), resolved at parse time
     strategy: StrategySpec | None
     stream: bool
     include_usage: bool
@@ -201,15 +226,39 @@ def _is_union_tag(part) -> bool:  # pydantic names the union member it tried: "s
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part)
 
 
-def _common(body: _Common, vectors) -> dict:
+def _lookup(shelf: dict, name: str, what: str, flag: str, kind: str):
+    if name not in shelf:
+        known = ", ".join(sorted(shelf)) or f"(none: register one with {flag} or PUT /v1/steering/{kind}/NAME)"
+        raise bad("steer", f"unknown {what} {name!r}; this server has: {known}")
+    return shelf[name]  # the object itself: a later DELETE/PUT cannot reach this request
+
+
+def _steer(entries: list[SteerEntry], vectors, conditions, controllers) -> list:
+    """The request's steering, resolved: ``(vector, scale, scope)`` tuples, and ``PromptRule``s for conditional
+    entries (CAST) and controllers, which the engine decides per prompt before generating."""
+    steer = []
+    for e in entries:
+        if e.controller is not None:
+            ctl = _lookup(controllers, e.controller, "steering controller", "--controller", "controllers")
+            steer.append(dataclasses.replace(ctl, gain=e.scale, scope=TokenScope.parse(e.scope)))
+            continue
+        vector = _lookup(vectors, e.vector, "steering vector", "--vector", "vectors")
+        if e.condition is None:
+            steer.append((vector, e.scale, e.scope))
+            continue
+        names = [e.condition] if isinstance(e.condition, str) else e.condition
+        conds = [_lookup(conditions, n, "steering condition", "--condition", "conditions") for n in names]
+        try:
+            steer.append(ConditionalSteering(vector, conds, e.scale, e.condition_rule, e.scope))
+        except SteerscaleError as exc:
+            raise bad("steer", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
+    return steer
+
+
+def _common(body: _Common, vectors, conditions, controllers) -> dict:
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
-    steer = []
-    for e in body.steer:
-        if e.vector not in vectors:
-            known = ", ".join(sorted(vectors)) or "(none: register one with --vector or PUT /v1/steering/vectors/NAME)"
-            raise bad("steer", f"unknown steering vector {e.vector!r}; this server has: {known}")
-        steer.append((vectors[e.vector], e.scale, e.scope))  # the vector itself: a later DELETE/PUT cannot reach it
+    steer = _steer(body.steer, vectors, conditions, controllers)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOPS:
         raise bad("stop", f"'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
@@ -253,7 +302,7 @@ def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
         raise bad("strategy", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
 
 
-def parse_completion(body: CompletionRequest, *, max_n: int, vectors) -> GenRequest:
+def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None) -> GenRequest:
     p = body.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
         prompts = [p]
@@ -263,7 +312,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors) -> GenRequ
         raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
     if len(prompts) * body.n > max_n:
         raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
-    common = _common(body, vectors)
+    common = _common(body, vectors, conditions or {}, controllers or {})
     k = body.logprobs
     if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
@@ -288,11 +337,11 @@ def chat_messages(body: ChatRequest) -> list[dict]:
     return out
 
 
-def parse_chat(body: ChatRequest, *, max_n: int, vectors) -> GenRequest:
+def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None) -> GenRequest:
     if body.n > max_n:
         raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
     messages = chat_messages(body)
-    common = _common(body, vectors)
+    common = _common(body, vectors, conditions or {}, controllers or {})
     if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
     if body.top_logprobs is not None and not body.logprobs:

@@ -145,7 +145,7 @@ def pair_items(tokenizer, pairs: list[ContrastPair], chat: bool | None = None) -
 
 # -- training ----------------------------------------------------------------------------------------------------
 @contextmanager
-def _frozen(model):
+def frozen(model):
     """Model weights stop asking for gradients for the duration, and get their flags back afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -186,7 +186,7 @@ def _train(lm, items, ref, interventions, params, penalty, epochs, lr, cfg, pad_
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
-    with _frozen(lm.model), intervene(lm.layout, interventions):
+    with frozen(lm.model), intervene(lm.layout, interventions):
         for epoch in range(epochs):
             losses = []
             batches = _batches(len(items), cfg.batch_size, gen)

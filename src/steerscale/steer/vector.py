@@ -10,16 +10,12 @@ Files are safetensors with the metadata as JSON in the header: no pickle anywher
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..engine.ops import Add, check_scale
 from ..engine.runtime import Intervention
@@ -28,15 +24,11 @@ from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.sites import Site, SiteKind
 from ..version import __version__
+from . import artifacts
+from .artifacts import fingerprint, json_default  # noqa: F401 (re-exported: vectors' public API)
 
 FORMAT = "steerscale.vector/1"
 _READERS: dict[str, Callable[[Path], SteeringVector]] = {}  # file suffix -> reader, see register_reader
-
-
-def fingerprint(layout: ModelLayout) -> str:
-    """Shape facts of a model that decide whether a vector fits it."""
-    blob = json.dumps(layout.describe(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -84,12 +76,7 @@ class SteeringVector:
 
     # -- use -----------------------------------------------------------------------------------------------
     def check_compatible(self, layout: ModelLayout) -> None:
-        if self.model_fingerprint and self.model_fingerprint != fingerprint(layout):
-            raise SteerscaleError(
-                f"vector was made for model {self.model_name!r} (fingerprint {self.model_fingerprint}), which has a "
-                f"different shape from this {layout.architecture} model (fingerprint {fingerprint(layout)})",
-                "extract a new vector on this model",
-            )
+        artifacts.check_model("vector", self.model_name, self.model_fingerprint, layout)
         for site, vec in self.directions.items():
             layout.locate(site)
             if vec.shape[0] != layout.site_dim(site):
@@ -152,40 +139,16 @@ class SteeringVector:
 
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"format": FORMAT, "model_name": self.model_name, "model_fingerprint": self.model_fingerprint,
-                  "method": self.method, "metadata": self.metadata}
-        tensors = {site.key(): vec.contiguous() for site, vec in self.directions.items()}
-        save_file(tensors, str(path), metadata={"steerscale": json.dumps(header, default=json_default)})
-        return path
+        header = {"model_name": self.model_name, "model_fingerprint": self.model_fingerprint, "method": self.method,
+                  "metadata": self.metadata}
+        return artifacts.write(path, FORMAT, {site.key(): vec for site, vec in self.directions.items()}, header)
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVector":
         path = Path(path)
         if path.suffix in _READERS:
             return _READERS[path.suffix](path)
-        if not path.is_file():
-            raise SteerscaleError(f"steering vector file not found: {path}", "check the path (vectors end in .safetensors)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("steerscale")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise SteerscaleError(
-                f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:120]})",
-                "the file is corrupt or of another format; re-export it",
-            ) from None
-        if raw is None:
-            raise SteerscaleError(f"{path} has no steerscale metadata", "it is a safetensors file but not a steering vector")
-        try:
-            header = json.loads(raw)
-        except json.JSONDecodeError:
-            raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON", "the file is corrupt; re-export it") from None
-        if header.get("format") != FORMAT:
-            raise SteerscaleError(f"{path}: unsupported vector format {header.get('format')!r}", f"expected {FORMAT}")
+        tensors, header = artifacts.read(path, FORMAT, "steering vector")
         return cls({Site.parse(k): v for k, v in tensors.items()}, header.get("model_name", ""),
                    header.get("model_fingerprint", ""), header.get("method", "custom"), header.get("metadata", {}))
 
@@ -195,17 +158,6 @@ def register_reader(suffix: str, read: Callable[[Path], SteeringVector]) -> None
     the vector register themselves (``steer.gguf``: ``.gguf``; the ``steer`` package imports it), so this module
     imports none of them."""
     _READERS[suffix] = read
-
-
-def json_default(obj):
-    """``json.dumps(default=...)`` for metadata: tensors and numpy scalars as numbers, sets as lists, else str."""
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
 
 
 def parse_steer_arg(text: str) -> tuple[str, float]:

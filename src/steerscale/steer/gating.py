@@ -1,0 +1,127 @@
+"""Per-token gating (TruthPrInt-style): fit a probe that scores each generated token, and gate steering with it.
+
+``fit_token_gate`` reads hidden states at one site over the completion tokens of labelled ``(prompt, completion,
+label)`` examples (label 1: the continuation the gate should catch, e.g. an untruthful answer) and fits an
+L2-regularised logistic probe on them (``methods.probe.fit_logistic``). The positions read are the ones a gate
+sees while generating: from the last prompt token (whose hidden state predicts the first completion token) to
+the completion's last-but-one token. ``gated(interventions, gate)`` attaches the gate to edits: each row is then
+steered from the first token at which the probe crosses the threshold (``engine.token_gates``, where the latch and
+its exactness under the KV cache are described). Gates save as safetensors + JSON and are checked against the
+model they were fitted on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..engine.capture import Readout, capture
+from ..engine.choices import encode
+from ..engine.generation import format_prompt
+from ..engine.runtime import Intervention
+from ..engine.token_gates import TokenGate
+from ..errors import SteerscaleError
+from ..models.layout import ModelLayout
+from ..models.loading import LoadedModel
+from ..models.sites import Site
+from . import artifacts
+from .conditional import split_labelled
+from .methods.probe import fit_logistic
+
+FORMAT = "steerscale.gate/1"
+
+
+def gated(interventions: Sequence[Intervention], gate: TokenGate) -> list[Intervention]:
+    """The same edits, each applied only from the token at which ``gate`` fires (per row)."""
+    return [Intervention(iv.site, iv.edit, iv.scope, iv.rows, gate) for iv in interventions]
+
+
+def save_gate(gate: TokenGate, path: str | Path) -> Path:
+    header = {"site": gate.site.key(), "bias": gate.bias, "threshold": gate.threshold, "invert": gate.invert,
+              "metadata": gate.metadata}
+    return artifacts.write(path, FORMAT, {"weight": gate.weight}, header)
+
+
+def load_gate(path: str | Path, layout: ModelLayout | None = None) -> TokenGate:
+    """Read a gate file; with ``layout``, refuse one fitted on a model of another shape."""
+    tensors, h = artifacts.read(path, FORMAT, "token gate")
+    if "weight" not in tensors or "site" not in h:
+        raise SteerscaleError(f"{path}: gate file lacks its weight or site", "the file is damaged; refit it")
+    gate = TokenGate(Site.parse(h["site"]), tensors["weight"], h.get("bias", 0.0), h.get("threshold", 0.5),
+                     h.get("invert", False), h.get("metadata", {}))
+    if layout is not None:
+        check_gate(gate, layout)
+    return gate
+
+
+def check_gate(gate: TokenGate, layout: ModelLayout) -> None:
+    meta = gate.metadata
+    artifacts.check_model("token gate", meta.get("model_name", ""), meta.get("model_fingerprint", ""), layout)
+    layout.locate(gate.site)
+    if layout.site_dim(gate.site) != gate.dim:
+        raise SteerscaleError(f"gate at {gate.site.key()} has size {gate.dim}, this model's site has size "
+                              f"{layout.site_dim(gate.site)}", "fit the gate on this model")
+
+
+def completion_positions(tokenizer, examples, chat: bool | None) -> tuple[list[str], list[tuple[int, int]]]:
+    """Full texts and, per text, the real-token span a gate reads: last prompt token .. last-but-one token."""
+    texts, spans = [], []
+    for i, (prompt, completion, _) in enumerate(examples):
+        head = format_prompt(tokenizer, prompt, chat)
+        n_prompt = len(encode(tokenizer, head, special=False))
+        n_total = len(encode(tokenizer, head + completion, special=False))
+        if n_total <= n_prompt:
+            raise SteerscaleError(f"example {i}: the completion adds no tokens ({completion[:60]!r})",
+                                  "give each example a non-empty completion")
+        texts.append(head + completion)
+        spans.append((n_prompt - 1, n_total - 1))
+    return texts, spans
+
+
+def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], site: Site | str, threshold: float = 0.5,
+                   C: float = 0.1, holdout: float = 0.2, seed: int = 0, chat: bool | None = None,
+                   batch_size: int = 16, progress: bool = True) -> TokenGate:
+    """A token gate at ``site`` from ``(prompt, completion, label)`` examples; label 1 marks completions whose
+    tokens should switch steering on. ``holdout`` of each class is kept out of the fit and its per-token accuracy
+    (and the fraction of its texts the gate fires on, by label) recorded in ``metadata``."""
+    site = Site.parse(site) if isinstance(site, str) else site
+    examples = [(p, c, int(y)) for p, c, y in examples]
+    if {y for *_, y in examples} - {0, 1}:
+        raise SteerscaleError("gate labels must be 0 or 1")
+    pos = [i for i, e in enumerate(examples) if e[2] == 1]
+    neg = [i for i, e in enumerate(examples) if e[2] == 0]
+    tr_p, se_p = split_labelled(len(pos), holdout, seed, "label-1 examples")
+    tr_n, se_n = split_labelled(len(neg), holdout, seed + 1, "label-0 examples")
+    lm.layout.locate(site)
+    texts, spans = completion_positions(lm.tokenizer, examples, chat)
+    acts = capture(lm.model, lm.tokenizer, lm.layout, texts, [site], Readout.ALL, batch_size=batch_size,
+                   progress=progress, desc="reading completions")[site]
+    rows = [acts[i][s:e].float() for i, (s, e) in enumerate(spans)]
+
+    def stack(idx):
+        ids = [pos[j] for j in idx[0]] + [neg[j] for j in idx[1]]
+        x = torch.cat([rows[i] for i in ids])
+        y = torch.cat([torch.full((rows[i].shape[0],), float(examples[i][2])) for i in ids])
+        return x, y, ids
+
+    x, y, _ = stack((tr_p, tr_n))
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    w, b = fit_logistic(((x - mean) / std)[None], y, C=C)
+    weight = (w[0] / std.double()).float()
+    bias = float(b[0] - (w[0] * (mean / std).double()).sum())
+    if not (torch.isfinite(weight).all() and math.isfinite(bias)):
+        raise SteerscaleError("the gate probe did not converge (non-finite weights)", "lower C or give more data")
+    gate = TokenGate(site, weight, bias, threshold)
+    xs, ys, held = stack((se_p, se_n))
+    acc = float(((gate.probability(xs[None])[0] > 0.5).float() == ys).float().mean())
+    fired = {lab: float(np.mean([bool(gate.fires(rows[i][None]).any()) for i in held if examples[i][2] == lab]))
+             for lab in (0, 1)}
+    gate.metadata = {"model_name": lm.name, "model_fingerprint": artifacts.fingerprint(lm.layout),
+                     "n_examples": len(examples), "n_tokens": int(x.shape[0]), "C": C, "seed": seed,
+                     "holdout_token_accuracy": acc, "holdout_fire_rate": {"label_0": fired[0], "label_1": fired[1]},
+                     "chat": chat}
+    return gate

@@ -1,0 +1,234 @@
+"""Conditional and controlled steering on tiny random models: CAST conditions (per-row decisions in one batch, in
+``generate``, ``LocalBackend`` and the server), learned controllers, and per-token gates (latched per row, exact
+under the KV cache)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from steerscale import Intervention, Site, SteerscaleError
+from steerscale.engine.capture import Readout, tokenize
+from steerscale.engine.generation import generate
+from steerscale.engine.ops import Add
+from steerscale.engine.prompt_rules import read_prompts
+from steerscale.engine.token_gates import TokenGate
+from steerscale.scale import Budget, LocalBackend, SamplingParams
+from steerscale.steer.conditional import Condition, ConditionalSteering, fit_condition, prompt_direction
+from steerscale.steer.controller import SteeringController, train_controller
+from steerscale.steer.gating import fit_token_gate, gated, load_gate, save_gate
+from steerscale.steer.vector import SteeringVector
+from tiny import tiny_lm
+
+PROMPTS = ["hello there", "a much longer prompt about cats", "zzz", "what is the time now?", "qq rr ss tt",
+           "one more prompt here", "x", "the quick brown fox jumps"]
+
+
+def _vector(lm, layer=2, scale=4.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    site = Site(layer)
+    return SteeringVector({site: torch.randn(lm.layout.site_dim(site), generator=g) * scale}, lm.name)
+
+
+def _half_condition(lm, prompts, layer=1, readout="mean"):
+    """A condition that holds for about half of ``prompts``: a random direction, threshold at the median."""
+    batch = tokenize(lm.tokenizer, prompts, "cpu")
+    g = torch.Generator().manual_seed(7)
+    site = Site(layer)
+    probe = Condition(site, torch.randn(lm.layout.site_dim(site), generator=g), torch.zeros(lm.layout.site_dim(site)),
+                      0.0, readout=readout)
+    rule = ConditionalSteering(_vector(lm), [probe])
+    sims = probe.similarity(read_prompts(lm.model, lm.layout, batch, [rule])[0][site])
+    mid = sims.sort().values[len(prompts) // 2 - 1: len(prompts) // 2 + 1].mean()  # between two prompts: no ties
+    return dataclasses.replace(probe, threshold=float(mid))
+
+
+def _ids(gens):
+    return [g.token_ids for g in gens]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_cast_batch_steers_exactly_the_rows_whose_condition_holds(family):
+    lm = tiny_lm(family)
+    cond = _half_condition(lm, PROMPTS)
+    vec = _vector(lm)
+    rule = ConditionalSteering(vec, [cond], scale=1.0)
+    out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, rules=[rule], max_new_tokens=6)
+    holds = [bool(o.extra["rule_scales"]) for o in out]
+    assert 0 < sum(holds) < len(PROMPTS)  # a mixed batch
+    for p, o, h in zip(PROMPTS, out, holds):
+        alone = generate(lm.model, lm.tokenizer, lm.layout, [p], vec.interventions(1.0) if h else [], max_new_tokens=6)
+        assert o.token_ids == alone[0].token_ids, p
+    uncached = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, rules=[rule], max_new_tokens=6, use_cache=False)
+    assert _ids(uncached) == _ids(out)
+    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=6)
+    assert any(a != b for a, b in zip(_ids(out), _ids(plain)))
+
+
+def test_cast_combines_conditions_and_num_return_sequences():
+    lm = tiny_lm("llama")
+    a = _half_condition(lm, PROMPTS, layer=0)
+    b = dataclasses.replace(a, comparison="less")  # holds exactly where a does not (ties aside)
+    vec = _vector(lm)
+    batch = tokenize(lm.tokenizer, PROMPTS, "cpu")
+    any_rule, all_rule = ConditionalSteering(vec, [a, b], combine="any"), ConditionalSteering(vec, [a, b], combine="all")
+    r = read_prompts(lm.model, lm.layout, batch, [any_rule])[0]
+    assert any_rule.decide(r).sum() >= len(PROMPTS) - 1 and all_rule.decide(r).sum() == 0
+    out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS[:3], rules=[ConditionalSteering(vec, [a])],
+                   max_new_tokens=3, do_sample=True, seed=0, num_return_sequences=2)
+    assert len(out) == 6 and [bool(o.extra["rule_scales"]) for o in out[::2]] == [bool(o.extra["rule_scales"])
+                                                                                   for o in out[1::2]]
+
+
+def test_fit_condition_separates_classes_round_trips_and_refuses_other_models(tmp_path):
+    lm = tiny_lm("llama")
+    pos = [f"aaaa bbbb {i} aaaa" for i in range(12)]
+    neg = [f"zz {i} yy xx zz" for i in range(12)]
+    cond = fit_condition(lm, pos, neg, progress=False)
+    assert cond.metadata["f1"] >= 0.9 and set(cond.metadata["grid"]) == {"resid_post.0", "resid_post.1", "resid_post.2"}
+    batch = tokenize(lm.tokenizer, pos + neg, "cpu")
+    rule = ConditionalSteering(_vector(lm), [cond])
+    decided = rule.decide(read_prompts(lm.model, lm.layout, batch, [rule])[0])
+    assert decided[:12].float().mean() >= 0.8 and decided[12:].float().mean() <= 0.2
+    path = cond.save(tmp_path / "c")
+    back = Condition.load(path, lm.layout)
+    assert back.site == cond.site and back.threshold == cond.threshold and torch.equal(back.direction, cond.direction)
+    other = tiny_lm("qwen2")
+    with pytest.raises(SteerscaleError, match="made for model"):
+        Condition.load(path, other.layout)
+    with pytest.raises(SteerscaleError, match="not a condition"):
+        Condition.load(_vector(lm).save(tmp_path / "v"))
+    with pytest.raises(SteerscaleError, match="too few labelled examples"):
+        fit_condition(lm, pos[:3], neg, progress=False)
+
+
+def test_local_backend_decides_per_prompt():
+    lm = tiny_lm("llama")
+    cond = _half_condition(lm, PROMPTS)
+    vec = _vector(lm)
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, rules=[ConditionalSteering(vec, [cond], 1.0)])
+    params = SamplingParams(max_tokens=5, temperature=0)
+    ref = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, rules=[ConditionalSteering(vec, [cond], 1.0)],
+                   max_new_tokens=5)
+    for p, r in zip(PROMPTS, ref):
+        got = backend.sample(p, 2, params, Budget.parse("tokens=1000"))
+        assert [c.token_ids for c in got] == [r.token_ids] * 2, p
+
+
+def test_controller_trains_applies_and_round_trips(tmp_path):
+    lm = tiny_lm("llama")
+    pos, neg = [f"aaaa {i} bbbb" for i in range(6)], [f"zz {i} yy" for i in range(6)]
+    vec = prompt_direction(lm, pos, neg, "1-2", progress=False)
+    ctl = train_controller(lm, vec, pos, neg, reads=[Site(0)], target="ok", epochs=2, batch_size=4, negative_tokens=3,
+                           max_strength=2.0, progress=False)
+    assert len(ctl.metadata["loss_history"]) == 2 and all(x == x for x in ctl.metadata["loss_history"])
+    batch = tokenize(lm.tokenizer, PROMPTS, "cpu")
+    scales = ctl.scales(read_prompts(lm.model, lm.layout, batch, [ctl])[0])
+    assert scales.shape == (len(PROMPTS), 2) and (scales > 0).all() and (scales < 2.0).all()
+    out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS[:3], rules=[ctl], max_new_tokens=5)
+    for i, (p, o) in enumerate(zip(PROMPTS[:3], out)):
+        manual = [Intervention(s, Add(vec.directions[s], float(scales[i, j]))) for j, s in enumerate(ctl.edit_sites)]
+        assert o.token_ids == generate(lm.model, lm.tokenizer, lm.layout, [p], manual, max_new_tokens=5)[0].token_ids
+    back = SteeringController.load(ctl.save(tmp_path / "ctl"), lm.layout)
+    assert torch.allclose(back.scales(read_prompts(lm.model, lm.layout, batch, [back])[0]), scales)
+    with pytest.raises(SteerscaleError, match="made for model"):
+        SteeringController.load(tmp_path / "ctl.safetensors", tiny_lm("qwen2").layout)
+
+
+def test_controller_divergence_stops_cleanly_and_leaves_the_model_untouched(monkeypatch):
+    import steerscale.steer.controller as controller
+
+    lm = tiny_lm("llama")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    pos, neg = [f"aaaa {i}" for i in range(4)], [f"zz {i}" for i in range(4)]
+    vec = prompt_direction(lm, pos, neg, "1", progress=False)
+    real = controller.choice_logprob_sums
+    nan_once = lambda *a, **k: real(*a, **k) * float("nan")  # noqa: E731  (an overflow, as a huge lr would give)
+    monkeypatch.setattr(controller, "choice_logprob_sums", nan_once)
+    with pytest.raises(SteerscaleError, match="diverged"):
+        train_controller(lm, vec, pos, neg, epochs=1, negative_tokens=2, progress=False)
+    monkeypatch.setattr(controller, "choice_logprob_sums", real)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    with pytest.raises(SteerscaleError, match="too few labelled examples"):
+        train_controller(lm, vec, pos[:1], neg, progress=False)
+
+
+# -- token gates -------------------------------------------------------------------------------------------------
+def _gate(lm, bias, layer=0, seed=3, threshold=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return TokenGate(Site(layer), torch.randn(lm.layout.site_dim(Site(layer)), generator=g), bias, threshold)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_token_gate_extremes_match_generated_scope_and_unsteered(family):
+    lm = tiny_lm(family)
+    vec = _vector(lm)
+    on = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, gated(vec.interventions(1.0), _gate(lm, 1e4)),
+                  max_new_tokens=5)
+    assert _ids(on) == _ids(generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, vec.interventions(1.0, "generated"),
+                                     max_new_tokens=5))
+    assert all(o.extra["gate_from"] == 0 for o in on)
+    off = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, gated(vec.interventions(1.0), _gate(lm, -1e4)),
+                   max_new_tokens=5)
+    assert _ids(off) == _ids(generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=5))
+    assert all(o.extra["gate_from"] is None for o in off)
+
+
+def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
+    lm = tiny_lm("llama")
+    vec = _vector(lm, scale=8.0)
+    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=10)
+    # a threshold that the probe crosses somewhere inside some generations: the 85th percentile of its scores
+    gate = _gate(lm, 0.0)
+    seen = []
+    texts = [p for p in PROMPTS]
+    with torch.no_grad():
+        from steerscale.engine.capture import capture
+        for p, g in zip(texts, plain):
+            ids = tokenize(lm.tokenizer, [p], "cpu").input_ids[0].tolist() + g.token_ids
+            h = lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+            seen.append(gate.probability(h[None])[0, len(ids) - len(g.token_ids) - 1:])
+        del capture
+    gate = dataclasses.replace(gate, threshold=float(torch.cat(seen).quantile(0.85)))
+    ivs = gated(vec.interventions(1.0), gate)
+    out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10)
+    starts = [o.extra["gate_from"] for o in out]
+    assert any(s is None for s in starts) and any(s is not None and s > 0 for s in starts)
+    for o, p, s in zip(out, plain, starts):
+        k = len(o.token_ids) if s is None else s
+        assert o.token_ids[:k] == p.token_ids[:k]  # unsteered until the gate fired
+    assert _ids(generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10, use_cache=False)) == _ids(out)
+    for i in (0, 3):  # a row alone gets what it got in the batch
+        alone = generate(lm.model, lm.tokenizer, lm.layout, [PROMPTS[i]], ivs, max_new_tokens=10)[0]
+        assert alone.token_ids == out[i].token_ids and alone.extra["gate_from"] == starts[i]
+
+
+def test_token_gate_refuses_edits_before_its_site_and_local_backend():
+    lm = tiny_lm("llama")
+    vec = _vector(lm, layer=1)
+    with pytest.raises(SteerscaleError, match="runs before"):
+        gated(vec.interventions(1.0), _gate(lm, 0.0, layer=1))
+    with pytest.raises(SteerscaleError, match="token-gated"):
+        LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=gated(vec.interventions(1.0), _gate(lm, 0.0)))
+
+
+def test_fit_token_gate_round_trips(tmp_path):
+    lm = tiny_lm("llama")
+    examples = [(f"q{i}", "aaaa aaaa aaaa" if i % 2 else "zz zz zz zz", i % 2) for i in range(20)]
+    gate = fit_token_gate(lm, examples, Site(1), progress=False)
+    assert gate.metadata["holdout_token_accuracy"] >= 0.9
+    back = load_gate(save_gate(gate, tmp_path / "g"), lm.layout)
+    assert torch.equal(back.weight, gate.weight) and back.bias == gate.bias and back.site == gate.site
+    with pytest.raises(SteerscaleError, match="made for model"):
+        load_gate(tmp_path / "g.safetensors", tiny_lm("qwen2").layout)
+
+
+def test_prompt_rule_readout_last_differs_from_mean():
+    lm = tiny_lm("llama")
+    cond = _half_condition(lm, PROMPTS, readout="last")
+    rule = ConditionalSteering(_vector(lm), [cond])
+    assert rule.readout is Readout.LAST
+    with pytest.raises(SteerscaleError, match="share a readout"):
+        ConditionalSteering(_vector(lm), [cond, _half_condition(lm, PROMPTS)])
