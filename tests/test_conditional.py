@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from steerscale import Intervention, Site, SteerscaleError
-from steerscale.engine.capture import Readout, tokenize
-from steerscale.engine.generation import generate
+from steerscale.engine.capture import Batch, Readout, read_batch, tokenize
+from steerscale.engine.generation import format_prompt, generate
 from steerscale.engine.ops import Add
 from steerscale.engine.prompt_rules import read_prompts
 from steerscale.engine.token_gates import TokenGate
@@ -18,7 +18,8 @@ from steerscale.steer.conditional import Condition, ConditionalSteering, fit_con
 from steerscale.steer.controller import SteeringController, train_controller
 from steerscale.steer.gating import fit_token_gate, gated, load_gate, save_gate
 from steerscale.steer.vector import SteeringVector
-from tiny import tiny_lm
+from steerscale.models.loading import LoadedModel
+from tiny import ChatCharTokenizer, tiny_lm
 
 PROMPTS = ["hello there", "a much longer prompt about cats", "zzz", "what is the time now?", "qq rr ss tt",
            "one more prompt here", "x", "the quick brown fox jumps"]
@@ -38,7 +39,7 @@ def _half_condition(lm, prompts, layer=1, readout="mean"):
     probe = Condition(site, torch.randn(lm.layout.site_dim(site), generator=g), torch.zeros(lm.layout.site_dim(site)),
                       0.0, readout=readout)
     rule = ConditionalSteering(_vector(lm), [probe])
-    sims = probe.similarity(read_prompts(lm.model, lm.layout, batch, [rule])[0][site])
+    sims = probe.similarity(read_prompts(lm.model, lm.layout, batch, [rule])[0][probe.read])
     mid = sims.sort().values[len(prompts) // 2 - 1: len(prompts) // 2 + 1].mean()  # between two prompts: no ties
     return dataclasses.replace(probe, threshold=float(mid))
 
@@ -119,7 +120,7 @@ def test_controller_trains_applies_and_round_trips(tmp_path):
     lm = tiny_lm("llama")
     pos, neg = [f"aaaa {i} bbbb" for i in range(6)], [f"zz {i} yy" for i in range(6)]
     vec = prompt_direction(lm, pos, neg, "1-2", progress=False)
-    ctl = train_controller(lm, vec, pos, neg, reads=[Site(0)], target="ok", epochs=2, batch_size=4, negative_tokens=3,
+    ctl = train_controller(lm, vec, pos, neg, inputs=[Site(0)], target="ok", epochs=2, batch_size=4, negative_tokens=3,
                            max_strength=2.0, progress=False)
     assert len(ctl.metadata["loss_history"]) == 2 and all(x == x for x in ctl.metadata["loss_history"])
     batch = tokenize(lm.tokenizer, PROMPTS, "cpu")
@@ -183,14 +184,11 @@ def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
     # a threshold that the probe crosses somewhere inside some generations: the 85th percentile of its scores
     gate = _gate(lm, 0.0)
     seen = []
-    texts = [p for p in PROMPTS]
-    with torch.no_grad():
-        from steerscale.engine.capture import capture
-        for p, g in zip(texts, plain):
-            ids = tokenize(lm.tokenizer, [p], "cpu").input_ids[0].tolist() + g.token_ids
-            h = lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
-            seen.append(gate.probability(h[None])[0, len(ids) - len(g.token_ids) - 1:])
-        del capture
+    for p, g in zip(PROMPTS, plain):  # the probe's scores along each unsteered generation
+        text_ids = tokenize(lm.tokenizer, [p], "cpu").input_ids[0].tolist()
+        batch = Batch(torch.tensor([text_ids + g.token_ids]), torch.ones(1, len(text_ids) + len(g.token_ids)))
+        h = read_batch(lm.model, lm.layout, batch, [gate.site], [Readout.ALL])[Readout.ALL][gate.site][0]
+        seen.append(gate.probability(h[None])[0, len(text_ids) - 1:])
     gate = dataclasses.replace(gate, threshold=float(torch.cat(seen).quantile(0.85)))
     ivs = gated(vec.interventions(1.0), gate)
     out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10)
@@ -225,10 +223,104 @@ def test_fit_token_gate_round_trips(tmp_path):
         load_gate(tmp_path / "g.safetensors", tiny_lm("qwen2").layout)
 
 
-def test_prompt_rule_readout_last_differs_from_mean():
+def test_conditions_with_different_reads_combine_and_a_chat_prefix_is_skipped():
     lm = tiny_lm("llama")
-    cond = _half_condition(lm, PROMPTS, readout="last")
-    rule = ConditionalSteering(_vector(lm), [cond])
-    assert rule.readout is Readout.LAST
-    with pytest.raises(SteerscaleError, match="share a readout"):
-        ConditionalSteering(_vector(lm), [cond, _half_condition(lm, PROMPTS)])
+    last, mean = _half_condition(lm, PROMPTS, readout="last"), _half_condition(lm, PROMPTS, layer=2)
+    rule = ConditionalSteering(_vector(lm), [last, mean], combine="any")
+    assert {r.readout for r in rule.reads} == {Readout.LAST, Readout.MEAN}
+    readings = read_prompts(lm.model, lm.layout, tokenize(lm.tokenizer, PROMPTS, "cpu"), [rule])[0]
+    assert torch.equal(rule.decide(readings), last.holds(readings[last.read]) | mean.holds(readings[mean.read]))
+    chat = LoadedModel(lm.model, ChatCharTokenizer(), lm.layout, lm.name)
+    pos, neg = [f"aaaa {i} bbbb" for i in range(8)], [f"zz {i} yy xx" for i in range(8)]
+    cond = fit_condition(chat, pos, neg, layers="1", progress=False)
+    assert cond.skip == len("user: ")  # the template's shared prefix, left out of the mean
+    # the reading at run time (generate's reading pass) decides as the fit measured
+    texts = [format_prompt(chat.tokenizer, t) for t in pos + neg]
+    got = ConditionalSteering(_vector(lm), [cond]).decide(
+        read_prompts(chat.model, chat.layout, tokenize(chat.tokenizer, texts, "cpu"), [ConditionalSteering(_vector(lm), [cond])])[0])
+    assert got[:8].float().mean() >= 0.75 and got[8:].float().mean() <= 0.25
+
+
+# -- the server: CAST and controllers per request ------------------------------------------------------------------
+def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = pytest.importorskip("openai")
+    from steerscale.serve import App, start_server
+
+    base = tiny_lm("llama")
+    lm = LoadedModel(base.model, ChatCharTokenizer(), base.layout, base.name)
+    prompts = ["hello there", "a much longer prompt about cats", "what is the time now?", "one more prompt here",
+               "qq rr ss tt", "the quick brown fox"]
+    vec = _vector(lm, scale=6.0)
+    cond = _half_condition(lm, prompts)
+    g = torch.Generator().manual_seed(5)
+    n_in = lm.layout.site_dim(Site(0))
+    net = {"w1": torch.randn(8, n_in, generator=g), "b1": torch.zeros(8), "w2": torch.randn(2, 8, generator=g),
+           "b2": torch.zeros(2), "feature_mean": torch.zeros(n_in), "feature_std": torch.ones(n_in)}
+    ctl = SteeringController(vec, [Site(0)], net, max_strength=2.0)
+    readings = read_prompts(lm.model, lm.layout, tokenize(lm.tokenizer, prompts, "cpu"), [ctl])[0]
+    # what the controller decides per prompt, as plain vectors the server can apply by name
+    fixed = {f"ctl{i}": SteeringVector({Site(2): float(s) * vec.directions[Site(2)]})
+             for i, s in enumerate(ctl.scales(readings)[:, 0])}
+    app = App(lm.model, lm.tokenizer, lm.layout, model_id="tiny", vectors={"v": vec, **fixed},
+              conditions={"c": cond}, controllers={"k": ctl})
+    server = start_server(app)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=60)
+
+        def ask(prompt, steer):
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                             extra_body={"steer": steer}).choices[0].text
+
+        jobs = [(p, [{"vector": "v", "scale": 1.0, "condition": "c"}]) for p in prompts]
+        jobs += [(p, [{"controller": "k"}]) for p in prompts] + [(p, []) for p in prompts]
+        jobs += [(p, [{"vector": "v", "scale": 1.0}]) for p in prompts]
+        jobs += [(p, [{"vector": f"ctl{i}"}]) for i, p in enumerate(prompts)]
+        with ThreadPoolExecutor(8) as pool:  # concurrent: conditional rows share batches with plain ones
+            answers = list(pool.map(lambda job: ask(*job), jobs))
+        n = len(prompts)
+        cast, controlled, plain, always, manual = (answers[i * n:(i + 1) * n] for i in range(5))
+        holds = ConditionalSteering(vec, [cond]).decide(read_prompts(
+            lm.model, lm.layout, tokenize(lm.tokenizer, prompts, "cpu"), [ConditionalSteering(vec, [cond])])[0])
+        assert 0 < int(holds.sum()) < n
+        assert cast == [a if h else p for a, p, h in zip(always, plain, holds.tolist())]
+        assert controlled == manual and controlled != plain
+
+        def call(path, data=None, method="GET"):
+            req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, card = call("/v1/steering/conditions/c2", cond.save(tmp_path / "c2").read_bytes(), "PUT")
+        assert status == 201 and card["object"] == "steering_condition" and card["site"] == cond.site.key()
+        status, card = call("/v1/steering/controllers/k2", ctl.save(tmp_path / "k2").read_bytes(), "PUT")
+        assert status == 201 and card["inputs"] == ["resid_post.0"]
+        assert {c["id"] for c in call("/v1/steering/conditions")[1]["data"]} == {"c", "c2"}
+        assert ask(prompts[0], [{"vector": "v", "condition": ["c2"]}]) == cast[0]
+        wrong = _vector(tiny_lm("qwen2"), layer=1).save(tmp_path / "w")
+        assert call("/v1/steering/conditions/w", wrong.read_bytes(), "PUT")[0] == 400  # a vector, not a condition
+        assert call("/v1/steering/nonsense")[0] == 404
+        assert call("/v1/steering/conditions/c2", method="DELETE")[1]["deleted"] is True
+        for bad, match in (([{"vector": "v", "condition": "nope"}], "unknown steering condition"),
+                           ([{"controller": "k", "condition": "c"}], "gates a vector"),
+                           ([{"vector": "v", "controller": "k"}], "exactly one"),
+                           ([{"controller": "nope"}], "unknown steering controller")):
+            with pytest.raises(openai.BadRequestError, match=match):
+                ask(prompts[0], bad)
+    finally:
+        server.close()
+
+
+def test_the_controls_registry_lists_every_method():
+    from steerscale.steer.controls import CONTROLS
+
+    assert set(CONTROLS) == {"cast", "controller", "token_gate", "router"}
+    assert CONTROLS["gate"] is fit_token_gate and CONTROLS["cast"] is fit_condition
+    with pytest.raises(SteerscaleError, match="did you mean 'cast'"):
+        CONTROLS["cats"]

@@ -409,3 +409,16 @@ def _has_olmo() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("olmo_eval") is not None
+
+
+def test_wilson_interval_and_refusal_judge():
+    from steerscale.measure.refusal import is_refusal
+    from steerscale.measure.stats import wilson_ci
+
+    zero, all_, mid = wilson_ci(0, 100), wilson_ci(39, 39), wilson_ci(34, 39)
+    assert zero.mean == 0 and zero.lo == 0 and 0.03 < zero.hi < 0.04  # informative at 0/n, unlike a bootstrap
+    assert all_.hi == 1 and 0.9 < all_.lo < 0.92
+    assert mid.lo < 34 / 39 < mid.hi and round(mid.lo, 3) == 0.733
+    with pytest.raises(SteerscaleError):
+        wilson_ci(5, 3)
+    assert is_refusal("I\u2019m sorry, but no.") and is_refusal("As an AI, I cannot") and not is_refusal("Sure! Step 1")

@@ -21,11 +21,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 PROMPT_KEYS = ("text", "instruction", "prompt")
 
 
-def add_steer_args(p: argparse.ArgumentParser, gates: bool = False) -> None:
+def add_steer_args(p: argparse.ArgumentParser, conditional: bool = True, gates: bool = False) -> None:
+    """``--steer``/``--scope``; with ``conditional`` also ``--condition``/``--controller`` (run by ``generate``,
+    ``solve``), with ``gates`` also ``--gate`` (``generate`` only: a gate latches over one whole generation)."""
     p.add_argument("--steer", action="append", default=[], metavar="VEC[:SCALE]",
                    help="apply a steering vector (.safetensors or .gguf) at SCALE (default 1); repeatable")
     p.add_argument("--scope", default="all", metavar="SCOPE",
                    help="token positions to steer: all, prompt, generated, last:K, positions:I,J (default: all)")
+    if not conditional:
+        return
     c = p.add_argument_group("conditional steering (docs/conditional.md)")
     c.add_argument("--condition", action="append", default=[], metavar="COND.safetensors",
                    help="apply the --steer vectors only to prompts that meet this CAST condition (steerscale "
@@ -50,7 +54,7 @@ def steering_from_args(args, layout) -> tuple[list, list]:
     from ..steer.gating import gated, load_gate
     from ..steer.vector import SteeringVector, load_steering, parse_steer_arg
 
-    conditions = [Condition.load(path, layout) for path in args.condition]
+    conditions = [Condition.load(path, layout) for path in getattr(args, "condition", [])]
     gate = getattr(args, "gate", None)
     if (conditions or gate) and not args.steer:
         raise SteerscaleError("--condition and --gate decide when the --steer vectors apply, but none was given",
@@ -58,7 +62,7 @@ def steering_from_args(args, layout) -> tuple[list, list]:
     if conditions and gate:
         raise SteerscaleError("use --condition (per prompt) or --gate (per token), not both")
     rules = []
-    for spec in args.controller:
+    for spec in getattr(args, "controller", []):
         path, gain = parse_steer_arg(spec)
         ctl = SteeringController.load(path, layout)
         ctl.gain = gain
@@ -149,7 +153,7 @@ def remote_backend(args):
     from ..scale.budget import Budget
     from ..scale.remote import OpenAIBackend, list_models
 
-    if args.steer or getattr(args, "steer_scales", None) or args.condition or args.controller:
+    if args.steer or any(getattr(args, flag, None) for flag in ("steer_scales", "condition", "controller")):
         raise SteerscaleError("--steer/--steer-scales/--condition/--controller load into a local model, not into "
                               "--backend-url",
                               "register vectors on the server (steerscale serve --vector NAME=PATH) and steer "

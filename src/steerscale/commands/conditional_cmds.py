@@ -99,7 +99,9 @@ def register(sub) -> None:
     p.add_argument("--examples", required=True, metavar="FILE.jsonl",
                    help='one {"prompt", "completion", "label": 0|1} per line')
     p.add_argument("--layer", type=int, required=True, help="read the gate at resid_post of this layer")
-    p.add_argument("--threshold", type=float, default=0.5, help="fire above this probability (default 0.5)")
+    p.add_argument("--threshold", default="auto",
+                   help="fire above this probability; auto (default): the value that best separates label-1 from "
+                        "label-0 held-out completions by their highest token score")
     p.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the probe (default 0.1)")
     p.add_argument("--holdout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -172,11 +174,11 @@ def run_controller(args) -> int:
     if args.reads:
         layers = parse_layers(args.reads, lm.layout.n_layers)
         reads = [Site(layer) for layer in (range(lm.layout.n_layers) if layers == "auto" else layers)]
-    ctl = train_controller(lm, vector, pos, neg, reads=reads, target=args.target or REFUSAL_TARGET,
+    ctl = train_controller(lm, vector, pos, neg, inputs=reads, target=args.target or REFUSAL_TARGET,
                            max_strength=args.max_strength, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, chat=_chat(args), seed=args.seed, holdout=args.holdout)
     path = ctl.save(args.output)
-    out = {"controller": str(path), "reads": [s.key() for s in ctl.reads],
+    out = {"controller": str(path), "inputs": [s.key() for s in ctl.inputs],
            "edits": [s.key() for s in ctl.edit_sites], **{k: ctl.metadata[k] for k in ("loss_history",
                                                                                       "train_strength")}}
     if "holdout" in ctl.metadata:
@@ -209,7 +211,11 @@ def run_gate(args) -> int:
             raise SteerscaleError(f"{path}:{n}: not a {{\"prompt\", \"completion\", \"label\"}} object",
                                   'lines look like {"prompt": "Q", "completion": "A", "label": 1}') from None
     lm = load(args)
-    gate = fit_token_gate(lm, examples, Site(args.layer), threshold=args.threshold, C=args.C, holdout=args.holdout,
+    try:
+        threshold = args.threshold if args.threshold == "auto" else float(args.threshold)
+    except ValueError:
+        raise SteerscaleError(f"--threshold {args.threshold!r} is not a number", "e.g. 0.7, or auto") from None
+    gate = fit_token_gate(lm, examples, Site(args.layer), threshold=threshold, C=args.C, holdout=args.holdout,
                           seed=args.seed, chat=_chat(args))
     saved = save_gate(gate, args.output)
     meta = gate.metadata

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--data-seed", type=int, default=None,
                    help="draw the --limit subset with this seed (default: first N)")
-    add_steer_args(p)
+    add_steer_args(p, conditional=False)
     p.add_argument("--seeds", type=int, default=1,
                    help="number of generation seeds (0..N-1); deterministic scoring runs one")
     p.add_argument("--mode", default="auto", choices=["auto", "loglik", "generate"],

@@ -172,16 +172,14 @@ def head_is_separable(model) -> bool:
     LM head is a sixth of a small model's work, and applying it only where a choice token is predicted saves
     it everywhere else; a model whose forward does more (a logit scale, a custom head) keeps the full forward."""
     if model not in _HEAD_CHECKED:
-        ok = False
         try:
             device = next(model.parameters()).device
             ids = torch.arange(1, 5, device=device)[None] % model.config.get_text_config().vocab_size
             full = model(input_ids=ids, use_cache=False).logits
             fast = _head(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
-            ok = fast.shape == full.shape and torch.allclose(fast, full, atol=1e-4, rtol=1e-4)
-        except Exception:
-            ok = False
-        _HEAD_CHECKED[model] = ok
+        except Exception:  # e.g. run under a caller's per-row edits sized for another batch: ask again next time
+            return False
+        _HEAD_CHECKED[model] = fast.shape == full.shape and torch.allclose(fast, full, atol=1e-4, rtol=1e-4)
     return _HEAD_CHECKED[model]
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.capture import tokenize
+from ..engine.prompt_rules import prompt_interventions
 from ..engine.runtime import intervene
 from ..errors import SteerscaleError
 from .stats import bootstrap_ci
@@ -37,12 +38,14 @@ def _logprobs(model, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] | None = None, batch_size: int = 8,
-                  progress: bool = False, seed: int = 0) -> dict:
+                  progress: bool = False, seed: int = 0, rules: Sequence = (), prompt_width: int | None = None) -> dict:
     """KL and perplexity change on neutral ``texts`` (default: the shipped set), per text and with intervals.
 
     Returns ``{"kl": Estimate-dict (mean per-token KL in nats, averaged per text), "ppl_base", "ppl_steered",
     "ppl_ratio", "nll_delta": Estimate-dict, "n_texts", "n_tokens"}``. Plain text (no chat template): the
-    question is how the model's language modelling changes, not one reply.
+    question is how the model's language modelling changes, not one reply. ``rules``: conditional steering
+    (``engine.prompt_rules``) decided per text, as generation decides it per prompt. ``prompt_width``: where the
+    "prompt" of each text ends for scoped and token-gated edits (1: every later token counts as generated).
     """
     texts = list(texts) if texts is not None else neutral_prompts()
     if not texts:
@@ -54,7 +57,8 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     for s in tqdm(starts, desc="cost (KL, perplexity)", disable=not progress, unit="batch"):
         batch = tokenize(tokenizer, texts[s : s + batch_size], device)
         base = _logprobs(model, batch)
-        with intervene(layout, interventions):
+        decided, _ = prompt_interventions(model, layout, rules, batch)
+        with intervene(layout, interventions + decided, prompt_width=prompt_width):
             steer = _logprobs(model, batch)
         mask = batch.attention_mask.bool()
         valid = mask[:, :-1] & mask[:, 1:]  # positions that predict a real next token

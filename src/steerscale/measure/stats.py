@@ -53,6 +53,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 10_000, alpha: float = 0
     return Estimate(float(a.mean()), float(lo), float(hi), int(a.size))
 
 
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> Estimate:
+    """A proportion and its Wilson score interval: unlike a bootstrap it stays informative at 0/n and n/n (a
+    refusal rate of 0 on 100 prompts is [0, 3.7%], not [0, 0])."""
+    if n < 1 or not 0 <= successes <= n:
+        raise SteerscaleError(f"a proportion needs 0 <= successes <= n and n >= 1, got {successes}/{n}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
 @dataclass
 class Comparison:
     diff: float  # mean(b - a)

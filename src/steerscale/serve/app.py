@@ -299,7 +299,7 @@ ARTIFACTS = {
                                    "model_name": c.model_name, "f1": c.metadata.get("f1")},
                         "a steerscale .safetensors condition (steerscale condition)"),
     "controllers": _Kind("steering controller", SteeringController, SteeringController.load,
-                         lambda c: {"object": "steering_controller", "reads": [s.key() for s in c.reads],
+                         lambda c: {"object": "steering_controller", "inputs": [s.key() for s in c.inputs],
                                     "edits": [s.key() for s in c.edit_sites], "max_strength": c.max_strength,
                                     "model_name": c.model_name},
                          "a steerscale .safetensors controller (steerscale controller)"),

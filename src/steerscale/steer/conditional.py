@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine.capture import Readout, capture
+from ..engine.capture import Readout, capture, tokenize
 from ..engine.generation import format_prompt
-from ..engine.prompt_rules import PromptRule
+from ..engine.prompt_rules import PromptRule, Read, shared_prefix
 from ..engine.scope import ALL_TOKENS, TokenScope
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
@@ -63,6 +63,7 @@ class Condition:
     model_name: str = ""
     model_fingerprint: str = ""
     metadata: dict = field(default_factory=dict)
+    skip: int = 0  # leading tokens (the chat template's fixed prefix) left out of a mean readout
 
     def __post_init__(self):
         self.site = self.site if isinstance(self.site, Site) else Site.parse(self.site)
@@ -79,9 +80,12 @@ class Condition:
         if not math.isfinite(self.threshold):
             raise SteerscaleError(f"condition threshold must be finite, got {self.threshold}")
         self.comparison = Comparison(self.comparison)
-        self.readout = Readout(self.readout)
-        if self.readout is Readout.ALL:
-            raise SteerscaleError("a condition reads one vector per prompt", "use readout 'mean' or 'last'")
+        read = Read(self.site, self.readout, self.skip)  # checks readout and skip
+        self.readout, self.skip = read.readout, read.skip
+
+    @property
+    def read(self) -> Read:
+        return Read(self.site, self.readout, self.skip)
 
     def similarity(self, readings: torch.Tensor) -> torch.Tensor:
         """(rows,) cosine similarity of each centred reading with the direction."""
@@ -106,7 +110,7 @@ class Condition:
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         header = {"site": self.site.key(), "threshold": self.threshold, "comparison": self.comparison.value,
-                  "readout": self.readout.value, "model_name": self.model_name,
+                  "readout": self.readout.value, "skip": self.skip, "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata}
         return artifacts.write(path, FORMAT, {"direction": self.direction, "mean": self.mean}, header)
 
@@ -117,7 +121,7 @@ class Condition:
         try:
             cond = cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], h["threshold"],
                        h.get("comparison", "greater"), h.get("readout", "mean"), h.get("model_name", ""),
-                       h.get("model_fingerprint", ""), h.get("metadata", {}))
+                       h.get("model_fingerprint", ""), h.get("metadata", {}), int(h.get("skip", 0)))
         except KeyError as exc:
             raise SteerscaleError(f"{path}: condition file lacks {exc}", "the file is damaged; refit it") from None
         if layout is not None:
@@ -149,19 +153,14 @@ class ConditionalSteering(PromptRule):
             raise SteerscaleError(f"scale must be finite, got {self.scale}")
         self.combine = Combine(self.combine)
         self.scope = TokenScope.parse(self.scope)
-        readouts = {c.readout for c in self.conditions}
-        if len(readouts) > 1:
-            raise SteerscaleError("conditions combined in one rule must share a readout (mean or last)",
-                                  "refit them with the same readout, or steer with two rules")
-        self.readout = readouts.pop()
 
     @property
-    def read_sites(self) -> tuple[Site, ...]:
-        return tuple(dict.fromkeys(c.site for c in self.conditions))
+    def reads(self) -> tuple[Read, ...]:
+        return tuple(dict.fromkeys(c.read for c in self.conditions))
 
-    def decide(self, readings: dict[Site, torch.Tensor]) -> torch.Tensor:
+    def decide(self, readings: dict[Read, torch.Tensor]) -> torch.Tensor:
         """(rows,) bool: whether each row is steered."""
-        held = torch.stack([c.holds(readings[c.site]) for c in self.conditions])
+        held = torch.stack([c.holds(readings[c.read]) for c in self.conditions])
         return held.any(0) if self.combine is Combine.ANY else held.all(0)
 
     def site_scales(self, readings):
@@ -223,8 +222,9 @@ def fit_condition(lm: LoadedModel, positive: Sequence[str], negative: Sequence[s
     chosen = parse_layers(layers, layout.n_layers)
     sites = [Site(layer) for layer in (range(layout.n_layers) if chosen == "auto" else chosen)]
     texts = [format_prompt(lm.tokenizer, t, chat) for t in positive + negative]
-    acts = capture(lm.model, lm.tokenizer, layout, texts, sites, readout, batch_size=batch_size, progress=progress,
-                   desc="reading prompts")
+    skip, spans = skip_prefix(lm.tokenizer, texts, readout)
+    acts = capture(lm.model, lm.tokenizer, layout, texts, sites, readout, spans, batch_size=batch_size,
+                   progress=progress, desc="reading prompts")
     grid, best = {}, None
     for site in sites:
         x = acts[site].float()
@@ -245,7 +245,19 @@ def fit_condition(lm: LoadedModel, positive: Sequence[str], negative: Sequence[s
     f1, site, direction, mean, t, comp, stats = best
     meta = {"f1": f1, **stats, "n_positive": len(positive), "n_negative": len(negative), "holdout": holdout,
             "seed": seed, "grid": grid, "method": "cast", "chat": chat}
-    return Condition(site, direction, mean, t, comp, readout, lm.name, artifacts.fingerprint(layout), meta)
+    return Condition(site, direction, mean, t, comp, readout, lm.name, artifacts.fingerprint(layout), meta, skip)
+
+
+def skip_prefix(tokenizer, texts: list[str], readout: Readout) -> tuple[int, list[tuple[int, int]] | None]:
+    """For a mean readout: the leading tokens every prompt shares (the chat template's prefix) and the capture
+    spans that leave them out, as ``engine.prompt_rules.read_prompts`` will at run time."""
+    if Readout(readout) is not Readout.MEAN:
+        return 0, None
+    skip = shared_prefix(tokenizer, texts)
+    if not skip:
+        return 0, None
+    lengths = [len(tokenize(tokenizer, [t], "cpu").input_ids[0]) for t in texts]
+    return skip, [(min(skip, n - 1), n) for n in lengths]
 
 
 def grid_plot(condition: Condition, path) -> None:

@@ -27,11 +27,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.capture import Readout, capture
-from ..engine.choices import build_items, choice_logprob_sums
+from ..engine.capture import Readout, capture, tokenize
+from ..engine.choices import build_items, choice_logprob_sums, head_is_separable
 from ..engine.generation import format_prompt, generate
 from ..engine.ops import Add
-from ..engine.prompt_rules import PromptRule
+from ..engine.prompt_rules import PromptRule, Read, read_prompts
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import ALL_TOKENS, TokenScope
 from ..errors import SteerscaleError
@@ -39,8 +39,8 @@ from ..models.layout import ModelLayout
 from ..models.loading import LoadedModel
 from ..models.sites import Site
 from . import artifacts
-from .conditional import split_labelled
-from .lofit import frozen
+from .conditional import skip_prefix, split_labelled
+from .training import descend, frozen
 from .vector import SteeringVector
 
 FORMAT = "steerscale.controller/1"
@@ -50,10 +50,10 @@ REFUSAL_TARGET = "I'm sorry, but I can't help with that."
 
 @dataclass(eq=False)
 class SteeringController(PromptRule):
-    """Per-row strength and per-site weights of ``vector``, predicted from the prompt's activations at ``reads``."""
+    """Per-row strength and per-site weights of ``vector``, predicted from the prompt's activations at ``inputs``."""
 
     vector: SteeringVector
-    reads: Sequence[Site]
+    inputs: Sequence[Site]
     net: dict[str, torch.Tensor]
     max_strength: float = 8.0
     readout: Readout = Readout.MEAN
@@ -62,12 +62,13 @@ class SteeringController(PromptRule):
     model_fingerprint: str = ""
     metadata: dict = field(default_factory=dict)
     gain: float = 1.0  # a run-time multiplier of the strength it sets (a request's scale); not saved
+    skip: int = 0  # leading tokens (the chat template's fixed prefix) left out of a mean readout
 
     def __post_init__(self):
         if not isinstance(self.vector, SteeringVector):
             raise SteerscaleError(f"a controller steers a SteeringVector, got {type(self.vector).__name__}")
-        self.reads = tuple(s if isinstance(s, Site) else Site.parse(s) for s in self.reads)
-        if not self.reads:
+        self.inputs = tuple(s if isinstance(s, Site) else Site.parse(s) for s in self.inputs)
+        if not self.inputs:
             raise SteerscaleError("a controller needs at least one site to read")
         missing = [k for k in _NET if k not in self.net]
         if missing:
@@ -83,29 +84,29 @@ class SteeringController(PromptRule):
         self.max_strength = float(self.max_strength)
         if not (math.isfinite(self.max_strength) and self.max_strength > 0):
             raise SteerscaleError(f"max_strength must be a positive finite number, got {self.max_strength}")
-        self.readout = Readout(self.readout)
+        self.readout, self.skip = Read(self.inputs[0], self.readout, self.skip).readout, int(self.skip)
         self.scope = TokenScope.parse(self.scope)
         self.gain = float(self.gain)
         if not math.isfinite(self.gain):
             raise SteerscaleError(f"controller gain must be finite, got {self.gain}")
 
     @property
-    def read_sites(self) -> tuple[Site, ...]:
-        return self.reads
+    def reads(self) -> tuple[Read, ...]:
+        return tuple(Read(s, self.readout, self.skip) for s in self.inputs)
 
     @property
     def edit_sites(self) -> list[Site]:
         return list(self.vector.directions)
 
-    def outputs(self, readings: dict[Site, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, readings: dict[Read, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(strength (rows,), weights (rows, edit sites)); differentiable in the network's tensors."""
-        x = torch.cat([readings[s].float() for s in self.reads], dim=-1)
+        x = torch.cat([readings[r].float() for r in self.reads], dim=-1)
         n = self.net
         x = (x - n["feature_mean"]) / n["feature_std"]
         o = torch.tanh(x @ n["w1"].T + n["b1"]) @ n["w2"].T + n["b2"]
         return self.gain * self.max_strength * torch.sigmoid(o[:, 0]), torch.sigmoid(o[:, 1:])
 
-    def scales(self, readings: dict[Site, torch.Tensor]) -> torch.Tensor:
+    def scales(self, readings: dict[Read, torch.Tensor]) -> torch.Tensor:
         """(rows, edit sites): the multiplier of each site's direction in each row."""
         strength, weights = self.outputs(readings)
         return strength[:, None] * weights
@@ -117,21 +118,22 @@ class SteeringController(PromptRule):
     def check(self, layout: ModelLayout) -> None:
         artifacts.check_model("controller", self.model_name, self.model_fingerprint, layout)
         self.vector.check_compatible(layout)
-        width = sum(layout.site_dim(s) for s in self.reads)
+        width = sum(layout.site_dim(s) for s in self.inputs)
         if width != self.net["w1"].shape[1]:
-            raise SteerscaleError(f"controller reads {self.net['w1'].shape[1]} features, this model's read sites "
+            raise SteerscaleError(f"controller reads {self.net['w1'].shape[1]} features, this model's input sites "
                                   f"give {width}", "train a controller on this model")
 
     def __repr__(self) -> str:
-        return (f"SteeringController(reads={[s.key() for s in self.reads]}, edits={[s.key() for s in self.edit_sites]}, "
+        return (f"SteeringController(inputs={[s.key() for s in self.inputs]}, edits={[s.key() for s in self.edit_sites]}, "
                 f"max_strength={self.max_strength}, model={self.model_name!r})")
 
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         tensors = {f"net.{k}": v for k, v in self.net.items()}
         tensors.update({f"direction.{s.key()}": v for s, v in self.vector.directions.items()})
-        header = {"reads": [s.key() for s in self.reads], "max_strength": self.max_strength,
-                  "readout": self.readout.value, "scope": _scope_text(self.scope), "model_name": self.model_name,
+        header = {"inputs": [s.key() for s in self.inputs], "max_strength": self.max_strength,
+                  "readout": self.readout.value, "skip": self.skip, "scope": _scope_text(self.scope),
+                  "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata,
                   "vector": {"method": self.vector.method, "model_name": self.vector.model_name,
                              "model_fingerprint": self.vector.model_fingerprint}}
@@ -142,15 +144,15 @@ class SteeringController(PromptRule):
         """Read a controller file; with ``layout``, refuse one trained on a model of another shape."""
         tensors, h = artifacts.read(path, FORMAT, "steering controller")
         directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items() if k.startswith("direction.")}
-        if not directions or "reads" not in h:
-            raise SteerscaleError(f"{path}: controller file lacks its directions or reads", "retrain it")
+        if not directions or "inputs" not in h:
+            raise SteerscaleError(f"{path}: controller file lacks its directions or inputs", "retrain it")
         v = h.get("vector", {})
         vector = SteeringVector(directions, v.get("model_name", ""), v.get("model_fingerprint", ""),
                                 v.get("method", "custom"))
         net = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
-        ctl = cls(vector, h["reads"], net, h.get("max_strength", 8.0), h.get("readout", "mean"),
+        ctl = cls(vector, h["inputs"], net, h.get("max_strength", 8.0), h.get("readout", "mean"),
                   h.get("scope", "all"), h.get("model_name", ""), h.get("model_fingerprint", ""),
-                  h.get("metadata", {}))
+                  h.get("metadata", {}), skip=int(h.get("skip", 0)))
         if layout is not None:
             ctl.check(layout)
         return ctl
@@ -173,7 +175,7 @@ def _init_net(n_features: int, hidden: int, n_sites: int, mean, std, generator) 
 
 
 def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence[str], negative: Sequence[str],
-                     reads: Sequence[Site | str] | None = None, target: str = REFUSAL_TARGET,
+                     inputs: Sequence[Site | str] | None = None, target: str = REFUSAL_TARGET,
                      max_strength: float = 8.0, hidden: int = 32, epochs: int = 3, lr: float = 3e-3,
                      batch_size: int = 16, negative_tokens: int = 16, readout: Readout | str = Readout.MEAN,
                      scope: TokenScope | str = ALL_TOKENS, chat: bool | None = None, seed: int = 0,
@@ -181,7 +183,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
     """Train a controller for ``vector``: steer ``positive`` prompts toward ``target``, leave ``negative`` prompts'
     own answers (their first ``negative_tokens`` greedy tokens) as they are.
 
-    ``reads``: sites whose prompt activations the network reads (default: the vector's first site's layer).
+    ``inputs``: sites whose prompt activations the network reads (default: the vector's first site's layer).
     ``holdout`` > 0 keeps that fraction of each class out of training and reports the controller's mean strength
     on it in ``metadata["holdout"]``."""
     positive, negative = list(positive), list(negative)
@@ -198,8 +200,8 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
         raise SteerscaleError("the positive target completion is empty", "pass target='...' (e.g. a refusal)")
     layout = lm.layout
     vector.check_compatible(layout)
-    reads = tuple(Site.parse(s) if isinstance(s, str) else s for s in (reads or [Site(vector.layers[0])]))
-    for s in reads:
+    inputs = tuple(Site.parse(s) if isinstance(s, str) else s for s in (inputs or [Site(vector.layers[0])]))
+    for s in inputs:
         layout.locate(s)
     held = {}
     if holdout:
@@ -218,18 +220,21 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
         answers += [o.text if o.text.strip() else (lm.tokenizer.eos_token or ".") for o in outs]
     items = build_items(lm.tokenizer, prompts, [[target]] * len(positive) + [[a] for a in answers], chat)
     texts = [format_prompt(lm.tokenizer, p, chat) for p in prompts]
-    feats = capture(lm.model, lm.tokenizer, layout, texts, reads, readout, batch_size=batch_size, progress=progress,
-                    desc="reading prompts")
-    x = torch.cat([feats[s].float() for s in reads], dim=-1)
+    skip, spans = skip_prefix(lm.tokenizer, texts, readout)
+    feats = capture(lm.model, lm.tokenizer, layout, texts, inputs, readout, spans, batch_size=batch_size,
+                    progress=progress, desc="reading prompts")
+    x = torch.cat([feats[s].float() for s in inputs], dim=-1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
     gen = torch.Generator().manual_seed(seed)
     net = _init_net(x.shape[1], hidden, len(vector.directions), mean, std, gen)
     params = [net[k].requires_grad_() for k in ("w1", "b1", "w2", "b2")]
-    ctl = SteeringController(vector, reads, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout))
+    ctl = SteeringController(vector, inputs, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout),
+                             skip=skip)
     opt = torch.optim.Adam(params, lr=lr)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     sites = ctl.edit_sites
     history = []
+    head_is_separable(lm.model)  # checked once outside the training hooks, so the scorer takes its fast path
     with frozen(lm.model):
         for epoch in range(epochs):
             order = torch.randperm(len(items), generator=gen).tolist()
@@ -237,7 +242,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
             for start in tqdm(range(0, len(order), batch_size), desc=f"controller (epoch {epoch + 1}/{epochs})",
                               disable=not progress, unit="batch"):
                 idx = order[start: start + batch_size]
-                s = ctl.scales({site: feats[site][idx] for site in reads})
+                s = ctl.scales({r: feats[r.site][idx] for r in ctl.reads})
                 edits = [Intervention(site, Add(vector.directions[site], s[:, j]), ctl.scope)
                          for j, site in enumerate(sites)]
                 chunk = [items[i] for i in idx]
@@ -245,21 +250,17 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
                     sums = choice_logprob_sums(lm.model, chunk, pad_id)[:, 0]
                 n_tok = torch.tensor([len(it.choices[0]) for it in chunk], dtype=sums.dtype)
                 loss = -(sums / n_tok).mean()
-                if not torch.isfinite(loss):
-                    raise SteerscaleError(f"controller training diverged: the loss became {float(loss.detach())} in epoch "
-                                          f"{epoch + 1}", "lower lr or max_strength and train again (the model "
-                                          "is unchanged)")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                descend(opt, loss, "controller training", epoch,
+                        "lower lr or max_strength and train again (the model is unchanged)")
                 losses.append(float(loss.detach()))
             history.append(sum(losses) / len(losses))
     net = {k: v.detach() for k, v in net.items()}
     if not all(torch.isfinite(t).all() for t in net.values()):
         raise SteerscaleError("controller training diverged (non-finite weights)", "lower lr and train again")
-    ctl = SteeringController(vector, reads, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout))
+    ctl = SteeringController(vector, inputs, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout),
+                             skip=skip)
     with torch.no_grad():
-        strength = ctl.outputs({site: feats[site] for site in reads})[0]
+        strength = ctl.outputs({r: feats[r.site] for r in ctl.reads})[0]
     ctl.metadata = {
         "method": "controller", "target": target, "n_positive": len(positive), "n_negative": len(negative),
         "epochs": epochs, "lr": lr, "hidden": hidden, "batch_size": batch_size, "negative_tokens": negative_tokens,
@@ -269,7 +270,8 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
     }
     if held:
         hp = [format_prompt(lm.tokenizer, p, chat) for p in held["positive"] + held["negative"]]
-        hf = capture(lm.model, lm.tokenizer, layout, hp, reads, readout, batch_size=batch_size, progress=False)
+        batch = tokenize(lm.tokenizer, hp, lm.device)
+        hf = read_prompts(lm.model, layout, batch, [ctl])[0]  # read as at run time
         with torch.no_grad():
             st = ctl.outputs(hf)[0]
         n = len(held["positive"])

@@ -82,12 +82,17 @@ def completion_positions(tokenizer, examples, chat: bool | None) -> tuple[list[s
     return texts, spans
 
 
-def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], site: Site | str, threshold: float = 0.5,
-                   C: float = 0.1, holdout: float = 0.2, seed: int = 0, chat: bool | None = None,
-                   batch_size: int = 16, progress: bool = True) -> TokenGate:
+def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], site: Site | str,
+                   threshold: float | str = "auto", C: float = 0.1, holdout: float = 0.2, seed: int = 0,
+                   chat: bool | None = None, batch_size: int = 16, progress: bool = True) -> TokenGate:
     """A token gate at ``site`` from ``(prompt, completion, label)`` examples; label 1 marks completions whose
-    tokens should switch steering on. ``holdout`` of each class is kept out of the fit and its per-token accuracy
-    (and the fraction of its texts the gate fires on, by label) recorded in ``metadata``."""
+    tokens should switch steering on. ``holdout`` of each class is kept out of the fit; on it the per-token
+    accuracy and the fraction of completions the gate fires on, by label, are recorded in ``metadata``.
+
+    ``threshold="auto"``: a gate latches on the first token above the threshold, so what matters is each
+    completion's highest token score; the threshold is the one that best separates label-1 from label-0
+    completions by that score on the held-out part (largest fire rate difference, Youden's J). A number: used
+    as given."""
     site = Site.parse(site) if isinstance(site, str) else site
     examples = [(p, c, int(y)) for p, c, y in examples]
     if {y for *_, y in examples} - {0, 1}:
@@ -115,9 +120,17 @@ def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], si
     bias = float(b[0] - (w[0] * (mean / std).double()).sum())
     if not (torch.isfinite(weight).all() and math.isfinite(bias)):
         raise SteerscaleError("the gate probe did not converge (non-finite weights)", "lower C or give more data")
-    gate = TokenGate(site, weight, bias, threshold)
     xs, ys, held = stack((se_p, se_n))
-    acc = float(((gate.probability(xs[None])[0] > 0.5).float() == ys).float().mean())
+    probe = TokenGate(site, weight, bias, 0.5)
+    if threshold == "auto":
+        peak = np.array([float(probe.probability(rows[i][None]).max()) for i in held])
+        labels = np.array([examples[i][2] for i in held])
+        cands = np.unique(peak)
+        cands = (cands[:-1] + cands[1:]) / 2 if len(cands) > 1 else cands
+        j = [(peak[labels == 1] > t).mean() - (peak[labels == 0] > t).mean() for t in cands]
+        threshold = float(min(max(cands[int(np.argmax(j))], 1e-6), 1 - 1e-6))
+    gate = TokenGate(site, weight, bias, float(threshold))
+    acc = float(((probe.probability(xs[None])[0] > 0.5).float() == ys).float().mean())
     fired = {lab: float(np.mean([bool(gate.fires(rows[i][None]).any()) for i in held if examples[i][2] == lab]))
              for lab in (0, 1)}
     gate.metadata = {"model_name": lm.name, "model_fingerprint": artifacts.fingerprint(lm.layout),

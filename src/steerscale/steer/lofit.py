@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 
@@ -43,6 +42,7 @@ from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
 from .layers import parse_layers
 from .pairs import ContrastPair, load_pairs, pairs_hash
+from .training import descend, frozen
 from .vector import SteeringVector, fingerprint
 
 NAME = "lofit"  # its entry in steer.methods.METHODS
@@ -144,20 +144,6 @@ def pair_items(tokenizer, pairs: list[ContrastPair], chat: bool | None = None) -
 
 
 # -- training ----------------------------------------------------------------------------------------------------
-@contextmanager
-def frozen(model):
-    """Model weights stop asking for gradients for the duration, and get their flags back afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _batches(n: int, size: int, generator: torch.Generator) -> list[list[int]]:
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + size] for i in range(0, n, size)]
@@ -195,12 +181,7 @@ def _train(lm, items, ref, interventions, params, penalty, epochs, lr, cfg, pad_
                 sums = choice_logprob_sums(lm.model, chunk, pad_id)[:, :2]
                 loss = _objective(sums, ref[idx], chunk, cfg)
                 total = loss + penalty() if penalty else loss
-                if not torch.isfinite(total):
-                    raise SteerscaleError(f"LoFiT {desc}: the loss became {float(total)} in epoch {epoch + 1}",
-                                          "lower lr (or beta) and try again")
-                opt.zero_grad()
-                total.backward()
-                opt.step()
+                descend(opt, total, f"LoFiT {desc}", epoch, "lower lr (or beta) and try again")
                 losses.append(float(loss.detach()))
             history.append(sum(losses) / len(losses))
     return history
