@@ -3,7 +3,7 @@ controller against always-on steering, per-token gating on TruthfulQA, and what 
 
 Refusal (data: ../shared/data/refusal, Arditi et al.'s harmful/harmless instruction splits):
 
-1. Behaviour vector: CAA at ``--layer`` from prompt pairs built on the first ``--vector-prompts`` harmful TRAIN
+1. Behaviour vector: CAA at one of ``--layers`` from prompt pairs built on the first ``--vector-prompts`` harmful TRAIN
    instructions, each with a refusal and a compliant reply (the mean over the reply tokens, refusal minus
    compliance). The mean difference of harmful and harmless prompts themselves (Arditi et al.'s direction) makes
    this 135M model refuse on fewer than 6% of harmful prompts at any layer or scale we tried, so it is not used.
@@ -14,8 +14,8 @@ Refusal (data: ../shared/data/refusal, Arditi et al.'s harmful/harmless instruct
 3. Controller: ``train_controller`` on ``--ctl-train`` TRAIN prompts per class: the behaviour vector at
    ``--ctl-layers``, features read at ``--ctl-reads``; harmful prompts are steered toward a refusal sentence,
    harmless prompts toward their own unsteered answers.
-4. The scale: the smallest of ``--scales`` whose always-on refusal rate on ``--select-prompts`` harmful TRAIN
-   prompts not used for the vector reaches ``--select-target``.
+4. Layer and scale: of ``--layers`` x ``--scales``, the best always-on refusal rate on ``--select-prompts``
+   harmful TRAIN prompts not used for the vector (ties: the smaller scale).
 5. Judged on the VAL split (39 harmful, ``--harmless-val`` sampled harmless), greedy, ``--max-new-tokens``: the
    refusal rate (substring judge, ``steerscale.measure.refusal``) with 95% Wilson intervals, for unsteered,
    always-on (the vector at that scale, every prompt), CAST at the same scale, and the controller (max strength
@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from steerscale.engine.choices import build_items
+from steerscale.engine.ops import Add
 from steerscale.engine.generation import generate
-from steerscale.engine.runtime import intervene
+from steerscale.engine.runtime import Intervention, intervene
 from steerscale.measure.cost import steering_cost
 from steerscale.measure.refusal import is_refusal
 from steerscale.measure.stats import bootstrap_ci, kfold, paired_compare, wilson_ci
@@ -101,23 +102,24 @@ def refusal_part(lm, args, out: Path) -> dict:
 
     pairs = [{"prompt": p, "positive": REFUSAL_TARGET, "negative": COMPLY}
              for p in harmful_train[: args.vector_prompts]]
-    layers = sorted({args.layer, *args.ctl_layers})
+    layers = sorted({*args.layers, *args.ctl_layers})
     multi = extract(lm, pairs, method="caa", layers=layers, read="mean", progress=False)
-    vector = SteeringVector({Site(args.layer): multi.directions[Site(args.layer)]}, multi.model_name,
-                            multi.model_fingerprint, "caa", {"behaviour": "refusal - compliance replies"})
-    vector.save(out / "refusal.safetensors")
-    log(f"behaviour vector: CAA at layer {args.layer}, norm {float(vector.directions[Site(args.layer)].norm()):.1f}")
 
-    # the strength: the smallest scale whose always-on refusal rate reaches --select-target on harmful TRAIN
-    # prompts the vector was not built from (val is never looked at before the final table)
+    # layer and strength: the best always-on refusal rate on harmful TRAIN prompts the vector was not built from
+    # (ties: the smaller scale); the val split is not looked at before the final table
     held = harmful_train[args.vector_prompts:][: args.select_prompts]
     selection = {}
-    for sc in args.scales:
-        selection[sc] = rate(generate_all(lm, held, vector.interventions(sc), (), args.max_new_tokens)[0])["rate"]
-        log(f"scale {sc}: always-on refusal on {len(held)} held-out train harmful prompts {selection[sc]:.3f}")
-        if selection[sc] >= args.select_target:
-            break
-    scale = next((sc for sc in args.scales if selection.get(sc, 0) >= args.select_target), max(selection))
+    for layer in args.layers:
+        for sc in args.scales:
+            ivs = [Intervention(Site(layer), Add(multi.directions[Site(layer)], sc))]
+            selection[(layer, sc)] = rate(generate_all(lm, held, ivs, (), args.max_new_tokens)[0])["rate"]
+            log(f"layer {layer} x{sc}: always-on refusal on {len(held)} held-out train harmful prompts "
+                f"{selection[(layer, sc)]:.3f}")
+    layer, scale = max(selection, key=lambda k: (selection[k], -k[1]))
+    vector = SteeringVector({Site(layer): multi.directions[Site(layer)]}, multi.model_name,
+                            multi.model_fingerprint, "caa", {"behaviour": "refusal - compliance replies"})
+    vector.save(out / "refusal.safetensors")
+    log(f"behaviour vector: CAA at layer {layer} x{scale}, norm {float(vector.directions[Site(layer)].norm()):.1f}")
 
     t = time.perf_counter()
     conds = {r: fit_condition(lm, harmful_train, harmless_train, readout=r, seed=0, progress=False)
@@ -161,7 +163,8 @@ def refusal_part(lm, args, out: Path) -> dict:
         if name != "unsteered":
             costs[name] = steering_cost(lm.model, lm.tokenizer, lm.layout, list(ivs), rules=list(rules))["kl"]["mean"]
     return {"results": results, "speed_tok_s": speeds, "kl": costs, "samples": samples, "scale": scale,
-            "scale_selection": selection, "vector_norm": float(vector.directions[Site(args.layer)].norm()),
+            "layer": layer, "scale_selection": {f"L{k[0]} x{k[1]}": v for k, v in selection.items()},
+            "vector_norm": float(vector.directions[Site(layer)].norm()),
             "conditions": {r: {k: c.metadata[k] for k in ("f1", "precision", "recall", "false_positive_rate")}
                            | {"site": c.site.key(), "skip": c.skip, "threshold": c.threshold} for r, c in conds.items()},
             "cast_readout": best, "fit_seconds": fit_seconds, "controller_seconds": ctl_seconds,
@@ -180,30 +183,37 @@ def timed(lm, prompts, configs: dict, max_new_tokens: int, rounds: int = 2) -> d
 
 
 # -- TruthfulQA per-token gating -------------------------------------------------------------------------------------
-def score_question(lm, item, ivs, gate=None) -> tuple[list[float], int, int]:
-    """Summed log-prob of each choice after the prompt (rows right-padded, the prompt's end given to the runtime),
-    and (answer tokens steered, answer tokens) when a gate is on."""
-    rows = [item.prompt + c for c in item.choices]
-    width = max(map(len, rows))
+def score_questions(lm, items, ivs, gate=None) -> tuple[list[list[float]], int, int]:
+    """Summed log-prob of each choice after its prompt, for several questions in one forward pass, and (answer
+    tokens steered, answer tokens) under a gate. Rows are prompt + choice with the prompts left-padded to end in
+    one column and the choices right-padded after it, so the runtime's "prompt" (``prompt_width``) ends exactly
+    where each row's answer starts; positions count real tokens only."""
+    rows = [(it.prompt, c) for it in items for c in it.choices]
+    width_p = max(len(p) for p, _ in rows)
+    width = width_p + max(len(c) for _, c in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        mask[r, : len(row)] = 1
-    p = len(item.prompt)
-    keep = width - (p - 1)  # the LM head runs only where an answer token is predicted
-    with torch.no_grad(), intervene(lm.layout, ivs, prompt_width=p) as handle:
-        logits = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    for r, (p, c) in enumerate(rows):
+        ids[r, width_p - len(p): width_p + len(c)] = torch.tensor(p + c)
+        mask[r, width_p - len(p): width_p + len(c)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = width - (width_p - 1)  # the LM head runs only where an answer token is predicted
+    with torch.no_grad(), intervene(lm.layout, ivs, prompt_width=width_p) as handle:
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
         logp = torch.log_softmax(logits.float(), -1)
-    sums, steered, total = [], 0, 0
     fired = handle.gate_positions(gate) if gate is not None else []
-    for r, c in enumerate(item.choices):
-        pos = torch.arange(p - 1, p - 1 + len(c))
-        sums.append(float(logp[r, pos - (p - 1), torch.tensor(c)].sum()))
-        total += len(c)
-        if gate is not None and fired[r] is not None:
-            steered += int((pos >= fired[r]).sum())
-    return sums, steered, total
+    out, steered, total, r = [], 0, 0, 0
+    for it in items:
+        sums = []
+        for c in it.choices:
+            at = torch.arange(len(c))  # column width_p - 1 + j predicts answer token j
+            sums.append(float(logp[r, at, torch.tensor(c)].sum()))
+            total += len(c)
+            if gate is not None and fired[r] is not None:  # real index of answer-predicting position j: len(p) - 1 + j
+                steered += int((len(it.prompt) - 1 + at >= fired[r]).sum())
+            r += 1
+        out.append(sums)
+    return out, steered, total
 
 
 def gate_examples(row, per_side: int = 2) -> list[tuple[str, str, int]]:
@@ -242,10 +252,12 @@ def truthfulqa_part(lm, args) -> dict:
         configs = {"baseline": ([], None), "always_on": (on, None),
                    "always_on_generated": (vec.interventions(args.tqa_scale, "generated"), None),
                    "gated": (gated(on, gate), gate)}
-        for i in test:
+        for start in range(0, len(test), args.tqa_batch):
+            chunk = test[start: start + args.tqa_batch]
             for name, (ivs, g) in configs.items():
-                sums, s, n = score_question(lm, items[i], ivs, g)
-                mc1[name][i] = float(int(np.argmax(sums)) == gold[i])
+                sums, s, n = score_questions(lm, [items[i] for i in chunk], ivs, g)
+                for i, lps in zip(chunk, sums):
+                    mc1[name][i] = float(int(np.argmax(lps)) == gold[i])
                 if g is not None:
                     steered, total = steered + s, total + n
         log(f"fold {fold} scored: " + ", ".join(f"{n} {np.mean([mc1[n][i] for i in test]):.3f}" for n in names))
@@ -294,11 +306,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default="out/conditional")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--layer", type=int, default=15, help="behaviour vector layer (refusal)")
-    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.25, 1.5, 2.0],
-                    help="candidate scales of the behaviour vector (always-on and CAST), smallest first")
-    ap.add_argument("--select-prompts", type=int, default=64, help="held-out TRAIN harmful prompts to pick it on")
-    ap.add_argument("--select-target", type=float, default=0.9, help="always-on refusal rate the scale must reach")
+    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[12, 15],
+                    help="candidate layers of the behaviour vector (refusal)")
+    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 1.0, 1.25],
+                    help="candidate scales of the behaviour vector (always-on and CAST)")
+    ap.add_argument("--select-prompts", type=int, default=64, help="held-out TRAIN harmful prompts to pick them on")
     ap.add_argument("--vector-prompts", type=int, default=128)
     ap.add_argument("--harmless-val", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -310,6 +322,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ctl-max-strength", type=float, default=1.5, help="controller max strength, times the scale")
     ap.add_argument("--tqa-limit", type=int, default=0, help="TruthfulQA questions (0: all 817)")
     ap.add_argument("--tqa-layer", type=int, default=15)
+    ap.add_argument("--tqa-batch", type=int, default=8, help="questions scored per forward pass")
     ap.add_argument("--tqa-scale", type=float, default=4.0)
     ap.add_argument("--gate-layer", type=int, default=8)
     ap.add_argument("--gate-threshold", default="auto", type=lambda v: v if v == "auto" else float(v))

@@ -150,7 +150,7 @@ def run_condition(args) -> int:
         emit_json(out)
     else:
         print(f"condition at {out['site']}: cos {'>' if out['comparison'] == 'greater' else '<'} "
-              f"{out['threshold']:.4f}; held-out F1 {out['f1']:.3f} (precision {out['precision']:.3f}, recall "
+              f"{out['threshold']:.4f}; selection-split F1 {out['f1']:.3f} (precision {out['precision']:.3f}, recall "
               f"{out['recall']:.3f}) -> {path}" + (f"\nvector -> {out['vector']}" if args.vector_out else ""))
     return 0
 

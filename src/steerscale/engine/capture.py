@@ -110,7 +110,18 @@ def capture(
 def read_batch(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site], readouts: Sequence[Readout] = (Readout.LAST,),
                spans: Sequence[tuple[int, int]] | None = None) -> dict[Readout, dict[Site, torch.Tensor]]:
     """One forward pass of an encoded ``batch`` that stops after the deepest site read: ``{readout: {site: rows}}``
-    for each readout asked for (``capture`` for texts; ``engine.prompt_rules`` for prompts being generated)."""
+    for each readout asked for (``capture`` for texts)."""
+    raw = read_raw(model, layout, batch, sites)
+    return {Readout(r): {s: reduce_rows(raw[s], batch.attention_mask, Readout(r), spans) for s in sites}
+            for r in readouts}
+
+
+@torch.no_grad()
+def read_raw(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site]) -> dict[Site, torch.Tensor]:
+    """The ``(batch, seq, dim)`` activations at ``sites`` from one forward pass stopped after the deepest of them
+    (``engine.prompt_rules`` reduces them per rule)."""
+    if any(s.kind is SiteKind.ROUTER for s in sites):
+        raise SteerscaleError("router logits are not read per token here", "read mlp_out or resid sites")
     current: dict[Site, torch.Tensor] = {}
     with observe(layout, [Observer(s, partial(current.__setitem__, s)) for s in sites],
                  stop_after=max(s.layer for s in sites)):
@@ -118,5 +129,7 @@ def read_batch(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site], 
             model(**batch.model_inputs(), use_cache=False)
         except StopForward:
             pass
-    return {Readout(r): {s: _reduce(current[s], batch.attention_mask, Readout(r), spans) for s in sites}
-            for r in readouts}
+    return current
+
+
+reduce_rows = _reduce  # public name: one vector (or token list) per row of (batch, seq, dim) activations

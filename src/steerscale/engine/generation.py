@@ -82,9 +82,10 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
     rule_edits, rule_scales = prompt_interventions(model, layout, rules, batch, num_return_sequences)
     gates = list({id(iv.gate): iv.gate for iv in interventions if iv.gate is not None}.values())
-    with intervene(layout, list(interventions) + rule_edits, prompt_width=None) as handle:
+    with intervene(layout, interventions + rule_edits, prompt_width=None) as handle:
         out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     width = batch.input_ids.shape[1]
     results = []
@@ -98,8 +99,9 @@ def generate(
         extra = {"rule_scales": rule_scales[row]} if rules else {}
         if gates:  # the gate fired on the hidden state at real index p, which predicts generated token p + 1 - n_prompt
             fired = [handle.gate_positions(g)[row] for g in gates]
-            fired = [p for p in fired if p is not None]
-            extra["gate_from"] = min(fired) + 1 - n_prompt if fired else None
+            fired = [p + 1 - n_prompt for p in fired if p is not None]
+            # a row that ended early is fed padding until the batch ends: a gate firing there steered nothing
+            extra["gate_from"] = min(fired) if fired and min(fired) < len(ids) else None
         results.append(Generation(prompt=prompts[src], text=tokenizer.decode(ids, skip_special_tokens=True),
                                   token_ids=ids, n_prompt_tokens=n_prompt, extra=extra))
     return results

@@ -20,8 +20,8 @@ import torch
 
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
-from ..models.sites import Site
-from .capture import Batch, Readout, read_batch, tokenize
+from ..models.sites import Site, SiteKind
+from .capture import Batch, Readout, read_raw, reduce_rows
 from .ops import Add
 from .runtime import Intervention
 from .scope import ALL_TOKENS, TokenScope
@@ -30,22 +30,36 @@ from .scope import ALL_TOKENS, TokenScope
 # -- prompt-level rules ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Read:
-    """One vector per prompt at ``site``: the mean over its real tokens after the first ``skip``, or its last
-    token. ``skip`` leaves out a fixed prefix every prompt shares (a chat template's system prompt and role header,
-    ``shared_prefix`` measures it): it says nothing about the prompt and would dominate the mean."""
+    """One vector per prompt at ``site``: the mean over its real tokens, or its last token. ``prefix``: token ids
+    of a fixed start (a chat template's system prompt and role header, ``steer.conditional.template_prefix``) that a mean leaves
+    out when a row starts with them: they say nothing about the prompt and would dominate the mean. A row that
+    does not start with them (a raw completion prompt, another system prompt) is averaged whole."""
 
     site: Site
     readout: Readout = Readout.MEAN
-    skip: int = 0
+    prefix: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "readout", Readout(self.readout))
         if self.readout is Readout.ALL:
             raise SteerscaleError("a prompt rule reads one vector per prompt", "use readout 'mean' or 'last'")
-        if not isinstance(self.skip, int) or self.skip < 0:
-            raise SteerscaleError(f"skip must be a non-negative number of tokens, got {self.skip!r}")
-        if self.readout is Readout.LAST:
-            object.__setattr__(self, "skip", 0)
+        if not isinstance(self.site, Site) or self.site.kind is SiteKind.ROUTER:
+            raise SteerscaleError(f"a prompt rule reads a residual, attention, MLP or head site, got {self.site!r}")
+        try:
+            prefix = tuple(int(t) for t in self.prefix)
+        except (TypeError, ValueError):
+            raise SteerscaleError(f"prefix must be token ids, got {self.prefix!r}") from None
+        object.__setattr__(self, "prefix", prefix if self.readout is Readout.MEAN else ())
+
+    def spans(self, batch: Batch) -> list[tuple[int, int]] | None:
+        """Per row, the real-token span a mean reads: past the prefix when the row starts with it (and has more)."""
+        if not self.prefix:
+            return None
+        k, out = len(self.prefix), []
+        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
+            real = [t for t, m in zip(ids, mask) if m]
+            out.append((k, len(real)) if len(real) > k and tuple(real[:k]) == self.prefix else (0, len(real)))
+        return out
 
 
 class PromptRule(ABC):
@@ -70,28 +84,11 @@ class PromptRule(ABC):
 
 @torch.no_grad()
 def read_prompts(model, layout: ModelLayout, batch: Batch, rules: Sequence[PromptRule]) -> list[dict[Read, torch.Tensor]]:
-    """Each rule's readings of ``batch``: one reading pass (stopped after the deepest site read) per number of
-    skipped leading tokens among the reads, which is one pass in practice."""
+    """Each rule's readings of ``batch``, from one forward pass stopped after the deepest site any rule reads."""
     reads = {r for rule in rules for r in rule.reads}
-    lengths = batch.attention_mask.sum(-1).tolist()
-    got: dict[Read, torch.Tensor] = {}
-    for skip in sorted({r.skip for r in reads}):
-        group = [r for r in reads if r.skip == skip]
-        spans = [(min(skip, n - 1), n) for n in lengths] if skip else None  # a short prompt keeps its last token
-        out = read_batch(model, layout, batch, sorted({r.site for r in group}), tuple({r.readout for r in group}),
-                         spans)
-        got.update({r: out[r.readout][r.site] for r in group})
+    raw = read_raw(model, layout, batch, sorted({r.site for r in reads}))
+    got = {r: reduce_rows(raw[r.site], batch.attention_mask, r.readout, r.spans(batch)) for r in reads}
     return [{r: got[r] for r in rule.reads} for rule in rules]
-
-
-def shared_prefix(tokenizer, texts: Sequence[str]) -> int:
-    """How many leading tokens all ``texts`` share (at most the shortest one's length minus one): with a chat
-    template, the system prompt and role header before the user's words."""
-    ids = [tokenize(tokenizer, [t], "cpu").input_ids[0].tolist() for t in texts]
-    n = 0
-    while all(len(x) > n + 1 for x in ids) and len({x[n] for x in ids}) == 1:
-        n += 1
-    return n
 
 
 def prompt_interventions(model, layout: ModelLayout, rules: Sequence[PromptRule], batch: Batch,

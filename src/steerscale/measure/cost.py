@@ -58,7 +58,7 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
         batch = tokenize(tokenizer, texts[s : s + batch_size], device)
         base = _logprobs(model, batch)
         decided, _ = prompt_interventions(model, layout, rules, batch)
-        with intervene(layout, interventions + decided, prompt_width=prompt_width):
+        with intervene(layout, list(interventions) + decided, prompt_width=prompt_width):
             steer = _logprobs(model, batch)
         mask = batch.attention_mask.bool()
         valid = mask[:, :-1] & mask[:, 1:]  # positions that predict a real next token

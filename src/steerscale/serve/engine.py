@@ -93,7 +93,8 @@ class ScheduledBackend(LocalBackend):
         self.check_n(n)
         self._check()
         ids = self.prompt_ids(prompt)
-        if not budget.buy_prompt(len(ids), 1, self.n_params):
+        passes = 2 if self.rules else 1  # conditional steering reads the prompt once more (as LocalBackend charges)
+        if not all(budget.buy_prompt(len(ids), 1, self.n_params) for _ in range(passes)):
             return [Candidate(finished=True, finish_reason=FinishReason.BUDGET) for _ in range(n)]
         job = Job(ids, params, seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params)
         self._jobs.append(job)

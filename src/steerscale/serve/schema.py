@@ -77,8 +77,9 @@ class SteerEntry(Strict):
                                                       "/v1/steering/controllers); instead of 'vector'")
     scale: float = Field(1.0, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
                          description="the vector's scale; for a controller, a multiplier of the strength it sets")
-    scope: Literal["all", "prompt", "generated"] = Field(
-        "all", description="edit the prompt and generated tokens, the prompt only, or generated tokens only")
+    scope: Literal["all", "prompt", "generated"] | None = Field(
+        None, description="edit the prompt and generated tokens, the prompt only, or generated tokens only (default: "
+                          "all; for a controller, the scope it was saved with)")
     condition: Name | list[Name] | None = Field(
         None, description="names of conditions registered on the server (GET /v1/steering/conditions): the vector "
                           "is added only when the prompt meets them (CAST)")
@@ -240,16 +241,18 @@ def _steer(entries: list[SteerEntry], vectors, conditions, controllers) -> list:
     for e in entries:
         if e.controller is not None:
             ctl = _lookup(controllers, e.controller, "steering controller", "--controller", "controllers")
-            steer.append(dataclasses.replace(ctl, gain=e.scale, scope=TokenScope.parse(e.scope)))
+            scope = ctl.scope if e.scope is None else TokenScope.parse(e.scope)
+            steer.append(dataclasses.replace(ctl, gain=e.scale, scope=scope))  # a copy: the registered one is shared
             continue
         vector = _lookup(vectors, e.vector, "steering vector", "--vector", "vectors")
+        scope = e.scope or "all"
         if e.condition is None:
-            steer.append((vector, e.scale, e.scope))
+            steer.append((vector, e.scale, scope))
             continue
         names = [e.condition] if isinstance(e.condition, str) else e.condition
         conds = [_lookup(conditions, n, "steering condition", "--condition", "conditions") for n in names]
         try:
-            steer.append(ConditionalSteering(vector, conds, e.scale, e.condition_rule, e.scope))
+            steer.append(ConditionalSteering(vector, conds, e.scale, e.condition_rule, scope))
         except SteerscaleError as exc:
             raise bad("steer", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
     return steer

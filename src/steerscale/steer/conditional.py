@@ -27,7 +27,7 @@ import torch
 
 from ..engine.capture import Readout, capture, tokenize
 from ..engine.generation import format_prompt
-from ..engine.prompt_rules import PromptRule, Read, shared_prefix
+from ..engine.prompt_rules import PromptRule, Read
 from ..engine.scope import ALL_TOKENS, TokenScope
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
@@ -63,7 +63,7 @@ class Condition:
     model_name: str = ""
     model_fingerprint: str = ""
     metadata: dict = field(default_factory=dict)
-    skip: int = 0  # leading tokens (the chat template's fixed prefix) left out of a mean readout
+    prefix: tuple[int, ...] = ()  # the chat template's fixed start, left out of a mean readout (see Read)
 
     def __post_init__(self):
         self.site = self.site if isinstance(self.site, Site) else Site.parse(self.site)
@@ -80,12 +80,12 @@ class Condition:
         if not math.isfinite(self.threshold):
             raise SteerscaleError(f"condition threshold must be finite, got {self.threshold}")
         self.comparison = Comparison(self.comparison)
-        read = Read(self.site, self.readout, self.skip)  # checks readout and skip
-        self.readout, self.skip = read.readout, read.skip
+        read = Read(self.site, self.readout, self.prefix)  # checks the site, readout and prefix
+        self.readout, self.prefix = read.readout, read.prefix
 
     @property
     def read(self) -> Read:
-        return Read(self.site, self.readout, self.skip)
+        return Read(self.site, self.readout, self.prefix)
 
     def similarity(self, readings: torch.Tensor) -> torch.Tensor:
         """(rows,) cosine similarity of each centred reading with the direction."""
@@ -110,7 +110,7 @@ class Condition:
     # -- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         header = {"site": self.site.key(), "threshold": self.threshold, "comparison": self.comparison.value,
-                  "readout": self.readout.value, "skip": self.skip, "model_name": self.model_name,
+                  "readout": self.readout.value, "prefix": list(self.prefix), "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata}
         return artifacts.write(path, FORMAT, {"direction": self.direction, "mean": self.mean}, header)
 
@@ -119,11 +119,12 @@ class Condition:
         """Read a condition file; with ``layout``, refuse one fitted on a model of another shape."""
         tensors, h = artifacts.read(path, FORMAT, "condition")
         try:
-            cond = cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], h["threshold"],
-                       h.get("comparison", "greater"), h.get("readout", "mean"), h.get("model_name", ""),
-                       h.get("model_fingerprint", ""), h.get("metadata", {}), int(h.get("skip", 0)))
-        except KeyError as exc:
-            raise SteerscaleError(f"{path}: condition file lacks {exc}", "the file is damaged; refit it") from None
+            cond = cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], float(h["threshold"]),
+                       h.get("comparison", "greater"), h.get("readout", "mean"), str(h.get("model_name", "")),
+                       str(h.get("model_fingerprint", "")), dict(h.get("metadata") or {}), tuple(h.get("prefix", ())))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SteerscaleError(f"{path}: condition file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
+                                  "refit the condition") from None
         if layout is not None:
             cond.check(layout)
         return cond
@@ -215,14 +216,14 @@ def fit_condition(lm: LoadedModel, positive: Sequence[str], negative: Sequence[s
     class-mean difference and the threshold and comparison maximise F1 on the selection part; the best layer
     wins (ties: the earlier layer, whose reading pass is cheaper). The per-layer F1 is kept in the metadata."""
     positive, negative = list(positive), list(negative)
-    readout = Readout(readout)
+    readout = Read(Site(0), readout).readout  # one a condition can use, checked before any model work
     tr_p, se_p = split_labelled(len(positive), holdout, seed, "positive prompts")
     tr_n, se_n = split_labelled(len(negative), holdout, seed + 1, "negative prompts")
     layout = lm.layout
     chosen = parse_layers(layers, layout.n_layers)
     sites = [Site(layer) for layer in (range(layout.n_layers) if chosen == "auto" else chosen)]
     texts = [format_prompt(lm.tokenizer, t, chat) for t in positive + negative]
-    skip, spans = skip_prefix(lm.tokenizer, texts, readout)
+    prefix, spans = prefix_spans(lm.tokenizer, texts, readout, chat)
     acts = capture(lm.model, lm.tokenizer, layout, texts, sites, readout, spans, batch_size=batch_size,
                    progress=progress, desc="reading prompts")
     grid, best = {}, None
@@ -245,19 +246,31 @@ def fit_condition(lm: LoadedModel, positive: Sequence[str], negative: Sequence[s
     f1, site, direction, mean, t, comp, stats = best
     meta = {"f1": f1, **stats, "n_positive": len(positive), "n_negative": len(negative), "holdout": holdout,
             "seed": seed, "grid": grid, "method": "cast", "chat": chat}
-    return Condition(site, direction, mean, t, comp, readout, lm.name, artifacts.fingerprint(layout), meta, skip)
+    return Condition(site, direction, mean, t, comp, readout, lm.name, artifacts.fingerprint(layout), meta, prefix)
 
 
-def skip_prefix(tokenizer, texts: list[str], readout: Readout) -> tuple[int, list[tuple[int, int]] | None]:
-    """For a mean readout: the leading tokens every prompt shares (the chat template's prefix) and the capture
-    spans that leave them out, as ``engine.prompt_rules.read_prompts`` will at run time."""
+def template_prefix(tokenizer, chat: bool | None = None) -> tuple[int, ...]:
+    """The token ids every prompt formatted with ``tokenizer``'s chat template starts with (the system prompt and
+    the user's role header); empty without a template. Read off two different one-word prompts."""
+    a, b = (tokenize(tokenizer, [format_prompt(tokenizer, w, chat)], "cpu").input_ids[0].tolist()
+            for w in ("one", "two"))
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return tuple(a[:n])
+
+
+def prefix_spans(tokenizer, texts: list[str], readout: Readout, chat: bool | None
+                 ) -> tuple[tuple[int, ...], list[tuple[int, int]] | None]:
+    """For a mean readout: the template's prefix and the capture spans that leave it out of ``texts``, exactly as
+    ``Read.spans`` will at run time."""
     if Readout(readout) is not Readout.MEAN:
-        return 0, None
-    skip = shared_prefix(tokenizer, texts)
-    if not skip:
-        return 0, None
-    lengths = [len(tokenize(tokenizer, [t], "cpu").input_ids[0]) for t in texts]
-    return skip, [(min(skip, n - 1), n) for n in lengths]
+        return (), None
+    prefix = template_prefix(tokenizer, chat)
+    if not prefix:
+        return (), None
+    read = Read(Site(0), Readout.MEAN, prefix)
+    return prefix, [read.spans(tokenize(tokenizer, [t], "cpu"))[0] for t in texts]
 
 
 def grid_plot(condition: Condition, path) -> None:

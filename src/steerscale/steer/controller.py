@@ -33,13 +33,13 @@ from ..engine.generation import format_prompt, generate
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, Read, read_prompts
 from ..engine.runtime import Intervention, intervene
-from ..engine.scope import ALL_TOKENS, TokenScope
+from ..engine.scope import ALL_TOKENS, Scope, TokenScope
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.loading import LoadedModel
 from ..models.sites import Site
 from . import artifacts
-from .conditional import skip_prefix, split_labelled
+from .conditional import prefix_spans, split_labelled
 from .training import descend, frozen
 from .vector import SteeringVector
 
@@ -62,7 +62,7 @@ class SteeringController(PromptRule):
     model_fingerprint: str = ""
     metadata: dict = field(default_factory=dict)
     gain: float = 1.0  # a run-time multiplier of the strength it sets (a request's scale); not saved
-    skip: int = 0  # leading tokens (the chat template's fixed prefix) left out of a mean readout
+    prefix: tuple[int, ...] = ()  # the chat template's fixed start, left out of a mean readout (see Read)
 
     def __post_init__(self):
         if not isinstance(self.vector, SteeringVector):
@@ -74,17 +74,22 @@ class SteeringController(PromptRule):
         if missing:
             raise SteerscaleError(f"controller network lacks {', '.join(missing)}", "the file is damaged; retrain it")
         self.net = {k: torch.as_tensor(self.net[k], dtype=torch.float32) for k in _NET}
-        hidden, n_features = self.net["w1"].shape
-        if self.net["w2"].shape != (1 + len(self.vector.directions), hidden) or self.net["feature_mean"].shape != (n_features,):
-            raise SteerscaleError(f"controller network shapes do not match its vector ({len(self.vector.directions)} "
-                                  f"sites) and reads: w1 {tuple(self.net['w1'].shape)}, w2 {tuple(self.net['w2'].shape)}",
+        shapes = {k: tuple(t.shape) for k, t in self.net.items()}
+        hidden, n_features = shapes["w1"] if len(shapes["w1"]) == 2 else (0, 0)
+        n_out = 1 + len(self.vector.directions)
+        want = {"w1": (hidden, n_features), "b1": (hidden,), "w2": (n_out, hidden), "b2": (n_out,),
+                "feature_mean": (n_features,), "feature_std": (n_features,)}
+        if not hidden or shapes != want:
+            raise SteerscaleError(f"controller network shapes {shapes} do not fit its vector ({n_out - 1} sites)",
                                   "the file is damaged; retrain it")
-        if not all(torch.isfinite(t).all() for t in self.net.values()):
-            raise SteerscaleError("controller network contains NaN or inf", "retrain it (lower the learning rate)")
+        if not all(torch.isfinite(t).all() for t in self.net.values()) or not (self.net["feature_std"] > 0).all():
+            raise SteerscaleError("controller network contains NaN, inf or a zero feature scale",
+                                  "retrain it (lower the learning rate)")
         self.max_strength = float(self.max_strength)
         if not (math.isfinite(self.max_strength) and self.max_strength > 0):
             raise SteerscaleError(f"max_strength must be a positive finite number, got {self.max_strength}")
-        self.readout, self.skip = Read(self.inputs[0], self.readout, self.skip).readout, int(self.skip)
+        reads = [Read(s, self.readout, self.prefix) for s in self.inputs]  # checks sites, readout and prefix
+        self.readout, self.prefix = reads[0].readout, reads[0].prefix
         self.scope = TokenScope.parse(self.scope)
         self.gain = float(self.gain)
         if not math.isfinite(self.gain):
@@ -92,7 +97,7 @@ class SteeringController(PromptRule):
 
     @property
     def reads(self) -> tuple[Read, ...]:
-        return tuple(Read(s, self.readout, self.skip) for s in self.inputs)
+        return tuple(Read(s, self.readout, self.prefix) for s in self.inputs)
 
     @property
     def edit_sites(self) -> list[Site]:
@@ -118,6 +123,8 @@ class SteeringController(PromptRule):
     def check(self, layout: ModelLayout) -> None:
         artifacts.check_model("controller", self.model_name, self.model_fingerprint, layout)
         self.vector.check_compatible(layout)
+        for s in self.inputs:
+            layout.locate(s)
         width = sum(layout.site_dim(s) for s in self.inputs)
         if width != self.net["w1"].shape[1]:
             raise SteerscaleError(f"controller reads {self.net['w1'].shape[1]} features, this model's input sites "
@@ -132,7 +139,7 @@ class SteeringController(PromptRule):
         tensors = {f"net.{k}": v for k, v in self.net.items()}
         tensors.update({f"direction.{s.key()}": v for s, v in self.vector.directions.items()})
         header = {"inputs": [s.key() for s in self.inputs], "max_strength": self.max_strength,
-                  "readout": self.readout.value, "skip": self.skip, "scope": _scope_text(self.scope),
+                  "readout": self.readout.value, "prefix": list(self.prefix), "scope": _scope_text(self.scope),
                   "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata,
                   "vector": {"method": self.vector.method, "model_name": self.vector.model_name,
@@ -143,16 +150,19 @@ class SteeringController(PromptRule):
     def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "SteeringController":
         """Read a controller file; with ``layout``, refuse one trained on a model of another shape."""
         tensors, h = artifacts.read(path, FORMAT, "steering controller")
-        directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items() if k.startswith("direction.")}
-        if not directions or "inputs" not in h:
-            raise SteerscaleError(f"{path}: controller file lacks its directions or inputs", "retrain it")
-        v = h.get("vector", {})
-        vector = SteeringVector(directions, v.get("model_name", ""), v.get("model_fingerprint", ""),
-                                v.get("method", "custom"))
-        net = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
-        ctl = cls(vector, h["inputs"], net, h.get("max_strength", 8.0), h.get("readout", "mean"),
-                  h.get("scope", "all"), h.get("model_name", ""), h.get("model_fingerprint", ""),
-                  h.get("metadata", {}), skip=int(h.get("skip", 0)))
+        try:
+            directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items()
+                          if k.startswith("direction.")}
+            v = dict(h.get("vector") or {})
+            vector = SteeringVector(directions, str(v.get("model_name", "")), str(v.get("model_fingerprint", "")),
+                                    str(v.get("method", "custom")))
+            net = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
+            ctl = cls(vector, list(h["inputs"]), net, float(h.get("max_strength", 8.0)), h.get("readout", "mean"),
+                      h.get("scope", "all"), str(h.get("model_name", "")), str(h.get("model_fingerprint", "")),
+                      dict(h.get("metadata") or {}), prefix=tuple(h.get("prefix", ())))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SteerscaleError(f"{path}: controller file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
+                                  "retrain the controller") from None
         if layout is not None:
             ctl.check(layout)
         return ctl
@@ -198,6 +208,11 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
         raise SteerscaleError(f"lr must be a positive finite number, got {lr}")
     if not isinstance(target, str) or not target.strip():
         raise SteerscaleError("the positive target completion is empty", "pass target='...' (e.g. a refusal)")
+    if TokenScope.parse(scope).kind is not Scope.ALL:
+        raise SteerscaleError(f"a controller trains with scope 'all', got {scope!r}: its teacher-forced passes have "
+                              "no generated part to tell apart", "train with scope='all' (the default), then "
+                              "dataclasses.replace(controller, scope=...) to apply it elsewhere")
+    Read(Site(0), readout)  # a readout a rule can use, checked before any model work
     layout = lm.layout
     vector.check_compatible(layout)
     inputs = tuple(Site.parse(s) if isinstance(s, str) else s for s in (inputs or [Site(vector.layers[0])]))
@@ -220,7 +235,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
         answers += [o.text if o.text.strip() else (lm.tokenizer.eos_token or ".") for o in outs]
     items = build_items(lm.tokenizer, prompts, [[target]] * len(positive) + [[a] for a in answers], chat)
     texts = [format_prompt(lm.tokenizer, p, chat) for p in prompts]
-    skip, spans = skip_prefix(lm.tokenizer, texts, readout)
+    prefix, spans = prefix_spans(lm.tokenizer, texts, readout, chat)
     feats = capture(lm.model, lm.tokenizer, layout, texts, inputs, readout, spans, batch_size=batch_size,
                     progress=progress, desc="reading prompts")
     x = torch.cat([feats[s].float() for s in inputs], dim=-1)
@@ -229,7 +244,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
     net = _init_net(x.shape[1], hidden, len(vector.directions), mean, std, gen)
     params = [net[k].requires_grad_() for k in ("w1", "b1", "w2", "b2")]
     ctl = SteeringController(vector, inputs, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout),
-                             skip=skip)
+                             prefix=prefix)
     opt = torch.optim.Adam(params, lr=lr)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     sites = ctl.edit_sites
@@ -258,7 +273,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
     if not all(torch.isfinite(t).all() for t in net.values()):
         raise SteerscaleError("controller training diverged (non-finite weights)", "lower lr and train again")
     ctl = SteeringController(vector, inputs, net, max_strength, readout, scope, lm.name, artifacts.fingerprint(layout),
-                             skip=skip)
+                             prefix=prefix)
     with torch.no_grad():
         strength = ctl.outputs({r: feats[r.site] for r in ctl.reads})[0]
     ctl.metadata = {

@@ -19,8 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine.capture import Readout, capture
-from ..engine.choices import encode
+from ..engine.capture import Readout, capture, tokenize
 from ..engine.generation import format_prompt
 from ..engine.runtime import Intervention
 from ..engine.token_gates import TokenGate
@@ -49,10 +48,12 @@ def save_gate(gate: TokenGate, path: str | Path) -> Path:
 def load_gate(path: str | Path, layout: ModelLayout | None = None) -> TokenGate:
     """Read a gate file; with ``layout``, refuse one fitted on a model of another shape."""
     tensors, h = artifacts.read(path, FORMAT, "token gate")
-    if "weight" not in tensors or "site" not in h:
-        raise SteerscaleError(f"{path}: gate file lacks its weight or site", "the file is damaged; refit it")
-    gate = TokenGate(Site.parse(h["site"]), tensors["weight"], h.get("bias", 0.0), h.get("threshold", 0.5),
-                     h.get("invert", False), h.get("metadata", {}))
+    try:
+        gate = TokenGate(Site.parse(h["site"]), tensors["weight"], float(h.get("bias", 0.0)),
+                         float(h.get("threshold", 0.5)), bool(h.get("invert", False)), dict(h.get("metadata") or {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SteerscaleError(f"{path}: gate file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
+                              "refit the gate") from None
     if layout is not None:
         check_gate(gate, layout)
     return gate
@@ -70,10 +71,10 @@ def check_gate(gate: TokenGate, layout: ModelLayout) -> None:
 def completion_positions(tokenizer, examples, chat: bool | None) -> tuple[list[str], list[tuple[int, int]]]:
     """Full texts and, per text, the real-token span a gate reads: last prompt token .. last-but-one token."""
     texts, spans = [], []
+    count = lambda text: int(tokenize(tokenizer, [text], "cpu").attention_mask.sum())  # noqa: E731 (as capture reads it)
     for i, (prompt, completion, _) in enumerate(examples):
         head = format_prompt(tokenizer, prompt, chat)
-        n_prompt = len(encode(tokenizer, head, special=False))
-        n_total = len(encode(tokenizer, head + completion, special=False))
+        n_prompt, n_total = count(head), count(head + completion)
         if n_total <= n_prompt:
             raise SteerscaleError(f"example {i}: the completion adds no tokens ({completion[:60]!r})",
                                   "give each example a non-empty completion")
