@@ -27,8 +27,10 @@ vector at ``--tqa-layer`` from the training questions' (true, false) answer pair
 questions are scored with the vector always on (scope all, and scope generated) and gated (applied from the first
 answer token the gate flags), at the same scale ``--tqa-scale``; the fraction of answer tokens steered is counted.
 
-Cost: KL(base || steered) on the 40 shipped neutral texts and generation speed (tokens/s, greedy, batched) of
-every method against always-on steering, measured side by side in this run.
+Cost: KL(base || steered) on the 40 shipped neutral texts (refusal methods: sent as chat prompts, the way the
+conditions were fitted and requests arrive; token gate: plain text, every token after the first counting as
+generated) and generation speed (tokens/s, greedy, batched, every row generating exactly ``--max-new-tokens``)
+of every method against always-on steering, measured side by side in this run.
 
 The last line printed is one JSON object.
 
@@ -76,12 +78,14 @@ def instructions(data: Path, name: str) -> list[str]:
     return [row["instruction"] for row in json.loads((data / f"{name}.json").read_text())]
 
 
-def generate_all(lm, prompts, ivs=(), rules=(), max_new_tokens=32, batch_size=16) -> tuple[list[str], float, int]:
-    """Texts, seconds and generated tokens of greedy generation in batches."""
+def generate_all(lm, prompts, ivs=(), rules=(), max_new_tokens=32, batch_size=16, fixed_length=False
+                 ) -> tuple[list[str], float, int]:
+    """Texts, seconds and generated tokens of greedy generation in batches (``fixed_length``: every row generates
+    ``max_new_tokens``, EOS suppressed, so speeds compare the same work)."""
     texts, tokens, t = [], 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         out = generate(lm.model, lm.tokenizer, lm.layout, prompts[i: i + batch_size], list(ivs), rules=list(rules),
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0)
         texts += [o.text for o in out]
         tokens += sum(o.n_tokens for o in out)
     return texts, time.perf_counter() - t, tokens
@@ -161,23 +165,26 @@ def refusal_part(lm, args, out: Path) -> dict:
     costs = {}
     for name, (ivs, rules) in configs.items():
         if name != "unsteered":
-            costs[name] = steering_cost(lm.model, lm.tokenizer, lm.layout, list(ivs), rules=list(rules))["kl"]["mean"]
+            costs[name] = steering_cost(lm.model, lm.tokenizer, lm.layout, list(ivs), rules=list(rules),
+                                        chat=True)["kl"]["mean"]
     return {"results": results, "speed_tok_s": speeds, "kl": costs, "samples": samples, "scale": scale,
             "layer": layer, "scale_selection": {f"L{k[0]} x{k[1]}": v for k, v in selection.items()},
             "vector_norm": float(vector.directions[Site(layer)].norm()),
             "conditions": {r: {k: c.metadata[k] for k in ("f1", "precision", "recall", "false_positive_rate")}
-                           | {"site": c.site.key(), "skip": c.skip, "threshold": c.threshold} for r, c in conds.items()},
+                           | {"site": c.site.key(), "prefix_tokens": len(c.prefix), "threshold": c.threshold}
+                           for r, c in conds.items()},
             "cast_readout": best, "fit_seconds": fit_seconds, "controller_seconds": ctl_seconds,
             "controller_loss": ctl.metadata["loss_history"], "controller_strength": ctl.metadata["train_strength"]}
 
 
 def timed(lm, prompts, configs: dict, max_new_tokens: int, rounds: int = 2) -> dict[str, float]:
-    """Greedy generation speed (tokens/s) of each config on the same prompts, rounds interleaved across configs
-    (so drift in the machine's speed hits all alike); the best round of each is kept."""
+    """Greedy generation speed (tokens/s) of each config on the same prompts, every row generating exactly
+    ``max_new_tokens`` (steering changes where answers end; fixed lengths compare the same work), rounds
+    interleaved across configs (so drift in the machine's speed hits all alike); the best round of each is kept."""
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, (ivs, rules) in configs.items():
-            _, seconds, tokens = generate_all(lm, prompts, ivs, rules, max_new_tokens)
+            _, seconds, tokens = generate_all(lm, prompts, ivs, rules, max_new_tokens, fixed_length=True)
             best[name] = max(best.get(name, 0.0), tokens / seconds)
     return best
 

@@ -72,7 +72,8 @@ def test_cast_combines_conditions_and_num_return_sequences():
     b = dataclasses.replace(a, comparison="less")  # holds exactly where a does not (ties aside)
     vec = _vector(lm)
     batch = tokenize(lm.tokenizer, PROMPTS, "cpu")
-    any_rule, all_rule = ConditionalSteering(vec, [a, b], combine="any"), ConditionalSteering(vec, [a, b], combine="all")
+    any_rule = ConditionalSteering(vec, [a, b], combine="any")
+    all_rule = ConditionalSteering(vec, [a, b], combine="all")
     r = read_prompts(lm.model, lm.layout, batch, [any_rule])[0]
     assert any_rule.decide(r).sum() >= len(PROMPTS) - 1 and all_rule.decide(r).sum() == 0
     out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS[:3], rules=[ConditionalSteering(vec, [a])],
@@ -197,7 +198,8 @@ def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
     for o, p, s in zip(out, plain, starts):
         k = len(o.token_ids) if s is None else s
         assert o.token_ids[:k] == p.token_ids[:k]  # unsteered until the gate fired
-    assert _ids(generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10, use_cache=False)) == _ids(out)
+    uncached = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10, use_cache=False)
+    assert _ids(uncached) == _ids(out)
     for i in (0, 3):  # a row alone gets what it got in the batch
         alone = generate(lm.model, lm.tokenizer, lm.layout, [PROMPTS[i]], ivs, max_new_tokens=10)[0]
         assert alone.token_ids == out[i].token_ids and alone.extra["gate_from"] == starts[i]
@@ -237,8 +239,8 @@ def test_conditions_with_different_reads_combine_and_a_chat_prefix_is_skipped(tm
     assert Condition.load(cond.save(tmp_path / "c"), lm.layout).prefix == cond.prefix
     # the reading at run time (generate's reading pass) decides as the fit measured
     texts = [format_prompt(chat.tokenizer, t) for t in pos + neg]
-    got = ConditionalSteering(_vector(lm), [cond]).decide(
-        read_prompts(chat.model, chat.layout, tokenize(chat.tokenizer, texts, "cpu"), [ConditionalSteering(_vector(lm), [cond])])[0])
+    rule = ConditionalSteering(_vector(lm), [cond])
+    got = rule.decide(read_prompts(chat.model, chat.layout, tokenize(chat.tokenizer, texts, "cpu"), [rule])[0])
     assert got[:8].float().mean() >= 0.75 and got[8:].float().mean() <= 0.25
 
 

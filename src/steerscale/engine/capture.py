@@ -107,8 +107,8 @@ def capture(
 
 
 @torch.no_grad()
-def read_batch(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site], readouts: Sequence[Readout] = (Readout.LAST,),
-               spans: Sequence[tuple[int, int]] | None = None) -> dict[Readout, dict[Site, torch.Tensor]]:
+def read_batch(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site],
+               readouts: Sequence[Readout] = (Readout.LAST,), spans: Sequence[tuple[int, int]] | None = None) -> dict[Readout, dict[Site, torch.Tensor]]:
     """One forward pass of an encoded ``batch`` that stops after the deepest site read: ``{readout: {site: rows}}``
     for each readout asked for (``capture`` for texts)."""
     raw = read_raw(model, layout, batch, sites)

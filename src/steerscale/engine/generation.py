@@ -60,10 +60,12 @@ def generate(
     use_cache: bool = True,
     num_return_sequences: int = 1,
     rules: Sequence[PromptRule] = (),
+    min_new_tokens: int = 0,
 ) -> list[Generation]:
     """Generate for a batch of prompts (left-padded) with interventions active only during this call.
 
-    ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
+    ``min_new_tokens``: no row ends before that many tokens (EOS is suppressed until then; timing runs use it so
+    every configuration generates the same number of tokens). ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
     each row's decision is in ``Generation.extra["rule_scales"]`` (edit site -> scale; empty: unsteered).
     Interventions with a token gate report in ``extra["gate_from"]`` the index of the first generated token
     produced under the gated edits (None: the gate never fired)."""
@@ -78,6 +80,8 @@ def generate(
         torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
                   pad_token_id=tokenizer.pad_token_id, num_return_sequences=num_return_sequences)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min(int(min_new_tokens), max_new_tokens)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:

@@ -31,8 +31,8 @@ from .scope import ALL_TOKENS, TokenScope
 @dataclass(frozen=True)
 class Read:
     """One vector per prompt at ``site``: the mean over its real tokens, or its last token. ``prefix``: token ids
-    of a fixed start (a chat template's system prompt and role header, ``steer.conditional.template_prefix``) that a mean leaves
-    out when a row starts with them: they say nothing about the prompt and would dominate the mean. A row that
+    of a fixed start (a chat template's system prompt and role header, ``steer.conditional.template_prefix``)
+    that a mean leaves out when a row starts with them: they say nothing about the prompt and would dominate the mean. A row that
     does not start with them (a raw completion prompt, another system prompt) is averaged whole."""
 
     site: Site
@@ -83,7 +83,8 @@ class PromptRule(ABC):
 
 
 @torch.no_grad()
-def read_prompts(model, layout: ModelLayout, batch: Batch, rules: Sequence[PromptRule]) -> list[dict[Read, torch.Tensor]]:
+def read_prompts(model, layout: ModelLayout, batch: Batch,
+                 rules: Sequence[PromptRule]) -> list[dict[Read, torch.Tensor]]:
     """Each rule's readings of ``batch``, from one forward pass stopped after the deepest site any rule reads."""
     reads = {r for rule in rules for r in rule.reads}
     raw = read_raw(model, layout, batch, sorted({r.site for r in reads}))

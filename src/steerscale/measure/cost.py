@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.capture import tokenize
+from ..engine.generation import format_prompt
 from ..engine.prompt_rules import prompt_interventions
 from ..engine.runtime import intervene
 from ..errors import SteerscaleError
@@ -38,7 +39,8 @@ def _logprobs(model, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] | None = None, batch_size: int = 8,
-                  progress: bool = False, seed: int = 0, rules: Sequence = (), prompt_width: int | None = None) -> dict:
+                  progress: bool = False, seed: int = 0, rules: Sequence = (), prompt_width: int | None = None,
+                  chat: bool = False) -> dict:
     """KL and perplexity change on neutral ``texts`` (default: the shipped set), per text and with intervals.
 
     Returns ``{"kl": Estimate-dict (mean per-token KL in nats, averaged per text), "ppl_base", "ppl_steered",
@@ -46,10 +48,14 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     question is how the model's language modelling changes, not one reply. ``rules``: conditional steering
     (``engine.prompt_rules``) decided per text, as generation decides it per prompt. ``prompt_width``: where the
     "prompt" of each text ends for scoped and token-gated edits (1: every later token counts as generated).
+    ``chat``: send each text as a user message (chat template applied), as a conditional rule fitted on chat
+    prompts sees requests; the KL then covers the template's tokens too.
     """
     texts = list(texts) if texts is not None else neutral_prompts()
     if not texts:
         raise SteerscaleError("no neutral texts for the cost measurement")
+    if chat:
+        texts = [format_prompt(tokenizer, t, chat=True) for t in texts]
     interventions = list(interventions)
     device = next(model.parameters()).device
     kl_per_text, nll_base, nll_steer, n_tok = [], [], [], 0

@@ -114,7 +114,8 @@ class App:
         import re
 
         if not isinstance(name, str) or not re.fullmatch(VECTOR_NAME, name):
-            raise SteerscaleError(f"bad {ARTIFACTS[kind].what} name {name!r}", "use 1-128 letters, digits, '_', '.' and '-'")
+            raise SteerscaleError(f"bad {ARTIFACTS[kind].what} name {name!r}",
+                                  "use 1-128 letters, digits, '_', '.' and '-'")
         if not isinstance(obj, ARTIFACTS[kind].type):
             raise SteerscaleError(f"{name!r} is a {type(obj).__name__}, not a {ARTIFACTS[kind].what}")
         obj.check_compatible(self.layout) if kind == "vectors" else obj.check(self.layout)

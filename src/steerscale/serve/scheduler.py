@@ -55,8 +55,8 @@ class Job:
     """``n`` sequences of one prompt (its token ids), with sampling parameters, a seed, and steering as
     ``(vector, scale)`` or ``(vector, scale, scope)`` entries applied in order (``scope`` is the default scope of
     entries that name none) and ``PromptRule``s (CAST conditions, controllers), which the engine decides for the
-    prompt right before its prefill (``Scheduler._decide``) and replaces by the entries they chose. Its future gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one
-    generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives the tokens ``LocalBackend``
+    prompt right before its prefill (``Scheduler._decide``) and replaces by the entries they chose. Its future
+    gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives the tokens ``LocalBackend``
     gives.
 
     ``budget`` (optional): the ledger that pays for the job's tokens, bought step by step as ``LocalBackend`` buys

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,12 +85,23 @@ def read(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor]
     try:
         header = json.loads(raw)
     except json.JSONDecodeError:
-        raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON", "the file is corrupt; re-export it") from None
+        raise SteerscaleError(f"{path}: steerscale metadata is not valid JSON",
+                              "the file is corrupt; re-export it") from None
     if not isinstance(header, dict) or header.get("format") != fmt:
         got = header.get("format") if isinstance(header, dict) else None
         raise SteerscaleError(f"{path}: this is a {got!r} file, not a {what} ({fmt})",
                               "pass the file to the command that reads that kind of artifact")
     return tensors, header
+
+
+@contextmanager
+def damaged(path: str | Path, what: str, fix: str):
+    """Around building an artifact from a file's header and tensors: a field of the wrong type or value (which
+    the classes' own checks or Python raise) becomes one ``SteerscaleError`` naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SteerscaleError(f"{path}: {what} file is damaged ({type(exc).__name__}: {str(exc)[:80]})", fix) from None
 
 
 def format_of(path: str | Path) -> str | None:

@@ -118,13 +118,10 @@ class Condition:
     def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "Condition":
         """Read a condition file; with ``layout``, refuse one fitted on a model of another shape."""
         tensors, h = artifacts.read(path, FORMAT, "condition")
-        try:
+        with artifacts.damaged(path, "condition", "refit the condition"):
             cond = cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], float(h["threshold"]),
                        h.get("comparison", "greater"), h.get("readout", "mean"), str(h.get("model_name", "")),
                        str(h.get("model_fingerprint", "")), dict(h.get("metadata") or {}), tuple(h.get("prefix", ())))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SteerscaleError(f"{path}: condition file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
-                                  "refit the condition") from None
         if layout is not None:
             cond.check(layout)
         return cond
@@ -183,7 +180,8 @@ def split_labelled(n: int, holdout: float, seed: int, what: str, minimum: int = 
     n_sel = int(round(n * holdout))
     if n_sel < minimum or n - n_sel < minimum:
         raise SteerscaleError(f"too few labelled examples: {n} {what} give {n - n_sel} to fit and {n_sel} to select "
-                              f"on (at least {minimum} each)", f"give at least {math.ceil(minimum / min(holdout, 1 - holdout))} {what}")
+                              f"on (at least {minimum} each)",
+                              f"give at least {math.ceil(minimum / min(holdout, 1 - holdout))} {what}")
     return order[n_sel:], order[:n_sel]
 
 

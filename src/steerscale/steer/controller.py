@@ -131,7 +131,8 @@ class SteeringController(PromptRule):
                                   f"give {width}", "train a controller on this model")
 
     def __repr__(self) -> str:
-        return (f"SteeringController(inputs={[s.key() for s in self.inputs]}, edits={[s.key() for s in self.edit_sites]}, "
+        return (f"SteeringController(inputs={[s.key() for s in self.inputs]}, "
+                f"edits={[s.key() for s in self.edit_sites]}, "
                 f"max_strength={self.max_strength}, model={self.model_name!r})")
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class SteeringController(PromptRule):
     def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "SteeringController":
         """Read a controller file; with ``layout``, refuse one trained on a model of another shape."""
         tensors, h = artifacts.read(path, FORMAT, "steering controller")
-        try:
+        with artifacts.damaged(path, "controller", "retrain the controller"):
             directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items()
                           if k.startswith("direction.")}
             v = dict(h.get("vector") or {})
@@ -160,9 +161,6 @@ class SteeringController(PromptRule):
             ctl = cls(vector, list(h["inputs"]), net, float(h.get("max_strength", 8.0)), h.get("readout", "mean"),
                       h.get("scope", "all"), str(h.get("model_name", "")), str(h.get("model_fingerprint", "")),
                       dict(h.get("metadata") or {}), prefix=tuple(h.get("prefix", ())))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SteerscaleError(f"{path}: controller file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
-                                  "retrain the controller") from None
         if layout is not None:
             ctl.check(layout)
         return ctl

@@ -48,12 +48,9 @@ def save_gate(gate: TokenGate, path: str | Path) -> Path:
 def load_gate(path: str | Path, layout: ModelLayout | None = None) -> TokenGate:
     """Read a gate file; with ``layout``, refuse one fitted on a model of another shape."""
     tensors, h = artifacts.read(path, FORMAT, "token gate")
-    try:
+    with artifacts.damaged(path, "gate", "refit the gate"):
         gate = TokenGate(Site.parse(h["site"]), tensors["weight"], float(h.get("bias", 0.0)),
                          float(h.get("threshold", 0.5)), bool(h.get("invert", False)), dict(h.get("metadata") or {}))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise SteerscaleError(f"{path}: gate file is damaged ({type(exc).__name__}: {str(exc)[:80]})",
-                              "refit the gate") from None
     if layout is not None:
         check_gate(gate, layout)
     return gate
