@@ -291,6 +291,10 @@ def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
         assert 0 < int(holds.sum()) < n
         assert cast == [a if h else p for a, p, h in zip(always, plain, holds.tolist())]
         assert controlled == manual and controlled != plain
+        # a strategy under a controller: its samples are scheduler jobs, decided like any request
+        voted = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4, temperature=0, extra_body={
+            "steer": [{"controller": "k"}], "strategy": {"name": "majority", "n": 2}})
+        assert voted.choices[0].text == controlled[0][:len(voted.choices[0].text)]
 
         def call(path, data=None, method="GET"):
             req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
