@@ -422,3 +422,19 @@ def test_wilson_interval_and_refusal_judge():
     with pytest.raises(SteerscaleError):
         wilson_ci(5, 3)
     assert is_refusal("I\u2019m sorry, but no.") and is_refusal("As an AI, I cannot") and not is_refusal("Sure! Step 1")
+
+
+def test_system_prompt_is_a_first_class_eval_option(tmp_path):
+    model, layout = tiny_model("llama")
+    p = _mc_file(tmp_path)
+    base = evaluate((model, TOK, layout), str(p), outdir=tmp_path / "out", progress=False)
+    prompted = evaluate((model, TOK, layout), str(p), system="Answer truthfully.", outdir=tmp_path / "out",
+                        progress=False)
+    assert base.dir != prompted.dir  # its own run (cache key), scored with the system text before each question
+    assert prompted.records[0]["output"]["prompt_tokens"] > base.records[0]["output"]["prompt_tokens"]
+    assert prompted.records[0]["output"]["logprobs"] != base.records[0]["output"]["logprobs"]
+    gen = evaluate((model, TOK, layout), str(p), mode="generate", max_new_tokens=2, system="Be brief.",
+                   outdir=tmp_path / "out", progress=False)
+    assert gen.summary["n_ok"] == 6
+    with pytest.raises(SteerscaleError, match="empty system prompt"):
+        evaluate((model, TOK, layout), str(p), system=" ", outdir=tmp_path / "out", progress=False)

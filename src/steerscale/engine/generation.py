@@ -19,12 +19,15 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def format_prompt(tokenizer, text: str, chat: bool | None = None, system: str | None = None) -> str:
-    """Apply the chat template (when the model has one and ``chat`` is not False); otherwise return ``text``."""
+    """Apply the chat template (when the model has one and ``chat`` is not False), with ``system`` as the system
+    message; without a template the text is returned, after ``system`` and a blank line when one is given."""
     if not isinstance(text, str) or not text.strip():
         raise SteerscaleError("empty prompt", "pass a non-empty prompt text")
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise SteerscaleError("empty system prompt", "pass a non-empty system text, or none")
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     if not use_chat:
-        return text
+        return f"{system}\n\n{text}" if system else text
     if not has_chat_template(tokenizer):
         raise SteerscaleError("chat=True but this tokenizer has no chat template", "pass chat=False (or --no-chat)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -61,11 +64,13 @@ def generate(
     num_return_sequences: int = 1,
     rules: Sequence[PromptRule] = (),
     min_new_tokens: int = 0,
+    system: str | None = None,
 ) -> list[Generation]:
     """Generate for a batch of prompts (left-padded) with interventions active only during this call.
 
     ``min_new_tokens``: no row ends before that many tokens (EOS is suppressed until then; timing runs use it so
-    every configuration generates the same number of tokens). ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
+    every configuration generates the same number of tokens). ``system``: a system prompt for every prompt (the
+    prompting baseline steering is read against). ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
     each row's decision is in ``Generation.extra["rule_scales"]`` (edit site -> scale; empty: unsteered).
     Interventions with a token gate report in ``extra["gate_from"]`` the index of the first generated token
     produced under the gated edits (None: the gate never fired)."""
@@ -73,7 +78,7 @@ def generate(
         prompts = [prompts]
     if max_new_tokens < 1:
         raise SteerscaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    formatted = [format_prompt(tokenizer, p, chat) for p in prompts]
+    formatted = [format_prompt(tokenizer, p, chat, system) for p in prompts]
     device = next(model.parameters()).device
     batch = tokenize(tokenizer, formatted, device)
     if seed is not None:

@@ -70,9 +70,10 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
 
 def score_choices(model, tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]], interventions=(),
                   layout=None, chat: bool | None = None, method: str = "shared", max_tokens: int = 4096,
-                  max_rows: int = 64, progress: bool = False) -> list[dict]:
-    """Log-likelihood of each choice given its (chat-templated) question, under optional interventions."""
-    items = build_items(tokenizer, questions, choices, chat)
+                  max_rows: int = 64, progress: bool = False, system: str | None = None) -> list[dict]:
+    """Log-likelihood of each choice given its (chat-templated) question, under optional interventions and an
+    optional system prompt."""
+    items = build_items(tokenizer, questions, choices, chat, system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     interventions = list(interventions)
     if interventions and layout is None:

@@ -276,7 +276,7 @@ def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) 
     elif run.mode is ScoringMode.LOGLIK:
         model, tokenizer, layout, _ = _lm_parts(lm)
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
-                             ivs, layout, chat=cfg.chat, max_tokens=cfg.batch_tokens)
+                             ivs, layout, chat=cfg.chat, max_tokens=cfg.batch_tokens, system=cfg.system)
         prompts = [task.format(e) for e in examples]
         tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
     else:
@@ -286,7 +286,7 @@ def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) 
         gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=run.max_new_tokens,
                         do_sample=cfg.sample, temperature=cfg.temperature,
                         seed=derive_seed(seed, examples[0].id),  # chunks must not repeat one stream
-                        chat=cfg.chat)
+                        chat=cfg.chat, system=cfg.system)
         outs = [{"text": g.text} for g in gens]
         tokens = [{"prompt": g.n_prompt_tokens, "generated": g.n_tokens} for g in gens]
     per = (time.perf_counter() - t0) / len(examples)
@@ -353,6 +353,7 @@ class RunConfig:
     verifier: str | None = None
     cost: bool | None = None
     batch_tokens: int = 4096
+    system: str | None = None  # a system prompt for every example: the prompting baseline (with or without steering)
 
     def __post_init__(self):
         object.__setattr__(self, "steer", tuple(self.steer))
@@ -389,6 +390,7 @@ class _Run:
             "schema": SCHEMA, "version": __version__, "model": self.model_name, "task": task.config(),
             "mode": str(self.mode), "limit": c.limit, "data_seed": c.data_seed, "seeds": self.run_seeds,
             "scope": c.scope, "chat": c.chat, "steer": [describe_steer(x) for x in c.steer],
+            **({"system": c.system} if c.system is not None else {}),  # absent: earlier runs keep their hash
             "interventions": [describe_intervention(iv) for iv in c.interventions],
             "max_new_tokens": self.max_new_tokens, "sample": c.sample,
             "temperature": c.temperature if c.sample or strategy else None,  # a strategy samples at it
@@ -409,6 +411,9 @@ def _prepare(lm, task: Task, config: RunConfig, backend) -> _Run:
     spec = resolve_strategy(config.strategy, config.budget, mode, remote=backend is not None, n=config.n,
                             verifier=config.verifier, max_tokens=max_new_tokens, temperature=config.temperature)
     check_backend(backend, lm, config.steer, config.interventions, config.cost)
+    if config.system is not None and (spec is not None or backend is not None):
+        raise SteerscaleError("a system prompt applies to local scoring and generation, not to strategies or a "
+                              "--backend-url run yet", "drop --system, or evaluate locally without --strategy")
     if backend is not None and spec is None:  # resolve_strategy let it through: log-likelihood scoring remotely
         check_remote_scoring(backend, config)
     run = _Run(config, mode, spec, backend, backend, max_new_tokens=max_new_tokens)
