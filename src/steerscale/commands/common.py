@@ -85,29 +85,24 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SteerscaleError(f"prompt file not found: {path}", "give a .txt (one prompt a line), .jsonl or .json file")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        prompts = [_prompt_of(_json(line, f"{path}:{n}"), f"{path}:{n}")
-                   for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        from ..steer.pairs import read_jsonl
+
+        blank = not path.read_text(encoding="utf-8").strip()  # "has no prompts" below, as for the other formats
+        prompts = [] if blank else [_prompt_of(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
     elif path.suffix == ".json":
-        rows = _json(text, str(path))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SteerscaleError(f"{path}: not valid JSON ({exc.msg})", 'e.g. [{"instruction": "..."}, ...]') from None
         if not isinstance(rows, list):
             raise SteerscaleError(f"{path}: expected a JSON list of prompts", 'e.g. [{"instruction": "..."}, ...]')
         prompts = [_prompt_of(row, f"{path}[{i}]") for i, row in enumerate(rows)]
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise SteerscaleError(f"{path} has no prompts", "one prompt per line (or per JSON object)")
     return prompts
-
-
-def _json(text: str, where: str):
-    from ..errors import SteerscaleError
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SteerscaleError(f"{where}: not valid JSON ({exc.msg})", "each line must be one JSON object") from None
 
 
 def _prompt_of(obj, where: str) -> str:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -196,18 +195,14 @@ def run_gate(args) -> int:
     from ..errors import SteerscaleError
     from ..models.sites import Site
     from ..steer.gating import fit_token_gate, save_gate
+    from ..steer.pairs import read_jsonl
 
     path = Path(args.examples)
-    if not path.is_file():
-        raise SteerscaleError(f"examples file not found: {path}")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in read_jsonl(path):
         try:
-            obj = json.loads(line)
             examples.append((obj["prompt"], obj["completion"], int(obj["label"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             raise SteerscaleError(f"{path}:{n}: not a {{\"prompt\", \"completion\", \"label\"}} object",
                                   'lines look like {"prompt": "Q", "completion": "A", "label": 1}') from None
     lm = load(args)

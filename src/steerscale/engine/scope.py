@@ -44,6 +44,14 @@ class TokenScope:
                 raise SteerscaleError("positions scope needs at least one position")
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
 
+    def text(self) -> str:
+        """The form ``parse`` reads back: ``all``, ``last:4``, ``positions:0,3,-1``."""
+        if self.kind is Scope.LAST_K:
+            return f"last:{self.k}"
+        if self.kind is Scope.POSITIONS:
+            return "positions:" + ",".join(map(str, self.positions))
+        return self.kind.value
+
     @classmethod
     def parse(cls, text: str | "TokenScope" | None) -> "TokenScope":
         """``all``, ``prompt``, ``generated``, ``last:4``, ``positions:0,3,-1``."""

@@ -140,7 +140,7 @@ class SteeringController(PromptRule):
         tensors = {f"net.{k}": v for k, v in self.net.items()}
         tensors.update({f"direction.{s.key()}": v for s, v in self.vector.directions.items()})
         header = {"inputs": [s.key() for s in self.inputs], "max_strength": self.max_strength,
-                  "readout": self.readout.value, "prefix": list(self.prefix), "scope": _scope_text(self.scope),
+                  "readout": self.readout.value, "prefix": list(self.prefix), "scope": self.scope.text(),
                   "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata,
                   "vector": {"method": self.vector.method, "model_name": self.vector.model_name,
@@ -164,14 +164,6 @@ class SteeringController(PromptRule):
         if layout is not None:
             ctl.check(layout)
         return ctl
-
-
-def _scope_text(scope: TokenScope) -> str:
-    if scope.k is not None:
-        return f"last:{scope.k}"
-    if scope.positions:
-        return "positions:" + ",".join(map(str, scope.positions))
-    return scope.kind.value
 
 
 # -- training ----------------------------------------------------------------------------------------------------

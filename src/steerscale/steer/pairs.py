@@ -25,7 +25,8 @@ class ContrastPair:
     prompt: str | None = None  # present when positive/negative are completions of one prompt
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line; a missing, empty or malformed file is a clear error."""
     if not path.is_file():
         raise SteerscaleError(f"data file not found: {path}", "check the path")
     rows = []
@@ -40,7 +41,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             raise SteerscaleError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         rows.append((n, obj))
     if not rows:
-        raise SteerscaleError(f"{path} is empty", "a pairs file needs at least one line")
+        raise SteerscaleError(f"{path} is empty", "a JSONL file needs at least one object a line")
     return rows
 
 
@@ -54,7 +55,7 @@ def _text(obj: dict, key: str, where: str) -> str:
 
 def load_pairs(source: str | Path | Iterable[dict]) -> list[ContrastPair]:
     """Pairs from a JSONL path or an iterable of dicts."""
-    rows = _read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(enumerate(source, 1))
+    rows = read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(enumerate(source, 1))
     where = str(source) if isinstance(source, (str, Path)) else "pairs"
     pairs = []
     for n, obj in rows:
@@ -65,7 +66,7 @@ def load_pairs(source: str | Path | Iterable[dict]) -> list[ContrastPair]:
 
 
 def load_labelled(source: str | Path | Iterable[dict]) -> list[tuple[str, int]]:
-    rows = _read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(enumerate(source, 1))
+    rows = read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(enumerate(source, 1))
     out = []
     for n, obj in rows:
         label = obj.get("label")
