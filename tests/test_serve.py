@@ -507,7 +507,7 @@ def test_eval_cli_steer_with_a_backend_url_fails_like_solve(srv, sums, tmp_path,
     eval_err = capsys.readouterr().err
     assert main(["solve", "-p", PROMPT, "--strategy", "greedy", *common]) == 2
     solve_err = capsys.readouterr().err
-    assert eval_err == solve_err and "not into --backend-url" in eval_err and "hint:" in eval_err
+    assert eval_err == solve_err and "not through --backend-url" in eval_err and "hint:" in eval_err
     assert "Traceback" not in eval_err
     assert main(["eval", "--task", sums, "--backend-url", root, "-o", str(tmp_path)]) == 2  # no --strategy
     assert "add --strategy greedy" in capsys.readouterr().err

@@ -28,6 +28,10 @@ def add_steer_args(p: argparse.ArgumentParser, conditional: bool = True, gates: 
                    help="apply a steering vector (.safetensors or .gguf) at SCALE (default 1); repeatable")
     p.add_argument("--scope", default="all", metavar="SCOPE",
                    help="token positions to steer: all, prompt, generated, last:K, positions:I,J (default: all)")
+    p.add_argument("--logit-contrast", default=None, metavar="SPEC",
+                   help="decode from an early-layer logit contrast (docs/logit_contrast.md): dola:high (DoLa: the "
+                        "upper half's blocks, one chosen per token by JS divergence), dola:20 (block 20), "
+                        "dola:14-22,alpha=0.1, or vista:24,weight=0.5 (early logits added)")
     if not conditional:
         return
     c = p.add_argument_group("conditional steering (docs/conditional.md)")
@@ -148,9 +152,10 @@ def remote_backend(args):
     from ..scale.budget import Budget
     from ..scale.remote import OpenAIBackend, list_models
 
-    if args.steer or any(getattr(args, flag, None) for flag in ("steer_scales", "condition", "controller")):
-        raise SteerscaleError("--steer/--steer-scales/--condition/--controller load into a local model, not into "
-                              "--backend-url",
+    if args.steer or any(getattr(args, flag, None) for flag in ("steer_scales", "condition", "controller",
+                                                                "logit_contrast")):
+        raise SteerscaleError("--steer/--steer-scales/--condition/--controller/--logit-contrast run on a local model, "
+                              "not through --backend-url",
                               "register vectors on the server (steerscale serve --vector NAME=PATH) and steer "
                               "requests there, or drop --backend-url")
     if "flops" in Budget.parse(args.budget or "").limits and not args.backend_params:

@@ -11,6 +11,7 @@ examples:
   steerscale eval --task arc_easy --limit 20                                # -> runs/arc_easy-<hash>/summary.json
   steerscale eval --task arc_easy --limit 20 --steer formal.safetensors:1   # effect, and cost (KL on neutral text)
   steerscale eval --task arc_easy --limit 20 --system "Think carefully and answer correctly."   # prompt baseline
+  steerscale eval --task arc_easy --limit 20 --logit-contrast dola:high     # DoLa: early-layer contrast scoring
   steerscale eval --task gsm8k --limit 2 --strategy majority -n 4 --budget tokens=2000 --max-new-tokens 128
   steerscale eval --task arc_easy --limit 20 --backend-url http://127.0.0.1:8000/v1  # scored on a server (echo)
   steerscale report runs                                                    # tables and plots of the runs above
@@ -107,7 +108,7 @@ def run_eval(args) -> int:
                        data_seed=args.data_seed, mode=args.mode, chat=False if args.no_chat else None,
                        max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                        strategy=args.strategy, budget=args.budget, n=args.n, verifier=args.verifier, cost=args.cost,
-                       batch_tokens=args.batch_tokens, system=args.system)
+                       batch_tokens=args.batch_tokens, system=args.system, logit_contrast=args.logit_contrast)
     # the strategy, its knobs, verifier and budget: checked now, before the model loads
     resolve_strategy(config.strategy, config.budget, scoring_mode(task, config.mode), remote=bool(args.backend_url),
                      n=config.n, verifier=config.verifier, temperature=config.temperature,

@@ -14,6 +14,7 @@ examples:
   steerscale generate -p "How do I pick a lock?" --steer refusal.safetensors:4 --condition harmful.safetensors
   steerscale generate -p "How do I pick a lock?" --controller refusal_ctl.safetensors
   steerscale generate -p "Who wrote Hamlet?" --steer truth.safetensors:4 --gate untruthful.safetensors
+  steerscale generate -p "What happens if you swallow gum?" --logit-contrast dola:high   # DoLa decoding
 
 formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors (see steerscale extract --help).
 Conditions, controllers and gates: steerscale condition / controller / gate (docs/conditional.md).
@@ -42,9 +43,10 @@ def run(args) -> int:
     steering, rules = steering_from_args(args, lm.layout)
     out = generate(lm.model, lm.tokenizer, lm.layout, [args.prompt], steering, max_new_tokens=args.max_new_tokens,
                    do_sample=args.sample, temperature=args.temperature, seed=args.seed,
-                   chat=False if args.no_chat else None, rules=rules)[0]
+                   chat=False if args.no_chat else None, rules=rules, logit_contrast=args.logit_contrast)[0]
     if args.json:
         emit_json({"model": args.model, "prompt": args.prompt, "steer": args.steer, "scope": args.scope,
+                   "logit_contrast": args.logit_contrast,
                    "text": out.text, "n_prompt_tokens": out.n_prompt_tokens, "n_new_tokens": out.n_tokens,
                    **out.extra})
     else:

@@ -82,7 +82,8 @@ def run(args) -> int:
         lm = load(args)
         steering, rules = steering_from_args(args, lm.layout)
         backend = LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=steering, rules=rules,
-                               row_scales=scales, chat=False if args.no_chat else None)
+                               row_scales=scales, chat=False if args.no_chat else None,
+                               logit_contrast=args.logit_contrast)
     result = spec.run(args.prompt, backend)
     if args.json:
         model = backend.model if args.backend_url else args.model

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SteerscaleError
 from .generation import format_prompt, has_chat_template
+from .logit_contrast import EarlyReader, LogitContrast, contrast_hidden, lm_head
 
 
 @dataclass
@@ -151,24 +153,22 @@ def _pad_rows(items: Sequence[Item], pad_id: int, device):
     return ids.to(device), att.to(device), pos.to(device), (rows, srcs, tgts, keys)
 
 
-def _gather(logits: torch.Tensor, rows, srcs, tgts) -> torch.Tensor:
-    """Log-probs of the target tokens; log-softmax only at the needed positions (vocab is large)."""
-    sel = logits[torch.tensor(rows, device=logits.device), torch.tensor(srcs, device=logits.device)].float()
-    return sel.log_softmax(-1).gather(-1, torch.tensor(tgts, device=logits.device)[:, None])[:, 0].cpu()
-
-
-def _head(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None) or getattr(
-        getattr(model.config, "text_config", None), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+def _logprobs_at(logits: torch.Tensor, tgts, early: EarlyReader | None, rows=None, srcs=None) -> torch.Tensor:
+    """Log-probs of the target tokens from the logits at the target positions (log-softmax only there: the vocab
+    is large), or from their early-layer contrast when ``early`` read the candidate blocks."""
+    tgt = torch.tensor(tgts, device=logits.device)[:, None]
+    if early is None:
+        return logits.float().log_softmax(-1).gather(-1, tgt)[:, 0].cpu()
+    where = [torch.tensor(x, device=logits.device) for x in (rows, srcs)]
+    scores = contrast_hidden(early.model, early.layout, early.spec, logits, early.at(*where))
+    return scores.gather(-1, tgt)[:, 0].cpu()
 
 
 _HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def head_is_separable(model) -> bool:
-    """Whether ``model``'s logits are ``_head(backbone hidden states)``. Checked once per model on 4 tokens: the
+    """Whether ``model``'s logits are ``lm_head(backbone hidden states)``. Checked once per model on 4 tokens: the
     LM head is a sixth of a small model's work, and applying it only where a choice token is predicted saves
     it everywhere else; a model whose forward does more (a logit scale, a custom head) keeps the full forward."""
     if model not in _HEAD_CHECKED:
@@ -176,22 +176,25 @@ def head_is_separable(model) -> bool:
             device = next(model.parameters()).device
             ids = torch.arange(1, 5, device=device)[None] % model.config.get_text_config().vocab_size
             full = model(input_ids=ids, use_cache=False).logits
-            fast = _head(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+            fast = lm_head(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
         except Exception:  # e.g. run under a caller's per-row edits sized for another batch: ask again next time
             return False
         _HEAD_CHECKED[model] = fast.shape == full.shape and torch.allclose(fast, full, atol=1e-4, rtol=1e-4)
     return _HEAD_CHECKED[model]
 
 
-def _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets: bool) -> torch.Tensor:
+def _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets: bool,
+                     early: EarlyReader | None = None) -> torch.Tensor:
     """Log-prob of each target token; the LM head runs only at the target positions when ``head_at_targets``."""
-    if head_at_targets and head_is_separable(model):
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-        sel = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(srcs, device=hidden.device)]
-        logits = _head(model, sel).float()
-        return logits.log_softmax(-1).gather(-1, torch.tensor(tgts, device=logits.device)[:, None])[:, 0].cpu()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    return _gather(logits, rows, srcs, tgts)
+    where = (torch.tensor(rows, device=ids.device), torch.tensor(srcs, device=ids.device))
+    with early.reading() if early is not None else nullcontext():
+        if head_at_targets and head_is_separable(model):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                      use_cache=False).last_hidden_state
+            logits = lm_head(model, hidden[where])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[where]
+    return _logprobs_at(logits, tgts, early, rows, srcs)
 
 
 def _per_choice(lps: torch.Tensor, keys, items: Sequence[Item]) -> torch.Tensor:
@@ -203,19 +206,33 @@ def _per_choice(lps: torch.Tensor, keys, items: Sequence[Item]) -> torch.Tensor:
     return sums.view(len(items), width)
 
 
-def choice_logprob_sums(model, items: Sequence[Item], pad_id: int = 0) -> torch.Tensor:
+def _reader(model, layout, logit_contrast) -> EarlyReader | None:
+    if logit_contrast is None:
+        return None
+    if layout is None:
+        raise SteerscaleError("logit contrast needs the model layout", "pass layout=lm.layout")
+    return EarlyReader(layout, LogitContrast.parse(logit_contrast), model=model)
+
+
+def choice_logprob_sums(model, items: Sequence[Item], pad_id: int = 0, logit_contrast=None,
+                        layout=None) -> torch.Tensor:
     """Summed log-prob of every choice of ``items`` in one shared-prompt forward, as ``(n_items, max_choices)``.
+    ``logit_contrast`` (a ``LogitContrast``, with ``layout``): score each token by the early-layer contrast
+    (``engine.logit_contrast``) instead of the model's own distribution.
 
     Differentiable (no ``no_grad`` here): learned steering (``steer.lofit``) trains its offsets through the same
     packed scoring that TruthfulQA-style evaluation uses, so what is optimised is what is measured."""
     param = next(model.parameters())
     ids, mask, pos, (rows, srcs, tgts, keys) = _pack(items, pad_id, param.dtype, param.device, *sliding_window(model))
-    return _per_choice(_target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets=True), keys, items)
+    lps = _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, True, _reader(model, layout, logit_contrast))
+    return _per_choice(lps, keys, items)
 
 
-def padded_logprob_sums(model, items: Sequence[Item], pad_id: int = 0) -> torch.Tensor:
+def padded_logprob_sums(model, items: Sequence[Item], pad_id: int = 0, logit_contrast=None,
+                        layout=None) -> torch.Tensor:
     """``choice_logprob_sums`` in the conventional layout: a plain forward per (item, choice), left-padded, with
     the full LM head. The reference the packed path is tested against."""
     param = next(model.parameters())
     ids, mask, pos, (rows, srcs, tgts, keys) = _pad_rows(items, pad_id, param.device)
-    return _per_choice(_target_logprobs(model, ids, mask, pos, rows, srcs, tgts, False), keys, items)
+    lps = _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, False, _reader(model, layout, logit_contrast))
+    return _per_choice(lps, keys, items)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from .capture import tokenize
+from .logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
 from .prompt_rules import PromptRule, prompt_interventions
 from .runtime import Intervention, intervene
 
@@ -47,6 +50,18 @@ class Generation:
         return len(self.token_ids)
 
 
+class _ContrastProcessor(LogitsProcessor):
+    """The early-layer contrast as a transformers logits processor: it runs after generate's own processors (EOS
+    masks, repetition penalty) and before temperature and top-p, on the states the reader kept this step."""
+
+    def __init__(self, early: EarlyReader):
+        self.early = early
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        e = self.early
+        return contrast_hidden(e.model, e.layout, e.spec, scores, e.at()).to(scores.dtype)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -65,6 +80,7 @@ def generate(
     rules: Sequence[PromptRule] = (),
     min_new_tokens: int = 0,
     system: str | None = None,
+    logit_contrast: LogitContrast | str | None = None,
 ) -> list[Generation]:
     """Generate for a batch of prompts (left-padded) with interventions active only during this call.
 
@@ -73,7 +89,9 @@ def generate(
     prompting baseline steering is read against). ``rules``: conditional steering decided per prompt (``PromptRule``: CAST conditions, steering controllers);
     each row's decision is in ``Generation.extra["rule_scales"]`` (edit site -> scale; empty: unsteered).
     Interventions with a token gate report in ``extra["gate_from"]`` the index of the first generated token
-    produced under the gated edits (None: the gate never fired)."""
+    produced under the gated edits (None: the gate never fired). ``logit_contrast``: decode from the early-layer
+    contrast (DoLa / VISTA, ``engine.logit_contrast``; a ``LogitContrast`` or its CLI spec such as ``"dola:high"``)
+    instead of the model's own next-token distribution."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if max_new_tokens < 1:
@@ -94,7 +112,15 @@ def generate(
     interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
     rule_edits, rule_scales = prompt_interventions(model, layout, rules, batch, num_return_sequences)
     gates = list({id(iv.gate): iv.gate for iv in interventions if iv.gate is not None}.values())
-    with intervene(layout, interventions + rule_edits, prompt_width=None) as handle:
+    early = None
+    if logit_contrast is not None:
+        spec = LogitContrast.parse(logit_contrast)
+        check_layout(layout, spec)
+        early = EarlyReader(layout, spec, model=model, last_only=True)
+        kwargs["logits_processor"] = LogitsProcessorList([_ContrastProcessor(early)])
+    # the reader's observers attach after the edits, so they read the steered states
+    with intervene(layout, interventions + rule_edits, prompt_width=None) as handle, \
+            early.reading() if early is not None else nullcontext():
         out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     width = batch.input_ids.shape[1]
     results = []

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..engine.capture import tokenize
 from ..engine.generation import format_prompt
+from ..engine.logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
 from ..engine.prompt_rules import prompt_interventions
 from ..engine.runtime import intervene
 from ..errors import SteerscaleError
@@ -33,14 +34,20 @@ def neutral_prompts() -> list[str]:
 
 
 @torch.no_grad()
-def _logprobs(model, batch) -> torch.Tensor:
-    return model(**batch.model_inputs(), use_cache=False).logits.float().log_softmax(-1)
+def _logprobs(model, batch, early: EarlyReader | None = None) -> torch.Tensor:
+    if early is None:
+        return model(**batch.model_inputs(), use_cache=False).logits.float().log_softmax(-1)
+    with early.reading():
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    scores = contrast_hidden(model, early.layout, early.spec, flat, [h.reshape(flat.shape[0], -1) for h in early.at()])
+    return scores.view(logits.shape)
 
 
 @torch.no_grad()
 def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] | None = None, batch_size: int = 8,
                   progress: bool = False, seed: int = 0, rules: Sequence = (), prompt_width: int | None = None,
-                  chat: bool = False) -> dict:
+                  chat: bool = False, logit_contrast=None) -> dict:
     """KL and perplexity change on neutral ``texts`` (default: the shipped set), per text and with intervals.
 
     Returns ``{"kl": Estimate-dict (mean per-token KL in nats, averaged per text), "ppl_base", "ppl_steered",
@@ -49,7 +56,8 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     (``engine.prompt_rules``) decided per text, as generation decides it per prompt. ``prompt_width``: where the
     "prompt" of each text ends for scoped and token-gated edits (1: every later token counts as generated).
     ``chat``: send each text as a user message (chat template applied), as a conditional rule fitted on chat
-    prompts sees requests; the KL then covers the template's tokens too.
+    prompts sees requests; the KL then covers the template's tokens too. ``logit_contrast``: the steered
+    distribution is the early-layer contrast (``engine.logit_contrast``), with the interventions (if any) active.
     """
     texts = list(texts) if texts is not None else neutral_prompts()
     if not texts:
@@ -57,6 +65,10 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     if chat:
         texts = [format_prompt(tokenizer, t, chat=True) for t in texts]
     interventions = list(interventions)
+    early = None
+    if logit_contrast is not None:
+        early = EarlyReader(layout, LogitContrast.parse(logit_contrast), model=model)
+        check_layout(layout, early.spec)
     device = next(model.parameters()).device
     kl_per_text, nll_base, nll_steer, n_tok = [], [], [], 0
     starts = range(0, len(texts), batch_size)
@@ -65,7 +77,7 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
         base = _logprobs(model, batch)
         decided, _ = prompt_interventions(model, layout, rules, batch)
         with intervene(layout, list(interventions) + decided, prompt_width=prompt_width):
-            steer = _logprobs(model, batch)
+            steer = _logprobs(model, batch, early)
         mask = batch.attention_mask.bool()
         valid = mask[:, :-1] & mask[:, 1:]  # positions that predict a real next token
         kl = (base.exp() * (base - steer)).sum(-1)[:, :-1]  # (B, T-1)

@@ -49,8 +49,9 @@ def _batches(items: Sequence[Item], method: str, max_tokens: int, max_rows: int)
 
 @torch.no_grad()
 def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens: int = 4096, max_rows: int = 64,
-                pad_id: int = 0, progress: bool = False) -> list[dict]:
-    """Per question: ``logprobs`` (sum over the choice's tokens), ``mean_logprobs`` and ``n_tokens``."""
+                pad_id: int = 0, progress: bool = False, logit_contrast=None, layout=None) -> list[dict]:
+    """Per question: ``logprobs`` (sum over the choice's tokens), ``mean_logprobs`` and ``n_tokens``. With
+    ``logit_contrast`` (and ``layout``) each token is scored by the early-layer contrast (DoLa / VISTA)."""
     if method not in ("shared", "padded"):
         raise SteerscaleError(f"unknown scoring method {method!r}", "use 'shared' or 'padded'")
     results: list[dict | None] = [None] * len(items)
@@ -59,7 +60,7 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
     sums_of = choice_logprob_sums if method == "shared" else padded_logprob_sums
     for group in tqdm(groups, desc=f"scoring choices ({method})", disable=not progress, unit="batch"):
         chunk = [items[i] for i in group]
-        sums = sums_of(model, chunk, pad_id).tolist()
+        sums = sums_of(model, chunk, pad_id, logit_contrast, layout).tolist()
         for b, i in enumerate(group):
             n_tok = [len(c) for c in items[i].choices]
             per = sums[b][: len(n_tok)]
@@ -70,18 +71,17 @@ def score_items(model, items: Sequence[Item], method: str = "shared", max_tokens
 
 def score_choices(model, tokenizer, questions: Sequence[str], choices: Sequence[Sequence[str]], interventions=(),
                   layout=None, chat: bool | None = None, method: str = "shared", max_tokens: int = 4096,
-                  max_rows: int = 64, progress: bool = False, system: str | None = None) -> list[dict]:
-    """Log-likelihood of each choice given its (chat-templated) question, under optional interventions and an
-    optional system prompt."""
+                  max_rows: int = 64, progress: bool = False, system: str | None = None,
+                  logit_contrast=None) -> list[dict]:
+    """Log-likelihood of each choice given its (chat-templated) question, under optional interventions, an
+    optional system prompt and an optional early-layer logit contrast (``engine.logit_contrast``)."""
     items = build_items(tokenizer, questions, choices, chat, system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     interventions = list(interventions)
-    if interventions and layout is None:
-        raise SteerscaleError("interventions need the model layout", "pass layout=lm.layout")
-    if not interventions:
-        return score_items(model, items, method, max_tokens, max_rows, pad, progress)
-    with intervene(layout, interventions):
-        return score_items(model, items, method, max_tokens, max_rows, pad, progress)
+    if (interventions or logit_contrast is not None) and layout is None:
+        raise SteerscaleError("interventions and logit contrast need the model layout", "pass layout=lm.layout")
+    with intervene(layout, interventions):  # nothing attached when there are none
+        return score_items(model, items, method, max_tokens, max_rows, pad, progress, logit_contrast, layout)
 
 
 def score_choices_remote(backend, questions: Sequence[str], choices: Sequence[Sequence[str]],

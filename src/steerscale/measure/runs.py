@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..version import __version__
 from ..engine.generation import generate
+from ..engine.logit_contrast import LogitContrast
 from ..engine.runtime import Intervention
 from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
@@ -276,7 +277,8 @@ def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) 
     elif run.mode is ScoringMode.LOGLIK:
         model, tokenizer, layout, _ = _lm_parts(lm)
         outs = score_choices(model, tokenizer, [task.format(e) for e in examples], [e.choices for e in examples],
-                             ivs, layout, chat=cfg.chat, max_tokens=cfg.batch_tokens, system=cfg.system)
+                             ivs, layout, chat=cfg.chat, max_tokens=cfg.batch_tokens, system=cfg.system,
+                             logit_contrast=cfg.logit_contrast)
         prompts = [task.format(e) for e in examples]
         tokens = [{"prompt": o["prompt_tokens"], "scored": sum(o["n_tokens"]), "generated": 0} for o in outs]
     else:
@@ -286,7 +288,7 @@ def _run_chunk(lm, task: Task, run: "_Run", examples: list[Example], seed: int) 
         gens = generate(model, tokenizer, layout, prompts, ivs, max_new_tokens=run.max_new_tokens,
                         do_sample=cfg.sample, temperature=cfg.temperature,
                         seed=derive_seed(seed, examples[0].id),  # chunks must not repeat one stream
-                        chat=cfg.chat, system=cfg.system)
+                        chat=cfg.chat, system=cfg.system, logit_contrast=cfg.logit_contrast)
         outs = [{"text": g.text} for g in gens]
         tokens = [{"prompt": g.n_prompt_tokens, "generated": g.n_tokens} for g in gens]
     per = (time.perf_counter() - t0) / len(examples)
@@ -354,11 +356,13 @@ class RunConfig:
     cost: bool | None = None
     batch_tokens: int = 4096
     system: str | None = None  # a system prompt for every example: the prompting baseline (with or without steering)
+    logit_contrast: Any = None  # early-layer logit contrast (DoLa / VISTA): a LogitContrast or its spec, "dola:high"
 
     def __post_init__(self):
         object.__setattr__(self, "steer", tuple(self.steer))
         object.__setattr__(self, "interventions", tuple(self.interventions))
         object.__setattr__(self, "seeds", tuple(int(x) for x in self.seeds) or (0,))
+        object.__setattr__(self, "logit_contrast", LogitContrast.parse(self.logit_contrast))  # bad spec: fail now
 
 
 @dataclass
@@ -391,6 +395,7 @@ class _Run:
             "mode": str(self.mode), "limit": c.limit, "data_seed": c.data_seed, "seeds": self.run_seeds,
             "scope": c.scope, "chat": c.chat, "steer": [describe_steer(x) for x in c.steer],
             **({"system": c.system} if c.system is not None else {}),  # absent: earlier runs keep their hash
+            **({"logit_contrast": c.logit_contrast.to_dict()} if c.logit_contrast is not None else {}),
             "interventions": [describe_intervention(iv) for iv in c.interventions],
             "max_new_tokens": self.max_new_tokens, "sample": c.sample,
             "temperature": c.temperature if c.sample or strategy else None,  # a strategy samples at it
@@ -414,6 +419,9 @@ def _prepare(lm, task: Task, config: RunConfig, backend) -> _Run:
     if config.system is not None and (spec is not None or backend is not None):
         raise SteerscaleError("a system prompt applies to local scoring and generation, not to strategies or a "
                               "--backend-url run yet", "drop --system, or evaluate locally without --strategy")
+    if config.logit_contrast is not None and backend is not None:
+        raise SteerscaleError("logit contrast runs on the local model, not through --backend-url",
+                              "evaluate locally, or send logit_contrast per request to a steerscale server")
     if backend is not None and spec is None:  # resolve_strategy let it through: log-likelihood scoring remotely
         check_remote_scoring(backend, config)
     run = _Run(config, mode, spec, backend, backend, max_new_tokens=max_new_tokens)
@@ -424,7 +432,8 @@ def _prepare(lm, task: Task, config: RunConfig, backend) -> _Run:
         if spec is not None:
             from ..scale.local import LocalBackend
 
-            run.backend = LocalBackend(model, tokenizer, layout, steering=list(run.interventions), chat=config.chat)
+            run.backend = LocalBackend(model, tokenizer, layout, steering=list(run.interventions), chat=config.chat,
+                                       logit_contrast=config.logit_contrast)
     else:
         # a server may serve anything under its name: the report's model column names the server too
         desc = describe_backend(backend)
@@ -467,7 +476,7 @@ def evaluate(lm, task: str | Task, config: RunConfig | None = None, *, backend=N
              "wall_seconds_this_call": round(time.perf_counter() - t0, 3)}
     if "backend" in hashed:
         extra["backend"] = backend_label(hashed["backend"])  # which backend produced these numbers
-    if config.cost if config.cost is not None else bool(run.interventions):
+    if config.cost if config.cost is not None else bool(run.interventions) or config.logit_contrast is not None:
         extra["cost"] = _steering_cost(lm, run, rundir, progress)
     wanted = {(e.id, s) for s in run.run_seeds for e in examples}
     records = [r for r in records if (r["id"], r["seed"]) in wanted]
@@ -500,7 +509,8 @@ def _steering_cost(lm, run: _Run, rundir: Path, progress: bool) -> dict:
     prev = rundir / "summary.json"
     old = json.loads(prev.read_text()).get("cost") if prev.is_file() else None
     model, tokenizer, layout, _ = _lm_parts(lm)
-    return old or steering_cost(model, tokenizer, layout, run.interventions, progress=progress)
+    return old or steering_cost(model, tokenizer, layout, run.interventions, progress=progress,
+                                logit_contrast=run.config.logit_contrast)
 
 
 def load_runs(root: str | Path) -> list[dict]:

@@ -34,6 +34,7 @@ import torch
 from ..engine.capture import Batch
 from ..engine.generation import format_prompt, has_chat_template
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
+from ..engine.logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.runtime import Intervention, intervene
@@ -95,12 +96,15 @@ class LocalBackend(Backend):
 
     def __init__(self, model, tokenizer, layout=None, steering: Sequence[Intervention] = (), chat: bool | None = None,
                  max_n: int = 256, prefix_cache_size: int = 4, row_scales: Sequence[float] | None = None,
-                 add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = ()):
+                 add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = (), logit_contrast=None):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.steering = list(steering)
         self.rules = list(rules)
-        if (self.steering or self.rules) and layout is None:
+        self.logit_contrast = LogitContrast.parse(logit_contrast)
+        if (self.steering or self.rules or self.logit_contrast is not None) and layout is None:
             raise SteerscaleError("steering needs the model's layout", "pass layout= (load_model returns it)")
+        if self.logit_contrast is not None:
+            check_layout(layout, self.logit_contrast)
         if any(iv.gate is not None for iv in self.steering):
             raise SteerscaleError("token-gated steering latches across a whole generation, but LocalBackend hooks "
                                   "each forward pass separately", "use engine.generate(...) for token gates")
@@ -206,12 +210,27 @@ class LocalBackend(Backend):
         return [Intervention(iv.site, Add(iv.edit.vector, float(iv.edit.scale[0])), iv.scope) for iv in edits
                 if float(iv.edit.scale[0]) != 0.0]
 
+    def _early(self, last_only: bool) -> EarlyReader | None:
+        """A reader of the logit contrast's early blocks for one forward (None without a contrast)."""
+        if self.logit_contrast is None:
+            return None
+        return EarlyReader(self.layout, self.logit_contrast, model=self.model, last_only=last_only)
+
+    def _contrasted(self, logits: torch.Tensor, early: EarlyReader | None) -> torch.Tensor:
+        """``logits`` (rows, vocab) as this backend decodes from them: the early-layer contrast when it has one
+        (the distribution every strategy samples, scores and charges as "the model's"), else unchanged."""
+        if early is None:
+            return logits
+        return contrast_hidden(self.model, self.layout, early.spec, logits,
+                               [h.reshape(logits.shape[0], -1) for h in early.at()])
+
     def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=()):
         self.forward_passes += 1
-        with self._steered(scales, prompt_width, decided):
+        early = self._early(last_only=True)
+        with self._steered(scales, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), cache_of(out)
+        return self._contrasted(out.logits[:, -1].float(), early), cache_of(out)
 
     def _encode(self, prompt: str, n: int, budget: Budget, seed) -> _KV | None:
         """The prompt's decoding state expanded to ``n`` rows; None when the budget cannot pay for the prompt."""
@@ -422,9 +441,12 @@ class LocalBackend(Backend):
             raise SteerscaleError("token_logprobs() needs at least one token id")
         x = torch.tensor([ids], device=self.device)
         decided = self._decide(ids[:prompt_width] if prompt_width else ids, None)
-        with self._steered(None, prompt_width, decided):
-            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, -1)
+        early = self._early(last_only=False)
+        with self._steered(None, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
+            logits = self.model(input_ids=x, use_cache=False).logits[0].float()
+        if early is not None:
+            early.hidden = {k: h[0] for k, h in early.hidden.items()}  # the one row: (tokens, dim)
+        logp = torch.log_softmax(self._contrasted(logits, early)[:-1], -1)
         chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()
         if not k:
             return chosen, [[] for _ in chosen]

@@ -16,6 +16,7 @@ import threading
 from functools import partial
 
 from ..engine.generation import has_chat_template
+from ..engine.logit_contrast import check_layout
 from ..engine.prompt_rules import PromptRule
 from ..errors import SteerscaleError
 from ..scale.backend import Candidate, FinishReason
@@ -96,7 +97,8 @@ class ScheduledBackend(LocalBackend):
         passes = 2 if self.rules else 1  # conditional steering reads the prompt once more (as LocalBackend charges)
         if not all(budget.buy_prompt(len(ids), 1, self.n_params) for _ in range(passes)):
             return [Candidate(finished=True, finish_reason=FinishReason.BUDGET) for _ in range(n)]
-        job = Job(ids, params, seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params)
+        job = Job(ids, params, seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params,
+                  logit_contrast=self.logit_contrast)
         self._jobs.append(job)
         try:
             return self.scheduler.submit(job).result()
@@ -165,6 +167,11 @@ class Engine:
         if bias and max(t for t, _ in bias) >= self.vocab_size:
             raise bad("logit_bias", f"token id {max(t for t, _ in bias)} is past the vocabulary "
                                     f"(size {self.vocab_size})")
+        if req.logit_contrast is not None:
+            try:
+                check_layout(self.layout, req.logit_contrast)
+            except SteerscaleError as exc:
+                raise bad("logit_contrast", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
         longest = max(len(ids) for ids in all_ids)
         window = self.base.context_window
         room = window - longest - 1 if window else None  # the scheduler stops a row one short of the window
@@ -199,7 +206,8 @@ class Engine:
         if not max_tokens:
             return [None] * len(all_ids)
         steer, params = req.steer, req.params(max_tokens)
-        jobs = [Job(ids, params, seed=req.seed, steer=steer, n=req.n, on_update=on_update) for ids in all_ids]
+        jobs = [Job(ids, params, seed=req.seed, steer=steer, n=req.n, on_update=on_update,
+                    logit_contrast=req.logit_contrast) for ids in all_ids]
         submitted = []
         try:
             for job in jobs:
@@ -227,7 +235,8 @@ class Engine:
                     full = ids + (cand.token_ids if cand is not None else [])
                     if scorer is None:
                         ivs, rules = split_steer(req.steer)
-                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=ivs, rules=rules)
+                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=ivs, rules=rules,
+                                              logit_contrast=req.logit_contrast)
                     chosen, tops = self.scheduler.call(partial(scorer.token_logprobs, full, k or 0, len(ids))).result()
                     cut = len(ids) - 1
                     choice.prompt_scores = (chosen[:cut], tops[:cut])
@@ -251,8 +260,9 @@ class Engine:
     def strategy_backend(self, req: GenRequest, *, chat: bool) -> ScheduledBackend:
         """The backend a strategy request runs on: its steering, its samples batched by the engine loop; chat: the
         strategy formats the one user message with the chat template, as a local ``steerscale solve`` does."""
-        return ScheduledBackend(self.scheduler, req.steer, chat=None if chat else False,
-                                max_n=self.max_n, add_special_tokens=True if chat else req.add_special_tokens)
+        return ScheduledBackend(self.scheduler, req.steer, chat=None if chat else False, max_n=self.max_n,
+                                add_special_tokens=True if chat else req.add_special_tokens,
+                                logit_contrast=req.logit_contrast)
 
     @staticmethod
     def run_strategy(req: GenRequest, prompt: str, backend: ScheduledBackend) -> Result:

@@ -37,6 +37,7 @@ import torch
 
 from ..engine.capture import Batch
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
+from ..engine.logit_contrast import EarlyReader, LogitContrast, contrast_hidden
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, read_prompts
 from ..engine.runtime import Intervention, intervene
@@ -72,6 +73,7 @@ class Job:
     n: int = 1
     budget: Budget | None = None
     n_params: int = 0
+    logit_contrast: LogitContrast | None = None  # decode from the early-layer contrast (DoLa / VISTA)
     on_update: Callable[[], None] | None = field(default=None, repr=False)
     future: Future = field(default_factory=Future, repr=False)
     cancelled: bool = False
@@ -271,11 +273,14 @@ class Scheduler:
         inp = torch.tensor(fed, device=self.base.device)[:, None]
         pos = self._mask.sum(-1, keepdim=True)
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        edits = self._row_edits([row.job for row in self.rows], Scope.GENERATED)
-        with intervene(self.layout, edits):
+        row_jobs = [row.job for row in self.rows]
+        edits = self._row_edits(row_jobs, Scope.GENERATED)
+        early = self._early(row_jobs)
+        with intervene(self.layout, edits), early.reading() if early else contextlib.nullcontext():
             out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **with_cache(self.model, self._cache))
-        self._cache, self._mask, self._logits = cache_of(out), mask, out.logits[:, -1].float()
+        self._cache, self._mask = cache_of(out), mask
+        self._logits = self._contrasted(row_jobs, out.logits[:, -1].float(), early)
         self.steps += 1
 
     @staticmethod
@@ -338,12 +343,14 @@ class Scheduler:
         token, so a row gets what it gets alone up to float rounding."""
         for job in jobs:
             self._decide(job)
+        early = self._early(jobs)
+        reading = early.reading() if early else contextlib.nullcontext()
         if len(jobs) == 1:
             job = jobs[0]
             ids = torch.tensor([job.prompt_ids], device=self.base.device)
             mask = torch.ones_like(ids)
             edits = [iv for vector, scale, scope in job.steer for iv in vector.interventions(scale, scope)]
-            with intervene(self.layout, edits, prompt_width=ids.shape[1]) if edits else contextlib.nullcontext():
+            with intervene(self.layout, edits, prompt_width=ids.shape[1]), reading:
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         else:
             width = max(len(job.prompt_ids) for job in jobs)
@@ -354,10 +361,10 @@ class Scheduler:
                 mask[b, width - len(job.prompt_ids):] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             edits = self._row_edits(jobs, Scope.PROMPT)
-            with intervene(self.layout, edits, prompt_width=width) if edits else contextlib.nullcontext():
+            with intervene(self.layout, edits, prompt_width=width), reading:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                  logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+        logits = self._contrasted(jobs, out.logits[:, -1].float(), early)
         rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.base.device)
         self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)), mask.index_select(0, rows),
                    logits.index_select(0, rows))
@@ -369,6 +376,27 @@ class Scheduler:
             job.held = [0] * job.n
             job.last_logits = logits[b].expand(job.n, -1).clone()
             self.rows += [_Row(job, i) for i in range(job.n)]
+
+    def _early(self, row_jobs: list[Job]) -> EarlyReader | None:
+        """A reader of every early block that some row's logit contrast reads (None when no row has one)."""
+        specs = {job.logit_contrast for job in row_jobs if job.logit_contrast is not None}
+        if not specs:
+            return None
+        layers = sorted({layer for spec in specs for layer in spec.resolve(self.layout.n_layers)})
+        return EarlyReader(self.layout, LogitContrast(tuple(layers)), model=self.model, last_only=True)
+
+    def _contrasted(self, row_jobs: list[Job], logits: torch.Tensor, early: EarlyReader | None) -> torch.Tensor:
+        """Each row's next-token logits as its request decodes them: rows with a logit contrast get theirs (from
+        the early states read in the same pass), the others are left as they are."""
+        if early is None:
+            return logits
+        out = logits.clone()
+        for spec in {job.logit_contrast for job in row_jobs if job.logit_contrast is not None}:
+            rows = torch.tensor([b for b, job in enumerate(row_jobs) if job.logit_contrast == spec],
+                                device=logits.device)
+            hidden = [early.hidden[layer].index_select(0, rows) for layer in spec.resolve(self.layout.n_layers)]
+            out[rows] = contrast_hidden(self.model, self.layout, spec, logits.index_select(0, rows), hidden)
+        return out
 
     def _decide(self, job: Job) -> None:
         """Replace the job's prompt rules by the entries they choose for its prompt (one reading pass that stops at
@@ -472,13 +500,15 @@ class Scheduler:
                 if phase is Scope.GENERATED and scope.kind is Scope.PROMPT:
                     continue
                 for site, direction in vector.directions.items():
-                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL)
+                    # a norm-preserving entry gets its own Add: its rescaling must not touch another entry's rows
+                    # (a row with zeros there is h + 0 rescaled to its own norm: h itself)
+                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL, vector.preserve_norm)
                     if key not in slots:
                         slots[key] = torch.zeros(len(jobs), direction.shape[-1], dtype=direction.dtype)
                         scopes[key] = scope if phase is Scope.PROMPT else TokenScope.parse("all")
                     slots[key][b] = scale * direction
         order = sorted(slots, key=lambda key: key[0])  # entry by entry: each row's edits run in its request's order
-        return [Intervention(key[1], Add(slots[key], 1.0), scopes[key]) for key in order]
+        return [Intervention(key[1], Add(slots[key], 1.0, preserve_norm=key[3]), scopes[key]) for key in order]
 
 
 def _fail(job: Job, error: str | BaseException) -> None:

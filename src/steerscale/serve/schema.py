@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..engine.logit_contrast import LogitContrast
 from ..engine.scope import TokenScope
 from ..errors import SteerscaleError
 from ..scale.backend import SamplingParams
@@ -96,6 +97,17 @@ class SteerEntry(Strict):
         return self
 
 
+class LogitContrastField(Strict):
+    """Early-layer logit contrast for this request (DoLa / VISTA; ``steerscale.engine.logit_contrast``)."""
+
+    layers: Literal["high", "low"] | Annotated[int, Field(ge=0)] | Annotated[
+        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=256)] = Field(
+        "high", description="candidate early blocks: 'high', 'low', a block index or a list of them")
+    mode: Literal["contrast", "add"] = Field("contrast", description="contrast (DoLa) or add (VISTA)")
+    alpha: float = Field(0.1, ge=0, lt=1, description="DoLa's plausibility threshold; 0: off")
+    weight: float = Field(1.0, gt=0, le=10, description="how much of the early distribution to subtract or add")
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
 
@@ -134,6 +146,8 @@ class _Common(Strict):
     add_special_tokens: bool | None = None
     steer: list[SteerEntry] = Field(default_factory=list, max_length=MAX_STEER_ENTRIES,
                                     description="steerscale: this request's steering vectors, applied in order")
+    logit_contrast: LogitContrastField | None = Field(
+        None, description='steerscale: decode from an early-layer logit contrast, e.g. {"layers": "high"} (DoLa)')
     strategy: dict[str, Any] | None = Field(
         None, description='steerscale: an inference-time scaling strategy, e.g. {"name": "best_of_n", "n": 8, '
                           '"verifier": "self_eval", "budget": "tokens=4000"}; its knobs as fields')
@@ -189,6 +203,7 @@ class GenRequest:
     include_usage: bool
     include_stop: bool  # include_stop_str_in_output
     sampling: dict = field(default_factory=dict)  # SamplingParams fields besides max_tokens
+    logit_contrast: LogitContrast | None = None  # early-layer contrast; its layers are checked against the model
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -281,9 +296,15 @@ def _common(body: _Common, vectors, conditions, controllers) -> dict:
     strategy = read_strategy(body.strategy, inherit)
     if strategy is not None and body.stream:
         raise bad("stream", "a strategy answers once, when it has chosen: send it with 'stream': false")
+    contrast = None
+    if body.logit_contrast is not None:
+        try:
+            contrast = LogitContrast.parse(body.logit_contrast.model_dump())
+        except SteerscaleError as exc:
+            raise bad("logit_contrast", exc.problem) from None
     return dict(n=body.n, seed=body.seed, steer=steer, strategy=strategy, stream=body.stream,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                include_stop=body.include_stop_str_in_output, sampling=sampling)
+                include_stop=body.include_stop_str_in_output, sampling=sampling, logit_contrast=contrast)
 
 
 def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:

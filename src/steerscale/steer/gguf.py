@@ -100,6 +100,10 @@ def export_gguf(vector: SteeringVector, path: str | Path, scale: float = 1.0, *,
     if not isinstance(vector, SteeringVector):
         raise SteerscaleError(f"export_gguf needs a SteeringVector, got {type(vector).__name__}")
     factor = float(check_scale(scale))
+    if vector.preserve_norm:
+        raise SteerscaleError(f"cannot export a norm-preserving {vector.method} vector as a GGUF control vector: "
+                              "llama.cpp adds the direction but cannot rescale each activation to its original norm",
+                              "steer with it in steerscale (generate, serve, eval), or export a plain vector (caa)")
     path = Path(path)
     if path.suffix != ".gguf":
         path = path.with_name(path.name + ".gguf")

@@ -67,6 +67,13 @@ class SteeringVector:
     def is_residual(self) -> bool:
         return all(s.kind is SiteKind.RESID_POST for s in self.directions)
 
+    @property
+    def preserve_norm(self) -> bool:
+        """Whether the edit rescales each steered activation back to its original norm (``metadata["preserve_norm"]``,
+        set by GrAInS): ``interventions`` honours it, and the places that cannot (a GGUF control vector, a bias baked
+        into a checkpoint, the vLLM worker) refuse such a vector instead of steering differently."""
+        return bool(self.metadata.get("preserve_norm", False))
+
     def norms(self) -> dict[str, float]:
         return {s.key(): float(v.norm()) for s, v in self.directions.items()}
 
@@ -86,12 +93,14 @@ class SteeringVector:
                 )
 
     def interventions(self, scale: float = 1.0, scope: TokenScope | str = ALL_TOKENS, layout: ModelLayout | None = None) -> list[Intervention]:
-        """Add ``scale * direction`` at each site (checked against ``layout`` when given)."""
+        """Add ``scale * direction`` at each site (checked against ``layout`` when given), then rescale to the
+        original norm when the vector says so (``preserve_norm``)."""
         check_scale(scale)
         if layout is not None:
             self.check_compatible(layout)
         scope = TokenScope.parse(scope)
-        return [Intervention(site, Add(vec, scale), scope) for site, vec in self.directions.items()]
+        return [Intervention(site, Add(vec, scale, preserve_norm=self.preserve_norm), scope)
+                for site, vec in self.directions.items()]
 
     # -- arithmetic ----------------------------------------------------------------------------------------
     def _combine(self, other: "SteeringVector", sign: float) -> "SteeringVector":
@@ -101,6 +110,10 @@ class SteeringVector:
             raise SteerscaleError(
                 f"cannot combine vectors of different models ({self.model_name!r} and {other.model_name!r})"
             )
+        if self.preserve_norm != other.preserve_norm:
+            raise SteerscaleError(
+                "cannot add a norm-preserving vector (e.g. GrAInS) to one that is not: their sum has no single edit",
+                "apply them as two separate steering entries (e.g. two --steer options) instead")
         dims = {s: v.shape[0] for s, v in self.directions.items()}
         out = dict(self.directions)
         for site, vec in other.directions.items():
@@ -109,7 +122,8 @@ class SteeringVector:
             out[site] = out[site] + sign * vec if site in out else sign * vec
         method = f"({self.method} {'+' if sign > 0 else '-'} {other.method})"
         return SteeringVector(out, self.model_name or other.model_name, self.model_fingerprint or other.model_fingerprint,
-                              method, {"combined_from": [self.metadata, other.metadata]})
+                              method, {"combined_from": [self.metadata, other.metadata],
+                                       **({"preserve_norm": True} if self.preserve_norm else {})})
 
     def __add__(self, other):
         return self._combine(other, 1.0)

@@ -133,6 +133,9 @@ class SteerState:
             path.write_bytes(data)
             vec = SteeringVector.load(path)
         vec.check_compatible(self.layout)
+        if vec.preserve_norm:  # the worker's batched edit is a plain add per row; rescaling is not implemented
+            raise SteerscaleError(f"vector {name!r} ({vec.method}) rescales activations to their original norm, which "
+                                  "the vLLM path does not do", "serve it with steerscale serve, or use a plain vector")
         for site in vec.sites:
             if site.kind not in SUPPORTED:
                 raise SteerscaleError(f"vector {name!r} edits {site.kind.value} sites, which the vLLM path does not "
