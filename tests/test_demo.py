@@ -18,6 +18,10 @@ def test_demo_writes_report_and_steering_moves_toward_formal(tmp_path):
     kl = [r["cost"]["kl"]["mean"] for r in res["rows"]]
     assert kl[1] == pytest.approx(0.0, abs=1e-6) and kl[0] > 0 and kl[2] > 0
     assert json.loads((tmp_path / "results.json").read_text())["layer"] == res["layer"]
+    # the prompting baseline: the instruction alone, and with the strongest steering, on the same held-out pairs
+    prompted = {r["scale"]: r["effect"]["margin"]["mean"] for r in res["prompted"]}
+    assert set(prompted) == {0.0, 1.0} and prompted[0.0] != margins[1]  # the system prompt changed the context
+    assert 'prompt only: system "Be formal."' in (tmp_path / "report.md").read_text()
     scaling = {r["strategy"]: r for r in res["scaling"]}
     assert set(scaling) == {"greedy", "majority", "particle_filter"}
     assert scaling["greedy"]["tokens_per_problem"] < scaling["particle_filter"]["tokens_per_problem"]  # 4 particles

@@ -36,10 +36,12 @@ models    models_cmd        list bundled models: installed, cached, size, archit
 generate  generate_cmd      generate text, optionally with steering vectors
 extract   steer_cmds        extract a steering vector from contrastive pairs
 sweep     steer_cmds        probe accuracy per layer (or per head) to choose where to steer
+trace     trace_cmd         causal tracing: which layers and positions carry a behaviour (corrupt and restore)
 experts   experts_cmd       MoE models: which experts a behaviour uses; write a router steering vector
 export    portability_cmds  export a steering vector as a llama.cpp GGUF control vector
 import    portability_cmds  import a llama.cpp / repeng GGUF control vector
 bake      portability_cmds  fold a steering vector into the biases of a standard HF checkpoint
+casal     casal_cmd         amortise a steering vector into one layer's MLP weights (CASAL): a checkpoint that needs no hooks
 eval      eval_cmds         evaluate a model on a benchmark task, optionally steered
 report    eval_cmds         render Markdown/HTML tables and PNG plots for evaluation runs
 solve     scale_cmds        answer a prompt with a search/sampling strategy under a compute budget

@@ -31,6 +31,7 @@ from .steer.extract import extract, sweep_plot
 from .steer.pairs import bundled_pairs, load_pairs
 
 DEMO_PROMPTS = ["How was your weekend?", "Can you explain what a black hole is?", "Any advice for a first job?"]
+PROMPT_BASELINE = "Be formal."  # the plain instruction steering is read against (AxBench: often hard to beat)
 
 
 def split_pairs(pairs, n_test: int, seed: int):
@@ -39,10 +40,11 @@ def split_pairs(pairs, n_test: int, seed: int):
     return [pairs[i] for i in order[n_test:]], [pairs[i] for i in order[:n_test]]
 
 
-def effect_on_heldout(lm, vector, scale: float, held) -> dict:
-    """Mean per-token log-prob margin formal - casual on held-out pairs, and the share preferring formal."""
+def effect_on_heldout(lm, vector, scale: float, held, system: str | None = None) -> dict:
+    """Mean per-token log-prob margin formal - casual on held-out pairs, and the share preferring formal
+    (``system``: a system prompt before every question, the prompting baseline)."""
     scores = score_choices(lm.model, lm.tokenizer, [p.prompt for p in held], [[p.positive, p.negative] for p in held],
-                           vector.interventions(scale) if scale else (), layout=lm.layout)
+                           vector.interventions(scale) if scale else (), layout=lm.layout, system=system)
     margins = [s["mean_logprobs"][0] - s["mean_logprobs"][1] for s in scores]
     return {"margin": bootstrap_ci(margins).to_dict(), "prefer_formal": sum(m > 0 for m in margins) / len(margins)}
 
@@ -160,6 +162,13 @@ def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0)
         log(f"  scale {scale:>4}: margin {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}]  "
             f"prefer formal {effect['prefer_formal']:.0%}  KL {cost['kl']['mean']:.3f}  ppl x{cost['ppl_ratio']:.2f}")
     plot_effect(rows, out / "effect_vs_scale.png", f"{lm.name}: formal steering at layer {layer}")
+    prompted = []  # the instruction alone, and with the strongest formal steering, on the same held-out pairs
+    for scale in sorted({0.0, max(scales)}):
+        effect = effect_on_heldout(lm, vector, scale, held, system=PROMPT_BASELINE)
+        prompted.append({"scale": scale, "system": PROMPT_BASELINE, "effect": effect})
+        m = effect["margin"]
+        log(f"  system prompt {PROMPT_BASELINE!r} + scale {scale}: margin {m['mean']:+.3f} "
+            f"[{m['lo']:+.3f}, {m['hi']:+.3f}]  prefer formal {effect['prefer_formal']:.0%}")
 
     log(f"[4/5] generating side by side at scales {list(gen_scales)} (greedy, {max_new_tokens} tokens)")
     samples = []
@@ -186,7 +195,8 @@ def run_demo(model: str, out_dir: str | Path, scales=(-1.0, -0.5, 0.0, 0.5, 1.0)
         plot_scaling(scaling, out / "scaling.png", f"{lm.name}: {scaling_problems} three-number sums, 3-shot")
 
     results = {"model": lm.name, "scaling": scaling, "layer": layer, "vector": str(vector_path), "n_train_pairs": len(train),
-               "n_heldout_pairs": len(held), "sweep": sweep.table(), "rows": rows, "samples": samples,
+               "n_heldout_pairs": len(held), "sweep": sweep.table(), "rows": rows, "prompted": prompted,
+               "samples": samples,
                "prompts": DEMO_PROMPTS, "seconds": round(time.perf_counter() - started, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(render_report(results))
@@ -211,6 +221,12 @@ def render_report(r: dict) -> str:
         lines.append(f"| {row['scale']} | {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}] | "
                      f"{row['effect']['prefer_formal']:.0%} | {kl['mean']:.4f} [{kl['lo']:.4f}, {kl['hi']:.4f}] | "
                      f"{row['cost']['ppl_ratio']:.3f} |")
+    for row in r.get("prompted", []):  # the prompting baseline: a system prompt changes the context, not the model
+        m = row["effect"]["margin"]
+        steer = "prompt only" if not row["scale"] else f"prompt + scale {row['scale']}"
+        kl = "- (context, not model)" if not row["scale"] else "as scale " + str(row["scale"]) + " above"
+        lines.append(f"| {steer}: system \"{row['system']}\" | {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}] | "
+                     f"{row['effect']['prefer_formal']:.0%} | {kl} | - |")
     lines += ["", "![effect and cost against scale](effect_vs_scale.png)", "", "## Generations (greedy)", ""]
     for i, prompt in enumerate(r["prompts"]):
         lines.append(f"**{prompt}**\n")

@@ -80,7 +80,7 @@ class _Fold:
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
-def _as_interventions(steering, scale: float, layout: ModelLayout) -> tuple[list[Intervention], list[dict]]:
+def as_interventions(steering, scale: float, layout: ModelLayout) -> tuple[list[Intervention], list[dict]]:
     """Interventions (with ``scale`` applied) and a description of the vectors they came from."""
     factor = float(check_scale(scale))
     items = steering if isinstance(steering, (list, tuple)) and not _is_pair(steering) else [steering]
@@ -145,17 +145,17 @@ def _check_bakeable(iv: Intervention) -> tuple[torch.Tensor, float]:
 
 
 # -- where each edit goes ----------------------------------------------------------------------------------------
-def _down_proj(layout: ModelLayout, i: int, site: Site) -> nn.Module:
+def down_projection(layout: ModelLayout, i: int, site: Site) -> nn.Module:
     if layout.routers[i] is not None:
         raise SteerscaleError(
-            f"cannot bake {site.key()}: block {i} is a mixture-of-experts block, which has no single output projection "
-            "to carry a bias", "steer attn_out or head_out sites of this layer, or keep the edit as a runtime hook")
+            f"cannot fold {site.key()} into weights: block {i} is a mixture-of-experts block, which has no single "
+            "output projection", "steer attn_out or head_out sites of this layer, or keep the edit as a runtime hook")
     mlp = layout.mlps[i]
     for name in _DOWN_PROJ_NAMES:
         child = getattr(mlp, name, None)
         if isinstance(child, nn.Module) and _out_features(child) == layout.hidden_size:
             return child
-    raise SteerscaleError(f"cannot bake {site.key()}: found no output projection in block {i}'s MLP "
+    raise SteerscaleError(f"cannot fold {site.key()} into weights: found no output projection in block {i}'s MLP "
                           f"(tried {', '.join(_DOWN_PROJ_NAMES)})", "report this architecture")
 
 
@@ -188,10 +188,10 @@ def _plan(layout: ModelLayout, ivs: list[Intervention]) -> list[_Fold]:
                     "cannot bake resid_pre.0: the input of block 0 is the token embedding, which has no bias (folding the "
                     "vector into the embedding matrix would also shift a tied output head)",
                     "steer a later site (resid_pre of block i >= 1 is baked as resid_post of block i-1)")
-            module = _down_proj(layout, i - 1, site)
+            module = down_projection(layout, i - 1, site)
             delta = scale * vec
         elif kind in (SiteKind.RESID_POST, SiteKind.MLP_OUT):
-            module = _down_proj(layout, i, site)
+            module = down_projection(layout, i, site)
             delta = scale * vec
         elif kind is SiteKind.ATTN_OUT:
             module = layout.out_projs[i]
@@ -298,17 +298,17 @@ def _bias_plan(model: nn.Module, needed: dict[str, nn.Module]) -> _BiasPlan:
 
 
 # -- checks ----------------------------------------------------------------------------------------------------
-def _probe_ids(model: nn.Module, device) -> torch.Tensor:
+def probe_ids(model: nn.Module, device) -> torch.Tensor:
     vocab = int(getattr(text_config(model.config), "vocab_size", 0) or 32)
     return torch.tensor([[(7 * k + 3) % vocab for k in range(_PROBE_TOKENS)]], device=device)
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
 
 
-def _tolerance(dtype: torch.dtype, ref: torch.Tensor, effect: float) -> float:
+def logit_tolerance(dtype: torch.dtype, ref: torch.Tensor, effect: float) -> float:
     scale = 1.0 + float(ref.abs().max())
     atol = (2e-5 if dtype == torch.float32 else (1e-12 if dtype == torch.float64 else 2e-2)) * scale
     return max(atol, 1e-3 * effect)
@@ -326,13 +326,13 @@ def bake(model: nn.Module, layout: ModelLayout, steering, scale: float, out_dir:
     ``steerscale.json``. ``model`` is not modified.
     """
     out_dir = Path(out_dir)
-    ivs, sources = _as_interventions(steering, scale, layout)
+    ivs, sources = as_interventions(steering, scale, layout)
     folds = _plan(layout, ivs)
-    _check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite)
     deltas, record = _bias_deltas(model, folds)
     plan = _bias_plan(model, _missing_biases(model, deltas))
     probe = _probe(model, layout, ivs)
-    with _staging(out_dir) as tmp:
+    with staging(out_dir) as tmp:
         diff_mem = _save_baked(model, layout, deltas, plan, probe, tmp)
         _patch_config(tmp / "config.json", model.config, plan)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -341,9 +341,9 @@ def bake(model: nn.Module, layout: ModelLayout, steering, scale: float, out_dir:
         report["check"] = {"probe_tokens": _PROBE_TOKENS, "edit_effect": probe.effect, "tolerance": probe.tol,
                            "in_memory_max_abs_diff": diff_mem}
         if verify:
-            report["check"]["reload_max_abs_diff"] = _verify_reload(tmp, probe)
+            report["check"]["reload_max_abs_diff"] = verify_reload(tmp, probe)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _publish(tmp, out_dir)
+        publish(tmp, out_dir)
     report["out_dir"] = str(out_dir)
     return report
 
@@ -370,7 +370,7 @@ def _missing_biases(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[s
 
 
 @dataclass
-class _Probe:
+class Probe:
     """The hooked model's logits on a short probe input: what the baked checkpoint must reproduce."""
 
     ids: torch.Tensor
@@ -382,7 +382,7 @@ class _Probe:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
@@ -391,19 +391,19 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _probe(model: nn.Module, layout: ModelLayout, ivs: list[Intervention]) -> _Probe:
+def _probe(model: nn.Module, layout: ModelLayout, ivs: list[Intervention]) -> Probe:
     param = next(model.parameters())
-    ids = _probe_ids(model, param.device)
-    with _eval_mode(model):
-        plain = _logits(model, ids)
+    ids = probe_ids(model, param.device)
+    with eval_mode(model):
+        plain = model_logits(model, ids)
         with intervene(layout, ivs):
-            hooked = _logits(model, ids)
+            hooked = model_logits(model, ids)
     effect = float((hooked - plain).abs().max())
-    return _Probe(ids, hooked, effect, _tolerance(param.dtype, hooked, effect), param.dtype, param.device)
+    return Probe(ids, hooked, effect, logit_tolerance(param.dtype, hooked, effect), param.dtype, param.device)
 
 
 @contextmanager
-def _staging(out_dir: Path):
+def staging(out_dir: Path):
     """A temporary directory beside ``out_dir`` to write the checkpoint into; removed if the block fails."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -434,10 +434,10 @@ def _biases_set(model: nn.Module, deltas: dict[str, torch.Tensor], plan: _BiasPl
 
 
 def _save_baked(model: nn.Module, layout: ModelLayout, deltas: dict[str, torch.Tensor], plan: _BiasPlan,
-                probe: _Probe, directory: Path) -> float:
+                probe: Probe, directory: Path) -> float:
     """Save ``model`` with the biases set, once they reproduce the hooked edit in memory; returns that difference."""
-    with _eval_mode(model), _biases_set(model, deltas, plan):
-        diff_mem = float((_logits(model, probe.ids) - probe.hooked).abs().max())
+    with eval_mode(model), _biases_set(model, deltas, plan):
+        diff_mem = float((model_logits(model, probe.ids) - probe.hooked).abs().max())
         if diff_mem > probe.tol:
             raise SteerscaleError(
                 f"the biases do not reproduce the hooked edit on this {layout.architecture} model (max logit difference "
@@ -464,7 +464,7 @@ def _report(model: nn.Module, layout: ModelLayout, plan: _BiasPlan, deltas: dict
     }
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished checkpoint into place (replacing an earlier bake there)."""
     _publish_modes(tmp)
     if out_dir.exists():
@@ -481,7 +481,7 @@ def _publish_modes(directory: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def check_target(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return
@@ -517,8 +517,9 @@ def _patch_config(path: Path, config, plan: _BiasPlan) -> None:
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def _verify_reload(directory: Path, probe: _Probe) -> float:
-    """Load ``directory`` with plain transformers and compare its logits with the hooked model's."""
+def verify_reload(directory: Path, probe: Probe) -> float:
+    """Load ``directory`` with plain transformers and compare its logits with ``probe``'s (the hooked model's for a
+    bake, the merged model's for CASAL)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -531,10 +532,11 @@ def _verify_reload(directory: Path, probe: _Probe) -> float:
         raise SteerscaleError(f"plain transformers loads the baked checkpoint with {problems}",
                               "report this architecture; the edit would be lost or wrong")
     model = model.to(probe.device).eval()
-    diff = float((_logits(model, probe.ids) - probe.hooked).abs().max())
+    diff = float((model_logits(model, probe.ids) - probe.hooked).abs().max())
     del model
     if diff > probe.tol:
-        raise SteerscaleError(f"the reloaded checkpoint differs from the hooked model (max logit difference {diff:.3g} > "
+        raise SteerscaleError(f"the reloaded checkpoint differs from the model it was written from (max logit "
+                              f"difference {diff:.3g} > "
                               f"{probe.tol:.3g})", "report this architecture")
     return diff
 
