@@ -11,6 +11,9 @@ For each fold:
    held-out probe accuracy. The residual layer is ``--layers``: ``auto`` (steerscale's picker: best held-out
    probe accuracy, ties toward the middle), a fixed layer, or several candidates (``auto,12``), in which case
    the candidate is chosen on the training fold together with the scale.
+   ``lofit`` trains per-head offsets and ``grains`` attributes (Integrated Gradients) on the training pairs
+   (``--grains-pairs``: a seeded subset, attribution costs seconds a pair); ``logit_contrast`` fits nothing: its
+   candidates are decoding-time contrasts (``--contrast-variants``, DoLa / VISTA), chosen like a scale.
 4. Scale (and layer) chosen by MC1 on (a subset of, ``--select-limit``) the TRAINING questions.
 5. MC1 and MC2 scored on the TEST questions at the chosen setting.
 
@@ -26,6 +29,11 @@ Scoring: log-likelihood (sum over the answer's tokens) of each answer after the 
 steerscale's shared-prompt packing (``steerscale.measure.mc.score_items``: the LM head runs only where an answer
 token is predicted). Interventions apply at all token positions.
 
+``--system TEXT``: every question gets that system prompt (the prompting baseline): the baseline row is the
+prompt alone and each method row is prompt + method; gains are reported against the run's baseline and against
+the unprompted baseline (``gain_mc1_vs_plain``; JSON ``prompt_mc1_gain``, ``prompt_plus_<method>_mc1_gain``).
+The JSON line has ``<method>_mc1_gain`` and ``<method>_mc1_gain_ci_low`` for every method.
+
 Per-question results are cached in ``--out/cache.jsonl`` (keyed by every setting that affects them), so a run
 can be extended (more seeds, more questions) without recomputing. Last printed line: one JSON object.
 
@@ -40,12 +48,14 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import steerscale
+from steerscale.engine.logit_contrast import LogitContrast
 from steerscale.engine.runtime import intervene
 from steerscale.measure.cost import steering_cost
 from steerscale.measure.mc import build_items, score_items
@@ -54,6 +64,7 @@ from steerscale.measure.tasks import get_task
 from steerscale.measure.tasks.truthfulqa import load_mc_rows
 from steerscale.models.sites import Site, SiteKind
 from steerscale.steer.extract import _iti_direction, collect, pair_texts, pick_layer, sweep
+from steerscale.steer.grains import GrainsConfig, fit_grains
 from steerscale.steer.lofit import LofitConfig, fit_lofit
 from steerscale.steer.methods import get_method
 from steerscale.steer.pairs import load_pairs
@@ -66,7 +77,10 @@ DEFAULT_SCALES = {
     "probe": [0.5, 1.0, 2.0, 4.0],
     "iti": [2.0, 5.0, 10.0, 15.0],
     "lofit": [0.5, 1.0, 1.5, 2.0, 3.0],
+    "grains": [2.0, 4.0, 8.0, 16.0],
+    "logit_contrast": [1.0],  # no scale: the variants (--contrast-variants) are the candidates
 }
+DEFAULT_CONTRASTS = "dola:high;dola:low;dola:high,alpha=0;vista:high,weight=0.5"
 T0 = time.time()
 
 
@@ -75,10 +89,37 @@ def log(msg: str) -> None:
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
-def score_items_fast(model, items, interventions=(), layout=None, pad_id: int = 0) -> list[list[float]]:
-    """Summed log-prob per choice, per item: steerscale's packed scoring (LM head only at choice positions)."""
-    with intervene(layout, list(interventions)):  # an empty list attaches nothing
-        return [r["logprobs"] for r in score_items(model, items, max_tokens=3072, max_rows=32, pad_id=pad_id)]
+@dataclass
+class Treatment:
+    """What a row applies: steering edits, and optionally an early-layer logit contrast (DoLa / VISTA)."""
+
+    ivs: list
+    contrast: LogitContrast | None = None
+
+
+def unpack(treatment) -> tuple[list, LogitContrast | None]:
+    return (treatment.ivs, treatment.contrast) if isinstance(treatment, Treatment) else (list(treatment), None)
+
+
+def merged(treatments) -> Treatment:
+    """Several treatments applied together (a composed row): edits concatenated, at most one logit contrast."""
+    ivs, contrasts = [], []
+    for t in treatments:
+        i, c = unpack(t)
+        ivs += i
+        contrasts += [c] if c is not None else []
+    if len(contrasts) > 1:
+        raise SystemExit("--combine: at most one part may be a logit contrast")
+    return Treatment(ivs, contrasts[0] if contrasts else None)
+
+
+def score_items_fast(model, items, treatment=(), layout=None, pad_id: int = 0) -> list[list[float]]:
+    """Summed log-prob per choice, per item: steerscale's packed scoring (LM head only at choice positions), under
+    the treatment's edits and logit contrast."""
+    ivs, contrast = unpack(treatment)
+    with intervene(layout, ivs):  # an empty list attaches nothing
+        return [r["logprobs"] for r in score_items(model, items, max_tokens=3072, max_rows=32, pad_id=pad_id,
+                                                   logit_contrast=contrast, layout=layout)]
 
 
 def softmax(x):
@@ -90,14 +131,14 @@ def softmax(x):
 class Questions:
     """TruthfulQA rows with MC1 choices and the union of MC1+MC2 choices, pre-tokenised."""
 
-    def __init__(self, rows, tokenizer):
+    def __init__(self, rows, tokenizer, system: str | None = None):
         self.rows = rows
         self.mc1 = [list(r["mc1_targets"]) for r in rows]
         self.mc1_gold = [list(r["mc1_targets"].values()).index(1) for r in rows]
         self.union = [list(dict.fromkeys(list(r["mc1_targets"]) + list(r["mc2_targets"]))) for r in rows]
         qs = [r["question"] for r in rows]
-        self.items_mc1 = build_items(tokenizer, qs, self.mc1)
-        self.items_union = build_items(tokenizer, qs, self.union)
+        self.items_mc1 = build_items(tokenizer, qs, self.mc1, system=system)
+        self.items_union = build_items(tokenizer, qs, self.union, system=system)
 
     def metrics_union(self, i: int, lps: list[float]) -> dict:
         lp = dict(zip(self.union[i], lps))
@@ -192,9 +233,10 @@ def fit_vectors(lm, pairs, methods, layer_spec, iti_heads, read, seed) -> dict:
     return vecs, info
 
 
-def lazy_lofit(lm, pairs, seed: int, knobs: dict, path: Path):
-    """The fold's LoFiT vector, trained (minutes) only when a score that needs it is not cached, and kept at
-    ``path`` so that a rerun with more seeds (or the cost measurement) never trains it again."""
+def lazy_vector(name: str, fit, path: Path):
+    """The fold's vector of a method that trains (LoFiT) or attributes (GrAInS) for minutes: ``fit()`` runs only
+    when a score that needs it is not cached, and the vector is kept at ``path`` so that a rerun with more seeds
+    (or the cost measurement) never fits it again."""
     memo = []
 
     def get() -> SteeringVector:
@@ -203,11 +245,12 @@ def lazy_lofit(lm, pairs, seed: int, knobs: dict, path: Path):
                 memo.append(SteeringVector.load(path))
             else:
                 t = time.time()
-                memo.append(fit_lofit(lm, pairs, seed=seed, progress=False, **knobs))
+                memo.append(fit())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 memo[0].save(path)
-                log(f"  lofit trained ({time.time() - t:.0f}s): heads {[s.key() for s in memo[0].sites]}, "
-                    f"loss by epoch {[round(x, 4) for x in memo[0].metadata['loss_history']]}")
+                history = memo[0].metadata.get("loss_history")
+                log(f"  {name} fitted ({time.time() - t:.0f}s): sites {[s.key() for s in memo[0].sites]}"
+                    + (f", loss by epoch {[round(x, 4) for x in history]}" if history else ""))
         return memo[0]
 
     return get
@@ -220,13 +263,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="questions (seeded subset of 817, source order)")
     ap.add_argument("--subset-seed", type=int, default=0)
     ap.add_argument("--seeds", default="0", help="fold-split seeds, comma separated")
-    ap.add_argument("--methods", default="caa,pca,iti", help="from caa,pca,probe,iti,lofit")
+    ap.add_argument("--methods", default="caa,pca,iti", help="from " + ",".join(DEFAULT_SCALES))
     ap.add_argument("--layers", default="auto", help="residual layer candidates: auto, N, or e.g. auto,12")
     ap.add_argument("--read", default="last", choices=["last", "mean"])
     ap.add_argument("--iti-heads", type=int, default=16)
     ap.add_argument("--pairs-per-q", type=int, default=2)
     ap.add_argument("--lofit", default="", metavar="K=V,...",
                     help="LoFiT knobs (steerscale.steer.lofit.LofitConfig), e.g. heads=16,epochs=2,lr=0.005")
+    ap.add_argument("--grains", default="", metavar="K=V,...",
+                    help="GrAInS knobs (steerscale.steer.grains.GrainsConfig), e.g. k=5,steps=16")
+    ap.add_argument("--grains-layers", default="auto", help="GrAInS layers: auto or a block index")
+    ap.add_argument("--grains-pairs", type=int, default=0,
+                    help="fit GrAInS on this many of the fold's training pairs (seeded subset; 0: all). Its "
+                         "attribution runs Integrated Gradients per pair, seconds each on a CPU")
+    ap.add_argument("--contrast-variants", default=DEFAULT_CONTRASTS, metavar="SPEC;SPEC",
+                    help="logit_contrast candidates (chosen on the training fold), ';'-separated specs of "
+                         "steerscale.engine.logit_contrast.LogitContrast.parse (default %(default)s)")
+    ap.add_argument("--system", default=None, metavar="TEXT",
+                    help='a system prompt for every question (the prompting baseline, e.g. "Answer truthfully."): '
+                         "the baseline row becomes prompt-only and every method row prompt + method; gains are also "
+                         "reported against the plain (no prompt) baseline")
     ap.add_argument("--select-limit", type=int, default=None, help="training questions used to choose the scale")
     for m, s in DEFAULT_SCALES.items():
         ap.add_argument(f"--scales-{m}", default=",".join(map(str, s)))
@@ -239,6 +295,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in DEFAULT_SCALES]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(DEFAULT_SCALES)}")
+    contrasts = [LogitContrast.parse(v) for v in args.contrast_variants.split(";") if v.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     scales = {m: [float(x) for x in getattr(args, f"scales_{m}").split(",")] for m in methods}
     out = Path(args.out)
@@ -256,7 +316,7 @@ def main(argv=None) -> dict:
     else:
         keep = list(range(len(rows_all)))
     rows = [rows_all[i] for i in keep]
-    Q = Questions(rows, tok)
+    Q = Questions(rows, tok, args.system)
     n = len(rows)
     log(f"model {args.model}: {layout.n_layers} layers, {layout.n_heads} heads; {n} questions; seeds {seeds}; "
         f"methods {methods}; threads {torch.get_num_threads()}")
@@ -265,11 +325,19 @@ def main(argv=None) -> dict:
     if "seed" in lofit_knobs:
         raise SystemExit("--lofit seed=...: LoFiT is seeded by the fold-split seed (--seeds)")
     common = dict(model=args.model, read=args.read, ppq=args.pairs_per_q, iti_heads=args.iti_heads, layers=args.layers)
+    prompted = {"system": args.system} if args.system is not None else {}  # absent: earlier caches stay valid
+    grains_knobs = GrainsConfig.parse(args.grains)
+    GrainsConfig.build(**grains_knobs)  # a bad knob fails now, not after the first fold's other methods
+    if "seed" in grains_knobs:
+        raise SystemExit("--grains seed=...: GrAInS is seeded by the fold-split seed (--seeds)")
 
     def own_key(m: str) -> dict:
         """What identifies a method's scores besides the fold: LoFiT's knobs only for rows that use LoFiT, so adding
         it (or changing them) leaves every other method's cached scores valid."""
-        return {"method": m, **({"lofit": lofit_knobs} if "lofit" in m.split("+") else {})}
+        return {"method": m, **({"lofit": lofit_knobs} if "lofit" in m.split("+") else {}),
+                **({"grains": grains_knobs, "grains_layers": args.grains_layers, "grains_pairs": args.grains_pairs}
+                   if "grains" in m.split("+") else {}),
+                **prompted}
 
     def scored(kind: str, idx: list[int], make_ivs, key_extra: dict) -> dict[int, dict]:
         """Per-question metrics for questions ``idx`` (kind 'union' = MC1+MC2, 'mc1' = MC1 only), cached.
@@ -293,9 +361,25 @@ def main(argv=None) -> dict:
 
     # baseline: all questions, MC1 + MC2 (also the scale-0 point of every selection curve)
     t = time.time()
-    base = scored("union", list(range(n)), list, {"model": args.model, "steer": None})
-    log(f"baseline scored: MC1 {np.mean([base[i]['mc1'] for i in range(n)]):.4f} "
+    base = scored("union", list(range(n)), list, {"model": args.model, "steer": None, **prompted})
+    log(f"baseline{' (prompt only)' if args.system else ''} scored: "
+        f"MC1 {np.mean([base[i]['mc1'] for i in range(n)]):.4f} "
         f"MC2 {np.mean([base[i]['mc2'] for i in range(n)]):.4f} ({time.time() - t:.0f}s)")
+    plain = None
+    if args.system is not None:  # the unprompted baseline, to read prompt-only and prompt + method against
+        Qp = Questions(rows, tok)
+        res, todo = {}, []
+        for i in range(n):
+            v = cache.get(keyof(kind="union", q=keep[i], model=args.model, steer=None))
+            res[i] = v
+            todo += [i] if v is None else []
+        if todo:
+            lps = score_items_fast(model, [Qp.items_union[i] for i in todo], (), layout, pad_id=pad)
+            for i, lp in zip(todo, lps):
+                res[i] = Qp.metrics_union(i, lp)
+                cache.put(keyof(kind="union", q=keep[i], model=args.model, steer=None), res[i])
+        plain = res
+        log(f"plain baseline (no prompt): MC1 {np.mean([plain[i]['mc1'] for i in range(n)]):.4f}")
 
     # per-method, per-question test scores (one list per seed), selection curves, chosen settings
     combos = [c.strip() for c in args.combine.split(",") if c.strip()] if args.combine else []
@@ -309,16 +393,26 @@ def main(argv=None) -> dict:
     cost_vec = {}
     for seed in seeds:
         for fold, (train, test) in enumerate(kfold(list(range(n)), 2, seed)):
-            fk = dict(common, seed=seed, fold=fold, limit=args.limit, subset_seed=args.subset_seed)
+            fk = dict(common, seed=seed, fold=fold, limit=args.limit, subset_seed=args.subset_seed, **prompted)
             t = time.time()
             pairs = train_pairs(rows, train, args.pairs_per_q, seed)
-            vecs, info = fit_vectors(lm, pairs, [m for m in methods if m != "lofit"], args.layers, args.iti_heads,
-                                     args.read, seed)
+            vecs, info = fit_vectors(lm, pairs, [m for m in methods if m in ("caa", "pca", "probe", "iti")],
+                                     args.layers, args.iti_heads, args.read, seed)
             # (method, label) -> (vector getter, layer): LoFiT's getter trains it on first use only
             vecs = {key: ((lambda v=vec: v), layer) for key, (vec, layer) in vecs.items()}
+            fk_vec = {k: v for k, v in fk.items() if k != "system"}  # a vector does not depend on the prompt
             if "lofit" in methods:
-                path = out / "vectors" / f"lofit-{keyof(**fk, lofit=lofit_knobs)}.safetensors"
-                vecs[("lofit", "heads")] = (lazy_lofit(lm, pairs, seed, lofit_knobs, path), None)
+                path = out / "vectors" / f"lofit-{keyof(**fk_vec, lofit=lofit_knobs)}.safetensors"
+                fit = lambda pairs=pairs, seed=seed: fit_lofit(lm, pairs, seed=seed, progress=False, **lofit_knobs)
+                vecs[("lofit", "heads")] = (lazy_vector("lofit", fit, path), None)
+            if "grains" in methods:
+                name = keyof(**fk_vec, grains=grains_knobs, gl=args.grains_layers, gp=args.grains_pairs)
+                path = out / "vectors" / f"grains-{name}.safetensors"
+                subset = pairs if not args.grains_pairs else random.Random(seed * 100 + fold).sample(
+                    pairs, min(args.grains_pairs, len(pairs)))
+                fit = lambda subset=subset, seed=seed: fit_grains(lm, subset, layers=args.grains_layers, seed=seed,
+                                                                  progress=False, **grains_knobs)
+                vecs[("grains", "grains")] = (lazy_vector("grains", fit, path), None)
             log(f"seed {seed} fold {fold}: {len(train)} train / {len(test)} test questions, {len(pairs)} pairs; "
                 f"vectors fitted ({time.time() - t:.0f}s); auto layer {info.get('auto_layer')}")
             sel = train if not args.select_limit else sorted(
@@ -358,6 +452,10 @@ def main(argv=None) -> dict:
                 return lambda mult: get().interventions(sc * mult)
 
             for m in methods:
+                if m == "logit_contrast":  # no vector: each variant is a candidate, chosen like a scale
+                    select_and_test(m, [(c.text(), 1.0, lambda mult, c=c: Treatment([], c), c.text())
+                                        for c in contrasts])
+                    continue
                 select_and_test(m, [(label, sc, at_scale(get, sc),
                                      f"{label}{'' if layer is None else '=L' + str(layer)} x{sc:g}")
                                     for (mm, label), (get, layer) in vecs.items() if mm == m for sc in scales[m]])
@@ -365,7 +463,7 @@ def main(argv=None) -> dict:
                 parts = [chosen_ivs[m] for m in c.split("+")]
 
                 def joint(mult, parts=parts):
-                    return lambda extra: [iv for make, _ in parts for iv in make(mult * extra)]
+                    return lambda extra: merged([make(mult * extra) for make, _ in parts])
 
                 steered = [d for _, d in parts if d != "unsteered"]
                 select_and_test(c, [] if not steered else  # nothing to compose: the combination is unsteered
@@ -376,41 +474,58 @@ def main(argv=None) -> dict:
     # -- table ------------------------------------------------------------------------------------------------
     base_mc1 = [base[i]["mc1"] for i in range(n)]
     base_mc2 = [base[i]["mc2"] for i in range(n)]
-    table = [{"method": "baseline", "mc1": bootstrap_ci(base_mc1).to_dict(), "mc2": bootstrap_ci(base_mc2).to_dict()}]
+    table = [{"method": "prompt" if args.system else "baseline", "mc1": bootstrap_ci(base_mc1).to_dict(),
+              "mc2": bootstrap_ci(base_mc2).to_dict()}]
+    plain_mc1 = [plain[i]["mc1"] for i in range(n)] if plain else None
+    plain_mc2 = [plain[i]["mc2"] for i in range(n)] if plain else None
+    if plain:  # gains of the prompt alone, and of prompt + method, against no prompt at all
+        table[0].update(gain_mc1_vs_plain=paired_compare(plain_mc1, base_mc1).to_dict(),
+                        gain_mc2_vs_plain=paired_compare(plain_mc2, base_mc2).to_dict())
+        table.insert(0, {"method": "baseline (no prompt)", "mc1": bootstrap_ci(plain_mc1).to_dict(),
+                         "mc2": bootstrap_ci(plain_mc2).to_dict()})
     for m in all_methods:
         mc1 = [float(np.mean([d["mc1"] for d in test_scores[m][i]])) for i in range(n)]
         mc2 = [float(np.mean([d["mc2"] for d in test_scores[m][i]])) for i in range(n)]
         table.append({"method": m, "mc1": bootstrap_ci(mc1).to_dict(), "mc2": bootstrap_ci(mc2).to_dict(),
                       "gain_mc1": paired_compare(base_mc1, mc1).to_dict(),
                       "gain_mc2": paired_compare(base_mc2, mc2).to_dict(),
+                      **({"gain_mc1_vs_plain": paired_compare(plain_mc1, mc1).to_dict(),
+                          "gain_mc2_vs_plain": paired_compare(plain_mc2, mc2).to_dict()} if plain else {}),
                       "settings": [c["setting"] for c in chosen_log if c["method"] == m]})
+    first_method = 2 if plain else 1  # rows before it are baselines
 
     # -- cost ---------------------------------------------------------------------------------------------------
     arc_base = None
     if args.arc_limit:
         arc = get_task("arc_easy").load(limit=args.arc_limit, seed=0)
-        arc_items = build_items(tok, [e.question for e in arc], [e.choices for e in arc])
+        arc_items = build_items(tok, [e.question for e in arc], [e.choices for e in arc], system=args.system)
         arc_acc = lambda lps: [float(int(np.argmax(lp)) == e.gold) for lp, e in zip(lps, arc)]
         t = time.time()
         arc_base = arc_acc(score_items_fast(model, arc_items, pad_id=pad))
         log(f"ARC-Easy baseline acc {np.mean(arc_base):.4f} (n={len(arc)}, {time.time() - t:.0f}s)")
-    for row in table[1:]:
+    for row in table[first_method:]:
         make, desc = cost_vec[row["method"]]
-        ivs = make(1.0)
+        treatment = make(1.0)
+        ivs, contrast = unpack(treatment)
         row["cost_setting"] = desc
-        if not ivs:
+        if not ivs and contrast is None:
             row["kl"], row["arc_delta"] = 0.0, None
             continue
-        row["kl"] = steering_cost(model, tok, layout, ivs)["kl"]["mean"]
+        row["kl"] = steering_cost(model, tok, layout, ivs, logit_contrast=contrast)["kl"]["mean"]
         if arc_base is not None:
             t = time.time()
-            steered = arc_acc(score_items_fast(model, arc_items, ivs, layout, pad_id=pad))
+            steered = arc_acc(score_items_fast(model, arc_items, treatment, layout, pad_id=pad))
             row["arc_acc"] = float(np.mean(steered))
             row["arc_delta"] = paired_compare(arc_base, steered).to_dict()
             log(f"cost {row['method']} at {desc}: KL {row['kl']:.4f}, ARC-Easy {np.mean(arc_base):.4f} -> "
                 f"{np.mean(steered):.4f} ({time.time() - t:.0f}s)")
     if arc_base is not None:
-        table[0]["arc_acc"] = float(np.mean(arc_base))
+        table[first_method - 1]["arc_acc"] = float(np.mean(arc_base))
+        if plain:  # ARC-Easy with the prompt alone, against no prompt
+            arc_plain = arc_acc(score_items_fast(model, build_items(tok, [e.question for e in arc],
+                                                                    [e.choices for e in arc]), pad_id=pad))
+            table[0]["arc_acc"] = float(np.mean(arc_plain))
+            table[1]["arc_delta"] = paired_compare(arc_plain, arc_base).to_dict()
 
     # -- plot ---------------------------------------------------------------------------------------------------
     try:
@@ -453,9 +568,22 @@ def main(argv=None) -> dict:
         ad = r.get("arc_delta")
         ads = f"{100 * ad['diff']:+5.1f}" if isinstance(ad, dict) else "  -"
         print(f"{r['method']:9s} {f(r['mc1'])}   {f(r['mc2'])}   {gs}       {kl}  {ads}")
-    best = max(table[1:], key=lambda r: r["mc1"]["mean"]) if len(table) > 1 else table[0]
+    best = max(table[first_method:], key=lambda r: r["mc1"]["mean"]) if len(table) > first_method else table[0]
+    gains = {}  # per method, against this run's baseline (with --system: prompt + method against no prompt too)
+    for r in table[first_method:]:
+        key = r["method"].replace("+", "_plus_")
+        gains[f"{key}_mc1_gain"] = round(r["gain_mc1"]["diff"], 4)
+        gains[f"{key}_mc1_gain_ci_low"] = round(r["gain_mc1"]["lo"], 4)
+        if plain:
+            gains[f"prompt_plus_{key}_mc1_gain"] = round(r["gain_mc1_vs_plain"]["diff"], 4)
+            gains[f"prompt_plus_{key}_mc1_gain_ci_low"] = round(r["gain_mc1_vs_plain"]["lo"], 4)
+    if plain:
+        gains["prompt_mc1_gain"] = round(table[1]["gain_mc1_vs_plain"]["diff"], 4)
+        gains["prompt_mc1_gain_ci_low"] = round(table[1]["gain_mc1_vs_plain"]["lo"], 4)
     summary = {
-        "baseline_mc1": table[0]["mc1"]["mean"], "baseline_mc2": table[0]["mc2"]["mean"],
+        "baseline_mc1": table[first_method - 1]["mc1"]["mean"],
+        "baseline_mc2": table[first_method - 1]["mc2"]["mean"],
+        **({"system": args.system, "plain_mc1": table[0]["mc1"]["mean"]} if plain else {}), **gains,
         "best_method": best["method"], "best_mc1": best["mc1"]["mean"], "best_mc2": best["mc2"]["mean"],
         "gain": best.get("gain_mc1", {}).get("diff", 0.0), "gain_ci_low": best.get("gain_mc1", {}).get("lo", 0.0),
         "gain_ci_high": best.get("gain_mc1", {}).get("hi", 0.0),

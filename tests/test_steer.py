@@ -192,7 +192,7 @@ def test_one_registry_lists_every_method():
     from steerscale.steer.methods import ALIASES, METHODS, get_method, iti
 
     assert isinstance(METHODS, Registry)
-    assert list(METHODS) == ["caa", "pca_diff", "pca_center", "probe", "iti", "lofit"]
+    assert list(METHODS) == ["caa", "pca_diff", "pca_center", "probe", "iti", "lofit", "grains"]
     assert all(description for _, description in METHODS.describe())
     assert get_method("iti") is iti and get_method("lofit") is lofit
     assert get_method("pca") is pca_diff and ALIASES["mean_diff"] == "caa"
@@ -200,3 +200,57 @@ def test_one_registry_lists_every_method():
         get_method("lofti")
     with pytest.raises(SteerscaleError, match="did you mean 'probe'"):
         extract(tiny_lm(), _pairs(), method="prob")
+
+
+def test_a_norm_preserving_vector_is_honoured_where_it_can_be_and_refused_where_not(tmp_path):
+    """GrAInS vectors carry ``preserve_norm``: the engine and the server's batches rescale, the formats that cannot
+    (a llama.cpp control vector, a baked bias, the sum with a plain vector) refuse instead of steering otherwise."""
+    from steerscale.scale import Budget, LocalBackend, SamplingParams
+    from steerscale.serve.scheduler import Job, Scheduler
+    from steerscale.steer.bake import bake
+    from steerscale.steer.gguf import export_gguf
+
+    lm = tiny_lm("llama")
+    site = Site(1)
+    g = torch.Generator().manual_seed(0)
+    plain = SteeringVector({site: torch.randn(lm.layout.site_dim(site), generator=g) * 4})
+    kept = SteeringVector(dict(plain.directions), metadata={"preserve_norm": True})
+    assert kept.preserve_norm and not plain.preserve_norm
+    (iv,) = kept.interventions(2.0)
+    assert iv.edit.preserve_norm
+    seen = {}
+    from steerscale.engine.runtime import Observer, observe
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), observe(lm.layout, [Observer(site, lambda h: seen.setdefault("base", h.clone()))]):
+        lm.model(input_ids=ids)
+    with torch.no_grad(), intervene(lm.layout, kept.interventions(2.0)), \
+            observe(lm.layout, [Observer(site, lambda h: seen.setdefault("kept", h.clone()))]):
+        lm.model(input_ids=ids)
+    assert torch.allclose(seen["kept"].norm(dim=-1), seen["base"].norm(dim=-1), rtol=1e-5)
+    assert not torch.allclose(seen["kept"], seen["base"])
+    assert SteeringVector.load(kept.save(tmp_path / "k.safetensors")).preserve_norm
+    assert (kept + kept).preserve_norm and (2 * kept).preserve_norm
+    with pytest.raises(SteerscaleError, match="norm-preserving"):
+        kept + plain
+    with pytest.raises(SteerscaleError, match="norm-preserving"):
+        export_gguf(kept, tmp_path / "k.gguf")
+    with pytest.raises(SteerscaleError, match="preserve_norm"):
+        bake(lm.model, lm.layout, kept, 1.0, tmp_path / "baked", lm.tokenizer)
+    # the batching scheduler: a norm-preserving request next to a plain and an unsteered one, each as alone
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, step=None)
+    steers = [((kept, 2.0),), ((plain, 1.0),), ()]
+
+    def run(jobs, max_batch):
+        sched = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=max_batch)
+        futs = [sched.submit(j) for j in jobs]
+        while not all(f.done() for f in futs):
+            sched.step()
+        return [f.result()[0].token_ids for f in futs]
+
+    prompts = ["hello there", "ab", "a longer prompt here"]
+    make = lambda: [Job(lm.tokenizer.encode(p), greedy, steer=s) for p, s in zip(prompts, steers)]
+    alone = [run([j], 1)[0] for j in make()]
+    assert run(make(), 8) == alone
+    local = LocalBackend(lm.model, lm.tokenizer, lm.layout, kept.interventions(2.0), chat=False)
+    assert local.sample(prompts[0], 1, greedy, Budget())[0].token_ids == alone[0]

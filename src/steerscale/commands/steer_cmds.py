@@ -35,6 +35,7 @@ examples:
   steerscale extract --pairs formal_casual --method pca --layers 10-14 --read mean -o formal_pca.safetensors
   steerscale extract --pairs formal_casual --method iti --heads 8 -o formal_iti.safetensors   # per attention head
   steerscale extract --pairs formal_casual --method caa --layers 14 -o formal.gguf   # a llama.cpp control vector
+  steerscale extract --pairs formal_casual --method grains --train k=3,steps=32 -o formal_grains.safetensors
 
 formal_casual is the bundled pair set; --pairs also takes a JSONL file, one {"positive", "negative"} per line.
 Apply a vector with: steerscale generate -p "How was your weekend?" --steer formal.safetensors:1
@@ -60,7 +61,9 @@ def register(sub) -> None:
     p.add_argument("--heads", type=int, default=16, help="ITI, LoFiT: number of heads to steer (default: 16)")
     p.add_argument("--train", default=None, metavar="K=V,...",
                    help="LoFiT training knobs, e.g. epochs=3,lr=0.005,loss=sft (fields of steer.lofit.LofitConfig: "
-                        "epochs, select_epochs, lr, select_lr, l1, beta, loss dpo|sft, batch_size)")
+                        "epochs, select_epochs, lr, select_lr, l1, beta, loss dpo|sft, batch_size); GrAInS knobs, "
+                        "e.g. k=5,steps=16 (steer.grains.GrainsConfig: k, steps, batch_size, aggregate mean|pca, "
+                        "baseline zero|pad)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf for a llama.cpp control vector)")
     p.set_defaults(func=run_extract)
 
@@ -96,12 +99,19 @@ def run_extract(args) -> int:
 
     # refuse before loading and training (LoFiT trains for minutes) what can only fail afterwards
     args.method = METHODS.canonical(args.method)  # unknown: "did you mean", before the model loads
-    if args.train and args.method != "lofit":
-        raise SteerscaleError(f"--train sets LoFiT's training knobs; method {args.method!r} does not train",
-                              "drop --train, or use --method lofit")
+    if args.train and args.method not in ("lofit", "grains"):
+        raise SteerscaleError(f"--train sets LoFiT's and GrAInS's knobs; method {args.method!r} does not train",
+                              "drop --train, or use --method lofit or grains")
+    if args.method == "grains":
+        from ..steer.grains import GrainsConfig
+
+        GrainsConfig.build(**GrainsConfig.parse(args.train))  # a bad knob fails before the model loads
     if Path(args.output).suffix == ".gguf" and args.method in ("iti", "lofit"):
         raise SteerscaleError(f"{args.method} vectors are per attention head; a llama.cpp control vector holds only "
                               "residual directions", "write .safetensors and bake it (steerscale bake) for other engines")
+    if Path(args.output).suffix == ".gguf" and args.method == "grains":
+        raise SteerscaleError("GrAInS steering rescales each activation to its original norm, which a llama.cpp "
+                              "control vector cannot do", "write .safetensors and steer with it in steerscale")
     lm = load(args)
     vector = _extract(args, lm, args.method, args.layers)
     out = Path(args.output)

@@ -22,7 +22,8 @@ from ..engine.generation import format_prompt
 from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
-from .layers import parse_layers
+from .grains import GrainsConfig, fit_grains
+from .layers import best_layer, parse_layers
 from .lofit import LofitConfig, fit_lofit
 from .methods import METHODS, get_method
 from .methods.iti import fit as _iti_direction  # noqa: F401 (re-exported for bench/truthfulqa_steering.py)
@@ -115,9 +116,9 @@ def sweep(pos: dict[Site, torch.Tensor], neg: dict[Site, torch.Tensor], holdout:
 
 
 def pick_layer(accuracy: dict[Site, float], n_layers: int) -> Site:
-    best = max(accuracy.values())
-    near = [s for s, a in accuracy.items() if a >= best - 0.01]
-    return min(near, key=lambda s: (abs(s.layer - (n_layers - 1) / 2), s.layer))
+    """The residual site ``layers=auto`` picks (``steer.layers.best_layer``'s rule)."""
+    by_layer = {s.layer: s for s in accuracy}
+    return by_layer[best_layer({s.layer: a for s, a in accuracy.items()}, n_layers)]
 
 
 def extract(
@@ -138,8 +139,9 @@ def extract(
     """Extract a steering vector from contrastive ``pairs`` (a JSONL path, dicts or ``ContrastPair`` list).
 
     ``method``: ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` (residual stream, resid_post),
-    ``iti`` (per attention head) or ``lofit`` (learned per-head offsets, ``steer.lofit``; ``iti_heads`` heads,
-    ``train`` its other knobs, e.g. ``"epochs=3,lr=0.01"``). ``layers``: ``auto`` or explicit (see
+    ``iti`` (per attention head), ``lofit`` (learned per-head offsets, ``steer.lofit``; ``iti_heads`` heads,
+    ``train`` its other knobs, e.g. ``"epochs=3,lr=0.01"``) or ``grains`` (gradient-attributed residual
+    directions, ``steer.grains``; ``train`` its knobs, e.g. ``"k=5,steps=32"``). ``layers``: ``auto`` or explicit (see
     ``parse_layers``); for residual methods with explicit layers one direction is fitted per layer.
     """
     pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
@@ -151,6 +153,12 @@ def extract(
                                   "run the sweep with method caa or iti, or drop return_sweep")
         knobs = {"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}  # batch_size: LoFiT's own knob
         return fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
+    if METHODS.canonical(method) == "grains":
+        if return_sweep:
+            raise SteerscaleError("GrAInS picks its layer from its own attribution pass, not a probe sweep",
+                                  "run the sweep with method caa, or drop return_sweep")
+        knobs = {"seed": seed, "holdout": holdout, **GrainsConfig.parse(train)}  # batch_size: GrAInS's own knob
+        return fit_grains(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
     texts = pair_texts(lm.tokenizer, pairs, chat)
     data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}
     return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)

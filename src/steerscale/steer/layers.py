@@ -45,3 +45,11 @@ def parse_layers(spec, n_layers: int) -> list[int] | str:
         raise SteerscaleError(f"layer(s) {bad or spec} out of range: this model has {n_layers} blocks",
                               f"use layers between 0 and {n_layers - 1}")
     return sorted(set(layers))
+
+
+def best_layer(accuracy: dict[int, float], n_layers: int) -> int:
+    """The layer with the best held-out probe accuracy; ties (within a point) go toward the middle of the network,
+    then to the earlier layer. ``layers=auto`` of every extraction method (``extract``, GrAInS) uses this rule."""
+    best = max(accuracy.values())
+    near = [layer for layer, a in accuracy.items() if a >= best - 0.01]
+    return min(near, key=lambda layer: (abs(layer - (n_layers - 1) / 2), layer))

@@ -5,7 +5,8 @@ A direction-finding module defines ``NAME`` and ``fit(pos, neg, **knobs) -> (dir
 pair i) and ``direction`` is a ``(dim,)`` tensor at the method's natural strength, oriented so that adding it moves
 toward the positive side; ``PAIRED_ONLY`` says whether it needs pairs (not labelled texts) and ``PER_HEAD`` (ITI)
 that it is fitted per attention head. Which sites, layers and tokens are read is the job of ``steer.extract``.
-LoFiT's entry is ``steer.lofit``, which learns its offsets by training on the model (``fit_lofit``) instead.
+LoFiT's entry is ``steer.lofit``, which learns its offsets by training on the model (``fit_lofit``) instead;
+GrAInS's is ``steer.grains``, which needs the model's gradients (``fit_grains``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ...registry import Registry
-from .. import lofit
+from .. import grains, lofit
 from . import caa, iti, pca_center, pca_diff, probe
 
 METHODS: Registry[ModuleType] = Registry("steering method")
@@ -24,6 +25,7 @@ METHODS.add(pca_center.NAME, pca_center, "first principal component of activatio
 METHODS.add(probe.NAME, probe, "normal of a logistic-regression probe, with its held-out accuracy")
 METHODS.add(iti.NAME, iti, "per attention head: mass-mean shift at the heads a probe sweep ranks best (ITI)")
 METHODS.add(lofit.NAME, lofit, "learned per-head offsets (LoFiT); trains for minutes")
+METHODS.add(grains.NAME, grains, "directions from gradient-attributed prompt tokens, norm-preserving (GrAInS)")
 ALIASES: dict[str, str] = METHODS.aliases
 
 
