@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from steerscale import Site, SiteKind, SteerscaleError
+from steerscale import Site, SteerscaleError
 from steerscale.engine.capture import tokenize
 from steerscale.engine.choices import build_items, choice_logprob_sums, padded_logprob_sums
 from steerscale.engine.generation import generate
@@ -124,7 +124,8 @@ def test_head_logits_of_the_last_block_are_the_models_logits():
     seen = {}
     from steerscale.engine.runtime import Observer, observe
 
-    with torch.no_grad(), observe(lm.layout, [Observer(Site(lm.layout.n_layers - 1), lambda h: seen.setdefault("h", h))]):
+    last = Observer(Site(lm.layout.n_layers - 1), lambda h: seen.setdefault("h", h))
+    with torch.no_grad(), observe(lm.layout, [last]):
         logits = lm.model(input_ids=ids).logits
     assert torch.allclose(head_logits(lm.model, lm.layout, seen["h"]), logits, atol=1e-5)
 

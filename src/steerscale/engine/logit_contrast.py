@@ -183,7 +183,8 @@ def _js(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return 0.5 * (p_term + q_term)
 
 
-def contrast(final_logits: torch.Tensor, early_logits: torch.Tensor, spec: LogitContrast) -> tuple[torch.Tensor, torch.Tensor]:
+def contrast(final_logits: torch.Tensor, early_logits: torch.Tensor,
+             spec: LogitContrast) -> tuple[torch.Tensor, torch.Tensor]:
     """``final_logits`` (rows, vocab) and ``early_logits`` (layers, rows, vocab) -> (the contrasted log-probs
     (rows, vocab) float32, the index into ``layers`` each row used (rows,); ``add`` reports 0)."""
     final = final_logits.float()
