@@ -331,7 +331,7 @@ def bake(model: nn.Module, layout: ModelLayout, steering, scale: float, out_dir:
     check_target(out_dir, overwrite)
     deltas, record = _bias_deltas(model, folds)
     plan = _bias_plan(model, _missing_biases(model, deltas))
-    probe = _probe(model, layout, ivs)
+    probe = make_probe(model, lambda: intervene(layout, ivs))
     with staging(out_dir) as tmp:
         diff_mem = _save_baked(model, layout, deltas, plan, probe, tmp)
         _patch_config(tmp / "config.json", model.config, plan)
@@ -371,10 +371,10 @@ def _missing_biases(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[s
 
 @dataclass
 class Probe:
-    """The hooked model's logits on a short probe input: what the baked checkpoint must reproduce."""
+    """The logits a written checkpoint must reproduce on a short probe input (``probe``)."""
 
     ids: torch.Tensor
-    hooked: torch.Tensor
+    reference: torch.Tensor  # the logits to reproduce
     effect: float  # max logit change the edit makes
     tol: float
     dtype: torch.dtype
@@ -391,15 +391,18 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _probe(model: nn.Module, layout: ModelLayout, ivs: list[Intervention]) -> Probe:
+def make_probe(model: nn.Module, applied) -> Probe:
+    """The logits a written checkpoint must reproduce: ``model``'s on a short probe input while the context manager
+    ``applied()`` is active (the hooks for a bake, the merged weights for CASAL), with the tolerance that follows
+    from the dtype and the size of the change."""
     param = next(model.parameters())
     ids = probe_ids(model, param.device)
     with eval_mode(model):
         plain = model_logits(model, ids)
-        with intervene(layout, ivs):
-            hooked = model_logits(model, ids)
-    effect = float((hooked - plain).abs().max())
-    return Probe(ids, hooked, effect, logit_tolerance(param.dtype, hooked, effect), param.dtype, param.device)
+        with applied():
+            reference = model_logits(model, ids)
+    effect = float((reference - plain).abs().max())
+    return Probe(ids, reference, effect, logit_tolerance(param.dtype, reference, effect), param.dtype, param.device)
 
 
 @contextmanager
@@ -437,7 +440,7 @@ def _save_baked(model: nn.Module, layout: ModelLayout, deltas: dict[str, torch.T
                 probe: Probe, directory: Path) -> float:
     """Save ``model`` with the biases set, once they reproduce the hooked edit in memory; returns that difference."""
     with eval_mode(model), _biases_set(model, deltas, plan):
-        diff_mem = float((model_logits(model, probe.ids) - probe.hooked).abs().max())
+        diff_mem = float((model_logits(model, probe.ids) - probe.reference).abs().max())
         if diff_mem > probe.tol:
             raise SteerscaleError(
                 f"the biases do not reproduce the hooked edit on this {layout.architecture} model (max logit difference "
@@ -532,7 +535,7 @@ def verify_reload(directory: Path, probe: Probe) -> float:
         raise SteerscaleError(f"plain transformers loads the baked checkpoint with {problems}",
                               "report this architecture; the edit would be lost or wrong")
     model = model.to(probe.device).eval()
-    diff = float((model_logits(model, probe.ids) - probe.hooked).abs().max())
+    diff = float((model_logits(model, probe.ids) - probe.reference).abs().max())
     del model
     if diff > probe.tol:
         raise SteerscaleError(f"the reloaded checkpoint differs from the model it was written from (max logit "

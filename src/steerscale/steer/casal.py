@@ -39,7 +39,6 @@ request from another.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -47,6 +46,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -61,8 +61,9 @@ from ..models.layout import HookPoint, Location, ModelLayout
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
 from ..version import __version__
-from .bake import (REPORT_FILE, Probe, as_interventions, check_target, down_projection, eval_mode, logit_tolerance,
-                   model_logits, probe_ids, publish, staging, verify_reload)
+from .bake import (REPORT_FILE, as_interventions, check_target, down_projection, eval_mode, make_probe, probe_ids,
+                   publish, staging, verify_reload)
+from .knobs import Knobs
 from .pairs import bundled_pairs, load_pairs, read_jsonl
 from .training import descend, frozen
 
@@ -73,9 +74,10 @@ _ADDITIVE_TOL = 1e-2  # relative error of the probe edit that still counts as "a
 
 
 @dataclass(frozen=True)
-class CasalConfig:
+class CasalConfig(Knobs):
     """Knobs of the fit, validated at construction."""
 
+    LABEL: ClassVar[str] = "CASAL"
     rank: int = 8  # r of the update W + B A
     steps: int = 300  # Adam steps
     lr: float = 5e-3
@@ -99,35 +101,6 @@ class CasalConfig:
             raise SteerscaleError(f"CASAL layer must be a block index or -1 (auto), got {self.layer!r}")
         if self.mode not in MODES:
             raise SteerscaleError(f"unknown CASAL mode {self.mode!r}", f"use one of: {', '.join(MODES)}")
-
-    @classmethod
-    def parse(cls, spec: str | dict | None) -> dict:
-        """``"rank=8,steps=200"`` (the CLI's ``--train``) as typed overrides of the config's fields."""
-        if not spec:
-            return {}
-        if isinstance(spec, dict):
-            return dict(spec)
-        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-        out = {}
-        for part in str(spec).split(","):
-            key, eq, value = (x.strip() for x in part.partition("="))
-            if not eq or key not in kinds:
-                raise SteerscaleError(f"bad CASAL setting {part!r}",
-                                      f"use NAME=VALUE pairs with NAME one of: {', '.join(kinds)}")
-            try:
-                out[key] = kinds[key](value)
-            except ValueError:
-                raise SteerscaleError(f"CASAL {key} must be a {kinds[key].__name__}, got {value!r}") from None
-        return out
-
-    @classmethod
-    def build(cls, config: "CasalConfig | None" = None, **knobs) -> "CasalConfig":
-        """``config`` with ``knobs`` overriding its fields; an unknown knob is an error that lists the known ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(knobs) - set(names))
-        if unknown:
-            raise SteerscaleError(f"unknown CASAL setting(s) {', '.join(unknown)}", f"known: {', '.join(names)}")
-        return cls(**{**(asdict(config) if config else {}), **knobs})
 
 
 @dataclass
@@ -176,7 +149,9 @@ def casal_texts(tokenizer, source, chat: bool | None = None) -> list[str]:
             path = bundled_pairs(str(source))
         rows = read_jsonl(path)
         if all("positive" in obj for _, obj in rows):
-            from .extract import pair_texts  # extract imports lofit and the methods registry: only when needed
+            from .extract import (
+                pair_texts,  # extract imports lofit and the methods registry: only when needed
+            )
 
             both = pair_texts(tokenizer, load_pairs(path), chat)
             texts = both.positive + both.negative
@@ -508,30 +483,24 @@ def bake_casal(lm: LoadedModel, result: CasalResult, out_dir: str | Path, *, ver
     out_dir = Path(out_dir)
     model = lm.model
     check_target(out_dir, overwrite)
-    param = next(model.parameters())
-    ids = probe_ids(model, param.device)
-    with eval_mode(model):
-        plain = model_logits(model, ids)
-        with merged(model, result):
-            reference = model_logits(model, ids)
-            effect = float((reference - plain).abs().max())
-            probe = Probe(ids, reference, effect, logit_tolerance(param.dtype, reference, effect), param.dtype,
-                           param.device)
-            with staging(out_dir) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
-                    lm.tokenizer.save_pretrained(tmp)
-                report = {"format": FORMAT, "library_version": __version__,
-                          "source_model": source or lm.name or getattr(model.config, "_name_or_path", ""),
-                          "architecture": lm.layout.architecture, "saved_as": lm.layout.architecture,
-                          "layer": result.layer, "weight": f"{result.module}.weight", "rank": result.config.rank,
-                          "record": RECORD_FILE,
-                          "check": {"probe_tokens": int(ids.shape[1]), "edit_effect": effect, "tolerance": probe.tol}}
-                if verify:
-                    report["check"]["reload_max_abs_diff"] = verify_reload(tmp, probe)
-                (tmp / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-                (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-                publish(tmp, out_dir)
+    probe = make_probe(model, lambda: merged(model, result))
+    with eval_mode(model), merged(model, result):
+        with staging(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
+                lm.tokenizer.save_pretrained(tmp)
+            report = {"format": FORMAT, "library_version": __version__,
+                      "source_model": source or lm.name or getattr(model.config, "_name_or_path", ""),
+                      "architecture": lm.layout.architecture, "saved_as": lm.layout.architecture,
+                      "layer": result.layer, "weight": f"{result.module}.weight", "rank": result.config.rank,
+                      "record": RECORD_FILE,
+                      "check": {"probe_tokens": int(probe.ids.shape[1]), "edit_effect": probe.effect,
+                                "tolerance": probe.tol}}
+            if verify:
+                report["check"]["reload_max_abs_diff"] = verify_reload(tmp, probe)
+            (tmp / RECORD_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            publish(tmp, out_dir)
     report["out_dir"] = str(out_dir)
     return report
 

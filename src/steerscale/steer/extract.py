@@ -28,7 +28,7 @@ from .lofit import LofitConfig, fit_lofit
 from .methods import METHODS, get_method
 from .methods.iti import fit as _iti_direction  # noqa: F401 (re-exported for bench/truthfulqa_steering.py)
 from .methods.probe import probe_accuracies
-from .pairs import ContrastPair, load_labelled, load_pairs, pairs_hash
+from .pairs import ContrastPair, as_pairs, load_labelled, pairs_hash
 from .vector import SteeringVector, fingerprint
 
 
@@ -144,9 +144,7 @@ def extract(
     directions, ``steer.grains``; ``train`` its knobs, e.g. ``"k=5,steps=32"``). ``layers``: ``auto`` or explicit (see
     ``parse_layers``); for residual methods with explicit layers one direction is fitted per layer.
     """
-    pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
-    if len(pairs) < 2:
-        raise SteerscaleError(f"need at least 2 contrastive pairs, got {len(pairs)}")
+    pairs = as_pairs(pairs, "extraction")
     if METHODS.canonical(method) == "lofit":
         if return_sweep:
             raise SteerscaleError("LoFiT chooses heads by training, not by a probe sweep",

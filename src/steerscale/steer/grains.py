@@ -32,10 +32,10 @@ left attached or trainable afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -46,8 +46,9 @@ from ..engine.runtime import Observer, StopForward, observe
 from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site
+from .knobs import Knobs
 from .layers import best_layer, parse_layers
-from .pairs import ContrastPair, load_pairs, pairs_hash
+from .pairs import ContrastPair, as_pairs, pairs_hash
 from .training import frozen
 from .vector import SteeringVector, fingerprint
 
@@ -67,9 +68,10 @@ class Baseline(str, Enum):
 
 
 @dataclass(frozen=True)
-class GrainsConfig:
+class GrainsConfig(Knobs):
     """GrAInS knobs, validated at construction."""
 
+    LABEL: ClassVar[str] = "GrAInS"
     k: int = 3  # tokens per sign (the paper's setting)
     steps: int = 32  # Integrated Gradients points (16 is 2x faster; on SmolLM2 its scores sum to ~1.5-2x f(x) - f(0))
     batch_size: int = 16  # IG points per forward pass
@@ -91,38 +93,6 @@ class GrainsConfig:
                 raise SteerscaleError(f"GrAInS {name} must be an integer of at least 1, got {v!r}")
         if not (isinstance(self.holdout, (int, float)) and math.isfinite(self.holdout) and 0 < self.holdout < 1):
             raise SteerscaleError(f"GrAInS holdout must be between 0 and 1, got {self.holdout!r}")
-
-    @classmethod
-    def parse(cls, spec: str | dict | None) -> dict:
-        """``"k=5,steps=32,aggregate=pca"`` (the CLI's ``--train``) as typed overrides of the config's fields."""
-        if not spec:
-            return {}
-        if isinstance(spec, dict):
-            return dict(spec)
-        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-        out = {}
-        for part in str(spec).split(","):
-            key, eq, value = (x.strip() for x in part.partition("="))
-            if not eq or key not in kinds:
-                raise SteerscaleError(f"bad GrAInS setting {part!r}",
-                                      f"use NAME=VALUE pairs with NAME one of: {', '.join(kinds)}")
-            if issubclass(kinds[key], Enum):
-                out[key] = value  # checked (with the choices listed) when the config is built
-                continue
-            try:
-                out[key] = kinds[key](value)
-            except ValueError:
-                raise SteerscaleError(f"GrAInS {key} must be a number, got {value!r}") from None
-        return out
-
-    @classmethod
-    def build(cls, config: "GrainsConfig | None" = None, **knobs) -> "GrainsConfig":
-        """``config`` with ``knobs`` overriding its fields; an unknown knob is an error that lists the known ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(knobs) - set(names))
-        if unknown:
-            raise SteerscaleError(f"unknown GrAInS setting(s) {', '.join(unknown)}", f"known: {', '.join(names)}")
-        return cls(**{**(asdict(config) if config else {}), **knobs})
 
     def as_json(self) -> dict:
         return {**asdict(self), "aggregate": self.aggregate.value, "baseline": self.baseline.value}
@@ -378,9 +348,7 @@ def fit_grains(lm: LoadedModel, pairs, config: GrainsConfig | None = None, layer
     layer). ``knobs`` override ``GrainsConfig`` fields (``k``, ``steps``, ``aggregate``, ...). Apply with
     ``vector.interventions(scale)``: the edit keeps each activation's norm (``metadata["preserve_norm"]``)."""
     cfg = GrainsConfig.build(config, **knobs)
-    pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
-    if len(pairs) < 2:
-        raise SteerscaleError(f"GrAInS needs at least 2 contrastive pairs, got {len(pairs)}")
+    pairs = as_pairs(pairs, "GrAInS")
     layout = lm.layout
     chosen = parse_layers(layers, layout.n_layers)
     candidates = list(range(layout.n_layers)) if chosen == "auto" else list(chosen)

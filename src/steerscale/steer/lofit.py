@@ -25,10 +25,10 @@ hook contract as every other edit, and nothing stays attached or trainable after
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,9 @@ from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
+from .knobs import Knobs
 from .layers import parse_layers
-from .pairs import ContrastPair, load_pairs, pairs_hash
+from .pairs import ContrastPair, as_pairs, pairs_hash
 from .training import descend, frozen
 from .vector import SteeringVector, fingerprint
 
@@ -55,9 +56,10 @@ class LofitLoss(str, Enum):
 
 
 @dataclass(frozen=True)
-class LofitConfig:
+class LofitConfig(Knobs):
     """Knobs of both training steps, validated at construction."""
 
+    LABEL: ClassVar[str] = "LoFiT"
     heads: int = 16  # K: heads that get offsets
     epochs: int = 2  # offset training
     select_epochs: int = 1  # head-selection training
@@ -85,35 +87,6 @@ class LofitConfig:
                 raise SteerscaleError(f"LoFiT {name} must be a positive finite number, got {v!r}")
         if not (math.isfinite(self.l1) and self.l1 >= 0):
             raise SteerscaleError(f"LoFiT l1 must be a finite number >= 0, got {self.l1!r}")
-
-    @classmethod
-    def parse(cls, spec: str | dict | None) -> dict:
-        """``"epochs=3,lr=0.01,loss=sft"`` (the CLI's ``--train``) as typed overrides of the config's fields."""
-        if not spec:
-            return {}
-        if isinstance(spec, dict):
-            return dict(spec)
-        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}  # int, float or LofitLoss
-        out = {}
-        for part in str(spec).split(","):
-            key, eq, value = (x.strip() for x in part.partition("="))
-            if not eq or key not in kinds:
-                raise SteerscaleError(f"bad LoFiT setting {part!r}",
-                                      f"use NAME=VALUE pairs with NAME one of: {', '.join(kinds)}")
-            try:
-                out[key] = value if kinds[key] is LofitLoss else kinds[key](value)
-            except ValueError:
-                raise SteerscaleError(f"LoFiT {key} must be a number, got {value!r}") from None
-        return out
-
-    @classmethod
-    def build(cls, config: "LofitConfig | None" = None, **knobs) -> "LofitConfig":
-        """``config`` with ``knobs`` overriding its fields; an unknown knob is an error that lists the known ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(knobs) - set(names))
-        if unknown:
-            raise SteerscaleError(f"unknown LoFiT setting(s) {', '.join(unknown)}", f"known: {', '.join(names)}")
-        return cls(**{**(asdict(config) if config else {}), **knobs})
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -219,9 +192,7 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
     ``layers``: where heads may be chosen (``auto`` = every layer, or a spec as in ``extract``). ``sites``: skip
     step 1 and train offsets on these ``head_out`` sites. ``knobs`` override ``LofitConfig`` fields."""
     cfg = LofitConfig.build(config, **knobs)
-    pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
-    if len(pairs) < 2:
-        raise SteerscaleError(f"LoFiT needs at least 2 contrastive pairs, got {len(pairs)}")
+    pairs = as_pairs(pairs, "LoFiT")
     layout = lm.layout
     chosen_layers = parse_layers(layers, layout.n_layers)
     layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers

@@ -65,6 +65,15 @@ def load_pairs(source: str | Path | Iterable[dict]) -> list[ContrastPair]:
     return pairs
 
 
+def as_pairs(pairs, who: str) -> list[ContrastPair]:
+    """``pairs`` (a JSONL path, dicts or ``ContrastPair`` list) as ``ContrastPair``s, at least 2 of them; ``who``
+    names the method in the error (e.g. "LoFiT")."""
+    pairs = pairs if pairs and isinstance(pairs, list) and isinstance(pairs[0], ContrastPair) else load_pairs(pairs)
+    if len(pairs) < 2:
+        raise SteerscaleError(f"{who} needs at least 2 contrastive pairs, got {len(pairs)}")
+    return pairs
+
+
 def load_labelled(source: str | Path | Iterable[dict]) -> list[tuple[str, int]]:
     rows = read_jsonl(Path(source)) if isinstance(source, (str, Path)) else list(enumerate(source, 1))
     out = []
