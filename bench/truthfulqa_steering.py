@@ -283,6 +283,9 @@ def main(argv=None) -> dict:
                     help='a system prompt for every question (the prompting baseline, e.g. "Answer truthfully."): '
                          "the baseline row becomes prompt-only and every method row prompt + method; gains are also "
                          "reported against the plain (no prompt) baseline")
+    ap.add_argument("--prompt-baseline", default=None, metavar="TEXT",
+                    help="also score the prompt-only row with this system prompt (no --system: the method rows stay "
+                         "unprompted); JSON prompt_mc1_gain. Its scores share --system TEXT's cache")
     ap.add_argument("--select-limit", type=int, default=None, help="training questions used to choose the scale")
     for m, s in DEFAULT_SCALES.items():
         ap.add_argument(f"--scales-{m}", default=",".join(map(str, s)))
@@ -365,6 +368,20 @@ def main(argv=None) -> dict:
     log(f"baseline{' (prompt only)' if args.system else ''} scored: "
         f"MC1 {np.mean([base[i]['mc1'] for i in range(n)]):.4f} "
         f"MC2 {np.mean([base[i]['mc2'] for i in range(n)]):.4f} ({time.time() - t:.0f}s)")
+    prompt_only = None
+    if args.prompt_baseline is not None and args.system is None:  # the same key as a --system run's baseline
+        Qs = Questions(rows, tok, args.prompt_baseline)
+        res = {}
+        todo = [i for i in range(n) if cache.get(keyof(kind="union", q=keep[i], model=args.model, steer=None,
+                                                       system=args.prompt_baseline)) is None]
+        if todo:
+            lps = score_items_fast(model, [Qs.items_union[i] for i in todo], (), layout, pad_id=pad)
+            for i, lp in zip(todo, lps):
+                cache.put(keyof(kind="union", q=keep[i], model=args.model, steer=None, system=args.prompt_baseline),
+                          Qs.metrics_union(i, lp))
+        prompt_only = {i: cache.get(keyof(kind="union", q=keep[i], model=args.model, steer=None,
+                                          system=args.prompt_baseline)) for i in range(n)}
+        log(f"prompt only ({args.prompt_baseline!r}): MC1 {np.mean([prompt_only[i]['mc1'] for i in range(n)]):.4f}")
     plain = None
     if args.system is not None:  # the unprompted baseline, to read prompt-only and prompt + method against
         Qp = Questions(rows, tok)
@@ -492,7 +509,13 @@ def main(argv=None) -> dict:
                       **({"gain_mc1_vs_plain": paired_compare(plain_mc1, mc1).to_dict(),
                           "gain_mc2_vs_plain": paired_compare(plain_mc2, mc2).to_dict()} if plain else {}),
                       "settings": [c["setting"] for c in chosen_log if c["method"] == m]})
-    first_method = 2 if plain else 1  # rows before it are baselines
+    if prompt_only:  # a row of its own, read against the baseline like a method
+        p1 = [prompt_only[i]["mc1"] for i in range(n)]
+        p2 = [prompt_only[i]["mc2"] for i in range(n)]
+        table.insert(1, {"method": "prompt", "system": args.prompt_baseline, "mc1": bootstrap_ci(p1).to_dict(),
+                         "mc2": bootstrap_ci(p2).to_dict(), "gain_mc1": paired_compare(base_mc1, p1).to_dict(),
+                         "gain_mc2": paired_compare(base_mc2, p2).to_dict()})
+    first_method = 2 if plain or prompt_only else 1  # rows before it are baselines
 
     # -- cost ---------------------------------------------------------------------------------------------------
     arc_base = None
@@ -511,7 +534,10 @@ def main(argv=None) -> dict:
         if not ivs and contrast is None:
             row["kl"], row["arc_delta"] = 0.0, None
             continue
-        row["kl"] = steering_cost(model, tok, layout, ivs, logit_contrast=contrast)["kl"]["mean"]
+        cost = steering_cost(model, tok, layout, ivs, logit_contrast=contrast)
+        row["kl"], row["kl_reverse"] = cost["kl"]["mean"], cost["kl_reverse"]["mean"]
+        if "masked_share" in cost:  # DoLa's plausibility mask: KL(base || contrast) is dominated by it
+            row["masked_share"] = cost["masked_share"]
         if arc_base is not None:
             t = time.time()
             steered = arc_acc(score_items_fast(model, arc_items, treatment, layout, pad_id=pad))
@@ -520,12 +546,17 @@ def main(argv=None) -> dict:
             log(f"cost {row['method']} at {desc}: KL {row['kl']:.4f}, ARC-Easy {np.mean(arc_base):.4f} -> "
                 f"{np.mean(steered):.4f} ({time.time() - t:.0f}s)")
     if arc_base is not None:
-        table[first_method - 1]["arc_acc"] = float(np.mean(arc_base))
+        table[0 if prompt_only else first_method - 1]["arc_acc"] = float(np.mean(arc_base))
         if plain:  # ARC-Easy with the prompt alone, against no prompt
             arc_plain = arc_acc(score_items_fast(model, build_items(tok, [e.question for e in arc],
                                                                     [e.choices for e in arc]), pad_id=pad))
             table[0]["arc_acc"] = float(np.mean(arc_plain))
             table[1]["arc_delta"] = paired_compare(arc_plain, arc_base).to_dict()
+        if prompt_only:  # ARC-Easy under the prompt alone, against the unprompted baseline
+            arc_prompt = arc_acc(score_items_fast(model, build_items(tok, [e.question for e in arc], [
+                e.choices for e in arc], system=args.prompt_baseline), pad_id=pad))
+            table[1]["arc_acc"] = float(np.mean(arc_prompt))
+            table[1]["arc_delta"] = paired_compare(arc_base, arc_prompt).to_dict()
 
     # -- plot ---------------------------------------------------------------------------------------------------
     try:
@@ -577,12 +608,12 @@ def main(argv=None) -> dict:
         if plain:
             gains[f"prompt_plus_{key}_mc1_gain"] = round(r["gain_mc1_vs_plain"]["diff"], 4)
             gains[f"prompt_plus_{key}_mc1_gain_ci_low"] = round(r["gain_mc1_vs_plain"]["lo"], 4)
-    if plain:
-        gains["prompt_mc1_gain"] = round(table[1]["gain_mc1_vs_plain"]["diff"], 4)
-        gains["prompt_mc1_gain_ci_low"] = round(table[1]["gain_mc1_vs_plain"]["lo"], 4)
+    if plain or prompt_only:
+        g = table[1]["gain_mc1_vs_plain" if plain else "gain_mc1"]
+        gains["prompt_mc1_gain"], gains["prompt_mc1_gain_ci_low"] = round(g["diff"], 4), round(g["lo"], 4)
     summary = {
-        "baseline_mc1": table[first_method - 1]["mc1"]["mean"],
-        "baseline_mc2": table[first_method - 1]["mc2"]["mean"],
+        "baseline_mc1": table[0 if prompt_only else first_method - 1]["mc1"]["mean"],
+        "baseline_mc2": table[0 if prompt_only else first_method - 1]["mc2"]["mean"],
         **({"system": args.system, "plain_mc1": table[0]["mc1"]["mean"]} if plain else {}), **gains,
         "best_method": best["method"], "best_mc1": best["mc1"]["mean"], "best_mc2": best["mc2"]["mean"],
         "gain": best.get("gain_mc1", {}).get("diff", 0.0), "gain_ci_low": best.get("gain_mc1", {}).get("lo", 0.0),

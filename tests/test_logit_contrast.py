@@ -139,6 +139,23 @@ def test_the_cost_of_a_contrast_is_measured_against_the_plain_model():
     assert cost["kl"]["mean"] > 1e-4 and cost["n_tokens"] == plain["n_tokens"]  # a random model: flat logits
 
 
+def test_the_cost_of_a_masking_contrast_is_finite_in_reverse_and_reports_the_masked_share():
+    """DoLa's mask gives dropped tokens a log-prob near -1e4: the forward KL and the perplexity blow up (no crash),
+    the reverse KL stays finite."""
+    import copy
+
+    lm = tiny_lm("llama")
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # peaked next-token distributions, as a trained model has
+    texts = ["the cat sat on the mat", "one two three four five"]
+    from steerscale.models.layout import find_layout
+
+    cost = steering_cost(model, lm.tokenizer, find_layout(model), [], texts, logit_contrast="dola:0+1,alpha=0.1")
+    assert 0 < cost["masked_share"] <= 1 and cost["kl"]["mean"] > 100
+    assert 0 < cost["kl_reverse"]["mean"] < 100 and cost["ppl_ratio"] > 1
+
+
 # -- decoding -----------------------------------------------------------------------------------------------------
 def greedy_by_hand(lm, prompt: str, spec, n: int, interventions=()) -> list[int]:
     ids = tokenize(lm.tokenizer, [prompt], "cpu").input_ids

@@ -237,6 +237,19 @@ def test_a_norm_preserving_vector_is_honoured_where_it_can_be_and_refused_where_
         export_gguf(kept, tmp_path / "k.gguf")
     with pytest.raises(SteerscaleError, match="preserve_norm"):
         bake(lm.model, lm.layout, kept, 1.0, tmp_path / "baked", lm.tokenizer)
+    # decided per prompt (CAST, controllers): the rule's edits keep the vector's norm preservation
+    from steerscale.engine.capture import tokenize
+    from steerscale.engine.prompt_rules import PromptRule, Read, prompt_interventions
+
+    class Always(PromptRule):
+        vector = kept
+        reads = (Read(Site(0), "last"),)
+
+        def site_scales(self, readings):
+            return {s: (d, torch.full((len(readings[self.reads[0]]),), 2.0)) for s, d in kept.directions.items()}
+
+    edits, _ = prompt_interventions(lm.model, lm.layout, [Always()], tokenize(lm.tokenizer, ["hi"], "cpu"))
+    assert [e.edit.preserve_norm for e in edits] == [True]
     # the batching scheduler: a norm-preserving request next to a plain and an unsteered one, each as alone
     greedy = SamplingParams(max_tokens=6, temperature=0.0, step=None)
     steers = [((kept, 2.0),), ((plain, 1.0),), ()]

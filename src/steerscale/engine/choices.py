@@ -218,7 +218,8 @@ def choice_logprob_sums(model, items: Sequence[Item], pad_id: int = 0, logit_con
                         layout=None) -> torch.Tensor:
     """Summed log-prob of every choice of ``items`` in one shared-prompt forward, as ``(n_items, max_choices)``.
     ``logit_contrast`` (a ``LogitContrast``, with ``layout``): score each token by the early-layer contrast
-    (``engine.logit_contrast``) instead of the model's own distribution.
+    (``engine.logit_contrast``) instead of the model's own distribution (not differentiable through the early
+    states, which are read detached).
 
     Differentiable (no ``no_grad`` here): learned steering (``steer.lofit``) trains its offsets through the same
     packed scoring that TruthfulQA-style evaluation uses, so what is optimised is what is measured."""

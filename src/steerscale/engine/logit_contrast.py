@@ -52,8 +52,9 @@ _PRESETS = {"dola": ContrastMode.CONTRAST, "contrast": ContrastMode.CONTRAST, "v
 
 @dataclass(frozen=True)
 class LogitContrast:
-    """A logit-contrast setting. ``layers``: ``"high"`` / ``"low"`` (DoLa's buckets: every second block of the
-    upper / lower half, the last block excluded), one block index, or several (0-based ``resid_post`` indices;
+    """A logit-contrast setting. ``layers``: ``"high"`` / ``"low"`` (DoLa-like buckets: every second block of the
+    upper / lower half, the last block excluded; transformers' DoLa counts the embedding output as layer 0, so its
+    buckets sit one block lower), one block index, or several (0-based ``resid_post`` indices;
     the last block is the final layer itself and is refused). ``alpha``: the plausibility threshold of ``contrast``
     (0 turns it off). ``weight``: how much of the early distribution is subtracted (``contrast``) or added
     (``add``)."""
@@ -80,11 +81,12 @@ class LogitContrast:
         elif layers not in ("high", "low"):
             raise SteerscaleError(f"logit contrast layers must be 'high', 'low' or block indices, got {layers!r}")
         object.__setattr__(self, "layers", layers)
-        if not 0.0 <= float(self.alpha) < 1.0:
-            raise SteerscaleError(f"logit contrast alpha must be in [0, 1), got {self.alpha!r}",
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
+            raise SteerscaleError(f"logit contrast alpha must be a number in [0, 1), got {self.alpha!r}",
                                   "DoLa uses 0.1; 0 turns the plausibility constraint off")
-        if not isinstance(self.weight, (int, float)) or not 0.0 < float(self.weight) <= 10.0:
-            raise SteerscaleError(f"logit contrast weight must be in (0, 10], got {self.weight!r}", "DoLa uses 1")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0.0 < self.weight <= 10.0:
+            raise SteerscaleError(f"logit contrast weight must be a number in (0, 10], got {self.weight!r}",
+                                  "DoLa uses 1")
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "weight", float(self.weight))
 
@@ -100,8 +102,8 @@ class LogitContrast:
             if unknown:
                 raise SteerscaleError(f"unknown logit contrast field(s) {sorted(unknown)}",
                                       "use layers, mode, alpha, weight")
-            layers = spec.get("layers", "high")
-            return cls(tuple(layers) if isinstance(layers, list) else layers, spec.get("mode", "contrast"),
+            layers, mode = spec.get("layers", "high"), spec.get("mode", "contrast")
+            return cls(tuple(layers) if isinstance(layers, list) else layers, _PRESETS.get(mode, mode),
                        spec.get("alpha", 0.1), spec.get("weight", 1.0))
         head, *knobs = str(spec).strip().split(",")
         mode_name, _, layer_text = head.partition(":")
@@ -127,7 +129,7 @@ class LogitContrast:
         """The CLI spec ``parse`` reads back."""
         layers = self.layers if isinstance(self.layers, str) else "+".join(map(str, self.layers))
         name = "dola" if self.mode is ContrastMode.CONTRAST else "vista"
-        return f"{name}:{layers},alpha={self.alpha:g},weight={self.weight:g}"
+        return f"{name}:{layers},alpha={self.alpha:.15g},weight={self.weight:.15g}"
 
     def resolve(self, n_layers: int) -> tuple[int, ...]:
         """The candidate blocks for a model with ``n_layers`` blocks."""

@@ -70,6 +70,12 @@ class PromptRule(ABC):
     scope: TokenScope = ALL_TOKENS
 
     @property
+    def preserve_norm(self) -> bool:
+        """Whether the resulting edits rescale each steered vector to its original norm (a GrAInS direction)."""
+        vector = getattr(self, "vector", None)
+        return bool(getattr(vector, "preserve_norm", False))
+
+    @property
     @abstractmethod
     def reads(self) -> tuple[Read, ...]: ...
 
@@ -111,7 +117,7 @@ def prompt_interventions(model, layout: ModelLayout, rules: Sequence[PromptRule]
             if not torch.isfinite(scales).all():
                 raise SteerscaleError(f"{type(rule).__name__} produced a non-finite scale at {site.key()}",
                                       "the rule's artifact is damaged or diverged; refit it")
-            edits.append(Intervention(site, Add(direction, scales), rule.scope))
+            edits.append(Intervention(site, Add(direction, scales, preserve_norm=rule.preserve_norm), rule.scope))
             for b, s in enumerate(scales.tolist()):
                 if s != 0.0:
                     rows[b][site.key()] = rows[b].get(site.key(), 0.0) + s

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..engine.capture import tokenize
 from ..engine.generation import format_prompt
-from ..engine.logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
+from ..engine.logit_contrast import MASKED, EarlyReader, LogitContrast, check_layout, contrast_hidden
 from ..engine.prompt_rules import prompt_interventions
 from ..engine.runtime import intervene
 from ..errors import SteerscaleError
@@ -44,6 +44,12 @@ def _logprobs(model, batch, early: EarlyReader | None = None) -> torch.Tensor:
     return scores.view(logits.shape)
 
 
+def _exp(x: float) -> float:
+    """``e ** x``, or inf past float range: a logit contrast's plausibility mask gives the tokens it masks a
+    log-prob near -1e4, so a neutral text that uses one has an astronomically large perplexity under it."""
+    return math.exp(x) if x < 700 else float("inf")
+
+
 @torch.no_grad()
 def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] | None = None, batch_size: int = 8,
                   progress: bool = False, seed: int = 0, rules: Sequence = (), prompt_width: int | None = None,
@@ -58,6 +64,9 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     ``chat``: send each text as a user message (chat template applied), as a conditional rule fitted on chat
     prompts sees requests; the KL then covers the template's tokens too. ``logit_contrast``: the steered
     distribution is the early-layer contrast (``engine.logit_contrast``), with the interventions (if any) active.
+    ``kl_reverse`` is KL(P_steered || P_base). DoLa's plausibility mask gives the tokens it drops a log-prob near
+    ``MASKED`` (-1e4), so under a contrast with ``alpha > 0`` ``kl`` and the perplexity are dominated by the mask
+    (``masked_share``: the share of the texts' next tokens it drops); ``kl_reverse`` stays finite and comparable.
     """
     texts = list(texts) if texts is not None else neutral_prompts()
     if not texts:
@@ -70,7 +79,7 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
         early = EarlyReader(layout, LogitContrast.parse(logit_contrast), model=model)
         check_layout(layout, early.spec)
     device = next(model.parameters()).device
-    kl_per_text, nll_base, nll_steer, n_tok = [], [], [], 0
+    kl_per_text, rkl_per_text, nll_base, nll_steer, n_tok, n_masked = [], [], [], [], 0, 0
     starts = range(0, len(texts), batch_size)
     for s in tqdm(starts, desc="cost (KL, perplexity)", disable=not progress, unit="batch"):
         batch = tokenize(tokenizer, texts[s : s + batch_size], device)
@@ -81,6 +90,7 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
         mask = batch.attention_mask.bool()
         valid = mask[:, :-1] & mask[:, 1:]  # positions that predict a real next token
         kl = (base.exp() * (base - steer)).sum(-1)[:, :-1]  # (B, T-1)
+        rkl = (steer.exp() * (steer - base)).nan_to_num(0.0).sum(-1)[:, :-1]  # finite where the steered side masks
         tgt = batch.input_ids[:, 1:, None]
         nb = -base[:, :-1].gather(-1, tgt)[..., 0]
         ns = -steer[:, :-1].gather(-1, tgt)[..., 0]
@@ -89,6 +99,8 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
             if not v.any():
                 continue
             kl_per_text.append(float(kl[r][v].mean()))
+            rkl_per_text.append(float(rkl[r][v].mean()))
+            n_masked += int((ns[r][v] > -MASKED / 2).sum())
             nll_base.append(float(nb[r][v].mean()))
             nll_steer.append(float(ns[r][v].mean()))
             n_tok += int(v.sum())
@@ -97,7 +109,9 @@ def steering_cost(model, tokenizer, layout, interventions, texts: Sequence[str] 
     mb, ms = sum(nll_base) / len(nll_base), sum(nll_steer) / len(nll_steer)
     return {
         "kl": bootstrap_ci(kl_per_text, seed=seed).to_dict(),
+        "kl_reverse": bootstrap_ci(rkl_per_text, seed=seed).to_dict(),
+        **({"masked_share": n_masked / max(n_tok, 1)} if early is not None else {}),
         "nll_delta": bootstrap_ci([s - b for s, b in zip(nll_steer, nll_base)], seed=seed).to_dict(),
-        "ppl_base": math.exp(mb), "ppl_steered": math.exp(ms), "ppl_ratio": math.exp(ms - mb),
+        "ppl_base": _exp(mb), "ppl_steered": _exp(ms), "ppl_ratio": _exp(ms - mb),
         "n_texts": len(kl_per_text), "n_tokens": n_tok,
     }

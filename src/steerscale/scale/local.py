@@ -207,7 +207,8 @@ class LocalBackend(Backend):
             return None
         x = torch.tensor([ids], device=self.device)
         edits, _ = prompt_interventions(self.model, self.layout, self.rules, Batch(x, torch.ones_like(x)))
-        return [Intervention(iv.site, Add(iv.edit.vector, float(iv.edit.scale[0])), iv.scope) for iv in edits
+        return [Intervention(iv.site, Add(iv.edit.vector, float(iv.edit.scale[0]), preserve_norm=iv.edit.preserve_norm),
+                             iv.scope) for iv in edits
                 if float(iv.edit.scale[0]) != 0.0]
 
     def _early(self, last_only: bool) -> EarlyReader | None:

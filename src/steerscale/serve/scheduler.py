@@ -415,7 +415,9 @@ class Scheduler:
             chosen = {site: float(scales[0]) * direction
                       for site, (direction, scales) in entry.site_scales(next(readings)).items() if float(scales[0])}
             if chosen:
-                steer.append((SteeringVector(chosen, method="decided"), 1.0, _scheduled_scope(entry.scope)))
+                metadata = {"preserve_norm": True} if entry.preserve_norm else {}
+                steer.append((SteeringVector(chosen, method="decided", metadata=metadata), 1.0,
+                              _scheduled_scope(entry.scope)))
         job.steer = steer
 
     def _join(self, cache, mask, logits) -> None:

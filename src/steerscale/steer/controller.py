@@ -248,7 +248,8 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, positive: Sequence
                               disable=not progress, unit="batch"):
                 idx = order[start: start + batch_size]
                 s = ctl.scales({r: feats[r.site][idx] for r in ctl.reads})
-                edits = [Intervention(site, Add(vector.directions[site], s[:, j]), ctl.scope)
+                edits = [Intervention(site, Add(vector.directions[site], s[:, j], preserve_norm=vector.preserve_norm),
+                                      ctl.scope)
                          for j, site in enumerate(sites)]
                 chunk = [items[i] for i in idx]
                 with intervene(layout, edits):
