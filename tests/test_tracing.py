@@ -29,6 +29,7 @@ def _hooks(model) -> int:
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma3"])
 def test_restoring_every_position_at_a_layer_gives_the_clean_run(family):
     lm = _lm(family)
+    hooks = _hooks(lm.model)  # the shared tiny model may carry transformers' own hooks from another test
     enc = encode_case(lm.tokenizer, TraceCase(PROMPT, TARGET, FOIL, subject="cat"))
     sites = [Site(i) for i in range(lm.layout.n_layers)]
     clean_sums, clean = clean_run(lm, enc, sites)
@@ -49,7 +50,7 @@ def test_restoring_every_position_at_a_layer_gives_the_clean_run(family):
     for site in sites:
         torch.testing.assert_close(run_rows(lm, one, noise, {site: mask}, clean1), sums1.expand(3, -1), atol=1e-5,
                                    rtol=0)
-    assert _hooks(lm.model) == 0
+    assert _hooks(lm.model) == hooks
 
 
 @pytest.mark.parametrize("kind", ["resid_post", "mlp_out", "attn_out", "head_out"])
@@ -97,12 +98,13 @@ def test_position_trace_matches_a_hand_made_restore():
 def test_hooks_never_leak_after_an_error_inside():
     lm = _lm("llama")
     enc = encode_case(lm.tokenizer, TraceCase(PROMPT, TARGET, subject="cat"))
+    hooks = _hooks(lm.model)  # the shared tiny model may carry transformers' own hooks from another test
     before = clean_run(lm, enc, [Site(1)])[0]
-    assert _hooks(lm.model) == 0
+    assert _hooks(lm.model) == hooks
     bad = {Site(1): torch.zeros(4, lm.layout.hidden_size)}  # wrong width: the edit raises mid-forward
     with pytest.raises(SteerscaleError, match="do not fit"):
         run_rows(lm, enc, None, {Site(1): torch.ones(1, 30, dtype=torch.bool)}, bad)
-    assert _hooks(lm.model) == 0
+    assert _hooks(lm.model) == hooks
     torch.testing.assert_close(clean_run(lm, enc, [Site(1)])[0], before, atol=0, rtol=0)
 
 
@@ -175,6 +177,7 @@ def test_aggregate_over_prompts_by_position_class(tmp_path):
 
 def test_bad_inputs_are_named():
     lm = _lm("llama")
+    hooks = _hooks(lm.model)
     cases = [
         (dict(prompt="", target=" x"), "empty prompt"),
         (dict(prompt="   ", target=" x"), "empty prompt"),
@@ -201,7 +204,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(SteerscaleError, match="different kinds"):
         aggregate([trace(lm, PROMPT, " x", samples=1, progress=False),
                    trace(lm, PROMPT, " x", samples=1, kind="mlp_out", progress=False)])
-    assert _hooks(lm.model) == 0
+    assert _hooks(lm.model) == hooks
 
 
 def test_cli_traces_a_tiny_model_end_to_end(tmp_path, capsys, monkeypatch):
