@@ -397,7 +397,7 @@ def fit_grains(lm: LoadedModel, pairs, config: GrainsConfig | None = None, layer
     gap = float(torch.tensor(gaps).median())
     if gap > 0.2:  # e.g. Gemma's sandwich norms make f jump just above the zero baseline
         log.warning("GrAInS: Integrated Gradients scores miss f(x) - f(baseline) by %.0f%% (median over pairs); "
-                    "raise steps, or use baseline=pad", 100 * gap)
+                    "raise steps%s", 100 * gap, "" if cfg.baseline is Baseline.PAD else ", or use baseline=pad")
     return SteeringVector(
         dirs,
         model_name=lm.name,
