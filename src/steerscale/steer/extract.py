@@ -145,18 +145,18 @@ def extract(
     ``parse_layers``); for residual methods with explicit layers one direction is fitted per layer.
     """
     pairs = as_pairs(pairs, "extraction")
-    if METHODS.canonical(method) == "lofit":
+    fitted_on_the_model = {  # methods that fit by running the model (training, attribution), not on activations
+        "lofit": lambda: fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress,
+                                   **{"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}),
+        "grains": lambda: fit_grains(lm, pairs, layers=layers, chat=chat, progress=progress,
+                                     **{"seed": seed, "holdout": holdout, **GrainsConfig.parse(train)}),
+    }  # batch_size: each has its own knob
+    fit = fitted_on_the_model.get(METHODS.canonical(method))
+    if fit is not None:
         if return_sweep:
-            raise SteerscaleError("LoFiT chooses heads by training, not by a probe sweep",
+            raise SteerscaleError(f"{method} chooses where to steer by its own fitting, not a probe sweep",
                                   "run the sweep with method caa or iti, or drop return_sweep")
-        knobs = {"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}  # batch_size: LoFiT's own knob
-        return fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
-    if METHODS.canonical(method) == "grains":
-        if return_sweep:
-            raise SteerscaleError("GrAInS picks its layer from its own attribution pass, not a probe sweep",
-                                  "run the sweep with method caa, or drop return_sweep")
-        knobs = {"seed": seed, "holdout": holdout, **GrainsConfig.parse(train)}  # batch_size: GrAInS's own knob
-        return fit_grains(lm, pairs, layers=layers, chat=chat, progress=progress, **knobs)
+        return fit()
     texts = pair_texts(lm.tokenizer, pairs, chat)
     data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}
     return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
