@@ -171,7 +171,7 @@ def test_extract_and_cli_route_to_grains(tmp_path, monkeypatch, capsys):
     lm = tiny_lm()
     v = extract(lm, _pairs(), "grains", "1-2", train="k=2,steps=4", progress=False)
     assert v.method == "grains" and v.sites == [Site(1), Site(2)] and v.metadata["grains"]["k"] == 2
-    with pytest.raises(SteerscaleError, match="not a probe sweep"):
+    with pytest.raises(SteerscaleError, match="not by a probe sweep"):
         extract(lm, _pairs(), "grains", return_sweep=True, progress=False)
 
     import steerscale.commands.steer_cmds as steer_cmds

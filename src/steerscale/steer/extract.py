@@ -154,7 +154,7 @@ def extract(
     fit = fitted_on_the_model.get(METHODS.canonical(method))
     if fit is not None:
         if return_sweep:
-            raise SteerscaleError(f"{method} chooses where to steer by its own fitting, not a probe sweep",
+            raise SteerscaleError(f"{method} chooses where to steer by its own fitting, not by a probe sweep",
                                   "run the sweep with method caa or iti, or drop return_sweep")
         return fit()
     texts = pair_texts(lm.tokenizer, pairs, chat)
