@@ -12,7 +12,8 @@ import torch
 from steerscale import SteerscaleError
 from steerscale.measure.runs import evaluate, read_records
 from steerscale.scale import Budget, LocalBackend
-from steerscale.scale.remote import Loglikelihood, OpenAIBackend, echo_continuation_logprob, echo_option_logprob
+from steerscale.scale.remote import OpenAIBackend
+from steerscale.scale.remote.readers import Loglikelihood, echo_continuation_logprob, echo_option_logprob
 from steerscale.serve import ApiError, App, start_server
 from tiny import ChatCharTokenizer, tiny_model
 

@@ -1,8 +1,9 @@
 """``OpenAIBackend`` against servers that misbehave: retries with backoff (503, a reset connection, 429 with
 Retry-After, a refused connection), immediate errors for a bad request, a read timeout that closes the connection
 (seen by a stdlib server and by ``steerscale serve``, which stops generating), the candidates of an interrupted run
-kept in ``RemoteError.partial``, and the served model's chat template found without ``tokenizer=``. The faulty
-servers are stdlib ``http.server`` fakes on real ports; attempts are counted on the server side."""
+kept in ``RemoteError.partial`` (runs told apart by ``Budget.uid``, never by a recyclable ``id()``), and the served
+model's chat template found without ``tokenizer=``. The faulty servers are stdlib ``http.server`` fakes on real
+ports; attempts are counted on the server side."""
 
 import gc
 import json
@@ -20,7 +21,9 @@ import torch
 
 from steerscale import SteerscaleError
 from steerscale.scale import Budget, SamplingParams, run_strategy
-from steerscale.scale.remote import OpenAIBackend, RemoteError, backoff_delay, retry_after
+from steerscale.scale import remote as remote_pkg
+from steerscale.scale.remote import OpenAIBackend, RemoteError
+from steerscale.scale.remote.client import backoff_delay, retry_after
 
 PROMPT = "2 + 2 ="
 
@@ -302,6 +305,68 @@ def test_a_failed_step_keeps_the_rows_that_finished_in_answered_requests(fake):
     assert branches.rows[1].text == "B\n" and not branches.rows[1].finished  # the failed row as it was
     assert budget.spent()["generated_tokens"] == 2 + 4  # "A", "B", then "done": the failed request costs nothing
 
+
+
+def fail_next(srv):
+    """The server's next answer is HTTP 500 (then "ok" again)."""
+    srv.script = [(500, {})]
+
+
+def test_two_live_budgets_never_share_a_run(fake):
+    srv = fake(text_of=lambda p, j: p[-1])
+    remote = client(srv, retries=0)
+    a, b = Budget(), Budget()
+    remote.sample("run a", 1, greedy(), a)  # the runs interleave on one backend
+    remote.sample("run b", 2, greedy(), b)
+    remote.sample("again a", 1, greedy(), a)
+    assert set(remote._done) == {a.uid, b.uid}  # keyed by the budget's uid, never by its id()
+    fail_next(srv)
+    with pytest.raises(RemoteError) as in_a:
+        remote.sample("more a", 1, greedy(), a)
+    assert in_a.value.partial_prompts == ["run a", "again a"] and [c.text for c in in_a.value.partial] == ["a", "a"]
+    fail_next(srv)
+    with pytest.raises(RemoteError) as in_b:
+        remote.sample("more b", 1, greedy(), b)
+    assert in_b.value.partial_prompts == ["run b", "run b"] and [c.text for c in in_b.value.partial] == ["b", "b"]
+
+
+def test_a_recycled_id_starts_a_new_run(fake, monkeypatch):
+    """Budgets collected while their runs' records are still there (their clean-up not run yet), then a new budget
+    at one of their addresses: the same id(), another uid, and the new run starts from nothing."""
+    monkeypatch.setattr(remote_pkg.backend, "weakref", SimpleNamespace(finalize=lambda *a, **k: None))
+    srv = fake(text_of=lambda p, j: "old")
+    remote = client(srv, retries=0)
+    olds = [Budget() for _ in range(16)]
+    for b in olds:
+        remote.sample("old run", 1, greedy(), b)
+    old_uids = {id(b): b.uid for b in olds}
+    del olds, b  # freed at once (nothing else holds them): CPython hands their memory to new objects of their size
+    new, spare = Budget(), []
+    while id(new) not in old_uids and len(spare) < 2000:
+        spare.append(new)
+        new = Budget()
+    if id(new) not in old_uids:
+        pytest.skip("the allocator reused none of the freed budgets' addresses")
+    assert new.uid != old_uids[id(new)] and len(remote._done) == 16  # the old records outlived their budgets
+    fail_next(srv)
+    with pytest.raises(RemoteError) as exc:
+        remote.sample("new run", 1, greedy(), new)
+    assert exc.value.partial == [] and exc.value.partial_prompts == []
+
+
+def test_every_name_the_package_exported_before_the_split_is_still_there():
+    """``scale/remote.py`` became a package (client, readers, replay, backend); ``from steerscale.scale.remote
+    import X`` keeps working for each public name the module had, and is the same object as in its new home."""
+    homes = {"client": ["HINT", "MAX_BACKOFF", "MAX_RETRY_AFTER", "RemoteError", "backoff_delay", "base_url_of",
+                        "http_json", "list_models", "rejected", "retry_after"],
+             "readers": ["MISSING", "REASON_KEYS", "Loglikelihood", "Piece", "echo_continuation_logprob",
+                         "echo_option_logprob", "echo_tokens", "first_top_logprobs", "read_choice"],
+             "replay": ["Outcome", "advance", "first_stop", "plan_requests"],
+             "backend": ["FALLBACK_TOP", "MAX_PARALLEL", "OpenAIBackend", "find_tokenizer"]}
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(remote_pkg, name) is getattr(getattr(remote_pkg, module), name), name
+    assert remote_pkg.client.log is remote_pkg.backend.log and remote_pkg.client.log.name == "steerscale.scale.remote"
 
 # -- the chat template -------------------------------------------------------------------------------------------
 @pytest.fixture

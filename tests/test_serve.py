@@ -15,7 +15,9 @@ import torch
 
 from steerscale import Site, SiteKind, SteerscaleError
 from steerscale.scale import Budget, LocalBackend, SamplingParams, get_verifier, run_strategy
-from steerscale.scale.remote import MISSING, OpenAIBackend, Piece, advance, plan_requests
+from steerscale.scale.remote import OpenAIBackend
+from steerscale.scale.remote.readers import MISSING, Piece
+from steerscale.scale.remote.replay import advance, plan_requests
 from steerscale.serve import ApiError, App, start_server
 from steerscale.steer.vector import SteeringVector
 from tiny import ChatCharTokenizer, tiny_model

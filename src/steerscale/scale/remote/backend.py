@@ -1,5 +1,6 @@
 """``OpenAIBackend``: the ``Backend`` interface over any OpenAI-compatible ``/v1/completions`` server (vLLM, SGLang,
-llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standard library's ``urllib``.
+llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standard library. This module is the
+backend itself; the HTTP is ``client``, reading an answer ``readers``, what an answer does to a row ``replay``.
 
 * Prompts: formatted client-side with ``format_prompt`` when a HF ``tokenizer`` with a chat template is given (and
   ``chat`` is not False), exactly as ``LocalBackend`` does, and then sent with ``add_special_tokens: false`` (vLLM's
@@ -35,20 +36,13 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 * ``loglikelihood`` (multiple-choice scoring, lm-eval's way): the same echo on context + continuation, summing the
   log-probs of the tokens that end after the context (a token straddling the boundary is counted); prompt arrays of
   ``max_n`` pairs, sent concurrently. No fallback: a server that cannot echo is a ``SteerscaleError``.
-* Faults (``http_json``): each request runs on a fresh connection (``http.client``; proxies from the environment
-  are honoured as ``urllib`` does). No connection (refused, connect timeout), a connection dropped before the
-  answer (reset, closed), HTTP 5xx and 429 are retried ``retries`` times, ``backoff`` * 2^k s apart with jitter
-  (capped at ``MAX_BACKOFF``), or after the answer's ``Retry-After`` when it has one (capped at
-  ``MAX_RETRY_AFTER``); another 4xx is an immediate ``RemoteError`` with the server's message. ``timeout`` bounds
-  the connect and each read (a non-streaming answer comes whole, so the generation is timed as a whole). A read
-  timeout is not retried: the connection is shut down at once, which makes servers that watch for it (vLLM,
-  steerscale serve) abort the generation, and the error says the request was abandoned. Only the answer used is
-  charged to the budget (retries happen below it).
+* Faults (``client.http_json``): retried ``retries`` times with backoff where another attempt may help; see
+  ``client``. Only the answer used is charged to the budget (retries happen below it).
 * Interrupted runs: a ``RemoteError`` raised by ``sample``/``extend``/``choice_logprobs`` carries ``partial``, every
-  candidate this backend finished under the same live ``Budget`` object (one strategy run; a sample-mode verifier's
-  judge samples included, ``partial_prompts`` says each one's prompt) up to the failure: earlier calls' results,
-  and the rows of the failing call that finished in requests answered before it (concurrent requests that did
-  answer are taken and charged). Unfinished rows are not in it.
+  candidate this backend finished under the same ``Budget`` (one strategy run, told apart by ``Budget.uid``, which
+  is never reused; a sample-mode verifier's judge samples included, ``partial_prompts`` says each one's prompt) up
+  to the failure: earlier calls' results, and the rows of the failing call that finished in requests answered
+  before it (concurrent requests that did answer are taken and charged). Unfinished rows are not in it.
 * Chat template without ``tokenizer=``: unless ``chat=False``, the served model's own tokenizer is looked for on
   this machine, never on the network (``find_tokenizer``: a local directory, a bundled alias's converted
   checkpoint, the HF cache); when none is found, prompts go raw and one warning is logged saying how to fix it.
@@ -56,397 +50,26 @@ llama.cpp's ``llama-server``, ``steerscale serve``), with nothing but the standa
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import email.utils
-import http.client
-import json
 import logging
 import math
-import random
-import socket
-import ssl
 import threading
-import time
 import weakref
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
-from ..engine.generation import format_prompt, has_chat_template
-from ..errors import SteerscaleError
-from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, derive_seed, find_stop, step_end
-from .budget import Budget
+from ...engine.generation import format_prompt, has_chat_template
+from ...errors import SteerscaleError
+from ..backend import Backend, Branches, Candidate, FinishReason, SamplingParams, derive_seed
+from ..budget import Budget
+from .client import HINT, RemoteError, base_url_of, http_json, rejected
+from .readers import (MISSING, Loglikelihood, Piece, echo_continuation_logprob, echo_option_logprob, echo_tokens,
+                      first_top_logprobs, lookup_top, read_choice)
+from .replay import advance, plan_requests
 
-MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # the server does not say which stop matched
-HINT = ("is the server running? start one with `steerscale serve -m MODEL` (or `vllm serve MODEL`), and pass its "
-        "base URL, e.g. http://127.0.0.1:8000/v1")
-REASON_KEYS = ("stop_reason", "matched_stop", "stopping_word")  # vLLM / steerscale, SGLang, llama.cpp
 FALLBACK_TOP = 20  # top log-probs asked for when the server cannot echo
 MAX_PARALLEL = 16  # concurrent requests of one extend()
-MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts of a request
-MAX_RETRY_AFTER = 60.0  # seconds: the longest Retry-After honoured
-log = logging.getLogger(__name__)
-_jitter = random.Random()  # its own generator: retries never move the global random state
-
-
-class RemoteError(SteerscaleError):
-    """A request to the server that failed for good (after any retries). ``status``: the server's HTTP status, None
-    when no answer came (no connection, connection dropped, timeout); ``attempts``: requests sent; ``timed_out``: the
-    read timed out and the request was abandoned; ``partial``/``partial_prompts``: what ``OpenAIBackend`` finished
-    before the failure (see the module docstring; empty when raised by ``http_json`` itself)."""
-
-    def __init__(self, problem: str, hint: str | None, status: int | None = None, *, attempts: int = 1,
-                 timed_out: bool = False):
-        super().__init__(problem, hint)
-        self.status, self.attempts, self.timed_out = status, attempts, timed_out
-        self.partial: list[Candidate] = []
-        self.partial_prompts: list[str] = []
-
-
-def rejected(exc: RemoteError) -> bool:
-    """The server refused the request itself (4xx but 429): resending it as it is cannot help."""
-    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
-
-
-def base_url_of(url: str) -> str:
-    """``http://host:port`` -> ``http://host:port/v1``; a URL with a path is taken as the API root as it is."""
-    if not isinstance(url, str) or not url.strip():
-        raise SteerscaleError("empty server URL", "pass e.g. http://127.0.0.1:8000/v1")
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise SteerscaleError(f"bad server URL {url!r}", "use http://HOST:PORT/v1 (or https://...)")
-    path = parts.path.rstrip("/") or "/v1"
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-class _Failed(Exception):
-    """One attempt that got no HTTP answer: ``what`` (for the message), whether another attempt may help."""
-
-    def __init__(self, what: str, retry: bool, timed_out: bool = False):
-        super().__init__(what)
-        self.what, self.retry, self.timed_out = what, retry, timed_out
-
-
-def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
-    """A connection for ``url`` (through the environment's proxy, as urllib would), the request target, and the
-    headers the proxy needs."""
-    parts = urllib.parse.urlsplit(url)
-    https = parts.scheme == "https"
-    kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if not proxy or urllib.request.proxy_bypass(parts.netloc.rsplit("@", 1)[-1]):
-        return kind(parts.hostname, parts.port, timeout=timeout), target, {}
-    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-    auth = {}
-    if p.username:
-        token = base64.b64encode(f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-                                 .encode()).decode()
-        auth = {"Proxy-Authorization": f"Basic {token}"}
-    if https:  # a CONNECT tunnel through the proxy, TLS to the server inside it
-        conn = kind(p.hostname, p.port or 80, timeout=timeout)
-        conn.set_tunnel(parts.hostname, parts.port, headers=auth)
-        return conn, target, {}
-    return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=timeout), url, auth
-
-
-def _exchange(url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, Any, bytes]:
-    """One HTTP request on a fresh connection: ``(status, headers, body)``, or ``_Failed``. The socket is shut down
-    whatever happens, so a server sees the client go away at once (a read timeout abandons the request)."""
-    conn, target, more = _connection(url, timeout)
-    sock = resp = None
-    try:
-        try:
-            conn.connect()
-        except ssl.SSLError as exc:
-            raise _Failed(f"failed (TLS: {exc})", retry=False) from None
-        except socket.gaierror as exc:
-            raise _Failed(f"failed (cannot resolve the host: {exc})", retry=False) from None
-        except TimeoutError:
-            raise _Failed(f"could not connect (timed out after {timeout:g} s)", retry=True) from None
-        except OSError as exc:  # refused, unreachable, reset during the handshake
-            raise _Failed(f"could not connect ({_reason(exc)})", retry=True) from None
-        sock = conn.sock  # kept: the connection drops its own reference once the response says "close"
-        try:
-            conn.request("POST" if data is not None else "GET", target, body=data, headers={**headers, **more})
-            resp = conn.getresponse()
-            raw = resp.read()
-        except TimeoutError:
-            raise _Failed(f"timed out after {timeout:g} s; the request was abandoned (connection closed, so the "
-                          "server stops working on it)", retry=False, timed_out=True) from None
-        except (OSError, http.client.HTTPException) as exc:  # reset, closed without an answer, a cut-off body
-            raise _Failed(f"failed ({_reason(exc)})", retry=True) from None
-        return resp.status, resp.headers, raw
-    finally:
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        if resp is not None:
-            resp.close()
-        conn.close()
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset"
-    return f"{name}: {text}" if text else name
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date), capped; None when absent."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
-
-
-def backoff_delay(backoff: float, attempt: int) -> float:
-    """The wait before retry number ``attempt`` + 1: ``backoff`` * 2^attempt capped at ``MAX_BACKOFF``, with jitter
-    (a uniform draw from its upper half), so clients that failed together do not come back together."""
-    top = min(MAX_BACKOFF, backoff * 2 ** attempt)
-    return _jitter.uniform(top / 2, top)
-
-
-def http_json(url: str, body: dict | None = None, *, api_key: str | None = None, timeout: float = 60,
-              retries: int = 0, backoff: float = 0.5) -> dict:
-    """GET (``body`` None) or POST JSON; every failure is a ``RemoteError`` naming the URL. ``retries`` more
-    attempts follow a failure another attempt may fix (no connection, a dropped connection, HTTP 5xx, 429): see
-    the module docstring; a read timeout and other 4xx are final at once."""
-    headers = {"Accept": "application/json", "User-Agent": "steerscale", "Connection": "close"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    for attempt in range(retries + 1):
-        wait = None
-        try:
-            status, answer_headers, raw = _exchange(url, data, headers, timeout)
-        except _Failed as f:
-            retry, status = f.retry, None
-            problem, timed_out = f"request to {url} {f.what}", f.timed_out
-            hint = (f"raise the timeout (timeout=, --backend-timeout; now {timeout:g} s) or ask for fewer tokens"
-                    if timed_out else HINT)
-        else:
-            if 200 <= status < 300:
-                return _json_object(url, raw)
-            retry, timed_out = status >= 500 or status == 429, False
-            problem = f"{url} answered HTTP {status}: {_error_message(raw)}"
-            hint = ("the server rejected the request; check the model name and the fields it supports"
-                    if status < 500 else "the server failed; its log says why")
-            if status == 429:
-                hint = "the server is overloaded; send fewer requests at once, or raise retries"
-            elif status == 404:
-                hint = "check the base URL (it usually ends in /v1) and the model name (GET /v1/models lists them)"
-            elif 300 <= status < 400:
-                hint = f"the server redirects to {answer_headers.get('Location')}: use that URL"
-            if retry:
-                wait = retry_after(answer_headers.get("Retry-After"))
-        if not retry or attempt == retries:
-            if attempt:
-                problem += f" (after {attempt + 1} attempts)"
-            raise RemoteError(problem, hint, status, attempts=attempt + 1, timed_out=timed_out)
-        delay = wait if wait is not None else backoff_delay(backoff, attempt)
-        log.warning("%s; retrying in %.1f s (attempt %d of %d)", problem, delay, attempt + 2, retries + 1)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _json_object(url: str, raw: bytes) -> dict:
-    try:
-        out = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RemoteError(f"{url} did not answer with JSON: {raw[:120]!r}", HINT, 200) from None
-    if not isinstance(out, dict):
-        raise RemoteError(f"{url} answered with JSON that is not an object: {str(out)[:120]}", HINT, 200)
-    return out
-
-
-def _error_message(raw: bytes) -> str:
-    """The server's own error message (OpenAI's ``{"error": {"message"}}``, vLLM's ``{"message"}``) or the text."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return raw[:300].decode("utf-8", "replace").strip() or "(empty body)"
-    err = data.get("error", data) if isinstance(data, dict) else data
-    if isinstance(err, dict):
-        return str(err.get("message") or err)[:500]
-    return str(err)[:500]
-
-
-def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 10, retries: int = 0,
-                backoff: float = 0.5) -> list[str]:
-    """The model ids a server serves (``GET /v1/models``)."""
-    data = http_json(base_url_of(base_url) + "/models", api_key=api_key, timeout=timeout, retries=retries,
-                     backoff=backoff)
-    return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-
-# -- reading a completions choice ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Piece:
-    """One choice of a completions response: generated text (a matched stop string excluded, as servers return
-    it), one log-prob per token, each token's start in ``text`` (None when not given), why it ended."""
-
-    text: str
-    logprobs: tuple[float, ...]
-    offsets: tuple[int, ...] | None
-    finish: str  # the server's finish_reason: stop or length
-    reason: Any = MISSING  # the matched stop string; None or a token id: EOS / a stop token; MISSING: not reported
-
-
-def read_choice(choice: dict, url: str) -> Piece:
-    if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-        raise SteerscaleError(f"{url} returned a choice without text: {str(choice)[:200]}", HINT)
-    lp = choice.get("logprobs")
-    if isinstance(lp, dict) and isinstance(lp.get("token_logprobs"), list):  # the completions format
-        values, offs = lp["token_logprobs"], lp.get("text_offset")
-    elif isinstance(lp, dict) and isinstance(lp.get("content"), list):  # the chat format (llama.cpp uses it here)
-        items = [it if isinstance(it, dict) else {} for it in lp["content"]]
-        values = [it.get("logprob") for it in items]
-        pieces = [it.get("token") if isinstance(it.get("token"), str) else "" for it in items]
-        offs = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
-    else:
-        raise SteerscaleError(f"{url} returned no log-probs", "steerscale needs `logprobs` on /v1/completions "
-                                                              "(vLLM, SGLang and steerscale serve support it)")
-    logprobs = tuple(-math.inf if v is None else float(v) for v in values)
-    offsets = None
-    if isinstance(offs, list) and len(offs) == len(logprobs) and offs and all(isinstance(o, int) for o in offs):
-        offsets = tuple(o - offs[0] for o in offs)  # servers differ on where 0 is; only differences matter
-    reason = MISSING
-    for key in REASON_KEYS:
-        if key in choice:
-            reason = choice[key] if choice[key] != "" else None
-            break
-    return Piece(choice["text"], logprobs, offsets, str(choice.get("finish_reason") or "length"), reason)
-
-
-# -- deciding what a piece does to a row ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    text: str
-    logprobs: tuple[float, ...]
-    status: str  # eos, stop, length: finished; step: the step is done; more: the row goes on in this call
-    drop: int = 0  # characters to cut from the end of the call's earlier text: a stop string began there
-
-
-# at one token, LocalBackend checks EOS, then stop strings, then the length limit, then the step delimiter; the
-# step-token limit and the budget only act after that token
-_PRIORITY = {"eos": 7, "stop": 6, "length": 5, "delim": 4, "left": 3, "cap": 2, "end": 1}
-
-
-def first_stop(prev: str, call_text: str, full: str, ends: Sequence[int] | None, n: int,
-               stops: Sequence[str]) -> tuple[int, int] | None:
-    """LocalBackend's stop check (``find_stop`` on the row's earlier text and the call's text) replayed token by
-    token over a piece: ``(k, cut)``, the first token after which a stop string is there and where the call's text
-    (``call_text + full``) is cut, or None. It finds what the server cannot: a stop string that began in an
-    earlier step or request (e.g. "\\n" + "\\n" forming "\\n\\n"), whose first part the server never saw."""
-    if not stops or find_stop(prev, call_text + full, stops) < 0:  # the common case: no token-by-token replay
-        return None
-    units = enumerate(ends, 1) if ends is not None else [(n, len(full))]  # without offsets the piece is one unit
-    for k, end in units:
-        cut = find_stop(prev, call_text + full[:end], stops)
-        if cut >= 0:
-            return k, cut
-    return None
-
-
-def advance(call_text: str, piece: Piece, *, stops: Sequence[str], step: str | None, room: int, left: int,
-            cap: int, prev: str = "") -> Outcome:
-    """What ``piece`` adds to a row that has generated ``prev`` in earlier calls and ``call_text`` so far in this
-    call, under LocalBackend's rules: ``room`` tokens left before ``max_tokens``, ``left`` before
-    ``max_step_tokens``, ``cap`` before the budget share. The earliest event wins; at the same token,
-    ``_PRIORITY`` decides, and a stop string found client-side comes before the server's report of the same."""
-    n = len(piece.logprobs)
-    reason = piece.reason
-    full = piece.text + (reason if isinstance(reason, str) else "")
-    if n == 0:
-        return Outcome("", (), "eos" if piece.finish == "stop" and not isinstance(reason, str) else
-                       "stop" if piece.finish == "stop" else "length")
-    ends = list(piece.offsets[1:]) + [len(full)] if piece.offsets is not None else None
-    events = []  # (token count, priority, status, where a client-side stop cuts call_text + full, or None)
-    found = first_stop(prev, call_text, full, ends, n, stops)
-    if found is not None:
-        events.append((found[0], _PRIORITY["stop"], "stop", found[1]))
-    if piece.finish == "stop":
-        if isinstance(reason, str) and step is not None and reason == step and reason not in stops:
-            events.append((n, _PRIORITY["end"], "more", None))  # a delimiter: the step rule below says if it counts
-        elif isinstance(reason, str) or (reason is MISSING and stops):
-            events.append((n, _PRIORITY["stop"], "stop", None))
-        else:
-            events.append((n, _PRIORITY["eos"], "eos", None))
-    else:
-        events.append((n, _PRIORITY["end"], "length", None))  # the server's own limit (its context window)
-    for k, key, status in ((room, "length", "length"), (left, "left", "step"), (cap, "cap", "more")):
-        if 1 <= k <= n:
-            events.append((k, _PRIORITY[key], status, None))
-    if step:
-        e = step_end(call_text + full, step)
-        end = e - len(call_text)
-        if e >= 0 and end > 0:
-            k = n if ends is None else next((j + 1 for j, e in enumerate(ends) if e >= end), n)
-            events.append((k, _PRIORITY["delim"], "step", None))
-    k, _, status, cut = min(events, key=lambda e: (e[0], -e[1]))  # min keeps the first of equals
-    if cut is not None:  # cut where the stop string begins, in this piece or (drop) in the call's earlier text
-        if cut >= len(call_text):
-            return Outcome(full[: cut - len(call_text)], piece.logprobs[:k], status)
-        return Outcome("", piece.logprobs[:k], status, drop=len(call_text) - cut)
-    if k == n:
-        text = piece.text if status in ("eos", "stop") else full
-    else:  # cut inside the piece: at the end of token k (the whole text when the server gave no offsets)
-        text = full[: ends[k - 1]] if ends is not None else full
-    return Outcome(text, piece.logprobs[:k], status)
-
-
-def plan_requests(texts: Sequence[str], *, greedy: bool, seeded: bool) -> list[tuple[list[str], int, list[list[int]]]]:
-    """Requests for rows with prompts ``texts``: ``(prompts, n, owners)``, where ``owners[c]`` are the rows that
-    take choice ``c`` (choices come prompt by prompt, ``n`` each).
-
-    * Greedy: one request, each distinct text once, its answer copied to every row with that text.
-    * Sampling with a seed: one request per distinct text, ``n`` = its rows. A server seeds every prompt of a
-      request alike, so prompts sharing one request would draw the same random numbers and the rows would move
-      in lockstep; the ``n`` samples of one prompt are independent.
-    * Sampling without a seed: one request with every row's text."""
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(texts):
-        groups.setdefault(t, []).append(i)
-    if greedy:
-        return [(list(groups), 1, list(groups.values()))]
-    if seeded or len(groups) == 1:
-        return [([t], len(rows), [[r] for r in rows]) for t, rows in groups.items()]
-    return [(list(texts), 1, [[i] for i in range(len(texts))])]
-
-
-@dataclass(frozen=True)
-class Loglikelihood:
-    """``OpenAIBackend.loglikelihood``'s answer for one (context, continuation): ``logprob``, the sum of the
-    continuation's token log-probs; ``n_tokens``, how many tokens that sums (the server's tokenization of context +
-    continuation); ``n_context``, the tokens before them; ``straddles``: the first counted token began inside the
-    context (see ``echo_continuation_logprob``); ``greedy``: every counted token was the most likely one (None when
-    the server listed no top log-probs)."""
-
-    logprob: float
-    n_tokens: int
-    n_context: int
-    straddles: bool = False
-    greedy: bool | None = None
+log = logging.getLogger(__package__)  # "steerscale.scale.remote", as before the split
 
 
 @dataclass
@@ -467,7 +90,6 @@ class _Handle:
     calls: int = 0
 
 
-# -- the backend ----------------------------------------------------------------------------------------------
 def find_tokenizer(model: str):
     """The served model's tokenizer when this machine has it, without the network (``local_files_only``), or
     None: ``model`` as a local directory, as a bundled alias whose converted checkpoint exists (what ``steerscale
@@ -476,15 +98,15 @@ def find_tokenizer(model: str):
 
     places = []
     try:
-        from ..models.registry import BUNDLED
+        from ...models.registry import BUNDLED
 
         if model in BUNDLED:
-            from ..models.cache import gguf_cache_dir
-            from ..models.registry import bundled_gguf_path
+            from ...models.cache import gguf_cache_dir
+            from ...models.registry import bundled_gguf_path
 
             places.append(gguf_cache_dir(bundled_gguf_path(model)))
         elif model.endswith(".gguf"):
-            from ..models.cache import gguf_cache_dir
+            from ...models.cache import gguf_cache_dir
 
             places.append(gguf_cache_dir(Path(model).expanduser()))
     except (SteerscaleError, OSError):
@@ -550,7 +172,7 @@ class OpenAIBackend(Backend):
         self.model, self.api_key, self.tokenizer, self.chat = model, api_key, tokenizer, chat
         self.timeout, self.max_n, self._n_params = float(timeout), max_n, n_params
         self.retries, self.backoff = retries, float(backoff)
-        self._done: dict[int, list[tuple[str, Candidate]]] = {}  # id(budget) -> its run's finished candidates
+        self._done: dict[int, list[tuple[str, Candidate]]] = {}  # Budget.uid -> its run's finished candidates
         self._done_lock = threading.Lock()
         self.extra_body = dict(extra_body or {})
         self.templated = tokenizer is not None and (has_chat_template(tokenizer) if chat is None else bool(chat))
@@ -765,9 +387,10 @@ class OpenAIBackend(Backend):
     # -- Backend API ------------------------------------------------------------------------------------------
     # -- what a run has finished, for RemoteError.partial -----------------------------------------------------
     def _record(self, budget: Budget, prompt: str, rows: Sequence[Candidate]) -> None:
-        """Note the finished ``rows`` among the candidates of the run that ``budget`` pays for (kept while the
-        budget lives: its entry goes when it is collected, before its id can be reused)."""
-        key = id(budget)
+        """Note the finished ``rows`` among the candidates of the run that ``budget`` pays for. Runs are told apart
+        by ``Budget.uid``, which no other budget ever has (``id()`` is reused once an object is collected); the
+        entry is dropped when its budget is collected, so finished runs hold no memory."""
+        key = budget.uid
         with self._done_lock:
             if key not in self._done:
                 self._done[key] = []
@@ -779,7 +402,7 @@ class OpenAIBackend(Backend):
     def _failed(self, exc: RemoteError, budget: Budget) -> RemoteError:
         """``exc`` with what the run paid by ``budget`` finished so far."""
         with self._done_lock:
-            done = list(self._done.get(id(budget), []))
+            done = list(self._done.get(budget.uid, []))
         exc.partial, exc.partial_prompts = [c for _, c in done], [p for p, _ in done]
         return exc
 
@@ -922,7 +545,7 @@ class OpenAIBackend(Backend):
             choices, usage = self.completions(chunk, n=1, max_tokens=1, logprobs=FALLBACK_TOP, temperature=0)
             self._charge(budget, usage, verifier_passes=len(chunk))
             for j, ch in enumerate(choices):
-                out[where[start + j]] = [_lookup(first_top_logprobs(ch), f) for f in firsts]
+                out[where[start + j]] = [lookup_top(first_top_logprobs(ch), f) for f in firsts]
 
     def _first_token(self, option: str) -> str:
         """The option's first token as text (the whole option when no tokenizer is known)."""
@@ -955,86 +578,3 @@ def _handle(branches: Branches) -> _Handle:
         raise SteerscaleError("these branches were not made by an OpenAIBackend", "use backend.start(...) first")
     return branches.handle
 
-
-def echo_tokens(choice: dict, tail: str) -> tuple[list[str], list, list[int], int, int] | None:
-    """An echoed completion's tokens, log-probs and starts, with where the text ends and where its last
-    ``len(tail)`` characters (``tail``) begin on the same axis: ``(tokens, values, starts, end, target)``. ``end``
-    is the last token's start plus its length, so positions count back from the end and servers that count offsets
-    from the prompt or from 0 agree. None when the choice is not an echo of a text ending in ``tail`` (a server
-    that ignored echo) or its log-probs are malformed."""
-    lp = choice.get("logprobs") if isinstance(choice, dict) else None
-    if not isinstance(lp, dict):
-        return None
-    tokens, values, offs = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
-    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(offs, list)) or not tokens:
-        return None
-    if not (len(tokens) == len(values) == len(offs)) or not str(choice.get("text", "")).endswith(tail):
-        return None  # not an echo of context + tail
-    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(o, int) for o in offs):
-        return None
-    end = offs[-1] + len(tokens[-1])
-    return tokens, values, offs, end, end - len(tail)
-
-
-def echo_option_logprob(choice: dict, option: str) -> float | None:
-    """Log-prob of the echoed token that starts ``len(option)`` characters before the end of the text, if one
-    does (offsets are taken relative to the end, so servers that count from the prompt or from 0 agree)."""
-    echoed = echo_tokens(choice, option)
-    if echoed is None:
-        return None
-    _, values, offs, _, target = echoed
-    for tok_start, value in zip(offs, values):
-        if tok_start == target:
-            return None if value is None else float(value)
-    return None
-
-
-def echo_continuation_logprob(choice: dict, continuation: str) -> Loglikelihood | None:
-    """The log-likelihood of ``continuation`` in an echo of context + continuation: the sum of the log-probs of
-    the echoed tokens that end after the context does (``echo_tokens``' axis). Those are the tokens that start at
-    or after the boundary and, when the server's tokenization merged the context's last characters with the
-    continuation's first ones, the one token that straddles the boundary: it is counted (it carries the
-    continuation's first characters; lm-eval's text-offset readers do the same). None when the tokens cannot be
-    placed: not an echo, a missing log-prob among the counted tokens, or token strings that do not spell the
-    continuation (a server whose per-token strings differ from the text there, e.g. U+FFFD for the pieces of a
-    multi-byte character)."""
-    echoed = echo_tokens(choice, continuation)
-    if echoed is None or not continuation:
-        return None
-    tokens, values, offs, end, target = echoed
-    ends = list(offs[1:]) + [end]
-    picked = [i for i in range(len(tokens)) if ends[i] > target]
-    if not picked or picked[0] == 0 or any(values[i] is None for i in picked):
-        return None  # the first echoed token has no log-prob: nothing precedes the continuation
-    spelled = "".join(tokens[i] for i in picked)
-    if not spelled.endswith(continuation):
-        return None
-    tops = choice["logprobs"].get("top_logprobs")
-    greedy = None
-    if isinstance(tops, list) and len(tops) == len(tokens):
-        at = [tops[i] for i in picked]
-        if all(isinstance(t, dict) and t for t in at):  # greedy: no listed token beats the text's own
-            greedy = all(float(values[i]) >= max(float(v) for v in t.values() if v is not None) - 1e-6
-                         for i, t in zip(picked, at))
-    return Loglikelihood(math.fsum(float(values[i]) for i in picked), len(picked), picked[0],
-                         straddles=offs[picked[0]] < target, greedy=greedy)
-
-
-def first_top_logprobs(choice: dict) -> dict:
-    """``{token: log-prob}`` of the first generated position (completions or chat log-prob format)."""
-    lp = choice.get("logprobs") if isinstance(choice, dict) else None
-    if not isinstance(lp, dict):
-        return {}
-    if isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"] and isinstance(lp["top_logprobs"][0], dict):
-        return lp["top_logprobs"][0]
-    content = lp.get("content")
-    if isinstance(content, list) and content and isinstance(content[0], dict):
-        return {t.get("token"): t.get("logprob") for t in content[0].get("top_logprobs") or [] if isinstance(t, dict)}
-    return {}
-
-
-def _lookup(tops: dict, token: str) -> float:
-    if token in tops and tops[token] is not None:
-        return float(tops[token])
-    alike = [v for k, v in tops.items() if isinstance(k, str) and k.strip() == token.strip() and v is not None]
-    return float(max(alike)) if alike else -math.inf
