@@ -12,6 +12,8 @@ import pytest
 
 from steerscale import SteerscaleError
 from steerscale.vllm import cache_salt, format_steer, parse_steer
+from steerscale.vllm.frontend import FrontendRegistry, check_admitted
+from steerscale.vllm.steering import check_extra_args, request_salt
 from steerscale.vllm.server import vllm_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +97,60 @@ def test_the_request_format():
         cache_salt("a:2:generated")
     assert cache_salt("a:1", {"a": "x"}) != cache_salt("a:1", {"a": "y"})  # a re-registered vector
     assert len(cache_salt("a:1")) <= 128  # vLLM's limit
+
+
+# Malformed steering as a client sends it: each must be refused before any worker sees it (400 over HTTP).
+BAD_SPECS = ["formal", "formal:abc", "nosuch:4", "formal:4:sometimes", "formal:1e9", "formal:nan", "formal:inf",
+             "formal:-inf", "formal:=1e9", "formal:=x", "formal:4:", ":4", "formal:4:all:extra", "for mal:4",
+             "formal/x:4", "a" * 129 + ":1", "formal:", "formal:ablate:nowhere", "formal::all", "formal:True",
+             "formal:0x10", ["formal:4", 3], {"formal": 4}, 4, ["formal:abc"]]
+
+
+class _Request:  # the fields of vLLM's EngineCoreRequest that admission reads and writes
+    def __init__(self, extra, prompt=(1, 2, 3), salt=None):
+        self.sampling_params = type("P", (), {"extra_args": extra})()
+        self.prompt_token_ids, self.cache_salt, self.request_id = list(prompt), salt, "r1"
+
+
+def test_the_front_end_refuses_every_malformed_spec_and_unsupported_field():
+    reg = FrontendRegistry()
+    reg.loaded_env = True
+    reg.digests = {"formal": "d1"}
+    for bad in BAD_SPECS:
+        with pytest.raises(SteerscaleError, match=r"vllm_xargs\.steer"):
+            reg.admit(_Request({"steer": bad}))
+    for key in ["condition", "controller", "logit_contrast", "gate", "strategy", "steering", "scale"]:
+        with pytest.raises(SteerscaleError, match=rf"vllm_xargs\.{key}: .* do not run inside vLLM"):
+            reg.admit(_Request({"steer": ["formal:4"], key: "x"}))
+    ok = _Request({"steer": "formal:4, formal:ablate:generated", "other_plugin": 1})
+    reg.admit(ok)  # other plugins' keys pass; the spec is made canonical for the workers
+    assert ok.sampling_params.extra_args["steer"] == ["formal:4.0:all", "formal:ablate:generated"]
+    assert ok.cache_salt.startswith("steerscale-s-")
+    check_admitted(ok)
+    unchecked = _Request({"steer": ["formal:4"]}, salt="anything")
+    with pytest.raises(SteerscaleError, match="not checked by steerscale's plugin"):
+        check_admitted(unchecked)  # the engine process refuses a steered request the front end did not see
+
+
+def test_the_server_derives_the_cache_salt_whatever_the_client_sends():
+    reg = FrontendRegistry()
+    reg.loaded_env = True
+    reg.digests = {"formal": "d1"}
+
+    def salt(extra, client=None, prompt=(1, 2, 3)):
+        r = _Request(extra, prompt, client)
+        reg.admit(r)
+        return r.cache_salt
+
+    plain, steered = salt({}), salt({"steer": ["formal:4"]})
+    assert plain is None and steered.startswith("steerscale-s-")
+    assert salt({}, client=steered) != steered  # a plain client cannot send its way into a steered salt
+    assert salt({"steer": ["formal:4"]}, client="tenant-b") not in (steered, salt({}, client="tenant-b"))
+    assert salt({"steer": ["formal:2"]}) != steered
+    assert salt({"steer": ["formal:4:generated"]}) != salt({"steer": ["formal:4:generated"]}, prompt=(1, 2, 3, 4))
+    reg.digests["formal"] = "d2"  # re-registered under the same name
+    assert salt({"steer": ["formal:4"]}) != steered
+    reg.engine_wide = parse_steer("formal:1")  # engine-wide steering salts every request
+    assert salt({}) is not None and salt({}).startswith("steerscale-s-")
+    assert request_salt([], (), {}, None, None) is None
+    assert check_extra_args(None) == [] and check_extra_args({"unrelated": 1}) == []

@@ -20,7 +20,6 @@ import os
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
 # tiny random checkpoints of the families vLLM serves (head size 64: what vLLM's CPU attention kernels take)
@@ -83,7 +82,7 @@ def full_forward_greedy(lm, vectors, ids, spec, tokens) -> list[int]:
     return out
 
 
-def family_checks(family: str, tokens: int) -> dict:
+def family_checks(family: str, tokens: int, eager: bool = False) -> dict:
     """A tiny random ``family`` checkpoint: steered greedy tokens in vLLM (one batch) vs the local engine."""
     import tempfile
 
@@ -137,7 +136,8 @@ def family_checks(family: str, tokens: int) -> dict:
         while not fut.done():
             sched.step()
         want.append(fut.result()[0].token_ids)
-    llm = SteeredLLM(directory, vectors=vectors, max_model_len=128, skip_tokenizer_init=True, max_num_seqs=32)
+    llm = SteeredLLM(directory, vectors=vectors, max_model_len=128, skip_tokenizer_init=True, max_num_seqs=32,
+                     dtype="float32", enforce_eager=eager)
     got = [list(o.outputs[0].token_ids) for o in llm.generate(
         [{"prompt_token_ids": prompts[i]} for i, _, _ in cases],
         SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False),
@@ -154,11 +154,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="vLLM's eager mode (default: its compiled mode)")
     ap.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default=None,
                     help="check a tiny random checkpoint of this family instead of SmolLM2")
     args = ap.parse_args()
     if args.family:
-        print(json.dumps(family_checks(args.family, args.tokens)))
+        print(json.dumps(family_checks(args.family, args.tokens, args.eager)))
         return
     t0 = time.perf_counter()
 
@@ -198,7 +199,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     llm = SteeredLLM(args.model, vectors=vectors, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=64,
-                     enable_prefix_caching=True, seed=0)
+                     enable_prefix_caching=True, seed=0, dtype="float32", enforce_eager=args.eager)
     t_start = time.perf_counter() - t_start
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     steer_of = [[f"{name}:{scale}"] if scale else None for _, name, scale in cases]

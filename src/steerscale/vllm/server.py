@@ -1,5 +1,6 @@
 """Start and stop a real ``vllm serve`` from Python (benches, tests, notebooks): a subprocess of the vLLM venv's
-interpreter, float32 and eager as steerscale's steering needs, with the plugin enabled when vectors are given."""
+interpreter (vLLM's compiled mode and bf16 by default, as a vLLM user runs it), with steerscale's plugin enabled
+when vectors are given."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def vllm_python() -> Path | None:
     return python if python.exists() else None
 
 
+def vllm_env() -> dict[str, str]:
+    """What vLLM's CPU build needs in its environment here: a KV cache size that fits beside other jobs (it
+    otherwise asks for a share of the machine's memory and can fail), unless the caller set one."""
+    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,20 +58,25 @@ class VllmServer:
 
 
 def start_vllm(model_dir: str, *, name: str, log: Path, vectors: dict[str, Path] | None = None,
-               max_model_len: int = 512, max_num_seqs: int = 16, timeout: float = 300.0) -> VllmServer:
+               max_model_len: int = 512, max_num_seqs: int = 16, timeout: float = 300.0, dtype: str = "bfloat16",
+               eager: bool = False, steer: str | None = None, extra_args: list[str] | None = None,
+               env: dict[str, str] | None = None) -> VllmServer:
     """``vllm serve model_dir`` as ``name`` on a free local port, waiting until ``/health`` answers; with
-    ``vectors`` (name -> file) steerscale's plugin registers them (``STEERSCALE_VLLM_VECTORS``)."""
+    ``vectors`` (name -> file) steerscale's plugin registers them (``STEERSCALE_VLLM_VECTORS``) and ``steer`` is
+    engine-wide steering (``STEERSCALE_VLLM_STEER``)."""
     python = vllm_python()
     if python is None:
         raise SteerscaleError("no vLLM venv found", "build it with `bash scripts/make_vllm_venv.sh`")
     port = _free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
-           "--served-model-name", name, "--max-num-seqs", str(max_num_seqs)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_USE_V2_MODEL_RUNNER": "0"}
+           "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
+           "--served-model-name", name, "--max-num-seqs", str(max_num_seqs), *(["--enforce-eager"] if eager else []),
+           *(extra_args or [])]
+    env = {**os.environ, **vllm_env(), **(env or {})}
     if vectors:
         env["STEERSCALE_VLLM_VECTORS"] = ",".join(f"{k}={v}" for k, v in vectors.items())
+    if steer:
+        env["STEERSCALE_VLLM_STEER"] = steer
     server = VllmServer(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
                         f"http://127.0.0.1:{port}/v1", log)
     deadline = time.monotonic() + timeout

@@ -8,8 +8,10 @@ They travel as ``SamplingParams.extra_args["steer"]`` offline
 or ``"vllm_xargs": {"steer": [...]}`` in an OpenAI request to ``vllm serve`` (vLLM's ``vllm_xargs`` take strings,
 numbers and flat lists only, hence strings). A comma-separated string is the same list.
 
-Its KV cache must never serve a request under other steering: ``cache_salt(entries)`` is the prefix-cache salt a
-steered request sends (``SteeredLLM`` sends it for you; a ``vllm serve`` client sends it as ``"cache_salt"``).
+Tenant safety is the server's job, not the client's: ``check_extra_args`` is what vLLM's front end runs on every
+request (``frontend.py``): anything the workers cannot run exactly is refused there with a 400 that names the field,
+and ``request_salt`` derives the prefix-cache salt from the request's steering (and any salt the client sent), so
+no request can read KV blocks computed under other steering, whatever its client sends.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def parse_steer(spec) -> list[tuple[str, float | tuple[str, float], str]]:
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
+        if not isinstance(item, (str, list, tuple)):
+            raise SteerscaleError(f"bad steer entry {item!r}: not a string",
+                                  'write "NAME:OP" or "NAME:OP:SCOPE", e.g. "formal:4"')
         parts = item.strip().split(":") if isinstance(item, str) else list(item)
         if not 2 <= len(parts) <= 3:
             raise SteerscaleError(f"bad steer entry {item!r}",
@@ -49,6 +54,64 @@ def parse_steer(spec) -> list[tuple[str, float | tuple[str, float], str]]:
             raise SteerscaleError(f"steer entry {item!r}: unknown scope {scope!r}", f"use one of {', '.join(SCOPES)}")
         out.append((name, scale, scope))
     return out
+
+
+# steerscale server request fields that the vLLM path does not run: sent in vllm_xargs they are refused (400), never
+# silently ignored (the vector would otherwise be applied unconditionally)
+UNSUPPORTED_KEYS = {
+    "condition": "CAST conditions", "condition_rule": "CAST conditions", "controller": "learned controllers",
+    "gate": "token gates", "logit_contrast": "logit contrast", "strategy": "scaling strategies",
+    "vector": "steer entries as objects", "scale": "steer entries as objects", "scope": "steer entries as objects",
+}
+
+
+def check_extra_args(extra_args) -> list[tuple[str, float | tuple[str, float], str]]:
+    """The steer entries of a request's ``extra_args`` / ``vllm_xargs``, checked: a malformed ``steer`` value or a
+    steerscale field the vLLM path cannot run is a ``SteerscaleError`` whose problem starts with the field's name."""
+    if not extra_args:
+        return []
+    for key in extra_args:
+        if key in UNSUPPORTED_KEYS or (key.startswith("steer") and key != STEER_KEY):
+            what = UNSUPPORTED_KEYS.get(key, "this field")
+            raise SteerscaleError(f"vllm_xargs.{key}: {what} do not run inside vLLM",
+                                  'send plain steer entries ("NAME:OP[:SCOPE]") here, or serve the request with '
+                                  "`steerscale serve`, which runs them")
+    spec = extra_args.get(STEER_KEY)
+    if spec is None:
+        return []
+    if not isinstance(spec, (str, list, tuple)) or (
+            isinstance(spec, (list, tuple)) and not all(isinstance(s, (str, list, tuple)) for s in spec)):
+        raise SteerscaleError(f"vllm_xargs.steer must be a string or a list of strings, not {type(spec).__name__}",
+                              'e.g. "steer": ["formal:4", "refusal:ablate:generated"]')
+    try:
+        return parse_steer(spec)
+    except SteerscaleError as exc:
+        raise SteerscaleError(f"vllm_xargs.steer: {exc.problem}", exc.hint) from None
+
+
+def request_salt(entries, engine_wide=(), digests: dict[str, str] | None = None, prompt=None,
+                 client_salt: str | None = None) -> str | None:
+    """The prefix-cache salt the server gives a request. ``entries`` are its own steer entries, ``engine_wide`` the
+    steering every request gets, ``digests`` (name -> content digest) tell a re-registered vector of the same name
+    apart, ``client_salt`` is whatever the client sent. None only for an unsteered request without a client salt
+    (such requests share the cache, as in plain vLLM). Plain and steered requests are hashed in separate domains,
+    so no choice of client salt can make one read the other's blocks."""
+    steering = list(engine_wide) + parse_steer(entries)
+    if not steering:
+        return None if client_salt is None else "steerscale-p-" + _digest(f"plain|{client_salt}")
+    key = ";".join(f"{n}#{(digests or {}).get(n, '')}:{s!r}:{c}" for n, s, c in steering)
+    if any(scope != "all" for _, _, scope in steering):
+        # which tokens a scoped entry edits depends on where the prompt ends: a later prompt that extends this one
+        # (a chat's next turn) must not reuse its blocks, so the prompt is part of the salt
+        if prompt is None:
+            raise SteerscaleError("a steer entry scoped to the prompt or to generated tokens needs the prompt in its "
+                                  "cache salt", "pass prompt= (its text or token ids)")
+        key += "|" + repr(list(prompt) if not isinstance(prompt, str) else prompt)
+    return "steerscale-s-" + _digest(f"steer|{key}|{client_salt}")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _op(op, item):
@@ -79,18 +142,7 @@ def format_steer(entries) -> list[str]:
 
 
 def cache_salt(entries, digests: dict[str, str] | None = None, prompt=None) -> str | None:
-    """The prefix-cache salt of a request steered with ``entries`` (None: unsteered, share the cache). ``digests``
-    (name -> content digest) makes a re-registered vector of the same name a different salt. ``prompt`` (its text
-    or token ids) is needed when an entry's scope is not ``all``: which tokens such an entry edits depends on where
-    the prompt ends, so a later request whose prompt extends this one's text (a chat's next turn) must not reuse
-    its cached blocks; the salt then covers the prompt too."""
-    entries = parse_steer(entries)
-    if not entries:
-        return None
-    key = ";".join(f"{n}#{(digests or {}).get(n, '')}:{s!r}:{c}" for n, s, c in entries)
-    if any(scope != "all" for _, _, scope in entries):
-        if prompt is None:
-            raise SteerscaleError("a steer entry scoped to the prompt or to generated tokens needs the prompt in its "
-                                  "cache salt", "pass prompt= (its text or token ids) to cache_salt")
-        key += "|" + repr(prompt)
-    return "steerscale-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    """The salt ``request_salt`` gives a request steered with ``entries`` and no client salt (None: unsteered).
+    Clients need not send it: steerscale's plugin derives it in vLLM's front end; it is kept for callers that want
+    to know the salt a request will get."""
+    return request_salt(entries, (), digests, prompt)

@@ -1,38 +1,50 @@
 """steerscale's steering inside vLLM's worker process: where the edits attach in vLLM's model, and how each token
-row of vLLM's packed batch gets its own request's edit.
+row of vLLM's packed batch gets its own request's edit, in eager and in compiled mode, on either model runner.
 
 How it is wired (vLLM 0.32, V1 engine; every name below is vLLM's):
 
 * ``register()`` is the ``vllm.general_plugins`` entry point (``pyproject.toml``). vLLM runs it in every process;
   it does nothing unless ``STEERSCALE_VLLM`` (or ``STEERSCALE_VLLM_VECTORS``) is set, so installing steerscale never
-  changes another vLLM deployment. Set, it wraps ``GPUModelRunner._model_forward`` (the CPU runner inherits it):
-  before each real forward pass (after vLLM has ordered the batch) the wrapper reads every scheduled request's
-  ``sampling_params.extra_args["steer"]`` and builds the step's ``_Plan``; the hooks read the plan, and a forward
-  pass without one (vLLM's warm-up and dummy runs) is left alone.
-* The hooks are placed from ``models.layout.find_layout`` applied to vLLM's own module tree (``model.layers[i]``,
-  ``self_attn``, ``o_proj``, ``mlp``: the same attribute paths as transformers'), so the site -> module mapping is
-  the local engine's. What differs is the tensor convention: a vLLM decoder layer takes ``(positions, hidden,
-  residual)`` and returns ``(hidden, residual)``, the residual stream being their sum, so adding to ``hidden`` adds
-  to the stream; tokens are flat ``(tokens, dim)`` rows of many requests.
-* In-graph form: per site one table of vectors (row 0 zeros; three rows per steered request: its edit at its early
-  prompt tokens, at its last prompt token, at generated tokens, which is how the local engine's ``all``,
-  ``prompt`` and ``generated`` scopes split a sequence), and one per-token index into it computed from vLLM's
-  positions and each request's prompt length. The hook is ``h + table[index]``: plain tensor ops, the same for a
-  prefill chunk, a decode row or a mix, with chunked prefill and prefix caching on.
-* ``SteerExtension`` (``worker_extension_cls``) adds RPCs for ``LLM.collective_rpc``: register and remove vectors,
-  engine-wide steering, and what the worker has. ``vllm serve`` without RPCs reads vectors from
-  ``STEERSCALE_VLLM_VECTORS=NAME=PATH,...`` and engine-wide steering from ``STEERSCALE_VLLM_STEER``.
+  changes another vLLM deployment. Set, it installs the front end's request checks (``frontend.py``) and wraps the
+  model runners' ``load_model`` (the legacy runner, the V2 runner and their CPU subclasses): right after the model
+  is loaded, before vLLM compiles or warms it up, ``SteerState`` attaches its hooks, so a compiled graph contains
+  them. The guard that refuses what cannot run (CUDA graphs, see below) runs there, on every runner.
+* The edit at a site is one custom op, ``torch.ops.steerscale.steer(x, residual, site)``. torch.compile (vLLM's
+  default mode) traces the hooks that call it and keeps the op opaque, so the op runs on every forward pass and
+  reads the current step's plan: the same code in eager and compiled mode.
+* Each step, a forward pre-hook on the model (outside the compiled region) builds the step's plan from the runner
+  (``runners.py``: the scheduled requests, their prompt lengths and steer specs, the tokens' positions): per site
+  a table of vectors (row 0 zeros; three rows per steered request: its edit at its early prompt tokens, at its last
+  prompt token, at generated tokens, which is how the local engine's ``all``, ``prompt`` and ``generated`` scopes
+  split a sequence), and one per-token index into it. The tables are rebuilt only when the batch's composition
+  (its requests and their steering) changes; the index is computed from positions every step. The op is then
+  ``h + table[index]`` (plain tensor ops) for a prefill chunk, a decode row or a mix, with chunked prefill and
+  prefix caching on.
+* A vLLM decoder layer takes ``(positions, hidden, residual)`` and returns ``(hidden, residual)``, the residual
+  stream being their sum, so adding to ``hidden`` adds to the stream; projections and norms are taken on the sum.
+* Tensor parallel: whole-stream sites are replicated on every rank (vLLM all-reduces the attention and MLP
+  outputs), so every rank applies the same edit; a head's output lives on one rank (the output projection's input
+  is split by heads), so only that rank edits it, in its local columns.
+* ``SteerExtension`` (``worker_extension_cls``) adds RPCs for ``LLM.collective_rpc``. They never raise: each rank
+  answers ``{"ok": ...}`` and ``SteeredLLM`` reads every rank's answer, so a refusal on one rank cannot leave
+  another rank's reply unread for the next call.
 
-Supported, per request entry (``steering.py``): ``Add`` (a scale), ``Ablate`` and ``SetProjection`` (``ablate``,
-``=VALUE``: the component along the vector's unit direction, taken on the whole residual stream, hidden +
-residual) at ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` and ``head_out`` (tensor parallel size 1 for
-``head_out``: heads are split across ranks otherwise), in the request's order per site. Needs
-``enforce_eager=True``: with vLLM's compilation on (its default) Python hooks would be traced once, so the engine
-refuses to start instead of steering wrongly.
+Supported, per request entry (``steering.py``): ``Add`` (a scale; norm-preserving vectors rescale the stream to
+its original norm, as ``engine.ops.apply_edit``), ``Ablate`` and ``SetProjection`` (``ablate``, ``=VALUE``: the
+component along the vector's unit direction, on the whole residual stream) at ``resid_pre``, ``resid_post``,
+``attn_out``, ``mlp_out`` and ``head_out``, in the request's order per site.
+
+Compiled mode needs the hooked sites before compilation: the sites of ``STEERSCALE_VLLM_VECTORS`` and of the
+vectors given to ``SteeredLLM(vectors=...)``, plus ``STEERSCALE_VLLM_SITES`` (``all`` or ``LAYER:KIND`` keys). A
+vector registered later at another site is refused in compiled mode (eager mode hooks it on registration). CUDA
+graphs replay kernels without running Python, so the per-step plan would be frozen: with CUDA graphs on, the worker
+refuses to start (use ``enforce_eager=True`` or ``compilation_config={"cudagraph_mode": "NONE"}``); the CPU build
+has no CUDA graphs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -45,13 +57,15 @@ from ..engine.runtime import attach_hook
 from ..errors import SteerscaleError
 from ..models.layout import find_layout
 from ..models.sites import Site, SiteKind
-from .steering import STEER_KEY, parse_steer
+from . import frontend
+from .frontend import GLOBAL_ENV, VECTORS_ENV, vector_specs
+from .runners import adapter_for
+from .steering import parse_steer
 
 log = logging.getLogger("steerscale.vllm")
 
 ENABLE_ENV = "STEERSCALE_VLLM"
-VECTORS_ENV = "STEERSCALE_VLLM_VECTORS"  # NAME=PATH,NAME=PATH: registered in every worker at start
-GLOBAL_ENV = "STEERSCALE_VLLM_STEER"  # engine-wide steering, "NAME:SCALE[:SCOPE],..."
+SITES_ENV = "STEERSCALE_VLLM_SITES"  # sites hooked before compilation: "all" or "LAYER:KIND[:HEAD],..."
 SUPPORTED = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.ATTN_OUT, SiteKind.MLP_OUT, SiteKind.HEAD_OUT)
 CLASSES = 3  # token classes per request: early prompt tokens, the last prompt token, generated tokens
 _APPLIES = {"all": (True, True, True), "prompt": (True, True, False), "generated": (False, True, True)}
@@ -61,23 +75,52 @@ def enabled() -> bool:
     return bool(os.environ.get(ENABLE_ENV) or os.environ.get(VECTORS_ENV))
 
 
+# -- the op ----------------------------------------------------------------------------------------------------------
+_EDITS: dict[int, object] = {}  # site id -> the edit of the model runner that owns it (one runner per process)
+_SITE_IDS = itertools.count()
+
+
+@torch.library.custom_op("steerscale::steer", mutates_args=())
+def steer_op(x: torch.Tensor, residual: torch.Tensor | None, site: int) -> torch.Tensor:
+    """``x`` edited by the current step's plan at ``site`` (a copy of ``x`` where nothing applies): opaque to
+    torch.compile, so the plan is read on every forward pass."""
+    edit = _EDITS.get(site)
+    out = edit(x, residual) if edit is not None else None
+    return x.clone() if out is None else out
+
+
+@steer_op.register_fake
+def _(x, residual, site):
+    return torch.empty_like(x)
+
+
 @dataclass
 class _Op:
-    """One edit slot at a site: ``add`` (``h + row``) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit
-    direction, or zeros where the edit does not apply). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
+    """One edit slot at a site: ``add`` (``h + row``), ``addn`` (the same, then the stream rescaled to its norm
+    before) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit direction, or zeros where the edit does not
+    apply). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
 
     kind: str
     rows: torch.Tensor  # (1 + 3m, dim)
     targets: torch.Tensor | None  # (1 + 3m,) for "set"
 
+    def to(self, device, dtype) -> "_Op":
+        return _Op(self.kind, self.rows.to(device, dtype),
+                   None if self.targets is None else self.targets.to(device, dtype))
+
     def apply(self, x: torch.Tensor, index: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         """``x`` edited for each token's row; the stream is ``x + extra`` (a vLLM layer's residual) or ``x``."""
-        rows = self.rows.to(x.device, x.dtype)[index]
+        rows = self.rows[index]
         if self.kind == "add":
             return x + rows
         stream = x if extra is None else x + extra
+        if self.kind == "addn":
+            moved = stream + rows
+            out = moved * (stream.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+            out = torch.where(rows.abs().sum(-1, keepdim=True) > 0, out, stream)  # rows without the edit unchanged
+            return out if extra is None else out - extra
         proj = (stream * rows).sum(-1, keepdim=True)
-        return x + (self.targets.to(x.device, x.dtype)[index][:, None] - proj) * rows
+        return x + (self.targets[index][:, None] - proj) * rows
 
 
 @dataclass
@@ -95,27 +138,69 @@ class SteerState:
         self.runner = runner
         self.model = runner.get_model()
         self.layout = find_layout(self.model)
+        self.adapter = adapter_for(runner)
         self.vectors: dict = {}
         self.global_entries: list = []
         self.plan: _Plan | None = None
-        self._rows: dict = {}  # (request id, its steer spec) -> {site: (3, dim)}
-        self._handles: dict[Site, object] = {}
-        self._refused: set = set()  # requests whose steer spec was refused (logged once)
+        self.refused = 0  # steered requests the worker could not steer (the front end prevents this; counted)
+        self._rows: dict = {}  # (request id, its steer spec) -> {site: {slot: (rows, targets)}}
+        self._tables: tuple | None = None  # (batch composition, ops per site, device/dtype copies)
+        self._site_ids: dict[Site, int] = {}
+        self._handles: list = []
+        self._refused_ids: set = set()
         self._check_mode()
-        for spec in filter(None, os.environ.get(VECTORS_ENV, "").split(",")):
-            name, _, path = spec.partition("=")
-            self.register(name.strip(), Path(path.strip()).read_bytes())
+        self._tensor_parallel()
+        for site in self._declared_sites():
+            self._hook(site)
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        for name, path in vector_specs(os.environ.get(VECTORS_ENV)):
+            self.register(name, path.read_bytes())
         self.set_global(os.environ.get(GLOBAL_ENV) or None)
 
     def _check_mode(self) -> None:
         config = getattr(self.runner, "vllm_config", None)
-        mode = getattr(getattr(config, "compilation_config", None), "mode", 0)
-        if mode not in (0, None) and str(mode).split(".")[-1] not in ("NONE", "0"):
-            raise SteerscaleError(f"steerscale's vLLM steering needs eager mode, but vLLM compiles the model "
-                                  f"(compilation mode {mode})", "start vLLM with enforce_eager=True (vllm serve "
-                                                                "--enforce-eager)")
-        parallel = getattr(config, "parallel_config", None)
-        self.tensor_parallel = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+        compilation = getattr(config, "compilation_config", None)
+        mode = getattr(compilation, "mode", 0)
+        self.compiled = mode not in (0, None) and str(mode).split(".")[-1] not in ("NONE", "0")
+        cudagraphs = str(getattr(compilation, "cudagraph_mode", "NONE")).split(".")[-1]
+        device = getattr(getattr(self.runner, "device", None), "type", "cpu")
+        if device == "cuda" and cudagraphs != "NONE" and not getattr(config.model_config, "enforce_eager", False):
+            raise SteerscaleError(f"steerscale's vLLM steering reads each step's plan in Python, which CUDA graphs "
+                                  f"(cudagraph_mode {cudagraphs}) would replay frozen",
+                                  'start vLLM with compilation_config={"cudagraph_mode": "NONE"} (torch.compile '
+                                  "stays on) or enforce_eager=True")
+
+    def _tensor_parallel(self) -> None:
+        parallel = getattr(getattr(self.runner, "vllm_config", None), "parallel_config", None)
+        self.tp_size = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+        self.tp_rank = 0
+        if self.tp_size > 1:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            self.tp_rank = get_tensor_model_parallel_rank()
+            if self.layout.n_heads % self.tp_size:
+                raise SteerscaleError(f"{self.layout.n_heads} heads do not split over {self.tp_size} ranks")
+
+    def _declared_sites(self) -> list[Site]:
+        """The sites hooked before compilation: the start vectors' and ``STEERSCALE_VLLM_SITES``."""
+        sites: list[Site] = []
+        spec = os.environ.get(SITES_ENV, "")
+        if spec.strip() == "all":
+            for layer in range(self.layout.n_layers):
+                sites += [Site(layer, kind) for kind in SUPPORTED if kind is not SiteKind.HEAD_OUT]
+                sites += [Site(layer, SiteKind.HEAD_OUT, head=h) for h in range(self.layout.n_heads)]
+        else:
+            for key in filter(None, (k.strip() for k in spec.split(","))):
+                try:
+                    sites.append(Site.parse(key))
+                except (SteerscaleError, ValueError) as exc:
+                    raise SteerscaleError(f"{SITES_ENV}: bad site {key!r} ({exc})",
+                                          'write "all" or LAYER:KIND[:HEAD] keys, e.g. 14:resid_post') from None
+        from ..steer.vector import SteeringVector
+
+        for _, path in vector_specs(os.environ.get(VECTORS_ENV)):
+            sites += SteeringVector.load(path).sites
+        return sites
 
     # -- vectors ----------------------------------------------------------------------------------------------
     def register(self, name: str, data: bytes) -> dict:
@@ -133,18 +218,17 @@ class SteerState:
             path.write_bytes(data)
             vec = SteeringVector.load(path)
         vec.check_compatible(self.layout)
-        if vec.preserve_norm:  # the worker's batched edit is a plain add per row; rescaling is not implemented
-            raise SteerscaleError(f"vector {name!r} ({vec.method}) rescales activations to their original norm, which "
-                                  "the vLLM path does not do", "serve it with steerscale serve, or use a plain vector")
         for site in vec.sites:
             if site.kind not in SUPPORTED:
                 raise SteerscaleError(f"vector {name!r} edits {site.kind.value} sites, which the vLLM path does not "
                                       f"support", f"use {', '.join(k.value for k in SUPPORTED)}")
-            if site.kind is SiteKind.HEAD_OUT and self.tensor_parallel > 1:
-                raise SteerscaleError(f"vector {name!r} edits single heads, which vLLM splits across "
-                                      f"{self.tensor_parallel} ranks", "serve it with tensor_parallel_size=1")
+            if self.compiled and site not in self._site_ids:
+                raise SteerscaleError(f"vector {name!r} edits {site.key()}, which was not hooked before vLLM compiled "
+                                      "the model", f"give the vector at start (SteeredLLM(vectors=...) or "
+                                      f"{VECTORS_ENV}), list the site in {SITES_ENV}, or run with enforce_eager=True")
         self.vectors[name] = vec
         self._rows.clear()
+        self._tables = None
         for site in vec.sites:
             self._hook(site)
         return {"name": name, "sites": [s.key() for s in vec.sites]}
@@ -156,6 +240,7 @@ class SteerState:
             raise SteerscaleError(f"vector {name!r} is in the engine-wide steering", "set_steering(None) first")
         del self.vectors[name]
         self._rows.clear()
+        self._tables = None
 
     def set_global(self, spec) -> None:
         entries = parse_steer(spec)
@@ -163,6 +248,7 @@ class SteerState:
             self._vector(name)
         self.global_entries = entries
         self._rows.clear()
+        self._tables = None
 
     def _vector(self, name: str):
         if name not in self.vectors:
@@ -173,123 +259,155 @@ class SteerState:
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _hook(self, site: Site) -> None:
-        if site in self._handles:
+        """Put the op at ``site`` (once); the op's edit reads ``self.plan``."""
+        if site in self._site_ids:
             return
         loc = self.layout.locate(site)
-
-        def edit(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor | None:
-            plan = self.plan
-            if plan is None or site not in plan.ops:
-                return None
-            index, n_tokens = plan.index, x.shape[0]
-            if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (no edit)
-                index = torch.nn.functional.pad(index[:n_tokens], (0, max(0, n_tokens - index.shape[0])))
-            index = index.to(x.device)
-            for op in plan.ops[site]:  # in the request's order, as the local engine runs them
-                x = op.apply(x, index, extra)
-            return x
+        sid = next(_SITE_IDS)
+        self._site_ids[site] = sid
+        _EDITS[sid] = lambda x, extra: self._edit(site, x, extra)
 
         if site.kind is SiteKind.RESID_PRE:
             def hook(module, args, kwargs):  # (positions, hidden, residual): the stream is hidden + residual
-                x = edit(args[1], args[2] if len(args) > 2 else None)
-                return None if x is None else ((args[0], x, *args[2:]), kwargs)
+                extra = args[2] if len(args) > 2 else None
+                return (args[0], steer_op(args[1], extra, sid), *args[2:]), kwargs
         elif site.kind is SiteKind.HEAD_OUT:
-            cols = loc.index
-
-            def hook(module, args, kwargs):  # the output projection's input: the heads side by side
-                head = edit(args[0][..., cols], None)
-                if head is None:
-                    return None
-                x = args[0].clone()
-                x[..., cols] = head
-                return (x, *args[1:]), kwargs
+            def hook(module, args, kwargs):  # the output projection's input: this rank's heads side by side
+                return (steer_op(args[0], None, sid), *args[1:]), kwargs
         else:
             def hook(module, args, output):  # a block's (hidden, residual), or attention's / the MLP's tensor
                 if isinstance(output, tuple):
-                    x = edit(output[0], output[1] if len(output) > 1 and torch.is_tensor(output[1]) else None)
-                    return None if x is None else (x, *output[1:])
-                return edit(output, None)
+                    extra = output[1] if len(output) > 1 and isinstance(output[1], torch.Tensor) else None
+                    return (steer_op(output[0], extra, sid), *output[1:])
+                return steer_op(output, None, sid)
 
-        self._handles[site] = attach_hook(loc, hook)
+        self._handles.append(attach_hook(loc, hook))
+
+    def _edit(self, site: Site, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor | None:
+        plan = self.plan
+        if plan is None or site not in plan.ops:
+            return None
+        index, n_tokens = plan.index, x.shape[0]
+        if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (no edit)
+            index = torch.nn.functional.pad(index[:n_tokens], (0, max(0, n_tokens - index.shape[0])))
+        index = index.to(x.device)
+        for op in plan.ops[site]:  # in the request's order, as the local engine runs them
+            x = op.apply(x, index, extra)
+        return x
 
     # -- the step -----------------------------------------------------------------------------------------------
+    def _head_columns(self, site: Site) -> slice | None:
+        """This rank's columns of ``site``'s head in the output projection's input (None: another rank's head)."""
+        per_rank = self.layout.n_heads // self.tp_size
+        local = site.head - self.tp_rank * per_rank
+        if not 0 <= local < per_rank:
+            return None
+        d = self.layout.head_dim
+        return slice(local * d, (local + 1) * d)
+
     def _request_rows(self, rid, spec) -> dict | None:
-        """A request's edits per site: ``{site: {(entry k, kind): (rows (3, dim), targets (3,) or None)}}``, the
+        """A request's edits per site: ``{site: {(entry k, kind): (rows (3, width), targets (3,) or None)}}``, the
         three rows for its early prompt tokens, last prompt token and generated tokens; engine-wide entries come
-        first. None when it is not steered. Cached per request."""
+        first. A head's rows span its output projection's input on this rank. None when it is not steered."""
         key = (rid, spec if not isinstance(spec, list) else tuple(spec))
         if key not in self._rows:
             entries = self.global_entries + parse_steer(spec)
             out: dict = {}
             for k, (name, op, scope) in enumerate(entries):
+                vec = self._vector(name)
                 on = torch.tensor(_APPLIES[scope], dtype=torch.float32)[:, None]
-                for site, direction in self._vector(name).directions.items():
+                for site, direction in vec.directions.items():
                     d = direction.float()
+                    if site.kind is SiteKind.HEAD_OUT:
+                        cols = self._head_columns(site)
+                        if cols is None:
+                            continue
+                        full = torch.zeros(self.layout.n_heads // self.tp_size * self.layout.head_dim)
+                        full[cols] = d
+                        d = full
                     if isinstance(op, tuple):  # ("set", value): the unit direction, and its target per row
                         u = d / d.norm()
                         out.setdefault(site, {})[(k, "set")] = (on * u, on[:, 0] * op[1])
                     else:
-                        out.setdefault(site, {})[(k, "add")] = (on * (op * d), None)
+                        kind = "addn" if vec.preserve_norm else "add"
+                        out.setdefault(site, {})[(k, kind)] = (on * (op * d), None)
             self._rows[key] = out or None
         return self._rows[key]
 
     def _refuse(self, rid, exc: SteerscaleError) -> None:
-        """A request whose steer spec cannot run (unknown vector, malformed entry) generates unsteered; vLLM's
-        worker has no way to fail one request, so the error is logged once per request, loudly."""
-        if rid not in self._refused:
-            self._refused.add(rid)
+        """Unreachable through vLLM's front end (``frontend.admit`` refuses such a request first); if a request
+        still gets here its steering cannot run: logged and counted (``steerscale_info``)."""
+        if rid not in self._refused_ids:
+            self._refused_ids.add(rid)
+            self.refused += 1
             log.error("steerscale: request %s is NOT steered: %s%s", rid, exc.problem,
                       f" ({exc.hint})" if exc.hint else "")
+
+    def _before_forward(self, module, args, kwargs):
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        self.prepare(positions)
+        return None
 
     def prepare(self, positions: torch.Tensor | None) -> None:
         """The plan of the forward pass about to run (None when no scheduled request is steered)."""
         self.plan = None
-        runner = self.runner
-        n = runner.input_batch.num_reqs
-        if not n or positions is None:
+        batch = self.adapter.batch(positions)
+        if batch is None:
             return
-        req_ids = runner.input_batch.req_ids[:n]
-        if len(self._rows) > 2 * n + 64:  # finished requests' rows: keep only the batch's
+        req_ids, specs, prompt_lens, counts = batch
+        if len(self._rows) > 2 * len(req_ids) + 64:  # finished requests' rows: keep only the batch's
             live = set(req_ids)
             self._rows = {k: v for k, v in self._rows.items() if k[0] in live}
-        slot, plen, rows = [], [], []
-        for rid in req_ids:
-            state = runner.requests[rid]
-            extra = getattr(state.sampling_params, "extra_args", None) or {}
+        slot, rows = [], []
+        for rid, spec in zip(req_ids, specs):
             r = None
-            if extra.get(STEER_KEY) or self.global_entries:
+            if spec or self.global_entries:
                 try:
-                    r = self._request_rows(rid, extra.get(STEER_KEY))
-                except SteerscaleError as exc:  # one client's bad spec must not stop the engine for everyone
+                    r = self._request_rows(rid, spec)
+                except SteerscaleError as exc:
                     self._refuse(rid, exc)
             slot.append(len(rows) if r is not None else -1)
-            plen.append(int(state.num_prompt_tokens))
             if r is not None:
                 rows.append(r)
         if not rows:
             return
-        qsl = runner.query_start_loc.cpu[: n + 1]
-        counts = qsl[1:] - qsl[:-1]
-        tok_req = torch.repeat_interleave(torch.arange(n), counts)
+        tok_req = torch.repeat_interleave(torch.arange(len(req_ids)), counts)
         pos = positions[: tok_req.shape[0]].cpu().long()
-        p = torch.tensor(plen)[tok_req]
+        p = torch.tensor(prompt_lens)[tok_req]
         cls = (pos >= p - 1).long() + (pos >= p).long()
         s = torch.tensor(slot)[tok_req]
         index = torch.where(s >= 0, 1 + CLASSES * s + cls, torch.zeros_like(s))
+        composition = tuple((rid, tuple(spec) if isinstance(spec, list) else spec)
+                            for rid, spec, k in zip(req_ids, specs, slot) if k >= 0)
+        if self._tables is None or self._tables[0] != composition:
+            self._tables = (composition, self._build_ops(rows))
+        device = positions.device
+        self.plan = _Plan(self._tables[1], index.to(device))
+
+    def _build_ops(self, rows: list[dict]) -> dict[Site, list[_Op]]:
+        """Per site the edit slots of the steered requests, stacked into tables (row 0 zeros), on the model's
+        device and dtype (built once per batch composition)."""
+        param = next(self.model.parameters())
         ops: dict[Site, list[_Op]] = {}
         for site in {site for r in rows for site in r}:
-            dim = self.layout.site_dim(site)
             slots = sorted({slot for r in rows for slot in r.get(site, {})})
+            width = next(v[0].shape[-1] for r in rows for v in r.get(site, {}).values())
             for slot in slots:
-                parts, targets = [torch.zeros(1, dim)], [torch.zeros(1)]
+                parts, targets = [torch.zeros(1, width)], [torch.zeros(1)]
                 for r in rows:
-                    vec, tgt = r.get(site, {}).get(slot, (torch.zeros(CLASSES, dim), None))
+                    vec, tgt = r.get(site, {}).get(slot, (torch.zeros(CLASSES, width), None))
                     parts.append(vec)
                     targets.append(tgt if tgt is not None else torch.zeros(CLASSES))
-                ops.setdefault(site, []).append(_Op(slot[1], torch.cat(parts),
-                                                    torch.cat(targets) if slot[1] == "set" else None))
-        self.plan = _Plan(ops, index)
+                op = _Op(slot[1], torch.cat(parts), torch.cat(targets) if slot[1] == "set" else None)
+                ops.setdefault(site, []).append(op.to(param.device, param.dtype))
+        return ops
 
+    def info(self) -> dict:
+        return {"vectors": {n: [s.key() for s in v.sites] for n, v in self.vectors.items()},
+                "engine_wide": self.global_entries, "architecture": self.layout.architecture,
+                "n_layers": self.layout.n_layers, "compiled": self.compiled, "runner": self.adapter.name,
+                "tensor_parallel": self.tp_size, "rank": self.tp_rank, "hooked_sites": len(self._site_ids),
+                "refused": self.refused}
 
 
 def state_of(runner) -> SteerState:
@@ -301,33 +419,35 @@ def state_of(runner) -> SteerState:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: wrap the model runner's forward when steering is enabled."""
+    """The ``vllm.general_plugins`` entry point: the front end's checks, and hooks placed when a runner loads its
+    model (before vLLM compiles it)."""
     if not enabled():
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    frontend.install()
+    from .runners import runner_classes
 
-    if getattr(GPUModelRunner._model_forward, "_steerscale", False):
-        return  # vLLM loads plugins once per process, but be safe
-    forward = GPUModelRunner._model_forward
-    load = GPUModelRunner.load_model
+    for cls in runner_classes():
+        load = cls.__dict__.get("load_model")
+        if load is None or getattr(load, "_steerscale", False):
+            continue
 
-    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
-        state = state_of(self)
-        state.prepare(positions)
-        try:
-            return forward(self, input_ids, positions, *args, **kwargs)
-        finally:
-            state.plan = None
+        def load_model(self, *args, _load=load, **kwargs):
+            out = _load(self, *args, **kwargs)
+            state_of(self)  # hooks before compilation; vectors read now: a bad setup fails at start
+            return out
 
-    def load_model(self, *args, **kwargs):
-        out = load(self, *args, **kwargs)
-        state_of(self)  # eager mode checked and the vectors read now: a bad setup fails at start, not mid-request
-        return out
+        load_model._steerscale = True
+        cls.load_model = load_model
+    log.info("steerscale: per-request steering enabled in vLLM")
 
-    _model_forward._steerscale = True
-    GPUModelRunner._model_forward = _model_forward
-    GPUModelRunner.load_model = load_model
-    log.info("steerscale: per-request steering enabled in vLLM's model runner")
+
+def _answer(fn, *args):
+    """An RPC's answer: ``{"ok": True, "value": ...}`` or ``{"ok": False, "error": ...}`` (never raised: every rank
+    must reply to every call, see the module docstring)."""
+    try:
+        return {"ok": True, "value": fn(*args)}
+    except SteerscaleError as exc:
+        return {"ok": False, "error": exc.problem, "hint": exc.hint}
 
 
 class SteerExtension:
@@ -335,25 +455,28 @@ class SteerExtension:
     start with ``steerscale_`` so they never clash with the worker's own."""
 
     def steerscale_register(self, name: str, data: bytes) -> dict:
-        return state_of(self.model_runner).register(name, data)
+        return _answer(state_of(self.model_runner).register, name, data)
 
-    def steerscale_unregister(self, name: str) -> None:
-        state_of(self.model_runner).unregister(name)
+    def steerscale_unregister(self, name: str) -> dict:
+        return _answer(state_of(self.model_runner).unregister, name)
 
-    def steerscale_set_steering(self, spec) -> None:
-        state_of(self.model_runner).set_global(spec)
+    def steerscale_set_steering(self, spec) -> dict:
+        return _answer(state_of(self.model_runner).set_global, spec)
 
     def steerscale_info(self) -> dict:
-        state = state_of(self.model_runner)
-        return {"vectors": {n: [s.key() for s in v.sites] for n, v in state.vectors.items()},
-                "engine_wide": state.global_entries, "architecture": state.layout.architecture,
-                "n_layers": state.layout.n_layers}
+        return _answer(state_of(self.model_runner).info)
 
 
 def vector_bytes(vector) -> bytes:
     """A ``SteeringVector`` as the bytes of its ``.safetensors`` file (what the RPC carries: never pickle)."""
+    from ..steer.vector import SteeringVector
+
+    if not isinstance(vector, SteeringVector):
+        raise SteerscaleError(f"cannot register a {type(vector).__name__} in vLLM: it takes steering vectors",
+                              "pass a SteeringVector or the path of a .safetensors / .gguf vector file; edits such "
+                              "as Affine run in the local engine (steerscale.generate)")
     with tempfile.TemporaryDirectory() as tmp:
         return vector.save(Path(tmp) / "v.safetensors").read_bytes()
 
 
-__all__ = ["SteerExtension", "SteerState", "register", "state_of", "vector_bytes"]
+__all__ = ["SteerExtension", "SteerState", "register", "state_of", "steer_op", "vector_bytes"]
