@@ -1,87 +1,182 @@
-"""steerscale's per-request steering inside vLLM: what it costs there, how vLLM compares with steerscale's own
-batching engine on the same steered requests, and whether both give the same greedy tokens. One run.
+"""steerscale's per-request steering inside vLLM at vLLM's own speed: steered requests in vLLM's compiled mode
+against plain vLLM (no plugin) in the same run, compiled against eager, in bf16 and float32; the same greedy tokens
+as steerscale's local engine; tenant safety over HTTP; tensor parallel 2. One run.
 
     .venv-vllm/bin/python bench/vllm_steer.py [--model smollm2-135m-instruct] [--tokens 32] [--repeats 3]
-                                              [--local-threads 1] [--quick]
+                                              [--dtypes bfloat16,float32] [--skip-http] [--skip-tp] [--quick]
 
-Run it with the vLLM venv's python (``scripts/make_vllm_venv.sh``; steerscale installed editable there). Measured
-on CPU only (vLLM's CPU build, 2 cores, no GPU here): the numbers say how the pieces compare on this machine, not
-what vLLM does on an accelerator.
+Run it with the vLLM venv's python (``scripts/make_vllm_venv.sh``). Measured on CPU only (vLLM's CPU build, 2 cores,
+no GPU here, compiled mode = vLLM's CPU default: dynamo traced once, inductor). ``--gpu`` is the GPU variant,
+written but not run (no vLLM travels to the lent GPU machine): plain vLLM keeps its CUDA graphs, the steered engines
+run torch.compile with ``cudagraph_mode=NONE`` (the plugin refuses CUDA graphs, whose replay would freeze a step's
+steering), so its ratio says what steering costs against vLLM's fastest plain setting.
 
-Setup: SmolLM2-135M-Instruct in float32, ``SteeredLLM(..., enforce_eager=True)`` (``src/steerscale/vllm``), prefix
-caching off (the local engine has none, and repeats of the same prompts would otherwise skip their prefill),
-``max_num_seqs=32``, ``max_num_batched_tokens=2048`` (a batch's whole prefill in one step). The steering vector
-``layers``: at ``resid_post`` of every one of the 30 blocks, a random unit direction (one per block, seeded) scaled to
-norm 8. The 32 requests: the 8 ``PROMPTS`` (chat template applied, the same token ids for both engines) four times,
-steered with ``layers`` at scale 1, -1, 0.5, -0.5 (one scale per round of 8). Every request is greedy, ``ignore_eos``,
-exactly ``--tokens`` new tokens. Batch B means the first B requests submitted together. Each timing takes a warm-up
-first (the same batch for a few tokens), then ``--repeats`` repetitions; the two conditions compared are interleaved
-within a repetition (order alternating) and a ratio is the median over repetitions of that repetition's throughput
-ratio, so slow drifts of a shared machine cancel.
+Setup: SmolLM2-135M-Instruct, prefix caching off (repeats of the same prompts would otherwise skip their prefill),
+``max_num_seqs=32``, ``max_num_batched_tokens=2048``. The steering vector ``layers``: at ``resid_post`` of every one
+of the 30 blocks, a random unit direction (one per block, seeded) scaled to norm 8. The 32 requests: 8 chat prompts
+four times, steered with ``layers`` at scale 1, -1, 0.5, -0.5 (one scale per round of 8); greedy, ``ignore_eos``,
+exactly ``--tokens`` new tokens. Batch B = the first B requests in one ``generate``.
 
-* ``steered_vs_plain_b1`` / ``_b16``: inside vLLM, ``llm.generate`` on the same 1 / 16 requests steered (per
-  request, through ``steer=``) vs unsteered: throughput ratio (target >= 0.9).
-* ``vllm_vs_local_b1`` / ``_b8`` / ``_b32``: the same steered requests through vLLM and through steerscale's local
-  batching engine (``steerscale.serve.scheduler.Scheduler``, ``max_batch=32``, jobs submitted together, ``step()``
-  until every future is done): tokens/s of each and their ratio (> 1: vLLM faster).
-* ``equivalence_mismatches``: requests (of the 32) whose vLLM greedy token ids differ from the local engine's in any
-  of the batch-1/8/32 runs (should be 0); for each difference the local top-2 logit margin at the first differing
-  token is reported (float32 kernels may round differently only where the two best tokens nearly tie).
-* ``isolation_mismatches``: a batch of 16 in vLLM with every other request steered (the rest unsteered) against
-  each request alone in vLLM (should be 0).
+Engines live side by side in this process: per dtype, plain vLLM compiled (started without steerscale's plugin),
+``SteeredLLM`` compiled, and ``SteeredLLM`` eager; while one is timed the others' processes are paused (SIGSTOP), as
+idle vLLM engines poll their queues. Each timing: a warm-up of the same batch, then ``--repeats`` repetitions with
+the two conditions interleaved (order alternating); a ratio is the median over repetitions of that repetition's
+throughput ratio, so slow drifts of a shared machine cancel. The 1-minute load average is reported.
 
-Threads: on this 2-cpu machine vLLM's CPU worker binds its OpenMP compute to one core and reserves the other for its
-engine and frontend processes (``VLLM_CPU_OMP_THREADS_BIND=auto``; the processes' cpu affinity is reported), so the
-local engine computes on one torch thread too (``--local-threads``; it runs in this process, after vLLM's startup).
-vLLM's engine and worker processes poll their queues even when idle (``vllm_idle`` reports their CPU seconds over an
-idle window), so they are paused (SIGSTOP, then SIGCONT) while the local engine runs. Other work on the machine skews
-every timing (and a second thread contending with another process slows torch's barriers badly): the 1-minute load
-average at the start and the end is reported. A readable table first; last line: one JSON object.
+JSON keys: ``steered_vs_plain_compiled_b1`` / ``_b16`` per dtype (steered requests through the plugin in compiled
+mode vs the same requests unsteered through plain vLLM compiled; target >= 0.9), ``unsteered_plugin_vs_plain_b16``
+(what the plugin costs requests that do not steer), ``compiled_vs_eager_b1`` / ``_b16`` (both steered),
+``equivalence_mismatches`` (float32, the 32 requests and the projection/norm-preserving grammar against the local
+engine; the margin rule: a difference counts where the local top-2 margin is >= 1e-4), ``bf16_mismatches_beyond_margin``
+(bf16 vLLM against the local engine in bf16; a difference counts where the local bf16 top-2 margin >= 0.5 logits),
+``isolation_mismatches`` (a batch of 16, every other request steered, vs each alone), ``salt_leaks`` and
+``bad_spec_non_400`` (``vllm serve`` with the plugin, the official client; ``tests/vllm_serve_checks.py``),
+``tp2_equivalence_mismatches`` (tensor parallel 2 on a tiny qwen2 checkpoint with 4 heads, head vectors on both
+ranks; ``tests/vllm_checks.py --family qwen2 --tp 2``).
 
-``--quick`` is a smoke check: 8 new tokens per request (unless ``--tokens`` is given) and 1 repetition.
+``--quick`` is a smoke check: 8 new tokens, 1 repetition, float32 only, no HTTP or TP parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PROMPTS, fmt_table, log, machine_info
+from _common import PROMPTS, ROOT, fmt_table, log, machine_info
 
 VECTOR_NORM = 8.0
 SCALES = (1.0, -1.0, 0.5, -0.5)  # one per round of the 8 prompts: 32 requests
 N_REQUESTS = 32
-LOCAL_MAX_BATCH = 32
-WARMUP_TOKENS = 4
+BF16_MARGIN = 0.5  # logits: where bf16's rounding can flip the greedy token
+FP32_MARGIN = 1e-4
 
 
 def r3(x):
     return None if x is None else round(x, 3)
 
 
-def shutdown(llm) -> None:
-    """Stop vLLM's engine processes now and silence its loggers (its exit hooks would print after the report)."""
-    import gc
-    import logging
-
+@contextlib.contextmanager
+def without_plugin():
+    """Start an engine whose processes do not load steerscale's plugin (plain vLLM)."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("STEERSCALE_VLLM")}
     try:
-        llm.llm.llm_engine.engine_core.shutdown()
-    except Exception as exc:  # noqa: BLE001 (best effort: the processes end with this one anyway)
-        log(f"vLLM shutdown: {type(exc).__name__}: {exc}")
-    logging.getLogger("vllm").setLevel(logging.CRITICAL)
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("vllm"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    del llm
-    gc.collect()
-    sys.stdout.flush()
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+class Engine:
+    """One vLLM engine of this process and its child processes (paused while another engine is timed)."""
+
+    def __init__(self, label: str, make):
+        import psutil
+
+        self.label = label
+        me = psutil.Process()
+        before = {p.pid for p in me.children(recursive=True)}
+        t = time.perf_counter()
+        self.handle = make()
+        self.start_s = time.perf_counter() - t
+        self.procs = [p for p in me.children(recursive=True) if p.pid not in before]
+        self.llm = getattr(self.handle, "llm", self.handle)  # SteeredLLM wraps vllm.LLM
+        log(f"{label}: up in {self.start_s:.1f} s ({len(self.procs)} processes)")
+
+    def pause(self):
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                p.suspend()
+
+    def resume(self):
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                p.resume()
+
+    def generate(self, reqs, params, steer=None):
+        if steer is not None and any(steer):
+            outs = self.handle.generate(reqs, params, steer=steer)
+        else:
+            outs = self.llm.generate(reqs, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def shutdown(self):
+        self.resume()
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+
+
+def timed_ratio(a: Engine, b: Engine, run_a, run_b, repeats: int, engines: list[Engine]) -> dict:
+    """Throughput of ``run_a`` on ``a`` over ``run_b`` on ``b`` (each returns (tokens, outputs)), interleaved."""
+    def one(engine, run):
+        for e in engines:
+            (e.resume if e is engine else e.pause)()
+        t = time.perf_counter()
+        n, outs = run()
+        return n / (time.perf_counter() - t), outs
+
+    one(a, run_a), one(b, run_b)  # warm-up: the same batch shapes
+    ra, rb = [], []
+    for rep in range(repeats):
+        for which in ((0, 1) if rep % 2 == 0 else (1, 0)):
+            tps, _ = one(a, run_a) if which == 0 else one(b, run_b)
+            (ra if which == 0 else rb).append(tps)
+    for e in engines:
+        e.resume()
+    ratios = [x / y for x, y in zip(ra, rb)]
+    return {"a_tok_s": [round(x, 2) for x in ra], "b_tok_s": [round(x, 2) for x in rb],
+            "ratios": [round(x, 3) for x in ratios], "ratio": statistics.median(ratios)}
+
+
+def local_tokens(lm, vector, prompt_ids, scales, tokens: int) -> list[list[int]]:
+    """The local engine's greedy tokens for every request (its batching scheduler, all submitted together)."""
+    from steerscale.scale import SamplingParams as LocalParams
+    from steerscale.serve.scheduler import Job, Scheduler
+
+    sched = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=N_REQUESTS)
+    params = LocalParams(max_tokens=tokens, temperature=0.0, step=None, ignore_eos=True)
+    futures = [sched.submit(Job(list(ids), params, steer=[(vector, s)] if s else [])) for ids, s in
+               zip(prompt_ids, scales)]
+    while not all(f.done() for f in futures):
+        sched.step()
+    return [list(f.result()[0].token_ids) for f in futures]
+
+
+def differences(lm, vector, prompt_ids, scales, got, want, threshold: float) -> list[dict]:
+    """Requests whose tokens differ, with the local top-2 margin at the first difference; ``beyond`` where the
+    margin is at least ``threshold`` (a real difference, not a near tie)."""
+    import torch
+
+    from steerscale.engine.runtime import intervene
+
+    out = []
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g == w:
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(g, w)) if x != y), min(len(g), len(w)))
+        ids = list(prompt_ids[i]) + w[:k]
+        edits = vector.interventions(scales[i]) if scales[i] else []
+        with torch.no_grad(), intervene(lm.layout, edits, prompt_width=len(prompt_ids[i])):
+            top = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float().topk(2).values
+        margin = float(top[0] - top[1])
+        out.append({"request": i, "first_difference": k, "local_margin": margin, "beyond": margin >= threshold})
+    return out
+
+
+def run_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -89,278 +184,147 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 32; --quick: 8)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3; --quick: 1)")
-    ap.add_argument("--local-threads", type=int, default=1,
-                    help="torch threads of the local engine (default 1: what vLLM's CPU worker computes on here)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated (default bfloat16,float32; --quick: float32)")
+    ap.add_argument("--skip-http", action="store_true", help="skip the vllm serve part (salt leaks, bad specs)")
+    ap.add_argument("--skip-tp", action="store_true", help="skip the tensor-parallel-2 part")
     ap.add_argument("--quick", action="store_true", help="smoke check: fewer tokens and repetitions")
+    ap.add_argument("--gpu", action="store_true", help="on a CUDA machine (untested here, see the docstring)")
     args = ap.parse_args()
     tokens = args.tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
+    dtypes = (args.dtypes or ("float32" if args.quick else "bfloat16,float32")).split(",")
     wall0 = time.perf_counter()
     load_at_start = round(os.getloadavg()[0], 2)
-
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import psutil
     import torch
-    from vllm import SamplingParams
+    from vllm import LLM, SamplingParams
 
     from steerscale import Site, SiteKind, load_model
-    from steerscale.engine.runtime import intervene
-    from steerscale.scale import SamplingParams as LocalParams
-    from steerscale.serve.scheduler import Job, Scheduler
+    from steerscale.models.loading import checkpoint_dir
     from steerscale.steer.vector import SteeringVector
     from steerscale.vllm import SteeredLLM
 
-    machine = machine_info()  # torch threads of this process (the local engine's), cpus, loadavg
-    machine["loadavg_1m_at_start"] = load_at_start
-
-    # -- the model, the vector, the requests ------------------------------------------------------------------------
-    log(f"loading {args.model} (float32) for the local engine ...")
-    t0 = time.perf_counter()
-    lm = load_model(args.model, dtype="float32")
-    local_load_s = time.perf_counter() - t0
-    n_layers = lm.layout.n_layers
+    machine = machine_info()
+    torch.set_num_threads(1)  # the local engine (reference tokens only, untimed)
+    lm32 = load_model(args.model, dtype="float32")
     g = torch.Generator().manual_seed(0)
     directions = {}
-    for layer in range(n_layers):
+    for layer in range(lm32.layout.n_layers):
         site = Site(layer, SiteKind.RESID_POST)
-        d = torch.randn(lm.layout.site_dim(site), generator=g)
+        d = torch.randn(lm32.layout.site_dim(site), generator=g)
         directions[site] = VECTOR_NORM * d / d.norm()
     vector = SteeringVector(directions, model_name=args.model)
 
     def chat_ids(text: str) -> list[int]:
-        s = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
-        return list(lm.tokenizer(s, add_special_tokens=False)["input_ids"])
+        s = lm32.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=False)
+        return list(lm32.tokenizer(s, add_special_tokens=False)["input_ids"])
 
     prompt_ids = [chat_ids(PROMPTS[i % len(PROMPTS)]) for i in range(N_REQUESTS)]
     scales = [SCALES[i // len(PROMPTS)] for i in range(N_REQUESTS)]
     specs = [[f"layers:{s}"] for s in scales]
     reqs = [{"prompt_token_ids": ids} for ids in prompt_ids]
     greedy = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    local_params = LocalParams(max_tokens=tokens, temperature=0.0, step=None, ignore_eos=True)
-    warm = min(WARMUP_TOKENS, tokens)  # warm-ups run the same batch shapes for a few tokens
-    warm_greedy = SamplingParams(temperature=0.0, max_tokens=warm, ignore_eos=True)
-    warm_local = LocalParams(max_tokens=warm, temperature=0.0, step=None, ignore_eos=True)
+    common = dict(max_model_len=512, max_num_seqs=32, max_num_batched_tokens=2048, enable_prefix_caching=False,
+                  seed=0)
+    model_dir = checkpoint_dir(args.model)
+    out: dict = {"bench": "vllm_steer", "model": args.model, "device": "cuda" if args.gpu else "cpu"}
+    per_dtype: dict = {}
+    for dtype in dtypes:
+        tag = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+        log(f"== {dtype}: starting plain vLLM (compiled), SteeredLLM compiled and eager ...")
+        with without_plugin():
+            plain = Engine(f"plain compiled {tag}", lambda: LLM(model=model_dir, dtype=dtype, **common))
+        graphs = {"compilation_config": {"cudagraph_mode": "NONE"}} if args.gpu else {}
+        steered = Engine(f"steered compiled {tag}",
+                         lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype, **graphs, **common))
+        eager = Engine(f"steered eager {tag}", lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype,
+                                                                   enforce_eager=True, **common))
+        engines = [plain, steered, eager]
+        row: dict = {"startup_s": {e.label: round(e.start_s, 1) for e in engines}}
 
-    # -- the local engine ----------------------------------------------------------------------------------------------
-    torch.set_num_threads(args.local_threads)
-    machine["local_engine_torch_threads"] = torch.get_num_threads()
-    sched = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=LOCAL_MAX_BATCH)
+        def run(engine, idx, steer=True):
+            outs = engine.generate([reqs[i] for i in idx], greedy, [specs[i] for i in idx] if steer else None)
+            return sum(len(o) for o in outs), outs
 
-    def local(idx: list[int], params=local_params) -> tuple[list[list[int]], float]:
-        """The steered requests ``idx`` through the local engine, with vLLM's processes paused meanwhile."""
-        paused = pause_vllm()
-        try:
-            t = time.perf_counter()
-            futures = [sched.submit(Job(list(prompt_ids[i]), params, steer=[(vector, scales[i])])) for i in idx]
-            while not all(f.done() for f in futures):
-                sched.step()
-            secs = time.perf_counter() - t
-        finally:
-            resume(paused)
-        return [list(f.result()[0].token_ids) for f in futures], secs
+        for b in (1, 16):
+            idx = list(range(b))
+            log(f"{tag} batch {b}: steered compiled vs plain compiled ...")
+            row[f"steered_vs_plain_compiled_b{b}"] = timed_ratio(
+                steered, plain, lambda: run(steered, idx), lambda: run(plain, idx, False), repeats, engines)
+            log(f"{tag} batch {b}: compiled vs eager (both steered) ...")
+            row[f"compiled_vs_eager_b{b}"] = timed_ratio(
+                steered, eager, lambda: run(steered, idx), lambda: run(eager, idx), repeats, engines)
+        log(f"{tag} batch 16: unsteered requests, plugin vs plain ...")
+        row["unsteered_plugin_vs_plain_b16"] = timed_ratio(
+            steered, plain, lambda: run(steered, list(range(16)), False), lambda: run(plain, list(range(16)), False),
+            repeats, engines)
+        for e in (plain, eager):
+            e.pause()
+        got = steered.generate(reqs, greedy, specs)
+        if dtype == "float32":
+            want = local_tokens(lm32, vector, prompt_ids, scales, tokens)
+            row["differences"] = differences(lm32, vector, prompt_ids, scales, got, want, FP32_MARGIN)
+            out["equivalence_mismatches"] = sum(d["beyond"] for d in row["differences"])
+            half = [k % 2 == 1 for k in range(16)]
+            mixed = steered.generate(reqs[:16], greedy, [specs[k] if half[k] else None for k in range(16)])
+            alone = [steered.generate([reqs[k]], greedy, [specs[k] if half[k] else None])[0] for k in range(16)]
+            out["isolation_mismatches"] = sum(a != m for a, m in zip(alone, mixed))
+            plain.resume()
+            plain_tokens = plain.generate(reqs[:16], greedy)
+            out["isolation_steering_acted"] = sum(mixed[k] != plain_tokens[k] for k in range(16) if half[k])
+        else:
+            lm16 = load_model(args.model, dtype=dtype)
+            want = local_tokens(lm16, vector, prompt_ids, scales, tokens)
+            row["differences"] = differences(lm16, vector, prompt_ids, scales, got, want, BF16_MARGIN)
+            out["bf16_mismatches_beyond_margin"] = sum(d["beyond"] for d in row["differences"])
+            del lm16
+        row["info"] = steered.handle.info()
+        for e in engines:
+            e.shutdown()
+        per_dtype[tag] = row
+        for key in ("steered_vs_plain_compiled_b1", "steered_vs_plain_compiled_b16", "compiled_vs_eager_b1",
+                    "compiled_vs_eager_b16", "unsteered_plugin_vs_plain_b16"):
+            out[f"{key}_{tag}"] = r3(row[key]["ratio"])
 
-    # -- vLLM ------------------------------------------------------------------------------------------------------------
-    log("starting vLLM ...")
-    t0 = time.perf_counter()
-    llm = SteeredLLM(args.model, vectors={"layers": vector}, max_model_len=512, max_num_seqs=32,
-                     max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
-    vllm_start_s = time.perf_counter() - t0
-    log(f"vLLM up in {vllm_start_s:.1f} s")
-    me = psutil.Process()
-
-    def vllm_procs():
-        return [p for p in me.children(recursive=True) if p.is_running()]
-
-    vinfo = {"processes": len(vllm_procs())}
-    try:
-        procs = vllm_procs()
-        vinfo["names"] = [p.name() for p in procs]
-        vinfo["threads"] = [p.num_threads() for p in procs]
-        vinfo["cpu_affinity"] = [p.cpu_affinity() for p in procs]
-    except (psutil.Error, AttributeError):
-        pass
-
-    def pause_vllm() -> list:
-        """SIGSTOP vLLM's engine and worker processes (idle, they still poll their queues and take CPU from the
-        local engine); ``resume`` continues them."""
-        paused = []
-        for p in vllm_procs():
-            try:
-                p.suspend()
-                paused.append(p)
-            except psutil.Error:
-                pass
-        return paused
-
-    def resume(paused: list) -> None:
-        for p in paused:
-            try:
-                p.resume()
-            except psutil.Error:
-                pass
-
-    def vllm_cpu() -> float:
-        total = 0.0
-        for p in vllm_procs():
-            try:
-                c = p.cpu_times()
-                total += c.user + c.system
-            except psutil.Error:
-                pass
-        return total
-
-    def vllm(idx: list[int], steer=True, params=greedy) -> tuple[list[list[int]], float]:
-        """Requests ``idx`` through vLLM in one ``generate``: all steered (``steer=True``), or steered where the
-        per-request flags ``steer`` say so."""
-        rs = [reqs[i] for i in idx]
-        st = [specs[i] if (steer is True or steer[k]) else None for k, i in enumerate(idx)]
-        t = time.perf_counter()
-        outs = llm.generate(rs, params, steer=st)
-        secs = time.perf_counter() - t
-        return [list(o.outputs[0].token_ids) for o in outs], secs
-
-    def plain(idx: list[int], params=greedy) -> tuple[list[list[int]], float]:
-        rs = [reqs[i] for i in idx]
-        t = time.perf_counter()
-        outs = llm.generate(rs, params)
-        secs = time.perf_counter() - t
-        return [list(o.outputs[0].token_ids) for o in outs], secs
-
-    # the vLLM engine's CPU use while it has no requests (what it takes from the local engine when that runs)
-    c0, t0 = vllm_cpu(), time.perf_counter()
-    time.sleep(2.0)
-    idle = {"vllm_idle_cpu_s": round(vllm_cpu() - c0, 3), "window_s": round(time.perf_counter() - t0, 2)}
-
-    def ntok(outs) -> int:
-        return sum(len(o) for o in outs)
-
-    # -- 1. steered vs plain inside vLLM ---------------------------------------------------------------------------------
-    svp: dict[int, dict] = {}
-    for b in (1, 16):
-        idx = list(range(b))
-        log(f"vLLM steered vs plain, batch {b}: warm-up + {repeats} repetitions ...")
-        vllm(idx, params=warm_greedy), plain(idx, params=warm_greedy)
-        rows, last = {"steered": [], "plain": []}, {}
-        for rep in range(repeats):
-            order = ("steered", "plain") if rep % 2 == 0 else ("plain", "steered")
-            for cond in order:
-                outs, secs = vllm(idx) if cond == "steered" else plain(idx)
-                rows[cond].append(ntok(outs) / secs)
-                last[cond] = outs
-        ratios = [s / p for s, p in zip(rows["steered"], rows["plain"])]
-        svp[b] = {"steered_tok_s": rows["steered"], "plain_tok_s": rows["plain"], "ratios": ratios,
-                  "ratio": statistics.median(ratios),
-                  "steered_changed": sum(a != c for a, c in zip(last["steered"], last["plain"]))}
-        if b == 16:
-            plain16 = last["plain"]
-
-    # -- 2. vLLM vs the local engine, both steered ------------------------------------------------------------------------
-    vvl: dict[int, dict] = {}
-    outputs: dict[int, dict] = {}
-    for b in (1, 8, 32):
-        idx = list(range(b))
-        log(f"vLLM vs local, batch {b}: warm-up + {repeats} repetitions ...")
-        vllm(idx, params=warm_greedy), local(idx, params=warm_local)
-        rows = {"vllm": [], "local": []}
-        for rep in range(repeats):
-            order = ("vllm", "local") if rep % 2 == 0 else ("local", "vllm")
-            for eng in order:
-                outs, secs = vllm(idx) if eng == "vllm" else local(idx)
-                rows[eng].append(ntok(outs) / secs)
-                outputs.setdefault(b, {})[eng] = outs
-        ratios = [v / lo for v, lo in zip(rows["vllm"], rows["local"])]
-        vvl[b] = {"vllm_tok_s": rows["vllm"], "local_tok_s": rows["local"], "ratios": ratios,
-                  "ratio": statistics.median(ratios)}
-
-    # -- 3. equivalence: vLLM vs local greedy tokens ---------------------------------------------------------------------
-    def margin(i: int, prefix: list[int]) -> float:
-        ids = list(prompt_ids[i])
-        with torch.no_grad(), intervene(lm.layout, vector.interventions(scales[i]), prompt_width=len(ids)):
-            logits = lm.model(input_ids=torch.tensor([ids + list(prefix)])).logits[0, -1].float()
-        top = logits.topk(2).values
-        return float(top[0] - top[1])
-
-    differing: dict[int, dict] = {}
-    by_batch = {}
-    for b, o in outputs.items():
-        by_batch[b] = 0
-        for i, (v, lo) in enumerate(zip(o["vllm"], o["local"])):
-            if v != lo:
-                by_batch[b] += 1
-                if i not in differing:
-                    k = next((j for j, (x, y) in enumerate(zip(v, lo)) if x != y), min(len(v), len(lo)))
-                    differing[i] = {"request": i, "batch": b, "first_difference": k, "local_margin": margin(i, lo[:k])}
-    equivalence = len(differing)
-
-    # -- 4. isolation: a mixed batch of 16 vs each request alone -----------------------------------------------------------
-    log("isolation: mixed batch of 16 vs each alone ...")
-    half = [k % 2 == 1 for k in range(16)]
-    mixed, _ = vllm(list(range(16)), steer=half)
-    alone = [vllm([i], steer=[half[i]])[0][0] for i in range(16)]
-    isolation = sum(a != m for a, m in zip(alone, mixed))
-    steered_acted = sum(mixed[i] != plain16[i] for i in range(16) if half[i])
+    if not (args.quick or args.skip_http):
+        log("== vllm serve with the plugin: salt leaks, bad specs (tests/vllm_serve_checks.py) ...")
+        serve = run_json([sys.executable, "tests/vllm_serve_checks.py"])
+        out["salt_leaks"] = serve.get("salt_leaks")
+        out["bad_spec_non_400"] = serve.get("bad_spec_non_400")
+        out["bad_specs_sent"] = serve.get("bad_specs_sent")
+        out["serve_mismatches"] = serve.get("serve_mismatches")
+        out["serve_error"] = serve.get("error")
+    if not (args.quick or args.skip_tp):
+        log("== tensor parallel 2 (tests/vllm_checks.py --family qwen2 --tp 2) ...")
+        tp = run_json([sys.executable, "tests/vllm_checks.py", "--family", "qwen2", "--tp", "2"])
+        out["tp2_equivalence_mismatches"] = tp.get("mismatches")
+        out["tp2_compiled"] = tp.get("compiled")
+        out["tp2_error"] = tp.get("error")
 
     load_at_end = round(os.getloadavg()[0], 2)
-    vllm_info = llm.info()
-    shutdown(llm)  # vLLM logs its shutdown to stdout: done before the report, so the JSON line stays the last
     wall_s = time.perf_counter() - wall0
-
-    # -- report ------------------------------------------------------------------------------------------------------------
-    med = statistics.median
-    print(f"steerscale in vLLM (CPU only, {machine['cpus']} cpus, load {load_at_start} at start, {load_at_end} at end): "
-          f"{args.model}, float32, enforce_eager, greedy, {tokens} new tokens per request, median of {repeats}; "
-          f"vLLM up in {vllm_start_s:.1f} s; local engine on {args.local_threads} torch thread(s), vLLM worker on "
-          f"cpus {(vinfo.get('cpu_affinity') or ['?'])[-1]}")
-    print(f"steering: vector 'layers' at resid_post of all {n_layers} blocks, norm {VECTOR_NORM} each, scales "
-          f"{'/'.join(str(s) for s in SCALES)}")
-    print(fmt_table(["vLLM", "batch", "steered tok/s", "plain tok/s", "steered / plain", "outputs changed"],
-                    [["steered vs plain", b, med(v["steered_tok_s"]), med(v["plain_tok_s"]), v["ratio"],
-                      f"{v['steered_changed']}/{b}"] for b, v in svp.items()]))
-    print(fmt_table(["both steered", "batch", "vLLM tok/s", "local tok/s", "vLLM / local", "token mismatches"],
-                    [["vLLM vs local", b, med(v["vllm_tok_s"]), med(v["local_tok_s"]), v["ratio"],
-                      f"{by_batch[b]}/{b}"] for b, v in vvl.items()]))
-    print(f"equivalence mismatches (vLLM vs local, of {N_REQUESTS} requests): {equivalence}"
-          + "".join(f"\n  request {d['request']} (batch {d['batch']}): first difference at token "
-                    f"{d['first_difference']}, local top-2 margin {d['local_margin']:.2e}" for d in differing.values()))
-    print(f"isolation mismatches (mixed batch of 16 vs each alone in vLLM): {isolation}/16 "
-          f"(steering changed {steered_acted}/8 steered outputs)")
-    print(f"vLLM engine idle CPU: {idle['vllm_idle_cpu_s']} s over {idle['window_s']} s; wall {wall_s:.1f} s")
-
-    print(json.dumps({
-        "bench": "vllm_steer", "model": args.model, "device": "cpu",
-        "steered_vs_plain_b1": r3(svp[1]["ratio"]), "steered_vs_plain_b16": r3(svp[16]["ratio"]),
-        "vllm_vs_local_b1": r3(vvl[1]["ratio"]), "vllm_vs_local_b8": r3(vvl[8]["ratio"]),
-        "vllm_vs_local_b32": r3(vvl[32]["ratio"]),
-        "equivalence_mismatches": equivalence, "isolation_mismatches": isolation,
-        "equivalence_mismatches_by_batch": by_batch, "token_differences": list(differing.values()),
-        "steered_outputs_changed": {f"b{b}": v["steered_changed"] for b, v in svp.items()},
-        "isolation_steering_acted": steered_acted,
-        "raw": {
-            "steered_vs_plain": {f"b{b}": {k: [round(x, 3) for x in v[k]] for k in
-                                           ("steered_tok_s", "plain_tok_s", "ratios")} for b, v in svp.items()},
-            "vllm_vs_local": {f"b{b}": {k: [round(x, 3) for x in v[k]] for k in ("vllm_tok_s", "local_tok_s", "ratios")}
-                              for b, v in vvl.items()},
-        },
-        "tok_per_s": {**{f"vllm_steered_b{b}": round(med(v["steered_tok_s"]), 2) for b, v in svp.items()},
-                      **{f"vllm_plain_b{b}": round(med(v["plain_tok_s"]), 2) for b, v in svp.items()},
-                      **{f"vllm_b{b}": round(med(v["vllm_tok_s"]), 2) for b, v in vvl.items()},
-                      **{f"local_b{b}": round(med(v["local_tok_s"]), 2) for b, v in vvl.items()}},
-        "settings": {"tokens": tokens, "repeats": repeats, "quick": args.quick, "dtype": "float32",
-                     "enforce_eager": True, "greedy": True, "ignore_eos": True, "prefix_caching": False,
-                     "max_num_seqs": 32, "max_num_batched_tokens": 2048, "max_model_len": 512,
-                     "local_max_batch": LOCAL_MAX_BATCH, "requests": N_REQUESTS, "scales": list(SCALES),
-                     "vector": f"random unit direction per block at resid_post of all {n_layers} blocks, "
-                               f"norm {VECTOR_NORM}", "prompt_tokens": [len(p) for p in prompt_ids],
-                     "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
-                     "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER")},
-        "vllm_startup_s": round(vllm_start_s, 1), "local_load_s": round(local_load_s, 1),
-        "vllm_processes": vinfo, "vllm_idle": idle,
-        "loadavg_1m_at_start": load_at_start, "loadavg_1m_at_end": load_at_end,
-        "wall_s": round(wall_s, 1), "machine": machine, "vllm_info": vllm_info}), flush=True)
+    print(f"steerscale in vLLM (CPU only, {machine['cpus']} cpus, load {load_at_start} at start, {load_at_end} at "
+          f"end): {args.model}, greedy, {tokens} new tokens per request, median of {repeats}; vector 'layers' at "
+          f"resid_post of all {lm32.layout.n_layers} blocks, norm {VECTOR_NORM}")
+    rows = []
+    for tag, row in per_dtype.items():
+        for key in ("steered_vs_plain_compiled_b1", "steered_vs_plain_compiled_b16", "unsteered_plugin_vs_plain_b16",
+                    "compiled_vs_eager_b1", "compiled_vs_eager_b16"):
+            r = row[key]
+            rows.append([tag, key, statistics.median(r["a_tok_s"]), statistics.median(r["b_tok_s"]), r["ratio"]])
+    print(fmt_table(["dtype", "comparison", "first tok/s", "second tok/s", "ratio"], rows))
+    for key in ("equivalence_mismatches", "bf16_mismatches_beyond_margin", "isolation_mismatches", "salt_leaks",
+                "bad_spec_non_400", "tp2_equivalence_mismatches"):
+        if key in out:
+            print(f"{key}: {out[key]}")
+    out.update({"per_dtype": per_dtype, "settings": {"tokens": tokens, "repeats": repeats, "dtypes": dtypes,
+                                                     "requests": N_REQUESTS, "scales": list(SCALES), **common},
+                "loadavg_1m_at_start": load_at_start, "loadavg_1m_at_end": load_at_end, "wall_s": round(wall_s, 1),
+                "machine": machine})
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

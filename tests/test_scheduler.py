@@ -211,3 +211,23 @@ def test_a_failed_prefill_fails_only_its_request_and_padding_does_not_pile_up(se
     sched.stop()
     with pytest.raises(SteerscaleError, match="shutting down"):
         sched.submit(Job(tok.encode("late"), SamplingParams(max_tokens=2, **greedy)))
+
+
+def test_ablate_and_set_entries_run_per_row_as_the_scaling_engine_runs_them(setup):
+    # the steering grammar's ops beyond add (steer/grammar.py), batched with plain and added rows
+    model, layout, tok, vecs = setup
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, step=None)
+    specs = [("The cat sat", ((vecs["a"], ("set", 0.0)),), "all"),
+             ("The cat sat", ((vecs["a"], ("set", 3.0)),), "all"),
+             ("Hello world", ((vecs["b"], 1.0), (vecs["a"], ("set", -2.0))), "generated"),
+             ("Hello world", (), "all"), ("abc", ((vecs["a"], 1.0),), "all")]
+    sched = Scheduler(model, tok, layout, max_batch=8)
+    futs = [sched.submit(Job(tok.encode(p), greedy, steer=steer, scope=scope)) for p, steer, scope in specs]
+    while not all(f.done() for f in futs):
+        sched.step()
+    got = [f.result()[0] for f in futs]
+    for (prompt, steer, scope), g in zip(specs, got):
+        edits = [iv for vec, op in steer for iv in vec.interventions(op, scope)]
+        want = LocalBackend(model, tok, layout, edits, chat=False).sample(prompt, 1, greedy, Budget())[0]
+        assert g.token_ids == want.token_ids, (prompt, steer)
+    assert got[0].token_ids != got[1].token_ids  # ablation and a set value differ: the ops acted

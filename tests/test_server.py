@@ -569,3 +569,24 @@ def _alive(server) -> bool:
         return call(server, "/health")[0] == 200
     except OSError:
         return False
+
+
+def test_ablate_and_set_steer_entries_as_steerscales_vllm_plugin_takes_them(srv, parts):
+    # the one steering grammar (steer/grammar.py): the same JSON entries as `steerscale serve --engine vllm`
+    model, layout, tok, vecs = parts
+    c = client(srv)
+    entries = [{"vector": "a", "op": "ablate"}, {"vector": "a", "op": "set", "value": 4.0, "scope": "generated"},
+               {"vector": "b", "scale": 1.5}]
+    got = c.completions.create(model="tiny", prompt="The cat", max_tokens=8, temperature=0,
+                               extra_body={"steer": entries}).choices[0].text
+    edits = (vecs["a"].interventions(("set", 0.0)) + vecs["a"].interventions(("set", 4.0), "generated")
+             + vecs["b"].interventions(1.5))
+    want = LocalBackend(model, tok, layout, edits, chat=False).sample(
+        "The cat", 1, SamplingParams(max_tokens=8, temperature=0.0, step=None), Budget())[0].text
+    assert got == want
+    for bad, match in [({"vector": "a", "op": "set"}, "value"), ({"vector": "a", "op": "ablate", "scale": 2}, "value"),
+                       ({"vector": "a", "op": "add", "value": 1}, "value"), ({"vector": "a", "op": "clamp"}, "op"),
+                       ({"vector": "a", "op": "ablate", "condition": "x"}, "unconditionally")]:
+        status, body, _ = call(srv, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                                        "steer": [bad]})
+        assert status == 400 and match in json.dumps(body), (bad, body)

@@ -1,10 +1,14 @@
-"""steerscale inside real vLLM (the CPU build, float32, eager), against the local engine: offline
-(``tests/vllm_checks.py``) and behind ``vllm serve`` with the official client, a baked checkpoint, and strategies
-through ``OpenAIBackend`` (``tests/vllm_serve_checks.py``). vLLM lives in its own venv (``bash
+"""steerscale inside real vLLM (the CPU build, float32), against the local engine, in vLLM's compiled mode (the
+SmolLM2 checks with inductor; the families and the server with vLLM's CI setting, dynamo tracing the graph once with
+the eager backend, which is what must not freeze a step's steering) and in eager mode: offline
+(``tests/vllm_checks.py``), tensor parallel 2, and behind ``vllm serve`` with the official client (tenant safety: the
+server-side cache salt, 400s for bad specs), a baked checkpoint, and strategies through ``OpenAIBackend``
+(``tests/vllm_serve_checks.py``). vLLM lives in its own venv (``bash
 scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks run there and report one JSON line;
 without that venv they are skipped. The request format is tested here without vLLM."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,16 +19,17 @@ from steerscale.vllm import cache_salt, format_steer, parse_steer
 from steerscale.vllm.frontend import FrontendRegistry, check_admitted
 from steerscale.vllm.steering import check_extra_args, request_salt
 from steerscale.vllm.server import vllm_python
+from vllm_checks import BAD_SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_checks(script: str, *args: str) -> dict:
+def run_checks(script: str, *args: str, env: dict | None = None) -> dict:
     python = vllm_python()
     if python is None:
         pytest.skip("no vLLM venv: build it with `bash scripts/make_vllm_venv.sh`")
     proc = subprocess.run([str(python), str(ROOT / "tests" / script), *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+                          timeout=900, cwd=ROOT, env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1])
@@ -41,7 +46,7 @@ def serve_checks():
 
 
 def test_vllm_steered_greedy_tokens_equal_the_local_engines(checks):
-    assert checks["cases"] == 18
+    assert checks["cases"] == 18 and checks["info"]["compiled"]  # vLLM's default: compiled with inductor
     assert checks["equivalence_mismatches"] == 0, checks["token_differences"]
     assert checks["steering_changed_outputs"] == 6  # both vectors change every prompt's answer
 
@@ -53,22 +58,43 @@ def test_each_request_gets_its_own_steering_in_a_vllm_batch(checks):
     assert checks["engine_wide_ok"]  # engine-wide steering reaches every request, and is lifted
 
 
+def test_norm_preserving_vectors_and_front_end_refusals_inside_vllm(checks):
+    assert checks["norm_preserving_mismatches"] == 0, checks["norm_preserving_differences"]
+    assert checks["norm_preserving_acted"] >= 2  # differs from the plain add of the same vector
+    assert checks["front_end_refusals"] == 3  # refused in the front end (offline: an exception), naming the field
+
+
 def test_ablation_and_set_projection_inside_vllm_equal_the_local_engine(checks):
     assert checks["projection_mismatches"] == 0, checks["projection"]
     assert checks["projection_changed"] >= 6, checks["projection"]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma3"])  # llama: SmolLM2 above
-def test_each_family_vllm_serves_is_steered_as_locally(family):
-    out = run_checks("vllm_checks.py", "--family", family)
+@pytest.mark.parametrize("family,mode", [("mistral", "eager"), ("qwen2", "tp2"), ("qwen3", "compiled"),
+                                         ("gemma", "compiled"), ("gemma3", "tp2")])  # llama: SmolLM2 above
+def test_each_family_vllm_serves_is_steered_as_locally(family, mode):
+    args = ["--family", family] + {"eager": ["--eager"], "tp2": ["--tp", "2"], "compiled": []}[mode]
+    out = run_checks("vllm_checks.py", *args, env={"VLLM_CPU_CI_ENV": "1"})
     assert out["cases"] == 18 and out["mismatches"] == 0, out["token_differences"]
     assert out["steering_acted"] == 6  # +1 differs from 0 for every prompt and vector
+    assert out["compiled"] is (mode != "eager")
+    # under tensor parallel 2 the head vectors sit on both ranks; a refused registration leaves no stale reply
+    assert out["refusal_then_info_ok"] and out["tensor_parallel"] == (2 if mode == "tp2" else 1)
 
 
 def test_vllm_serve_steers_each_openai_request_with_the_plugin(serve_checks):
     assert serve_checks["serve_cases"] == 9 and serve_checks["serve_mismatches"] == 0
     assert serve_checks["serve_steering_acted"] >= 2
-    assert serve_checks["bad_spec_unsteered"] and serve_checks["alive_after_bad_spec"]  # logged, engine alive
+
+
+def test_the_same_request_body_steers_the_same_on_both_servers(serve_checks):
+    # `steerscale serve --engine vllm` and `steerscale serve`: steerscale's "steer" objects, completions and chat
+    assert serve_checks["both_servers_same"] == serve_checks["both_servers_bodies"] == 4  # add, scoped, none, set
+
+
+def test_vllm_serve_keeps_tenants_apart_whatever_the_client_sends(serve_checks):
+    assert serve_checks["salt_steering_acted"] and serve_checks["salt_leaks"] == 0
+    assert serve_checks["bad_specs_sent"] >= 20 and serve_checks["bad_spec_non_400"] == 0
+    assert serve_checks["bad_spec_unnamed_field"] == 0 and serve_checks["alive_after_bad_spec"]
 
 
 def test_a_baked_checkpoint_under_plain_vllm_serve_equals_the_hooked_vector(serve_checks):
@@ -97,13 +123,6 @@ def test_the_request_format():
         cache_salt("a:2:generated")
     assert cache_salt("a:1", {"a": "x"}) != cache_salt("a:1", {"a": "y"})  # a re-registered vector
     assert len(cache_salt("a:1")) <= 128  # vLLM's limit
-
-
-# Malformed steering as a client sends it: each must be refused before any worker sees it (400 over HTTP).
-BAD_SPECS = ["formal", "formal:abc", "nosuch:4", "formal:4:sometimes", "formal:1e9", "formal:nan", "formal:inf",
-             "formal:-inf", "formal:=1e9", "formal:=x", "formal:4:", ":4", "formal:4:all:extra", "for mal:4",
-             "formal/x:4", "a" * 129 + ":1", "formal:", "formal:ablate:nowhere", "formal::all", "formal:True",
-             "formal:0x10", ["formal:4", 3], {"formal": 4}, 4, ["formal:abc"]]
 
 
 class _Request:  # the fields of vLLM's EngineCoreRequest that admission reads and writes

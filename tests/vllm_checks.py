@@ -22,6 +22,12 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+# Malformed steering as a client sends it: each must be refused before any worker sees it (400 over HTTP).
+BAD_SPECS = ["formal", "formal:abc", "nosuch:4", "formal:4:sometimes", "formal:1e9", "formal:nan", "formal:inf",
+             "formal:-inf", "formal:=1e9", "formal:=x", "formal:4:", ":4", "formal:4:all:extra", "for mal:4",
+             "formal/x:4", "a" * 129 + ":1", "formal:", "formal:ablate:nowhere", "formal::all", "formal:True",
+             "formal:0x10", ["formal:4", 3], {"formal": 4}, 4, ["formal:abc"]]
+
 # tiny random checkpoints of the families vLLM serves (head size 64: what vLLM's CPU attention kernels take)
 FAMILY_CONFIGS = {
     "llama": ("LlamaConfig", {}),
@@ -82,7 +88,7 @@ def full_forward_greedy(lm, vectors, ids, spec, tokens) -> list[int]:
     return out
 
 
-def family_checks(family: str, tokens: int, eager: bool = False) -> dict:
+def family_checks(family: str, tokens: int, eager: bool = False, tp: int = 1) -> dict:
     """A tiny random ``family`` checkpoint: steered greedy tokens in vLLM (one batch) vs the local engine."""
     import tempfile
 
@@ -99,6 +105,8 @@ def family_checks(family: str, tokens: int, eager: bool = False) -> dict:
     from tiny import TinyTokenizer
 
     cls, extra = FAMILY_CONFIGS[family]
+    if tp > 1:  # vLLM's CPU build runs one worker per core only when each is bound to its own
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(c) for c in range(tp)))
     config = getattr(transformers, cls)(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
@@ -118,7 +126,7 @@ def family_checks(family: str, tokens: int, eager: bool = False) -> dict:
     vectors = {}
     sites = {  # every hook kind of the vLLM path: block output and input, MLP output, one head
         "a": [Site(0, SiteKind.RESID_POST), Site(1, SiteKind.RESID_PRE)],
-        "b": [Site(1, SiteKind.MLP_OUT), Site(0, SiteKind.HEAD_OUT, head=1)]}
+        "b": [Site(1, SiteKind.MLP_OUT), Site(0, SiteKind.HEAD_OUT, head=1), Site(1, SiteKind.HEAD_OUT, head=3)]}
     for name, group in sites.items():
         directions = {}
         for site in group:
@@ -137,14 +145,23 @@ def family_checks(family: str, tokens: int, eager: bool = False) -> dict:
             sched.step()
         want.append(fut.result()[0].token_ids)
     llm = SteeredLLM(directory, vectors=vectors, max_model_len=128, skip_tokenizer_init=True, max_num_seqs=32,
-                     dtype="float32", enforce_eager=eager)
+                     dtype="float32", enforce_eager=eager, tensor_parallel_size=tp)
     got = [list(o.outputs[0].token_ids) for o in llm.generate(
         [{"prompt_token_ids": prompts[i]} for i, _, _ in cases],
         SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False),
         steer=[[f"{n}:{s}"] if s else None for _, n, s in cases])]
     report = differences(cases, got, want, model, layout, vectors, prompts)
     acted = sum(got[k] != got[k + 1] for k in range(0, len(cases), 3))
-    return {"family": family, "architecture": llm.info()["architecture"], "cases": len(cases),
+    # a vector the workers refuse (a site the model lacks) is answered by every rank: the next call is not stale
+    bad = SteeringVector({Site(7, SiteKind.RESID_POST): torch.ones(config.hidden_size)})
+    try:
+        llm.register("bad", bad)
+        refused = False
+    except Exception as exc:  # noqa: BLE001 (any failure mode is reported)
+        refused = "layer" in str(exc)
+    info = llm.info()
+    return {"family": family, "architecture": info["architecture"], "cases": len(cases), "tensor_parallel": tp,
+            "refusal_then_info_ok": refused and info["tensor_parallel"] == tp, "compiled": info["compiled"],
             "mismatches": sum(1 for r in report if r["margin"] >= 1e-4), "token_differences": report,
             "steering_acted": acted}
 
@@ -155,11 +172,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--eager", action="store_true", help="vLLM's eager mode (default: its compiled mode)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (family checks; 2 binds a worker per core)")
     ap.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default=None,
                     help="check a tiny random checkpoint of this family instead of SmolLM2")
     args = ap.parse_args()
     if args.family:
-        print(json.dumps(family_checks(args.family, args.tokens, args.eager)))
+        print(json.dumps(family_checks(args.family, args.tokens, args.eager, args.tp)))
         return
     t0 = time.perf_counter()
 
@@ -180,6 +198,9 @@ def main() -> None:
     for name, site in sites.items():
         d = torch.randn(lm.layout.site_dim(site), generator=g)
         vectors[name] = SteeringVector({site: 32.0 * d / d.norm()}, model_name=args.model)
+    # a norm-preserving vector (GrAInS writes them): the stream keeps its norm after the edit
+    vectors["n"] = SteeringVector(dict(vectors["a"].directions), model_name=args.model,
+                                  metadata={"preserve_norm": True})
     texts = ["The capital of France is", "My favourite hobby is", "Once upon a time"][: 2 if args.quick else 3]
     prompts = [lm.tokenizer(t)["input_ids"] for t in texts]
     cases = [(i, name, scale) for i in range(len(prompts)) for name in sites for scale in (-1.0, 0.0, 1.0)]
@@ -230,6 +251,27 @@ def main() -> None:
             ref = full_forward_greedy(lm, vectors, prompts[i], spec, args.tokens)
             projection.append({"spec": spec, "prompt": i, "same": got[: len(ref)] == ref[: len(got)],
                                "changed": got != batched[cases.index((i, spec[0][0], 0.0))]})
+    # norm-preserving steering, batched with plain requests, against the local scheduler
+    # (strong enough that rescaling the stream changes the answer: compared with the plain add of the same vector)
+    norm_cases = [(i, "n", scale) for i in range(len(prompts)) for scale in (4.0, -4.0)]
+    norm_reqs = [reqs[cases.index((i, "a", 0.0))] for i, _, _ in norm_cases]
+    norm_got = [list(o.outputs[0].token_ids) for o in llm.generate(
+        norm_reqs + [reqs[0]], greedy, steer=[[f"n:{s}"] for _, _, s in norm_cases] + [None])]
+    plain_add = [list(o.outputs[0].token_ids) for o in llm.generate(
+        norm_reqs, greedy, steer=[[f"a:{s}"] for _, _, s in norm_cases])]
+    norm_report = differences(norm_cases, norm_got[:-1], [local(prompts[i], n, s) for i, n, s in norm_cases],
+                              lm.model, lm.layout, vectors, prompts)
+    norm_mismatches = sum(1 for r in norm_report if r["margin"] >= 1e-4)
+    norm_acted = sum(g != a for g, a in zip(norm_got, plain_add))
+    # the offline front end refuses what the workers cannot run, before any worker sees it
+    from vllm.exceptions import VLLMValidationError
+
+    front_refusals = 0
+    for xargs in [{"steer": ["a:nan"]}, {"steer": ["a:1"], "condition": "x"}, {"steer": ["nope:1"]}]:
+        try:
+            llm.llm.generate([reqs[0]], SamplingParams(max_tokens=2, extra_args=xargs), use_tqdm=False)
+        except VLLMValidationError as exc:
+            front_refusals += "vllm_xargs." in str(exc)
     # engine-wide steering: every request gets it, then it is lifted
     llm.set_steering(["a:1.0"])
     engine_wide = list(llm.generate(reqs[0], greedy).outputs[0].token_ids)
@@ -251,6 +293,8 @@ def main() -> None:
         "unknown_vector_refused": unknown_refused, "engine_wide_ok": engine_wide_ok,
         "projection_mismatches": sum(not p["same"] for p in projection),
         "projection_changed": sum(p["changed"] for p in projection), "projection": projection, "steering_changed_outputs": effect,
+        "norm_preserving_mismatches": norm_mismatches, "norm_preserving_acted": norm_acted,
+        "norm_preserving_differences": norm_report, "front_end_refusals": front_refusals,
         "info": llm.info(), "local_s": round(t_local, 1), "vllm_start_s": round(t_start, 1),
         "vllm_batch_s": round(t_gen, 2), "wall_s": round(time.perf_counter() - t0, 1)}))
 

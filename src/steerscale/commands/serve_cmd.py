@@ -34,6 +34,9 @@ rows at a time). With --api-key (or STEERSCALE_API_KEY) every /v1 route needs 'A
 Limits: past --max-pending requests in flight a client gets 429 with Retry-After; bodies past --max-body-mb get
 413; a request running past --request-timeout is cancelled (408); a client that disconnects is cancelled at
 the next decoding step. SIGTERM/SIGINT let requests in flight finish for --shutdown-timeout seconds.
+With --engine vllm the same command starts `vllm serve` with steerscale's plugin (vLLM's compiled mode, bf16 unless
+--dtype says otherwise; build its venv with scripts/make_vllm_venv.sh): the same "steer" field (and vLLM's own
+"vllm_xargs": {"steer": ["formal:4"]}); conditions, controllers, logit contrast and strategies are refused with 400.
 A remote search against this (or a vLLM/SGLang/llama.cpp) server: steerscale solve --backend-url URL ...
 See docs/serving.md.
 """
@@ -56,6 +59,10 @@ def register(sub) -> None:
     p.add_argument("--controller", action="append", default=[], metavar="NAME=PATH",
                    help="register a steering controller (steerscale controller) under NAME; requests steer "
                         "with {\"controller\": NAME}; repeatable")
+    p.add_argument("--engine", choices=("local", "vllm"), default="local",
+                   help="local: steerscale's own engine (every steering form, strategies). vllm: vLLM underneath "
+                        "(scripts/make_vllm_venv.sh), its compiled mode, the same request body for plain steer "
+                        "entries; conditions, controllers, logit contrast and strategies are answered 400 there")
     p.add_argument("--max-n", type=int, default=64, help="cap on n and on prompts per request (default 64)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="rows decoded together by the engine loop (default 16); requests beyond it wait their turn")
@@ -114,8 +121,34 @@ def run(args) -> int:
     if not args.shutdown_timeout > 0:
         raise SteerscaleError(f"--shutdown-timeout must be positive, got {args.shutdown_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEERSCALE_API_KEY") or None
+    if args.engine == "vllm":
+        return run_vllm(args, api_key)
     lm = load(args)
     app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, **shelves,
               max_n=args.max_n, max_batch=args.max_batch, limits=limits, api_key=api_key)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def run_vllm(args, api_key: str | None) -> int:
+    """``vllm serve`` with steerscale's plugin in the foreground: the same flags and request body as the local
+    server for what vLLM runs (plain steer entries), a 400 for the rest."""
+    import subprocess
+
+    from ..errors import SteerscaleError
+    from ..models.loading import checkpoint_dir
+    from ..vllm.server import serve_command
+
+    for flag in ("condition", "controller"):
+        if getattr(args, flag):
+            raise SteerscaleError(f"--{flag} does not run with --engine vllm",
+                                  "serve conditional steering with the local engine (--engine local)")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise SteerscaleError(f"--device {args.device} with --engine vllm", "vLLM places the model itself: omit it")
+    vectors = dict(parse_vector_spec(spec) for spec in args.vector)
+    dtype = {"auto": "bfloat16"}.get(args.dtype, args.dtype)
+    cmd, env = serve_command(checkpoint_dir(args.model), name=args.model_id or args.model, host=args.host,
+                             port=args.port or 8000, vectors=vectors, dtype=dtype, max_num_seqs=args.max_batch,
+                             api_key=api_key)
+    print("starting vLLM:", " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd, env=env)

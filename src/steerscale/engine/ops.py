@@ -87,11 +87,13 @@ class Edit(ABC):
         return cache[key]
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
+def _unit(v: torch.Tensor, zero_rows: bool = False) -> torch.Tensor:
+    """``v`` scaled to unit norm; with ``zero_rows`` a per-row ``(batch, dim)`` direction may have all-zero rows,
+    which stay zero (the rows a batched edit leaves alone: ``h + (t - h . 0) 0 == h``)."""
     norm = v.norm(dim=-1, keepdim=True)
-    if (norm == 0).any():
+    if (norm == 0).any() and not (zero_rows and v.dim() == 2 and (norm > 0).any()):
         raise SteerscaleError("direction has zero norm", "a direction to ablate or clamp must be non-zero")
-    return v / norm
+    return v / norm.clamp_min(torch.finfo(v.dtype).tiny)
 
 
 @dataclass(eq=False)
@@ -126,13 +128,15 @@ class SetProjection(Edit):
     """Set (or clamp) the component along a direction: ``h + (target - h . u) u``."""
 
     direction: torch.Tensor
-    value: float = 0.0
+    value: float | torch.Tensor = 0.0  # or per row, (batch,)
     mode: ClampMode = ClampMode.SET
     preserve_norm: bool = False
+    zero_rows: bool = False  # per-row directions: all-zero rows leave their row unchanged (batched per-row edits)
 
     def __post_init__(self):
-        self.direction = _unit(_as_tensor(self.direction, "direction"))
-        self.value = float(check_scale(self.value, "projection value"))
+        self.direction = _unit(_as_tensor(self.direction, "direction"), self.zero_rows)
+        value = check_scale(self.value, "projection value")
+        self.value = float(value) if value.dim() == 0 else value
         self.mode = ClampMode(self.mode)
 
     @property
@@ -140,15 +144,18 @@ class SetProjection(Edit):
         return self.direction.shape[-1]
 
     def __call__(self, h):
-        (u,) = self._params(h, self.direction)
+        per_row = not isinstance(self.value, float)
+        # one _params call: its cast cache is keyed by device and dtype, not by the tensors asked for
+        u, *value = self._params(h, self.direction, *([self.value] if per_row else []))
         u = _row_vector(u, h)
         proj = (h * u).sum(-1, keepdim=True)
+        value = _row_scale(value[0], h) if per_row else self.value
         if self.mode is ClampMode.SET:
-            target = torch.full_like(proj, self.value)
+            target = torch.zeros_like(proj) + value
         elif self.mode is ClampMode.MIN:
-            target = proj.clamp(min=self.value)
+            target = torch.maximum(proj, torch.zeros_like(proj) + value)
         else:
-            target = proj.clamp(max=self.value)
+            target = torch.minimum(proj, torch.zeros_like(proj) + value)
         return h + (target - proj) * u
 
 

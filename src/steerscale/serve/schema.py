@@ -28,14 +28,14 @@ from ..errors import SteerscaleError
 from ..scale.backend import SamplingParams
 from ..scale.spec import StrategySpec
 from ..steer.conditional import ConditionalSteering
+from ..steer.grammar import MAX_SCALE, VECTOR_NAME
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STEER_ENTRIES = 16
 MAX_CONDITIONS = 8  # per steer entry
-MAX_STEER_SCALE = 1e3  # |scale|: far past any useful strength, far short of overflowing a float32 activation
-VECTOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"
+MAX_STEER_SCALE = MAX_SCALE  # the one steering grammar's cap and name rule (steer/grammar.py)
 # request fields a strategy inherits (when the request sets them): every sampling field, and the seed
 REQUEST_KNOBS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "logit_bias", "min_tokens", "ignore_eos", "stop", "seed")
@@ -85,11 +85,20 @@ class SteerEntry(Strict):
         None, description="names of conditions registered on the server (GET /v1/steering/conditions): the vector "
                           "is added only when the prompt meets them (CAST)")
     condition_rule: Literal["any", "all"] = Field("any", description="steer when any (or all) of the conditions hold")
+    op: Literal["add", "ablate", "set"] = Field(
+        "add", description="add scale x the vector; ablate: project its direction out; set: set the component along "
+                           "its direction to 'value' (the grammar of steer/grammar.py, as in steerscale's vLLM plugin)")
+    value: float | None = Field(None, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
+                                description="the component along the direction, for op 'set'")
 
     @model_validator(mode="after")
     def _one_kind(self):
         if (self.vector is None) == (self.controller is None):
             raise ValueError("give exactly one of 'vector' and 'controller'")
+        if self.op != "add" and (self.controller is not None or self.condition is not None):
+            raise ValueError(f"op {self.op!r} edits a vector unconditionally: not with 'controller' or 'condition'")
+        if (self.op == "set") != (self.value is not None) or (self.op != "add" and "scale" in self.model_fields_set):
+            raise ValueError("'value' goes with op 'set' (and 'scale' with op 'add')")
         if self.condition is not None and self.vector is None:
             raise ValueError("'condition' gates a vector; a controller decides on its own")
         if isinstance(self.condition, list) and not 1 <= len(self.condition) <= MAX_CONDITIONS:
@@ -262,7 +271,8 @@ def _steer(entries: list[SteerEntry], vectors, conditions, controllers) -> list:
         vector = _lookup(vectors, e.vector, "steering vector", "--vector", "vectors")
         scope = e.scope or "all"
         if e.condition is None:
-            steer.append((vector, e.scale, scope))
+            op = e.scale if e.op == "add" else ("set", 0.0 if e.op == "ablate" else e.value)
+            steer.append((vector, op, scope))
             continue
         names = [e.condition] if isinstance(e.condition, str) else e.condition
         conds = [_lookup(conditions, n, "steering condition", "--condition", "conditions") for n in names]

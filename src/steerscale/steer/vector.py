@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.ops import Add, check_scale
+from ..engine.ops import Add, SetProjection, check_scale
 from ..engine.runtime import Intervention
 from ..engine.scope import ALL_TOKENS, TokenScope
 from ..errors import SteerscaleError
@@ -92,13 +92,21 @@ class SteeringVector:
                     "the vector was made for another model; extract a new one",
                 )
 
-    def interventions(self, scale: float = 1.0, scope: TokenScope | str = ALL_TOKENS, layout: ModelLayout | None = None) -> list[Intervention]:
+    def interventions(self, scale: float | tuple = 1.0, scope: TokenScope | str = ALL_TOKENS,
+                      layout: ModelLayout | None = None) -> list[Intervention]:
         """Add ``scale * direction`` at each site (checked against ``layout`` when given), then rescale to the
-        original norm when the vector says so (``preserve_norm``)."""
-        check_scale(scale)
+        original norm when the vector says so (``preserve_norm``). ``scale`` may also be an op of the steering
+        grammar (``steer.grammar``): ``("set", value)`` sets the component along each direction to ``value``
+        (``SetProjection``; ablation is value 0)."""
         if layout is not None:
             self.check_compatible(layout)
         scope = TokenScope.parse(scope)
+        if isinstance(scale, tuple):
+            if len(scale) != 2 or scale[0] != "set":
+                raise SteerscaleError(f"unknown steering op {scale!r}", 'use a scale, or ("set", value)')
+            return [Intervention(site, SetProjection(vec, scale[1], preserve_norm=self.preserve_norm), scope)
+                    for site, vec in self.directions.items()]
+        check_scale(scale)
         return [Intervention(site, Add(vec, scale, preserve_norm=self.preserve_norm), scope)
                 for site, vec in self.directions.items()]
 

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..errors import SteerscaleError
-from .steering import STEER_KEY, check_extra_args, format_steer, parse_steer, request_salt
+from .steering import STEER_KEY, body_extra_args, check_extra_args, format_steer, parse_steer, request_salt
 
 VECTORS_ENV = "STEERSCALE_VLLM_VECTORS"  # NAME=PATH,NAME=PATH
 GLOBAL_ENV = "STEERSCALE_VLLM_STEER"  # engine-wide steering, "NAME:OP[:SCOPE],..."
@@ -134,6 +134,9 @@ def install() -> None:
         assign_request_id._steerscale = True
         InputProcessor.assign_request_id = staticmethod(assign_request_id)
 
+    for cls in _request_models():
+        _wrap_body(cls, VLLMValidationError)
+
     preprocess = EngineCore.preprocess_add_request
     if not getattr(preprocess, "_steerscale", False):
         def preprocess_add_request(self, request):
@@ -142,3 +145,43 @@ def install() -> None:
 
         preprocess_add_request._steerscale = True
         EngineCore.preprocess_add_request = preprocess_add_request
+
+
+def _request_models() -> list[type]:
+    """vLLM's OpenAI request models that build sampling parameters (completions, chat completions)."""
+    import importlib
+
+    out = []
+    for module, name in [("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+                         ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest")]:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
+def _wrap_body(cls, error) -> None:
+    """``cls.to_sampling_params`` reads ``steerscale serve``'s top-level ``steer`` field (vLLM keeps unknown fields in
+    ``model_extra``) into ``extra_args``; beam search, which builds its own per-beam parameters, refuses steering."""
+    to_params, to_beams = cls.to_sampling_params, getattr(cls, "to_beam_search_params", None)
+    if getattr(to_params, "_steerscale", False):
+        return
+
+    def to_sampling_params(self, *args, **kwargs):
+        params = to_params(self, *args, **kwargs)
+        try:
+            params.extra_args = body_extra_args(self.model_extra, params.extra_args)
+        except SteerscaleError as exc:
+            raise error(str(exc), parameter=exc.problem.split(":", 1)[0].split("[")[0]) from None
+        return params
+
+    def to_beam_search_params(self, *args, **kwargs):
+        if (self.model_extra or {}).get(STEER_KEY) or (getattr(self, "vllm_xargs", None) or {}).get(STEER_KEY):
+            raise error("steer: steerscale's vLLM path does not steer beam search", parameter="steer")
+        return to_beams(self, *args, **kwargs)
+
+    to_sampling_params._steerscale = True
+    cls.to_sampling_params = to_sampling_params
+    if to_beams is not None:
+        cls.to_beam_search_params = to_beam_search_params

@@ -21,7 +21,7 @@ from ..errors import SteerscaleError
 from ..models.loading import checkpoint_dir
 from .frontend import REGISTRY, digest
 from .steering import STEER_KEY, format_steer, parse_steer
-from .worker import ENABLE_ENV, SITES_ENV, vector_bytes
+from .worker import ENABLE_ENV, SITES_ENV, register, vector_bytes
 
 EXTENSION = "steerscale.vllm.worker.SteerExtension"
 
@@ -38,6 +38,8 @@ class SteeredLLM:
         os.environ[ENABLE_ENV] = "1"  # vLLM's worker processes inherit it: the plugin wraps their model runner
         os.environ[SITES_ENV] = _site_keys(vectors.values(), sites)  # hooked before compilation
         from vllm import LLM
+
+        register()  # this process's front end, whether or not vLLM loaded its plugins before ENABLE_ENV was set
 
         kwargs = {"dtype": "bfloat16", "worker_extension_cls": EXTENSION, **llm_kwargs}
         self.llm = LLM(model=checkpoint_dir(model), **kwargs)

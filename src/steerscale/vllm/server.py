@@ -57,26 +57,39 @@ class VllmServer:
             self.process.wait(10)
 
 
-def start_vllm(model_dir: str, *, name: str, log: Path, vectors: dict[str, Path] | None = None,
-               max_model_len: int = 512, max_num_seqs: int = 16, timeout: float = 300.0, dtype: str = "bfloat16",
-               eager: bool = False, steer: str | None = None, extra_args: list[str] | None = None,
-               env: dict[str, str] | None = None) -> VllmServer:
-    """``vllm serve model_dir`` as ``name`` on a free local port, waiting until ``/health`` answers; with
-    ``vectors`` (name -> file) steerscale's plugin registers them (``STEERSCALE_VLLM_VECTORS``) and ``steer`` is
-    engine-wide steering (``STEERSCALE_VLLM_STEER``)."""
+def serve_command(model_dir: str, *, name: str, host: str, port: int, vectors: dict | None = None,
+                  steer: str | None = None, dtype: str = "bfloat16", eager: bool = False, max_model_len: int | None = None,
+                  max_num_seqs: int | None = None, api_key: str | None = None, extra_args: list[str] | None = None,
+                  env: dict[str, str] | None = None, plugin: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``vllm serve`` with steerscale's plugin (the vLLM venv's interpreter):
+    what ``start_vllm`` runs and ``steerscale serve --engine vllm`` runs in the foreground."""
     python = vllm_python()
     if python is None:
         raise SteerscaleError("no vLLM venv found", "build it with `bash scripts/make_vllm_venv.sh`")
-    port = _free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
-           "--served-model-name", name, "--max-num-seqs", str(max_num_seqs), *(["--enforce-eager"] if eager else []),
-           *(extra_args or [])]
-    env = {**os.environ, **vllm_env(), **(env or {})}
+           "--host", host, "--dtype", dtype, "--served-model-name", name, *(["--enforce-eager"] if eager else []),
+           *(["--max-model-len", str(max_model_len)] if max_model_len else []),
+           *(["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []),
+           *(["--api-key", api_key] if api_key else []), *(extra_args or [])]
+    env = {**os.environ, **vllm_env(), **({"STEERSCALE_VLLM": "1"} if plugin else {}), **(env or {})}
     if vectors:
         env["STEERSCALE_VLLM_VECTORS"] = ",".join(f"{k}={v}" for k, v in vectors.items())
     if steer:
         env["STEERSCALE_VLLM_STEER"] = steer
+    return cmd, env
+
+
+def start_vllm(model_dir: str, *, name: str, log: Path, vectors: dict[str, Path] | None = None,
+               max_model_len: int = 512, max_num_seqs: int = 16, timeout: float = 900.0, dtype: str = "bfloat16",
+               eager: bool = False, steer: str | None = None, extra_args: list[str] | None = None,
+               env: dict[str, str] | None = None, plugin: bool = True) -> VllmServer:
+    """``vllm serve model_dir`` as ``name`` on a free local port, waiting until ``/health`` answers; with
+    ``vectors`` (name -> file) steerscale's plugin registers them (``STEERSCALE_VLLM_VECTORS``) and ``steer`` is
+    engine-wide steering (``STEERSCALE_VLLM_STEER``)."""
+    port = _free_port()
+    cmd, env = serve_command(model_dir, name=name, host="127.0.0.1", port=port, vectors=vectors, steer=steer,
+                             dtype=dtype, eager=eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                             extra_args=extra_args, env=env, plugin=plugin)
     server = VllmServer(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
                         f"http://127.0.0.1:{port}/v1", log)
     deadline = time.monotonic() + timeout

@@ -17,44 +17,11 @@ no request can read KV blocks computed under other steering, whatever its client
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 
 from ..errors import SteerscaleError
+from ..steer.grammar import entries_from_objects, format_steer, parse_steer
 
 STEER_KEY = "steer"  # the extra_args / vllm_xargs key
-SCOPES = ("all", "prompt", "generated")
-MAX_SCALE = 1e3  # as the steerscale server's cap: far past any useful strength, short of overflowing activations
-NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
-
-
-def parse_steer(spec) -> list[tuple[str, float | tuple[str, float], str]]:
-    """``"a:4,b:ablate:generated"`` or ``["a:4", "b:=2"]`` (or ``(name, op[, scope])`` tuples) as
-    ``[(name, op, scope)]``, op a float scale (add) or ``("set", value)`` (ablate: value 0); anything malformed is a
-    ``SteerscaleError`` naming the entry."""
-    if spec is None:
-        return []
-    items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
-    out = []
-    for item in items:
-        if not isinstance(item, (str, list, tuple)):
-            raise SteerscaleError(f"bad steer entry {item!r}: not a string",
-                                  'write "NAME:OP" or "NAME:OP:SCOPE", e.g. "formal:4"')
-        parts = item.strip().split(":") if isinstance(item, str) else list(item)
-        if not 2 <= len(parts) <= 3:
-            raise SteerscaleError(f"bad steer entry {item!r}",
-                                  'write "NAME:OP" or "NAME:OP:SCOPE", OP a scale, "ablate" or "=VALUE", e.g. '
-                                  '"formal:4"')
-        name, scale, scope = str(parts[0]).strip(), parts[1], (str(parts[2]).strip() if len(parts) == 3 else "all")
-        if not NAME.fullmatch(name):
-            raise SteerscaleError(f"bad vector name {name!r} in steer entry {item!r}",
-                                  "use 1-128 letters, digits, '_', '.' and '-'")
-        scale = _op(scale, item)
-        if scope not in SCOPES:
-            raise SteerscaleError(f"steer entry {item!r}: unknown scope {scope!r}", f"use one of {', '.join(SCOPES)}")
-        out.append((name, scale, scope))
-    return out
-
 
 # steerscale server request fields that the vLLM path does not run: sent in vllm_xargs they are refused (400), never
 # silently ignored (the vector would otherwise be applied unconditionally)
@@ -89,6 +56,31 @@ def check_extra_args(extra_args) -> list[tuple[str, float | tuple[str, float], s
         raise SteerscaleError(f"vllm_xargs.steer: {exc.problem}", exc.hint) from None
 
 
+# steerscale serve's top-level request fields, as vLLM's API server receives them (its request models keep unknown
+# fields): "steer" is translated, the others are refused rather than silently ignored
+BODY_FIELDS = {"steer": None, "logit_contrast": "logit contrast", "strategy": "scaling strategies"}
+
+
+def body_extra_args(fields: dict | None, extra_args: dict | None) -> dict | None:
+    """``extra_args`` with the steering of a request body written in ``steerscale serve``'s grammar (the top-level
+    ``steer`` field: objects or strings), so one request body works on both servers."""
+    fields = {k: v for k, v in (fields or {}).items() if k in BODY_FIELDS}
+    if not fields:
+        return extra_args
+    for key, what in BODY_FIELDS.items():
+        if key in fields and what:
+            raise SteerscaleError(f"{key}: {what} do not run inside vLLM", "serve the request with `steerscale serve`")
+    if STEER_KEY in (extra_args or {}):
+        raise SteerscaleError("steer: given both as a field and in vllm_xargs", "give it once")
+    for i, item in enumerate(fields[STEER_KEY] if isinstance(fields[STEER_KEY], list) else []):
+        for key in sorted(set(item) & {"condition", "condition_rule", "controller", "gate"}) if isinstance(
+                item, dict) else ():
+            raise SteerscaleError(f"steer[{i}].{key}: {UNSUPPORTED_KEYS[key]} do not run inside vLLM",
+                                  "steer with plain vectors here, or serve the request with `steerscale serve`")
+    entries = entries_from_objects(fields[STEER_KEY])
+    return {**(extra_args or {}), STEER_KEY: format_steer(entries)} if entries else extra_args
+
+
 def request_salt(entries, engine_wide=(), digests: dict[str, str] | None = None, prompt=None,
                  client_salt: str | None = None) -> str | None:
     """The prefix-cache salt the server gives a request. ``entries`` are its own steer entries, ``engine_wide`` the
@@ -112,33 +104,6 @@ def request_salt(entries, engine_wide=(), digests: dict[str, str] | None = None,
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _op(op, item):
-    """A scale (float), or ``("set", value)`` from ``ablate`` / ``=VALUE`` / a ``("set", value)`` tuple."""
-    if isinstance(op, tuple) and len(op) == 2 and op[0] == "set":
-        op = f"={op[1]}"
-    text = op.strip() if isinstance(op, str) else op
-    setting = isinstance(text, str) and (text == "ablate" or text.startswith("="))
-    raw = 0.0 if text == "ablate" else text[1:] if setting else text
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise SteerscaleError(f"steer entry {item!r}: {op!r} is not a scale, 'ablate' or '=VALUE'") from None
-    if not math.isfinite(value) or abs(value) > MAX_SCALE:
-        raise SteerscaleError(f"steer entry {item!r}: the value must be finite with |value| <= {MAX_SCALE:g}")
-    return ("set", value) if setting else value
-
-
-def _op_text(op) -> str:
-    if isinstance(op, tuple):
-        return "ablate" if op[1] == 0 else f"={op[1]!r}"
-    return repr(op)
-
-
-def format_steer(entries) -> list[str]:
-    """The ``"NAME:OP:SCOPE"`` strings of ``entries`` (checked), for ``extra_args`` / ``vllm_xargs``."""
-    return [f"{name}:{_op_text(op)}:{scope}" for name, op, scope in parse_steer(entries)]
 
 
 def cache_salt(entries, digests: dict[str, str] | None = None, prompt=None) -> str | None:

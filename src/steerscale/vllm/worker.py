@@ -96,9 +96,9 @@ def _(x, residual, site):
 
 @dataclass
 class _Op:
-    """One edit slot at a site: ``add`` (``h + row``), ``addn`` (the same, then the stream rescaled to its norm
-    before) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit direction, or zeros where the edit does not
-    apply). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
+    """One edit slot at a site: ``add`` (``h + row``) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit
+    direction, or zeros where the edit does not apply); ``addn`` / ``setn``: the same, then the stream rescaled to
+    its norm before (norm-preserving vectors). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
 
     kind: str
     rows: torch.Tensor  # (1 + 3m, dim)
@@ -114,13 +114,16 @@ class _Op:
         if self.kind == "add":
             return x + rows
         stream = x if extra is None else x + extra
+        if self.kind == "set":
+            return x + (self.targets[index][:, None] - (stream * rows).sum(-1, keepdim=True)) * rows
         if self.kind == "addn":
             moved = stream + rows
-            out = moved * (stream.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-            out = torch.where(rows.abs().sum(-1, keepdim=True) > 0, out, stream)  # rows without the edit unchanged
-            return out if extra is None else out - extra
-        proj = (stream * rows).sum(-1, keepdim=True)
-        return x + (self.targets[index][:, None] - proj) * rows
+        else:  # "setn"
+            moved = stream + (self.targets[index][:, None] - (stream * rows).sum(-1, keepdim=True)) * rows
+        # norm-preserving (engine.ops.apply_edit): the stream rescaled to its norm before, on the edited rows only
+        out = moved * (stream.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        out = torch.where(rows.abs().sum(-1, keepdim=True) > 0, out, stream)
+        return out if extra is None else out - extra
 
 
 @dataclass
@@ -327,7 +330,8 @@ class SteerState:
                         d = full
                     if isinstance(op, tuple):  # ("set", value): the unit direction, and its target per row
                         u = d / d.norm()
-                        out.setdefault(site, {})[(k, "set")] = (on * u, on[:, 0] * op[1])
+                        kind = "setn" if vec.preserve_norm else "set"
+                        out.setdefault(site, {})[(k, kind)] = (on * u, on[:, 0] * op[1])
                     else:
                         kind = "addn" if vec.preserve_norm else "add"
                         out.setdefault(site, {})[(k, kind)] = (on * (op * d), None)
@@ -398,7 +402,7 @@ class SteerState:
                     vec, tgt = r.get(site, {}).get(slot, (torch.zeros(CLASSES, width), None))
                     parts.append(vec)
                     targets.append(tgt if tgt is not None else torch.zeros(CLASSES))
-                op = _Op(slot[1], torch.cat(parts), torch.cat(targets) if slot[1] == "set" else None)
+                op = _Op(slot[1], torch.cat(parts), torch.cat(targets) if slot[1].startswith("set") else None)
                 ops.setdefault(site, []).append(op.to(param.device, param.dtype))
         return ops
 
