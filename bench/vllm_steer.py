@@ -77,9 +77,11 @@ def without_plugin():
 class Engine:
     """One vLLM engine of this process and its child processes (paused while another engine is timed)."""
 
-    def __init__(self, label: str, make):
+    def __init__(self, label: str, make, others: tuple = ()):
         import psutil
 
+        for other in others:  # idle engines poll their queues: paused while this one starts and compiles
+            other.pause()
         self.label = label
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
@@ -88,6 +90,8 @@ class Engine:
         self.start_s = time.perf_counter() - t
         self.procs = [p for p in me.children(recursive=True) if p.pid not in before]
         self.llm = getattr(self.handle, "llm", self.handle)  # SteeredLLM wraps vllm.LLM
+        for other in others:
+            other.resume()
         log(f"{label}: up in {self.start_s:.1f} s ({len(self.procs)} processes)")
 
     def pause(self):
@@ -239,9 +243,10 @@ def main() -> None:
             plain = Engine(f"plain compiled {tag}", lambda: LLM(model=model_dir, dtype=dtype, **common))
         graphs = {"compilation_config": {"cudagraph_mode": "NONE"}} if args.gpu else {}
         steered = Engine(f"steered compiled {tag}",
-                         lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype, **graphs, **common))
+                         lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype, **graphs, **common),
+                         (plain,))
         eager = Engine(f"steered eager {tag}", lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype,
-                                                                   enforce_eager=True, **common))
+                                                                   enforce_eager=True, **common), (plain, steered))
         engines = [plain, steered, eager]
         row: dict = {"startup_s": {e.label: round(e.start_s, 1) for e in engines}}
 

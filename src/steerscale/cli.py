@@ -6,6 +6,7 @@ or more; the help line and aliases come from ``COMMANDS``) and sets ``func=handl
 ``handler(args) -> int``. Add a command with a line in the ``COMMANDS`` table (verb, module, description); a module
 that adds a verb the registry lacks, or a registered verb no module adds, fails when the parser is built.
 Errors a user can fix (``SteerscaleError``) print as one message and exit 2; ``--debug`` shows the traceback.
+``--threads N|auto`` (before or after the verb) fixes torch's CPU threads for the run (``models/threads.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ serve     serve_cmd         serve a model over an OpenAI-compatible HTTP API (st
 demo      demo_cmd          the main job: build, apply and measure a steering vector (a few minutes, offline)
 """)
 
+THREADS_HELP = ("torch CPU threads: N, or auto (default: the free cores, re-checked while it runs; "
+                "also STEERSCALE_THREADS; OMP_NUM_THREADS is respected)")
+
 EPILOG = """\
 examples:
   steerscale models                                  # bundled models: installed? cached? size?
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--threads", default=None, metavar="N|auto", help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     verbs = _Verbs(sub)
     for module in dict.fromkeys(COMMANDS.values()):  # each module once, in registration order
@@ -117,14 +122,28 @@ class _Verbs:
         kwargs["help"] = COMMANDS.description(name)
         kwargs.setdefault("formatter_class", HelpFormatter)  # examples as written (RawDescriptionHelpFormatter)
         kwargs.setdefault("aliases", [a for a, verb in COMMANDS.aliases.items() if verb == name])
-        return self._sub.add_parser(name, **kwargs)
+        parser = self._sub.add_parser(name, **kwargs)
+        # after the verb too, where users put options; SUPPRESS keeps a value given before the verb
+        parser.add_argument("--threads", default=argparse.SUPPRESS, metavar="N|auto", help=THREADS_HELP)
+        return parser
+
+
+def _verb(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor the value of ``--threads``."""
+    it = iter(argv)
+    for a in it:
+        if a == "--threads":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)  # --debug is the only top-level option
+    verb = _verb(argv)
     if verb is not None and verb not in COMMANDS:  # the registry's error also guesses the verb meant
         print(f"steerscale: error: {COMMANDS.unknown(verb)}", file=sys.stderr)
         return 2
@@ -136,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     # transformers is chatty about GGUF conversion and generation flags; users asked for steerscale's output.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
+        if args.threads is not None:
+            from .models.threads import set_threads
+
+            set_threads(args.threads)  # a bad value fails here, before a model loads
         return int(args.func(args) or 0)
     except SteerscaleError as exc:
         if args.debug:

@@ -133,7 +133,7 @@ def run(args) -> int:
 def run_vllm(args, api_key: str | None) -> int:
     """``vllm serve`` with steerscale's plugin in the foreground: the same flags and request body as the local
     server for what vLLM runs (plain steer entries), a 400 for the rest."""
-    import subprocess
+    import os
 
     from ..errors import SteerscaleError
     from ..models.loading import checkpoint_dir
@@ -151,4 +151,4 @@ def run_vllm(args, api_key: str | None) -> int:
                              port=args.port or 8000, vectors=vectors, dtype=dtype, max_num_seqs=args.max_batch,
                              api_key=api_key)
     print("starting vLLM:", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, env=env)
+    os.execve(cmd[0], cmd, env)  # vLLM replaces this process: signals (SIGTERM, Ctrl-C) reach it directly

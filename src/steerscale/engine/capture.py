@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.sites import Site, SiteKind
+from ..models.threads import refresh as refresh_threads
 from .runtime import Observer, StopForward, observe
 
 
@@ -122,6 +123,7 @@ def read_raw(model, layout: ModelLayout, batch: Batch, sites: Sequence[Site]) ->
     (``engine.prompt_rules`` reduces them per rule)."""
     if any(s.kind is SiteKind.ROUTER for s in sites):
         raise SteerscaleError("router logits are not read per token here", "read mlp_out or resid sites")
+    refresh_threads(batch.input_ids.device)  # fewer threads while other jobs hold cores (models/threads.py)
     current: dict[Site, torch.Tensor] = {}
     with observe(layout, [Observer(s, partial(current.__setitem__, s)) for s in sites],
                  stop_after=max(s.layer for s in sites)):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SteerscaleError
+from ..models.threads import refresh as refresh_threads
 from .generation import format_prompt, has_chat_template
 from .logit_contrast import EarlyReader, LogitContrast, contrast_hidden, lm_head
 
@@ -186,6 +187,7 @@ def head_is_separable(model) -> bool:
 def _target_logprobs(model, ids, mask, pos, rows, srcs, tgts, head_at_targets: bool,
                      early: EarlyReader | None = None) -> torch.Tensor:
     """Log-prob of each target token; the LM head runs only at the target positions when ``head_at_targets``."""
+    refresh_threads(ids.device)  # fewer threads while other jobs hold cores (models/threads.py)
     where = (torch.tensor(rows, device=ids.device), torch.tensor(srcs, device=ids.device))
     with early.reading() if early is not None else nullcontext():
         if head_at_targets and head_is_separable(model):

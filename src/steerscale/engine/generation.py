@@ -11,6 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
+from ..models.threads import refresh as refresh_threads
 from .capture import tokenize
 from .logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
 from .prompt_rules import PromptRule, prompt_interventions
@@ -98,6 +99,7 @@ def generate(
         raise SteerscaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     formatted = [format_prompt(tokenizer, p, chat, system) for p in prompts]
     device = next(model.parameters()).device
+    refresh_threads(device)  # fewer threads while other jobs hold cores (models/threads.py)
     batch = tokenize(tokenizer, formatted, device)
     if seed is not None:
         torch.manual_seed(seed)

@@ -17,6 +17,7 @@ from ..errors import SteerscaleError
 from .cache import gguf_cache_dir
 from .layout import ModelLayout, find_layout
 from .registry import BUNDLED, DEFAULT_MODEL, bundled_gguf_path
+from .threads import refresh as refresh_threads
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
         raise SteerscaleError("empty model name", f"pass a bundled alias such as {DEFAULT_MODEL!r}, an HF id or a path")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    refresh_threads(dev, force=True)  # torch's CPU threads for this machine as it is now (models/threads.py)
     start = time.perf_counter()
     from_cache = None
     if name_or_path in BUNDLED:

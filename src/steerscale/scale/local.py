@@ -39,6 +39,7 @@ from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
+from ..models.threads import refresh as refresh_threads
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, find_stop, step_end
 from .budget import Budget
 from .logits import process_logits
@@ -227,6 +228,7 @@ class LocalBackend(Backend):
 
     def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=()):
         self.forward_passes += 1
+        refresh_threads(self.device)  # a clock read; the machine re-read at most once a second (models/threads.py)
         early = self._early(last_only=True)
         with self._steered(scales, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),

@@ -38,14 +38,16 @@ import torch
 from ..engine.capture import Batch
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.logit_contrast import EarlyReader, LogitContrast, contrast_hidden
-from ..engine.ops import Add
+from ..engine.ops import Add, SetProjection
 from ..engine.prompt_rules import PromptRule, read_prompts
 from ..engine.runtime import Intervention, intervene
 from ..engine.scope import Scope, TokenScope
 from ..errors import SteerscaleError
+from ..models.threads import refresh as refresh_threads
 from ..scale.backend import Candidate, FinishReason, SamplingParams, find_stop
 from ..scale.budget import Budget
 from ..scale.local import LocalBackend
+from ..steer.grammar import check_op
 from ..steer.vector import SteeringVector
 
 SCHEDULED_SCOPES = (Scope.ALL, Scope.PROMPT, Scope.GENERATED)
@@ -160,10 +162,9 @@ class Scheduler:
             if isinstance(entry, PromptRule):
                 entry.check(self.layout)
                 continue
-            vector, scale, _ = entry
+            vector, op, _ = entry
             vector.check_compatible(self.layout)
-            if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
-                raise SteerscaleError(f"steering scale must be a finite number, got {scale!r}")
+            check_op(op)
         window = self.base.context_window
         if window and len(job.prompt_ids) >= window:
             raise SteerscaleError(f"prompt is {len(job.prompt_ids)} tokens but the context window is {window}",
@@ -232,6 +233,8 @@ class Scheduler:
     def step(self) -> None:
         """Run queued calls, admit waiting jobs (prefill each alone, join the batch), then decode one token for
         every running row."""
+        # in this loop's own thread (torch's count is per thread); a clock read, the machine re-read once a second
+        refresh_threads(self.base.device)
         self._run_calls()
         self._admit()
         if not self.rows:
@@ -496,21 +499,26 @@ class Scheduler:
         finds each row's prompt under the padding: ``generated`` edits only the last prompt token, as alone);
         ``Scope.GENERATED`` for a decoding step, where every token is generated and ``prompt`` entries drop out."""
         slots: dict[tuple, torch.Tensor] = {}
+        values: dict[tuple, torch.Tensor] = {}
         scopes: dict[tuple, TokenScope] = {}
         for b, job in enumerate(jobs):
-            for k, (vector, scale, scope) in enumerate(job.steer):
+            for k, (vector, op, scope) in enumerate(job.steer):
                 if phase is Scope.GENERATED and scope.kind is Scope.PROMPT:
                     continue
+                setting = isinstance(op, tuple)  # ("set", value): SetProjection, per row (ablation: value 0)
                 for site, direction in vector.directions.items():
-                    # a norm-preserving entry gets its own Add: its rescaling must not touch another entry's rows
+                    # a norm-preserving entry gets its own edit: its rescaling must not touch another entry's rows
                     # (a row with zeros there is h + 0 rescaled to its own norm: h itself)
-                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL, vector.preserve_norm)
+                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL, vector.preserve_norm, setting)
                     if key not in slots:
                         slots[key] = torch.zeros(len(jobs), direction.shape[-1], dtype=direction.dtype)
+                        values[key] = torch.zeros(len(jobs))
                         scopes[key] = scope if phase is Scope.PROMPT else TokenScope.parse("all")
-                    slots[key][b] = scale * direction
+                    slots[key][b] = direction if setting else op * direction
+                    values[key][b] = op[1] if setting else 0.0
         order = sorted(slots, key=lambda key: key[0])  # entry by entry: each row's edits run in its request's order
-        return [Intervention(key[1], Add(slots[key], 1.0, preserve_norm=key[3]), scopes[key]) for key in order]
+        return [Intervention(key[1], SetProjection(slots[key], values[key], preserve_norm=key[3], zero_rows=True)
+                             if key[4] else Add(slots[key], 1.0, preserve_norm=key[3]), scopes[key]) for key in order]
 
 
 def _fail(job: Job, error: str | BaseException) -> None:

@@ -55,7 +55,7 @@ import torch
 
 from ..engine.runtime import attach_hook
 from ..errors import SteerscaleError
-from ..models.layout import find_layout
+from ..models.layout import HookPoint, Location, find_layout
 from ..models.sites import Site, SiteKind
 from . import frontend
 from .frontend import GLOBAL_ENV, VECTORS_ENV, vector_specs
@@ -155,7 +155,8 @@ class SteerState:
         self._tensor_parallel()
         for site in self._declared_sites():
             self._hook(site)
-        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        # the step's plan is built by a pre-hook on the whole model, outside its compiled region
+        self._handles.append(attach_hook(Location(self.model, HookPoint.INPUT), self._before_forward))
         for name, path in vector_specs(os.environ.get(VECTORS_ENV)):
             self.register(name, path.read_bytes())
         self.set_global(os.environ.get(GLOBAL_ENV) or None)
