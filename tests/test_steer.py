@@ -194,8 +194,8 @@ def test_one_registry_lists_every_method():
     assert isinstance(METHODS, Registry)
     assert list(METHODS) == ["caa", "pca_diff", "pca_center", "probe", "iti", "lofit", "grains"]
     assert all(description for _, description in METHODS.describe())
-    assert get_method("iti") is iti and get_method("lofit") is lofit
-    assert get_method("pca") is pca_diff and ALIASES["mean_diff"] == "caa"
+    assert get_method("iti").fit is iti.fit and get_method("lofit").fit is lofit.fit_lofit
+    assert get_method("pca").fit is pca_diff.fit and ALIASES["mean_diff"] == "caa"
     with pytest.raises(SteerscaleError, match="did you mean 'lofit'"):
         get_method("lofti")
     with pytest.raises(SteerscaleError, match="did you mean 'probe'"):

@@ -1,10 +1,15 @@
-"""Artifact files: safetensors tensors plus a JSON header, never pickle; and the model check every artifact runs.
+"""Artifact files: safetensors tensors plus a JSON header, never pickle; the model check every artifact runs; and
+the one interface every artifact class has (``Artifact``).
 
 Every steerscale artifact (steering vectors, CAST conditions, steering controllers, token gates) is one
 ``.safetensors`` file whose metadata key ``steerscale`` holds a JSON header with a ``format`` string naming the
 kind and version (``steerscale.vector/1``, ``steerscale.condition/1``, ...). ``write`` and ``read`` are the only
 functions that touch those files, so a damaged file, a file of another kind or a header that is not JSON gives
 the same clear error for every kind.
+
+The interface: ``obj.save(path) -> Path``, ``Cls.load(path, layout=None)`` (with ``layout``: checked against that
+model) and ``obj.check(layout)`` (a ``SteerscaleError`` when it was made for a model of another shape). A new
+artifact class subclasses ``SavedArtifact`` and writes only ``to_file``, ``from_file`` and ``check``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -35,6 +41,60 @@ def check_model(what: str, model_name: str, model_fingerprint: str, layout: Mode
             f"{what} was made for model {model_name!r} (fingerprint {model_fingerprint}), which has a different "
             f"shape from this {layout.architecture} model (fingerprint {fingerprint(layout)})",
             f"make a new {what} on this model")
+
+
+def check_site(what: str, layout: ModelLayout, site, size: int, fix: str) -> None:
+    """Refuse an artifact whose ``site`` this model lacks or whose tensor there has another ``size``."""
+    layout.locate(site)
+    if layout.site_dim(site) != size:
+        raise SteerscaleError(f"{what} at {site.key()} has size {size}, but this model's site has size "
+                              f"{layout.site_dim(site)}", fix)
+
+
+@runtime_checkable
+class Artifact(Protocol):
+    """What every steerscale artifact class provides (see the module docstring)."""
+
+    def save(self, path: str | Path) -> Path: ...
+
+    @classmethod
+    def load(cls, path: str | Path, layout: ModelLayout | None = None): ...
+
+    def check(self, layout: ModelLayout) -> None: ...
+
+
+class SavedArtifact:
+    """``save``/``load`` for an artifact class from its ``to_file``/``from_file`` pair: the file format string
+    (``FORMAT``), what to call it in messages (``WHAT``) and how to make a new one (``REMAKE``) are class
+    attributes. A field of the wrong type in a file is a ``SteerscaleError`` naming the file."""
+
+    FORMAT: ClassVar[str]
+    WHAT: ClassVar[str]
+    REMAKE: ClassVar[str] = "make it again"
+
+    def to_file(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, JSON header)`` of the file."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], header: dict):
+        raise NotImplementedError
+
+    def check(self, layout: ModelLayout) -> None:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        return write(path, self.FORMAT, *self.to_file())
+
+    @classmethod
+    def load(cls, path: str | Path, layout: ModelLayout | None = None):
+        """Read a file of this kind; with ``layout``, refuse one made for a model of another shape."""
+        tensors, header = read(path, cls.FORMAT, cls.WHAT)
+        with damaged(path, cls.WHAT, cls.REMAKE):
+            obj = cls.from_file(tensors, header)
+        if layout is not None:
+            obj.check(layout)
+        return obj
 
 
 def json_default(obj):

@@ -19,8 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -51,8 +50,12 @@ class Combine(str, Enum):
 
 
 @dataclass(eq=False)
-class Condition:
+class Condition(artifacts.SavedArtifact):
     """``cos(reading - mean, direction) > threshold`` (or ``<`` with ``Comparison.LESS``) at ``site``."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    WHAT: ClassVar[str] = "condition"
+    REMAKE: ClassVar[str] = "refit the condition"
 
     site: Site
     direction: torch.Tensor
@@ -98,33 +101,24 @@ class Condition:
 
     def check(self, layout: ModelLayout) -> None:
         artifacts.check_model("condition", self.model_name, self.model_fingerprint, layout)
-        layout.locate(self.site)
-        if layout.site_dim(self.site) != self.direction.shape[0]:
-            raise SteerscaleError(f"condition at {self.site.key()} has size {self.direction.shape[0]}, but this "
-                                  f"model's site has size {layout.site_dim(self.site)}", "fit it on this model")
+        artifacts.check_site("condition", layout, self.site, self.direction.shape[0], "fit it on this model")
 
     def __repr__(self) -> str:
         op = ">" if self.comparison is Comparison.GREATER else "<"
         return f"Condition({self.site.key()}: cos {op} {self.threshold:.3f}, model={self.model_name!r})"
 
-    # -- files ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    # -- files (save, load: artifacts.SavedArtifact) ----------------------------------------------------------
+    def to_file(self) -> tuple[dict[str, torch.Tensor], dict]:
         header = {"site": self.site.key(), "threshold": self.threshold, "comparison": self.comparison.value,
                   "readout": self.readout.value, "prefix": list(self.prefix), "model_name": self.model_name,
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata}
-        return artifacts.write(path, FORMAT, {"direction": self.direction, "mean": self.mean}, header)
+        return {"direction": self.direction, "mean": self.mean}, header
 
     @classmethod
-    def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "Condition":
-        """Read a condition file; with ``layout``, refuse one fitted on a model of another shape."""
-        tensors, h = artifacts.read(path, FORMAT, "condition")
-        with artifacts.damaged(path, "condition", "refit the condition"):
-            cond = cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], float(h["threshold"]),
-                       h.get("comparison", "greater"), h.get("readout", "mean"), str(h.get("model_name", "")),
-                       str(h.get("model_fingerprint", "")), dict(h.get("metadata") or {}), tuple(h.get("prefix", ())))
-        if layout is not None:
-            cond.check(layout)
-        return cond
+    def from_file(cls, tensors: dict[str, torch.Tensor], h: dict) -> "Condition":
+        return cls(Site.parse(h["site"]), tensors["direction"], tensors["mean"], float(h["threshold"]),
+                   h.get("comparison", "greater"), h.get("readout", "mean"), str(h.get("model_name", "")),
+                   str(h.get("model_fingerprint", "")), dict(h.get("metadata") or {}), tuple(h.get("prefix", ())))
 
 
 @dataclass(eq=False)

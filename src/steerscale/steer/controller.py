@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -49,8 +48,12 @@ REFUSAL_TARGET = "I'm sorry, but I can't help with that."
 
 
 @dataclass(eq=False)
-class SteeringController(PromptRule):
+class SteeringController(PromptRule, artifacts.SavedArtifact):
     """Per-row strength and per-site weights of ``vector``, predicted from the prompt's activations at ``inputs``."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    WHAT: ClassVar[str] = "steering controller"
+    REMAKE: ClassVar[str] = "retrain the controller"
 
     vector: SteeringVector
     inputs: Sequence[Site]
@@ -135,8 +138,8 @@ class SteeringController(PromptRule):
                 f"edits={[s.key() for s in self.edit_sites]}, "
                 f"max_strength={self.max_strength}, model={self.model_name!r})")
 
-    # -- files ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    # -- files (save, load: artifacts.SavedArtifact) ----------------------------------------------------------
+    def to_file(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"net.{k}": v for k, v in self.net.items()}
         tensors.update({f"direction.{s.key()}": v for s, v in self.vector.directions.items()})
         header = {"inputs": [s.key() for s in self.inputs], "max_strength": self.max_strength,
@@ -145,25 +148,19 @@ class SteeringController(PromptRule):
                   "model_fingerprint": self.model_fingerprint, "metadata": self.metadata,
                   "vector": {"method": self.vector.method, "model_name": self.vector.model_name,
                              "model_fingerprint": self.vector.model_fingerprint}}
-        return artifacts.write(path, FORMAT, tensors, header)
+        return tensors, header
 
     @classmethod
-    def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "SteeringController":
-        """Read a controller file; with ``layout``, refuse one trained on a model of another shape."""
-        tensors, h = artifacts.read(path, FORMAT, "steering controller")
-        with artifacts.damaged(path, "controller", "retrain the controller"):
-            directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items()
-                          if k.startswith("direction.")}
-            v = dict(h.get("vector") or {})
-            vector = SteeringVector(directions, str(v.get("model_name", "")), str(v.get("model_fingerprint", "")),
-                                    str(v.get("method", "custom")))
-            net = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
-            ctl = cls(vector, list(h["inputs"]), net, float(h.get("max_strength", 8.0)), h.get("readout", "mean"),
-                      h.get("scope", "all"), str(h.get("model_name", "")), str(h.get("model_fingerprint", "")),
-                      dict(h.get("metadata") or {}), prefix=tuple(h.get("prefix", ())))
-        if layout is not None:
-            ctl.check(layout)
-        return ctl
+    def from_file(cls, tensors: dict[str, torch.Tensor], h: dict) -> "SteeringController":
+        directions = {Site.parse(k.removeprefix("direction.")): v for k, v in tensors.items()
+                      if k.startswith("direction.")}
+        v = dict(h.get("vector") or {})
+        vector = SteeringVector(directions, str(v.get("model_name", "")), str(v.get("model_fingerprint", "")),
+                                str(v.get("method", "custom")))
+        net = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
+        return cls(vector, list(h["inputs"]), net, float(h.get("max_strength", 8.0)), h.get("readout", "mean"),
+                   h.get("scope", "all"), str(h.get("model_name", "")), str(h.get("model_fingerprint", "")),
+                   dict(h.get("metadata") or {}), prefix=tuple(h.get("prefix", ())))
 
 
 # -- training ----------------------------------------------------------------------------------------------------

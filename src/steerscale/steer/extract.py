@@ -1,7 +1,9 @@
 """From contrastive data to a ``SteeringVector``: read activations, choose layers/heads, fit a direction.
 
 Pipeline: ``pair_texts`` (chat template for prompt pairs) -> ``collect`` (one capture pass over all candidate
-sites) -> ``sweep`` (held-out probe accuracy per layer, or per head for ITI) -> the method's ``fit`` per chosen site.
+sites) -> ``sweep`` (held-out probe accuracy per layer, or per head for a per-head method) -> the method's ``fit``
+per chosen site. What a method needs (activations or the model, pairs or labelled texts, per-head sites, knobs) is
+read from its entry in ``steer.methods.METHODS`` (a ``steer.capabilities.Capability``); no method is named here.
 
 ``layers="auto"`` picks the layer with the best held-out probe accuracy, ties (within one point) broken toward
 the middle of the network, where steering is usually most effective. ITI picks the top-K heads over the given
@@ -22,11 +24,10 @@ from ..engine.generation import format_prompt
 from ..errors import SteerscaleError
 from ..models.loading import LoadedModel
 from ..models.sites import Site, SiteKind
-from .grains import GrainsConfig, fit_grains
+from .capabilities import Capability, Data, Reads, names_with, train_knobs
 from .layers import best_layer, parse_layers
-from .lofit import LofitConfig, fit_lofit
-from .methods import METHODS, get_method
-from .methods.iti import fit as _iti_direction  # noqa: F401 (re-exported for bench/truthfulqa_steering.py)
+from .methods import DEFAULT_METHOD, METHODS
+from .methods.iti import fit as _iti_direction  # noqa: F401 (its first import path, used by bench/truthfulqa_steering.py)
 from .methods.probe import probe_accuracies
 from .pairs import ContrastPair, as_pairs, load_labelled, pairs_hash
 from .vector import SteeringVector, fingerprint
@@ -124,7 +125,7 @@ def pick_layer(accuracy: dict[Site, float], n_layers: int) -> Site:
 def extract(
     lm: LoadedModel,
     pairs,
-    method: str = "caa",
+    method: str = DEFAULT_METHOD,
     layers="auto",
     read: Readout | str = Readout.LAST,
     iti_heads: int = 16,
@@ -138,94 +139,136 @@ def extract(
 ):
     """Extract a steering vector from contrastive ``pairs`` (a JSONL path, dicts or ``ContrastPair`` list).
 
-    ``method``: ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` (residual stream, resid_post),
-    ``iti`` (per attention head), ``lofit`` (learned per-head offsets, ``steer.lofit``; ``iti_heads`` heads,
-    ``train`` its other knobs, e.g. ``"epochs=3,lr=0.01"``) or ``grains`` (gradient-attributed residual
-    directions, ``steer.grains``; ``train`` its knobs, e.g. ``"k=5,steps=32"``). ``layers``: ``auto`` or explicit (see
+    ``method``: a name in ``steer.methods.METHODS`` (docs/steering.md lists them). ``iti_heads``: how many heads
+    a per-head method steers. ``train``: the knobs of a method that trains, e.g. ``"epochs=3,lr=0.01"`` (its
+    entry's ``knobs`` dataclass; a method without knobs refuses them). ``layers``: ``auto`` or explicit (see
     ``parse_layers``); for residual methods with explicit layers one direction is fitted per layer.
     """
     pairs = as_pairs(pairs, "extraction")
-    fitted_on_the_model = {  # methods that fit by running the model (training, attribution), not on activations
-        "lofit": lambda: fit_lofit(lm, pairs, layers=layers, chat=chat, progress=progress,
-                                   **{"heads": iti_heads, "seed": seed, **LofitConfig.parse(train)}),
-        "grains": lambda: fit_grains(lm, pairs, layers=layers, chat=chat, progress=progress,
-                                     **{"seed": seed, "holdout": holdout, **GrainsConfig.parse(train)}),
-    }  # batch_size: each has its own knob
-    fit = fitted_on_the_model.get(METHODS.canonical(method))
-    if fit is not None:
+    name, cap = METHODS.canonical(method), METHODS[method]
+    knobs = train_knobs(METHODS, method, train)
+    if cap.reads is Reads.MODEL:
         if return_sweep:
-            raise SteerscaleError(f"{method} chooses where to steer by its own fitting, not by a probe sweep",
-                                  "run the sweep with method caa or iti, or drop return_sweep")
-        return fit()
-    texts = pair_texts(lm.tokenizer, pairs, chat)
-    data = {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"}
-    return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
+            raise SteerscaleError(f"{name} chooses where to steer by its own fitting, not by a probe sweep",
+                                  "run probe_sweep (or a method that reads activations) for the sweep, or "
+                                  "drop return_sweep")
+        shared = {"heads": iti_heads, "seed": seed, "holdout": holdout}  # batch_size: each has its own knob
+        return cap.fit(lm, pairs, layers=layers, chat=chat, progress=progress,
+                       **{**{k: shared[k] for k in cap.settings}, **knobs})
+    texts, data = _pair_data(lm, pairs, chat)
+    return _extract(lm, texts, data, name, cap, knobs, layers, read, iti_heads, holdout, seed, batch_size, progress,
+                    return_sweep)
 
 
-def extract_labelled(lm: LoadedModel, examples, method: str = "caa", layers="auto", read: Readout | str = Readout.MEAN,
+def extract_labelled(lm: LoadedModel, examples, method: str = DEFAULT_METHOD, layers="auto", read: Readout | str = Readout.MEAN,
                      iti_heads: int = 16, holdout: float = 0.3, seed: int = 0, batch_size: int = 16,
-                     progress: bool = True, return_sweep: bool = False):
+                     progress: bool = True, return_sweep: bool = False, train: str | dict | None = None):
     """Like ``extract`` for labelled texts (a ``{"text", "label"}`` JSONL path or ``(text, label)`` tuples):
-    label 1 is the side a positive scale moves toward. Methods that need pairs (``pca_diff``, ``pca_center``)
-    are refused; ``caa`` is the difference of class means, ``probe`` and ``iti`` fit on the classes."""
+    label 1 is the side a positive scale moves toward. Methods whose entry does not take labelled texts (those
+    that need pairs, and those that fit on the model) are refused; the mean-difference method is then the
+    difference of class means."""
+    name, cap = METHODS.canonical(method), METHODS[method]
+    if not cap.accepts(Data.LABELLED):
+        raise SteerscaleError(f"method {name!r} needs contrastive pairs, not labelled texts",
+                              f"use {' or '.join(labelled_methods())} with labelled data, or write the data as pairs")
+    if cap.reads is not Reads.ACTIVATIONS:
+        raise SteerscaleError(f"method {name!r} fits on the model; labelled texts are read only by methods that fit "
+                              "on activations", f"use {' or '.join(labelled_methods())}")
+    knobs = train_knobs(METHODS, method, train)
+    texts, data = _labelled_data(lm, examples)
+    return _extract(lm, texts, data, name, cap, knobs, layers, read, iti_heads, holdout, seed, batch_size, progress,
+                    return_sweep)
+
+
+def labelled_methods() -> list[str]:
+    """The methods that fit on labelled texts (from their registry entries)."""
+    return names_with(METHODS, lambda c: c.accepts(Data.LABELLED) and c.reads is Reads.ACTIVATIONS)
+
+
+def probe_sweep(lm: LoadedModel, pairs=None, labelled=None, per_head: bool = False, read: Readout | str = Readout.LAST,
+                heads: int = 16, holdout: float = 0.3, seed: int = 0, batch_size: int = 16, chat: bool | None = None,
+                progress: bool = True) -> Sweep:
+    """Held-out probe accuracy at every layer (or, ``per_head``, every attention head) for contrastive ``pairs`` or
+    ``labelled`` texts, and the sites ``layers="auto"`` (or a per-head method's ``heads`` choice) would take. No
+    direction is fitted."""
+    if (pairs is None) == (labelled is None):
+        raise SteerscaleError("a probe sweep reads contrastive pairs or labelled texts", "give one of them")
+    texts, _ = _pair_data(lm, as_pairs(pairs, "sweep"), chat) if pairs is not None else _labelled_data(lm, labelled)
+    sites, chosen_layers = _candidates(lm.layout, "auto", per_head)
+    pos, neg = collect(lm, texts, sites, read, batch_size, progress)
+    return _choose(pos, neg, sites, chosen_layers, per_head, heads, holdout, seed, lm.layout.n_layers)
+
+
+def _pair_data(lm: LoadedModel, pairs: list[ContrastPair], chat) -> tuple[PairTexts, dict]:
+    return (pair_texts(lm.tokenizer, pairs, chat),
+            {"n_pairs": len(pairs), "data_hash": pairs_hash(pairs), "data": "pairs"})
+
+
+def _labelled_data(lm: LoadedModel, examples) -> tuple[PairTexts, dict]:
     examples = examples if isinstance(examples, list) and examples and isinstance(examples[0], tuple) else load_labelled(examples)
-    if get_method(method).PAIRED_ONLY:
-        raise SteerscaleError(f"method {method!r} needs contrastive pairs, not labelled texts",
-                              "use caa, probe or iti with labelled data, or write the data as pairs")
-    texts = labelled_texts(lm.tokenizer, examples)
     blob = json.dumps(examples).encode()
-    data = {"n_examples": len(examples), "data_hash": hashlib.sha256(blob).hexdigest()[:16], "data": "labelled"}
-    return _extract(lm, texts, data, method, layers, read, iti_heads, holdout, seed, batch_size, progress, return_sweep)
+    return (labelled_texts(lm.tokenizer, examples),
+            {"n_examples": len(examples), "data_hash": hashlib.sha256(blob).hexdigest()[:16], "data": "labelled"})
 
 
-def _extract(lm, texts: PairTexts, data: dict, method, layers, read, iti_heads, holdout, seed, batch_size, progress,
-             return_sweep):
-    layout = lm.layout
+def _candidates(layout, layers, per_head: bool) -> tuple[list[Site], list[int] | str]:
+    """The sites a method reads (every head of the candidate layers, or their residual stream) and the parsed
+    layer choice."""
     chosen_layers = parse_layers(layers, layout.n_layers)
     candidate_layers = range(layout.n_layers) if chosen_layers == "auto" else chosen_layers
-    fitter = get_method(method)
-    per_head = getattr(fitter, "PER_HEAD", False)  # ITI
     if per_head:
-        sites = [Site(l, SiteKind.HEAD_OUT, h) for l in candidate_layers for h in range(layout.n_heads)]
-    else:
-        sites = [Site(l) for l in candidate_layers]
-    pos, neg = collect(lm, texts, sites, read, batch_size, progress)
+        return [Site(l, SiteKind.HEAD_OUT, h) for l in candidate_layers for h in range(layout.n_heads)], chosen_layers
+    return [Site(l) for l in candidate_layers], chosen_layers
 
-    accuracy: dict[Site, float] = {}
+
+def _choose(pos, neg, sites: list[Site], chosen_layers, per_head: bool, heads: int, holdout: float, seed: int,
+            n_layers: int) -> Sweep:
+    """Where to steer: the top ``heads`` heads by held-out probe accuracy, the ``auto`` layer, or every given
+    layer (no sweep)."""
     if per_head:
         accuracy = sweep(pos, neg, holdout, seed)
-        k = min(iti_heads, len(sites))
-        chosen = sorted(sorted(accuracy, key=lambda s: -accuracy[s])[:k])
-    elif chosen_layers == "auto":
+        k = min(heads, len(sites))
+        return Sweep(accuracy, sorted(sorted(accuracy, key=lambda s: -accuracy[s])[:k]))
+    if chosen_layers == "auto":
         accuracy = sweep(pos, neg, holdout, seed)
-        chosen = [pick_layer(accuracy, layout.n_layers)]
-    else:
-        chosen = sites
+        return Sweep(accuracy, [pick_layer(accuracy, n_layers)])
+    return Sweep({}, list(sites))
+
+
+def _extract(lm, texts: PairTexts, data: dict, name: str, cap: Capability, knobs: dict, layers, read, heads, holdout,
+             seed, batch_size, progress, return_sweep):
+    layout = lm.layout
+    per_head = cap.per_head
+    sites, chosen_layers = _candidates(layout, layers, per_head)
+    pos, neg = collect(lm, texts, sites, read, batch_size, progress)
+    where = _choose(pos, neg, sites, chosen_layers, per_head, heads, holdout, seed, layout.n_layers)
+    accuracy, chosen = where.accuracy, where.chosen
 
     directions, per_site = {}, {}
     for s in chosen:
-        directions[s], per_site[s.key()] = fitter.fit(pos[s], neg[s])
+        directions[s], per_site[s.key()] = cap.fit(pos[s], neg[s], **knobs)
         if per_head:
             per_site[s.key()]["probe_accuracy"] = accuracy[s]
     vector = SteeringVector(
         directions,
         model_name=lm.name,
         model_fingerprint=fingerprint(layout),
-        method=fitter.NAME,
+        method=name,
         metadata={
-            "site_kind": "head_out" if per_head else "resid_post",
+            "site_kind": cap.sites.value,
             "layer_convention": "0-based block index; resid_post = output of the block",
             "layers": "auto" if chosen_layers == "auto" else chosen_layers,
             "read": Readout(read).value,
             **data,
             "holdout": holdout,
             "seed": seed,
-            "iti_heads": iti_heads if per_head else None,
+            "iti_heads": heads if per_head else None,
             "per_site": per_site,
             "sweep": {s.key(): a for s, a in accuracy.items()},
+            **({"train": knobs} if knobs else {}),
         },
     )
-    return (vector, Sweep(accuracy, chosen)) if return_sweep else vector
+    return (vector, where) if return_sweep else vector
 
 
 def sweep_plot(sweep_result: Sweep, path, title: str = "probe accuracy by site") -> None:

@@ -6,15 +6,15 @@ L2-regularised logistic probe on them (``methods.probe.fit_logistic``). The posi
 sees while generating: from the last prompt token (whose hidden state predicts the first completion token) to
 the completion's last-but-one token. ``gated(interventions, gate)`` attaches the gate to edits: each row is then
 steered from the first token at which the probe crosses the threshold (``engine.token_gates``, where the latch and
-its exactness under the KV cache are described). Gates save as safetensors + JSON and are checked against the
-model they were fitted on.
+its exactness under the KV cache are described). A fitted gate is a ``FittedTokenGate``: it saves as safetensors +
+JSON and is checked against the model it was fitted on, like every artifact (``steer.artifacts``).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -39,30 +39,49 @@ def gated(interventions: Sequence[Intervention], gate: TokenGate) -> list[Interv
     return [Intervention(iv.site, iv.edit, iv.scope, iv.rows, gate) for iv in interventions]
 
 
+class FittedTokenGate(TokenGate, artifacts.SavedArtifact):
+    """A ``TokenGate`` with the artifact interface: ``save``, ``load`` and ``check`` (what ``fit_token_gate``
+    returns and ``load_gate`` reads)."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    WHAT: ClassVar[str] = "token gate"
+    REMAKE: ClassVar[str] = "refit the gate"
+
+    @classmethod
+    def of(cls, gate: TokenGate) -> "FittedTokenGate":
+        """``gate`` with the artifact interface (itself when it has it)."""
+        if isinstance(gate, cls):
+            return gate
+        return cls(gate.site, gate.weight, gate.bias, gate.threshold, gate.invert, dict(gate.metadata))
+
+    def to_file(self) -> tuple[dict[str, torch.Tensor], dict]:
+        header = {"site": self.site.key(), "bias": self.bias, "threshold": self.threshold, "invert": self.invert,
+                  "metadata": self.metadata}
+        return {"weight": self.weight}, header
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], h: dict) -> "FittedTokenGate":
+        return cls(Site.parse(h["site"]), tensors["weight"], float(h.get("bias", 0.0)), float(h.get("threshold", 0.5)),
+                   bool(h.get("invert", False)), dict(h.get("metadata") or {}))
+
+    def check(self, layout: ModelLayout) -> None:
+        meta = self.metadata
+        artifacts.check_model("token gate", meta.get("model_name", ""), meta.get("model_fingerprint", ""), layout)
+        artifacts.check_site("gate", layout, self.site, self.dim, "fit the gate on this model")
+
+
+# The function names of the first release, kept for scripts that call them.
 def save_gate(gate: TokenGate, path: str | Path) -> Path:
-    header = {"site": gate.site.key(), "bias": gate.bias, "threshold": gate.threshold, "invert": gate.invert,
-              "metadata": gate.metadata}
-    return artifacts.write(path, FORMAT, {"weight": gate.weight}, header)
+    return FittedTokenGate.of(gate).save(path)
 
 
-def load_gate(path: str | Path, layout: ModelLayout | None = None) -> TokenGate:
+def load_gate(path: str | Path, layout: ModelLayout | None = None) -> FittedTokenGate:
     """Read a gate file; with ``layout``, refuse one fitted on a model of another shape."""
-    tensors, h = artifacts.read(path, FORMAT, "token gate")
-    with artifacts.damaged(path, "gate", "refit the gate"):
-        gate = TokenGate(Site.parse(h["site"]), tensors["weight"], float(h.get("bias", 0.0)),
-                         float(h.get("threshold", 0.5)), bool(h.get("invert", False)), dict(h.get("metadata") or {}))
-    if layout is not None:
-        check_gate(gate, layout)
-    return gate
+    return FittedTokenGate.load(path, layout)
 
 
 def check_gate(gate: TokenGate, layout: ModelLayout) -> None:
-    meta = gate.metadata
-    artifacts.check_model("token gate", meta.get("model_name", ""), meta.get("model_fingerprint", ""), layout)
-    layout.locate(gate.site)
-    if layout.site_dim(gate.site) != gate.dim:
-        raise SteerscaleError(f"gate at {gate.site.key()} has size {gate.dim}, this model's site has size "
-                              f"{layout.site_dim(gate.site)}", "fit the gate on this model")
+    FittedTokenGate.of(gate).check(layout)
 
 
 def completion_positions(tokenizer, examples, chat: bool | None) -> tuple[list[str], list[tuple[int, int]]]:
@@ -83,7 +102,7 @@ def completion_positions(tokenizer, examples, chat: bool | None) -> tuple[list[s
 def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], site: Site | str,
                    threshold: float | str = "auto", C: float = 0.1, holdout: float = 0.2, seed: int = 0,
                    chat: bool | None = None, batch_size: int = 16, progress: bool = True) -> TokenGate:
-    """A token gate at ``site`` from ``(prompt, completion, label)`` examples; label 1 marks completions whose
+    """A token gate (a ``FittedTokenGate``) at ``site`` from ``(prompt, completion, label)`` examples; label 1 marks completions whose
     tokens should switch steering on. ``holdout`` of each class is kept out of the fit; on it the per-token
     accuracy and the fraction of completions the gate fires on, by label, are recorded in ``metadata``.
 
@@ -127,7 +146,7 @@ def fit_token_gate(lm: LoadedModel, examples: Sequence[tuple[str, str, int]], si
         cands = (cands[:-1] + cands[1:]) / 2 if len(cands) > 1 else cands
         j = [(peak[labels == 1] > t).mean() - (peak[labels == 0] > t).mean() for t in cands]
         threshold = float(min(max(cands[int(np.argmax(j))], 1e-6), 1 - 1e-6))
-    gate = TokenGate(site, weight, bias, float(threshold))
+    gate = FittedTokenGate(site, weight, bias, float(threshold))
     acc = float(((probe.probability(xs[None])[0] > 0.5).float() == ys).float().mean())
     fired = {lab: float(np.mean([bool(gate.fires(rows[i][None]).any()) for i in held if examples[i][2] == lab]))
              for lab in (0, 1)}

@@ -57,7 +57,6 @@ from .vector import SteeringVector, fingerprint
 
 log = logging.getLogger(__name__)
 NAME = "grains"  # its entry in steer.methods.METHODS
-PAIRED_ONLY = True  # attributes the contrast between two completions of one prompt
 EXAMPLES_KEPT = 5  # examples whose selected tokens are recorded in the vector's metadata
 
 

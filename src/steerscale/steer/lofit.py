@@ -47,7 +47,6 @@ from .training import descend, frozen
 from .vector import SteeringVector, fingerprint
 
 NAME = "lofit"  # its entry in steer.methods.METHODS
-PAIRED_ONLY = True  # trains on the completions of contrastive prompt pairs
 
 
 class LofitLoss(str, Enum):
@@ -228,7 +227,7 @@ def fit_lofit(lm: LoadedModel, pairs, config: LofitConfig | None = None, layers=
         directions,
         model_name=lm.name,
         model_fingerprint=fingerprint(layout),
-        method="lofit",
+        method=NAME,
         metadata={
             "site_kind": "head_out",
             "layer_convention": "0-based block index; head_out = input of the attention output projection, per head",

@@ -4,11 +4,6 @@ For pairs the mean of differences equals the difference of means, which is what 
 
 import torch
 
-NAME = "caa"
-
-
-PAIRED_ONLY = False
-
 
 def fit(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
     diff = pos.double().mean(0) - neg.double().mean(0)

@@ -5,10 +5,6 @@ this direction at the top ``iti_heads`` of them."""
 
 import torch
 
-NAME = "iti"
-PAIRED_ONLY = False
-PER_HEAD = True  # fitted at head_out sites chosen by a probe sweep, not at resid_post
-
 
 def fit(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Mass-mean shift, unit length, times the std of activations along it (ITI's ``alpha`` is then the scale)."""

@@ -5,9 +5,6 @@ import torch
 from ._common import orient_and_scale
 from .pca_diff import first_component
 
-NAME = "pca_center"
-PAIRED_ONLY = True  # needs row i of pos and neg to be one pair
-
 
 def fit(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
     center = (pos + neg) / 2

@@ -4,9 +4,6 @@ import torch
 
 from ._common import orient_and_scale
 
-NAME = "pca_diff"
-PAIRED_ONLY = True  # needs row i of pos and neg to be one pair
-
 
 def first_component(x: torch.Tensor) -> torch.Tensor:
     """Top principal axis of ``x`` after centring (what sklearn's PCA(n_components=1) returns)."""

@@ -11,9 +11,6 @@ import torch
 
 from ._common import orient_and_scale
 
-NAME = "probe"
-PAIRED_ONLY = False
-
 
 def split_pairs(n_pairs: int, holdout: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Train/held-out pair indices; both texts of a pair stay on one side so no pair leaks across."""
