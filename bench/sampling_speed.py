@@ -64,7 +64,7 @@ def variant(args) -> dict:
     text = be.format(prompt)
     t = time.perf_counter()
     if args.variant == "ours":
-        be.eos_ids = set()  # benchmark only: fixed-length samples, like min_new_tokens below
+        be.tokens.eos_ids = set()  # benchmark only: fixed-length samples, like min_new_tokens below
         be.sample(PROMPT, args.n, SamplingParams(max_tokens=args.tokens, temperature=0.7, step=None), Budget(), seed=0)
     elif args.variant == "hf_batched":
         _hf(model, tok, text, args.n, args.tokens)
@@ -72,7 +72,7 @@ def variant(args) -> dict:
         for i in range(args.n):
             _hf(model, tok, text, 1, args.tokens, seed=i)
     elif args.variant == "kv_reuse":
-        be.eos_ids = set()
+        be.tokens.eos_ids = set()
         b = Budget()
         br = be.start(prompt, args.particles, b, seed=0)
         p = SamplingParams(max_tokens=args.steps * args.step_tokens, temperature=0.7, step="\x00",

@@ -117,3 +117,24 @@ def test_the_checker_sees_real_edges():
     graph = import_graph()
     assert any(dst.startswith("steerscale.models") for dst in graph["steerscale.engine.runtime"])
     assert layer("steerscale.serve.app") > layer("steerscale.scale.local") > layer("steerscale.engine.ops")
+
+
+def test_the_server_decodes_with_the_core_not_the_strategy_backend():
+    # issue 24: the server's own model work (generation, scoring, encoding) uses engine/decoding.py; only a strategy
+    # request runs on a backend (scale/scheduled.py), never one built per request for anything else
+    graph = import_graph()
+    serve = {m: deps for m, deps in graph.items() if m.startswith("steerscale.serve")}
+    assert serve and not [m for m, deps in serve.items() if "steerscale.scale.local" in deps]
+    assert "steerscale.engine.decoding" in graph["steerscale.serve.scheduler"]
+
+
+def test_one_token_acceptance_function():
+    # every engine appends a sampled token through engine.decoding.RowCall.accept; none keeps its own copy
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in ("accept", "_accept"):
+                body = ast.unparse(node)
+                if "eos_ids" in body or "find_stop" in body:  # an implementation, not a caller
+                    found.append(f"{name}.{node.name}")
+    assert found == ["steerscale.engine.decoding.accept"], found

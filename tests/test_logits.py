@@ -10,7 +10,7 @@ import torch
 from steerscale import SteerscaleError
 from steerscale.scale import Budget, LocalBackend, SamplingParams
 from steerscale.scale.backend import FinishReason
-from steerscale.scale.logits import process_logits
+from steerscale.engine.decoding import process_logits
 from steerscale.scale.strategies.base import sampling_params
 
 A = 68  # CharTokenizer's id of "a"

@@ -13,6 +13,7 @@ from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.threads import refresh as refresh_threads
 from .capture import tokenize
+from .decoding import TokenRules
 from .logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
 from .prompt_rules import PromptRule, prompt_interventions
 from .runtime import Intervention, intervene
@@ -103,8 +104,11 @@ def generate(
     batch = tokenize(tokenizer, formatted, device)
     if seed is not None:
         torch.manual_seed(seed)
+    tokens = TokenRules(model, tokenizer)  # the decoding core's EOS set: every engine ends a row on the same tokens
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
-                  pad_token_id=tokenizer.pad_token_id, num_return_sequences=num_return_sequences)
+                  pad_token_id=tokens.pad_id, num_return_sequences=num_return_sequences)
+    if tokens.eos_ids:
+        kwargs["eos_token_id"] = sorted(tokens.eos_ids)
     if min_new_tokens:
         kwargs["min_new_tokens"] = min(int(min_new_tokens), max_new_tokens)
     if do_sample:
@@ -126,7 +130,7 @@ def generate(
         out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     width = batch.input_ids.shape[1]
     results = []
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    eos = tokens.eos_ids | {tokens.pad_id}
     for row in range(out.shape[0]):
         ids = out[row, width:].tolist()
         while ids and ids[-1] in eos:  # trailing padding after an early stop

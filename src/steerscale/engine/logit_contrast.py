@@ -23,7 +23,7 @@ Every caller uses this module: ``generate(logit_contrast=)`` (a logits processor
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -238,10 +238,14 @@ class EarlyReader:
     def _keep(self, layer: int, h: torch.Tensor) -> None:
         self.hidden[layer] = (h[:, -1] if self.last_only else h).detach()
 
+    def observers(self) -> list[Observer]:
+        """The reads that keep the candidate blocks' outputs (``reading()`` attaches them; an engine with standing
+        hooks runs them itself)."""
+        return [Observer(Site(layer), partial(self._keep, layer)) for layer in self.layers]
+
     @contextmanager
     def reading(self) -> Iterator["EarlyReader"]:
-        observers = [Observer(Site(layer), partial(self._keep, layer)) for layer in self.layers]
-        with observe(self.layout, observers):
+        with observe(self.layout, self.observers()):
             yield self
 
     def at(self, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -261,3 +265,32 @@ def check_layout(layout: ModelLayout, spec: LogitContrast) -> None:
     spec.resolve(layout.n_layers)
     if layout.final_norm is None:
         raise SteerscaleError("logit contrast needs the model's final norm, which this model's layout does not name")
+
+
+def early_reader(layout: ModelLayout, model, specs: Iterable["LogitContrast | None"],
+                 last_only: bool = True) -> EarlyReader | None:
+    """One reader of every early block that some row's contrast reads, for a batch whose rows decode under
+    ``specs`` (None: a row without a contrast); None when no row has one."""
+    specs = {s for s in specs if s is not None}
+    if not specs:
+        return None
+    if len(specs) == 1:
+        return EarlyReader(layout, next(iter(specs)), model=model, last_only=last_only)
+    layers = sorted({layer for spec in specs for layer in spec.resolve(layout.n_layers)})
+    return EarlyReader(layout, LogitContrast(tuple(layers)), model=model, last_only=last_only)
+
+
+def contrast_rows(model, layout: ModelLayout, logits: torch.Tensor, specs: Sequence["LogitContrast | None"],
+                  early: EarlyReader | None) -> torch.Tensor:
+    """Each row's next-token logits (rows, vocab) as its request decodes them: rows with a logit contrast get theirs,
+    from the early states ``early`` (``early_reader(..., last_only=True)``) kept in the same pass; the others are
+    left as they are (the same tensor back when no row has a contrast)."""
+    if early is None:
+        return logits
+    out = logits.clone()
+    for spec in {s for s in specs if s is not None}:
+        rows = torch.tensor([b for b, s in enumerate(specs) if s == spec], device=logits.device)
+        hidden = [early.hidden[layer].reshape(logits.shape[0], -1).index_select(0, rows)
+                  for layer in spec.resolve(layout.n_layers)]
+        out[rows] = contrast_hidden(model, layout, spec, logits.index_select(0, rows), hidden).to(out.dtype)
+    return out

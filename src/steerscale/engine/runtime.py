@@ -227,31 +227,30 @@ class Intervener:
                 h = torch.cat([h[..., : loc.index.start], new, h[..., loc.index.stop :]], dim=-1)
         return h.reshape(flat_shape) if flat_shape is not None else h
 
-    def _input_hook(self, group):
-        def hook(module, args, kwargs):
-            if args:
-                return (self._edit(args[0], group), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = self._edit(kwargs["hidden_states"], group)
-            return args, kwargs
+    def _edit_input(self, group, args, kwargs):
+        if args:
+            return (self._edit(args[0], group), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = self._edit(kwargs["hidden_states"], group)
+        return args, kwargs
 
-        return hook
+    def _edit_output(self, group, module, output):
+        if isinstance(output, torch.Tensor):
+            return self._edit(output, group)
+        rebuild = group[0][1].rebuild
+        if isinstance(output, tuple):
+            edited = self._edit(output[0], group)
+            return rebuild(module, edited, output) if rebuild else (edited, *output[1:])
+        if hasattr(output, "last_hidden_state"):  # a ModelOutput
+            output.last_hidden_state = self._edit(output.last_hidden_state, group)
+            return output
+        raise SteerscaleError(f"cannot edit output of type {type(output).__name__} at {type(module).__name__}")
+
+    def _input_hook(self, group):
+        return lambda module, args, kwargs: self._edit_input(group, args, kwargs)
 
     def _output_hook(self, group):
-        rebuild = group[0][1].rebuild
-
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
-                return self._edit(output, group)
-            if isinstance(output, tuple):
-                edited = self._edit(output[0], group)
-                return rebuild(module, edited, output) if rebuild else (edited, *output[1:])
-            if hasattr(output, "last_hidden_state"):  # a ModelOutput
-                output.last_hidden_state = self._edit(output.last_hidden_state, group)
-                return output
-            raise SteerscaleError(f"cannot edit output of type {type(output).__name__} at {type(module).__name__}")
-
-        return hook
+        return lambda module, args, output: self._edit_output(group, module, output)
 
     def _read_gate(self, gate: TokenGate, h: torch.Tensor) -> None:
         """Latch each row at the first position (last prompt token onwards) where ``gate`` fires."""
@@ -287,6 +286,90 @@ class Intervener:
             self._read(output if isinstance(output, torch.Tensor) else output[0], group)
 
         return hook
+
+
+class StandingIntervener(Intervener):
+    """Hooks attached once for an engine's lifetime, running whatever edits (and reads) the current forward pass
+    has: ``with hooks.running(interventions, observers, prompt_width): model(...)``. A module's hook is registered
+    the first time an edit or read there is run (or up front, ``prepare(sites)``) and stays until ``close()``; a
+    hooked module without edits in this pass returns at once. So an engine that decodes step after step under
+    changing per-row edits registers no hooks per step (``registrations`` counts them), and the edits themselves are
+    the same code as ``intervene``'s. Token gates are refused: their latch spans a whole generation of one batch."""
+
+    def __init__(self, layout: ModelLayout):
+        super().__init__(layout, [])
+        self._hooked: set[tuple[int, HookPoint]] = set()
+        self._groups, self._reads = {}, {}
+        self.registrations = 0
+
+    def attach(self) -> "StandingIntervener":
+        if not self._handles:
+            self._handles.append(attach_hook(Location(self.layout.base, HookPoint.INPUT), self._observe_if_running))
+            self.registrations += 1
+        return self
+
+    def close(self) -> None:
+        self.detach()
+        self._hooked.clear()
+
+    def prepare(self, sites: Iterable[Site]) -> None:
+        """Hook the modules that carry ``sites`` now (an engine's known vectors), not at their first use."""
+        self._hook_all(self.layout.locate(s) for s in sites)
+
+    def _hook_all(self, locations: Iterable[Location]) -> None:
+        for loc in locations:
+            key = (id(loc.module), loc.point)
+            if key in self._hooked:
+                continue
+            if loc.point is HookPoint.INPUT:
+                fn = partial(self._standing_input, key)
+            else:
+                fn = partial(self._standing_output, key)
+            self._handles.append(attach_hook(loc, fn))
+            self._hooked.add(key)
+            self.registrations += 1
+
+    @contextmanager
+    def running(self, interventions: Sequence[Intervention] = (), observers: Sequence[Observer] = (),
+                prompt_width: int | None = None) -> Iterator["StandingIntervener"]:
+        """The edits and reads of the forward passes inside the block; nothing runs after it."""
+        if any(iv.gate is not None for iv in interventions):
+            raise SteerscaleError("token gates latch over one whole generation and cannot run on an engine's "
+                                  "standing hooks", "use engine.generate(...) for token-gated steering")
+        if not self._handles:
+            raise SteerscaleError("these standing hooks are closed", "build a new engine")
+        groups = _by_hook((iv, _check(self.layout, iv)) for iv in interventions)
+        reads = _by_hook((ob, self.layout.locate(ob.site)) for ob in observers)
+        self._hook_all(group[0][1] for group in (*groups.values(), *reads.values()))
+        self._groups, self._reads = groups, reads
+        self.tracker.reset(prompt_width)
+        try:
+            yield self
+        finally:
+            self._groups, self._reads = {}, {}
+            self.tracker.state = None
+
+    def _observe_if_running(self, module, args, kwargs):
+        if self._groups:  # edits need token positions; a pass without edits skips the work
+            self._observe(module, args, kwargs)
+
+    def _standing_input(self, key, module, args, kwargs):
+        group = self._groups.get(key)
+        edited = self._edit_input(group, args, kwargs) if group else None
+        reads = self._reads.get(key)
+        if reads:  # observers see the edited input, as in intervene + observe
+            a, kw = edited if edited is not None else (args, kwargs)
+            self._read(a[0] if a else kw["hidden_states"], reads)
+        return edited
+
+    def _standing_output(self, key, module, args, output):
+        group = self._groups.get(key)
+        if group:
+            output = self._edit_output(group, module, output)
+        reads = self._reads.get(key)
+        if reads:
+            self._read(output if isinstance(output, torch.Tensor) else output[0], reads)
+        return output if group else None
 
 
 @contextmanager

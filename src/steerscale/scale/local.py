@@ -32,17 +32,17 @@ from typing import Sequence
 import torch
 
 from ..engine.capture import Batch
+from ..engine.decoding import STEP_DONE, RowCall, TokenRules, sample_next, score_tokens, seeded_generator
 from ..engine.generation import format_prompt, has_chat_template
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
-from ..engine.logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
+from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, early_reader
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
-from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams, find_stop, step_end
+from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams
 from .budget import Budget
-from .logits import process_logits
 
 
 @dataclass
@@ -59,27 +59,15 @@ class _KV:
     decided: list = field(default_factory=list)  # the prompt rules' edits for this prompt (conditional steering)
 
 
-@dataclass
-class _Call:
-    """What one row generates in one ``sample``/``extend`` call, appended to the row when the call ends."""
-
-    ids: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    text: str = ""
-    held: int = 0  # length of the text decoded before ``min_tokens`` was reached: stop strings end after it
-
-    def close(self, row: Candidate, stepwise: bool) -> None:
-        if self.ids:
-            row.token_ids.extend(self.ids)
-            row.logprobs.extend(self.logprobs)
-            row.steps.append(self.text)
-            row.text += self.text
-        if not stepwise and not row.finished:
-            row.finished, row.finish_reason = True, FinishReason.LENGTH
-
-
-# temperatures below this sample greedily: dividing logits by a smaller one overflows to inf and NaN (vLLM's rule)
-GREEDY_BELOW = 1e-5
+def _close(row: Candidate, call: RowCall, stepwise: bool) -> None:
+    """Append what one ``sample``/``extend`` call generated to its row, as one step."""
+    if call.ids:
+        row.token_ids.extend(call.ids)
+        row.logprobs.extend(call.logprobs)
+        row.steps.append(call.text)
+        row.text += call.text
+    if not stepwise and not row.finished:
+        row.finished, row.finish_reason = True, FinishReason.LENGTH
 
 
 class LocalBackend(Backend):
@@ -119,18 +107,8 @@ class LocalBackend(Backend):
         self.max_n = max_n
         self.device = next(model.parameters()).device
         self._n_params = sum(p.numel() for p in model.parameters())
-        cfg = getattr(model, "config", None)
-        self.context_window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
-        eos = getattr(tokenizer, "eos_token_id", None)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = set()
-        for e in (eos, gen_eos):
-            if isinstance(e, int):
-                ids.add(e)
-            elif isinstance(e, (list, tuple)):
-                ids.update(int(x) for x in e)
-        self.eos_ids = ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(ids) if ids else 0)
+        self.tokens = TokenRules(model, tokenizer)  # EOS set, pad id, context window, decode: the decoding core's
+        self.context_window = self.tokens.context_window
         self._prefix: dict = {}
         self._prefix_size = prefix_cache_size
         self.forward_passes = 0  # diagnostic counter (all generator forwards, prompt ones included)
@@ -159,6 +137,10 @@ class LocalBackend(Backend):
     @property
     def n_params(self) -> int:
         return self._n_params
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.tokens.eos_ids
 
     # -- prompt ---------------------------------------------------------------------------------------------
     def format(self, prompt: str) -> str:
@@ -212,28 +194,16 @@ class LocalBackend(Backend):
                              iv.scope) for iv in edits
                 if float(iv.edit.scale[0]) != 0.0]
 
-    def _early(self, last_only: bool) -> EarlyReader | None:
-        """A reader of the logit contrast's early blocks for one forward (None without a contrast)."""
-        if self.logit_contrast is None:
-            return None
-        return EarlyReader(self.layout, self.logit_contrast, model=self.model, last_only=last_only)
-
-    def _contrasted(self, logits: torch.Tensor, early: EarlyReader | None) -> torch.Tensor:
-        """``logits`` (rows, vocab) as this backend decodes from them: the early-layer contrast when it has one
-        (the distribution every strategy samples, scores and charges as "the model's"), else unchanged."""
-        if early is None:
-            return logits
-        return contrast_hidden(self.model, self.layout, early.spec, logits,
-                               [h.reshape(logits.shape[0], -1) for h in early.at()])
-
     def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=()):
         self.forward_passes += 1
         refresh_threads(self.device)  # a clock read; the machine re-read at most once a second (models/threads.py)
-        early = self._early(last_only=True)
+        # the distribution every strategy samples, scores and charges as "the model's": the logit contrast's, if any
+        early = early_reader(self.layout, self.model, [self.logit_contrast])
         with self._steered(scales, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
-        return self._contrasted(out.logits[:, -1].float(), early), cache_of(out)
+        logits = out.logits[:, -1].float()
+        return contrast_rows(self.model, self.layout, logits, [self.logit_contrast] * len(logits), early), cache_of(out)
 
     def _encode(self, prompt: str, n: int, budget: Budget, seed) -> _KV | None:
         """The prompt's decoding state expanded to ``n`` rows; None when the budget cannot pay for the prompt."""
@@ -259,97 +229,32 @@ class LocalBackend(Backend):
                 self._prefix.pop(next(iter(self._prefix)))
         cache, mask, logits, decided = hit
         idx = inverse.to(self.device)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         return _KV(map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
-                   logits.index_select(0, idx), scales, gen, len(ids), ids, decided)
+                   logits.index_select(0, idx), scales, seeded_generator(seed), len(ids), ids, decided)
 
-    # -- token choice ---------------------------------------------------------------------------------------
-    @staticmethod
-    def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, eos_ids=(),
-               prompt_ids: Sequence[Sequence[int]] | None = None, output_ids: Sequence[Sequence[int]] | None = None):
-        """The next token of each row of ``logits`` (B, V) and its log-prob.
-
-        The logits first go through ``scale.logits.process_logits`` (logit bias, EOS masks for ``min_tokens`` and
-        ``ignore_eos`` over ``eos_ids``, penalties over each row's ``prompt_ids``/``output_ids`` so far); then
-        temperature 0 takes the argmax, any other divides by the temperature, keeps the ``top_k`` most likely
-        tokens, those with probability >= ``min_p`` times the top one, then the ``top_p`` nucleus, and samples
-        from ``gen``. Default params sample exactly as without these extras.
-
-        The log-prob returned is the model's own: temperature 1 over the RAW ``logits``, before any processor or
-        truncation (what strategies and verifiers score, and what a server reports)."""
-        logp = torch.log_softmax(logits, dim=-1)
-        x = process_logits(logits, params, eos_ids=eos_ids, prompt_ids=prompt_ids, output_ids=output_ids)
-        if params.temperature < GREEDY_BELOW:
-            tok = x.argmax(-1)
-        else:
-            x = x / params.temperature
-            if 0 < params.top_k < x.shape[-1]:
-                x = x.masked_fill(x < x.topk(params.top_k, dim=-1).values[:, -1:], -torch.inf)
-            probs = torch.softmax(x, dim=-1)
-            if params.min_p > 0:
-                probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0)
-                probs = probs / probs.sum(-1, keepdim=True)  # renormalised: top_p reads cumulative mass
-            if params.top_p < 1:
-                sp, si = probs.sort(-1, descending=True)
-                keep = (sp.cumsum(-1) - sp) < params.top_p
-                keep[:, 0] = True  # the most likely token always stays (a top_p that underflows float32 keeps it)
-                sp = sp * keep
-                probs = torch.zeros_like(probs).scatter(-1, si, sp)
-            tok = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(logits.device)
-        return tok, logp.gather(-1, tok[:, None])[:, 0]
+    # -- token choice: the decoding core's (engine/decoding.py) ----------------------------------------------
+    choose = staticmethod(sample_next)
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated token ids (EOS and special tokens dropped), as candidates' texts are built."""
-        return self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=True)
+        return self.tokens.decode(ids)
 
     # -- the decoding loop shared by sample() and extend() ----------------------------------------------------
-    def _limit(self, rows: list[Candidate], kv: _KV, params: SamplingParams) -> int:
-        """Total tokens a row may have generated: ``max_tokens``, cut to what the context window still holds."""
-        limit = params.max_tokens
-        if self.context_window:
-            limit = max(1, min(limit, self.context_window - kv.mask.shape[1] - 1 + max(c.n_tokens for c in rows)))
-        return limit
-
-    def _accept(self, row: Candidate, call: "_Call", token: int, logprob: float, params: SamplingParams, limit: int,
-                stepwise: bool) -> bool:
-        """Append one sampled token to a row's call; False when the row stops taking tokens in this call (finished,
-        or its step is complete). The order of the checks is the contract remote backends replay: EOS, stop string,
-        length, step delimiter."""
-        call.ids.append(token)
-        call.logprobs.append(logprob)
-        if token in self.eos_ids:
-            row.finished, row.finish_reason = True, FinishReason.EOS
-            return False
-        text = self.decode(call.ids)
-        if row.n_tokens + len(call.ids) < params.min_tokens:  # too early for a stop string to end the row
-            call.held, cut = len(text), -1
-        else:  # a stop string counts when it ends past the text held back (none without min_tokens)
-            cut = find_stop(row.text, text, params.stop, call.held)
-        if cut >= 0:
-            call.text = text[:cut]
-            row.finished, row.finish_reason = True, FinishReason.STOP
-            return False
-        call.text = text
-        if row.n_tokens + len(call.ids) >= limit:
-            row.finished, row.finish_reason = True, FinishReason.LENGTH
-            return False
-        return not (stepwise and params.step and step_end(text, params.step) >= 0)
-
     def _run(self, rows: list[Candidate], kv: _KV, params: SamplingParams, budget: Budget, stepwise: bool,
              keep_state: bool) -> _KV:
         B = len(rows)
         active = [not c.finished for c in rows]
-        calls = [_Call() for _ in range(B)]
-        limit = self._limit(rows, kv, params)
+        calls = [RowCall(before=c.n_tokens, prev=c.text) for c in rows]
+        # the prompt's width: the cache's columns less what the longest row generated (merged rows share padding)
+        limit = self.tokens.limit(params, kv.mask.shape[1] - max(c.n_tokens for c in rows))
         for _ in range(params.max_step_tokens if stepwise else limit):
             if not any(active):
                 break
             history = {}
             if params.has_processors:  # what the logits processors read: each row's prompt and output so far
-                history = {"eos_ids": self.eos_ids, "prompt_ids": [kv.prompt_ids] * B,
+                history = {"eos_ids": self.tokens.eos_ids, "prompt_ids": [kv.prompt_ids] * B,
                            "output_ids": [r.token_ids + c.ids for r, c in zip(rows, calls)]}
-            tok, lp = self.choose(kv.logits, params, kv.generator, **history)
+            tok, lp = sample_next(kv.logits, params, kv.generator, **history)
             live = [b for b in range(B) if active[b]]
             granted = len(live) if not budget.exhausted else 0  # wall time: checked here, between tokens
             granted = budget.buy_tokens(granted, self.n_params) if granted else 0
@@ -360,11 +265,14 @@ class LocalBackend(Backend):
             tok_list, lp_list = tok.tolist(), lp.tolist()
             for b in live[:granted]:
                 fed[b] = 1
-                active[b] = self._accept(rows[b], calls[b], tok_list[b], lp_list[b], params, limit, stepwise)
+                outcome = calls[b].accept(tok_list[b], lp_list[b], params, self.tokens, limit, stepwise)
+                if isinstance(outcome, FinishReason):
+                    rows[b].finished, rows[b].finish_reason = True, outcome
+                active[b] = outcome is None
             if not granted or (not any(active) and not keep_state):
                 break
             # feed the sampled tokens (masked pads for rows that were idle) to get the next distribution
-            inp = torch.where(fed.bool(), tok, torch.full_like(tok, self.pad_id))[:, None]
+            inp = torch.where(fed.bool(), tok, torch.full_like(tok, self.tokens.pad_id))[:, None]
             pos = kv.mask.sum(-1, keepdim=True)  # position = number of real tokens before this one
             mask = torch.cat([kv.mask, fed[:, None]], dim=1)
             logits, kv.cache = self._forward(inp, mask, pos, kv.cache, kv.scales, kv.prompt_width, kv.decided)
@@ -372,7 +280,7 @@ class LocalBackend(Backend):
             kv.mask = mask
         # a row still active here hit max_step_tokens: its step ends where it is
         for row, call in zip(rows, calls):
-            call.close(row, stepwise)
+            _close(row, call, stepwise)
         return kv
 
     # -- Backend API ----------------------------------------------------------------------------------------
@@ -436,25 +344,12 @@ class LocalBackend(Backend):
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int], k: int = 0, prompt_width: int | None = None):
-        """Teacher-forced log-prob of tokens 1.. of ``ids`` under this backend's steering, and the ``k`` most likely
-        tokens ``(id, log-prob)`` at each of those positions, in one forward pass (``prompt_width``: where the
-        prompt ends, for ``prompt``/``generated`` steering scopes). Not charged to any budget: it scores what was
-        already generated (a server's ``logprobs``/``echo``)."""
-        if not ids:
-            raise SteerscaleError("token_logprobs() needs at least one token id")
-        x = torch.tensor([ids], device=self.device)
+        """Teacher-forced log-prob of tokens 1.. of ``ids`` under this backend's steering (its prompt rules decided on
+        the prompt), and the ``k`` most likely tokens ``(id, log-prob)`` at each of those positions
+        (``engine.decoding.score_tokens``). Not charged to any budget: it scores what was already generated."""
         decided = self._decide(ids[:prompt_width] if prompt_width else ids, None)
-        early = self._early(last_only=False)
-        with self._steered(None, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
-            logits = self.model(input_ids=x, use_cache=False).logits[0].float()
-        if early is not None:
-            early.hidden = {k: h[0] for k, h in early.hidden.items()}  # the one row: (tokens, dim)
-        logp = torch.log_softmax(self._contrasted(logits, early)[:-1], -1)
-        chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()
-        if not k:
-            return chosen, [[] for _ in chosen]
-        vals, idx = logp.topk(min(k, logp.shape[-1]), -1)
-        return chosen, [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return score_tokens(self.model, self.layout, ids, self.steering + decided, k=k, prompt_width=prompt_width,
+                            logit_contrast=self.logit_contrast)
 
     @torch.no_grad()
     def choice_logprobs(self, contexts, options, budget) -> list[list[float]]:

@@ -92,7 +92,7 @@ class App:
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
         self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch,
                              max_tokens_limit=self.limits.max_tokens_limit)
-        self.shaper = Shaper(tokenizer, self.engine.base.decode, model_id)
+        self.shaper = Shaper(tokenizer, self.engine.tokens.decode, model_id)
         self.metrics = Metrics(self.engine.scheduler)
         self.workers = ThreadPoolExecutor(max_workers=max(4, max_batch), thread_name_prefix="steerscale-request")
         # strategies hold a thread for their whole run: their own pool, so they never starve the others' encoding
@@ -164,7 +164,7 @@ class App:
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "steerscale",
-                "max_model_len": self.engine.base.context_window,
+                "max_model_len": self.engine.tokens.context_window,
                 "steerscale": {**{kind: sorted(shelf) for kind, shelf in self.shelves.items()}, "max_n": self.max_n}}
 
     async def completions(self, body: CompletionRequest, request: Request | None = None):

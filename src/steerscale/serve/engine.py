@@ -15,12 +15,16 @@ from __future__ import annotations
 import threading
 from functools import partial
 
+import torch
+
+from ..engine.capture import Batch
+from ..engine.decoding import TokenRules, score_tokens
 from ..engine.generation import has_chat_template
 from ..engine.logit_contrast import check_layout
-from ..engine.prompt_rules import PromptRule
+from ..engine.prompt_rules import prompt_interventions
 from ..errors import SteerscaleError
 from ..scale.backend import Candidate, FinishReason
-from ..scale.local import LocalBackend
+from ..scale.scheduled import ScheduledBackend, split_steer
 from ..scale.strategies.base import Result
 from .responses import Choice, matched_stop
 from .scheduler import Job, Scheduler
@@ -57,70 +61,6 @@ class SharedTokenizer:
         return len(self._tokenizer)
 
 
-def split_steer(steer) -> tuple[list, list[PromptRule]]:
-    """A request's steering entries as a ``LocalBackend`` takes them: interventions of the ``(vector, scale, scope)``
-    entries, and the prompt rules (CAST, controllers), whose edits the backend runs after the others."""
-    ivs = [iv for e in steer if not isinstance(e, PromptRule) for iv in e[0].interventions(e[1], e[2])]
-    return ivs, [e for e in steer if isinstance(e, PromptRule)]
-
-
-class ScheduledBackend(LocalBackend):
-    """A ``LocalBackend`` for one strategy request whose model work all happens on the engine thread: ``sample``
-    becomes a scheduler job (batched with other requests), everything else that runs the model goes through
-    ``Scheduler.call``. ``cancel()`` (the client went away) ends running samples and refuses further work."""
-
-    def __init__(self, scheduler: Scheduler, steer, **kwargs):
-        ivs, rules = split_steer(steer)
-        super().__init__(scheduler.model, scheduler.base.tokenizer, scheduler.layout, steering=ivs, rules=rules,
-                         **kwargs)
-        self.scheduler, self.steer = scheduler, steer
-        self._jobs: list[Job] = []
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        for job in self._jobs:
-            job.cancel()
-
-    def _check(self) -> None:
-        if self.cancelled:
-            raise SteerscaleError("the request was cancelled")
-
-    def _on_engine(self, fn, *args, **kwargs):
-        self._check()
-        return self.scheduler.call(lambda: fn(*args, **kwargs)).result()
-
-    def sample(self, prompt, n, params, budget, *, seed=None) -> list[Candidate]:
-        self.check_n(n)
-        self._check()
-        ids = self.prompt_ids(prompt)
-        passes = 2 if self.rules else 1  # conditional steering reads the prompt once more (as LocalBackend charges)
-        if not all(budget.buy_prompt(len(ids), 1, self.n_params) for _ in range(passes)):
-            return [Candidate(finished=True, finish_reason=FinishReason.BUDGET) for _ in range(n)]
-        job = Job(ids, params, seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params,
-                  logit_contrast=self.logit_contrast)
-        self._jobs.append(job)
-        try:
-            return self.scheduler.submit(job).result()
-        finally:
-            self._jobs.remove(job)
-
-    def start(self, prompt, n, budget, *, seed=None):
-        return self._on_engine(super().start, prompt, n, budget, seed=seed)
-
-    def extend(self, branches, params, budget):
-        return self._on_engine(super().extend, branches, params, budget)
-
-    def choice_logprobs(self, contexts, options, budget):
-        return self._on_engine(super().choice_logprobs, contexts, options, budget)
-
-    def embed(self, texts, budget, *, layer=-1):
-        return self._on_engine(super().embed, texts, budget, layer=layer)
-
-    def token_logprobs(self, ids, k=0, prompt_width=None):
-        return self._on_engine(super().token_logprobs, ids, k, prompt_width)
-
-
 class Engine:
     """One model, its registered steering vectors, the engine loop, and the work a request asks for. Methods that
     block (``encode``, ``finish``, ``run_strategy``) are called from worker threads, never the event loop."""
@@ -129,9 +69,11 @@ class Engine:
                  max_tokens_limit: int = 4096):
         self.model, self.tokenizer, self.layout, self.vectors, self.max_n = model, tokenizer, layout, vectors, max_n
         self.max_tokens_limit = max_tokens_limit
-        self.base = LocalBackend(model, tokenizer, layout, add_special_tokens=True)  # encoding/decoding only
+        self.tokens = TokenRules(model, tokenizer)  # the decoding core's EOS set, context window and decode
         self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or len(tokenizer))
-        self.scheduler = Scheduler(model, tokenizer, layout, max_batch=max_batch).start()
+        # the loop hooks the registered vectors' sites once, at start (a vector registered later: at its first use)
+        sites = {site for v in vectors.values() for site in getattr(v, "directions", {})}
+        self.scheduler = Scheduler(model, tokenizer, layout, max_batch=max_batch, sites=sorted(sites, key=str)).start()
 
     def close(self) -> None:
         """Stop the engine loop; requests still running end with an error."""
@@ -173,7 +115,7 @@ class Engine:
             except SteerscaleError as exc:
                 raise bad("logit_contrast", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
         longest = max(len(ids) for ids in all_ids)
-        window = self.base.context_window
+        window = self.tokens.context_window
         room = window - longest - 1 if window else None  # the scheduler stops a row one short of the window
         if room is not None and room < 1:
             raise bad("prompt" if not chat else "messages",
@@ -223,7 +165,6 @@ class Engine:
                ) -> tuple[list[Choice], dict]:
         """The finished jobs as ``Choice``s (stop reasons, log-prob passes as the request asks) and OpenAI's usage."""
         k = req.top_logprobs
-        scorer = None  # a backend under the request's steering, built only when log-probs need a scoring pass
         out, n_prompt, n_gen = [], 0, 0
         for text, ids, job in zip(texts, all_ids, jobs):
             cands = job.future.result() if job is not None else [None] * req.n
@@ -233,16 +174,23 @@ class Engine:
                 choice = Choice(text, ids, cand, self.stop_reason(cand, req) if cand is not None else None)
                 if k is not None and (req.echo or k):  # prompt log-probs or top-k: one teacher-forced pass
                     full = ids + (cand.token_ids if cand is not None else [])
-                    if scorer is None:
-                        ivs, rules = split_steer(req.steer)
-                        scorer = LocalBackend(self.model, self.tokenizer, self.layout, steering=ivs, rules=rules,
-                                              logit_contrast=req.logit_contrast)
-                    chosen, tops = self.scheduler.call(partial(scorer.token_logprobs, full, k or 0, len(ids))).result()
+                    chosen, tops = self.scheduler.call(partial(self._score, req, full, k or 0, len(ids))).result()
                     cut = len(ids) - 1
                     choice.prompt_scores = (chosen[:cut], tops[:cut])
                     choice.gen_tops = tops[cut:]
                 out.append(choice)
         return out, {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+
+    def _score(self, req: GenRequest, ids: list[int], k: int, prompt_width: int):
+        """Teacher-forced log-probs of ``ids`` under the request's steering (its prompt rules decided on the prompt)
+        and logit contrast: the decoding core's ``score_tokens``, on the engine thread."""
+        ivs, rules = split_steer(req.steer)
+        if rules:
+            x = torch.tensor([ids[:prompt_width]], device=self.scheduler.device)
+            decided, _ = prompt_interventions(self.model, self.layout, rules, Batch(x, torch.ones_like(x)))
+            ivs += decided
+        return score_tokens(self.model, self.layout, ids, ivs, k=k, prompt_width=prompt_width,
+                            logit_contrast=req.logit_contrast)
 
     def stop_reason(self, cand: Candidate, req: GenRequest) -> str | None:
         """The stop string that ended a finished ``cand`` (None: EOS, length, ...), appended to its text when the
@@ -250,7 +198,7 @@ class Engine:
         if "stop_reason" not in cand.meta:
             stop = None
             if cand.finish_reason is FinishReason.STOP:
-                stop = matched_stop(self.base.decode(cand.token_ids), cand.text, req.stop)
+                stop = matched_stop(self.tokens.decode(cand.token_ids), cand.text, req.stop)
                 if req.include_stop and stop:
                     cand.text += stop
             cand.meta["stop_reason"] = stop

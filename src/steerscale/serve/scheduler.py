@@ -26,9 +26,9 @@ Position-based scopes (``last:K``, ``positions:``) are refused at submission: th
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -36,17 +36,18 @@ from typing import Callable, Sequence
 import torch
 
 from ..engine.capture import Batch
+from ..engine.decoding import FinishReason, RowCall, SamplingParams, TokenRules, sample_next, seeded_generator
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
-from ..engine.logit_contrast import EarlyReader, LogitContrast, contrast_hidden
+from ..engine.logit_contrast import LogitContrast, contrast_rows, early_reader
 from ..engine.ops import Add, SetProjection
 from ..engine.prompt_rules import PromptRule, read_prompts
-from ..engine.runtime import Intervention, intervene
+from ..engine.runtime import Intervention, StandingIntervener
 from ..engine.scope import Scope, TokenScope
 from ..errors import SteerscaleError
+from ..models.sites import Site
 from ..models.threads import refresh as refresh_threads
-from ..scale.backend import Candidate, FinishReason, SamplingParams, find_stop
+from ..scale.backend import Candidate
 from ..scale.budget import Budget
-from ..scale.local import LocalBackend
 from ..steer.grammar import check_op
 from ..steer.vector import SteeringVector
 
@@ -81,9 +82,9 @@ class Job:
     cancelled: bool = False
     # engine state, set when the job is admitted
     cands: list = field(default_factory=list, repr=False)
+    calls: list = field(default_factory=list, repr=False)  # per row: its RowCall (the decoding core's row state)
     generator: torch.Generator | None = field(default=None, repr=False)
     last_logits: torch.Tensor | None = field(default=None, repr=False)  # (n, V): each row's latest distribution
-    held: list = field(default_factory=list, repr=False)  # per row: text decoded before min_tokens was reached
 
     def __post_init__(self):
         if not isinstance(self.n, int) or self.n < 1:
@@ -125,14 +126,22 @@ class _Row:
 
 
 class Scheduler:
-    """The engine loop. ``Scheduler(model, tokenizer, layout, max_batch=16)``; ``submit(job) -> Future`` (the future
-    gives a finished ``Candidate``); ``step()`` runs one iteration; ``start()``/``stop()`` the background loop."""
+    """The engine loop. ``Scheduler(model, tokenizer, layout, max_batch=16, sites=...)``; ``submit(job) -> Future``
+    (the future gives a finished ``Candidate``); ``step()`` runs one iteration; ``start()``/``stop()`` the background
+    loop. Its hooks are attached once (``hooks``, an ``engine.runtime.StandingIntervener``): at ``sites`` (the
+    server's registered vectors) when it is built, elsewhere the first time a request steers there, and removed by
+    ``stop()``; each pass runs the edits of the rows in it, so a decoding step registers nothing."""
 
-    def __init__(self, model, tokenizer, layout, *, max_batch: int = 16, add_special_tokens: bool | None = None):
+    def __init__(self, model, tokenizer, layout, *, max_batch: int = 16, sites: Sequence[Site] = ()):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise SteerscaleError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.base = LocalBackend(model, tokenizer, layout, add_special_tokens=add_special_tokens)
-        self.model, self.layout, self.max_batch = model, layout, max_batch
+        self.model, self.tokenizer, self.layout, self.max_batch = model, tokenizer, layout, max_batch
+        self.tokens = TokenRules(model, tokenizer)  # the decoding core's EOS set, pad id, window and decode
+        self.device = next(model.parameters()).device
+        self.hooks = StandingIntervener(layout).attach()
+        self.hooks.prepare(sites)
+        # a loop dropped without stop() must not leave its hooks on the model either
+        weakref.finalize(self, self.hooks.close)
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.rows: list[_Row] = []
         self._cache = self._mask = self._logits = None
@@ -165,7 +174,7 @@ class Scheduler:
             vector, op, _ = entry
             vector.check_compatible(self.layout)
             check_op(op)
-        window = self.base.context_window
+        window = self.tokens.context_window
         if window and len(job.prompt_ids) >= window:
             raise SteerscaleError(f"prompt is {len(job.prompt_ids)} tokens but the context window is {window}",
                                   "shorten the prompt")
@@ -175,6 +184,13 @@ class Scheduler:
             while not self.waiting.empty():
                 _fail(self.waiting.get_nowait(), "the server is shutting down")
         return job.future
+
+    def sample(self, prompt_ids: list[int], params: SamplingParams, **job_fields) -> Job:
+        """Submit a job for ``prompt_ids`` (``job_fields``: the other ``Job`` fields) and return it: its future gives
+        the candidates, ``job.cancel()`` ends it. What a strategy's ``sample`` call becomes on this loop."""
+        job = Job(prompt_ids, params, **job_fields)
+        self.submit(job)
+        return job
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -205,6 +221,7 @@ class Scheduler:
             self._next = None
         while not self.waiting.empty():
             _fail(self.waiting.get_nowait(), "the server is shutting down")
+        self.hooks.close()  # the model is left as it was before the engine
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -234,7 +251,7 @@ class Scheduler:
         """Run queued calls, admit waiting jobs (prefill each alone, join the batch), then decode one token for
         every running row."""
         # in this loop's own thread (torch's count is per thread); a clock read, the machine re-read once a second
-        refresh_threads(self.base.device)
+        refresh_threads(self.device)
         self._run_calls()
         self._admit()
         if not self.rows:
@@ -253,10 +270,10 @@ class Scheduler:
             # every row of the job draws, finished ones from their last distribution, as LocalBackend draws them
             history = {}
             if job.params.has_processors:  # what the logits processors read: each row's prompt and output so far
-                history = {"eos_ids": self.base.eos_ids, "prompt_ids": [job.prompt_ids] * job.n,
+                history = {"eos_ids": self.tokens.eos_ids, "prompt_ids": [job.prompt_ids] * job.n,
                            "output_ids": [c.token_ids for c in job.cands]}
             try:
-                tok, lp = self.base.choose(job.last_logits, job.params, job.generator, **history)
+                tok, lp = sample_next(job.last_logits, job.params, job.generator, **history)
             except Exception as exc:  # this request's sampling failed (a server error): it alone leaves
                 _fail(job, exc)
                 continue
@@ -273,17 +290,17 @@ class Scheduler:
         self._select(keep)
         if not self.rows:
             return
-        inp = torch.tensor(fed, device=self.base.device)[:, None]
+        inp = torch.tensor(fed, device=self.device)[:, None]
         pos = self._mask.sum(-1, keepdim=True)
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         row_jobs = [row.job for row in self.rows]
-        edits = self._row_edits(row_jobs, Scope.GENERATED)
-        early = self._early(row_jobs)
-        with intervene(self.layout, edits), early.reading() if early else contextlib.nullcontext():
+        specs = [job.logit_contrast for job in row_jobs]
+        early = early_reader(self.layout, self.model, specs)
+        with self.hooks.running(self._row_edits(row_jobs, Scope.GENERATED), early.observers() if early else ()):
             out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **with_cache(self.model, self._cache))
         self._cache, self._mask = cache_of(out), mask
-        self._logits = self._contrasted(row_jobs, out.logits[:, -1].float(), early)
+        self._logits = contrast_rows(self.model, self.layout, out.logits[:, -1].float(), specs, early)
         self.steps += 1
 
     @staticmethod
@@ -346,60 +363,38 @@ class Scheduler:
         token, so a row gets what it gets alone up to float rounding."""
         for job in jobs:
             self._decide(job)
-        early = self._early(jobs)
-        reading = early.reading() if early else contextlib.nullcontext()
+        specs = [job.logit_contrast for job in jobs]
+        early = early_reader(self.layout, self.model, specs)
+        reads = early.observers() if early else ()
         if len(jobs) == 1:
             job = jobs[0]
-            ids = torch.tensor([job.prompt_ids], device=self.base.device)
+            ids = torch.tensor([job.prompt_ids], device=self.device)
             mask = torch.ones_like(ids)
-            edits = [iv for vector, scale, scope in job.steer for iv in vector.interventions(scale, scope)]
-            with intervene(self.layout, edits, prompt_width=ids.shape[1]), reading:
+            edits = [iv for vector, op, scope in job.steer for iv in vector.interventions(op, scope)]
+            with self.hooks.running(edits, reads, prompt_width=ids.shape[1]):
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         else:
             width = max(len(job.prompt_ids) for job in jobs)
-            ids = torch.full((len(jobs), width), self.base.pad_id, dtype=torch.long, device=self.base.device)
+            ids = torch.full((len(jobs), width), self.tokens.pad_id, dtype=torch.long, device=self.device)
             mask = torch.zeros_like(ids)
             for b, job in enumerate(jobs):
                 ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
                 mask[b, width - len(job.prompt_ids):] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            edits = self._row_edits(jobs, Scope.PROMPT)
-            with intervene(self.layout, edits, prompt_width=width), reading:
+            with self.hooks.running(self._row_edits(jobs, Scope.PROMPT), reads, prompt_width=width):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                  logits_to_keep=1)
-        logits = self._contrasted(jobs, out.logits[:, -1].float(), early)
-        rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.base.device)
+        logits = contrast_rows(self.model, self.layout, out.logits[:, -1].float(), specs, early)
+        rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.device)
         self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)), mask.index_select(0, rows),
                    logits.index_select(0, rows))
         for b, job in enumerate(jobs):
-            job.generator = torch.Generator(device="cpu")
-            job.generator.manual_seed(int(job.seed) if job.seed is not None
-                                      else int(torch.randint(0, 2**31 - 1, ()).item()))
-            job.cands = [Candidate() for _ in range(job.n)]
-            job.held = [0] * job.n
+            job.generator = seeded_generator(job.seed)
+            job.calls = [RowCall() for _ in range(job.n)]
+            # each candidate shares its call's lists: a streaming reader sees every accepted token at once
+            job.cands = [Candidate(token_ids=call.ids, logprobs=call.logprobs) for call in job.calls]
             job.last_logits = logits[b].expand(job.n, -1).clone()
             self.rows += [_Row(job, i) for i in range(job.n)]
-
-    def _early(self, row_jobs: list[Job]) -> EarlyReader | None:
-        """A reader of every early block that some row's logit contrast reads (None when no row has one)."""
-        specs = {job.logit_contrast for job in row_jobs if job.logit_contrast is not None}
-        if not specs:
-            return None
-        layers = sorted({layer for spec in specs for layer in spec.resolve(self.layout.n_layers)})
-        return EarlyReader(self.layout, LogitContrast(tuple(layers)), model=self.model, last_only=True)
-
-    def _contrasted(self, row_jobs: list[Job], logits: torch.Tensor, early: EarlyReader | None) -> torch.Tensor:
-        """Each row's next-token logits as its request decodes them: rows with a logit contrast get theirs (from
-        the early states read in the same pass), the others are left as they are."""
-        if early is None:
-            return logits
-        out = logits.clone()
-        for spec in {job.logit_contrast for job in row_jobs if job.logit_contrast is not None}:
-            rows = torch.tensor([b for b, job in enumerate(row_jobs) if job.logit_contrast == spec],
-                                device=logits.device)
-            hidden = [early.hidden[layer].index_select(0, rows) for layer in spec.resolve(self.layout.n_layers)]
-            out[rows] = contrast_hidden(self.model, self.layout, spec, logits.index_select(0, rows), hidden)
-        return out
 
     def _decide(self, job: Job) -> None:
         """Replace the job's prompt rules by the entries they choose for its prompt (one reading pass that stops at
@@ -408,7 +403,7 @@ class Scheduler:
         rules = [e for e in job.steer if isinstance(e, PromptRule)]
         if not rules:
             return
-        ids = torch.tensor([job.prompt_ids], device=self.base.device)
+        ids = torch.tensor([job.prompt_ids], device=self.device)
         readings = iter(read_prompts(self.model, self.layout, Batch(ids, torch.ones_like(ids)), rules))
         steer = []
         for entry in job.steer:
@@ -442,7 +437,7 @@ class Scheduler:
         if not keep:
             self._cache = self._mask = self._logits = None
             return
-        idx = torch.tensor(keep, device=self.base.device)
+        idx = torch.tensor(keep, device=self.device)
         self._cache = map_cache(self._cache, lambda t: t.index_select(0, idx))
         self._mask, self._logits = self._mask.index_select(0, idx), self._logits.index_select(0, idx)
         # columns that were padding for every row still running (a long prompt that left): drop them, so the
@@ -454,28 +449,12 @@ class Scheduler:
             self._cache = map_cache(self._cache, lambda t: t[:, :, first:])
 
     def _accept(self, job: Job, i: int, token: int, logprob: float) -> bool:
-        """Append a sampled token to row ``i`` of ``job``; False when the row has finished. The checks run in
-        ``LocalBackend``'s order: EOS, stop string, length (``max_tokens`` or the context window)."""
-        c, params = job.cands[i], job.params
-        c.token_ids.append(token)
-        c.logprobs.append(logprob)
-        if token in self.base.eos_ids:
-            return self._finish(job, i, FinishReason.EOS)
-        text = self.base.decode(c.token_ids)
-        if len(c.token_ids) < params.min_tokens:  # too early for a stop string to end the row
-            job.held[i], cut = len(text), -1
-        else:  # a stop string counts when it ends past the text held back (as LocalBackend._accept counts it)
-            cut = find_stop("", text, params.stop, job.held[i])
-        if cut >= 0:
-            c.text = text[:cut]
-            return self._finish(job, i, FinishReason.STOP)
-        c.text = text
-        limit = params.max_tokens
-        if self.base.context_window:
-            limit = max(1, min(limit, self.base.context_window - len(job.prompt_ids) - 1))
-        if len(c.token_ids) >= limit:
-            return self._finish(job, i, FinishReason.LENGTH)
-        return True
+        """Append a sampled token to row ``i`` of ``job`` under the decoding core's rules (``RowCall.accept``: EOS,
+        stop string, length); False when the row has finished."""
+        call = job.calls[i]
+        outcome = call.accept(token, logprob, job.params, self.tokens, self.tokens.limit(job.params, len(job.prompt_ids)))
+        job.cands[i].text = call.text
+        return True if outcome is None else self._finish(job, i, outcome)
 
     @staticmethod
     def _finish(job: Job, i: int, reason: FinishReason) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..backend import find_stop, step_end
+from ...engine.decoding import find_stop, step_end
 from .readers import MISSING, Piece
 
 
