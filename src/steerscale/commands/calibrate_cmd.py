@@ -1,0 +1,129 @@
+"""``steerscale calibrate``: which layer and strength to steer at, from measured effect, cost and the prompting
+baseline (``measure/calibrate.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_model_args
+
+EPILOG = """\
+examples:
+  steerscale calibrate --pairs formal_casual -o out/calibrate      # fit per layer, sweep, recommend (a few minutes)
+  steerscale calibrate --pairs formal_casual --max-kl 0.2 --compare 14:1 -o out/cal   # tighter budget; vs layer 14 x1
+  steerscale calibrate --pairs my_pairs.jsonl --system "Answer politely." --layers 8-16 --scales 0.5,1,2,4,8 -o out/cal
+  steerscale calibrate --vector formal.safetensors --pairs formal_casual -o out/cal   # a given vector: strength only
+
+  steerscale generate -p "How was your weekend?" --steer out/calibrate/calibrated.safetensors   # the chosen setting
+  steerscale serve --vector formal=out/calibrate/calibrated.safetensors     # the studio at http://127.0.0.1:8000/
+  steerscale bake --steer out/calibrate/calibrated.safetensors -o out/formal-model
+
+What it does: splits the pairs (seeded) into train (one CAA direction per candidate layer), select and test; sweeps
+each layer over ascending strengths (a layer stops where KL on neutral text passes --break-kl: the text breaks),
+then refines around the best setting. Effect: the gain of the positive-minus-negative log-prob margin over the
+unsteered model on the select pairs (paired bootstrap interval). Cost: KL(base || steered) and perplexity on
+neutral text. The recommendation is the largest effect whose interval is above zero and whose KL upper bound is
+within --max-kl; when none qualifies it says why (no effect at any strength, or every effect costs more) and
+writes no vector. The test pairs then report the recommendation, the --compare settings, the prompting baseline
+(--system; "Be formal." for formal_casual) and prompt + steering.
+
+Outputs in -o: calibration.json (every row, the Pareto front, the verdict), calibration.png (effect against KL),
+calibrated.safetensors (the chosen direction pre-multiplied by its strength: use it at scale 1) and
+measurements.jsonl (finished measurements: rerun the same command to resume after an interrupt).
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate",
+                       description="Sweep layers x strengths for contrastive pairs (or a given vector) and recommend "
+                                   "a setting: effect against cost (KL, perplexity, repetition) against the prompting "
+                                   "baseline, with intervals.",
+                       epilog=EPILOG)
+    add_model_args(p)
+    p.add_argument("--pairs", required=True, metavar="FILE.jsonl|NAME",
+                   help='contrastive pairs ({"prompt","positive","negative"} or {"positive","negative"} per line) or '
+                        "a bundled set (formal_casual): fit directions from them and measure the effect on them")
+    p.add_argument("--vector", default=None, metavar="VEC.safetensors",
+                   help="calibrate the strength of this vector instead of fitting one per layer (the pairs then only "
+                        "measure)")
+    p.add_argument("--layers", default="auto",
+                   help="candidate layers: auto (five spread over the middle of the network), N, A-B or A,B,C")
+    p.add_argument("--scales", default=None, metavar="S1,S2,...",
+                   help="strengths to try, ascending, in units of the vector's own strength (default 0.25,0.5,1,2,4)")
+    p.add_argument("--max-kl", type=float, default=0.5, metavar="NATS",
+                   help="cost budget: the recommended setting's KL upper bound on neutral text (default 0.5)")
+    p.add_argument("--break-kl", type=float, default=None, metavar="NATS",
+                   help="a layer's sweep stops at the first strength with mean KL above this: the text breaks, and "
+                        "stronger settings could not be chosen (default: twice --max-kl)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="the prompting baseline's system prompt (default: \"Be formal.\" for formal_casual, none "
+                        "for other pairs)")
+    p.add_argument("--compare", action="append", default=[], metavar="LAYER:SCALE",
+                   help="a fixed setting to report beside the recommendation on the test pairs; repeatable")
+    p.add_argument("--neutral", type=int, default=16, metavar="N",
+                   help="neutral texts the cost is measured on (default 16 of the 40 shipped)")
+    p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
+                   help="greedy tokens per sample prompt for the coherence check (default 32; 0: no samples)")
+    p.add_argument("--min-gain", type=float, default=0.05, metavar="NATS",
+                   help="the smallest margin gain (nats/token) that counts as an effect (default 0.05)")
+    p.add_argument("--max-repetition", type=float, default=0.5, metavar="SHARE",
+                   help="pass over a setting whose greedy samples repeat more than this share of token 3-grams "
+                        "(default 0.5; 1: never)")
+    p.add_argument("--read", default="mean", choices=["last", "mean"],
+                   help="activations the directions are fitted on: the replies' mean (default) or last token")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/select/test split (default 0)")
+    p.add_argument("-o", "--out", default="out/calibrate", help="output folder (default out/calibrate)")
+    p.set_defaults(func=run)
+
+
+def parse_compare(spec: str) -> tuple[int, float]:
+    from ..errors import SteerscaleError
+
+    layer, sep, scale = spec.partition(":")
+    try:
+        return int(layer), float(scale)
+    except ValueError:
+        raise SteerscaleError(f"bad --compare {spec!r}", "write LAYER:SCALE, e.g. --compare 14:1") from None
+
+
+def parse_scales(spec: str | None):
+    from ..errors import SteerscaleError
+    from ..measure.calibrate import DEFAULT_SCALES
+
+    if spec is None:
+        return DEFAULT_SCALES
+    try:
+        return [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SteerscaleError(f"bad --scales {spec!r}",
+                              "write positive numbers, e.g. --scales 0.25,0.5,1,2,4") from None
+
+
+def resolve_pairs(name: str) -> Path:
+    """A pairs file path, or a bundled set's."""
+    from ..steer.pairs import bundled_pairs
+
+    return Path(name) if Path(name).exists() or name.endswith(".jsonl") else bundled_pairs(name)
+
+
+def run(args) -> int:
+    from ..errors import SteerscaleError
+    from ..measure.calibrate import PROMPT_BASELINES, calibrate, render_text
+    from ..steer.vector import SteeringVector
+    from .common import load
+
+    pairs = resolve_pairs(args.pairs)
+    compare = [parse_compare(c) for c in args.compare]
+    scales = parse_scales(args.scales)
+    if args.neutral < 2 or args.gen_tokens < 0:
+        raise SteerscaleError("--neutral must be at least 2 and --gen-tokens 0 or more")
+    vector = SteeringVector.load(args.vector) if args.vector else None  # a bad file fails before the model loads
+    system = args.system if args.system is not None else PROMPT_BASELINES.get(pairs.stem)
+    lm = load(args)
+    cal = calibrate(lm, str(pairs), vector=vector, layers=args.layers, scales=scales, max_kl=args.max_kl,
+                    break_kl=args.break_kl, min_gain=args.min_gain, system=system or None, compare=compare,
+                    n_neutral=args.neutral, gen_tokens=args.gen_tokens, max_repetition=args.max_repetition,
+                    read=args.read, seed=args.seed, out_dir=args.out)
+    print(render_text(cal))
+    print(f"wrote {Path(args.out) / 'calibration.json'} and {cal.plot_path}")
+    return 0

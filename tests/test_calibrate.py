@@ -1,0 +1,125 @@
+"""``steerscale calibrate`` on a tiny random llama: the recommendation respects the KL budget, a vector without an
+effect gets no strength, a looping setting is passed over, runs resume, the written vector is the chosen setting,
+and bad input is a clear error."""
+
+import json
+
+import pytest
+import torch
+
+from steerscale.cli import main
+from steerscale.measure.calibrate import calibrate, choose, pareto_front, repetition, split_pairs
+from steerscale.steer.extract import extract
+from steerscale.steer.pairs import load_pairs
+from steerscale.steer.vector import SteeringVector
+from tiny import tiny_lm
+
+PAIRS = [{"prompt": f"Q{i}: tell me", "positive": "AAAA BBBB AAAA" + "A" * (i % 3),
+          "negative": "zzzz yyyy zzzz" + "z" * (i % 4)} for i in range(16)]
+QUIET = dict(progress=False, log=lambda *a: None, n_neutral=4)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_lm("llama")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toward(lm):
+    """A vector that raises the positive replies' margin on the tiny model: on its random weights the CAA mean
+    difference at layer 1 lowers it (measured: -0.11 at x1), so its negation raises it."""
+    return extract(lm, PAIRS, "caa", [1], read="mean", progress=False) * -8
+
+
+def row(label, gain, lo, hi, kl_mean, kl_hi, broken=False):
+    return {"label": label, "layer": 1, "scale": 1.0, "gain": {"diff": gain, "lo": lo, "hi": hi},
+            "kl": {"mean": kl_mean, "lo": 0.0, "hi": kl_hi}, "broken": broken}
+
+
+def test_choose_takes_the_largest_effect_within_the_budget_and_says_why_when_none():
+    rows = [row("a", 0.2, 0.1, 0.3, 0.1, 0.2), row("b", 0.5, 0.3, 0.7, 0.4, 0.6), row("c", 0.9, 0.5, 1.2, 2, 3, True)]
+    best, why = choose(rows, max_kl=0.5)
+    assert best["label"] == "a" and "<= --max-kl 0.5" in why  # b's KL upper bound 0.6 is over the budget
+    assert choose(rows, max_kl=0.7)[0]["label"] == "b"
+    none, why = choose([row("z", 0.05, -0.1, 0.2, 0.1, 0.1)], max_kl=1)
+    assert none is None and "no setting has an effect" in why
+    none, why = choose(rows, max_kl=0.1)
+    assert none is None and "costs more than --max-kl" in why and "a," in why
+    assert [r["label"] for r in pareto_front(rows)] == ["a", "b", "c"]
+    assert [r["label"] for r in pareto_front(rows + [row("d", 0.1, 0, 0.2, 0.2, 0.3)])] == ["a", "b", "c"]
+
+
+def test_repetition_and_split():
+    assert repetition([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repetition([7] * 10) == pytest.approx(7 / 8)
+    pairs = load_pairs(PAIRS)
+    train, select, test = split_pairs(pairs, fit=True, seed=0)
+    assert (len(train), len(select), len(test)) == (8, 4, 4)
+    assert not {p.positive + str(p.prompt) for p in train} & {p.positive + str(p.prompt) for p in select + test}
+
+
+def test_the_recommendation_respects_max_kl_and_feeds_steer(lm, toward, tmp_path):
+    cal = calibrate(lm, PAIRS, vector=toward, scales=(0.5, 1, 2, 4, 8), max_kl=0.0105, system="Be A.",
+                    gen_tokens=0, out_dir=tmp_path, **QUIET)
+    rec = cal.recommended
+    assert rec is not None and rec["kl"]["hi"] <= 0.0105 and rec["gain"]["lo"] > 0
+    # the budget bites: a stronger setting had a larger effect but an upper bound past it
+    assert any(r["gain"]["diff"] > rec["gain"]["diff"] and r["kl"]["hi"] > 0.0105 for r in cal.rows)
+    assert any(r["stage"] == "fine" for r in cal.rows)  # refined around the best
+    saved = SteeringVector.load(tmp_path / "calibrated.safetensors")
+    saved.check_compatible(lm.layout)
+    (site,) = toward.sites
+    assert torch.allclose(saved.directions[site], toward.directions[site] * rec["scale"])
+    assert saved.metadata["calibration"]["scale"] == rec["scale"]
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert data["steer"].endswith("calibrated.safetensors:1") and data["recommended"]["label"] == rec["label"]
+    assert "prompt" in data["test"] and "recommended_minus_prompt" in data["test"]
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
+
+    again = calibrate(lm, PAIRS, vector=toward, scales=(0.5, 1, 2, 4, 8), max_kl=0.0105, system="Be A.",
+                      gen_tokens=0, out_dir=tmp_path, **QUIET)  # resumes: nothing measured twice
+    assert again.config["resumed_measurements"] >= len(cal.rows) and again.recommended["label"] == rec["label"]
+
+
+def test_a_vector_without_an_effect_gets_no_strength(lm, toward, tmp_path):
+    faint = toward * 1e-9
+    cal = calibrate(lm, PAIRS, vector=faint, scales=(1, 100, 10000), max_kl=1.0, gen_tokens=0, out_dir=tmp_path,
+                    **QUIET)
+    assert cal.recommended is None and "no setting has an effect" in cal.verdict
+    assert not (tmp_path / "calibrated.safetensors").exists()
+    assert json.loads((tmp_path / "calibration.json").read_text())["steer"] is None
+
+
+def test_a_looping_recommendation_is_passed_over(lm, toward):
+    cal = calibrate(lm, PAIRS, vector=toward, scales=(1, 8), max_kl=1.0, gen_tokens=8, max_repetition=0.5, **QUIET)
+    looping = [r for r in cal.rows if r.get("repetition", 0) > 0.5]
+    assert looping, "x8 makes the tiny model repeat one token (measured 0.83)"
+    assert "passed over for repetitive samples" in cal.verdict or cal.recommended is None
+    assert cal.recommended is None or cal.recommended["repetition"] <= 0.5
+
+
+def test_pairs_mode_fits_one_direction_per_layer(lm):
+    cal = calibrate(lm, PAIRS, layers="0,2", scales=(1,), max_kl=1.0, compare=[(1, 1.0)], gen_tokens=0, **QUIET)
+    assert {r["layer"] for r in cal.rows} == {0, 2}
+    assert cal.test["settings"][-1]["label"] == "L1 x1"  # compared on the test pairs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-kl", "-1"], "max_kl must be a positive number"),
+    (["--compare", "fourteen"], "bad --compare"),
+    (["--scales", "1,-2"], "strengths must be positive"),
+    (["--pairs", "no_such_set"], "no bundled pairs set"),
+    (["--layers", "99"], "out of range"),
+])
+def test_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, lm, argv, message):
+    from steerscale.commands import common
+
+    monkeypatch.setattr(common, "load", lambda args: lm)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in PAIRS))
+    args = ["calibrate", "--pairs", str(pairs), "-o", str(tmp_path / "out"), "--gen-tokens", "0", *argv]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
