@@ -39,6 +39,7 @@ extract   steer_cmds        extract a steering vector from contrastive pairs
 sweep     steer_cmds        probe accuracy per layer (or per head) to choose where to steer
 trace     trace_cmd         causal tracing: which layers and positions carry a behaviour (corrupt and restore)
 experts   experts_cmd       MoE models: which experts a behaviour uses; write a router steering vector
+sae       sae_cmd           sparse-autoencoder features: train (SAELens format), read, steer with or clamp a feature, compare
 export    portability_cmds  export a steering vector as a llama.cpp GGUF control vector
 import    portability_cmds  import a llama.cpp / repeng GGUF control vector
 bake      portability_cmds  fold a steering vector into the biases of a standard HF checkpoint
@@ -46,10 +47,12 @@ casal     casal_cmd         amortise a steering vector into one layer's MLP weig
 eval      eval_cmds         evaluate a model on a benchmark task, optionally steered
 report    eval_cmds         render Markdown/HTML tables and PNG plots for evaluation runs
 solve     scale_cmds        answer a prompt with a search/sampling strategy under a compute budget
+program   program_cmd       inference programs: pipelines of generate/critique/rank/fuse stages as data, and their search
 condition   conditional_cmds  fit a CAST condition: steer a prompt only when its activations say so
 controller  conditional_cmds  train a controller that sets steering strength per prompt and layer
 gate        conditional_cmds  fit a token gate that switches steering on mid-generation (TruthPrInt-style)
 serve     serve_cmd         serve a model over an OpenAI-compatible HTTP API (steering per request)
+calibrate calibrate_cmd     sweep layers x strengths: effect vs cost vs the prompting baseline; recommend a setting
 demo      demo_cmd          the main job: build, apply and measure a steering vector (a few minutes, offline)
 """)
 
