@@ -328,7 +328,7 @@ def test_the_controls_registry_lists_every_method():
     from steerscale.steer.controls import CONTROLS
 
     assert set(CONTROLS) == {"cast", "controller", "token_gate", "router"}
-    assert CONTROLS["gate"] is fit_token_gate and CONTROLS["cast"] is fit_condition
+    assert CONTROLS["gate"].fit is fit_token_gate and CONTROLS["cast"].fit is fit_condition
     with pytest.raises(SteerscaleError, match="did you mean 'cast'"):
         CONTROLS["cats"]
 

@@ -194,7 +194,7 @@ def run_controller(args) -> int:
 def run_gate(args) -> int:
     from ..errors import SteerscaleError
     from ..models.sites import Site
-    from ..steer.gating import fit_token_gate, save_gate
+    from ..steer.gating import fit_token_gate
     from ..steer.pairs import read_jsonl
 
     path = Path(args.examples)
@@ -212,7 +212,7 @@ def run_gate(args) -> int:
         raise SteerscaleError(f"--threshold {args.threshold!r} is not a number", "e.g. 0.7, or auto") from None
     gate = fit_token_gate(lm, examples, Site(args.layer), threshold=threshold, C=args.C, holdout=args.holdout,
                           seed=args.seed, chat=_chat(args))
-    saved = save_gate(gate, args.output)
+    saved = gate.save(args.output)
     meta = gate.metadata
     out = {"gate": str(saved), "site": gate.site.key(), "threshold": gate.threshold,
            "holdout_token_accuracy": meta["holdout_token_accuracy"], "holdout_fire_rate": meta["holdout_fire_rate"]}

@@ -52,8 +52,10 @@ def register(sub) -> None:
 def check_args(args) -> None:
     """What can be refused before a model loads."""
     if args.output and Path(args.output).suffix not in ("", ".safetensors"):
-        raise SteerscaleError(f"-o {args.output}: a router vector is written as .safetensors",
-                              "router edits have no llama.cpp (GGUF) form; use a .safetensors path")
+        from ..steer.controls import CONTROLS
+
+        why, fix = CONTROLS["router"].gguf_problem() or ("it is written as .safetensors", "use a .safetensors path")
+        raise SteerscaleError(f"-o {args.output}: a router vector is written as .safetensors ({why})", fix)
     if args.top < 1:
         raise SteerscaleError(f"--top must be at least 1, got {args.top}")
     if not (math.isfinite(args.bias) and args.bias > 0):

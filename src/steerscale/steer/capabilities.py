@@ -28,6 +28,7 @@ from typing import Callable
 
 from ..errors import SteerscaleError
 from ..models.sites import SiteKind
+from .vector import SteeringVector
 
 
 class Reads(str, Enum):
@@ -91,6 +92,8 @@ class Capability:
         if self.writes == "checkpoint":
             return ("this writes a Hugging Face checkpoint, not a vector", "convert the checkpoint with llama.cpp's "
                                                                            "convert_hf_to_gguf.py")
+        if self.writes is not SteeringVector:
+            return (f"it writes a {self.writes.__name__}, not a steering vector", "write .safetensors")
         if self.sites is SiteKind.HEAD_OUT:
             return ("its vectors are per attention head; a llama.cpp control vector holds only residual directions",
                     "write .safetensors and bake it (steerscale bake) for other engines")
