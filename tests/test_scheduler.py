@@ -64,9 +64,9 @@ def logits_alone(model, tok, layout, job, prefix):
         pos = s._mask.sum(-1, keepdim=True)
         mask = torch.cat([s._mask, torch.ones_like(s._mask[:, :1])], 1)
         from steerscale.engine.kvcache import cache_of
-        from steerscale.engine.runtime import intervene
+        from steerscale.engine.scope import Scope
 
-        with intervene(layout, s._decode_edits()):
+        with s.hooks.running(s._row_edits([r.job for r in s.rows], Scope.GENERATED)):
             out = model(input_ids=inp, attention_mask=mask, position_ids=pos, cache=s._cache, use_cache=True)
         s._cache, s._mask, s._logits = cache_of(out), mask, out.logits[:, -1].float()
     top = s._logits[0].topk(2).values
