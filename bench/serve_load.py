@@ -22,6 +22,9 @@ new tokens. The 16 requests: each of the 8 ``PROMPTS`` once unsteered and once s
 * ``mismatches``: answers of every concurrent run (and of the probes) that differ from the same request's
   serial answer; greedy decoding must not depend on the batch, steered or not. Should be 0.
 
+* ``plan_step_ratio``: before the server starts, the engine loop in this process decodes 8 rows with 8 different
+  steerings (scales, two vectors, an ablation, a set projection, a CAST decision, a scope) and the same 8 rows
+  unsteered: steered / plain decoding steps per second (``plan_step_ratio``; alternating repeats, the median).
 * the ceiling: before the server starts, one bare decoding forward pass of the model at batch 1, 8 and 16
   (``decode_step_ms``): ``forward_ceiling8 = 8 x t1 / t8`` is the most any batching server can gain at 8 rows here.
 
@@ -186,7 +189,58 @@ def random_vectors(model: str) -> dict:
     for name in ("v1", "v2"):
         d = torch.randn(dim, generator=g)
         vectors[name] = SteeringVector({site: VECTOR_NORM * d / d.norm()}, model_name=model)
+    log("engine loop: 8 differently steered rows vs 8 plain rows ...")
+    PLAN.update(plan_step_ratio(lm, vectors))
     return vectors
+
+
+PLAN: dict = {}  # the engine loop's steps per second, steered vs plain, measured in-process before the server starts
+
+
+def plan_step_ratio(lm, vectors, steps: int = 24, repeats: int = 3) -> dict:
+    """Decoding steps per second of the server's engine loop (``serve.scheduler.Scheduler``, in this process) for a
+    batch of 8 rows with 8 different steerings (v1 and v2 at several scales, both together, an ablation, a set
+    projection, a CAST decision, a generated-only scope) against the same 8 rows unsteered, on one loop (its hooks
+    attached once); repeats alternate, the ratio is the median of the paired ratios. EOS is ignored so every row
+    decodes every step."""
+    import torch
+
+    from steerscale import Site
+    from steerscale.engine.decoding import SamplingParams
+    from steerscale.serve.scheduler import Job, Scheduler
+    from steerscale.steer.conditional import Condition, ConditionalSteering
+
+    v1, v2 = vectors["v1"], vectors["v2"]
+    site = next(iter(v1.directions))
+    dim = lm.layout.site_dim(Site(SITE_LAYER))
+    holds = Condition(Site(SITE_LAYER), torch.ones(dim), torch.zeros(dim), -2.0)  # cosine > -2: every prompt
+    steerings = [[(v1, 1.0)], [(v1, -1.0)], [(v2, 2.0)], [(v1, 1.0), (v2, 0.5)], [(v1, ("set", 0.0))],
+                 [(v2, ("set", 2.0))], [ConditionalSteering(v1, [holds], scale=2.0)], [(v2, -0.5, "generated")]]
+    ids = [list(lm.tokenizer([p], add_special_tokens=False)["input_ids"][0]) for p in PROMPTS]
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, step=None, ignore_eos=True)
+    loop = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=8, sites=[site])
+
+    def steps_per_s(steered: bool) -> float:
+        futures = [loop.submit(Job(i, params, steer=s if steered else ())) for i, s in zip(ids, steerings)]
+        loop.step()  # admission (one prefill for the 8) and the first token
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loop.step()
+        rate = steps / (time.perf_counter() - t0)
+        while not all(f.done() for f in futures):
+            loop.step()
+        return rate
+
+    steps_per_s(True)  # warm-up: the first pass pays for allocations
+    pairs = []
+    for r in range(repeats):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        rates = dict(zip(order, (steps_per_s(order[0]), steps_per_s(order[1]))))
+        pairs.append((rates[True], rates[False]))
+    loop.stop()
+    ratios = sorted(s / p for s, p in pairs)
+    return {"plan_step_ratio": round(ratios[len(ratios) // 2], 3),
+            "plan_steps_per_s": {"steered": [round(s, 2) for s, _ in pairs], "plain": [round(p, 2) for _, p in pairs]}}
 
 
 CEILING: dict = {}  # the model's own decode-step time per batch size, measured before the server starts
@@ -357,6 +411,10 @@ def main() -> None:
         print(f"bare decoding step (no server) at batch 1 / 8 / 16: {CEILING[1]} / {CEILING[8]} / {CEILING[16]} ms: "
               f"batching can at best give x{8 * CEILING[1] / CEILING[8]:.2f} at 8 rows, "
               f"x{16 * CEILING[1] / CEILING[16]:.2f} at 16")
+    if PLAN:
+        print(f"engine loop, 8 rows with 8 different steerings vs 8 plain rows: x{PLAN['plan_step_ratio']:.3f} the "
+              f"decoding steps per second (steered {PLAN['plan_steps_per_s']['steered']}, plain "
+              f"{PLAN['plan_steps_per_s']['plain']})")
     for note in notes:
         print(f"note: {note}")
 
@@ -365,6 +423,7 @@ def main() -> None:
         "quick": args.quick, "server_threads": args.threads, "requests": N_REQUESTS, "probes": n_probes,
         "vectors": f"2 random directions at block {SITE_LAYER}, norm {VECTOR_NORM}",
         "concurrent8_vs_serial": r3(c8), "concurrent16_vs_serial": r3(c16), "mixed_vs_plain": r3(mixed),
+        "plan_step_ratio": PLAN.get("plan_step_ratio"), "plan_steps_per_s": PLAN.get("plan_steps_per_s"),
         "decode_step_ms": CEILING or None,
         "forward_ceiling8": r3(8 * CEILING[1] / CEILING[8]) if CEILING else None,
         "forward_ceiling16": r3(16 * CEILING[1] / CEILING[16]) if CEILING else None,
