@@ -195,7 +195,8 @@ KNOBS = {"greedy": {}, "best_of_n": {"n": 4}, "majority": {"n": 4}, "self_consis
          "weighted_vote": {"n": 4}, "adaptive_sc": {"n": 8, "batch": 2}, "beam_search": {"n": 4, "width": 2},
          "dvts": {"n": 4, "width": 2}, "particle_filter": {"n": 4}, "astar": {"n": 2, "max_expansions": 4},
          "entropic_pf": {"n": 4}, "early_pruning": {"n": 4}, "refine": {"n": 2, "rounds": 2},
-         "compute_optimal": {"total": 4, "probe": 2}}
+         "compute_optimal": {"total": 4, "probe": 2},
+         "program": {"program": "cot_majority"}}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

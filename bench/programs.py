@@ -1,0 +1,153 @@
+"""Searched inference program vs the best single strategy vs greedy, at the same per-problem budget (issue 26).
+
+Protocol, on SmolLM2-135M-Instruct and a task from the bundled data (default ARC-Easy, answered by generating the
+option letter; ``--task gsm8k`` works too, slower):
+
+1. ``dev + test`` examples drawn by ``--data-seed``, split without overlap.
+2. **Single strategies** (the baseline a search has to beat): majority@4, best-of-4 by log-prob and
+   best-of-4 by self-evaluation, each run on the dev split within the per-problem budget; the best on dev is the
+   chosen single strategy.
+3. **Program search**: optuna TPE over program configs (``steerscale.scale.programs.search``) on the same dev
+   split, ``--trials`` trials, each problem within the same per-problem budget, the whole search within
+   ``--total``; the best config (dev accuracy, then fewer tokens) is kept. ``--random-trials N`` adds random
+   search as its baseline (same budget rules).
+4. **Held out**: greedy, the chosen single strategy and the searched program on the test split; accuracy with
+   Wilson intervals, generated tokens per problem, and paired bootstrap intervals of the differences. Nothing is
+   tuned on the test split.
+
+Writes OUT/programs_search.png (dev accuracy vs tokens, every trial), OUT/programs_best.json and
+OUT/programs_table.md; the last stdout line is one JSON object.
+
+    STEERSCALE_THREADS=1 python bench/programs.py --dev 12 --test 40 --trials 8 --budget tokens=256 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SINGLES = [  # (row name, strategy, knobs, verifier)
+    ("majority@4", "majority", {"n": 4, "temperature": 0.7}, None),
+    ("best_of_4 (logprob)", "best_of_n", {"n": 4, "temperature": 0.7}, "logprob"),
+    ("best_of_4 (self_eval)", "best_of_n", {"n": 4, "temperature": 0.7}, "self_eval"),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
+    ap.add_argument("--task", default="arc_easy")
+    ap.add_argument("--dev", type=int, default=12)
+    ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--random-trials", type=int, default=0)
+    ap.add_argument("--budget", default="tokens=256", help="per problem, every row")
+    ap.add_argument("--total", default="tokens=60000", help="the whole search (each sampler)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args(argv)
+
+    from steerscale import load_model
+    from steerscale.commands.program_cmd import split_task
+    from steerscale.measure.stats import paired_compare, wilson_ci
+    from steerscale.scale import Budget, LocalBackend, StrategySpec
+    from steerscale.scale.programs import load_program
+    from steerscale.scale.programs.search import evaluate, plot_trials, save_json, search
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_problem = Budget.parse(args.budget).limits
+    task, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
+    lm = load_model(args.model)
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
+    t0 = time.time()
+
+    def acc(outcomes):
+        return sum(o.correct for o in outcomes) / len(outcomes)
+
+    def tokens(outcomes):
+        return sum(o.generated_tokens for o in outcomes) / len(outcomes)
+
+    # 2. single strategies on dev
+    dev_rows = {}
+    for name, strategy, knobs, verifier in SINGLES:
+        spec = StrategySpec.of(strategy, verifier=verifier, max_tokens=args.max_tokens, **knobs)
+        res = evaluate(spec, dev, backend, per_problem, seed=args.seed)
+        dev_rows[name] = (spec, acc(res), tokens(res))
+        print(f"[dev] {name}: acc {acc(res):.3f}, {tokens(res):.0f} tokens/problem ({time.time() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
+    single_name = max(dev_rows, key=lambda k: (dev_rows[k][1], -dev_rows[k][2]))
+
+    # 3. program search on dev
+    searches = [search(dev, backend, per_problem=per_problem, total=Budget.parse(args.total).limits,
+                       trials=args.trials, sampler="tpe", seed=args.seed, max_tokens=args.max_tokens)]
+    if args.random_trials:
+        searches.append(search(dev, backend, per_problem=per_problem, total=Budget.parse(args.total).limits,
+                               trials=args.random_trials, sampler="random", seed=args.seed,
+                               max_tokens=args.max_tokens))
+    for s in searches:
+        print(f"[dev] search {s.sampler}: best dev acc {s.best_dev_acc}, {len(s.trials)} trials, spent "
+              f"{s.spent.get('generated_tokens')} generated tokens ({time.time() - t0:.0f}s)", file=sys.stderr,
+              flush=True)
+    plot_trials(searches, out / "programs_search.png", title=f"{args.task}: program search on {len(dev)} dev problems")
+    best = load_program(searches[0].best)
+    save_json(best.to_dict(), out / "programs_best.json")
+
+    # 4. held out
+    rows = {"greedy": StrategySpec.of("greedy", max_tokens=args.max_tokens),
+            f"single: {single_name}": dev_rows[single_name][0],
+            "searched program (tpe)": StrategySpec.of("program", program=best.to_json())}
+    if args.random_trials and searches[1].best is not None:
+        rows["searched program (random)"] = StrategySpec.of("program", program=load_program(searches[1].best).to_json())
+    held = {}
+    for name, spec in rows.items():
+        held[name] = evaluate(spec, test, backend, per_problem, seed=args.seed)
+        print(f"[test] {name}: acc {acc(held[name]):.3f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+    lines = [f"Task {args.task}: {len(dev)} dev / {len(test)} held-out problems (data seed {args.data_seed}), "
+             f"per-problem budget {args.budget}, answers up to {args.max_tokens} tokens; model {args.model}.", "",
+             "| method (held out) | accuracy | 95% CI | generated tokens / problem |", "|---|---|---|---|"]
+    for name, res in held.items():
+        ci = wilson_ci(int(sum(o.correct for o in res)), len(res))
+        lines.append(f"| {name} | {ci.mean:.3f} | [{ci.lo:.3f}, {ci.hi:.3f}] | {tokens(res):.1f} |")
+    lines += ["", "| dev (chooses) | accuracy | generated tokens / problem |", "|---|---|---|"]
+    lines += [f"| {k} | {a:.3f} | {t:.1f} |" for k, (_, a, t) in dev_rows.items()]
+    lines += [f"| program search {s.sampler}: best of {len(s.trials)} trials | {s.best_dev_acc:.3f} | "
+              f"{min((t.tokens_per_problem for t in s.trials if t.dev_acc == s.best_dev_acc), default=0):.1f} |"
+              for s in searches if s.best_dev_acc is not None]
+
+    prog = [o.correct for o in held["searched program (tpe)"]]
+    vs_single = paired_compare([o.correct for o in held[f"single: {single_name}"]], prog)
+    vs_greedy = paired_compare([o.correct for o in held["greedy"]], prog)
+    lines += ["", "| paired difference (held out) | mean | 95% CI | wins / losses |", "|---|---|---|---|",
+              f"| searched - {single_name} | {vs_single.diff:+.3f} | [{vs_single.lo:+.3f}, {vs_single.hi:+.3f}] | "
+              f"{vs_single.wins} / {vs_single.losses} |",
+              f"| searched - greedy | {vs_greedy.diff:+.3f} | [{vs_greedy.lo:+.3f}, {vs_greedy.hi:+.3f}] | "
+              f"{vs_greedy.wins} / {vs_greedy.losses} |", "",
+              "Searched program: `" + best.to_json() + "`", "",
+              f"Wall time {time.time() - t0:.0f} s (one thread)."]
+    table = "\n".join(lines)
+    (out / "programs_table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    summary = {"task": args.task, "dev": len(dev), "test": len(test), "budget": args.budget,
+               "single": single_name, "trials": len(searches[0].trials),
+               "search_spent_generated_tokens": searches[0].spent.get("generated_tokens"),
+               **{f"acc_{k.split(':')[0].split(' (')[0].replace(' ', '_')}": round(acc(v), 4) for k, v in held.items()
+                  if "random" not in k},
+               "search_vs_single_gain": round(vs_single.diff, 4), "search_vs_single_gain_ci_low": round(vs_single.lo, 4),
+               "search_vs_single_gain_ci_high": round(vs_single.hi, 4),
+               "search_vs_greedy_gain": round(vs_greedy.diff, 4), "search_vs_greedy_gain_ci_low": round(vs_greedy.lo, 4),
+               "search_vs_greedy_gain_ci_high": round(vs_greedy.hi, 4),
+               "tokens_per_problem": {k: round(tokens(v), 1) for k, v in held.items()},
+               "wall_seconds": round(time.time() - t0, 1)}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""``steerscale program show|run|search``: inference programs (composed pipelines) and their search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import add_backend_args, add_model_args, emit_json, load, remote_backend
+
+EPILOG = """\
+examples:
+  steerscale program show                                  # stages, prompt presets and ready-made programs
+  steerscale program show generate_rank_fuse               # one program as JSON (a name, a .json/.yaml file)
+  steerscale program run generate_rank_fuse -p "What is 17 + 25?" --budget tokens=1500
+  steerscale program run my_program.json -p "What is 17 + 25?" --with judge=gemma3-270m   # a stage's "model"
+  steerscale program search --task arc_easy --dev 16 --test 40 --trials 12 --budget tokens=400 \\
+      --total tokens=100000 --max-tokens 32 -o out/program_search              # optuna TPE; resumable
+  steerscale program search ... --sampler random                            # the random-search baseline
+  steerscale solve -p "What is 17 + 25?" --strategy program --knob program=out/program_search/best.json
+  steerscale eval --task gsm8k --limit 20 --strategy program --knob program=critique_fuse --budget tokens=2000
+
+A program is JSON (or YAML): {"stages": [{"type": "prompt", "preset": "cot"},
+  {"type": "generate", "strategy": "majority", "knobs": {"n": 4}}, {"type": "rank", "verifier": "self_eval",
+  "top_k": 2}, {"type": "fuse"}], "select": "first"}. See docs/programs.md.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("program", epilog=EPILOG,
+                       description="Inference programs: pipelines of prompt and candidate stages (generate, critique, "
+                                   "rank, filter, vote, fuse) configured as data, run within one budget; and an "
+                                   "optuna search over them (Archon-style).")
+    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search}", required=True)
+
+    show = verbs.add_parser("show", help="list stages, presets and programs, or print one program checked",
+                            epilog=EPILOG, formatter_class=p.formatter_class)
+    show.add_argument("program", nargs="?", default=None, help="a program name, a .json/.yaml file or inline JSON")
+    show.set_defaults(func=run_show)
+
+    run = verbs.add_parser("run", help="run a program on one prompt", epilog=EPILOG, formatter_class=p.formatter_class)
+    run.add_argument("program", help="a program name, a .json/.yaml file or inline JSON")
+    run.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    run.add_argument("--budget", default="", metavar="NAME=V,...", help="limits, e.g. tokens=2000,wall=60")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--with", dest="with_models", action="append", default=[], metavar="NAME=MODEL",
+                     help="a second model for stages that name it (\"model\": NAME), e.g. judge=gemma3-270m")
+    run.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    run.add_argument("--json", action="store_true", help="print a JSON object (with every candidate and the trace)")
+    add_model_args(run)
+    add_backend_args(run)
+    run.set_defaults(func=run_run, steer=None)
+
+    s = verbs.add_parser("search", help="search program configs on a dev split, score the best on a held-out split",
+                         epilog=EPILOG, formatter_class=p.formatter_class)
+    s.add_argument("--task", required=True, help="a generation or multiple-choice task (see steerscale eval "
+                                                 "--list-tasks), e.g. arc_easy, gsm8k, gym:basic_arithmetic")
+    s.add_argument("--dev", type=int, default=16, help="development problems the search scores on (default 16)")
+    s.add_argument("--test", type=int, default=32, help="held-out problems the best program is scored on")
+    s.add_argument("--data-seed", type=int, default=0, help="which problems are drawn (dev and test are disjoint)")
+    s.add_argument("--trials", type=int, default=12, help="trials (a resumed study's finished ones count)")
+    s.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="optuna TPE, or random search")
+    s.add_argument("--budget", default="tokens=512", metavar="NAME=V,...",
+                   help="per-problem budget, the same for every trial and for the held-out runs (default tokens=512)")
+    s.add_argument("--total", default="tokens=200000", metavar="NAME=V,...",
+                   help="the whole search's budget, a hard cap (default tokens=200000)")
+    s.add_argument("--max-tokens", type=int, default=64, help="tokens per generated answer (default 64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--out", default="out/program_search",
+                   help="writes best.json, trials.jsonl, search.png, summary.json and study.db (resumable) here")
+    s.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_model_args(s)
+    s.set_defaults(func=run_search)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+# -- helpers shared with bench/programs.py --------------------------------------------------------------------
+def task_problems(task, examples) -> list:
+    """``Problem``s of a task's examples: the task's prompt, its answer reader and its scorer."""
+    from ..scale.programs.search import Problem
+
+    fmt = task.format_generate if task.kind == "mc" else task.format
+    return [Problem(e.id, fmt(e), (lambda text, e=e: task.score(e, {"text": text}) > 0),
+                    (lambda text, e=e: task.read_answer(text, e))) for e in examples]
+
+
+def split_task(name: str, dev: int, test: int, seed: int):
+    """(task, dev problems, test problems): ``dev + test`` examples drawn by ``seed``, split without overlap."""
+    from ..errors import SteerscaleError
+    from ..measure.tasks import get_task
+
+    for flag, value in (("--dev", dev), ("--test", test)):
+        if not isinstance(value, int) or value < 1:
+            raise SteerscaleError(f"{flag} must be a positive integer, got {value!r}")
+    task = get_task(name)
+    examples = task.load(limit=dev + test, seed=seed)
+    return task, task_problems(task, examples[:dev]), task_problems(task, examples[dev:])
+
+
+def _backend(args, lm=None):
+    from ..scale.local import LocalBackend
+
+    if getattr(args, "backend_url", None):
+        return remote_backend(args)
+    lm = lm or load(args)
+    return LocalBackend(lm.model, lm.tokenizer, lm.layout, chat=False if args.no_chat else None)
+
+
+# -- verbs ----------------------------------------------------------------------------------------------------
+def run_show(args) -> int:
+    from ..scale.programs import PROGRAMS, PROMPT_PRESETS, STAGES, load_program
+
+    if args.program is not None:
+        emit_json(load_program(args.program).to_dict())
+        return 0
+    print("stages:")
+    for name in STAGES:
+        print(f"  {name:10s} {STAGES.description(name)}")
+    print("prompt presets ({\"type\": \"prompt\", \"preset\": NAME}):")
+    for name in PROMPT_PRESETS:
+        print(f"  {name:10s} {PROMPT_PRESETS[name][0]}")
+    print("programs:")
+    for name in PROGRAMS:
+        print(f"  {name:20s} {PROGRAMS.description(name)}")
+    return 0
+
+
+def _models(items, args) -> dict:
+    from ..errors import SteerscaleError
+    from ..models.loading import load_model
+    from ..scale.local import LocalBackend
+
+    out = {}
+    for item in items:
+        name, sep, model = item.partition("=")
+        if not sep or not name.strip() or not model.strip():
+            raise SteerscaleError(f"bad --with {item!r}", "write NAME=MODEL, e.g. --with judge=gemma3-270m")
+        lm = load_model(model.strip(), device=args.device, dtype=args.dtype)
+        out[name.strip()] = LocalBackend(lm.model, lm.tokenizer, lm.layout, chat=False if args.no_chat else None)
+    return out
+
+
+def run_run(args) -> int:
+    from ..scale.budget import Budget
+    from ..scale.programs import load_program
+
+    program = load_program(args.program)  # checked before any model loads
+    budget = Budget.parse(args.budget)
+    named = {getattr(s, "model", "") for s in program.stages} - {""}
+    given = {item.partition("=")[0].strip() for item in args.with_models}
+    missing = sorted(named - given)
+    if missing:
+        from ..errors import SteerscaleError
+
+        raise SteerscaleError(f"the program's stages name model(s) {', '.join(map(repr, missing))}",
+                              f"give each with --with NAME=MODEL, e.g. --with {missing[0]}=gemma3-270m")
+    backend = _backend(args)
+    result = program.run(args.prompt, backend, budget, seed=args.seed, models=_models(args.with_models, args))
+    if args.json:
+        emit_json({"program": program.to_dict(), "prompt": args.prompt, **result.to_dict()})
+        return 0
+    print(result.best.text if result.best else "")
+    spent = result.budget["spent"]
+    print(f"\n[program] answer={result.answer} candidates={len(result.candidates)} "
+          f"generated_tokens={spent['generated_tokens']} prompt_tokens={spent['prompt_tokens']}"
+          + (" (budget exhausted)" if result.budget["exhausted"] else ""))
+    for step in result.info["trace"]:
+        print(f"  stage {step['stage']} {step['type']:9s} -> {step['candidates']} candidates, "
+              f"{step['generated_tokens']} generated tokens so far")
+    return 0
+
+
+def run_search(args) -> int:
+    from ..measure.stats import wilson_ci
+    from ..scale.budget import Budget
+    from ..scale.programs import load_program
+    from ..scale.programs.search import evaluate, plot_trials, save_json, search
+    from ..scale.spec import StrategySpec
+
+    per_problem, total = Budget.parse(args.budget).limits, Budget.parse(args.total).limits
+    task, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = _backend(args)
+    result = search(dev, backend, per_problem=per_problem, total=total, trials=args.trials, sampler=args.sampler,
+                    seed=args.seed, max_tokens=args.max_tokens, storage=f"sqlite:///{(out / 'study.db').resolve()}",
+                    study_name=f"{args.task}-{args.sampler}")
+    if result.best is None:
+        print("no trial finished within the total budget; raise --total")
+        return 1
+    best = load_program(result.best)
+    save_json(best.to_dict(), out / "best.json")
+    with open(out / "trials.jsonl", "w", encoding="utf-8") as f:
+        for t in result.trials:
+            f.write(json.dumps(t.to_dict(), default=str) + "\n")
+    plot_trials([result], out / "search.png", title=f"{args.task}: program search ({args.sampler})")
+    held = evaluate(StrategySpec.of("program", program=best.to_json()), test, backend, per_problem, seed=args.seed)
+    acc = wilson_ci(int(sum(o.correct for o in held)), len(held))
+    summary = {"task": args.task, "sampler": args.sampler, "dev": len(dev), "test": len(test),
+               "trials": len(result.trials), "best_dev_acc": result.best_dev_acc, "test_acc": acc.mean,
+               "test_acc_ci": [acc.lo, acc.hi],
+               "test_tokens_per_problem": sum(o.generated_tokens for o in held) / len(held),
+               "search_spent": result.spent, "best": best.to_dict()}
+    save_json(summary, out / "summary.json")
+    print(json.dumps(best.to_dict()))
+    print(f"best program: dev acc {result.best_dev_acc:.3f} over {len(dev)}; held-out acc {acc.mean:.3f} "
+          f"[{acc.lo:.3f}, {acc.hi:.3f}] over {len(test)}; files in {out}/")
+    return 0

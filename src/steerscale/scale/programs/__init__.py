@@ -1,0 +1,20 @@
+"""Inference programs: composed pipelines of prompt and candidate stages, configured as data, run on any backend
+within one budget, and a search over them (Archon-style inference-time architecture search).
+
+* ``stages``: the registered stages (``STAGES``): ``prompt``, ``generate``, ``critique``, ``rank``, ``filter``,
+  ``vote``, ``fuse``;
+* ``program``: ``Program`` (a checked list of stages and a final selection), ``load_program`` (a name, a file,
+  inline JSON or a dict) and the ready-made ``PROGRAMS``;
+* ``entry``: the ``program`` strategy (registered in ``scale.strategies``), so ``solve``, ``eval`` and the server run
+  a program as they run any strategy;
+* ``search``: an optuna search over program configurations on a development split under a total budget, the best
+  evaluated on a held-out split.
+
+See docs/programs.md.
+"""
+
+from .program import DEFAULT_PROGRAM, PROGRAMS, Program, load_program
+from .stages import PROMPT_PRESETS, STAGES, Context, Stage, build_stage
+
+__all__ = ["DEFAULT_PROGRAM", "PROGRAMS", "PROMPT_PRESETS", "STAGES", "Context", "Program", "Stage", "build_stage",
+           "load_program"]

@@ -1,0 +1,237 @@
+"""Inference programs (scale/programs): pipelines as data, checked at load, run within one budget, usable as the
+``program`` strategy, and searched with optuna. Tiny random llama with a long context (fusion prompts are long)."""
+
+import json
+
+import pytest
+import torch
+
+from steerscale import SteerscaleError
+from steerscale.scale import Budget, LocalBackend, StrategySpec
+from steerscale.scale.programs import PROGRAMS, STAGES, Program, load_program
+from steerscale.scale.programs.search import Problem, TotalSpent, evaluate, search
+
+BUDGET_KEYS = ("generated_tokens", "prompt_tokens", "verifier_passes", "verifier_tokens", "judge_calls")
+
+
+def _long_llama():
+    import transformers
+    from steerscale.models.layout import find_layout
+    from tiny import FAMILIES
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**FAMILIES["llama"][1], "max_position_embeddings": 2048})
+    model = transformers.LlamaForCausalLM(config).eval()
+    return model, find_layout(model)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _long_llama()
+
+
+@pytest.fixture(scope="module")
+def be(lm):
+    from tiny import CharTokenizer
+
+    return LocalBackend(lm[0], CharTokenizer(), lm[1], chat=False, max_n=32)
+
+
+def gen(**knobs):
+    return {"type": "generate", "strategy": "majority", "knobs": {"n": 3, "max_tokens": 8, **knobs}}
+
+
+# -- a program is data, checked at load ---------------------------------------------------------------------
+@pytest.mark.parametrize("config, needle", [
+    ({"stages": [{"type": "genrate"}]}, "did you mean 'generate'"),
+    ({"stages": [gen(), {"type": "rank", "topk": 2}]}, "did you mean 'top_k'"),
+    ({"stages": [gen(), {"type": "rank", "top_k": 0}]}, "'top_k' must be a number >= 1"),
+    ({"stages": [gen(), {"type": "rank", "verifier": "nope"}]}, "unknown verifier"),
+    ({"stages": [gen(), {"type": "fuse", "temperature": "hot"}]}, "'temperature' must be a finite number"),
+    ({"stages": [{"type": "generate", "strategy": "majority", "knobs": {"nn": 3}}]}, "did you mean 'n'"),
+    ({"stages": [{"type": "generate", "strategy": "best_of_m"}]}, "unknown strategy"),
+    ({"stages": [{"type": "generate", "strategy": "program"}]}, "cannot run a program"),
+    ({"stages": [{"type": "generate", "keep": "some"}]}, "unknown value 'some'"),
+    ({"stages": [{"type": "fuse"}, gen()]}, "no candidates to work on"),
+    ({"stages": [{"type": "prompt", "preset": "cot"}]}, "at least one generate"),
+    ({"stages": [{"type": "prompt", "preset": "cot", "text": "x"}, gen()]}, "exactly one of"),
+    ({"stages": [{"type": "prompt", "preset": "cto"}, gen()]}, "did you mean 'cot'"),
+    ({"stages": [gen()], "select": "median"}, "unknown program select"),
+    ({"stages": [gen()], "layers": 2}, "no field 'layers'"),
+    ({"stages": []}, "non-empty \"stages\""),
+])
+def test_bad_program_fails_at_load_naming_the_problem(config, needle):
+    with pytest.raises(SteerscaleError, match=None) as err:
+        load_program(config)
+    assert needle in str(err.value), str(err.value)
+    # the same refusal through the strategy spec (solve, eval and the server build one before any model work)
+    with pytest.raises(SteerscaleError) as err2:
+        StrategySpec.from_json({"name": "program", "program": json.dumps(config)})
+    assert needle in str(err2.value) and "knob 'program'" in str(err2.value)
+
+
+def test_server_answers_400_for_a_bad_program():
+    from steerscale.serve.schema import ApiError, read_strategy
+
+    with pytest.raises(ApiError) as err:
+        read_strategy({"name": "program", "program": '{"stages": [{"type": "critic"}]}'}, {})
+    assert err.value.status == 400 and "unknown stage 'critic'" in err.value.message
+    ok = read_strategy({"name": "program", "program": "critique_fuse"}, {})
+    assert ok.name == "program" and ok.knobs["program"] == "critique_fuse"
+
+
+def test_program_sources_and_round_trip(tmp_path):
+    config = {"name": "mine", "stages": [{"type": "prompt", "preset": "cautious"}, gen(temperature=0.5),
+                                         {"type": "rank", "verifier": "logprob", "top_k": 2}, {"type": "fuse"}],
+              "select": "first"}
+    p = load_program(config)
+    assert Program.from_json(p.to_dict()) == p and [s.type for s in p.stages] == ["prompt", "generate", "rank", "fuse"]
+    path = tmp_path / "prog.json"
+    path.write_text(json.dumps(config))
+    assert load_program(str(path)) == p and load_program(json.dumps(config)) == p
+    yaml = pytest.importorskip("yaml")
+    ypath = tmp_path / "prog.yaml"
+    ypath.write_text(yaml.safe_dump(config))
+    assert load_program(ypath) == p
+    with pytest.raises(SteerscaleError, match="does not exist"):
+        load_program(str(tmp_path / "missing.json"))
+    with pytest.raises(SteerscaleError, match="unknown program"):
+        load_program("generate_rank_fuze")
+    for name in PROGRAMS:  # every ready-made program is valid data
+        assert load_program(name).name == name
+    spec = StrategySpec.of("program", program=config)  # a dict from Python is kept as JSON text
+    assert json.loads(spec.to_dict()["knobs"]["program"])["name"] == "mine"
+
+
+# -- running --------------------------------------------------------------------------------------------------
+def test_every_ready_made_program_runs_as_a_strategy(be):
+    for name in PROGRAMS:
+        spec = StrategySpec.of("program", program=name, budget="tokens=60")
+        r = spec.run("Calculate 2 + 3.", be)
+        assert r.strategy == "program" and r.info["program"] == name
+        assert [t["type"] for t in r.info["trace"]] == [s.type for s in load_program(name).stages]
+        assert r.best is not None and r.budget["spent"]["generated_tokens"] <= 60
+        again = spec.run("Calculate 2 + 3.", be)  # seeded: the same run twice
+        assert again.best.text == r.best.text and again.budget["spent"]["generated_tokens"] == \
+            r.budget["spent"]["generated_tokens"]
+
+
+def test_strategy_knobs_and_verifier_reach_the_program(be):
+    bare = {"type": "generate", "strategy": "majority", "knobs": {"n": 3}}
+    spec = StrategySpec.of("program", program={"stages": [bare], "select": "best"}, max_tokens=3, verifier="logprob")
+    r = spec.run("Calculate 7 - 2.", be)
+    assert all(c.n_tokens <= 3 and c.score is not None for c in r.candidates)  # the spec's max_tokens reached it
+    assert r.best.score == max(c.score for c in r.candidates)  # the spec's verifier chose
+    own = StrategySpec.of("program", program={"stages": [gen(n=3, max_tokens=8)]}, max_tokens=3)
+    assert max(c.n_tokens for c in own.run("Calculate 7 - 2.", be).candidates) > 3  # a stage's own knob wins
+
+
+def test_stages_do_what_they_say(be):
+    base = load_program({"stages": [gen(n=4)]}).run("Calculate 7 - 2.", be)
+    assert len(base.candidates) == 4
+    ranked = load_program({"stages": [gen(n=4), {"type": "rank", "verifier": "logprob", "top_k": 2}],
+                           "select": "best"}).run("Calculate 7 - 2.", be)
+    assert len(ranked.candidates) == 2 and all(c.score is not None for c in ranked.candidates)
+    assert ranked.candidates[0].score >= ranked.candidates[1].score
+    assert min(c.score for c in ranked.candidates) >= sorted((c.mean_logprob for c in base.candidates))[-2] - 1
+    voted = load_program({"stages": [gen(n=6, temperature=1.0), {"type": "vote"}]}).run("Calculate 7 - 2.", be)
+    assert len({c.answer for c in voted.candidates}) == 1
+    fused = load_program({"stages": [gen(n=3), {"type": "critique", "max_tokens": 6}, {"type": "fuse", "n": 2,
+                                                                                       "max_tokens": 6}]})
+    r = fused.run("Calculate 7 - 2.", be)
+    assert len(r.candidates) == 2 and all(c.meta.get("by") == "fuse" for c in r.candidates)
+    assert r.info["trace"][1]["prompt_tokens"] > r.info["trace"][0]["prompt_tokens"]  # the critic read candidates
+    prompted = load_program({"stages": [{"type": "prompt", "preset": "direct"}, gen()]}).run("Calculate 7 - 2.", be)
+    assert prompted.info["prompt"].endswith("Give only the final answer, without any explanation.")
+    text = load_program({"stages": [{"type": "prompt", "text": "Be brief.", "where": "after"}, gen()]})
+    assert text.run("Q?", be).info["prompt"] == "Q?\n\nBe brief."
+
+
+@pytest.mark.parametrize("stage", [
+    {"type": "generate", "strategy": "best_of_n", "verifier": "self_eval", "knobs": {"n": 4, "max_tokens": 8}},
+    {"type": "critique", "max_tokens": 8},
+    {"type": "rank", "verifier": "self_eval", "top_k": 1},
+    {"type": "filter", "verifier": "self_eval", "threshold": 0.9},
+    {"type": "vote"},
+    {"type": "fuse", "n": 3, "max_tokens": 8},
+    {"type": "prompt", "preset": "cot"},
+], ids=lambda s: s["type"])
+@pytest.mark.parametrize("limits", [{"tokens": 20}, {"prompt_tokens": 150}, {"verifier_passes": 2}],
+                         ids=lambda d: next(iter(d)))
+def test_budget_is_never_exceeded_by_any_stage(be, stage, limits):
+    stages = [stage, gen(n=4)] if stage["type"] == "prompt" else [gen(n=4), stage] if stage["type"] != "generate" \
+        else [stage]
+    budget = Budget(dict(limits))
+    r = load_program({"stages": stages}).run("Calculate 12 + 30.", be, budget)
+    spent = r.budget["spent"]
+    for key, lim in budget.limits.items():
+        assert spent[key] <= lim, (key, spent[key], lim)
+
+
+def test_a_stage_naming_a_model_uses_it_and_a_missing_one_fails_before_any_work(be, lm):
+    from tiny import CharTokenizer
+
+    class Counting(LocalBackend):  # the real backend, counting its sample calls
+        calls = 0
+
+        def sample(self, *a, **k):
+            Counting.calls += 1
+            return super().sample(*a, **k)
+
+    judge = Counting(lm[0], CharTokenizer(), lm[1], chat=False)
+    prog = load_program({"stages": [gen(n=2), {"type": "fuse", "model": "judge", "max_tokens": 6}]})
+    budget = Budget()
+    with pytest.raises(SteerscaleError, match="model 'judge'"):
+        prog.run("Calculate 1 + 1.", be, budget)
+    assert budget.spent()["generated_tokens"] == 0 and budget.spent()["prompt_tokens"] == 0
+    r = prog.run("Calculate 1 + 1.", be, Budget(), models={"judge": judge})
+    assert Counting.calls == 1 and r.candidates[0].meta["by"] == "fuse"
+
+
+def test_stage_registry_lists_every_stage():
+    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse"}
+
+
+# -- search ---------------------------------------------------------------------------------------------------
+def _problems():
+    return [Problem(f"p{i}", f"Calculate {i} + 1.", lambda text, i=i: str(i + 1) in text) for i in range(2)]
+
+
+def test_evaluate_charges_the_total_and_refuses_a_problem_it_cannot_pay(be):
+    total = Budget.of(tokens=30)
+    spec = StrategySpec.of("majority", n=2, max_tokens=6)
+    out = evaluate(spec, _problems(), be, {"tokens": 12}, total=total)
+    assert len(out) == 2 and total.spent()["generated_tokens"] == sum(o.generated_tokens for o in out) <= 24
+    with pytest.raises(TotalSpent):
+        evaluate(spec, _problems(), be, {"tokens": 12}, total=total)  # 30 - spent < 12: no partial problem
+
+
+def test_search_runs_resumes_and_stays_within_its_total(be, tmp_path):
+    pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    kw = dict(per_problem={"tokens": 24}, total={"tokens": 1500}, sampler="random", max_tokens=6, storage=storage,
+              progress=False)
+    first = search(_problems(), be, trials=2, **kw)
+    assert len(first.trials) == 2 and first.best is not None and 0.0 <= first.best_dev_acc <= 1.0
+    load_program(first.best)  # the best config is a valid program
+    again = search(_problems(), be, trials=3, **kw)  # resumed: one more trial
+    assert len(again.trials) == 3 and again.trials[0].program == first.trials[0].program
+    assert again.spent["generated_tokens"] <= 1500
+    tight = search(_problems(), be, trials=4, **{**kw, "storage": None, "total": {"tokens": 60}})
+    assert tight.spent["generated_tokens"] <= 60  # a trial the total cannot finish is failed, never scored
+    assert all(t.dev_acc is None for t in tight.trials if t.state == "fail")
+    with pytest.raises(SteerscaleError, match="total budget"):
+        search(_problems(), be, trials=1, per_problem={"tokens": 10}, total={}, progress=False)
+
+
+def test_cli_show_and_early_refusal(capsys):
+    from steerscale.cli import main
+
+    assert main(["program", "show"]) == 0
+    assert "fuse" in capsys.readouterr().out
+    assert main(["program", "show", "critique_fuse"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "critique_fuse"
+    # refused before any model is loaded (an unknown model name would fail later, differently)
+    assert main(["solve", "-m", "no/such-model", "-p", "hi", "--strategy", "program", "--knob",
+                 'program={"stages": [{"type": "fuse"}]}']) == 2
+    assert "no candidates to work on" in capsys.readouterr().err
