@@ -235,3 +235,34 @@ def test_cli_show_and_early_refusal(capsys):
     assert main(["solve", "-m", "no/such-model", "-p", "hi", "--strategy", "program", "--knob",
                  'program={"stages": [{"type": "fuse"}]}']) == 2
     assert "no candidates to work on" in capsys.readouterr().err
+
+
+# -- the server's strategy field, and a program on an OpenAI-compatible backend -----------------------------------
+def test_a_program_through_the_server_and_through_openai_backend(lm):
+    pytest.importorskip("fastapi")
+    from steerscale.scale.remote import OpenAIBackend
+    from steerscale.serve import App, start_server
+    from test_server import call
+    from tiny import ChatCharTokenizer
+
+    program = {"stages": [gen(n=2, max_tokens=5), {"type": "fuse", "max_tokens": 5, "max_chars": 40}],
+               "select": "first"}
+    server = start_server(App(lm[0], ChatCharTokenizer(), lm[1], model_id="tiny", max_n=8))
+    try:
+        body = {"model": "tiny", "prompt": "12 + 3 =", "max_tokens": 5,
+                "strategy": {"name": "program", "program": json.dumps(program), "seed": 1}}
+        status, out, _ = call(server, "/v1/completions", body)
+        assert status == 200, out
+        info = out["steerscale"]
+        assert info["strategy"] == "program" and info["budget"]["spent"]["generated_tokens"] > 0
+        local = StrategySpec.of("program", program=program, seed=1, max_tokens=5).run(
+            "12 + 3 =", LocalBackend(lm[0], ChatCharTokenizer(), lm[1], chat=False))
+        assert out["choices"][0]["text"] == local.best.text  # the same program, the same answer
+        bad = dict(body, strategy={"name": "program", "program": '{"stages": [{"type": "fuse"}]}'})
+        status, out, _ = call(server, "/v1/completions", bad)
+        assert status == 400 and "no candidates to work on" in out["error"]["message"]
+        remote = OpenAIBackend(server.url, "tiny", chat=False)
+        r = load_program(program).run("12 + 3 =", remote, Budget.of(tokens=40), seed=1)
+        assert r.candidates and r.candidates[0].meta["by"] == "fuse" and r.budget["spent"]["generated_tokens"] <= 40
+    finally:
+        server.close()

@@ -6,6 +6,7 @@ from .local import LocalBackend
 from .spec import StrategySpec, run_strategy
 from .strategies import STRATEGIES, Result, get_strategy
 from .verifiers import VERIFIERS, Verifier, get_verifier
+from . import programs  # noqa: E402,F401  (registers the "program" strategy: composed inference pipelines)
 
 __all__ = ["Backend", "Branches", "Budget", "Candidate", "LocalBackend", "Result", "SamplingParams", "STRATEGIES", "StrategySpec",
            "VERIFIERS", "Verifier", "derive_seed", "get_strategy", "get_verifier", "run_strategy"]

@@ -5,7 +5,7 @@ within one budget, and a search over them (Archon-style inference-time architect
   ``vote``, ``fuse``;
 * ``program``: ``Program`` (a checked list of stages and a final selection), ``load_program`` (a name, a file,
   inline JSON or a dict) and the ready-made ``PROGRAMS``;
-* ``entry``: the ``program`` strategy (registered in ``scale.strategies``), so ``solve``, ``eval`` and the server run
+* ``entry``: the ``program`` strategy (it registers itself in ``scale.strategies.STRATEGIES``), so ``solve``, ``eval`` and the server run
   a program as they run any strategy;
 * ``search``: an optuna search over program configurations on a development split under a total budget, the best
   evaluated on a held-out split.
@@ -13,6 +13,7 @@ within one budget, and a search over them (Archon-style inference-time architect
 See docs/programs.md.
 """
 
+from . import entry  # registers the "program" strategy
 from .program import DEFAULT_PROGRAM, PROGRAMS, Program, load_program
 from .stages import PROMPT_PRESETS, STAGES, Context, Stage, build_stage
 

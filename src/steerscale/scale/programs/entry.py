@@ -6,7 +6,8 @@ Python). The knob is a ``Choice`` whose ``parse`` loads and checks the whole pro
 a bad program -- an unknown stage, option, strategy knob or verifier -- when the request is parsed (the server
 answers 400), before any model is loaded or run.
 
-This module is imported by the strategy registry, so it imports the program machinery only when called.
+It registers itself in ``STRATEGIES`` when imported (``steerscale.scale`` imports this package): a program's stages
+run the other strategies, so the registry cannot import it without an import cycle.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
+from ..strategies import STRATEGIES
 from ..strategies.base import Choice
+from .program import load_program
 
 
 class ProgramRef(Choice):
@@ -24,8 +27,6 @@ class ProgramRef(Choice):
 
     @classmethod
     def parse(cls, value) -> str:
-        from .program import load_program
-
         if isinstance(value, Mapping):  # a Python caller's dict: kept as JSON text, so the spec stays JSON-safe
             value = json.dumps(dict(value), sort_keys=True)
         load_program(value)  # every stage checked now, before any model work
@@ -37,7 +38,8 @@ def run_program(prompt, backend, verifier, budget, *, program=ProgramRef.DEFAULT
     ``temperature``, ...: a request's or ``eval``'s) apply to every generate stage that does not set them itself; a
     verifier given here (``--verifier``) scores the final candidates before the program's selection (its rank and
     filter stages name their own)."""
-    from .program import load_program
-
     return load_program(str(program)).run(prompt, backend, budget, seed=seed, answer_fn=answer_fn, defaults=knobs,
                                           final_verifier=verifier)
+
+
+STRATEGIES.add("program", run_program, "an inference program: stages (generate, critique, rank, fuse, ...) as data")

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 from ...errors import SteerscaleError
 from ..backend import Backend, derive_seed
 from ..budget import Budget
+from ..spec import StrategySpec
+from .program import load_program
 
 SAMPLERS = ("tpe", "random")
 #: what a trial records (user attributes), read back on resume
@@ -207,9 +209,6 @@ def search(problems: Sequence[Problem], backend: Backend, *, per_problem: dict, 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max(0, todo) * len(problems), desc=f"search ({sampler})", unit="run", disable=not progress)
-    from .program import load_program
-    from ..spec import StrategySpec
-
     for _ in range(max(0, todo)):
         if total_budget.exhausted:
             break

@@ -30,6 +30,7 @@ from ...errors import SteerscaleError
 from ...registry import Registry
 from ..backend import Backend, Candidate, SamplingParams, derive_seed
 from ..budget import Budget
+from ..spec import StrategySpec, strategy_knobs
 from ..strategies.base import annotate, best_of, rank_key, vote
 from ..verifiers import check_options, get_verifier, score_candidates
 
@@ -254,8 +255,6 @@ class GenerateStage(Stage):
         self.spec()  # the strategy, its knobs and the verifier, checked as StrategySpec checks them
 
     def spec(self):
-        from ..spec import StrategySpec  # spec imports the strategy registry, which registers programs
-
         if self.strategy == "program":
             raise SteerscaleError("a generate stage cannot run a program", "inline the stages instead")
         return StrategySpec.of(self.strategy, verifier=self.verifier or None,
@@ -264,8 +263,6 @@ class GenerateStage(Stage):
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         if ctx.budget.exhausted:
             return cands
-        from ..spec import strategy_knobs
-
         spec = self.spec()
         takes = strategy_knobs(spec.name)
         inherited = {k: v for k, v in ctx.defaults.items() if k in takes and k not in self.knobs}

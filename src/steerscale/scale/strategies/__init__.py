@@ -37,10 +37,8 @@ STRATEGIES.add("early_pruning", extra.run_early_pruning, "score partial solution
 STRATEGIES.add("refine", extra.run_refine, "verifier-guided iterative refinement of the best attempt")
 STRATEGIES.add("compute_optimal", extra.run_compute_optimal_one,
                "probe, then spend more samples where the vote is less settled (a batch: run_compute_optimal)")
-# inference programs (composed pipelines, scale/programs/): imported last, they build on the strategies above
-from ..programs.entry import run_program  # noqa: E402
-
-STRATEGIES.add("program", run_program, "an inference program: stages (generate, critique, rank, fuse, ...) as data")
+# "program" (an inference program: composed stages) registers itself from scale/programs/entry.py, which builds on
+# this registry (a program's generate stages run the strategies above)
 # batch-level form: run_compute_optimal(prompts, backend, verifier, budget, total=...) -> list[Result]
 run_compute_optimal = extra.run_compute_optimal
 
