@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .responses import Shaper, StreamShaper, sse, stream_safe, to_json
 from .schema import VECTOR_NAME, ApiError, ChatRequest, CompletionRequest, GenRequest, bad, parse_chat, \
     parse_completion, read_body
+from .studio import studio_router
 
 log = logging.getLogger("steerscale.serve")
 
@@ -292,7 +293,7 @@ class _Kind:
 ARTIFACTS = {
     "vectors": _Kind("steering vector", SteeringVector, SteeringVector.load,
                      lambda v: {"object": "steering_vector", "method": v.method, "model_name": v.model_name,
-                                "sites": [s.key() for s in v.sites], "norms": v.norms},
+                                "sites": [s.key() for s in v.sites], "norms": v.norms()},
                      "a steerscale .safetensors vector or a llama.cpp control-vector .gguf"),
     "conditions": _Kind("steering condition", Condition, Condition.load,
                         lambda c: {"object": "steering_condition", "site": c.site.key(), "threshold": c.threshold,
@@ -594,6 +595,7 @@ def build_api(app: App) -> FastAPI:
         return answer(app.delete_artifact(kind, name))
 
     api.include_router(v1)
+    api.include_router(studio_router())  # the steering studio page at / (serve/studio.py)
 
     default_openapi = api.openapi
 
