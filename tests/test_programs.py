@@ -189,7 +189,7 @@ def test_a_stage_naming_a_model_uses_it_and_a_missing_one_fails_before_any_work(
 
 
 def test_stage_registry_lists_every_stage():
-    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse"}
+    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse", "handbook"}
 
 
 # -- search ---------------------------------------------------------------------------------------------------
@@ -266,3 +266,38 @@ def test_a_program_through_the_server_and_through_openai_backend(lm):
         assert r.candidates and r.candidates[0].meta["by"] == "fuse" and r.budget["spent"]["generated_tokens"] <= 40
     finally:
         server.close()
+
+
+# -- behaviour handbook (metacognitive reuse) ---------------------------------------------------------------------
+def test_behaviour_lines_are_parsed_or_refused():
+    from steerscale.scale.programs.memory import parse_behaviour
+
+    assert parse_behaviour("Sure.\n- Check Units: convert every quantity to one unit first.") == \
+        ("check_units", "convert every quantity to one unit first.")
+    assert parse_behaviour("no behaviour here") is None and parse_behaviour("x: y") is None
+
+
+def test_handbook_retrieves_by_similarity_and_its_stage_prepends_it(be, tmp_path):
+    from steerscale.scale.programs import Behaviour, Handbook, build_handbook
+
+    questions = ["Calculate 12 + 30.", "Name the capital of France, please, in one word."]
+    vecs = be.embed(questions, Budget()).tolist()
+    book = Handbook([Behaviour("add_tens", "add the tens first.", questions[0], vecs[0]),
+                     Behaviour("recall", "recall the fact, then answer.", questions[1], vecs[1])], "tiny", len(vecs[0]))
+    path = tmp_path / "handbook.json"
+    book.save(path)
+    loaded = Handbook.load(path)
+    assert loaded == book
+    budget = Budget()
+    assert [b.name for b in loaded.retrieve(questions[1], be, budget, k=1)] == ["recall"]
+    assert budget.spent()["verifier_passes"] == 1  # the question's embedding is paid for
+    prog = load_program({"stages": [{"type": "handbook", "path": str(path), "k": 1}, gen()]})
+    r = prog.run(questions[0], be, Budget())
+    assert r.info["prompt"].startswith("Behaviours that may help with this problem:\n- add_tens: add the tens first.")
+    with pytest.raises(SteerscaleError, match="does not exist"):
+        load_program({"stages": [{"type": "handbook", "path": str(tmp_path / "none.json")}, gen()]})
+    (tmp_path / "bad.json").write_text('{"behaviours": [{"name": "x"}]}')
+    with pytest.raises(SteerscaleError, match="malformed"):
+        load_program({"stages": [{"type": "handbook", "path": str(tmp_path / "bad.json")}, gen()]})
+    built = build_handbook(_problems(), be, Budget.of(tokens=60), max_tokens=8)  # a random model: few or no entries
+    assert isinstance(built, Handbook) and all(b.vector and len(b.vector) == built.dim for b in built.behaviours)

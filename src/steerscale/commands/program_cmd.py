@@ -17,6 +17,8 @@ examples:
       --total tokens=100000 --max-tokens 32 -o out/program_search              # optuna TPE; resumable
   steerscale program search ... --sampler random                            # the random-search baseline
   steerscale solve -p "What is 17 + 25?" --strategy program --knob program=out/program_search/best.json
+  steerscale program handbook --task arc_easy --limit 32 --data-seed 1 -o handbook.json   # metacognitive reuse
+  steerscale program run '{"stages": [{"type": "handbook", "path": "handbook.json"}, {"type": "generate"}]}' -p "..."
   steerscale eval --task gsm8k --limit 20 --strategy program --knob program=critique_fuse --budget tokens=2000
 
 A program is JSON (or YAML): {"stages": [{"type": "prompt", "preset": "cot"},
@@ -30,7 +32,7 @@ def register(sub) -> None:
                        description="Inference programs: pipelines of prompt and candidate stages (generate, critique, "
                                    "rank, filter, vote, fuse) configured as data, run within one budget; and an "
                                    "optuna search over them (Archon-style).")
-    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search}", required=True)
+    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search,handbook}", required=True)
 
     show = verbs.add_parser("show", help="list stages, presets and programs, or print one program checked",
                             epilog=EPILOG, formatter_class=p.formatter_class)
@@ -70,6 +72,18 @@ def register(sub) -> None:
     s.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_model_args(s)
     s.set_defaults(func=run_search)
+    h = verbs.add_parser("handbook", help="build a behaviour handbook from the model's own solved problems",
+                         epilog=EPILOG, formatter_class=p.formatter_class)
+    h.add_argument("--task", required=True, help="the task whose problems the model solves (e.g. arc_easy, gsm8k)")
+    h.add_argument("--limit", type=int, default=32, help="problems to solve (default 32)")
+    h.add_argument("--data-seed", type=int, default=0,
+                   help="which problems are drawn; use another seed (or split) than the evaluation's")
+    h.add_argument("--max-tokens", type=int, default=128, help="tokens per solution (default 128)")
+    h.add_argument("--budget", default="", metavar="NAME=V,...", help="limits for the whole build")
+    h.add_argument("-o", "--out", required=True, help="the handbook JSON file to write")
+    h.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_model_args(h)
+    h.set_defaults(func=run_handbook)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -204,4 +218,24 @@ def run_search(args) -> int:
     print(json.dumps(best.to_dict()))
     print(f"best program: dev acc {result.best_dev_acc:.3f} over {len(dev)}; held-out acc {acc.mean:.3f} "
           f"[{acc.lo:.3f}, {acc.hi:.3f}] over {len(test)}; files in {out}/")
+    return 0
+
+
+def run_handbook(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..measure.tasks import get_task
+    from ..scale.budget import Budget
+    from ..scale.programs import build_handbook
+
+    budget = Budget.parse(args.budget)
+    task = get_task(args.task)
+    problems = task_problems(task, task.load(limit=args.limit, seed=args.data_seed))
+    backend = _backend(args)
+    with tqdm(total=len(problems), desc="handbook", unit="problem") as bar:
+        book = build_handbook(problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar)
+    book.save(args.out)
+    for b in book.behaviours:
+        print(f"- {b.name}: {b.instruction}")
+    print(f"{len(book.behaviours)} behaviours from {len(problems)} problems -> {args.out}")
     return 0

@@ -2,11 +2,13 @@
 within one budget, and a search over them (Archon-style inference-time architecture search).
 
 * ``stages``: the registered stages (``STAGES``): ``prompt``, ``generate``, ``critique``, ``rank``, ``filter``,
-  ``vote``, ``fuse``;
+  ``vote``, ``fuse`` (and ``handbook``, from ``memory``);
 * ``program``: ``Program`` (a checked list of stages and a final selection), ``load_program`` (a name, a file,
   inline JSON or a dict) and the ready-made ``PROGRAMS``;
-* ``entry``: the ``program`` strategy (it registers itself in ``scale.strategies.STRATEGIES``), so ``solve``, ``eval`` and the server run
-  a program as they run any strategy;
+* ``entry``: the ``program`` strategy (it registers itself in ``scale.strategies.STRATEGIES``), so ``solve``,
+  ``eval`` and the server run a program as they run any strategy;
+* ``memory``: a behaviour handbook (metacognitive reuse): behaviours the model writes from its own solved traces,
+  retrieved by embedding similarity (the ``handbook`` prompt stage);
 * ``search``: an optuna search over program configurations on a development split under a total budget, the best
   evaluated on a held-out split.
 
@@ -14,8 +16,9 @@ See docs/programs.md.
 """
 
 from . import entry  # registers the "program" strategy
+from .memory import Behaviour, Handbook, build_handbook  # the handbook stage registers with it
 from .program import DEFAULT_PROGRAM, PROGRAMS, Program, load_program
 from .stages import PROMPT_PRESETS, STAGES, Context, Stage, build_stage
 
-__all__ = ["DEFAULT_PROGRAM", "PROGRAMS", "PROMPT_PRESETS", "STAGES", "Context", "Program", "Stage", "build_stage",
-           "load_program"]
+__all__ = ["Behaviour", "DEFAULT_PROGRAM", "Handbook", "PROGRAMS", "PROMPT_PRESETS", "STAGES", "Context", "Program",
+           "Stage", "build_handbook", "build_stage", "load_program"]
