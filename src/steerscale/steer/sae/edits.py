@@ -1,0 +1,132 @@
+"""Steering with SAE features: a feature's decoder row as a ``SteeringVector`` (runs wherever vectors run), and
+clamping a feature's activation as an ``Edit`` the hook runtime runs like any other.
+
+Clamping (Neuronpedia's "clamp", Templeton et al. 2024): encode the activation, set the feature to ``value``,
+decode, and keep the SAE's reconstruction error, so nothing but that feature changes::
+
+    h' = decode(f with f_i := value) + (h - decode(f)) = h + (value - f_i(h)) * d_i
+
+where ``d_i`` is what one unit of the feature adds (its decoder row, times the input's normalisation scale for
+SAEs that normalise). ``ClampFeature`` subclasses ``engine.ops.Edit``; ``engine.ops.apply_edit`` only calls
+``edit(h)``, so the runtime (``intervene``, ``generate``, ``LocalBackend``, the server's scheduler) runs it with
+no change to the engine. For ReLU and JumpReLU SAEs only the clamped features' encoder columns are computed
+(a feature's activation depends on its own pre-activation alone); TopK needs every pre-activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...engine.ops import Edit, check_scale
+from ...engine.runtime import Intervention
+from ...engine.scope import ALL_TOKENS, TokenScope
+from ...errors import SteerscaleError
+from ...models.layout import ModelLayout
+from ..artifacts import fingerprint
+from ..vector import SteeringVector
+from .core import ARCHITECTURES, SAE
+
+
+def _features(sae: SAE, features) -> list[int]:
+    items = [features] if isinstance(features, int) else list(features)
+    if not items:
+        raise SteerscaleError("no feature to clamp", "name at least one feature index")
+    return [sae.check_feature(f) for f in items]
+
+
+@dataclass(eq=False)
+class ClampFeature(Edit):
+    """Set SAE ``features`` to ``values`` (one per feature; each a float, or per row ``(batch,)``), keeping the
+    reconstruction error. ``value=0`` ablates the feature; clamping a feature to its own activation is the
+    identity."""
+
+    sae: SAE
+    features: int | list[int]
+    values: float | list = 0.0
+    preserve_norm: bool = False
+    _idx: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.features = _features(self.sae, self.features)
+        values = self.values if isinstance(self.values, (list, tuple)) else [self.values] * len(self.features)
+        if len(values) != len(self.features):
+            raise SteerscaleError(f"{len(values)} clamp values for {len(self.features)} features",
+                                  "give one value per feature, or one value for all")
+        self.values = [check_scale(v, f"clamp value of feature {f}") for f, v in zip(self.features, values)]
+        self._idx = torch.tensor(self.features)
+
+    @property
+    def dim(self) -> int:
+        return self.sae.d_in
+
+    def _targets(self, h: torch.Tensor) -> torch.Tensor:
+        """``(batch or 1, 1, n_features)`` target activations."""
+        cols = []
+        for v in self.values:
+            v = v.to(device=h.device, dtype=h.dtype)
+            if v.dim() == 1:
+                if v.shape[0] != h.shape[0]:
+                    raise SteerscaleError(f"per-row clamp value has {v.shape[0]} rows but the batch has {h.shape[0]}",
+                                          "give one value per sequence in the batch")
+                v = v[:, None]
+            cols.append(v.expand(h.shape[0], 1) if v.dim() == 2 else v.reshape(1, 1).expand(h.shape[0], 1))
+        return torch.cat(cols, -1)[:, None, :]
+
+    def __call__(self, h):
+        sae = self.sae
+        idx = self._idx.to(h.device)
+        xn, scale, _ = sae.normalize(h)
+        if ARCHITECTURES[sae.architecture].separable:
+            current = sae.activate_columns(sae.pre_acts(xn, idx), idx)
+        else:
+            current = sae.activate(sae.pre_acts(xn))[..., idx]
+        delta = self._targets(h) - current  # (batch, seq, n)
+        rows = sae.param("W_dec", h)[idx]
+        if sae.rescale_acts_by_decoder_norm:
+            rows = rows / sae.decoder_norms(h)[idx, None]
+        return h + (delta @ rows) * scale
+
+
+@dataclass(eq=False)
+class Splice(Edit):
+    """Replace the activation by the SAE's reconstruction (how much of the model's loss the SAE keeps)."""
+
+    sae: SAE
+    preserve_norm: bool = False
+
+    @property
+    def dim(self) -> int:
+        return self.sae.d_in
+
+    def __call__(self, h):
+        return self.sae.reconstruct(h)
+
+
+def clamp_interventions(sae: SAE, features, values=0.0, scope: TokenScope | str = ALL_TOKENS,
+                        layout: ModelLayout | None = None) -> list[Intervention]:
+    """One intervention clamping ``features`` at the SAE's site (checked against ``layout`` when given)."""
+    if layout is not None:
+        sae.check(layout)
+    return [Intervention(sae.site, ClampFeature(sae, features, values), TokenScope.parse(scope))]
+
+
+def feature_vector(sae: SAE, features, layout: ModelLayout | None = None, normalize: bool = False,
+                   source: str = "") -> SteeringVector:
+    """A steering vector along SAE ``features``' decoder rows (summed when several), at the SAE's site: scale 1
+    adds one unit of activation of each (Neuronpedia's additive steering ``strength``). ``normalize``: a unit
+    vector instead. With ``layout`` the vector carries that model's fingerprint."""
+    feats = _features(sae, features)
+    direction = sum(sae.output_direction(f) for f in feats)
+    if normalize:
+        direction = direction / direction.norm().clamp_min(1e-8)
+    if layout is not None:
+        sae.check(layout)
+    meta = {"sae": source, "features": feats, "hook_name": sae.hook_name, "sae_architecture": sae.architecture,
+            "d_sae": sae.d_sae, "normalized": normalize}
+    if sae.normalize_activations != "none":
+        meta["note"] = (f"the SAE normalises its input ({sae.normalize_activations}); the decoder row is in normalised "
+                        "units, so scale 1 is not one unit of activation")
+    return SteeringVector({sae.site: direction.clone()}, sae.model_name, fingerprint(layout) if layout else "",
+                          "sae_feature", meta)
