@@ -52,7 +52,7 @@ from .cost import neutral_prompts, steering_cost
 from .mc import score_choices
 from .stats import bootstrap_ci, paired_compare
 
-DEFAULT_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # multiples of the method's own strength (CAA: the mean difference)
+DEFAULT_SCALES = (0.5, 1.0, 2.0, 4.0)  # multiples of the method's own strength (CAA: the mean difference)
 LAYER_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)  # where `auto` looks: steering works mid-network, rarely at the ends
 # The instruction a bundled pair set is read against (the demo's prompting baseline for formality).
 PROMPT_BASELINES = {"formal_casual": "Be formal."}
@@ -245,7 +245,7 @@ class _Sweep:
 def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
               scales: Sequence[float] = DEFAULT_SCALES, max_kl: float = 0.5, break_kl: float | None = None,
               min_gain: float = 0.05, system: str | None = None, compare: Sequence[tuple[int, float]] = (),
-              n_neutral: int = 16, gen_tokens: int = 32, max_repetition: float = 0.5, read: str = "mean",
+              n_neutral: int = 12, gen_tokens: int = 32, max_repetition: float = 0.5, read: str = "mean",
               seed: int = 0, out_dir: str | Path | None = None, progress: bool = True, log=print) -> Calibration:
     """Sweep layers x strengths for ``pairs`` (or for ``vector``, measured on ``pairs``) and recommend a setting
     under ``max_kl`` (nats/token, KL upper bound on neutral text). See the module docstring for the steps.
@@ -311,9 +311,10 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
                 sweep.measure(s, "fine", break_kl)
         bar.total = bar.n
         bar.refresh()
+    memo: dict = {}  # greedy samples per setting
     rows = sorted(sweep.rows.values(), key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["scale"]))
     recommended, verdict, rejected = _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition,
-                                                           gen_tokens)
+                                                           gen_tokens, memo)
     front = pareto_front([r for r in rows if not r["broken"]])
     for r in rows:
         r["on_front"] = r in front
@@ -325,7 +326,7 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     test_report = _test_split(sweep, test, recommended, compare, system, seed)
     if recommended is not None and "prompt" in test_report:
         verdict += "; " + test_report["vs_prompt_sentence"]
-    samples = _samples(lm, vectors, recommended, compare, gen_tokens) if gen_tokens else []
+    samples = _samples(lm, vectors, recommended, compare, gen_tokens, memo) if gen_tokens else []
 
     calibration = Calibration(
         lm.name, rows, front, recommended, verdict, test_report,
@@ -425,13 +426,13 @@ def _test_split(sweep: _Sweep, test, recommended, compare, system, seed) -> dict
     return report
 
 
-def _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition, gen_tokens, tries: int = 3):
+def _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition, gen_tokens, memo, tries: int = 3):
     """``choose``, then the chosen setting's greedy samples: one that loops (repetition above ``max_repetition``)
     is passed over for the next best, up to ``tries`` times. Returns (row, verdict, rows passed over)."""
     rejected = []
     recommended, verdict = choose(rows, max_kl, min_gain)
     while recommended is not None and gen_tokens:
-        rep = _sample(lm, vectors[recommended["layer"]], recommended["scale"], gen_tokens)["repetition"]
+        rep = _sample(lm, vectors[recommended["layer"]], recommended["scale"], gen_tokens, memo)["repetition"]
         recommended["repetition"] = rep
         if rep <= max_repetition:
             break
@@ -444,14 +445,22 @@ def _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition, gen_to
     return recommended, verdict, rejected
 
 
-def _sample(lm, vector, scale, gen_tokens) -> dict:
+def _sample(lm, vector, scale, gen_tokens, memo: dict) -> dict:
+    """Greedy samples at one setting, once per run (``memo``: the coherence check's run is the report's)."""
+    key = (_vector_digest(vector) if scale else "-", scale)
+    if key not in memo:
+        memo[key] = _generate_samples(lm, vector, scale, gen_tokens)
+    return memo[key]
+
+
+def _generate_samples(lm, vector, scale, gen_tokens) -> dict:
     ivs = vector.interventions(scale) if scale else []
     gens = generate(lm.model, lm.tokenizer, lm.layout, list(SAMPLE_PROMPTS), ivs, max_new_tokens=gen_tokens)
     reps = [repetition(g.token_ids) for g in gens]
     return {"texts": [g.text for g in gens], "repetition": sum(reps) / len(reps)}
 
 
-def _samples(lm, vectors, recommended, compare, gen_tokens) -> list[dict]:
+def _samples(lm, vectors, recommended, compare, gen_tokens, memo) -> list[dict]:
     """Greedy replies to ``SAMPLE_PROMPTS`` unsteered, at the recommendation and at the compare settings, with
     their repetition rate (coherence: a broken steer loops)."""
     runs = [("unsteered", None, 0.0)]
@@ -460,7 +469,7 @@ def _samples(lm, vectors, recommended, compare, gen_tokens) -> list[dict]:
     runs += [(f"compare {Setting(layer, scale).label()}", layer, scale) for layer, scale in compare]
     out = []
     for name, layer, scale in runs:
-        out.append({"setting": name, **_sample(lm, vectors.get(layer), scale, gen_tokens)})
+        out.append({"setting": name, **_sample(lm, vectors.get(layer), scale, gen_tokens, memo)})
     return out
 
 
@@ -492,7 +501,7 @@ def plot(cal: Calibration, path: Path) -> Path:
         ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, lw=1,
                     label="vector" if layer is None else f"layer {layer}")
         for x, y, r in zip(xs, ys, rs):
-            ax.annotate(f"x{r['scale']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(f"x{r['scale']:.3g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = sorted(cal.front, key=lambda r: r["kl"]["mean"])
     if front:
         ax.plot([r["kl"]["mean"] for r in front], [r["gain"]["diff"] for r in front], "k:", lw=1, label="Pareto front")
@@ -507,8 +516,9 @@ def plot(cal: Calibration, path: Path) -> Path:
         ax.plot([r["kl"]["mean"]], [r["gain"]["diff"]], "*", color="gold", mec="k", ms=16,
                 label=f"recommended {r['label']}", zorder=5)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xscale("symlog", linthresh=0.05)
-    ax.set_xlabel("cost: KL(base || steered) on neutral text, nats/token (symlog)")
+    if all(r["kl"]["mean"] > 0 for r in cal.rows):  # KL spans decades across strengths
+        ax.set_xscale("log")
+    ax.set_xlabel("cost: KL(base || steered) on neutral text, nats/token")
     ax.set_ylabel("effect: margin gain over unsteered (nats/token)")
     ax.set_title(f"{cal.model}: calibration (select pairs, 95% paired bootstrap CI)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
