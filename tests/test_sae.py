@@ -205,6 +205,22 @@ def test_clamp_to_own_value_is_identity_and_values_can_be_per_row(lm):
         ClampFeature(sae, 3, [1.0, 2.0])
 
 
+def test_massive_activation_tokens_are_left_alone():
+    from steerscale.steer.sae import Splice
+    from steerscale.steer.sae.train import drop_outliers
+
+    sae = random_sae()
+    h = torch.randn(2, 5, 32)
+    h[0, 0] *= 500  # an attention sink's norm
+    for edit in (ClampFeature(sae, 3, 7.0), Splice(sae)):
+        out = edit(h)
+        assert torch.equal(out[0, 0], h[0, 0]) and not torch.allclose(out[1], h[1])
+        assert not torch.equal(type(edit)(sae, *( [3, 7.0] if isinstance(edit, ClampFeature) else []),
+                                          outlier_factor=0)(h)[0, 0], h[0, 0])
+    kept, dropped = drop_outliers(h.reshape(-1, 32), 10.0)
+    assert dropped == 1 and kept.shape[0] == 9
+
+
 def test_feature_vector_is_a_steering_vector_everywhere(tmp_path, lm):
     from steerscale.engine.generation import generate
 

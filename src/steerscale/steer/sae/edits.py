@@ -40,11 +40,14 @@ def _features(sae: SAE, features) -> list[int]:
 class ClampFeature(Edit):
     """Set SAE ``features`` to ``values`` (one per feature; each a float, or per row ``(batch,)``), keeping the
     reconstruction error. ``value=0`` ablates the feature; clamping a feature to its own activation is the
-    identity."""
+    identity. Tokens with massive activations (norm over ``outlier_factor`` x the median of the pass, such as the
+    attention-sink first token) are left alone: the SAE never saw such tokens, so its encoding there means
+    nothing (0: clamp every token)."""
 
     sae: SAE
     features: int | list[int]
     values: float | list = 0.0
+    outlier_factor: float = 10.0
     preserve_norm: bool = False
     _idx: torch.Tensor = field(init=False, repr=False)
 
@@ -86,14 +89,25 @@ class ClampFeature(Edit):
         rows = sae.param("W_dec", h)[idx]
         if sae.rescale_acts_by_decoder_norm:
             rows = rows / sae.decoder_norms(h)[idx, None]
-        return h + (delta @ rows) * scale
+        out = h + (delta @ rows) * scale
+        return out if not self.outlier_factor else keep_outliers(h, out, self.outlier_factor)
+
+
+def keep_outliers(h: torch.Tensor, edited: torch.Tensor, factor: float) -> torch.Tensor:
+    """``edited``, except at tokens whose norm in ``h`` is over ``factor`` times the median: those keep ``h``."""
+    norms = h.norm(dim=-1, keepdim=True)
+    return torch.where(norms > factor * norms.flatten().median(), h, edited)
 
 
 @dataclass(eq=False)
 class Splice(Edit):
-    """Replace the activation by the SAE's reconstruction (how much of the model's loss the SAE keeps)."""
+    """Replace the activation by the SAE's reconstruction (how much of the model's loss the SAE keeps). Tokens
+    with massive activations (norm over ``outlier_factor`` x the median of the pass; the attention-sink first
+    token among them) keep theirs: SAEs are trained without them (``train.drop_outliers``), as SAELens leaves
+    out special tokens."""
 
     sae: SAE
+    outlier_factor: float = 10.0
     preserve_norm: bool = False
 
     @property
@@ -101,7 +115,8 @@ class Splice(Edit):
         return self.sae.d_in
 
     def __call__(self, h):
-        return self.sae.reconstruct(h)
+        out = self.sae.reconstruct(h)
+        return out if not self.outlier_factor else keep_outliers(h, out, self.outlier_factor)
 
 
 def clamp_interventions(sae: SAE, features, values=0.0, scope: TokenScope | str = ALL_TOKENS,

@@ -15,6 +15,9 @@ so the file expects raw activations and says ``normalize_activations: none``):
   estimated with a rectangle kernel of width ``bandwidth`` (straight-through, as in Rajamanoharan et al. 2024);
   decoder rows kept at unit norm.
 
+Tokens with massive activations (norm over ``outlier_factor`` x the median, 10 by default) are left out of
+training and of the held-out metrics: a handful of them would otherwise dominate the squared error.
+
 Dead features (no activation in the last ``resample_every`` steps) are re-initialised toward the inputs the SAE
 reconstructs worst, with their optimiser state reset. Training checkpoints every ``checkpoint_every`` steps into
 ``OUT/checkpoint/`` (the SAE plus the optimiser state and the step, all safetensors/JSON) and the captured
@@ -67,6 +70,7 @@ class TrainConfig(Knobs):
     checkpoint_every: int = 250
     seed: int = 0
     eval_fraction: float = 0.05  # held-out share of tokens for the final metrics
+    outlier_factor: float = 10.0  # drop tokens whose norm exceeds this many times the median (0: keep all)
 
     def __post_init__(self):
         self.architecture = ARCHITECTURES.canonical(self.architecture)
@@ -79,6 +83,8 @@ class TrainConfig(Knobs):
             raise SteerscaleError(f"eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
         if self.sparsity == 0.0:
             self.sparsity = {"standard": 5.0, "jumprelu": 0.002}.get(self.architecture, 0.0)
+        if self.outlier_factor < 0:
+            raise SteerscaleError(f"outlier_factor must be >= 0, got {self.outlier_factor}")
         if self.sparsity < 0:
             raise SteerscaleError(f"sparsity must be >= 0, got {self.sparsity}")
 
@@ -131,6 +137,17 @@ def cached_activations(lm: LoadedModel, texts: Sequence[str], site: Site, out: P
     out.mkdir(parents=True, exist_ok=True)
     save_file({"acts": acts.contiguous()}, str(path), metadata={"key": json.dumps(key)})
     return acts
+
+
+def drop_outliers(acts: torch.Tensor, factor: float) -> tuple[torch.Tensor, int]:
+    """``acts`` without the tokens whose norm is over ``factor`` times the median: the "massive activations" some
+    tokens get mid-text (in SmolLM2's middle layers about 1 token in 10,000, at norms 100x the median), which would
+    otherwise dominate the squared reconstruction error and the explained variance."""
+    if not factor:
+        return acts, 0
+    norms = acts.norm(dim=-1)
+    keep = norms <= factor * norms.median()
+    return acts[keep], int((~keep).sum())
 
 
 # -- the trainer ---------------------------------------------------------------------------------------------
@@ -327,6 +344,7 @@ def train_sae(lm: LoadedModel, texts: Sequence[str], site: Site | str, out: str 
     lm.layout.locate(site)
     t0 = time.perf_counter()
     acts = cached_activations(lm, list(texts), site, out, max_tokens, context, progress=progress)
+    acts, outliers = drop_outliers(acts, cfg.outlier_factor)
     n_eval = max(1, int(acts.shape[0] * cfg.eval_fraction))
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(acts.shape[0], generator=g)
@@ -363,6 +381,7 @@ def train_sae(lm: LoadedModel, texts: Sequence[str], site: Site | str, out: str 
     metrics = reconstruction_metrics(sae, held)
     report = {"finished": trainer.step >= cfg.steps, "site": site.key(), "hook_name": sae.hook_name, "d_in": sae.d_in, "d_sae": sae.d_sae,
               "architecture": sae.architecture, "steps": cfg.steps, "train_tokens": int(train.shape[0]),
+              "outliers_dropped": outliers,
               "held_out": metrics, "seconds": time.perf_counter() - t0, "config": asdict(cfg), "corpus": corpus,
               "history": trainer.history}
     sae.save(out)
