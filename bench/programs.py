@@ -19,6 +19,11 @@ Writes OUT/programs_search.png (dev accuracy vs tokens, every trial), OUT/progra
 OUT/programs_table.md; the last stdout line is one JSON object.
 
     STEERSCALE_THREADS=1 python bench/programs.py --dev 12 --test 40 --trials 8 --budget tokens=256 --max-tokens 32
+
+``--part handbook`` measures the behaviour handbook instead (metacognitive reuse): built from the dev split's solved
+problems, greedy with vs without it on the test split (accuracy, generated tokens, paired interval):
+
+    STEERSCALE_THREADS=1 python bench/programs.py --part handbook --dev 24 --test 24 --data-seed 1 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -50,7 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--part", default="search", choices=["search", "handbook"],
+                    help="search: the protocol above; handbook: greedy with vs without a behaviour handbook built "
+                         "from the dev split's solved problems (--dev problems; --k behaviours retrieved)")
+    ap.add_argument("--k", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.part == "handbook":
+        return handbook_part(args)
 
     from steerscale import load_model
     from steerscale.commands.program_cmd import split_task
@@ -146,6 +157,56 @@ def main(argv=None) -> int:
                "tokens_per_problem": {k: round(tokens(v), 1) for k, v in held.items()},
                "wall_seconds": round(time.time() - t0, 1)}
     print(json.dumps(summary))
+    return 0
+
+
+def handbook_part(args) -> int:
+    """Greedy with and without the handbook (behaviours written by the model from its solved dev problems, the k
+    nearest by hidden-state similarity put before each test question): accuracy and generated tokens, paired."""
+    from steerscale import load_model
+    from steerscale.commands.program_cmd import split_task
+    from steerscale.measure.stats import paired_compare, wilson_ci
+    from steerscale.scale import Budget, LocalBackend, StrategySpec
+    from steerscale.scale.programs import build_handbook
+    from steerscale.scale.programs.search import evaluate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_problem = Budget.parse(args.budget).limits
+    task, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
+    lm = load_model(args.model)
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
+    t0 = time.time()
+    book = build_handbook(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
+    path = out / "programs_handbook.json"
+    book.save(path)
+    print(f"[dev] handbook: {len(book.behaviours)} behaviours from {len(dev)} problems ({time.time() - t0:.0f}s)",
+          file=sys.stderr, flush=True)
+    rows = {"greedy": StrategySpec.of("greedy", max_tokens=args.max_tokens)}
+    if book.behaviours:
+        rows["greedy + handbook"] = StrategySpec.of("program", max_tokens=args.max_tokens, program={"stages": [
+            {"type": "handbook", "path": str(path.resolve()), "k": args.k}, {"type": "generate", "strategy": "greedy"}]})
+    held = {name: evaluate(spec, test, backend, per_problem, seed=args.seed) for name, spec in rows.items()}
+    lines = [f"Task {args.task}: handbook from {len(dev)} dev problems ({len(book.behaviours)} behaviours), "
+             f"{len(test)} held-out problems, k={args.k}, answers up to {args.max_tokens} tokens; model {args.model}.",
+             "", "| method (held out) | accuracy | 95% CI | generated tokens / problem |", "|---|---|---|---|"]
+    for name, res in held.items():
+        ci = wilson_ci(int(sum(o.correct for o in res)), len(res))
+        lines.append(f"| {name} | {ci.mean:.3f} | [{ci.lo:.3f}, {ci.hi:.3f}] | "
+                     f"{sum(o.generated_tokens for o in res) / len(res):.1f} |")
+    lines += ["", "Behaviours: " + "; ".join(f"`{b.name}: {b.instruction}`" for b in book.behaviours)]
+    summary = {"task": args.task, "dev": len(dev), "test": len(test), "behaviours": len(book.behaviours)}
+    if book.behaviours:
+        cmp = paired_compare([o.correct for o in held["greedy"]], [o.correct for o in held["greedy + handbook"]])
+        tok = [sum(o.generated_tokens for o in held[k]) for k in ("greedy", "greedy + handbook")]
+        lines += ["", f"handbook - greedy: {cmp.diff:+.3f} [{cmp.lo:+.3f}, {cmp.hi:+.3f}] ({cmp.wins} wins, "
+                      f"{cmp.losses} losses); token ratio {tok[1] / max(1, tok[0]):.2f}"]
+        summary.update(handbook_gain=round(cmp.diff, 4), handbook_gain_ci_low=round(cmp.lo, 4),
+                       handbook_gain_ci_high=round(cmp.hi, 4), handbook_token_ratio=round(tok[1] / max(1, tok[0]), 3))
+    table = "\n".join(lines + ["", f"Wall time {time.time() - t0:.0f} s (one thread)."])
+    (out / "programs_handbook_table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(json.dumps({**summary, "wall_seconds": round(time.time() - t0, 1)}))
     return 0
 
 

@@ -217,6 +217,10 @@ def test_search_runs_resumes_and_stays_within_its_total(be, tmp_path):
     again = search(_problems(), be, trials=3, **kw)  # resumed: one more trial
     assert len(again.trials) == 3 and again.trials[0].program == first.trials[0].program
     assert again.spent["generated_tokens"] <= 1500
+    from steerscale.scale.programs.search import SINGLE_STRATEGY_PARAMS
+
+    warm = search(_problems(), be, trials=1, start_from=SINGLE_STRATEGY_PARAMS, **{**kw, "storage": None})
+    assert warm.trials[0].program["stages"][0]["strategy"] == "majority"  # the enqueued point came first
     tight = search(_problems(), be, trials=4, **{**kw, "storage": None, "total": {"tokens": 60}})
     assert tight.spent["generated_tokens"] <= 60  # a trial the total cannot finish is failed, never scored
     assert all(t.dev_acc is None for t in tight.trials if t.state == "fail")

@@ -67,6 +67,8 @@ def register(sub) -> None:
                    help="the whole search's budget, a hard cap (default tokens=200000)")
     s.add_argument("--max-tokens", type=int, default=64, help="tokens per generated answer (default 64)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--warm-start", action="store_true",
+                   help="try self-consistency@4 and best-of-4 (self-evaluation) first, as points of the space")
     s.add_argument("-o", "--out", default="out/program_search",
                    help="writes best.json, trials.jsonl, search.png, summary.json and study.db (resumable) here")
     s.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -187,7 +189,7 @@ def run_search(args) -> int:
     from ..measure.stats import wilson_ci
     from ..scale.budget import Budget
     from ..scale.programs import load_program
-    from ..scale.programs.search import evaluate, plot_trials, save_json, search
+    from ..scale.programs.search import SINGLE_STRATEGY_PARAMS, evaluate, plot_trials, save_json, search
     from ..scale.spec import StrategySpec
 
     per_problem, total = Budget.parse(args.budget).limits, Budget.parse(args.total).limits
@@ -197,7 +199,8 @@ def run_search(args) -> int:
     backend = _backend(args)
     result = search(dev, backend, per_problem=per_problem, total=total, trials=args.trials, sampler=args.sampler,
                     seed=args.seed, max_tokens=args.max_tokens, storage=f"sqlite:///{(out / 'study.db').resolve()}",
-                    study_name=f"{args.task}-{args.sampler}")
+                    study_name=f"{args.task}-{args.sampler}",
+                    start_from=SINGLE_STRATEGY_PARAMS if args.warm_start else ())
     if result.best is None:
         print("no trial finished within the total budget; raise --total")
         return 1

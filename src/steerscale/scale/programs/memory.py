@@ -28,9 +28,10 @@ from ..backend import Backend, SamplingParams
 from ..budget import Budget
 from .stages import Context, Stage, _register
 
-EXTRACT_TEMPLATE = ("Problem: {question}\n\nA correct solution: {solution}\n\nName one reusable reasoning habit this "
-                    "solution used that would help on similar problems. Reply with one line in the form\n"
-                    "behaviour_name: one-sentence instruction")
+EXTRACT_TEMPLATE = ("Name the reusable reasoning habit a solution used, as one line: habit_name: instruction.\n\n"
+                    "Problem: Tom has 3 boxes of 4 pens. How many pens?\nSolution: 3 x 4 = 12 pens.\n"
+                    "Habit: multiply_groups: when there are equal groups, multiply the group size by the count.\n\n"
+                    "Problem: {question}\nSolution: {solution}\nHabit:")
 HANDBOOK_HEADER = "Behaviours that may help with this problem:"
 _LINE = re.compile(r"^\s*[-*]?\s*([A-Za-z][A-Za-z0-9_ ]{1,40}?)\s*:\s*(\S.{5,200}?)\s*$")
 

@@ -123,6 +123,16 @@ def suggest_program(trial, max_tokens: int = 64) -> dict:
     return {"stages": stages, "select": trial.suggest_categorical("select", ["vote", "best", "first"])}
 
 
+#: single strategies as points of the search space (``search(start_from=...)``): a search warm-started with them
+#: tries them first, so its best dev configuration is never worse than theirs
+SINGLE_STRATEGY_PARAMS = (
+    {"prompt": "none", "generator": "majority", "n": 4, "temperature": 0.7, "ranker": "none", "vote_stage": False,
+     "fuse_layers": 0, "select": "vote"},
+    {"prompt": "none", "generator": "best_of_n", "n": 4, "temperature": 0.7, "bon_verifier": "self_eval",
+     "ranker": "none", "vote_stage": False, "fuse_layers": 0, "select": "best"},
+)
+
+
 @dataclass
 class Trial:
     number: int
@@ -187,10 +197,11 @@ def _spent_so_far(trials: Sequence[Trial]) -> dict:
 
 def search(problems: Sequence[Problem], backend: Backend, *, per_problem: dict, total: dict, trials: int = 20,
            sampler: str = "tpe", seed: int = 0, max_tokens: int = 64, storage: str | None = None,
-           study_name: str | None = None, space: Callable | None = None, progress: bool = True) -> SearchResult:
+           study_name: str | None = None, space: Callable | None = None, progress: bool = True,
+           start_from: Sequence[dict] = ()) -> SearchResult:
     """Search program configs on ``problems`` (the development split): at most ``trials`` trials (resumed ones
-    count), each problem run within ``per_problem``, everything within ``total``. Returns every trial and the
-    best config."""
+    count), each problem run within ``per_problem``, everything within ``total``. ``start_from``: parameter sets
+    (e.g. ``SINGLE_STRATEGY_PARAMS``) a new study tries first. Returns every trial and the best config."""
     optuna = _optuna()
     if not problems:
         raise SteerscaleError("the search needs development problems", "give it at least one")
@@ -204,6 +215,9 @@ def search(problems: Sequence[Problem], backend: Backend, *, per_problem: dict, 
     study = optuna.create_study(direction="maximize", sampler=make_sampler(sampler, seed), storage=storage,
                                 study_name=study_name or f"programs-{sampler}", load_if_exists=storage is not None)
     done = _trials(study)
+    if not done:
+        for params in start_from:
+            study.enqueue_trial(dict(params))
     total_budget.charge(**{k: v for k, v in _spent_so_far(done).items() if k != "wall_seconds"})
     todo = trials - len([t for t in done if t.state in ("complete", "fail")])
     from tqdm.auto import tqdm
