@@ -9,6 +9,7 @@ import torch
 
 from steerscale.cli import main
 from steerscale.measure.calibrate import calibrate, choose, pareto_front, repetition, split_pairs
+from steerscale.steer.bake import bake
 from steerscale.steer.extract import extract
 from steerscale.steer.pairs import load_pairs
 from steerscale.steer.vector import SteeringVector
@@ -74,6 +75,8 @@ def test_the_recommendation_respects_max_kl_and_feeds_steer(lm, toward, tmp_path
     (site,) = toward.sites
     assert torch.allclose(saved.directions[site], toward.directions[site] * rec["scale"])
     assert saved.metadata["calibration"]["scale"] == rec["scale"]
+    report = bake(lm.model, lm.layout, saved, 1.0, tmp_path / "baked", verify=True)  # steerscale bake takes it
+    assert report["check"]["reload_max_abs_diff"] < 1e-4
     data = json.loads((tmp_path / "calibration.json").read_text())
     assert data["steer"].endswith("calibrated.safetensors:1") and data["recommended"]["label"] == rec["label"]
     assert "prompt" in data["test"] and "recommended_minus_prompt" in data["test"]
@@ -123,3 +126,20 @@ def test_bad_input_is_one_clear_error(monkeypatch, capsys, tmp_path, lm, argv, m
     args = ["calibrate", "--pairs", str(pairs), "-o", str(tmp_path / "out"), "--gen-tokens", "0", *argv]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_line_runs_and_writes_its_files(monkeypatch, capsys, tmp_path, lm, toward):
+    from steerscale.commands import common
+
+    monkeypatch.setattr(common, "load", lambda args: lm)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in PAIRS))
+    toward.save(tmp_path / "v.safetensors")
+    out = tmp_path / "out"
+    assert main(["calibrate", "--pairs", str(pairs), "--vector", str(tmp_path / "v.safetensors"), "--scales", "1,8",
+                 "--neutral", "4", "--gen-tokens", "0", "--system", "Be A.", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: vector x" in printed and "prompt       'Be A.'" in printed
+    assert f"--steer {out / 'calibrated.safetensors'}:1" in printed
+    assert {p.name for p in out.iterdir()} == {"calibration.json", "calibration.png", "calibrated.safetensors",
+                                               "measurements.jsonl"}
