@@ -391,3 +391,49 @@ def score_tokens(model, layout, ids: Sequence[int], interventions=(), *, k: int 
     vals, idx = logp.topk(min(k, logp.shape[-1]), -1)
     return chosen, [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
+
+
+def decode_rows(calls: Sequence[RowCall], logits: torch.Tensor, params: SamplingParams, tokens: TokenRules,
+                generator: torch.Generator, forward, *, limit: int, steps: int,
+                prompt_ids: Sequence[Sequence[int]] | None = None, earlier: Sequence[Sequence[int]] | None = None,
+                done: Sequence[bool] | None = None, stepwise: bool = False, grant=None,
+                feed_last: bool = False) -> tuple[list, torch.Tensor]:
+    """The local decoding loop (``generate`` and ``LocalBackend`` run it): up to ``steps`` times, sample every row's
+    next token from ``logits`` (``sample_next``), let ``grant(live) -> k`` pay for the first ``k`` live rows (a
+    budget; None: all), append each paid token to its row (``RowCall.accept``) and feed the sampled tokens,
+    ``forward(tokens, fed) -> logits`` (``fed``: (B,) bool, the rows that took a token; the others get a pad and
+    keep their distribution), while a row still takes tokens (or, with ``feed_last``, also after the last one:
+    a search keeps the state of a finished step).
+
+    ``prompt_ids``/``earlier``: per row, the prompt's ids and the ids generated in earlier calls (what the logits
+    processors read); ``done``: rows that take no tokens. Returns each row's ``FinishReason`` (``BUDGET`` for rows
+    the grant refused; None: the row goes on, its step ended or ``steps`` ran out) and the last logits."""
+    n = len(calls)
+    ends: list = [None] * n
+    active = [not d for d in done] if done is not None else [True] * n
+    earlier = earlier if earlier is not None else [()] * n
+    for _ in range(steps):
+        if not any(active):
+            break
+        history = {}
+        if params.has_processors:  # what the logits processors read: each row's prompt and output so far
+            history = {"eos_ids": tokens.eos_ids, "prompt_ids": prompt_ids,
+                       "output_ids": [list(e) + c.ids for e, c in zip(earlier, calls)]}
+        tok, lp = sample_next(logits, params, generator, **history)
+        live = [b for b in range(n) if active[b]]
+        granted = grant(len(live)) if grant is not None else len(live)
+        for b in live[granted:]:  # nothing pays for more tokens: these rows end here
+            active[b], ends[b] = False, FinishReason.BUDGET
+        fed = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        tok_list, lp_list = tok.tolist(), lp.tolist()
+        for b in live[:granted]:
+            fed[b] = True
+            outcome = calls[b].accept(tok_list[b], lp_list[b], params, tokens, limit, stepwise)
+            if isinstance(outcome, FinishReason):
+                ends[b] = outcome
+            active[b] = outcome is None
+        if not granted or (not any(active) and not feed_last):
+            break
+        inp = torch.where(fed, tok, torch.full_like(tok, tokens.pad_id))
+        logits = torch.where(fed[:, None], forward(inp, fed), logits)  # idle rows keep their distribution
+    return ends, logits

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..errors import SteerscaleError
 from ..models.layout import ModelLayout
 from ..models.threads import refresh as refresh_threads
 from .capture import tokenize
-from .decoding import TokenRules
-from .logit_contrast import EarlyReader, LogitContrast, check_layout, contrast_hidden
+from .decoding import RowCall, SamplingParams, TokenRules, decode_rows, seeded_generator
+from .kvcache import cache_of, with_cache
+from .logit_contrast import LogitContrast, check_layout, contrast_rows, early_reader
 from .prompt_rules import PromptRule, prompt_interventions
 from .runtime import Intervention, intervene
 
@@ -50,18 +50,6 @@ class Generation:
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids)
-
-
-class _ContrastProcessor(LogitsProcessor):
-    """The early-layer contrast as a transformers logits processor: it runs after generate's own processors (EOS
-    masks, repetition penalty) and before temperature and top-p, on the states the reader kept this step."""
-
-    def __init__(self, early: EarlyReader):
-        self.early = early
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        e = self.early
-        return contrast_hidden(e.model, e.layout, e.spec, scores, e.at()).to(scores.dtype)
 
 
 @torch.no_grad()
@@ -102,39 +90,56 @@ def generate(
     device = next(model.parameters()).device
     refresh_threads(device)  # fewer threads while other jobs hold cores (models/threads.py)
     batch = tokenize(tokenizer, formatted, device)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                            top_p=top_p if do_sample else 1.0, min_tokens=min(int(min_new_tokens), max_new_tokens),
+                            step=None)
     if seed is not None:
         torch.manual_seed(seed)
-    tokens = TokenRules(model, tokenizer)  # the decoding core's EOS set: every engine ends a row on the same tokens
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
-                  pad_token_id=tokens.pad_id, num_return_sequences=num_return_sequences)
-    if tokens.eos_ids:
-        kwargs["eos_token_id"] = sorted(tokens.eos_ids)
-    if min_new_tokens:
-        kwargs["min_new_tokens"] = min(int(min_new_tokens), max_new_tokens)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    generator = seeded_generator(seed)
+    tokens = TokenRules(model, tokenizer)
     interventions = [interventions] if isinstance(interventions, Intervention) else list(interventions)
     rule_edits, rule_scales = prompt_interventions(model, layout, rules, batch, num_return_sequences)
     gates = list({id(iv.gate): iv.gate for iv in interventions if iv.gate is not None}.values())
-    early = None
+    spec = None
     if logit_contrast is not None:
         spec = LogitContrast.parse(logit_contrast)
         check_layout(layout, spec)
-        early = EarlyReader(layout, spec, model=model, last_only=True)
-        kwargs["logits_processor"] = LogitsProcessorList([_ContrastProcessor(early)])
-    # the reader's observers attach after the edits, so they read the steered states
+    early = early_reader(layout, model, [spec])
+    # every return sequence is a row of its own from the start (transformers' expansion)
+    ids = batch.input_ids.repeat_interleave(num_return_sequences, 0)
+    mask = batch.attention_mask.repeat_interleave(num_return_sequences, 0)
+    rows = ids.shape[0]
+    width = ids.shape[1]
+    calls = [RowCall() for _ in range(rows)]
+    state = {"ids": ids, "mask": mask, "cache": None}
+
+    def run(inp, attention, cache):
+        pos = (attention.cumsum(-1) - 1).clamp(min=0)[:, -inp.shape[1]:]
+        out = model(input_ids=inp, attention_mask=attention, position_ids=pos, use_cache=use_cache,
+                    logits_to_keep=1, **(with_cache(model, cache) if cache is not None else {}))
+        return contrast_rows(model, layout, out.logits[:, -1].float(), [spec] * rows, early), \
+            (cache_of(out) if use_cache else None)
+
+    def forward(inp: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        # every row takes a column: a finished row a masked pad, so the others' positions stay as they were
+        state["mask"] = torch.cat([state["mask"], fed.long()[:, None]], dim=1)
+        state["ids"] = torch.cat([state["ids"], inp[:, None]], dim=1)
+        if use_cache:
+            logits, state["cache"] = run(inp[:, None], state["mask"], state["cache"])
+        else:  # the whole sequence again: what a cached pass must reproduce
+            logits, _ = run(state["ids"], state["mask"], None)
+        return logits
+
+    # one hook block over the whole generation: token gates latch per row across its passes; the early reader's
+    # observers attach after the edits, so they read the steered states
     with intervene(layout, interventions + rule_edits, prompt_width=None) as handle, \
             early.reading() if early is not None else nullcontext():
-        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-    width = batch.input_ids.shape[1]
+        logits, state["cache"] = run(ids, mask, None)
+        decode_rows(calls, logits, params, tokens, generator, forward, limit=tokens.limit(params, width),
+                    steps=max_new_tokens, prompt_ids=[row[m.bool()].tolist() for row, m in zip(ids, mask)])
     results = []
-    eos = tokens.eos_ids | {tokens.pad_id}
-    for row in range(out.shape[0]):
-        ids = out[row, width:].tolist()
-        while ids and ids[-1] in eos:  # trailing padding after an early stop
-            ids.pop()
+    for row, call in enumerate(calls):
+        out_ids = [t for t in call.ids if t not in tokens.eos_ids]  # the EOS that ended the row is not text
         src = row // num_return_sequences
         n_prompt = int(batch.attention_mask[src].sum())
         extra = {"rule_scales": rule_scales[row]} if rules else {}
@@ -142,7 +147,7 @@ def generate(
             fired = [handle.gate_positions(g)[row] for g in gates]
             fired = [p + 1 - n_prompt for p in fired if p is not None]
             # a row that ended early is fed padding until the batch ends: a gate firing there steered nothing
-            extra["gate_from"] = min(fired) if fired and min(fired) < len(ids) else None
-        results.append(Generation(prompt=prompts[src], text=tokenizer.decode(ids, skip_special_tokens=True),
-                                  token_ids=ids, n_prompt_tokens=n_prompt, extra=extra))
+            extra["gate_from"] = min(fired) if fired and min(fired) < len(out_ids) else None
+        results.append(Generation(prompt=prompts[src], text=call.text, token_ids=out_ids, n_prompt_tokens=n_prompt,
+                                  extra=extra))
     return results

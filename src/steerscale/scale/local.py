@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from ..engine.capture import Batch
-from ..engine.decoding import STEP_DONE, RowCall, TokenRules, sample_next, score_tokens, seeded_generator
+from ..engine.decoding import RowCall, TokenRules, decode_rows, sample_next, score_tokens, seeded_generator
 from ..engine.generation import format_prompt, has_chat_template
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, early_reader
@@ -242,45 +242,33 @@ class LocalBackend(Backend):
     # -- the decoding loop shared by sample() and extend() ----------------------------------------------------
     def _run(self, rows: list[Candidate], kv: _KV, params: SamplingParams, budget: Budget, stepwise: bool,
              keep_state: bool) -> _KV:
-        B = len(rows)
-        active = [not c.finished for c in rows]
+        """Grow ``rows`` by one call (a whole sample, or one step) with the decoding core's loop, buying every token
+        from ``budget`` first; the KV state moves on in ``kv``."""
         calls = [RowCall(before=c.n_tokens, prev=c.text) for c in rows]
         # the prompt's width: the cache's columns less what the longest row generated (merged rows share padding)
         limit = self.tokens.limit(params, kv.mask.shape[1] - max(c.n_tokens for c in rows))
-        for _ in range(params.max_step_tokens if stepwise else limit):
-            if not any(active):
-                break
-            history = {}
-            if params.has_processors:  # what the logits processors read: each row's prompt and output so far
-                history = {"eos_ids": self.tokens.eos_ids, "prompt_ids": [kv.prompt_ids] * B,
-                           "output_ids": [r.token_ids + c.ids for r, c in zip(rows, calls)]}
-            tok, lp = sample_next(kv.logits, params, kv.generator, **history)
-            live = [b for b in range(B) if active[b]]
-            granted = len(live) if not budget.exhausted else 0  # wall time: checked here, between tokens
-            granted = budget.buy_tokens(granted, self.n_params) if granted else 0
-            for b in live[granted:]:  # the budget pays for no more tokens: these rows end here
-                active[b] = False
-                rows[b].finished, rows[b].finish_reason = True, FinishReason.BUDGET
-            fed = torch.zeros(B, dtype=torch.long, device=self.device)
-            tok_list, lp_list = tok.tolist(), lp.tolist()
-            for b in live[:granted]:
-                fed[b] = 1
-                outcome = calls[b].accept(tok_list[b], lp_list[b], params, self.tokens, limit, stepwise)
-                if isinstance(outcome, FinishReason):
-                    rows[b].finished, rows[b].finish_reason = True, outcome
-                active[b] = outcome is None
-            if not granted or (not any(active) and not keep_state):
-                break
-            # feed the sampled tokens (masked pads for rows that were idle) to get the next distribution
-            inp = torch.where(fed.bool(), tok, torch.full_like(tok, self.tokens.pad_id))[:, None]
+
+        def grant(live: int) -> int:
+            if not live or budget.exhausted:  # wall time: checked here, between tokens
+                return 0
+            return budget.buy_tokens(live, self.n_params)
+
+        def forward(inp: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
             pos = kv.mask.sum(-1, keepdim=True)  # position = number of real tokens before this one
-            mask = torch.cat([kv.mask, fed[:, None]], dim=1)
-            logits, kv.cache = self._forward(inp, mask, pos, kv.cache, kv.scales, kv.prompt_width, kv.decided)
-            kv.logits = torch.where(fed.bool()[:, None], logits, kv.logits)  # idle rows keep their distribution
-            kv.mask = mask
-        # a row still active here hit max_step_tokens: its step ends where it is
-        for row, call in zip(rows, calls):
-            _close(row, call, stepwise)
+            kv.mask = torch.cat([kv.mask, fed.long()[:, None]], dim=1)
+            logits, kv.cache = self._forward(inp[:, None], kv.mask, pos, kv.cache, kv.scales, kv.prompt_width,
+                                             kv.decided)
+            return logits
+
+        ends, kv.logits = decode_rows(calls, kv.logits, params, self.tokens, kv.generator, forward, limit=limit,
+                                      steps=params.max_step_tokens if stepwise else limit,
+                                      prompt_ids=[kv.prompt_ids] * len(rows), earlier=[r.token_ids for r in rows],
+                                      done=[c.finished for c in rows], stepwise=stepwise, grant=grant,
+                                      feed_last=keep_state)
+        for row, call, end in zip(rows, calls, ends):
+            if end is not None:
+                row.finished, row.finish_reason = True, end
+            _close(row, call, stepwise)  # a row still going here ended its step (or hit max_step_tokens)
         return kv
 
     # -- Backend API ----------------------------------------------------------------------------------------
