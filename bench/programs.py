@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--random-trials", type=int, default=0)
+    ap.add_argument("--warm-start", action="store_true",
+                    help="the search tries self-consistency@4 and best-of-4 (self-evaluation) first")
     ap.add_argument("--budget", default="tokens=256", help="per problem, every row")
     ap.add_argument("--total", default="tokens=60000", help="the whole search (each sampler)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     from steerscale.measure.stats import paired_compare, wilson_ci
     from steerscale.scale import Budget, LocalBackend, StrategySpec
     from steerscale.scale.programs import load_program
-    from steerscale.scale.programs.search import evaluate, plot_trials, save_json, search
+    from steerscale.scale.programs.search import SINGLE_STRATEGY_PARAMS, evaluate, plot_trials, save_json, search
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
 
     # 3. program search on dev
     searches = [search(dev, backend, per_problem=per_problem, total=Budget.parse(args.total).limits,
-                       trials=args.trials, sampler="tpe", seed=args.seed, max_tokens=args.max_tokens)]
+                       trials=args.trials, sampler="tpe", seed=args.seed, max_tokens=args.max_tokens,
+                       start_from=SINGLE_STRATEGY_PARAMS if args.warm_start else ())]
     if args.random_trials:
         searches.append(search(dev, backend, per_problem=per_problem, total=Budget.parse(args.total).limits,
                                trials=args.random_trials, sampler="random", seed=args.seed,

@@ -15,7 +15,7 @@ within one budget, and a search over them (Archon-style inference-time architect
 See docs/programs.md.
 """
 
-from . import entry  # registers the "program" strategy
+from . import entry  # noqa: F401  (registers the "program" strategy)
 from .memory import Behaviour, Handbook, build_handbook  # the handbook stage registers with it
 from .program import DEFAULT_PROGRAM, PROGRAMS, Program, load_program
 from .stages import PROMPT_PRESETS, STAGES, Context, Stage, build_stage

@@ -154,7 +154,7 @@ def build_stage(obj, where: str = "stage") -> Stage:
     """A checked stage from a JSON object ``{"type": NAME, option: value, ...}``."""
     if not isinstance(obj, Mapping):
         raise SteerscaleError(f"{where} must be an object with a \"type\", got {obj!r}",
-                              f"e.g. {{\"type\": \"generate\", \"strategy\": \"majority\", \"n\": 4}}")
+                              "e.g. {\"type\": \"generate\", \"strategy\": \"majority\", \"knobs\": {\"n\": 4}}")
     obj = dict(obj)
     kind = obj.pop("type", None)
     if not isinstance(kind, str):
