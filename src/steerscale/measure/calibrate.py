@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 
 from ..engine.generation import generate
 from ..errors import SteerscaleError
-from ..models.sites import Site
 from ..steer.extract import extract
 from ..steer.layers import parse_layers
 from ..steer.pairs import ContrastPair, as_pairs
@@ -205,9 +204,9 @@ def _vector_digest(v: SteeringVector) -> str:
 class _Sweep:
     """Measures settings (cached) against the unsteered margins of one split."""
 
-    def __init__(self, lm, vectors: dict, select, texts, system, seed, cache, bar):
-        self.lm, self.vectors, self.select, self.texts, self.seed, self.cache, self.bar = \
-            lm, vectors, select, texts, seed, cache, bar
+    def __init__(self, lm, vectors: dict, select, texts, seed, cache):
+        self.lm, self.vectors, self.select, self.texts, self.seed, self.cache = lm, vectors, select, texts, seed, cache
+        self.bar = None  # the progress bar, while a sweep runs
         self.context = _digest(lm.name, fingerprint(lm.layout), [(p.prompt, p.positive, p.negative) for p in select],
                                texts, seed)
         self.base = self.margins(None, 0.0, select)
@@ -228,7 +227,8 @@ class _Sweep:
     def measure(self, setting: Setting, stage: str, break_kl: float) -> dict:
         if setting in self.rows:
             return self.rows[setting]
-        self.bar.set_postfix_str(setting.label())
+        if self.bar is not None:
+            self.bar.set_postfix_str(setting.label())
         m = self.margins(setting.layer, setting.scale, self.select)
         cost = self.cost(setting.layer, setting.scale)
         gain = paired_compare(self.base, m, seed=self.seed)
@@ -238,7 +238,8 @@ class _Sweep:
                "margin": bootstrap_ci(m, seed=self.seed).to_dict(), "kl": kl, "ppl_ratio": cost["ppl_ratio"],
                "broken": not math.isfinite(kl["mean"]) or kl["mean"] > break_kl}
         self.rows[setting] = row
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
         return row
 
 
@@ -273,48 +274,16 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     cache = MeasurementCache(out / "measurements.jsonl" if out is not None else None)
-    n_layers = lm.layout.n_layers
-
-    if vector is not None:
-        if layers not in (None, "auto"):
-            raise SteerscaleError("a given vector's layers are fixed; --layers sweeps layers of a vector fitted "
-                                  "from --pairs", "drop --layers, or calibrate from pairs without --vector")
-        vector.check_compatible(lm.layout)
-        vectors, candidates = {None: vector}, [None]
-        if compare:
-            raise SteerscaleError("compare settings name layers, which a given vector fixes",
-                                  "compare other strengths by calibrating, or extract from pairs")
-    else:
-        spec = parse_layers(layers, n_layers)
-        candidates = auto_layers(n_layers) if spec == "auto" else list(spec)
-        for layer, _ in compare:
-            parse_layers(layer, n_layers)  # a clear error for a layer the model lacks
-        fit_layers = sorted(set(candidates) | {layer for layer, _ in compare} | _fine_layers(candidates, n_layers))
-        log(f"fitting CAA directions at layers {fit_layers} from {len(train)} training pairs")
-        fitted = extract(lm, train, "caa", fit_layers, read=read, seed=seed, progress=progress)
-        vectors = {s.layer: SteeringVector({s: d}, fitted.model_name, fitted.model_fingerprint, fitted.method,
-                                           dict(fitted.metadata, layers=[s.layer]))
-                   for s, d in fitted.directions.items()}
+    vectors, candidates = _directions(lm, vector, layers, compare, train, read, seed, progress, log)
 
     texts = neutral_prompts()[::max(1, len(neutral_prompts()) // n_neutral)][:n_neutral]
-    plan = len(candidates) * len(scales)
-    with tqdm(total=plan + 4, desc="calibrate", disable=not progress, unit="setting") as bar:
-        sweep = _Sweep(lm, vectors, select, texts, system, seed, cache, bar)
-        for layer in candidates:  # coarse: ascending strengths, stop where the text breaks
-            for scale in scales:
-                if sweep.measure(Setting(layer, scale), "coarse", break_kl)["broken"]:
-                    bar.update(len(scales) - scales.index(scale) - 1)
-                    break
-        best, _ = choose(list(sweep.rows.values()), max_kl, min_gain)
-        if best is not None:  # fine: around the best within budget
-            for s in _fine_settings(best, candidates, scales, n_layers, vector is not None):
-                sweep.measure(s, "fine", break_kl)
-        bar.total = bar.n
-        bar.refresh()
+    sweep = _Sweep(lm, vectors, select, texts, seed, cache)
+    _run_sweep(sweep, candidates, scales, max_kl, min_gain, break_kl, lm.layout.n_layers,
+               fixed_vector=vector is not None, progress=progress)
     memo: dict = {}  # greedy samples per setting
     rows = sorted(sweep.rows.values(), key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["scale"]))
     recommended, verdict, rejected = _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition,
-                                                           gen_tokens, memo)
+                                                      gen_tokens, memo)
     front = pareto_front([r for r in rows if not r["broken"]])
     for r in rows:
         r["on_front"] = r in front
@@ -331,12 +300,12 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     calibration = Calibration(
         lm.name, rows, front, recommended, verdict, test_report,
         {"layers": candidates, "scales": list(scales), "max_kl": max_kl, "break_kl": break_kl, "min_gain": min_gain,
-         "system": system,
-         "n_train": len(train), "n_select": len(select), "n_test": len(test), "n_neutral": len(texts),
+         "system": system, "n_train": len(train), "n_select": len(select), "n_test": len(test), "n_neutral": len(texts),
          "seed": seed, "read": read, "from": "vector" if vector is not None else "pairs",
          "resumed_measurements": cache.hits},
         time.perf_counter() - started, samples=samples)
     if out is not None:
+        (out / "calibrated.safetensors").unlink(missing_ok=True)  # an earlier run's choice must not outlive this one
         if recommended is not None:
             calibration.vector_path = str(_save_calibrated(vectors[recommended["layer"]], recommended, verdict,
                                                             out / "calibrated.safetensors"))
@@ -344,6 +313,50 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
         calibration.seconds = time.perf_counter() - started
         (out / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1))
     return calibration
+
+
+def _directions(lm, vector, layers, compare, train, read, seed, progress, log) -> tuple[dict, list]:
+    """``({layer: one-site vector}, candidate layers)`` fitted from the train pairs (CAA, one capture pass over the
+    candidates, the compare layers and the fine stage's halfway layers), or ``({None: vector}, [None])``."""
+    n_layers = lm.layout.n_layers
+    if vector is not None:
+        if layers not in (None, "auto"):
+            raise SteerscaleError("a given vector's layers are fixed; --layers sweeps layers of a vector fitted "
+                                  "from --pairs", "drop --layers, or calibrate from pairs without --vector")
+        if compare:
+            raise SteerscaleError("compare settings name layers, which a given vector fixes",
+                                  "compare other strengths by calibrating, or extract from pairs")
+        vector.check_compatible(lm.layout)
+        return {None: vector}, [None]
+    spec = parse_layers(layers, n_layers)
+    candidates = auto_layers(n_layers) if spec == "auto" else list(spec)
+    for layer, _ in compare:
+        parse_layers(layer, n_layers)  # a clear error for a layer the model lacks
+    fit_layers = sorted(set(candidates) | {layer for layer, _ in compare} | _fine_layers(candidates))
+    log(f"fitting CAA directions at layers {fit_layers} from {len(train)} training pairs")
+    fitted = extract(lm, train, "caa", fit_layers, read=read, seed=seed, progress=progress)
+    return {s.layer: SteeringVector({s: d}, fitted.model_name, fitted.model_fingerprint, fitted.method,
+                                    dict(fitted.metadata, layers=[s.layer]))
+            for s, d in fitted.directions.items()}, candidates
+
+
+def _run_sweep(sweep: _Sweep, candidates, scales, max_kl, min_gain, break_kl, n_layers, *, fixed_vector: bool,
+               progress: bool) -> None:
+    """Coarse (each layer at ascending strengths, stopping where the text breaks), then fine around the best."""
+    with tqdm(total=len(candidates) * len(scales) + 4, desc="calibrate", disable=not progress,
+              unit="setting") as bar:
+        sweep.bar = bar
+        for layer in candidates:
+            for scale in scales:
+                if sweep.measure(Setting(layer, scale), "coarse", break_kl)["broken"]:
+                    bar.update(len(scales) - scales.index(scale) - 1)
+                    break
+        best, _ = choose(list(sweep.rows.values()), max_kl, min_gain)
+        if best is not None:
+            for s in _fine_settings(best, candidates, scales, n_layers, fixed_vector):
+                sweep.measure(s, "fine", break_kl)
+        bar.total = bar.n
+        bar.refresh()
 
 
 def _check_scales(scales) -> list[float]:
@@ -358,7 +371,7 @@ def _check_scales(scales) -> list[float]:
     return values
 
 
-def _fine_layers(candidates: list[int], n_layers: int) -> set[int]:
+def _fine_layers(candidates: list[int]) -> set[int]:
     """Halfway layers between neighbouring candidates (fitted up front: the fine stage may need them)."""
     out = set()
     for a, b in zip(candidates, candidates[1:]):
