@@ -125,9 +125,6 @@ def test_every_artifact_class_has_one_save_load_check_interface(tmp_path):
         check_gate(TokenGate(Site(1), torch.ones(dim + 1)), lm.layout)
 
 
-@pytest.mark.xfail(strict=True, reason="steer/vector.py is another session's file: SteeringVector still names its "
-                                       "model check check_compatible; it needs check = check_compatible (and load's "
-                                       "layout argument) to join the one interface")
 def test_the_steering_vector_has_the_artifact_interface():
     assert issubclass(SteeringVector, artifacts.Artifact) and hasattr(SteeringVector, "check")
 

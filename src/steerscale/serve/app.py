@@ -119,7 +119,7 @@ class App:
                                   "use 1-128 letters, digits, '_', '.' and '-'")
         if not isinstance(obj, ARTIFACTS[kind].type):
             raise SteerscaleError(f"{name!r} is a {type(obj).__name__}, not a {ARTIFACTS[kind].what}")
-        obj.check_compatible(self.layout) if kind == "vectors" else obj.check(self.layout)
+        obj.check(self.layout)  # every artifact kind has one model check (steer.artifacts.Artifact)
         self.shelves[kind][name] = obj
 
     # -- helpers ----------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class SteeringVector:
         return f"SteeringVector(method={self.method!r}, model={self.model_name!r}, sites=[{sites}])"
 
     # -- use -----------------------------------------------------------------------------------------------
+    def check(self, layout: ModelLayout) -> None:
+        """Refuse a vector made for another model or of the wrong size at a site (the artifact interface's check;
+        ``check_compatible`` is its first name)."""
+        self.check_compatible(layout)
+
     def check_compatible(self, layout: ModelLayout) -> None:
         artifacts.check_model("vector", self.model_name, self.model_fingerprint, layout)
         for site, vec in self.directions.items():
@@ -166,13 +171,20 @@ class SteeringVector:
         return artifacts.write(path, FORMAT, {site.key(): vec for site, vec in self.directions.items()}, header)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteeringVector":
+    def load(cls, path: str | Path, layout: ModelLayout | None = None) -> "SteeringVector":
+        """A vector file (steerscale's safetensors, or a registered reader's suffix such as ``.gguf``), checked
+        against ``layout`` when given (the artifact interface, ``steer.artifacts.Artifact``)."""
         path = Path(path)
         if path.suffix in _READERS:
-            return _READERS[path.suffix](path)
-        tensors, header = artifacts.read(path, FORMAT, "steering vector")
-        return cls({Site.parse(k): v for k, v in tensors.items()}, header.get("model_name", ""),
-                   header.get("model_fingerprint", ""), header.get("method", "custom"), header.get("metadata", {}))
+            vector = _READERS[path.suffix](path)
+        else:
+            tensors, header = artifacts.read(path, FORMAT, "steering vector")
+            vector = cls({Site.parse(k): v for k, v in tensors.items()}, header.get("model_name", ""),
+                         header.get("model_fingerprint", ""), header.get("method", "custom"),
+                         header.get("metadata", {}))
+        if layout is not None:
+            vector.check(layout)
+        return vector
 
 
 def register_reader(suffix: str, read: Callable[[Path], SteeringVector]) -> None:
