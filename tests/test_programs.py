@@ -189,7 +189,7 @@ def test_a_stage_naming_a_model_uses_it_and_a_missing_one_fails_before_any_work(
 
 
 def test_stage_registry_lists_every_stage():
-    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse", "handbook"}
+    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse", "handbook", "route"}
 
 
 # -- search ---------------------------------------------------------------------------------------------------
@@ -305,3 +305,34 @@ def test_handbook_retrieves_by_similarity_and_its_stage_prepends_it(be, tmp_path
         load_program({"stages": [{"type": "handbook", "path": str(tmp_path / "bad.json")}, gen()]})
     built = build_handbook(_problems(), be, Budget.of(tokens=60), max_tokens=8)  # a random model: few or no entries
     assert isinstance(built, Handbook) and all(b.vector and len(b.vector) == built.dim for b in built.behaviours)
+
+
+# -- prompt router (dynamic prompt selection) ---------------------------------------------------------------------
+def test_router_picks_the_prompt_that_worked_on_the_nearest_questions(be, tmp_path):
+    from steerscale.scale.programs import Router, build_router
+    from steerscale.scale.programs.memory import RouteExample
+
+    qa, qb = "Calculate 12 + 30.", "Name the capital of France, please, in one word."
+    va, vb = be.embed([qa, qb], Budget()).tolist()
+    router = Router(["none", "cot", "direct"], [RouteExample(qa, {"none": 0, "cot": 1, "direct": 0}, va),
+                                                 RouteExample(qb, {"none": 0, "cot": 0, "direct": 1}, vb)],
+                    "tiny", len(va))
+    assert router.choose(qa, be, Budget(), k=1) == "cot" and router.choose(qb, be, Budget(), k=1) == "direct"
+    assert router.choose(qa, be, Budget(), k=2) == "cot"  # a tie on both: the first of the best overall
+    path = tmp_path / "router.json"
+    router.save(path)
+    assert Router.load(path) == router
+    prog = load_program({"stages": [{"type": "route", "path": str(path), "k": 1}, gen()]})
+    assert prog.run(qb, be, Budget()).info["prompt"].endswith("Give only the final answer, without any explanation.")
+    bad = json.loads(path.read_text())
+    bad["prompts"] = ["none", "cto"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SteerscaleError, match="did you mean 'cot'"):
+        load_program({"stages": [{"type": "route", "path": str(path)}, gen()]})
+    budget = Budget()
+    built = build_router(_problems(), be, ("none", "direct"), budget, max_tokens=4)
+    assert [sorted(e.correct) for e in built.examples] == [["direct", "none"]] * 2
+    assert all(len(e.vector) == built.dim for e in built.examples)
+    assert budget.spent()["generated_tokens"] <= 2 * 2 * 4 and budget.spent()["verifier_passes"] == 2
+    with pytest.raises(SteerscaleError, match="unknown prompt preset"):
+        build_router(_problems(), be, ("none", "verbose"))

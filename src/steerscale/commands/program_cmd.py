@@ -19,6 +19,8 @@ examples:
   steerscale solve -p "What is 17 + 25?" --strategy program --knob program=out/program_search/best.json
   steerscale program handbook --task arc_easy --limit 32 --data-seed 1 -o handbook.json   # metacognitive reuse
   steerscale program run '{"stages": [{"type": "handbook", "path": "handbook.json"}, {"type": "generate"}]}' -p "..."
+  steerscale program router --task arc_easy --limit 32 --data-seed 1 --prompts none,cot,direct -o router.json
+  steerscale program run '{"stages": [{"type": "route", "path": "router.json"}, {"type": "generate"}]}' -p "..."
   steerscale eval --task gsm8k --limit 20 --strategy program --knob program=critique_fuse --budget tokens=2000
 
 A program is JSON (or YAML): {"stages": [{"type": "prompt", "preset": "cot"},
@@ -32,7 +34,7 @@ def register(sub) -> None:
                        description="Inference programs: pipelines of prompt and candidate stages (generate, critique, "
                                    "rank, filter, vote, fuse) configured as data, run within one budget; and an "
                                    "optuna search over them (Archon-style).")
-    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search,handbook}", required=True)
+    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search,handbook,router}", required=True)
 
     show = verbs.add_parser("show", help="list stages, presets and programs, or print one program checked",
                             epilog=EPILOG, formatter_class=p.formatter_class)
@@ -86,6 +88,21 @@ def register(sub) -> None:
     h.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_model_args(h)
     h.set_defaults(func=run_handbook)
+    r = verbs.add_parser("router", help="build a prompt router: which prompt of a pool worked on which dev question",
+                         epilog=EPILOG, formatter_class=p.formatter_class)
+    r.add_argument("--task", required=True, help="the task whose development problems train the router")
+    r.add_argument("--limit", type=int, default=32, help="development problems (default 32)")
+    r.add_argument("--data-seed", type=int, default=0,
+                   help="which problems are drawn; use another seed (or split) than the evaluation's")
+    r.add_argument("--prompts", default="none,cot,direct", metavar="P1,P2,...",
+                   help="the pool: 'none' and prompt presets (steerscale program show lists them); default "
+                        "none,cot,direct")
+    r.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    r.add_argument("--budget", default="", metavar="NAME=V,...", help="limits for the whole build")
+    r.add_argument("-o", "--out", required=True, help="the router JSON file to write")
+    r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_model_args(r)
+    r.set_defaults(func=run_router)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -241,4 +258,28 @@ def run_handbook(args) -> int:
     for b in book.behaviours:
         print(f"- {b.name}: {b.instruction}")
     print(f"{len(book.behaviours)} behaviours from {len(problems)} problems -> {args.out}")
+    return 0
+
+
+def run_router(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..measure.tasks import get_task
+    from ..scale.budget import Budget
+    from ..scale.programs import build_router
+    from ..scale.programs.memory import check_pool
+
+    prompts = [x.strip() for x in args.prompts.split(",") if x.strip()]
+    budget = Budget.parse(args.budget)
+    task = get_task(args.task)
+    problems = task_problems(task, task.load(limit=args.limit, seed=args.data_seed))
+    check_pool(prompts)  # before the model loads
+    backend = _backend(args)
+    with tqdm(total=len(problems), desc="router", unit="problem") as bar:
+        router = build_router(problems, backend, prompts, budget, max_tokens=args.max_tokens, model=args.model,
+                              progress=bar)
+    router.save(args.out)
+    for name, acc in router.overall().items():
+        print(f"  {name:10s} dev accuracy {acc:.3f}")
+    print(f"router over {len(router.examples)} problems -> {args.out}")
     return 0

@@ -1,4 +1,6 @@
-"""A behaviour handbook (metacognitive reuse): reusable reasoning behaviours written by the model from its own solved
+"""Memory and selection as reusable parts: a behaviour handbook and a prompt router.
+
+A behaviour handbook (metacognitive reuse): reusable reasoning behaviours written by the model from its own solved
 traces, stored as JSON, retrieved for a new problem by embedding similarity and put in the prompt.
 
 * ``build_handbook(problems, backend, budget)``: the model solves each problem (greedy); for each one it solved
@@ -12,6 +14,13 @@ traces, stored as JSON, retrieved for a new problem by embedding similarity and 
   behaviours before the question. The file is read and checked when the program is loaded.
 
 The file is JSON: ``{"model": ..., "dim": D, "behaviours": [{"name", "instruction", "source", "vector"}]}``.
+
+A prompt router (dynamic prompt selection): ``build_router(problems, backend, prompts)`` runs greedy under each
+prompt of a pool (``"none"`` or a ``prompt`` preset) on development problems and stores, per question, which worked
+and its embedding; ``Router.choose`` picks, for a new question, the prompt that worked most often on its ``k``
+nearest development questions (ties: the best prompt over the whole split). The ``route`` prompt stage
+(``{"type": "route", "path": "router.json", "k": 5}``) prepends it. A k-nearest-neighbour vote on the model's own
+hidden states: light, and nothing to fit.
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ from typing import ClassVar, Sequence
 from ...errors import SteerscaleError
 from ..backend import Backend, SamplingParams
 from ..budget import Budget
-from .stages import Context, Stage, _register
+from .stages import PROMPT_PRESETS, Context, Stage, _register, place_text
 
 EXTRACT_TEMPLATE = ("Name the reusable reasoning habit a solution used, as one line: habit_name: instruction.\n\n"
                     "Problem: Tom has 3 boxes of 4 pens. How many pens?\nSolution: 3 x 4 = 12 pens.\n"
                     "Habit: multiply_groups: when there are equal groups, multiply the group size by the count.\n\n"
                     "Problem: {question}\nSolution: {solution}\nHabit:")
 HANDBOOK_HEADER = "Behaviours that may help with this problem:"
+HANDBOOK_FORMAT = "it is JSON: {\"behaviours\": [{\"name\", \"instruction\", \"source\", \"vector\"}]}"
+ROUTER_FORMAT = "it is JSON: {\"prompts\": [...], \"examples\": [{\"question\", \"vector\", \"correct\"}]}"
 _LINE = re.compile(r"^\s*[-*]?\s*([A-Za-z][A-Za-z0-9_ ]{1,40}?)\s*:\s*(\S.{5,200}?)\s*$")
 
 
@@ -60,6 +71,42 @@ def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / (na * nb) if na and nb else -1.0
 
 
+def embed_question(question: str, backend: Backend, budget: Budget, dim: int, what: str) -> list[float] | None:
+    """The question's embedding (charged to ``budget``), or None when the budget cannot pay for it."""
+    vec = backend.embed([question], budget)[0].tolist()
+    if any(math.isnan(x) for x in vec):
+        return None
+    if len(vec) != dim:
+        raise SteerscaleError(f"the {what}'s vectors have {dim} dimensions, this model's {len(vec)}",
+                              f"build the {what} with the model that uses it")
+    return vec
+
+
+def nearest(vec: Sequence[float], items: Sequence, k: int) -> list:
+    """The ``k`` items (each with a ``vector``) closest to ``vec`` by cosine similarity, closest first."""
+    return sorted(items, key=lambda item: _cosine(vec, item.vector), reverse=True)[:k]
+
+
+def _embed_all(items, texts: list[str], backend: Backend, budget: Budget) -> tuple[list, int]:
+    """``items`` with their ``vector`` set from ``texts`` (those the budget could not embed dropped), and the width."""
+    if not items:
+        return [], 0
+    vectors = backend.embed(texts, budget)
+    for item, v in zip(items, vectors.tolist()):
+        item.vector = v
+    return [i for i in items if not any(math.isnan(x) for x in i.vector)], int(vectors.shape[-1])
+
+
+def _read_json(path, what: str, example: str):
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SteerscaleError(f"{what} file {str(p)!r} does not exist", f"build one with steerscale program {what}")
+    try:
+        return p, json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SteerscaleError(f"{what} file {str(p)!r} is malformed (JSONDecodeError: {exc})", example) from None
+
+
 @dataclass
 class Handbook:
     behaviours: list[Behaviour]
@@ -73,19 +120,14 @@ class Handbook:
 
     @classmethod
     def load(cls, path) -> "Handbook":
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise SteerscaleError(f"handbook file {str(p)!r} does not exist",
-                                  "build one with steerscale.scale.programs.memory.build_handbook")
+        p, obj = _read_json(path, "handbook", HANDBOOK_FORMAT)
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
             items = obj["behaviours"]
             behaviours = [Behaviour(str(b["name"]), str(b["instruction"]), str(b.get("source", "")),
                                     [float(x) for x in b.get("vector", [])]) for b in items]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise SteerscaleError(f"handbook file {str(p)!r} is malformed ({type(exc).__name__}: {exc})",
-                                  "it is JSON: {\"behaviours\": [{\"name\", \"instruction\", \"source\", "
-                                  "\"vector\"}]}") from None
+                                  HANDBOOK_FORMAT) from None
         dim = int(obj.get("dim", 0) or 0)
         if any(b.vector and len(b.vector) != dim for b in behaviours):
             raise SteerscaleError(f"handbook file {str(p)!r}: a vector's length differs from dim={dim}")
@@ -98,14 +140,8 @@ class Handbook:
             return []
         if not self.dim:
             return self.behaviours[:k]
-        vec = backend.embed([question], budget)[0].tolist()
-        if any(math.isnan(x) for x in vec):  # the budget could not pay for the embedding
-            return []
-        if len(vec) != self.dim:
-            raise SteerscaleError(f"the handbook's vectors have {self.dim} dimensions, this model's {len(vec)}",
-                                  "build the handbook with the model that uses it")
-        ranked = sorted(self.behaviours, key=lambda b: _cosine(vec, b.vector), reverse=True)
-        return ranked[:k]
+        vec = embed_question(question, backend, budget, self.dim, "handbook")
+        return nearest(vec, self.behaviours, k) if vec is not None else []
 
 
 def build_handbook(problems, backend: Backend, budget: Budget | None = None, *, max_tokens: int = 128,
@@ -128,14 +164,7 @@ def build_handbook(problems, backend: Backend, budget: Budget | None = None, *, 
                 found[parsed[0]] = Behaviour(parsed[0], parsed[1], p.prompt)
         if progress is not None:
             progress.update(1)
-    behaviours = list(found.values())
-    dim = 0
-    if behaviours:
-        vectors = backend.embed([b.source for b in behaviours], budget)
-        dim = int(vectors.shape[-1])
-        for b, v in zip(behaviours, vectors.tolist()):
-            b.vector = v
-        behaviours = [b for b in behaviours if not any(math.isnan(x) for x in b.vector)]
+    behaviours, dim = _embed_all(list(found.values()), [b.source for b in found.values()], backend, budget)
     return Handbook(behaviours, model, dim)
 
 
@@ -160,4 +189,115 @@ class HandbookStage(Stage):
         if chosen:
             lines = "\n".join(f"- {b.name}: {b.instruction}" for b in chosen)
             ctx.prompt = f"{HANDBOOK_HEADER}\n{lines}\n\n{ctx.prompt}"
+        return cands
+
+
+# -- prompt router (dynamic prompt selection) -------------------------------------------------------------------
+@dataclass
+class RouteExample:
+    question: str
+    correct: dict[str, float]  # prompt preset (or "none") -> 1.0 when greedy answered right with it
+    vector: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Router:
+    """A light per-input prompt router: which prompt of a pool to prepend, by the prompts that worked on the ``k``
+    development questions nearest to the new one (hidden-state similarity); ties go to the prompt best on the
+    whole development split."""
+
+    prompts: list[str]
+    examples: list[RouteExample]
+    model: str = ""
+    dim: int = 0
+
+    def overall(self) -> dict[str, float]:
+        n = max(1, len(self.examples))
+        return {p: sum(e.correct.get(p, 0.0) for e in self.examples) / n for p in self.prompts}
+
+    def choose(self, question: str, backend: Backend, budget: Budget, k: int = 5) -> str:
+        prior = self.overall()
+        vec = embed_question(question, backend, budget, self.dim, "router") if self.examples else None
+        near = nearest(vec, self.examples, k) if vec is not None else []
+        local = {p: sum(e.correct.get(p, 0.0) for e in near) for p in self.prompts}
+        return max(self.prompts, key=lambda p: (local[p], prior[p], -self.prompts.index(p)))
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"model": self.model, "dim": self.dim, "prompts": self.prompts,
+                                          "examples": [asdict(e) for e in self.examples]}) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path) -> "Router":
+        p, obj = _read_json(path, "router", ROUTER_FORMAT)
+        try:
+            prompts = [str(x) for x in obj["prompts"]]
+            examples = [RouteExample(str(e["question"]), {str(k): float(v) for k, v in e["correct"].items()},
+                                     [float(x) for x in e.get("vector", [])]) for e in obj["examples"]]
+            dim = int(obj.get("dim", 0) or 0)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SteerscaleError(f"router file {str(p)!r} is malformed ({type(exc).__name__}: {exc})",
+                                  ROUTER_FORMAT) from None
+        check_pool(prompts)
+        if any(len(e.vector) != dim for e in examples):
+            raise SteerscaleError(f"router file {str(p)!r}: a vector's length differs from dim={dim}")
+        return cls(prompts, examples, str(obj.get("model", "")), dim)
+
+
+def with_preset(prompt: str, preset: str) -> str:
+    """``prompt`` with a prompt preset applied (``"none"``: unchanged)."""
+    return prompt if preset == "none" else place_text(prompt, *PROMPT_PRESETS[preset])
+
+
+def check_pool(prompts: Sequence[str]) -> list[str]:
+    """A router's pool, checked: ``"none"`` and registered prompt presets, at least one, no repeats."""
+    pool = list(prompts)
+    if not pool or len(set(pool)) != len(pool):
+        raise SteerscaleError(f"a router needs a pool of distinct prompts, got {pool!r}", "e.g. none,cot,direct")
+    for name in pool:
+        if name != "none":
+            PROMPT_PRESETS.canonical(name)  # unknown: "did you mean"
+    return pool
+
+
+def build_router(problems, backend: Backend, prompts: Sequence[str] = ("none", "cot", "direct"),
+                 budget: Budget | None = None, *, max_tokens: int = 128, model: str = "", progress=None) -> Router:
+    """A router from development problems: greedy under each prompt of the pool, right or wrong by the problem's
+    own checker, and each question's embedding. Everything is charged to ``budget``."""
+    check_pool(prompts)
+    budget = budget if budget is not None else Budget()
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, step=None)
+    examples = []
+    for p in problems:
+        if budget.exhausted:
+            break
+        correct = {}
+        for name in prompts:
+            out = backend.sample(with_preset(p.prompt, name), 1, greedy, budget)
+            correct[name] = float(bool(out) and bool(p.check(out[0].text)))
+        examples.append(RouteExample(p.prompt, correct))
+        if progress is not None:
+            progress.update(1)
+    examples, dim = _embed_all(examples, [e.question for e in examples], backend, budget)
+    return Router(list(prompts), examples, model, dim)
+
+
+@_register
+@dataclass
+class RouteStage(Stage):
+    """Prepend the prompt a router picks for this input (dynamic prompt selection from a pool)."""
+
+    type: ClassVar[str] = "route"
+    kind: ClassVar[str] = "prompt"
+    path: str = ""
+    k: int = 5
+    BOUNDS: ClassVar[dict] = {"k": (1, 64)}
+
+    def check(self) -> None:
+        if not self.path:
+            raise SteerscaleError("a route stage needs a \"path\" to a router JSON file",
+                                  "build one with steerscale program router")
+        self.router = Router.load(self.path)  # read and checked at load, before any model work
+
+    def run(self, ctx: Context, cands):
+        ctx.prompt = with_preset(ctx.prompt, self.router.choose(ctx.question, ctx.backend, ctx.budget, self.k))
         return cands

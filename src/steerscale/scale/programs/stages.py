@@ -203,6 +203,11 @@ def _verifier(ctx: Context, name: str, options: dict, model: str):
     return get_verifier(name, reference=ctx.reference, backend=ctx.backend_for(model), **options)
 
 
+def place_text(prompt: str, text: str, where: str) -> str:
+    """``text`` before or after ``prompt``, a blank line between."""
+    return f"{text}\n\n{prompt}" if where == "before" else f"{prompt}\n\n{text}"
+
+
 # -- prompt stages --------------------------------------------------------------------------------------------
 @_register
 @dataclass
@@ -228,8 +233,7 @@ class PromptStage(Stage):
         return text, self.where or place
 
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
-        text, place = self.words()
-        ctx.prompt = f"{text}\n\n{ctx.prompt}" if place == "before" else f"{ctx.prompt}\n\n{text}"
+        ctx.prompt = place_text(ctx.prompt, *self.words())
         return cands
 
 
