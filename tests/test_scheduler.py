@@ -64,9 +64,9 @@ def logits_alone(model, tok, layout, job, prefix):
         pos = s._mask.sum(-1, keepdim=True)
         mask = torch.cat([s._mask, torch.ones_like(s._mask[:, :1])], 1)
         from steerscale.engine.kvcache import cache_of
-        from steerscale.engine.scope import Scope
 
-        with s.hooks.running(s._row_edits([r.job for r in s.rows], Scope.GENERATED)):
+        generated = torch.tensor([[len(j.prompt_ids)]])
+        with s.hooks.running(s._plan([s.rows[0].job], generated, generated[:, 0])):
             out = model(input_ids=inp, attention_mask=mask, position_ids=pos, cache=s._cache, use_cache=True)
         s._cache, s._mask, s._logits = cache_of(out), mask, out.logits[:, -1].float()
     top = s._logits[0].topk(2).values

@@ -7,11 +7,11 @@ one forward pass per token, each row with its own steering, sampling parameters,
   (caches of different lengths are left-padded with masked columns, ``engine.kvcache``; positions are counted
   from real tokens, so the padding is invisible). It leaves when it finishes (EOS, a stop
   string, ``max_tokens``, the context window) or is cancelled; its row is dropped before the next forward.
-* Steering per row (``_row_edits``): for the k-th steering entry of the rows, one ``Add`` per site with a
-  ``(rows, dim)`` vector, the row's ``scale x direction`` (zeros for rows without a k-th entry, and for rows whose
-  entry's scope excludes the tokens of this pass). A row's edits therefore run in the order its request gave
-  them, exactly as alone, and an unsteered row gets ``h + 0 == h``. Steered and unsteered rows, and rows with
-  different vectors, share the pass.
+* Steering per row: the batch's steering plan (``engine.plan``, the form the vLLM worker runs too): per site, edit
+  slots whose tables hold each steered request's rows per token class, and a per-token index (``_plan``). A row's
+  edits run in the order its request gave them, exactly as alone; an unsteered row (and padding) reads row 0, no
+  edit. Steered and unsteered rows, and rows with different vectors, share the pass. Tables are rebuilt when the
+  batch's composition changes, the index every pass.
 * Sampling per row: every row has its own ``torch.Generator`` seeded from its request, so seeded sampling gives the
   same tokens alone or in a batch. Greedy rows are argmax. Float rounding can still differ with the batch shape;
   ``tests/test_scheduler.py`` checks that where a greedy token differs, the top-2 logit margin there is tiny.
@@ -39,7 +39,7 @@ from ..engine.capture import Batch
 from ..engine.decoding import FinishReason, RowCall, SamplingParams, TokenRules, sample_next, seeded_generator
 from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.logit_contrast import LogitContrast, contrast_rows, early_reader
-from ..engine.ops import Add, SetProjection
+from ..engine.plan import PlanEdit, SteeringPlan, build_tables, request_slots, token_index
 from ..engine.prompt_rules import PromptRule, read_prompts
 from ..engine.runtime import Intervention, StandingIntervener
 from ..engine.scope import Scope, TokenScope
@@ -83,6 +83,7 @@ class Job:
     # engine state, set when the job is admitted
     cands: list = field(default_factory=list, repr=False)
     calls: list = field(default_factory=list, repr=False)  # per row: its RowCall (the decoding core's row state)
+    slots: dict | None = field(default=None, repr=False)  # its edits per site, as the steering plan takes them
     generator: torch.Generator | None = field(default=None, repr=False)
     last_logits: torch.Tensor | None = field(default=None, repr=False)  # (n, V): each row's latest distribution
 
@@ -138,6 +139,7 @@ class Scheduler:
         self.model, self.tokenizer, self.layout, self.max_batch = model, tokenizer, layout, max_batch
         self.tokens = TokenRules(model, tokenizer)  # the decoding core's EOS set, pad id, window and decode
         self.device = next(model.parameters()).device
+        self._tables: tuple | None = None  # (the steered jobs of the batch, their plan's tables)
         self.hooks = StandingIntervener(layout).attach()
         self.hooks.prepare(sites)
         # a loop dropped without stop() must not leave its hooks on the model either
@@ -215,7 +217,7 @@ class Scheduler:
             _, future = self._calls.get_nowait()
             if not future.done():
                 future.set_exception(SteerscaleError("the server is shutting down"))
-        self._cache = self._mask = self._logits = None
+        self._cache = self._mask = self._logits = self._tables = None
         if self._next is not None:
             _fail(self._next, "the server is shutting down")
             self._next = None
@@ -296,7 +298,8 @@ class Scheduler:
         row_jobs = [row.job for row in self.rows]
         specs = [job.logit_contrast for job in row_jobs]
         early = early_reader(self.layout, self.model, specs)
-        with self.hooks.running(self._row_edits(row_jobs, Scope.GENERATED), early.observers() if early else ()):
+        generated = torch.tensor([len(job.prompt_ids) for job in row_jobs])[:, None]  # every token is generated
+        with self.hooks.running(self._plan(row_jobs, generated, generated[:, 0]), early.observers() if early else ()):
             out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **with_cache(self.model, self._cache))
         self._cache, self._mask = cache_of(out), mask
@@ -363,27 +366,23 @@ class Scheduler:
         token, so a row gets what it gets alone up to float rounding."""
         for job in jobs:
             self._decide(job)
+            entries = [(vector, op, scope.kind.value) for vector, op, scope in job.steer]
+            job.slots = request_slots(entries) or None
         specs = [job.logit_contrast for job in jobs]
         early = early_reader(self.layout, self.model, specs)
         reads = early.observers() if early else ()
-        if len(jobs) == 1:
-            job = jobs[0]
-            ids = torch.tensor([job.prompt_ids], device=self.device)
-            mask = torch.ones_like(ids)
-            edits = [iv for vector, op, scope in job.steer for iv in vector.interventions(op, scope)]
-            with self.hooks.running(edits, reads, prompt_width=ids.shape[1]):
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        else:
-            width = max(len(job.prompt_ids) for job in jobs)
-            ids = torch.full((len(jobs), width), self.tokens.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros_like(ids)
-            for b, job in enumerate(jobs):
-                ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-                mask[b, width - len(job.prompt_ids):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with self.hooks.running(self._row_edits(jobs, Scope.PROMPT), reads, prompt_width=width):
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1)
+        width = max(len(job.prompt_ids) for job in jobs)
+        ids = torch.full((len(jobs), width), self.tokens.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for b, job in enumerate(jobs):
+            ids[b, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+            mask[b, width - len(job.prompt_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # padding reads no edit: its position -1 is given the slot of no request
+        positions = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).cpu()
+        with self.hooks.running(self._plan(jobs, positions, torch.tensor([len(j.prompt_ids) for j in jobs])),
+                                reads, prompt_width=width):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits = contrast_rows(self.model, self.layout, out.logits[:, -1].float(), specs, early)
         rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.device)
         self._join(map_cache(cache_of(out), lambda t: t.index_select(0, rows)), mask.index_select(0, rows),
@@ -468,36 +467,23 @@ class Scheduler:
             job.notify()
         return False
 
-    def _row_edits(self, jobs: list[Job], phase: Scope) -> list[Intervention]:
-        """The edits of a batch whose row b belongs to ``jobs[b]``: one ``Add`` per (entry k, site, scope) with a
-        ``(rows, dim)`` vector, row b's k-th ``scale x direction`` and zeros where row b has no such entry. A row's
-        edits therefore run in the order its request gave them, exactly as alone, and an unsteered row gets
-        ``h + 0 == h``.
-
-        ``phase``: ``Scope.PROMPT`` for a prefill, where each ``Add`` keeps its entry's scope (``intervene``
-        finds each row's prompt under the padding: ``generated`` edits only the last prompt token, as alone);
-        ``Scope.GENERATED`` for a decoding step, where every token is generated and ``prompt`` entries drop out."""
-        slots: dict[tuple, torch.Tensor] = {}
-        values: dict[tuple, torch.Tensor] = {}
-        scopes: dict[tuple, TokenScope] = {}
-        for b, job in enumerate(jobs):
-            for k, (vector, op, scope) in enumerate(job.steer):
-                if phase is Scope.GENERATED and scope.kind is Scope.PROMPT:
-                    continue
-                setting = isinstance(op, tuple)  # ("set", value): SetProjection, per row (ablation: value 0)
-                for site, direction in vector.directions.items():
-                    # a norm-preserving entry gets its own edit: its rescaling must not touch another entry's rows
-                    # (a row with zeros there is h + 0 rescaled to its own norm: h itself)
-                    key = (k, site, scope.kind if phase is Scope.PROMPT else Scope.ALL, vector.preserve_norm, setting)
-                    if key not in slots:
-                        slots[key] = torch.zeros(len(jobs), direction.shape[-1], dtype=direction.dtype)
-                        values[key] = torch.zeros(len(jobs))
-                        scopes[key] = scope if phase is Scope.PROMPT else TokenScope.parse("all")
-                    slots[key][b] = direction if setting else op * direction
-                    values[key][b] = op[1] if setting else 0.0
-        order = sorted(slots, key=lambda key: key[0])  # entry by entry: each row's edits run in its request's order
-        return [Intervention(key[1], SetProjection(slots[key], values[key], preserve_norm=key[3], zero_rows=True)
-                             if key[4] else Add(slots[key], 1.0, preserve_norm=key[3]), scopes[key]) for key in order]
+    def _plan(self, row_jobs: list[Job], positions: torch.Tensor, prompt_lens: torch.Tensor) -> list[Intervention]:
+        """The edits of a pass whose row b belongs to ``row_jobs[b]``, with its tokens at ``positions`` (rows,
+        tokens; -1: padding) of prompts ``prompt_lens`` long (rows,): the steering plan (``engine.plan``), one
+        ``PlanEdit`` per site. Tables are rebuilt only when the batch's steered jobs change."""
+        steered = list({id(job): job for job in row_jobs if job.slots}.values())
+        if not steered:
+            return []
+        # the jobs themselves, compared by identity: a finished job's id may be reused, its object is kept here
+        if self._tables is None or len(self._tables[0]) != len(steered) or \
+                any(a is not b for a, b in zip(self._tables[0], steered)):
+            param = next(self.model.parameters())
+            self._tables = (steered, build_tables([job.slots for job in steered], param.device, param.dtype))
+        place = {id(job): k for k, job in enumerate(steered)}
+        slot = torch.tensor([place.get(id(job), -1) for job in row_jobs])[:, None].expand_as(positions)
+        slot = torch.where(positions >= 0, slot, torch.full_like(slot, -1))
+        plan = SteeringPlan(self._tables[1], token_index(slot, positions, prompt_lens[:, None]).to(self.device))
+        return [Intervention(site, PlanEdit(plan, site)) for site in plan.ops]
 
 
 def _fail(job: Job, error: str | BaseException) -> None:
