@@ -226,6 +226,10 @@ def test_search_runs_resumes_and_stays_within_its_total(be, tmp_path):
     assert all(t.dev_acc is None for t in tight.trials if t.state == "fail")
     with pytest.raises(SteerscaleError, match="total budget"):
         search(_problems(), be, trials=1, per_problem={"tokens": 10}, total={}, progress=False)
+    too_wide = lambda trial: {"stages": [gen(n=trial.suggest_categorical("n", [64]))]}  # noqa: E731
+    failed = search(_problems(), be, trials=2, space=too_wide, **{**kw, "storage": None})
+    assert [t.state for t in failed.trials] == ["fail", "fail"] and "exceeds the cap of 32" in failed.trials[0].error
+    assert failed.best is None
 
 
 def test_cli_show_and_early_refusal(capsys):

@@ -203,6 +203,7 @@ def run_run(args) -> int:
 
 
 def run_search(args) -> int:
+    from ..errors import SteerscaleError
     from ..measure.stats import wilson_ci
     from ..scale.budget import Budget
     from ..scale.programs import load_program
@@ -219,8 +220,9 @@ def run_search(args) -> int:
                     study_name=f"{args.task}-{args.sampler}",
                     start_from=SINGLE_STRATEGY_PARAMS if args.warm_start else ())
     if result.best is None:
-        print("no trial finished within the total budget; raise --total")
-        return 1
+        errors = sorted({t.error for t in result.trials if t.error})
+        raise SteerscaleError("no trial finished: " + ("; ".join(errors) if errors else "no trial ran"),
+                              "raise --total (or --budget), or fix what the trials report")
     best = load_program(result.best)
     save_json(best.to_dict(), out / "best.json")
     with open(out / "trials.jsonl", "w", encoding="utf-8") as f:

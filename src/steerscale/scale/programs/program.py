@@ -121,10 +121,9 @@ class Program:
             raise SteerscaleError("empty prompt", "pass a non-empty prompt text")
         budget = budget if budget is not None else Budget()
         models = dict(models or {})
-        for i, s in enumerate(self.stages):  # every named model is there before any model work
-            if getattr(s, "model", "") and s.model not in models:
-                Context(prompt, prompt, backend, budget, models=models).backend_for(s.model)
         ctx = Context(prompt, prompt, backend, budget, seed, answer_fn, reference, models, dict(defaults or {}))
+        for stage in self.stages:  # every model a stage names is there before any model work
+            ctx.backend_for(getattr(stage, "model", ""))
         cands, trace = [], []
         for i, stage in enumerate(self.stages):
             cands = stage.run(ctx, cands)

@@ -29,8 +29,6 @@ from ..spec import StrategySpec
 from .program import load_program
 
 SAMPLERS = ("tpe", "random")
-#: what a trial records (user attributes), read back on resume
-ATTRS = ("program", "dev_acc", "tokens_per_problem", "spent")
 
 
 @dataclass(frozen=True)
@@ -142,6 +140,7 @@ class Trial:
     dev_acc: float | None
     tokens_per_problem: float | None
     spent: dict = field(default_factory=dict)
+    error: str | None = None  # why a failed trial failed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +182,7 @@ def _trials(study) -> list[Trial]:
     for t in study.trials:
         a = t.user_attrs
         out.append(Trial(t.number, t.state.name.lower(), dict(t.params), a.get("program"), a.get("dev_acc"),
-                         a.get("tokens_per_problem"), a.get("spent", {})))
+                         a.get("tokens_per_problem"), a.get("spent", {}), a.get("error")))
     return out
 
 
@@ -230,16 +229,20 @@ def search(problems: Sequence[Problem], backend: Backend, *, per_problem: dict, 
         config = space(trial)
         spec = StrategySpec.of("program", program=load_program(config).to_json())
         before = dict(total_budget.spent())
+        error = None
         try:
             outcomes = evaluate(spec, problems, backend, per_problem, seed=seed, total=total_budget, progress=bar)
-        except TotalSpent:
-            outcomes = None
+        except SteerscaleError as exc:  # the total ran out, or this config cannot run here (e.g. too long a prompt)
+            outcomes, error = None, exc
         spent = {k: v - before[k] for k, v in total_budget.spent().items() if k != "wall_seconds"}
         trial.set_user_attr("program", config)
         trial.set_user_attr("spent", spent)
-        if outcomes is None:  # cut short by the total: never scored on a part of the split
+        if outcomes is None:  # never scored on a part of the split
+            trial.set_user_attr("error", error.problem)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            break
+            if isinstance(error, TotalSpent):
+                break
+            continue
         acc = sum(o.correct for o in outcomes) / len(outcomes)
         trial.set_user_attr("dev_acc", acc)
         trial.set_user_attr("tokens_per_problem", sum(o.generated_tokens for o in outcomes) / len(outcomes))

@@ -256,18 +256,16 @@ class GenerateStage(Stage):
         return {"type": self.type, "strategy": self.strategy, **super().to_dict()}  # the strategy always shown
 
     def check(self) -> None:
-        self.spec()  # the strategy, its knobs and the verifier, checked as StrategySpec checks them
-
-    def spec(self):
         if self.strategy == "program":
             raise SteerscaleError("a generate stage cannot run a program", "inline the stages instead")
-        return StrategySpec.of(self.strategy, verifier=self.verifier or None,
-                               verifier_options=self.verifier_options or None, **self.knobs)
+        # the strategy, its knobs and the verifier, checked as StrategySpec checks them (and kept for the runs)
+        self.spec = StrategySpec.of(self.strategy, verifier=self.verifier or None,
+                                    verifier_options=self.verifier_options or None, **self.knobs)
 
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         if ctx.budget.exhausted:
             return cands
-        spec = self.spec()
+        spec = self.spec
         takes = strategy_knobs(spec.name)
         inherited = {k: v for k, v in ctx.defaults.items() if k in takes and k not in self.knobs}
         spec = spec.with_knobs(**inherited, seed=derive_seed(ctx.seed, "generate", len(cands), self.strategy))
