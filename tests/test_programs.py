@@ -340,3 +340,22 @@ def test_router_picks_the_prompt_that_worked_on_the_nearest_questions(be, tmp_pa
     assert budget.spent()["generated_tokens"] <= 2 * 2 * 4 and budget.spent()["verifier_passes"] == 2
     with pytest.raises(SteerscaleError, match="unknown prompt preset"):
         build_router(_problems(), be, ("none", "verbose"))
+
+
+@pytest.mark.integration
+def test_a_program_evaluates_on_smollm2(tmp_path):
+    """``evaluate(strategy=StrategySpec.of("program", ...))`` on the real SmolLM2: every example answered within its
+    budget, the program's stages in each record's trace."""
+    import steerscale
+    from steerscale.measure.runs import evaluate as run_eval
+
+    task_file = tmp_path / "sums.jsonl"
+    task_file.write_text("\n".join(json.dumps({"question": f"What is {a} + {b}? Answer with the number.",
+                                                "answer": str(a + b)}) for a, b in [(2, 3), (10, 5)]) + "\n")
+    lm = steerscale.load_model("smollm2-135m-instruct")
+    spec = StrategySpec.of("program", program={"stages": [gen(n=2, max_tokens=12), {"type": "fuse", "max_tokens": 12}],
+                                               "select": "first"}, budget="tokens=60")
+    res = run_eval(lm, str(task_file), strategy=spec, outdir=tmp_path / "runs", progress=False)
+    assert res.summary["n"] == 2 and res.summary["n_failed"] == 0
+    for r in res.records:
+        assert 0 < r["tokens"]["generated"] <= 60 and r["output"]["n_candidates"] == 1  # the fused answer

@@ -21,7 +21,7 @@ examples:
   steerscale program run '{"stages": [{"type": "handbook", "path": "handbook.json"}, {"type": "generate"}]}' -p "..."
   steerscale program router --task arc_easy --limit 32 --data-seed 1 --prompts none,cot,direct -o router.json
   steerscale program run '{"stages": [{"type": "route", "path": "router.json"}, {"type": "generate"}]}' -p "..."
-  steerscale eval --task gsm8k --limit 20 --strategy program --knob program=critique_fuse --budget tokens=2000
+  steerscale eval --task gsm8k --limit 20 --strategy program --budget tokens=2000   # the default program
 
 A program is JSON (or YAML): {"stages": [{"type": "prompt", "preset": "cot"},
   {"type": "generate", "strategy": "majority", "knobs": {"n": 4}}, {"type": "rank", "verifier": "self_eval",
