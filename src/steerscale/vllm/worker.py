@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.plan import SteeringPlan, build_tables, request_slots, token_index
 from ..engine.runtime import attach_hook
 from ..errors import SteerscaleError
 from ..models.layout import HookPoint, Location, find_layout
@@ -67,8 +68,6 @@ log = logging.getLogger("steerscale.vllm")
 ENABLE_ENV = "STEERSCALE_VLLM"
 SITES_ENV = "STEERSCALE_VLLM_SITES"  # sites hooked before compilation: "all" or "LAYER:KIND[:HEAD],..."
 SUPPORTED = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.ATTN_OUT, SiteKind.MLP_OUT, SiteKind.HEAD_OUT)
-CLASSES = 3  # token classes per request: early prompt tokens, the last prompt token, generated tokens
-_APPLIES = {"all": (True, True, True), "prompt": (True, True, False), "generated": (False, True, True)}
 
 
 def enabled() -> bool:
@@ -94,46 +93,6 @@ def _(x, residual, site):
     return torch.empty_like(x)
 
 
-@dataclass
-class _Op:
-    """One edit slot at a site: ``add`` (``h + row``) or ``set`` (``h + (target - h . u) u``, ``u`` the row: a unit
-    direction, or zeros where the edit does not apply); ``addn`` / ``setn``: the same, then the stream rescaled to
-    its norm before (norm-preserving vectors). Rows: ``1 + 3 x steered requests``, row 0 zeros."""
-
-    kind: str
-    rows: torch.Tensor  # (1 + 3m, dim)
-    targets: torch.Tensor | None  # (1 + 3m,) for "set"
-
-    def to(self, device, dtype) -> "_Op":
-        return _Op(self.kind, self.rows.to(device, dtype),
-                   None if self.targets is None else self.targets.to(device, dtype))
-
-    def apply(self, x: torch.Tensor, index: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        """``x`` edited for each token's row; the stream is ``x + extra`` (a vLLM layer's residual) or ``x``."""
-        rows = self.rows[index]
-        if self.kind == "add":
-            return x + rows
-        stream = x if extra is None else x + extra
-        if self.kind == "set":
-            return x + (self.targets[index][:, None] - (stream * rows).sum(-1, keepdim=True)) * rows
-        if self.kind == "addn":
-            moved = stream + rows
-        else:  # "setn"
-            moved = stream + (self.targets[index][:, None] - (stream * rows).sum(-1, keepdim=True)) * rows
-        # norm-preserving (engine.ops.apply_edit): the stream rescaled to its norm before, on the edited rows only
-        out = moved * (stream.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-        out = torch.where(rows.abs().sum(-1, keepdim=True) > 0, out, stream)
-        return out if extra is None else out - extra
-
-
-@dataclass
-class _Plan:
-    """One forward pass's steering: per site its edit slots in order, and each token's row in their tables."""
-
-    ops: dict[Site, list[_Op]]
-    index: torch.Tensor  # (tokens,) long
-
-
 class SteerState:
     """The steering of one model runner: registered vectors, engine-wide steering, the hooks, the step's plan."""
 
@@ -144,7 +103,7 @@ class SteerState:
         self.adapter = adapter_for(runner)
         self.vectors: dict = {}
         self.global_entries: list = []
-        self.plan: _Plan | None = None
+        self.plan: SteeringPlan | None = None
         self.refused = 0  # steered requests the worker could not steer (the front end prevents this; counted)
         self._rows: dict = {}  # (request id, its steer spec) -> {site: {slot: (rows, targets)}}
         self._tables: tuple | None = None  # (batch composition, ops per site, device/dtype copies)
@@ -291,13 +250,7 @@ class SteerState:
         plan = self.plan
         if plan is None or site not in plan.ops:
             return None
-        index, n_tokens = plan.index, x.shape[0]
-        if index.shape[0] != n_tokens:  # padded tokens past the scheduled ones get row 0 (no edit)
-            index = torch.nn.functional.pad(index[:n_tokens], (0, max(0, n_tokens - index.shape[0])))
-        index = index.to(x.device)
-        for op in plan.ops[site]:  # in the request's order, as the local engine runs them
-            x = op.apply(x, index, extra)
-        return x
+        return plan.edit(site, x, extra)  # the shared steering plan's code (engine/plan.py), in each request's order
 
     # -- the step -----------------------------------------------------------------------------------------------
     def _head_columns(self, site: Site) -> slice | None:
@@ -309,34 +262,25 @@ class SteerState:
         d = self.layout.head_dim
         return slice(local * d, (local + 1) * d)
 
+    def _columns(self, site: Site, direction: torch.Tensor) -> torch.Tensor | None:
+        """A direction in the width this rank edits: a head's spans the output projection's input on this rank
+        (None: another rank's head); every other site is replicated."""
+        if site.kind is not SiteKind.HEAD_OUT:
+            return direction
+        cols = self._head_columns(site)
+        if cols is None:
+            return None
+        full = torch.zeros(self.layout.n_heads // self.tp_size * self.layout.head_dim)
+        full[cols] = direction
+        return full
+
     def _request_rows(self, rid, spec) -> dict | None:
-        """A request's edits per site: ``{site: {(entry k, kind): (rows (3, width), targets (3,) or None)}}``, the
-        three rows for its early prompt tokens, last prompt token and generated tokens; engine-wide entries come
-        first. A head's rows span its output projection's input on this rank. None when it is not steered."""
+        """A request's edits per site as the steering plan takes them (``engine.plan.request_slots``); engine-wide
+        entries come first. None when it is not steered."""
         key = (rid, spec if not isinstance(spec, list) else tuple(spec))
         if key not in self._rows:
-            entries = self.global_entries + parse_steer(spec)
-            out: dict = {}
-            for k, (name, op, scope) in enumerate(entries):
-                vec = self._vector(name)
-                on = torch.tensor(_APPLIES[scope], dtype=torch.float32)[:, None]
-                for site, direction in vec.directions.items():
-                    d = direction.float()
-                    if site.kind is SiteKind.HEAD_OUT:
-                        cols = self._head_columns(site)
-                        if cols is None:
-                            continue
-                        full = torch.zeros(self.layout.n_heads // self.tp_size * self.layout.head_dim)
-                        full[cols] = d
-                        d = full
-                    if isinstance(op, tuple):  # ("set", value): the unit direction, and its target per row
-                        u = d / d.norm()
-                        kind = "setn" if vec.preserve_norm else "set"
-                        out.setdefault(site, {})[(k, kind)] = (on * u, on[:, 0] * op[1])
-                    else:
-                        kind = "addn" if vec.preserve_norm else "add"
-                        out.setdefault(site, {})[(k, kind)] = (on * (op * d), None)
-            self._rows[key] = out or None
+            entries = [(self._vector(name), op, scope) for name, op, scope in self.global_entries + parse_steer(spec)]
+            self._rows[key] = request_slots(entries, self._columns) or None
         return self._rows[key]
 
     def _refuse(self, rid, exc: SteerscaleError) -> None:
@@ -378,34 +322,13 @@ class SteerState:
             return
         tok_req = torch.repeat_interleave(torch.arange(len(req_ids)), counts)
         pos = positions[: tok_req.shape[0]].cpu().long()
-        p = torch.tensor(prompt_lens)[tok_req]
-        cls = (pos >= p - 1).long() + (pos >= p).long()
-        s = torch.tensor(slot)[tok_req]
-        index = torch.where(s >= 0, 1 + CLASSES * s + cls, torch.zeros_like(s))
+        index = token_index(torch.tensor(slot)[tok_req], pos, torch.tensor(prompt_lens)[tok_req])
         composition = tuple((rid, tuple(spec) if isinstance(spec, list) else spec)
                             for rid, spec, k in zip(req_ids, specs, slot) if k >= 0)
         if self._tables is None or self._tables[0] != composition:
-            self._tables = (composition, self._build_ops(rows))
-        device = positions.device
-        self.plan = _Plan(self._tables[1], index.to(device))
-
-    def _build_ops(self, rows: list[dict]) -> dict[Site, list[_Op]]:
-        """Per site the edit slots of the steered requests, stacked into tables (row 0 zeros), on the model's
-        device and dtype (built once per batch composition)."""
-        param = next(self.model.parameters())
-        ops: dict[Site, list[_Op]] = {}
-        for site in {site for r in rows for site in r}:
-            slots = sorted({slot for r in rows for slot in r.get(site, {})})
-            width = next(v[0].shape[-1] for r in rows for v in r.get(site, {}).values())
-            for slot in slots:
-                parts, targets = [torch.zeros(1, width)], [torch.zeros(1)]
-                for r in rows:
-                    vec, tgt = r.get(site, {}).get(slot, (torch.zeros(CLASSES, width), None))
-                    parts.append(vec)
-                    targets.append(tgt if tgt is not None else torch.zeros(CLASSES))
-                op = _Op(slot[1], torch.cat(parts), torch.cat(targets) if slot[1].startswith("set") else None)
-                ops.setdefault(site, []).append(op.to(param.device, param.dtype))
-        return ops
+            param = next(self.model.parameters())
+            self._tables = (composition, build_tables(rows, param.device, param.dtype))
+        self.plan = SteeringPlan(self._tables[1], index.to(positions.device))
 
     def info(self) -> dict:
         return {"vectors": {n: [s.key() for s in v.sites] for n, v in self.vectors.items()},
