@@ -13,9 +13,8 @@ examples:
   steerscale program show generate_rank_fuse               # one program as JSON (a name, a .json/.yaml file)
   steerscale program run generate_rank_fuse -p "What is 17 + 25?" --budget tokens=1500
   steerscale program run my_program.json -p "What is 17 + 25?" --with judge=gemma3-270m   # a stage's "model"
-  steerscale program search --task arc_easy --dev 16 --test 40 --trials 12 --budget tokens=400 \\
-      --total tokens=100000 --max-tokens 32 -o out/program_search              # optuna TPE; resumable
-  steerscale program search ... --sampler random                            # the random-search baseline
+  steerscale program search --task arc_easy --dev 16 --test 40 --trials 12 --budget tokens=400 --total tokens=100000
+  steerscale program search --task arc_easy --trials 12 --sampler random -o out/random_search   # the baseline
   steerscale solve -p "What is 17 + 25?" --strategy program --knob program=out/program_search/best.json
   steerscale program handbook --task arc_easy --limit 32 --data-seed 1 -o handbook.json   # metacognitive reuse
   steerscale program run '{"stages": [{"type": "handbook", "path": "handbook.json"}, {"type": "generate"}]}' -p "..."
