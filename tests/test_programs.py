@@ -246,11 +246,24 @@ def test_cli_show_and_early_refusal(capsys):
 
 
 # -- the server's strategy field, and a program on an OpenAI-compatible backend -----------------------------------
+def call(server, path, body):
+    """(status, JSON body, headers) of one POST, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read().decode()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode()), dict(exc.headers)
+
+
 def test_a_program_through_the_server_and_through_openai_backend(lm):
     pytest.importorskip("fastapi")
     from steerscale.scale.remote import OpenAIBackend
     from steerscale.serve import App, start_server
-    from test_server import call
     from tiny import ChatCharTokenizer
 
     program = {"stages": [gen(n=2, max_tokens=5), {"type": "fuse", "max_tokens": 5, "max_chars": 40}],
