@@ -7,7 +7,10 @@ checkers (``exact``, ``numeric``, ``math``, ``mc``) need the reference answer an
 picks the better of two answers, both orders; round-robin win rates), ``logprob`` (the generator's own
 confidence) and the answer-feature scorers ``length``, ``hedging`` and ``features`` need no reference either;
 ``gym`` scores with reasoning-gym's own checker (the reference is the generated entry); ``diverse`` wraps another
-verifier and adds a representation-diversity bonus (``backend.embed``).
+verifier and adds a representation-diversity bonus (``backend.embed``). ``genjudge`` (principles, critique,
+score; voted; meta-filtered by a hidden-state probe) and ``pairwise_consistent`` (swapped-order consistency) are the
+generative judges (``verifiers/judges.py``); ``fsf`` ranks by the failed-step fraction of the chain of thought
+(``verifiers/trace_quality.py``).
 
 The registry (``VERIFIERS``, a ``steerscale.registry.Registry`` of classes by ``.name``) and ``get_verifier`` live
 in ``verifiers/registry.py``; this module fills it. ``get_verifier`` passes ``reference`` and ``backend`` to the verifiers that take them (and drops them for the
@@ -31,9 +34,12 @@ from .registry import CONTEXT_OPTIONS, VERIFIERS, check_options, get_verifier
 from .features import FeatureScore, HedgingScore, LengthScore
 from .model_based import DiversityBonus, LLMJudge, LogprobConfidence, PairwiseJudge, SelfEval
 from .programmatic import ArithmeticPRM, ExactMatch, GymScore, MathEquivalence, MultipleChoice, NumericMatch
+from .judges import ConsistentPairwise, GenerativeJudge
+from .trace_quality import FailedStepFraction
 
 for _cls in (ExactMatch, NumericMatch, MathEquivalence, MultipleChoice, ArithmeticPRM, GymScore, SelfEval, LLMJudge,
-             PairwiseJudge, LogprobConfidence, LengthScore, HedgingScore, FeatureScore, DiversityBonus):
+             PairwiseJudge, LogprobConfidence, LengthScore, HedgingScore, FeatureScore, DiversityBonus,
+             GenerativeJudge, ConsistentPairwise, FailedStepFraction):
     VERIFIERS.add(_cls.name, _cls)
 
 
@@ -70,6 +76,7 @@ def score_candidates(verifier: Verifier | None, question: str, cands: Sequence[C
 
 
 __all__ = ["CONTEXT_OPTIONS", "VERIFIERS", "Verifier", "check_options", "get_verifier", "parse_options", "parse_value",
-           "score_candidates", "ArithmeticPRM", "DiversityBonus", "ExactMatch", "FeatureScore", "GymScore",
+           "score_candidates", "ArithmeticPRM", "ConsistentPairwise", "DiversityBonus", "ExactMatch",
+           "FailedStepFraction", "FeatureScore", "GenerativeJudge", "GymScore",
            "HedgingScore", "LLMJudge", "LengthScore", "LogprobConfidence", "MathEquivalence", "MultipleChoice",
            "NumericMatch", "PairwiseJudge", "SelfEval"]

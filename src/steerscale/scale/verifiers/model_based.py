@@ -93,6 +93,7 @@ class PairwiseJudge(_ModelVerifier):
 
     name = "pairwise"
     MODES = ("logprob", "sample")
+    verdict_tokens = 4  # tokens a judge sample may write (``sample`` mode)
 
     def __init__(self, reference=None, backend=None, mode: str = "logprob", votes: int = 3, temperature: float = 0.7,
                  seed: int = 0, round_robin_max: int = 8, batch: int = 16, max_chars: int = 2000,
@@ -148,14 +149,27 @@ class PairwiseJudge(_ModelVerifier):
 
     def _win_sample(self, prompts: list[str], budget) -> list[float]:
         """Share of parseable judge samples that pick A (NaN when none parses)."""
-        params = SamplingParams(max_tokens=4, temperature=self.temperature if self.votes > 1 else 0.0, step=None)
+        params = SamplingParams(max_tokens=self.verdict_tokens, temperature=self.temperature if self.votes > 1 else 0.0,
+                                step=None)
         out = []
         for p in prompts:
             votes = budget.buy_judge(self.votes)
             outs = self.backend.sample(p, votes, params, budget, seed=self.seed) if votes else []
-            picks = [m.group(1) for m in (re.search(r"(?<![A-Za-z])([AB])(?![A-Za-z])", o.text) for o in outs) if m]
+            picks = [x for x in (self.parse_pick(o.text) for o in outs) if x]
             out.append(picks.count("A") / len(picks) if picks else math.nan)
         return out
+
+    @staticmethod
+    def pair_probability(first: float, second: float) -> float:
+        """P(a beats b) from the two orders (a shown first, a shown second): their mean, or the one that was
+        decided (NaN when neither was). ``pairwise_consistent`` overrides it."""
+        seen = [x for x in (first, second) if math.isfinite(x)]
+        return sum(seen) / len(seen) if seen else math.nan
+
+    def parse_pick(self, text: str) -> str | None:
+        """The answer letter a judge sample picks: a lone ``A`` or ``B`` (None when there is none)."""
+        m = re.search(r"(?<![A-Za-z])([AB])(?![A-Za-z])", text)
+        return m.group(1) if m else None
 
     def score_batch(self, question, candidates, budget, partial=False):
         cands = require_candidates(self.name, candidates)
@@ -168,11 +182,9 @@ class PairwiseJudge(_ModelVerifier):
         win = (self._win_logprob if self.mode == "logprob" else self._win_sample)(prompts, budget) if prompts else []
         games: list[list[float]] = [[] for _ in members]
         for k, (a, b) in enumerate(pairs):
-            first, second = win[2 * k], 1.0 - win[2 * k + 1]  # P(a beats b) in each order
-            seen = [x for x in (first, second) if math.isfinite(x)]
-            if not seen:
+            p = self.pair_probability(win[2 * k], 1.0 - win[2 * k + 1])  # P(a beats b) in each order
+            if not math.isfinite(p):
                 continue
-            p = sum(seen) / len(seen)
             games[a].append(p)
             games[b].append(1.0 - p)
         group_score = [sum(g) / len(g) if g else (0.5 if len(members) == 1 else math.nan) for g in games]
