@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=12)
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--speed-reps", type=int, default=3)
+    ap.add_argument("--select", default="separation", choices=["separation", "steering"],
+                    help="choose the feature by separation of the pairs, or by its steering effect on the training "
+                         "pairs among the 3 best-separating ones")
     ap.add_argument("--out", default="out/bench_sae")
     args = ap.parse_args()
 
@@ -103,7 +106,7 @@ def main() -> None:
     print(f"clamp to own value (feature {busiest}): max |logit diff| {identity_err:.2e}")
 
     result = compare(lm, sae, bundled_pairs("formal_casual"), args.target_kl, args.n_test,
-                     samples=["How was your weekend?", "Any advice for a first job?"])
+                     samples=["How was your weekend?", "Any advice for a first job?"], select=args.select)
     print(table(result))
     for name, r in result["ratios"].items():
         print(f"{name}: {r['mean']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]")
@@ -129,7 +132,7 @@ def main() -> None:
                "dead_fraction": round(q["dead_fraction"], 4), "loss_clean": round(spliced["clean"], 4),
                "loss_spliced": round(spliced["spliced"], 4), "loss_mean_ablated": round(spliced["mean_ablated"], 4),
                "loss_recovered": round(spliced["loss_recovered"], 4), "clamp_identity_max_logit_diff": identity_err,
-               "feature": result["feature"]["feature"], "feature_separation": round(result["feature"]["separation"], 3),
+               "select": args.select, "feature": result["feature"]["feature"], "feature_separation": round(result["feature"]["separation"], 3),
                "target_kl": args.target_kl,
                **{f"{m}_effect": round(rows[m]["effect"]["mean"], 4) for m in ("feature", "clamp", "caa", "prompt")},
                **{f"{m}_effect_ci": [round(rows[m]["effect"]["lo"], 4), round(rows[m]["effect"]["hi"], 4)]
@@ -139,7 +142,7 @@ def main() -> None:
                "sae_vs_prompt_effect_ratio": round(result["ratios"]["feature_vs_prompt"]["mean"], 3),
                "clamp_vs_feature_effect_ratio": round(result["ratios"]["clamp_vs_feature"]["mean"], 3),
                "clamp_speed_ratio": round(speed, 3)}
-    (out / "result.json").write_text(json.dumps({"summary": summary, "compare": result}, indent=1, default=str))
+    (out / ("result.json" if args.select == "separation" else f"result_{args.select}.json")).write_text(json.dumps({"summary": summary, "compare": result}, indent=1, default=str))
     print(json.dumps(summary))
 
 

@@ -370,3 +370,18 @@ def test_smollm2_train_clamp_and_steer(tmp_path):
             assert torch.allclose(lm.model(ids).logits, plain, atol=1e-3)
         with intervene(lm.layout, feature_vector(sae, 0, lm.layout).interventions(50.0)):
             assert (lm.model(ids).logits - plain).abs().max() > 0.1
+
+
+def test_match_kl_finds_the_strength_of_a_target_cost():
+    from steerscale.measure.sae_compare import match_kl
+
+    calls = []
+
+    def kl(s):  # a monotone cost, as KL grows with steering strength
+        calls.append(s)
+        return 0.02 * s ** 2
+
+    strength, got = match_kl(lambda s: s, kl, 0.5, start=0.3)
+    assert abs(got - 0.5) / 0.5 < 0.1 and abs(strength - 5.0) < 0.3 and len(calls) < 20
+    strength, got = match_kl(lambda s: s, lambda s: 1e-4, 0.5, start=1.0)  # never reached: the strongest tried
+    assert strength == 2 ** 12 and got == 1e-4

@@ -80,6 +80,10 @@ def register(sub) -> None:
     c.add_argument("--target-kl", type=float, default=0.1, help="KL on neutral text every method is set to (default 0.1)")
     c.add_argument("--system", default="Be formal.", help="the prompting baseline's instruction (default 'Be formal.')")
     c.add_argument("--n-test", type=int, default=12, help="held-out pairs (default 12)")
+    c.add_argument("--select", default="separation", choices=["separation", "steering"],
+                   help="choose the feature by how well it separates the training pairs (default), or by its "
+                        "steering effect on them among the --candidates best-separating ones")
+    c.add_argument("--candidates", type=int, default=3, help="--select steering: features tried (default 3)")
     p.set_defaults(func=run)
 
 
@@ -293,7 +297,8 @@ def _compare(args, lm) -> int:
 
     sae = _sae(args, lm)
     result = compare(lm, sae, _pairs(args.pairs), args.target_kl, args.n_test, system=args.system,
-                     feature=args.feature[0] if args.feature else None)
+                     feature=args.feature[0] if args.feature else None, select=args.select,
+                     candidates=args.candidates)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

@@ -2,8 +2,9 @@
 as contrastive pairs, at matched cost (AxBench's question, asked of a user's own concept and SAE).
 
 1. The pairs are split; on the training part the SAE feature that best separates the two sides (``steer.sae.read.
-   search_features``, Cohen's d of the completions' mean activation) is chosen, and a CAA vector is extracted at
-   the SAE's layer.
+   search_features``, Cohen's d of the completions' mean activation) is chosen -- or, with ``select="steering"``,
+   of the ``candidates`` best-separating features the one whose addition (at the target KL) moves the *training*
+   pairs' margin most -- and a CAA vector is extracted at the SAE's layer.
 2. Each steering method's strength is set so its KL on neutral text (``measure.cost.steering_cost``) matches a
    target: adding the feature's decoder row (``feature``), clamping its activation (``clamp``), and CAA.
 3. Effect on the held-out pairs: the per-token log-prob margin of the positive over the negative completion,
@@ -93,13 +94,15 @@ def _ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 4000, seed: int = 0) -
 def compare(lm: LoadedModel, sae: SAE, pairs, target_kl: float = 0.1, n_test: int = 12, seed: int = 0,
             system: str = "Be formal.", neutral: Sequence[str] | None = None, feature: int | None = None,
             samples: Sequence[str] = ("How was your weekend?",), sample_tokens: int = 32,
-            log=print) -> dict:
+            select: str = "separation", candidates: int = 3, log=print) -> dict:
     """The comparison (module docstring) for ``pairs`` (JSONL path, dicts or ``ContrastPair``s with a prompt
-    each). ``feature``: use this SAE feature instead of the best-separating one."""
+    each). ``feature``: use this SAE feature instead of choosing one; ``select``: ``separation`` or ``steering``."""
     sae.check(lm.layout)
     if sae.site.kind is not SiteKind.RESID_POST:
         raise SteerscaleError(f"the comparison extracts CAA at block outputs; this SAE reads {sae.site.key()}",
                               "use an SAE on a resid_post site (blocks.L.hook_resid_post)")
+    if select not in ("separation", "steering"):
+        raise SteerscaleError(f"unknown feature selection {select!r}", "use separation or steering")
     if not target_kl > 0:
         raise SteerscaleError(f"target KL must be positive, got {target_kl}")
     pairs = as_pairs(pairs, "the SAE comparison")
@@ -118,15 +121,30 @@ def compare(lm: LoadedModel, sae: SAE, pairs, target_kl: float = 0.1, n_test: in
                                   "name one with feature=, or train an SAE on text closer to the concept")
         chosen = positive[0]
     else:
+        select = "given"
         chosen = next(s for s in ranked if s.feature == sae.check_feature(feature))
     log(f"feature {chosen.feature}: separation d={chosen.separation:+.2f} (mean {chosen.mean_positive:.2f} vs "
         f"{chosen.mean_negative:.2f})")
-    fvec = feature_vector(sae, chosen.feature, lm.layout)
     caa = extract(lm, train, method="caa", layers=[sae.site.layer], read="mean", progress=False)
+    caa_norm = float(caa.directions[sae.site].norm())
+    kl = lambda ivs: kl_of(lm, ivs, neutral)  # noqa: E731
+    selection = []
+    if select == "steering":  # the feature's own steering effect on the training pairs decides
+        train_base = margins(lm, train)
+        for cand in positive[:candidates]:
+            vec = feature_vector(sae, cand.feature, lm.layout)
+            strength, cand_kl = match_kl(vec.interventions, kl, target_kl, caa_norm / float(vec.directions[sae.site].norm()))
+            effect = float((margins(lm, train, vec.interventions(strength)) - train_base).mean())
+            selection.append({"feature": cand.feature, "separation": cand.separation, "strength": strength,
+                              "kl": cand_kl, "train_effect": effect})
+            log(f"candidate {cand.feature}: d={cand.separation:+.2f}, training-pair effect {effect:+.3f} at KL {cand_kl:.3f}")
+        chosen = next(c for c in positive if c.feature == max(selection, key=lambda r: r["train_effect"])["feature"])
+        log(f"chosen by steering effect: feature {chosen.feature}")
+    fvec = feature_vector(sae, chosen.feature, lm.layout)
     # the clamp starts from the feature's largest activation on the positive training texts
     top_act = max(float(a[:, chosen.feature].max()) for a in feature_acts(lm, sae, [p.positive for p in train]))
     methods = {
-        "feature": (lambda s: fvec.interventions(s), float(caa.directions[sae.site].norm() / fvec.directions[sae.site].norm())),
+        "feature": (lambda s: fvec.interventions(s), caa_norm / float(fvec.directions[sae.site].norm())),
         "clamp": (lambda s: clamp_interventions(sae, chosen.feature, s), max(top_act, 1e-3)),
         "caa": (lambda s: caa.interventions(s), 1.0),
     }
@@ -135,12 +153,12 @@ def compare(lm: LoadedModel, sae: SAE, pairs, target_kl: float = 0.1, n_test: in
              "margin": bootstrap_ci(base).to_dict(), "prefer_positive": float((base > 0).mean())}]
     effects = {}
     for name, (make, start) in methods.items():
-        strength, kl = match_kl(make, lambda ivs: kl_of(lm, ivs, neutral), target_kl, start)
+        strength, got = match_kl(make, kl, target_kl, start)
         m = margins(lm, held, make(strength))
         effects[name] = m - base
-        rows.append({"method": name, "strength": strength, "kl": kl, "effect": bootstrap_ci(m - base).to_dict(),
+        rows.append({"method": name, "strength": strength, "kl": got, "effect": bootstrap_ci(m - base).to_dict(),
                      "margin": bootstrap_ci(m).to_dict(), "prefer_positive": float((m > 0).mean())})
-        log(f"{name:8s} strength {strength:9.3f}  KL {kl:.4f}  effect {rows[-1]['effect']['mean']:+.3f} "
+        log(f"{name:8s} strength {strength:9.3f}  KL {got:.4f}  effect {rows[-1]['effect']['mean']:+.3f} "
             f"[{rows[-1]['effect']['lo']:+.3f}, {rows[-1]['effect']['hi']:+.3f}]")
     m = margins(lm, held, system=system)
     effects["prompt"] = m - base
@@ -155,7 +173,8 @@ def compare(lm: LoadedModel, sae: SAE, pairs, target_kl: float = 0.1, n_test: in
         gens = generate(lm.model, lm.tokenizer, lm.layout, list(samples), ivs, max_new_tokens=sample_tokens,
                         system=system if name == "prompt" else None)
         outputs[name] = [g.text for g in gens]
-    return {"model": lm.name, "site": sae.site.key(), "feature": vars(chosen), "target_kl": target_kl,
+    return {"model": lm.name, "site": sae.site.key(), "feature": vars(chosen), "select": select,
+            "selection": selection, "target_kl": target_kl,
             "n_train": len(train), "n_test": len(held), "rows": rows,
             "samples": {name: dict(zip(samples, texts)) for name, texts in outputs.items()},
             "ratios": {"feature_vs_caa": _ratio_ci(effects["feature"], effects["caa"]),
