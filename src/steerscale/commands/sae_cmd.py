@@ -190,7 +190,7 @@ def _info(args, lm) -> int:
             "normalize_activations": sae.normalize_activations, "metadata": sae.metadata}
     if lm is not None:
         texts = corpus_texts(args.corpus, args.limit)
-        acts = collect_activations(lm, texts, sae.site, max_tokens=20_000, context=args.context)
+        acts = collect_activations(lm, texts, sae.site, max_tokens=5_000, context=args.context)
         info["reconstruction"] = reconstruction_metrics(sae, acts)
         info["spliced"] = spliced_loss(lm, sae, texts[:64])
     emit_json(info)  # a nested record: JSON is its table
