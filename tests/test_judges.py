@@ -210,3 +210,25 @@ def smol_backend():
     except SteerscaleError as exc:
         pytest.skip(str(exc))
     return LocalBackend(model, tok, layout)
+
+
+def test_meta_filter_keeps_the_top_share():
+    from steerscale.scale.verifiers.judges import meta_filter
+
+    assert meta_filter([1, 9, 5, 7], [0.1, 0.9, math.nan, 0.8], 0.5) == [9, 7]
+    assert meta_filter([1, 9], [0.3, 0.2], 0.1) == [1]  # at least one
+    assert meta_filter([1, 9], [], 0.5) == [1, 9]  # no probe: everything
+
+
+def test_logprob_fallback_scores_what_the_format_ignoring_model_wrote(backend):
+    """fallback=logprob: the tiny model never writes "Score: N", so each sample's score is read from its digit
+    probabilities after the judgement (one charged verifier pass per sample), in 1..10."""
+    v = get_verifier("genjudge", backend=backend, votes=2, max_tokens=4, template="{question}{solution}",
+                     fallback="logprob")
+    cands = [Candidate(text="12")]
+    budget = Budget()
+    assert score_candidates(v, "1+11?", cands, budget) == []
+    assert 0.1 <= cands[0].score <= 1.0 and cands[0].meta["judge"]["parsed"] == 2
+    assert budget.spent()["verifier_passes"] == 2 and budget.spent()["judge_calls"] == 2
+    with pytest.raises(SteerscaleError, match="fallback"):
+        get_verifier("genjudge", backend=backend, fallback="guess")

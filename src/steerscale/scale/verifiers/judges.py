@@ -21,9 +21,12 @@ After DeepSeek's generalist reward modelling (SPCT / DeepSeek-GRM, 2025) and J1 
 
 Costs: the backend charges the judge's prompt and generated tokens (and the probe's embedding passes) to the
 budget; these verifiers charge one ``judge_calls`` per judge sample, bought before sampling, so a judge-call limit
-is a hard cap. **Fallback**: a judge sample without a parsable ``Score:`` (the model never wrote one within
-``max_tokens``) is dropped from the vote; a candidate with no parsable sample, or none affordable, scores NaN --
-the search marks it failed and goes on, as for every verifier. Generation always stops at ``max_tokens``, so a
+is a hard cap. **Fallback** for a judge sample without a parsable ``Score:`` (the model never wrote one within
+``max_tokens``): ``fallback="drop"`` (default) drops it from the vote; ``fallback="logprob"`` has the judge read
+its judgement back and takes the expected score under its next-token probabilities of the digits 1-9 (mapped onto
+1-10; one verifier pass per such sample, charged) -- what lets a small model that ignores the format still judge.
+A candidate with no scored sample, or none affordable, scores NaN -- the search marks it failed and goes on, as
+for every verifier. Generation always stops at ``max_tokens``, so a
 judge that never emits a score cannot hang a search.
 """
 
@@ -41,14 +44,16 @@ from ..backend import SamplingParams, derive_seed
 from .base import finite
 from .model_based import LLMJudge, PairwiseJudge
 
-GENJUDGE_TEMPLATE = ("You are a strict grader.\n\nQuestion: {question}\n\nAnswer to grade: {solution}\n\n"
-                     "First write two or three short principles a correct, helpful answer to this question must meet. "
-                     "Then critique the answer against each principle. Finish with a line 'Score: N' where N is 1 "
-                     "(wrong) to 10 (fully correct).\n\nPrinciples:")
+GENJUDGE_TEMPLATE = ("Grade the answer to the question.\n\nQuestion: {question}\n\nAnswer: {solution}\n\n"
+                     "Reply in exactly this format, one short line each:\n"
+                     "Principles: <what a correct, helpful answer to this question must do>\n"
+                     "Critique: <how the answer meets or misses them>\n"
+                     "Score: <a number from 1 (wrong) to 10 (fully correct)>")
 CRITIQUE_PAIRWISE_TEMPLATE = ("Which answer to the question is better: more correct, then more helpful?\n\n"
                               "Question: {question}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
                               "Briefly critique each answer, then finish with a line 'Verdict: A' or 'Verdict: B'.")
 AGGREGATES = ("mean", "majority")
+FALLBACKS = ("drop", "logprob")  # what happens to a judge sample without a parsable "Score: N"
 PROBE_KIND = "steerscale.judge_meta_probe"
 
 _SCORE = re.compile(r"score\s*(?:[:=]|is)?\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\b|out of 10\b)?", re.IGNORECASE)
@@ -75,6 +80,16 @@ def vote_scores(scores, aggregate: str = "mean") -> float:
     counts = Counter(scores)
     top = max(counts.values())
     return min(s for s, c in counts.items() if c == top)
+
+
+def meta_filter(scores, meta, keep: float) -> list[float]:
+    """The scores whose meta-probe probabilities ``meta`` are in the top ``keep`` share (at least one; ties and
+    NaN probabilities to the earlier sample). Without probabilities (``meta`` empty) every score is kept."""
+    scores = list(scores)
+    if not meta:
+        return scores
+    order = sorted(range(len(scores)), key=lambda i: (-meta[i] if math.isfinite(meta[i]) else math.inf, i))
+    return [scores[i] for i in sorted(order[:max(1, math.ceil(keep * len(scores)))])]
 
 
 # -- the meta reward model: a logistic probe on the judge's hidden states -----------------------------------------
@@ -175,7 +190,7 @@ class GenerativeJudge(LLMJudge):
 
     def __init__(self, reference=None, backend=None, votes: int = 4, temperature: float = 0.7, seed: int = 0,
                  template: str = GENJUDGE_TEMPLATE, max_tokens: int = 160, aggregate: str = "mean",
-                 meta_probe=None, meta_keep: float = 0.5, max_chars: int = 2000):
+                 meta_probe=None, meta_keep: float = 0.5, max_chars: int = 2000, fallback: str = "drop"):
         super().__init__(reference, backend, votes=votes, temperature=temperature, seed=seed, template=template)
         if aggregate not in AGGREGATES:
             raise SteerscaleError(f"unknown genjudge aggregate {aggregate!r}", f"use one of: {', '.join(AGGREGATES)}")
@@ -185,15 +200,18 @@ class GenerativeJudge(LLMJudge):
         for field in ("{question}", "{solution}"):
             if field not in template:
                 raise SteerscaleError(f"genjudge template lacks {field}", "it needs {question} and {solution}")
+        if fallback not in FALLBACKS:
+            raise SteerscaleError(f"unknown genjudge fallback {fallback!r}", f"use one of: {', '.join(FALLBACKS)}")
+        self.fallback = fallback
         self.temperature = finite("genjudge temperature", temperature, 0.0)
         self.max_tokens, self.aggregate, self.max_chars = max_tokens, aggregate, max_chars
         self.meta_keep = finite("genjudge meta_keep", meta_keep, 1e-9, 1.0)
         self.probe = meta_probe if isinstance(meta_probe, MetaProbe) or meta_probe is None else MetaProbe.load(
             meta_probe)
 
-    def judge(self, question: str, candidate, budget) -> dict:
-        """Sample, parse, meta-filter and vote for one candidate: ``{"score", "samples", "parsed", "kept",
-        "scores", "meta"}`` (``score``: the voted 1-10 score, NaN when no sample parsed)."""
+    def sample_judgements(self, question: str, candidate, budget) -> tuple[str, list[tuple[str, float | None]]]:
+        """The judge prompt for ``candidate`` and its judge samples as ``(text, parsed score or None)``: as many
+        samples as the judge-call budget grants, up to ``votes``."""
         text = candidate.text.strip() or "(empty)"
         text = text if len(text) <= self.max_chars else "..." + text[-self.max_chars:]
         prompt = self.template.format(question=question, solution=text)
@@ -202,16 +220,43 @@ class GenerativeJudge(LLMJudge):
         n = budget.buy_judge(self.votes)  # the judge calls left; none: the candidate stays unscored
         seed = derive_seed(self.seed, question, text)  # a stream per candidate: votes on different answers
         outs = self.backend.sample(prompt, n, params, budget, seed=seed) if n else []
-        parsed = [(o.text, s) for o in outs for s in [parse_score(o.text)] if s is not None]
-        kept, meta = parsed, []
+        samples = [(o.text, parse_score(o.text)) for o in outs]
+        missing = [i for i, (_, sc) in enumerate(samples) if sc is None]
+        if self.fallback == "logprob" and missing:
+            for i, sc in zip(missing, self.read_scores(prompt, [samples[i][0] for i in missing], budget)):
+                samples[i] = (samples[i][0], sc if math.isfinite(sc) else None)
+        return prompt, samples
+
+    def read_scores(self, prompt: str, texts, budget) -> list[float]:
+        """The ``logprob`` fallback: the judge reads its own judgement back and is asked for the score; the
+        expected digit under its next-token probabilities of ``1``..``9`` (one verifier pass per text, charged),
+        mapped onto 1..10. NaN where the budget pays for no pass."""
+        contexts = [prompt + "\n\nA grader's judgement of this answer:\n" + t.strip() + "\n\nSo, on a scale of 1 to 9, "
+                    "the answer's score is" for t in texts]
+        out = []
+        for row in self.backend.choice_logprobs(contexts, [str(d) for d in range(1, 10)], budget):
+            finite_lp = [x for x in row if math.isfinite(x)]
+            if not finite_lp:
+                out.append(math.nan)
+                continue
+            top = max(finite_lp)
+            w = [math.exp(x - top) if math.isfinite(x) else 0.0 for x in row]
+            digit = sum((d + 1) * wi for d, wi in enumerate(w)) / sum(w)
+            out.append(1.0 + (digit - 1.0) * 9.0 / 8.0)
+        return out
+
+    def judge(self, question: str, candidate, budget) -> dict:
+        """Sample, parse, meta-filter and vote for one candidate: ``{"score", "samples", "parsed", "kept",
+        "scores", "meta"}`` (``score``: the voted 1-10 score, NaN when no sample parsed)."""
+        prompt, samples = self.sample_judgements(question, candidate, budget)
+        parsed = [(t, s) for t, s in samples if s is not None]
+        meta = []
         if self.probe is not None and len(parsed) > 1:
             feats = judge_sample_features(self.backend, prompt, [t for t, _ in parsed], budget, self.probe.layer)
             meta = self.probe.predict(feats)
-            order = sorted(range(len(parsed)), key=lambda i: (-meta[i] if math.isfinite(meta[i]) else math.inf, i))
-            kept = [parsed[i] for i in order[:max(1, math.ceil(self.meta_keep * len(parsed)))]]
-        return {"score": vote_scores([s for _, s in kept], self.aggregate), "samples": len(outs),
-                "parsed": len(parsed), "kept": len(kept), "scores": [s for _, s in parsed],
-                "meta": [round(m, 4) for m in meta]}
+        kept = meta_filter([s for _, s in parsed], meta, self.meta_keep)
+        return {"score": vote_scores(kept, self.aggregate), "samples": len(samples), "parsed": len(parsed),
+                "kept": len(kept), "scores": [s for _, s in parsed], "meta": [round(m, 4) for m in meta]}
 
     def score(self, question, candidate, budget, partial=False):
         verdict = self.judge(question, candidate, budget)
