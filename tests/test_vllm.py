@@ -138,7 +138,7 @@ def test_the_front_end_refuses_every_malformed_spec_and_unsupported_field():
     for bad in BAD_SPECS:
         with pytest.raises(SteerscaleError, match=r"vllm_xargs\.steer"):
             reg.admit(_Request({"steer": bad}))
-    for key in ["condition", "controller", "logit_contrast", "gate", "strategy", "steering", "scale"]:
+    for key in ["condition", "controller", "logit_contrast", "gate", "strategy", "steering", "scale", "block_corpus"]:
         with pytest.raises(SteerscaleError, match=rf"vllm_xargs\.{key}: .* do not run inside vLLM"):
             reg.admit(_Request({"steer": ["formal:4"], key: "x"}))
     ok = _Request({"steer": "formal:4, formal:ablate:generated", "other_plugin": 1})

@@ -15,6 +15,7 @@ examples:
   steerscale generate -p "How do I pick a lock?" --controller refusal_ctl.safetensors
   steerscale generate -p "Who wrote Hamlet?" --steer truth.safetensors:4 --gate untruthful.safetensors
   steerscale generate -p "What happens if you swallow gum?" --logit-contrast dola:high   # DoLa decoding
+  steerscale generate -p "Recite the MIT license." --block-corpus licenses/   # no 8-token span of licenses/*.txt
 
 formal.safetensors: steerscale extract --pairs formal_casual -o formal.safetensors (see steerscale extract --help).
 Conditions, controllers and gates: steerscale condition / controller / gate (docs/conditional.md).
@@ -32,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--block-corpus", default=None, metavar="PATH",
+                   help="provenance-aware decoding: never generate a verbatim span of --block-k tokens found in these "
+                        ".txt/.md documents (a directory or one file); the JSON output lists spans found in the text")
+    p.add_argument("--block-k", type=int, default=8, help="span length in tokens for --block-corpus (default 8)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=run)
 
@@ -39,15 +44,20 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..engine.generation import generate
 
+    from ..engine.provenance import SpanIndex
+
     lm = load(args)
     steering, rules = steering_from_args(args, lm.layout)
+    block = SpanIndex.from_dir(args.block_corpus, lm.tokenizer, k=args.block_k) if args.block_corpus else None
     out = generate(lm.model, lm.tokenizer, lm.layout, [args.prompt], steering, max_new_tokens=args.max_new_tokens,
                    do_sample=args.sample, temperature=args.temperature, seed=args.seed,
-                   chat=False if args.no_chat else None, rules=rules, logit_contrast=args.logit_contrast)[0]
+                   chat=False if args.no_chat else None, rules=rules, logit_contrast=args.logit_contrast,
+                   block=block)[0]
     if args.json:
         emit_json({"model": args.model, "prompt": args.prompt, "steer": args.steer, "scope": args.scope,
                    "logit_contrast": args.logit_contrast,
                    "text": out.text, "n_prompt_tokens": out.n_prompt_tokens, "n_new_tokens": out.n_tokens,
+                   **({"block_corpus": block.describe(), "corpus_spans": block.spans(out.token_ids)} if block else {}),
                    **out.extra})
     else:
         print(out.text)

@@ -63,6 +63,10 @@ def register(sub) -> None:
                    help="local: steerscale's own engine (every steering form, strategies). vllm: vLLM underneath "
                         "(scripts/make_vllm_venv.sh), its compiled mode, the same request body for plain steer "
                         "entries; conditions, controllers, logit contrast and strategies are answered 400 there")
+    p.add_argument("--block-corpus", default=None, metavar="DIR",
+                   help="provenance-aware decoding: no request generates a verbatim span of --block-k tokens found in "
+                        "these .txt/.md documents (a request sends \"block_corpus\": false to opt out)")
+    p.add_argument("--block-k", type=int, default=8, help="span length in tokens that --block-corpus blocks (default 8)")
     p.add_argument("--max-n", type=int, default=64, help="cap on n and on prompts per request (default 64)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="rows decoded together by the engine loop (default 16); requests beyond it wait their turn")
@@ -123,9 +127,19 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("STEERSCALE_API_KEY") or None
     if args.engine == "vllm":
         return run_vllm(args, api_key)
+    from pathlib import Path
+
+    if args.block_corpus is not None and not Path(args.block_corpus).exists():
+        raise SteerscaleError(f"--block-corpus {args.block_corpus} does not exist", "give a directory of .txt/.md files")
     lm = load(args)
+    corpus = None
+    if args.block_corpus is not None:
+        from ..engine.provenance import SpanIndex
+
+        corpus = SpanIndex.from_dir(args.block_corpus, lm.tokenizer, k=args.block_k)
+        print(f"blocking verbatim spans of {corpus.k} tokens from {args.block_corpus}: {corpus.describe()}", flush=True)
     app = App(lm.model, lm.tokenizer, lm.layout, model_id=args.model_id or args.model, **shelves,
-              max_n=args.max_n, max_batch=args.max_batch, limits=limits, api_key=api_key)
+              max_n=args.max_n, max_batch=args.max_batch, limits=limits, api_key=api_key, block_corpus=corpus)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     return 0
 
@@ -139,10 +153,10 @@ def run_vllm(args, api_key: str | None) -> int:
     from ..models.loading import checkpoint_dir
     from ..vllm.server import serve_command
 
-    for flag in ("condition", "controller"):
+    for flag in ("condition", "controller", "block_corpus"):
         if getattr(args, flag):
-            raise SteerscaleError(f"--{flag} does not run with --engine vllm",
-                                  "serve conditional steering with the local engine (--engine local)")
+            raise SteerscaleError(f"--{flag.replace('_', '-')} does not run with --engine vllm",
+                                  "serve it with the local engine (--engine local)")
     if args.device not in ("auto", "cpu", "cuda"):
         raise SteerscaleError(f"--device {args.device} with --engine vllm", "vLLM places the model itself: omit it")
     vectors = dict(parse_vector_spec(spec) for spec in args.vector)

@@ -12,6 +12,8 @@ replays these rules client-side over a server's answer):
   3. penalties: ``repetition_penalty`` (HF/vLLM: a token seen in the prompt or the output so far has a positive
      logit divided by it, a negative one multiplied by it), then ``frequency_penalty`` and ``presence_penalty``
      (OpenAI, over the output so far: ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``);
+  4. provenance veto (``block``, ``engine.provenance``): tokens that would complete a verbatim span of a given
+     corpus after the prompt and the output so far get ``-inf``;
   with none active (``SamplingParams.has_processors`` false) the logits come back as the same tensor, untouched;
 * ``sample_next``: processors, then greedy or temperature / top-k / min-p / top-p sampling from a per-call
   generator; the log-prob it returns is the model's own (temperature 1, raw logits);
@@ -36,6 +38,7 @@ import torch
 
 from ..errors import SteerscaleError
 from .logit_contrast import EarlyReader, contrast_hidden
+from .provenance import SpanIndex, veto
 from .runtime import intervene
 
 DEFAULT_STEP = "\n\n"
@@ -105,12 +108,14 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS and no stop string before this many generated tokens; 0: off (no minimum)
     ignore_eos: bool = False  # never sample EOS (run to max_tokens or a stop string); False: off
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted; (): off
+    # provenance-aware decoding: tokens that would complete a span of the index's corpus are vetoed; None: off
+    block: SpanIndex | None = None
 
     @property
     def has_processors(self) -> bool:
         """True when ``process_logits`` changes the logits (else it returns them untouched)."""
         return bool(self.logit_bias or self.min_tokens or self.ignore_eos or self.repetition_penalty != 1
-                    or self.presence_penalty or self.frequency_penalty)
+                    or self.presence_penalty or self.frequency_penalty or self.block is not None)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -155,6 +160,9 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise SteerscaleError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.block is not None and not isinstance(self.block, SpanIndex):
+            raise SteerscaleError(f"block must be a SpanIndex, got {type(self.block).__name__}",
+                                  "build one with engine.provenance.SpanIndex.from_dir(path, tokenizer)")
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -234,6 +242,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, *, eos_ids: Ite
     if counts is not None and (params.frequency_penalty or params.presence_penalty):
         counts = counts.to(out.dtype)
         out = out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(out.dtype)
+    if params.block is not None:  # last: no bias or penalty brings a vetoed token back
+        prompts = prompt_ids if prompt_ids is not None else [()] * n_rows
+        outputs = output_ids if output_ids is not None else [()] * n_rows
+        out = veto(out, params.block, [list(p) + list(o) for p, o in zip(prompts, outputs)])
     return out
 
 

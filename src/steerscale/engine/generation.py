@@ -15,6 +15,7 @@ from .capture import tokenize
 from .decoding import RowCall, SamplingParams, TokenRules, decode_rows, seeded_generator
 from .kvcache import cache_of, with_cache
 from .logit_contrast import LogitContrast, check_layout, contrast_rows, early_reader
+from .provenance import SpanIndex
 from .prompt_rules import PromptRule, prompt_interventions
 from .runtime import Intervention, intervene
 
@@ -71,6 +72,7 @@ def generate(
     min_new_tokens: int = 0,
     system: str | None = None,
     logit_contrast: LogitContrast | str | None = None,
+    block: SpanIndex | None = None,
 ) -> list[Generation]:
     """Generate for a batch of prompts (left-padded) with interventions active only during this call.
 
@@ -81,7 +83,8 @@ def generate(
     Interventions with a token gate report in ``extra["gate_from"]`` the index of the first generated token
     produced under the gated edits (None: the gate never fired). ``logit_contrast``: decode from the early-layer
     contrast (DoLa / VISTA, ``engine.logit_contrast``; a ``LogitContrast`` or its CLI spec such as ``"dola:high"``)
-    instead of the model's own next-token distribution."""
+    instead of the model's own next-token distribution. ``block``: provenance-aware decoding
+    (``engine.provenance.SpanIndex``): no verbatim span of its corpus is generated."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if max_new_tokens < 1:
@@ -92,7 +95,7 @@ def generate(
     batch = tokenize(tokenizer, formatted, device)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                             top_p=top_p if do_sample else 1.0, min_tokens=min(int(min_new_tokens), max_new_tokens),
-                            step=None)
+                            step=None, block=block)
     if seed is not None:
         torch.manual_seed(seed)
     generator = seeded_generator(seed)

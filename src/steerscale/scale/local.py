@@ -38,6 +38,7 @@ from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, early_reader
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
+from ..engine.provenance import SpanIndex
 from ..engine.runtime import Intervention, intervene
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
@@ -85,11 +86,13 @@ class LocalBackend(Backend):
 
     def __init__(self, model, tokenizer, layout=None, steering: Sequence[Intervention] = (), chat: bool | None = None,
                  max_n: int = 256, prefix_cache_size: int = 4, row_scales: Sequence[float] | None = None,
-                 add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = (), logit_contrast=None):
+                 add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = (), logit_contrast=None,
+                 block: SpanIndex | None = None):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.steering = list(steering)
         self.rules = list(rules)
         self.logit_contrast = LogitContrast.parse(logit_contrast)
+        self.block = SamplingParams(block=block).block  # checked where SamplingParams checks it
         if (self.steering or self.rules or self.logit_contrast is not None) and layout is None:
             raise SteerscaleError("steering needs the model's layout", "pass layout= (load_model returns it)")
         if self.logit_contrast is not None:
@@ -239,11 +242,16 @@ class LocalBackend(Backend):
         """Text of generated token ids (EOS and special tokens dropped), as candidates' texts are built."""
         return self.tokens.decode(ids)
 
+    def with_block(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with this backend's provenance veto (``block=``) when they carry none."""
+        return params.with_(block=self.block) if self.block is not None and params.block is None else params
+
     # -- the decoding loop shared by sample() and extend() ----------------------------------------------------
     def _run(self, rows: list[Candidate], kv: _KV, params: SamplingParams, budget: Budget, stepwise: bool,
              keep_state: bool) -> _KV:
         """Grow ``rows`` by one call (a whole sample, or one step) with the decoding core's loop, buying every token
         from ``budget`` first; the KV state moves on in ``kv``."""
+        params = self.with_block(params)
         calls = [RowCall(before=c.n_tokens, prev=c.text) for c in rows]
         # the prompt's width: the cache's columns less what the longest row generated (merged rows share padding)
         limit = self.tokens.limit(params, kv.mask.shape[1] - max(c.n_tokens for c in rows))

@@ -54,7 +54,7 @@ class ScheduledBackend(LocalBackend):
         passes = 2 if self.rules else 1  # conditional steering reads the prompt once more (as LocalBackend charges)
         if not all(budget.buy_prompt(len(ids), 1, self.n_params) for _ in range(passes)):
             return [Candidate(finished=True, finish_reason=FinishReason.BUDGET) for _ in range(n)]
-        job = self.loop.sample(ids, params, seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params,
+        job = self.loop.sample(ids, self.with_block(params), seed=seed, steer=self.steer, n=n, budget=budget, n_params=self.n_params,
                                logit_contrast=self.logit_contrast)
         self._jobs.append(job)
         try:

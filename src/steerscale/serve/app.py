@@ -75,7 +75,7 @@ class App:
 
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
                  max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None,
-                 conditions: dict | None = None, controllers: dict | None = None):
+                 conditions: dict | None = None, controllers: dict | None = None, block_corpus=None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -91,6 +91,7 @@ class App:
                 self.add_artifact(kind, name, obj)  # one made for another model fails here, not in a request
         tokenizer = SharedTokenizer(tokenizer)  # used by request threads and the engine thread
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
+        self.corpus = block_corpus  # an engine.provenance.SpanIndex: provenance-aware decoding (None: off)
         self.engine = Engine(model, tokenizer, layout, self.vectors, max_n, max_batch,
                              max_tokens_limit=self.limits.max_tokens_limit)
         self.shaper = Shaper(tokenizer, self.engine.tokens.decode, model_id)
@@ -170,12 +171,14 @@ class App:
 
     async def completions(self, body: CompletionRequest, request: Request | None = None):
         self.check_model(body.model)
-        return await self.generate(parse_completion(body, max_n=self.max_n, **self.shelves), request,
+        return await self.generate(parse_completion(body, max_n=self.max_n, corpus=self.corpus, **self.shelves),
+                                   request,
                                    chat=False)
 
     async def chat_completions(self, body: ChatRequest, request: Request | None = None):
         self.check_model(body.model)
-        return await self.generate(parse_chat(body, max_n=self.max_n, **self.shelves), request, chat=True)
+        return await self.generate(parse_chat(body, max_n=self.max_n, corpus=self.corpus, **self.shelves), request,
+                                   chat=True)
 
     async def generate(self, req: GenRequest, request: Request | None, *, chat: bool):
         start = time.monotonic()

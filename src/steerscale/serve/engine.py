@@ -210,7 +210,7 @@ class Engine:
         strategy formats the one user message with the chat template, as a local ``steerscale solve`` does."""
         return ScheduledBackend(self.scheduler, req.steer, chat=None if chat else False, max_n=self.max_n,
                                 add_special_tokens=True if chat else req.add_special_tokens,
-                                logit_contrast=req.logit_contrast)
+                                logit_contrast=req.logit_contrast, block=req.sampling.get("block"))
 
     @staticmethod
     def run_strategy(req: GenRequest, prompt: str, backend: ScheduledBackend) -> Result:

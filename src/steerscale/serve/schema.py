@@ -157,6 +157,9 @@ class _Common(Strict):
                                     description="steerscale: this request's steering vectors, applied in order")
     logit_contrast: LogitContrastField | None = Field(
         None, description='steerscale: decode from an early-layer logit contrast, e.g. {"layers": "high"} (DoLa)')
+    block_corpus: bool | None = Field(
+        None, description="steerscale: provenance-aware decoding against the server's --block-corpus (default: on "
+                          "when the server has one; false turns it off for this request)")
     strategy: dict[str, Any] | None = Field(
         None, description='steerscale: an inference-time scaling strategy, e.g. {"name": "best_of_n", "n": 8, '
                           '"verifier": "self_eval", "budget": "tokens=4000"}; its knobs as fields')
@@ -283,7 +286,14 @@ def _steer(entries: list[SteerEntry], vectors, conditions, controllers) -> list:
     return steer
 
 
-def _common(body: _Common, vectors, conditions, controllers) -> dict:
+def _block(body: _Common, corpus) -> dict:
+    """The provenance veto this request decodes under: the server's corpus unless the request turns it off."""
+    if body.block_corpus and corpus is None:
+        raise bad("block_corpus", "this server has no corpus to block: start it with --block-corpus DIR")
+    return {"block": corpus} if corpus is not None and body.block_corpus is not False else {}
+
+
+def _common(body: _Common, vectors, conditions, controllers, corpus=None) -> dict:
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
     steer = _steer(body.steer, vectors, conditions, controllers)
@@ -298,7 +308,7 @@ def _common(body: _Common, vectors, conditions, controllers) -> dict:
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), min_p=body.min_p,
                     repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-                    logit_bias=tuple(sorted(bias.items())), stop=stop)
+                    logit_bias=tuple(sorted(bias.items())), stop=stop, **_block(body, corpus))
     given = {k for k in body.model_fields_set if getattr(body, k) is not None}
     inherit = {k: sampling.get(k, getattr(body, k)) for k in REQUEST_KNOBS if k in given}
     if "stop" in inherit:
@@ -336,7 +346,8 @@ def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
         raise bad("strategy", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
 
 
-def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None) -> GenRequest:
+def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None,
+                     corpus=None) -> GenRequest:
     p = body.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
         prompts = [p]
@@ -346,7 +357,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions
         raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
     if len(prompts) * body.n > max_n:
         raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
-    common = _common(body, vectors, conditions or {}, controllers or {})
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus)
     k = body.logprobs
     if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
@@ -371,11 +382,12 @@ def chat_messages(body: ChatRequest) -> list[dict]:
     return out
 
 
-def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None) -> GenRequest:
+def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None,
+               corpus=None) -> GenRequest:
     if body.n > max_n:
         raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
     messages = chat_messages(body)
-    common = _common(body, vectors, conditions or {}, controllers or {})
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus)
     if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
     if body.top_logprobs is not None and not body.logprobs:

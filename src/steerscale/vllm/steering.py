@@ -28,6 +28,7 @@ STEER_KEY = "steer"  # the extra_args / vllm_xargs key
 UNSUPPORTED_KEYS = {
     "condition": "CAST conditions", "condition_rule": "CAST conditions", "controller": "learned controllers",
     "gate": "token gates", "logit_contrast": "logit contrast", "strategy": "scaling strategies",
+    "block_corpus": "provenance-aware decoding",
     "vector": "steer entries as objects", "scale": "steer entries as objects", "scope": "steer entries as objects",
 }
 
@@ -58,7 +59,8 @@ def check_extra_args(extra_args) -> list[tuple[str, float | tuple[str, float], s
 
 # steerscale serve's top-level request fields, as vLLM's API server receives them (its request models keep unknown
 # fields): "steer" is translated, the others are refused rather than silently ignored
-BODY_FIELDS = {"steer": None, "logit_contrast": "logit contrast", "strategy": "scaling strategies"}
+BODY_FIELDS = {"steer": None, "logit_contrast": "logit contrast", "strategy": "scaling strategies",
+               "block_corpus": "provenance-aware decoding"}
 
 
 def body_extra_args(fields: dict | None, extra_args: dict | None) -> dict | None:
