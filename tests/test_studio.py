@@ -21,16 +21,18 @@ from tiny import ChatCharTokenizer, tiny_model
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
+needs_browser = pytest.mark.skipif(
+    webdriver is None or not (CHROMIUM and DRIVER),
     reason="no headless browser: install Debian's chromium and chromium-driver (apt-get install -y chromium "
-           "chromium-driver; .ci/run does)")
-
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+           "chromium-driver; .ci/run does) and selenium (pip install -e .[dev])")
 
 KEY = "studio-test-key"
 
@@ -108,6 +110,7 @@ def open_page(driver, srv):
           or driver.find_element(By.ID, "key-panel").is_displayed())
 
 
+@needs_browser
 def test_the_page_streams_columns_and_the_slider_moves_only_the_steered_one(browser, server):
     open_page(browser, server)
     assert browser.find_element(By.ID, "model").text == "tiny"
@@ -141,6 +144,7 @@ def test_the_page_streams_columns_and_the_slider_moves_only_the_steered_one(brow
     assert severe(browser) == []
 
 
+@needs_browser
 def test_an_unknown_vector_shows_the_servers_error_text(browser, server):
     open_page(browser, server)
     set_value(browser, "prompt", "Hi")
@@ -156,6 +160,7 @@ def test_an_unknown_vector_shows_the_servers_error_text(browser, server):
     assert len(logged) == 1 and "chat/completions" in logged[0] and "400" in logged[0]
 
 
+@needs_browser
 def test_a_server_with_an_api_key_asks_for_it(browser, parts):
     srv = serve(parts, api_key=KEY)
     try:
