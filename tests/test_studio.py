@@ -121,6 +121,7 @@ def test_the_page_streams_columns_and_the_slider_moves_only_the_steered_one(brow
     set_value(browser, "prompt", "Hello there")
     set_value(browser, "max-tokens", "24")
     set_value(browser, "vector", "a")
+    assert browser.find_element(By.ID, "vector-info").text.startswith("a: custom at resid_post.0, norm ")
     slider = browser.find_element(By.ID, "scale")
     slider.send_keys(Keys.HOME)  # -10: far from what the slider moves to below
     browser.find_element(By.ID, "send").click()

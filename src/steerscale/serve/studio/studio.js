@@ -4,7 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const KEY_STORE = "steerscale.apiKey";
 
-const state = { model: null, sent: false, controllers: new Map(), debounce: null };
+const state = { model: null, vectors: [], sent: false, controllers: new Map(), debounce: null };
 
 class ApiFailure extends Error {
   constructor(status, message) {
@@ -60,7 +60,8 @@ async function connect() {
     if (!$("#vector").value && vectors.length) $("#vector").value = vectors[0].id;
     $("#key-panel").hidden = true;
     $("#status").textContent = vectors.length ? "" : "no vectors registered: steerscale serve --vector NAME=FILE";
-    describeVector(vectors);
+    state.vectors = vectors;
+    describeVector();
     document.body.dataset.ready = "true";
   } catch (err) {
     if (err.status === 401) needKey("this server needs an API key");
@@ -68,15 +69,12 @@ async function connect() {
   }
 }
 
-function describeVector(vectors) {
-  const show = () => {
-    const v = vectors.find((x) => x.id === $("#vector").value);
-    $("#vector-info").textContent = v
-      ? `${v.id}: ${v.method} at ${v.sites.join(", ")}, norm ${Object.values(v.norms).map((n) => n.toFixed(2)).join(", ")}`
-      : "";
-  };
-  $("#vector").addEventListener("input", show);
-  show();
+// The picked vector's card: method, sites and norms (from GET /v1/steering/vectors).
+function describeVector() {
+  const v = state.vectors.find((x) => x.id === $("#vector").value);
+  $("#vector-info").textContent = v
+    ? `${v.id}: ${v.method} at ${v.sites.join(", ")}, norm ${Object.values(v.norms).map((n) => n.toFixed(2)).join(", ")}`
+    : "";
 }
 
 function column(name) {
@@ -168,6 +166,7 @@ function sendAll() {
 
 function init() {
   $("#send").addEventListener("click", sendAll);
+  $("#vector").addEventListener("input", describeVector);
   $("#prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) sendAll();
   });
