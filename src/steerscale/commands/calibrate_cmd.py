@@ -49,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--layers", default="auto",
                    help="candidate layers: auto (five spread over the middle of the network), N, A-B or A,B,C")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
-                   help="strengths to try, ascending, in units of the vector's own strength (default 0.25,0.5,1,2,4)")
+                   help="strengths to try, ascending, in units of the vector's own strength (default 0.5,1,2,4; "
+                        "the refinement adds midpoints)")
     p.add_argument("--max-kl", type=float, default=0.5, metavar="NATS",
                    help="cost budget: the recommended setting's KL upper bound on neutral text (default 0.5)")
     p.add_argument("--break-kl", type=float, default=None, metavar="NATS",
@@ -60,8 +61,8 @@ def register(sub) -> None:
                         "for other pairs)")
     p.add_argument("--compare", action="append", default=[], metavar="LAYER:SCALE",
                    help="a fixed setting to report beside the recommendation on the test pairs; repeatable")
-    p.add_argument("--neutral", type=int, default=16, metavar="N",
-                   help="neutral texts the cost is measured on (default 16 of the 40 shipped)")
+    p.add_argument("--neutral", type=int, default=12, metavar="N",
+                   help="neutral texts the cost is measured on (default 12 of the 40 shipped)")
     p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
                    help="greedy tokens per sample prompt for the coherence check (default 32; 0: no samples)")
     p.add_argument("--min-gain", type=float, default=0.05, metavar="NATS",
