@@ -329,7 +329,9 @@ def _saelens_python() -> str | None:
 
 @pytest.mark.skipif(_saelens_python() is None, reason="no python with sae_lens (set SAELENS_PYTHON, or pip install "
                                                         "sae-lens in the peers' venv)")
-def test_saelens_loads_our_files_and_agrees(tmp_path):
+def test_saelens_loads_our_files_and_we_load_its_files(tmp_path):
+    """Both directions in one SAELens process: our files through SAE.load_from_disk, and files SAELens' own
+    save_model wrote through load_sae; encode and decode outputs compared."""
     from safetensors.torch import load_file, save_file
 
     x = torch.randn(6, 32)
@@ -339,13 +341,20 @@ def test_saelens_loads_our_files_and_agrees(tmp_path):
         saes[arch] = random_sae(arch=arch)
         saes[arch].save(tmp_path / arch)
         argv += [str(tmp_path / arch), str(tmp_path / "x.safetensors"), str(tmp_path / f"{arch}.out.safetensors")]
-    out = subprocess.run([_saelens_python(), str(ROOT / "bench" / "peers" / "sae_lens_parity.py"), *argv],
+    theirs_dir = tmp_path / "made_by_saelens"
+    out = subprocess.run([_saelens_python(), str(ROOT / "bench" / "peers" / "sae_lens_parity.py"), *argv,
+                          "--make", str(theirs_dir), "--inputs", str(tmp_path / "x.safetensors")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     for arch, sae in saes.items():
         theirs = load_file(str(tmp_path / f"{arch}.out.safetensors"))
         assert torch.allclose(theirs["feature_acts"], sae.encode(x), atol=1e-5), arch
         assert torch.allclose(theirs["reconstruction"], sae.reconstruct(x), atol=1e-5), arch
+        ours = load_sae(theirs_dir / arch)
+        made = load_file(str(theirs_dir / f"{arch}.out.safetensors"))
+        assert ours.architecture == arch and ours.site == Site(1) and ours.model_name == "tiny"
+        assert torch.allclose(ours.encode(x), made["feature_acts"], atol=1e-5), arch
+        assert torch.allclose(ours.reconstruct(x), made["reconstruction"], atol=1e-5), arch
 
 
 @pytest.mark.integration
