@@ -64,7 +64,8 @@ def test_registered_and_checked(backend):
     with pytest.raises(SteerscaleError, match="backend"):
         get_verifier("genjudge")
     for bad, match in (({"aggregate": "median"}, "aggregate"), ({"votes": 0}, "votes"), ({"meta_keep": 0}, "meta_keep"),
-                       ({"template": "no fields"}, "template"), ({"meta_probe": "/nonexistent.safetensors"}, "not found")):
+                       ({"template": "no fields"}, "template"),
+                       ({"template": "{question} {solution} {oops}"}, "bad genjudge template"), ({"meta_probe": "/nonexistent.safetensors"}, "not found")):
         with pytest.raises(SteerscaleError, match=match):
             get_verifier("genjudge", backend=backend, **bad)
     with pytest.raises(SteerscaleError, match="critique"):

@@ -200,6 +200,11 @@ class GenerativeJudge(LLMJudge):
         for field in ("{question}", "{solution}"):
             if field not in template:
                 raise SteerscaleError(f"genjudge template lacks {field}", "it needs {question} and {solution}")
+        try:
+            template.format(question="", solution="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SteerscaleError(f"bad genjudge template ({type(exc).__name__}: {exc})",
+                                  "use only the fields {question} and {solution}; write other braces as {{ }}") from None
         if fallback not in FALLBACKS:
             raise SteerscaleError(f"unknown genjudge fallback {fallback!r}", f"use one of: {', '.join(FALLBACKS)}")
         self.fallback = fallback
