@@ -7,13 +7,17 @@ import json
 import pytest
 import torch
 
-from steerscale.cli import main
+from steerscale.cli import build_parser, main
 from steerscale.measure.calibrate import calibrate, choose, pareto_front, repetition, split_pairs
 from steerscale.steer.bake import bake
 from steerscale.steer.extract import extract
 from steerscale.steer.pairs import load_pairs
 from steerscale.steer.vector import SteeringVector
 from tiny import tiny_lm
+
+# every command module imported now, before a test patches commands.common.load: a module first imported while it is
+# patched would keep the stand-in (``from .common import load``) for the rest of the session
+build_parser()
 
 PAIRS = [{"prompt": f"Q{i}: tell me", "positive": "AAAA BBBB AAAA" + "A" * (i % 3),
           "negative": "zzzz yyyy zzzz" + "z" * (i % 4)} for i in range(16)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,7 +40,7 @@ from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, 
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.provenance import SpanIndex
-from ..engine.runtime import Intervention, intervene
+from ..engine.runtime import Intervention, StandingIntervener
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams
@@ -114,6 +115,7 @@ class LocalBackend(Backend):
         self.context_window = self.tokens.context_window
         self._prefix: dict = {}
         self._prefix_size = prefix_cache_size
+        self._hooks = None  # this backend's standing hooks, attached at its first steered pass
         self.forward_passes = 0  # diagnostic counter (all generator forwards, prompt ones included)
 
     @classmethod
@@ -180,9 +182,17 @@ class LocalBackend(Backend):
             out.append(iv)
         return out
 
-    def _steered(self, scales, prompt_width, decided=()):
+    def _steered(self, scales, prompt_width, decided=(), observers=()):
+        """The edits (and reads) of one forward pass, on this backend's hooks: attached once, at its first steered
+        pass (``engine.runtime.StandingIntervener``), removed when the backend is dropped; an unsteered backend
+        attaches nothing."""
         ivs = self._interventions(scales, decided)
-        return intervene(self.layout, ivs, prompt_width=prompt_width) if ivs else contextlib.nullcontext()
+        if not ivs and not observers:
+            return contextlib.nullcontext()
+        if self._hooks is None:
+            self._hooks = StandingIntervener(self.layout).attach()
+            weakref.finalize(self, self._hooks.close)  # the model is left as it was when the backend goes
+        return self._hooks.running(ivs, observers, prompt_width=prompt_width)
 
     def _decide(self, ids: list[int], budget: Budget | None) -> list[Intervention] | None:
         """The prompt rules' edits for this prompt (scalar scales: every row of it gets the same); None when the
@@ -202,7 +212,7 @@ class LocalBackend(Backend):
         refresh_threads(self.device)  # a clock read; the machine re-read at most once a second (models/threads.py)
         # the distribution every strategy samples, scores and charges as "the model's": the logit contrast's, if any
         early = early_reader(self.layout, self.model, [self.logit_contrast])
-        with self._steered(scales, prompt_width, decided), early.reading() if early else contextlib.nullcontext():
+        with self._steered(scales, prompt_width, decided, early.observers() if early else ()):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
