@@ -23,6 +23,7 @@ examples:
   steerscale generate -p "How was your weekend?" --steer f1234.safetensors:8
   steerscale sae clamp out/sae15 --feature 1234 --value 10 -p "How was your weekend?"
   steerscale sae compare out/sae15 --pairs formal_casual --target-kl 0.1  # feature vs CAA vs prompt
+  steerscale sae compare out/sae15 --pairs formal_casual --select steering # feature chosen by what it does
 
 An SAE is a SAELens folder (cfg.json + sae_weights.safetensors): trained here, or trained with SAELens and
 copied in. Its hook name (blocks.L.hook_resid_post, model.layers.L, ...) says where it reads; --site overrides it.
