@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=12)
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--speed-reps", type=int, default=3)
+    ap.add_argument("--pairs", default="formal_casual", help="the concept: a bundled pairs name or a JSONL")
+    ap.add_argument("--system", default="Be formal.", help="the prompting baseline's instruction")
     ap.add_argument("--select", default="separation", choices=["separation", "steering"],
                     help="choose the feature by separation of the pairs, or by its steering effect on the training "
                          "pairs among the 3 best-separating ones")
@@ -105,7 +107,8 @@ def main() -> None:
     identity_err = float((same - plain).abs().max())
     print(f"clamp to own value (feature {busiest}): max |logit diff| {identity_err:.2e}")
 
-    result = compare(lm, sae, bundled_pairs("formal_casual"), args.target_kl, args.n_test,
+    pairs = args.pairs if args.pairs.endswith(".jsonl") else bundled_pairs(args.pairs)
+    result = compare(lm, sae, pairs, args.target_kl, args.n_test, system=args.system,
                      samples=["How was your weekend?", "Any advice for a first job?"], select=args.select)
     print(table(result))
     for name, r in result["ratios"].items():
@@ -132,7 +135,7 @@ def main() -> None:
                "dead_fraction": round(q["dead_fraction"], 4), "loss_clean": round(spliced["clean"], 4),
                "loss_spliced": round(spliced["spliced"], 4), "loss_mean_ablated": round(spliced["mean_ablated"], 4),
                "loss_recovered": round(spliced["loss_recovered"], 4), "clamp_identity_max_logit_diff": identity_err,
-               "select": args.select, "feature": result["feature"]["feature"], "feature_separation": round(result["feature"]["separation"], 3),
+               "pairs": Path(str(args.pairs)).stem, "select": args.select, "feature": result["feature"]["feature"], "feature_separation": round(result["feature"]["separation"], 3),
                "target_kl": args.target_kl,
                **{f"{m}_effect": round(rows[m]["effect"]["mean"], 4) for m in ("feature", "clamp", "caa", "prompt")},
                **{f"{m}_effect_ci": [round(rows[m]["effect"]["lo"], 4), round(rows[m]["effect"]["hi"], 4)]
@@ -142,7 +145,9 @@ def main() -> None:
                "sae_vs_prompt_effect_ratio": round(result["ratios"]["feature_vs_prompt"]["mean"], 3),
                "clamp_vs_feature_effect_ratio": round(result["ratios"]["clamp_vs_feature"]["mean"], 3),
                "clamp_speed_ratio": round(speed, 3)}
-    (out / ("result.json" if args.select == "separation" else f"result_{args.select}.json")).write_text(json.dumps({"summary": summary, "compare": result}, indent=1, default=str))
+    name = "result" + ("" if args.pairs == "formal_casual" else f"_{Path(args.pairs).stem}") + \
+        ("" if args.select == "separation" else f"_{args.select}")
+    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "compare": result}, indent=1, default=str))
     print(json.dumps(summary))
 
 
