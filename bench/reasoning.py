@@ -21,8 +21,8 @@ Protocol (one run, everything paired on the same problems and the same sampled c
 95% paired bootstrap intervals (``measure.stats.paired_compare``) for every difference; the last stdout line is one
 JSON object (the issue's keys; those this script does not measure are null and listed under ``not_measured``).
 
-    STEERSCALE_THREADS=1 OMP_NUM_THREADS=1 python bench/reasoning.py --problems 12 --n 6 --max-tokens 160 \
-        --judge-problems 8 --judge-cands 3 --votes 3 --judge-tokens 64
+    STEERSCALE_THREADS=1 OMP_NUM_THREADS=1 python bench/reasoning.py --problems 10 --n 4 --max-tokens 256 \
+        --judge-problems 5 --judge-cands 3 --votes 3 --judge-tokens 48 --dev-problems 0   # docs/reasoning.md
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--problems", type=int, default=12, help="GSM8K test problems (default 12)")
-    p.add_argument("--n", type=int, default=6, help="candidates sampled per problem (default 6)")
-    p.add_argument("--max-tokens", type=int, default=192)
+    p.add_argument("--problems", type=int, default=10, help="GSM8K test problems (default 10)")
+    p.add_argument("--n", type=int, default=4, help="candidates sampled per problem (default 4)")
+    p.add_argument("--max-tokens", type=int, default=256, help="the task's own 256; 128 cuts GSM8K answers off")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--judge-problems", type=int, default=6, help="problems the judge scores (the first ones)")
+    p.add_argument("--judge-problems", type=int, default=5, help="problems the judge scores (the first ones)")
     p.add_argument("--judge-cands", type=int, default=3, help="candidates judged per problem (the first ones)")
     p.add_argument("--votes", type=int, default=3, help="judge samples per candidate")
-    p.add_argument("--judge-tokens", type=int, default=96, help="max tokens per judge sample")
+    p.add_argument("--judge-tokens", type=int, default=48, help="max tokens per judge sample")
     p.add_argument("--fallback", default="logprob", choices=("drop", "logprob"),
                    help="genjudge fallback for a judgement without 'Score: N' (default logprob: SmolLM2 rarely "
                         "follows the format)")
@@ -239,7 +239,8 @@ def main(argv=None) -> int:
               "seconds_per_problem": round(sum(r["seconds"] for r in rows) / len(rows), 2),
               "judge_problems": len(jrows), "judge_cands": args.judge_cands, "votes": args.votes,
               "judge_parse_rate": round(parse_rate, 4),
-              "judge_scored_rate": round(scored_rate, 4), "judge_fallback": args.fallback, "judge_vote_gain": judge_vote_gain["diff"],
+              "judge_scored_rate": round(scored_rate, 4), "judge_fallback": args.fallback,
+              "judge_vote_gain": judge_vote_gain["diff"],
               "judge_vote_vs_single": judge_vote_gain, "judge_acc": {
                   "first": round(sum(first) / len(first), 4), "single": round(sum(single) / len(single), 4),
                   "voted": round(sum(voted) / len(voted), 4), "arith_prm": round(sum(prm) / len(prm), 4)},

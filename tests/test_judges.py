@@ -65,7 +65,8 @@ def test_registered_and_checked(backend):
         get_verifier("genjudge")
     for bad, match in (({"aggregate": "median"}, "aggregate"), ({"votes": 0}, "votes"), ({"meta_keep": 0}, "meta_keep"),
                        ({"template": "no fields"}, "template"),
-                       ({"template": "{question} {solution} {oops}"}, "bad genjudge template"), ({"meta_probe": "/nonexistent.safetensors"}, "not found")):
+                       ({"template": "{question} {solution} {oops}"}, "bad genjudge template"),
+                       ({"meta_probe": "/nonexistent.safetensors"}, "not found")):
         with pytest.raises(SteerscaleError, match=match):
             get_verifier("genjudge", backend=backend, **bad)
     with pytest.raises(SteerscaleError, match="critique"):
@@ -184,7 +185,8 @@ def test_pairwise_consistent_critique_reads_the_last_verdict():
 
 def test_genjudge_through_a_strategy_spec_as_the_server_builds_it(backend):
     spec = StrategySpec.from_json({"name": "best_of_n", "n": 2, "max_tokens": 4, "verifier": "genjudge",
-                                   "verifier_opts": {"votes": 1, "max_tokens": 4, "template": "{question}{solution}"}, "budget": "judge=10"})
+                                   "verifier_opts": {"votes": 1, "max_tokens": 4, "template": "{question}{solution}"},
+                                   "budget": "judge=10"})
     result = spec.run("1+1?", backend)
     assert len(result.candidates) == 2 and result.budget["spent"]["judge_calls"] == 2
 

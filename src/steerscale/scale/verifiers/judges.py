@@ -38,11 +38,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import SteerscaleError
 from ..backend import SamplingParams, derive_seed
 from .base import finite
 from .model_based import LLMJudge, PairwiseJudge
+
+if TYPE_CHECKING:
+    import torch
 
 GENJUDGE_TEMPLATE = ("Grade the answer to the question.\n\nQuestion: {question}\n\nAnswer: {solution}\n\n"
                      "Reply in exactly this format, one short line each:\n"
@@ -98,10 +102,10 @@ class MetaProbe:
     """``P(judgement right) = sigmoid(features @ weight + bias)`` on the judge's mean-pooled hidden states at
     ``layer`` (features standardised by ``mean`` / ``scale``). Saved as safetensors with a JSON header."""
 
-    weight: "torch.Tensor"  # noqa: F821
+    weight: torch.Tensor
     bias: float
-    mean: "torch.Tensor"  # noqa: F821
-    scale: "torch.Tensor"  # noqa: F821
+    mean: torch.Tensor
+    scale: torch.Tensor
     layer: int = -1
     info: dict | None = None
 
@@ -204,7 +208,8 @@ class GenerativeJudge(LLMJudge):
             template.format(question="", solution="")
         except (KeyError, IndexError, ValueError) as exc:
             raise SteerscaleError(f"bad genjudge template ({type(exc).__name__}: {exc})",
-                                  "use only the fields {question} and {solution}; write other braces as {{ }}") from None
+                                  "use only the fields {question} and {solution}; write other braces as {{ }}"
+                                  ) from None
         if fallback not in FALLBACKS:
             raise SteerscaleError(f"unknown genjudge fallback {fallback!r}", f"use one of: {', '.join(FALLBACKS)}")
         self.fallback = fallback
