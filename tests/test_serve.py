@@ -513,3 +513,15 @@ def test_eval_cli_steer_with_a_backend_url_fails_like_solve(srv, sums, tmp_path,
     assert "Traceback" not in eval_err
     assert main(["eval", "--task", sums, "--backend-url", root, "-o", str(tmp_path)]) == 2  # no --strategy
     assert "add --strategy greedy" in capsys.readouterr().err
+
+
+def test_a_request_cannot_make_the_server_open_a_file(srv, tmp_path):
+    # judges' meta probes and program stages (handbook, router) name files: fine locally, never from a client
+    secret = tmp_path / "program.json"
+    secret.write_text('{"stages": [{"type": "generate"}]}')
+    for strategy in ({"name": "best_of_n", "verifier": "genjudge", "verifier_opts": {"meta_probe": str(secret)}},
+                     {"name": "program", "program": str(secret)},
+                     {"name": "program", "program": '{"stages": [{"type": "handbook", "path": "/etc/hostname"}]}'}):
+        status, err = call(srv, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "strategy": strategy})
+        assert_error(status, err, 400, "strategy")
+        assert "file on the server" in err["error"]["message"] or "never a file" in err["error"]["message"]

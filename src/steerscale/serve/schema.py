@@ -17,6 +17,7 @@ those names that the strategy takes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -327,12 +328,51 @@ def _common(body: _Common, vectors, conditions, controllers, corpus=None) -> dic
                 include_stop=body.include_stop_str_in_output, sampling=sampling, logit_contrast=contrast)
 
 
+# options that name a file on the server's disk (a judge's meta probe, a program stage's handbook or router): a
+# client must not make the server open paths it chooses (and learn from the errors which exist)
+SERVER_FILE_KEYS = ("meta_probe", "path")
+
+
+def _names_server_file(value) -> str | None:
+    """The first key of ``value`` (nested dicts and lists, inline program JSON) that names a server file."""
+    if isinstance(value, str) and value.strip().startswith(("{", "[")):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key in SERVER_FILE_KEYS:
+                return key
+            found = _names_server_file(inner)
+            if found:
+                return found
+    if isinstance(value, list):
+        return next((found for inner in value if (found := _names_server_file(inner))), None)
+    return None
+
+
+def _check_no_server_files(strategy: dict) -> None:
+    found = _names_server_file(strategy)
+    if found:
+        raise bad("strategy", f"{found!r} names a file on the server, which a request may not do; run it locally "
+                              "(steerscale solve) or register it with the server's operator")
+    program = strategy.get("program")
+    if isinstance(program, str) and not program.strip().startswith("{"):
+        from ..scale.programs import PROGRAMS
+
+        if program not in PROGRAMS:
+            raise bad("strategy", f"program {program!r} is not a registered program: a request gives a program's "
+                                  f"name ({', '.join(PROGRAMS)}) or its JSON, never a file on the server")
+
+
 def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
     """The ``strategy`` field as a checked ``StrategySpec`` (None when absent); any problem is a 400 naming it."""
     if strategy is None:
         return None
     if not isinstance(strategy.get("name"), str):
         raise bad("strategy", "'strategy' needs a \"name\" (e.g. best_of_n, majority, beam_search)")
+    _check_no_server_files(strategy)
     scalars = (str, int, float, bool, type(None))
     for key, value in strategy.items():
         if key in ("verifier_opts", "verifier_options", "reference", "budget"):
