@@ -359,7 +359,8 @@ def load_sae(folder: str | Path, layout: ModelLayout | None = None, site: Site |
         raise SteerscaleError(f"{folder}: SAEs on reshaped activations ({cfg['reshape_activations']}) are not "
                               "supported", "use an SAE on a residual, attention-output or MLP-output site")
     norm = cfg.get("normalize_activations", "none")
-    norm = {None: "none", False: "none", True: "expected_average_only_in"}.get(norm, norm) if not isinstance(norm, str) else norm
+    if not isinstance(norm, str):  # pre-6 files wrote a boolean (True: the dataset-average scaling)
+        norm = {None: "none", False: "none", True: "expected_average_only_in"}.get(norm, norm)
     hook_name = _field(cfg, meta, "hook_name", "hook_point")
     if site is None:
         site = site_of_hook(hook_name)

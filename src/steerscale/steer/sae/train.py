@@ -379,7 +379,8 @@ def train_sae(lm: LoadedModel, texts: Sequence[str], site: Site | str, out: str 
     bar.close()
     sae = trainer.sae(site, lm.name, meta)
     metrics = reconstruction_metrics(sae, held)
-    report = {"finished": trainer.step >= cfg.steps, "site": site.key(), "hook_name": sae.hook_name, "d_in": sae.d_in, "d_sae": sae.d_sae,
+    report = {"finished": trainer.step >= cfg.steps, "site": site.key(), "hook_name": sae.hook_name,
+              "d_in": sae.d_in, "d_sae": sae.d_sae,
               "architecture": sae.architecture, "steps": cfg.steps, "train_tokens": int(train.shape[0]),
               "outliers_dropped": outliers,
               "held_out": metrics, "seconds": time.perf_counter() - t0, "config": asdict(cfg), "corpus": corpus,
