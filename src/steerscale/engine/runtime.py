@@ -308,6 +308,10 @@ class StandingIntervener(Intervener):
             self.registrations += 1
         return self
 
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
     def close(self) -> None:
         self.detach()
         self._hooked.clear()
@@ -413,3 +417,16 @@ def observe(layout: ModelLayout, observers: Iterable[Observer], stop_after: int 
         yield handle
     finally:
         handle.detach()
+
+
+@contextmanager
+def intervene_and_observe(layout: ModelLayout, interventions: Sequence[Intervention], observers: Sequence[Observer] = (),
+                          prompt_width: int | None = None) -> Iterator[Intervener]:
+    """``intervene`` and ``observe`` in one block, the observers attached after the edits (so they read the edited
+    activations); both removed on exit."""
+    with intervene(layout, interventions, prompt_width) as handle:
+        if not observers:
+            yield handle
+            return
+        with observe(layout, observers):
+            yield handle

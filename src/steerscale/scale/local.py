@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,7 +39,7 @@ from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, 
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.provenance import SpanIndex
-from ..engine.runtime import Intervention, StandingIntervener
+from ..engine.runtime import Intervention, StandingIntervener, intervene_and_observe
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams
@@ -115,7 +114,7 @@ class LocalBackend(Backend):
         self.context_window = self.tokens.context_window
         self._prefix: dict = {}
         self._prefix_size = prefix_cache_size
-        self._hooks = None  # this backend's standing hooks, attached at its first steered pass
+        self._hooks: StandingIntervener | None = None  # the call in progress' hooks (``_hooks_for_call``)
         self.forward_passes = 0  # diagnostic counter (all generator forwards, prompt ones included)
 
     @classmethod
@@ -183,16 +182,31 @@ class LocalBackend(Backend):
         return out
 
     def _steered(self, scales, prompt_width, decided=(), observers=()):
-        """The edits (and reads) of one forward pass, on this backend's hooks: attached once, at its first steered
-        pass (``engine.runtime.StandingIntervener``), removed when the backend is dropped; an unsteered backend
-        attaches nothing."""
+        """The edits (and reads) of one forward pass: on the hooks of the call in progress (``_hooks_for_call``:
+        attached at its first steered pass, removed when the call ends, so no step of a call registers hooks and
+        no hook outlives a call), or, for a lone pass (encoding a prompt), attached for that pass."""
         ivs = self._interventions(scales, decided)
         if not ivs and not observers:
             return contextlib.nullcontext()
-        if self._hooks is None:
-            self._hooks = StandingIntervener(self.layout).attach()
-            weakref.finalize(self, self._hooks.close)  # the model is left as it was when the backend goes
-        return self._hooks.running(ivs, observers, prompt_width=prompt_width)
+        hooks = self._hooks
+        if hooks is None:
+            return intervene_and_observe(self.layout, ivs, observers, prompt_width)
+        if not hooks.attached:
+            hooks.attach()
+        return hooks.running(ivs, observers, prompt_width=prompt_width)
+
+    @contextlib.contextmanager
+    def _hooks_for_call(self):
+        """Standing hooks for the steps of one ``sample``/``extend`` call (``engine.runtime.StandingIntervener``)."""
+        if self._hooks is not None or self.layout is None:  # nested, or nothing to steer with
+            yield
+            return
+        self._hooks = StandingIntervener(self.layout)
+        try:
+            yield
+        finally:
+            self._hooks.close()
+            self._hooks = None
 
     def _decide(self, ids: list[int], budget: Budget | None) -> list[Intervention] | None:
         """The prompt rules' edits for this prompt (scalar scales: every row of it gets the same); None when the
@@ -278,11 +292,12 @@ class LocalBackend(Backend):
                                              kv.decided)
             return logits
 
-        ends, kv.logits = decode_rows(calls, kv.logits, params, self.tokens, kv.generator, forward, limit=limit,
-                                      steps=params.max_step_tokens if stepwise else limit,
-                                      prompt_ids=[kv.prompt_ids] * len(rows), earlier=[r.token_ids for r in rows],
-                                      done=[c.finished for c in rows], stepwise=stepwise, grant=grant,
-                                      feed_last=keep_state)
+        with self._hooks_for_call():
+            ends, kv.logits = decode_rows(
+                calls, kv.logits, params, self.tokens, kv.generator, forward, limit=limit,
+                steps=params.max_step_tokens if stepwise else limit, prompt_ids=[kv.prompt_ids] * len(rows),
+                earlier=[r.token_ids for r in rows], done=[c.finished for c in rows], stepwise=stepwise, grant=grant,
+                feed_last=keep_state)
         for row, call, end in zip(rows, calls, ends):
             if end is not None:
                 row.finished, row.finish_reason = True, end
