@@ -24,6 +24,16 @@ def _penalised_loss(x1: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float
     return C * torch.nn.functional.softplus(margin).sub(y * margin).sum(1) + 0.5 * w[:, :-1].pow(2).sum(1)
 
 
+def _newton_step(hess: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``hess^-1 grad`` for every site: one batched solve, or one site at a time when torch's batched LU refuses
+    finite, well-posed systems ("Pivots given to lu_solve must all be greater or equal to 1": seen on this CPU
+    build in a process that had loaded a transformers checkpoint earlier; the unbatched solve is unaffected)."""
+    try:
+        return torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+    except RuntimeError:
+        return torch.stack([torch.linalg.solve(h, g) for h, g in zip(hess, grad)])
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int = 100,
                  tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights ``(S, d)`` and intercepts ``(S,)`` of S independent L2 logistic regressions on ``x`` ``(S, n, d)``
@@ -41,7 +51,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int
         grad = C * torch.einsum("snd,sn->sd", x1, p - y) + ridge * w
         hess = C * torch.einsum("snd,sn,sne->sde", x1, p * (1 - p), x1) + torch.diag_embed(ridge.expand(s, -1))
         hess = hess + 1e-10 * torch.eye(d + 1, dtype=x.dtype)  # intercept-only flat directions stay solvable
-        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        step = _newton_step(hess, grad)
         t = torch.ones(s, 1, dtype=x.dtype)
         for _ in range(30):  # per-site backtracking: a full Newton step can overshoot on separable data
             new_loss = _penalised_loss(x1, y, w - t * step, C)
