@@ -48,7 +48,6 @@ import itertools
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
