@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ...registry import Registry
-from . import adaptive, extra, search, simple
+from . import adaptive, extra, hogwild, search, simple
 from .base import Result
 
 STRATEGIES: Registry[Callable] = Registry("strategy")
@@ -37,6 +37,8 @@ STRATEGIES.add("early_pruning", extra.run_early_pruning, "score partial solution
 STRATEGIES.add("refine", extra.run_refine, "verifier-guided iterative refinement of the best attempt")
 STRATEGIES.add("compute_optimal", extra.run_compute_optimal_one,
                "probe, then spend more samples where the vote is less settled (a batch: run_compute_optimal)")
+STRATEGIES.add("hogwild", hogwild.run, "n workers generating at once over one shared KV cache, each seeing the "
+                                        "others' tokens (local models only)")
 # "program" (an inference program: composed stages) registers itself from scale/programs/entry.py, which builds on
 # this registry (a program's generate stages run the strategies above)
 # batch-level form: run_compute_optimal(prompts, backend, verifier, budget, total=...) -> list[Result]
