@@ -59,6 +59,16 @@ def gen(**knobs):
     ({"stages": [gen()], "select": "median"}, "unknown program select"),
     ({"stages": [gen()], "layers": 2}, "no field 'layers'"),
     ({"stages": []}, "non-empty \"stages\""),
+    ({"stages": [{"type": "teacher"}, gen()]}, "did you mean 'teach'"),
+    ({"stages": [{"type": "teach", "explanations": 0}, gen()]}, "'explanations' must be a number in [1, 8]"),
+    ({"stages": [{"type": "teach", "studnet": "s"}, gen()]}, "did you mean 'student'"),
+    ({"stages": [{"type": "concepts"}, gen()]}, "needs a \"path\""),
+    ({"stages": [{"type": "concepts", "path": "/no/such/concepts.json"}, gen()]}, "does not exist"),
+    ({"stages": [{"type": "unit_tests", "tests": "assert answer > 0"}, gen()]}, "must be a list of strings"),
+    ({"stages": [{"type": "unit_tests", "tests": ["assert answer.real > 0"]}, gen()]}, "restricted evaluator refuses"),
+    ({"stages": [{"type": "unit_tests", "generate": False}, gen()]}, "needs fixed \"tests\""),
+    ({"stages": [gen(), {"type": "run_tests", "min_pas": 0.5}]}, "did you mean 'min_pass'"),
+    ({"stages": [{"type": "run_tests"}, gen()]}, "no candidates to work on"),
 ])
 def test_bad_program_fails_at_load_naming_the_problem(config, needle):
     with pytest.raises(SteerscaleError, match=None) as err:
@@ -189,7 +199,8 @@ def test_a_stage_naming_a_model_uses_it_and_a_missing_one_fails_before_any_work(
 
 
 def test_stage_registry_lists_every_stage():
-    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse", "handbook", "route"}
+    assert set(STAGES) == {"prompt", "generate", "critique", "rank", "filter", "vote", "fuse", "handbook", "route",
+                           "concepts", "teach", "unit_tests", "run_tests"}
 
 
 # -- search ---------------------------------------------------------------------------------------------------
@@ -372,3 +383,229 @@ def test_a_program_evaluates_on_smollm2(tmp_path):
     assert res.summary["n"] == 2 and res.summary["n_failed"] == 0
     for r in res.records:
         assert 0 < r["tokens"]["generated"] <= 60 and r["output"]["n_candidates"] == 1  # the fused answer
+
+
+# -- ArcMemo concept memory ---------------------------------------------------------------------------------------
+def _memory(be, path):
+    from steerscale.scale.programs import Concept, ConceptMemory
+
+    questions = ["Calculate 12 + 30.", "Name the capital of France, please, in one word."]
+    vecs = be.embed(questions, Budget()).tolist()
+    memory = ConceptMemory([Concept("add_tens", "when adding two-digit numbers, add the tens first.", questions[0],
+                                    vecs[0]),
+                            Concept("recall_fact", "when a question asks a fact, recall it, then answer.", questions[1],
+                                    vecs[1])], "tiny", len(vecs[0]))
+    memory.save(path)
+    return memory, questions
+
+
+def test_concepts_are_parsed_from_lessons_or_refused():
+    from steerscale.scale.programs.concepts import parse_concept
+
+    assert parse_concept("equal_groups: when groups are equal, multiply.") == ("equal_groups",
+                                                                                "when groups are equal, multiply.")
+    assert parse_concept("If the numbers are large, add the tens first") == ("the_numbers_are",
+                                                                             "if the numbers are large, add the tens first")
+    assert parse_concept("12") is None and parse_concept("") is None
+
+
+def test_concept_memory_selects_by_similarity_or_by_the_model(be, tmp_path):
+    from steerscale.scale.programs import ConceptMemory
+
+    path = tmp_path / "concepts.json"
+    memory, questions = _memory(be, path)
+    assert ConceptMemory.load(path) == memory
+    budget = Budget()
+    assert [c.name for c in memory.select(questions[1], be, budget, k=1)] == ["recall_fact"]
+    assert budget.spent()["verifier_passes"] == 1  # the question's embedding
+    budget = Budget()
+    chosen = memory.select(questions[0], be, budget, k=2, how="model", pool=2)
+    assert budget.spent()["verifier_passes"] == 1 + 2  # the embedding, then one yes/no pass per concept of the pool
+    assert len(chosen) <= 2 and all(c in memory.concepts for c in chosen)
+    prog = load_program({"stages": [{"type": "concepts", "path": str(path), "k": 1}, gen()]})
+    r = prog.run(questions[0], be, Budget())
+    assert r.info["prompt"].startswith("Concepts that may help with this problem:\n- add_tens: when adding")
+    assert r.info["concepts"] == ["add_tens"]
+    (tmp_path / "bad.json").write_text('{"concepts": [{"name": "x"}]}')
+    with pytest.raises(SteerscaleError, match="malformed"):
+        load_program({"stages": [{"type": "concepts", "path": str(tmp_path / "bad.json")}, gen()]})
+
+
+def test_concept_memory_learns_during_a_run_when_asked(be, tmp_path, monkeypatch):
+    from steerscale.scale.programs import ConceptMemory, build_concepts, concepts
+
+    path = tmp_path / "concepts.json"
+    ConceptMemory([], "tiny", 0).save(path)  # an empty memory: a run fills it
+    monkeypatch.setattr(concepts, "write_concept", lambda q, s, b, budget, **k: ("carry_over", "when digits sum past "
+                                                                                 "nine, carry one."))
+    prog = {"stages": [{"type": "concepts", "path": str(path), "update": True, "min_score": 0.0}, gen(n=2)]}
+    r = load_program(prog).run("Calculate 19 + 23.", be, Budget())
+    assert r.info["learned"] == "carry_over"
+    saved = ConceptMemory.load(path)
+    assert [c.name for c in saved.concepts] == ["carry_over"] and saved.concepts[0].origin == "update"
+    assert saved.dim == len(saved.concepts[0].vector) > 0
+    r2 = load_program(prog).run("Calculate 18 + 24.", be, Budget())  # the next problem selects it
+    assert r2.info["concepts"] == ["carry_over"] and "learned" not in r2.info  # one concept per name
+    strict = {"stages": [{"type": "concepts", "path": str(path), "update": True, "min_score": 1.0}, gen(n=2)]}
+    monkeypatch.setattr(concepts, "write_concept", lambda *a, **k: ("never", "when never, never."))
+    assert "learned" not in load_program(strict).run("Calculate 1 + 2.", be, Budget()).info  # not confident enough
+    budget = Budget()
+    built = build_concepts(_problems(), be, budget, max_tokens=8)  # a random model: few or no concepts
+    assert isinstance(built, ConceptMemory) and all(len(c.vector) == built.dim for c in built.concepts)
+
+
+# -- teacher intervention -----------------------------------------------------------------------------------------
+def test_teacher_explains_only_when_simulating_the_student_says_it_helps(be, lm):
+    from tiny import CharTokenizer
+
+    class Counting(LocalBackend):
+        samples = 0
+        passes = 0
+
+        def sample(self, *a, **k):
+            Counting.samples += 1
+            return super().sample(*a, **k)
+
+        def choice_logprobs(self, *a, **k):
+            Counting.passes += 1
+            return super().choice_logprobs(*a, **k)
+
+    teacher = Counting(lm[0], CharTokenizer(), lm[1], chat=False)
+    answer = lambda text: "7"  # noqa: E731  (the teacher's answer the student is simulated on)
+    stage = {"type": "teach", "model": "teacher", "explanations": 3, "max_tokens": 10, "threshold": -1e9}
+    prog = load_program({"stages": [stage, gen(n=1)]})
+    r = prog.run("Calculate 3 + 4.", be, Budget(), models={"teacher": teacher}, answer_fn=answer)
+    assert Counting.samples == 1 and r.info["teach"]["explanations"] == 3 and r.info["teach"]["intervened"]
+    assert "A teacher's explanation:" in r.info["prompt"]
+    never = load_program({"stages": [dict(stage, threshold=1e9), gen(n=1)]})
+    r = never.run("Calculate 3 + 4.", be, Budget(), models={"teacher": teacher}, answer_fn=answer)
+    assert not r.info["teach"]["intervened"] and r.info["prompt"] is None  # the student answers alone
+    assert isinstance(r.info["teach"]["gain"], float)
+    student = load_program({"stages": [{"type": "teach", "student": "student", "max_tokens": 6}, gen(n=1)]})
+    before = Counting.passes
+    student.run("Calculate 3 + 4.", be, Budget(), models={"student": teacher}, answer_fn=answer)
+    assert Counting.passes == before + 1  # the student was simulated, in one batched pass
+    budget = Budget()
+    with pytest.raises(SteerscaleError, match="model 'teacher'"):
+        prog.run("Calculate 3 + 4.", be, budget)  # the teacher was not given: refused before any work
+    assert budget.spent()["generated_tokens"] == 0
+
+
+# -- Archon's unit-test stages --------------------------------------------------------------------------------------
+def test_restricted_checks_run_without_executing_code():
+    from steerscale.scale.programs.unit_tests import Check, CheckError, answer_value, read_tests
+
+    assert answer_value("1,234") == 1234 and answer_value("-2.5") == -2.5 and answer_value("Paris") == "Paris"
+    assert Check.parse("assert answer % 2 == 0 and 40 < answer <= 42").passes(42)
+    assert Check.parse("assert max(answer, 3) == 5, 'message'").passes(5)
+    assert not Check.parse("assert answer > 0").passes("Paris")  # a type error fails, it does not raise
+    assert not Check.parse("assert answer > 0").passes(None)
+    assert Check.parse("assert len(str(answer)) == 5").passes("Paris")
+    assert not Check.parse("assert 9 ** 9 ** 9 > answer").passes(1)  # refused before it grows
+    assert not Check.parse("assert 'a' * 10 ** 9 == answer").passes("a")
+    for bad in ["assert answer.__class__", "assert __import__('os').system('true')", "assert (lambda: 1)()",
+                "assert [x for x in 'ab']", "assert open('f')", "assert answer[0] == 1", "assert answer == 1; 1",
+                "print(1)", "assert eval('1')", "assert int(x=1)"]:
+        with pytest.raises(CheckError):
+            Check.parse(bad)
+    checks, tests = read_tests(["1. assert answer > 0", "- `assert answer < 100`", "The answer is a whole number.",
+                                "assert import os", "ok"])
+    assert [c.text for c in checks] == ["assert answer > 0", "assert answer < 100"]
+    assert tests == ["The answer is a whole number."]
+
+
+def test_unit_test_stages_rank_candidates_by_the_checks_they_pass(be):
+    answers = iter(["5", "7", "5", "x"])
+    read = lambda text: next(answers)  # noqa: E731
+    prog = load_program({"stages": [{"type": "unit_tests", "generate": False, "tests": ["assert answer == 5",
+                                                                                          "assert answer > 0"]},
+                                    gen(n=4), {"type": "run_tests", "top_k": 2}], "select": "best"})
+    r = prog.run("Calculate 2 + 3.", be, Budget(), answer_fn=read)
+    assert [c.answer for c in r.candidates] == ["5", "5"] and all(c.score == 1.0 for c in r.candidates)
+    assert r.candidates[0].meta["tests_passed"] == "2/2" and r.info["unit_tests"] == ["assert answer == 5",
+                                                                                        "assert answer > 0"]
+    budget = Budget()
+    judged = load_program({"stages": [{"type": "unit_tests", "generate": False,
+                                       "tests": ["The answer is a whole number."]}, gen(n=3),
+                                      {"type": "run_tests"}]}).run("Calculate 2 + 3.", be, budget)
+    assert budget.spent()["verifier_passes"] == 3 and all(c.score in (0.0, 1.0) for c in judged.candidates)
+    written = load_program({"stages": [{"type": "unit_tests", "n": 2, "max_tokens": 12}, gen(n=2),
+                                       {"type": "run_tests"}]}).run("Calculate 2 + 3.", be, Budget())
+    assert isinstance(written.info["unit_tests"], list)  # whatever a random model writes, read safely
+
+
+# -- every new stage type within its budget -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["concepts", "concepts_model", "concepts_update", "teach", "unit_tests"])
+@pytest.mark.parametrize("limits", [{"tokens": 20}, {"prompt_tokens": 150}, {"verifier_passes": 2}],
+                         ids=lambda d: next(iter(d)))
+def test_budget_is_never_exceeded_by_the_new_stages(be, tmp_path, kind, limits):
+    path = tmp_path / "concepts.json"
+    _memory(be, path)
+    stages = {
+        "concepts": [{"type": "concepts", "path": str(path)}, gen(n=4)],
+        "concepts_model": [{"type": "concepts", "path": str(path), "select": "model", "pool": 2}, gen(n=4)],
+        "concepts_update": [{"type": "concepts", "path": str(path), "update": True, "min_score": 0.0}, gen(n=4)],
+        "teach": [{"type": "teach", "explanations": 3, "max_tokens": 12, "threshold": -1e9}, gen(n=4)],
+        "unit_tests": [{"type": "unit_tests", "n": 3, "max_tokens": 12, "tests": ["The answer is positive."]},
+                       gen(n=4), {"type": "run_tests"}],
+    }[kind]
+    budget = Budget(dict(limits))
+    r = load_program({"stages": stages}).run("Calculate 12 + 30.", be, budget)
+    spent = r.budget["spent"]
+    for key, lim in budget.limits.items():
+        assert spent[key] <= lim, (key, spent[key], lim)
+
+
+# -- the CLI's steered stages ---------------------------------------------------------------------------------------
+def test_cli_steered_stage_flag_builds_a_steered_copy_and_refuses_early(be, lm, tmp_path, capsys):
+    import types
+
+    from steerscale import Site
+    from steerscale.cli import main
+    from steerscale.commands.program_cmd import _models
+    from steerscale.steer.vector import SteeringVector
+    from tiny import CharTokenizer
+
+    vec = SteeringVector({Site(1): torch.ones(lm[0].config.hidden_size)}).save(tmp_path / "v")
+    prog = '{"stages": [{"type": "generate", "strategy": "greedy", "model": "formal", "knobs": {"max_tokens": 4}}]}'
+    args = types.SimpleNamespace(with_models=[], steer_with=[f"formal={vec}:2"], no_chat=True, device=None,
+                                 dtype=None)
+    models = _models(args, types.SimpleNamespace(model=lm[0], tokenizer=CharTokenizer(), layout=lm[1]))
+    assert set(models) == {"formal"} and len(models["formal"].steering) >= 1
+    steered = load_program(prog).run("Calculate 1 + 1.", be, Budget(), models=models)
+    plain = load_program(prog).run("Calculate 1 + 1.", be, Budget(), models={"formal": be})
+    assert steered.best.token_ids != plain.best.token_ids or steered.best.text != plain.best.text
+    # refused before any model is loaded
+    assert main(["program", "run", prog, "-p", "hi", "-m", "no/such-model"]) == 2
+    assert "--steer-with NAME=VEC" in capsys.readouterr().err
+    assert main(["program", "run", prog, "-p", "hi", "-m", "no/such-model", "--steer-with",
+                 f"formal={tmp_path / 'none.safetensors'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["program", "run", prog, "-p", "hi", "-m", "no/such-model", "--steer-with", f"formal={vec}",
+                 "--with", "formal=gemma3-270m"]) == 2
+    assert "both --with and --steer-with" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_new_stages_run_on_smollm2(tmp_path):
+    """Concepts (selected and updated), a teacher and the unit-test stages on the real SmolLM2, within budget."""
+    import steerscale
+    from steerscale.scale.programs import ConceptMemory
+
+    lm = steerscale.load_model("smollm2-135m-instruct")
+    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
+    path = tmp_path / "concepts.json"
+    ConceptMemory([], "smollm2", 0).save(path)
+    program = load_program({"stages": [
+        {"type": "concepts", "path": str(path), "update": True, "min_score": 0.0},
+        {"type": "teach", "max_tokens": 48},
+        {"type": "unit_tests", "n": 2, "max_tokens": 40, "tests": ["assert answer == 12 + 30"]},
+        {"type": "generate", "strategy": "majority", "knobs": {"n": 2, "max_tokens": 24, "temperature": 0.7}},
+        {"type": "run_tests", "top_k": 1}], "select": "best"})
+    budget = Budget.of(tokens=300)
+    r = program.run("What is 12 + 30? Answer with the number.", backend, budget)
+    assert r.budget["spent"]["generated_tokens"] <= 300 and r.best is not None
+    assert r.info["teach"]["explanations"] == 1 and isinstance(r.info["teach"]["gain"], (float, type(None)))
+    assert "assert answer == 12 + 30" in r.info["unit_tests"] and "tests_passed" in r.best.meta
+    saved = ConceptMemory.load(path)
+    assert all(c.origin == "update" and len(c.vector) == saved.dim for c in saved.concepts)

@@ -1,4 +1,5 @@
-"""``steerscale program show|run|search``: inference programs (composed pipelines) and their search."""
+"""``steerscale program show|run|search|handbook|concepts|router``: inference programs (composed pipelines), their
+search, and the memory files their stages read."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ examples:
   steerscale program show generate_rank_fuse               # one program as JSON (a name, a .json/.yaml file)
   steerscale program run generate_rank_fuse -p "What is 17 + 25?" --budget tokens=1500
   steerscale program run my_program.json -p "What is 17 + 25?" --with judge=gemma3-270m   # a stage's "model"
+  steerscale program run my_program.json -p "..." --steer-with formal=formal.safetensors:4  # a steered stage
+  steerscale program concepts --task gsm8k --limit 32 --data-seed 1 -o concepts.json        # ArcMemo concepts
+  steerscale program run '{"stages": [{"type": "concepts", "path": "concepts.json", "update": true},
+      {"type": "generate", "strategy": "greedy"}]}' -p "..."                     # selected, and learned as it goes
+  steerscale program run '{"stages": [{"type": "teach", "model": "teacher"}, {"type": "generate",
+      "strategy": "greedy"}]}' -p "..." --with teacher=gemma3-270m              # a teacher explains when it helps
+  steerscale program run '{"stages": [{"type": "unit_tests"}, {"type": "generate"}, {"type": "run_tests",
+      "top_k": 1}], "select": "best"}' -p "What is 17 + 25?"                     # Archon's unit-test stages
   steerscale program search --task arc_easy --dev 16 --test 40 --trials 12 --budget tokens=400 --total tokens=100000
   steerscale program search --task arc_easy --trials 12 --sampler random -o out/random_search   # the baseline
   steerscale solve -p "What is 17 + 25?" --strategy program --knob program=out/program_search/best.json
@@ -31,9 +40,10 @@ A program is JSON (or YAML): {"stages": [{"type": "prompt", "preset": "cot"},
 def register(sub) -> None:
     p = sub.add_parser("program", epilog=EPILOG,
                        description="Inference programs: pipelines of prompt and candidate stages (generate, critique, "
-                                   "rank, filter, vote, fuse) configured as data, run within one budget; and an "
+                                   "rank, filter, vote, fuse, unit tests; a behaviour handbook, a concept memory, a "
+                                   "prompt router, a teacher) configured as data, run within one budget; and an "
                                    "optuna search over them (Archon-style).")
-    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search,handbook,router}", required=True)
+    verbs = p.add_subparsers(dest="program_verb", metavar="{show,run,search,handbook,concepts,router}", required=True)
 
     show = verbs.add_parser("show", help="list stages, presets and programs, or print one program checked",
                             epilog=EPILOG, formatter_class=p.formatter_class)
@@ -47,6 +57,10 @@ def register(sub) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--with", dest="with_models", action="append", default=[], metavar="NAME=MODEL",
                      help="a second model for stages that name it (\"model\": NAME), e.g. judge=gemma3-270m")
+    run.add_argument("--steer-with", dest="steer_with", action="append", default=[], metavar="NAME=VEC[:SCALE]",
+                     help="a steered copy of the run's own model for stages that name it (\"model\": NAME): the "
+                          "steering vector VEC (.safetensors or .gguf) at SCALE (default 1); repeat a NAME to add "
+                          "vectors, e.g. --steer-with formal=formal.safetensors:4")
     run.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     run.add_argument("--json", action="store_true", help="print a JSON object (with every candidate and the trace)")
     add_model_args(run)
@@ -75,34 +89,39 @@ def register(sub) -> None:
     s.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     add_model_args(s)
     s.set_defaults(func=run_search)
-    h = verbs.add_parser("handbook", help="build a behaviour handbook from the model's own solved problems",
-                         epilog=EPILOG, formatter_class=p.formatter_class)
-    h.add_argument("--task", required=True, help="the task whose problems the model solves (e.g. arc_easy, gsm8k)")
-    h.add_argument("--limit", type=int, default=32, help="problems to solve (default 32)")
-    h.add_argument("--data-seed", type=int, default=0,
-                   help="which problems are drawn; use another seed (or split) than the evaluation's")
-    h.add_argument("--max-tokens", type=int, default=128, help="tokens per solution (default 128)")
-    h.add_argument("--budget", default="", metavar="NAME=V,...", help="limits for the whole build")
-    h.add_argument("-o", "--out", required=True, help="the handbook JSON file to write")
-    h.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    add_model_args(h)
+    h = _build_parser(verbs, p, "handbook", "build a behaviour handbook from the model's own solved problems",
+                      "the task whose problems the model solves (e.g. arc_easy, gsm8k)", "problems to solve",
+                      "tokens per solution", "the handbook JSON file to write")
     h.set_defaults(func=run_handbook)
-    r = verbs.add_parser("router", help="build a prompt router: which prompt of a pool worked on which dev question",
-                         epilog=EPILOG, formatter_class=p.formatter_class)
-    r.add_argument("--task", required=True, help="the task whose development problems train the router")
-    r.add_argument("--limit", type=int, default=32, help="development problems (default 32)")
-    r.add_argument("--data-seed", type=int, default=0,
-                   help="which problems are drawn; use another seed (or split) than the evaluation's")
+    c = _build_parser(verbs, p, "concepts", "build an ArcMemo concept memory from the model's own solved problems",
+                      "the task whose problems the model solves (e.g. arc_easy, gsm8k)", "problems to solve",
+                      "tokens per solution", "the concept memory JSON file to write (an empty one when none is "
+                      "learned: a run with \"update\": true fills it)")
+    c.set_defaults(func=run_concepts)
+    r = _build_parser(verbs, p, "router", "build a prompt router: which prompt of a pool worked on which dev question",
+                      "the task whose development problems train the router", "development problems",
+                      "tokens per answer", "the router JSON file to write")
     r.add_argument("--prompts", default="none,cot,direct", metavar="P1,P2,...",
                    help="the pool: 'none' and prompt presets (steerscale program show lists them); default "
                         "none,cot,direct")
-    r.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default 128)")
-    r.add_argument("--budget", default="", metavar="NAME=V,...", help="limits for the whole build")
-    r.add_argument("-o", "--out", required=True, help="the router JSON file to write")
-    r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    add_model_args(r)
     r.set_defaults(func=run_router)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _build_parser(verbs, parent, name: str, what: str, task_help: str, limit_help: str, tokens_help: str,
+                  out_help: str):
+    """A verb that builds a memory file from a task's problems (handbook, concepts, router)."""
+    b = verbs.add_parser(name, help=what, epilog=EPILOG, formatter_class=parent.formatter_class)
+    b.add_argument("--task", required=True, help=task_help)
+    b.add_argument("--limit", type=int, default=32, help=f"{limit_help} (default 32)")
+    b.add_argument("--data-seed", type=int, default=0,
+                   help="which problems are drawn; use another seed (or split) than the evaluation's")
+    b.add_argument("--max-tokens", type=int, default=128, help=f"{tokens_help} (default 128)")
+    b.add_argument("--budget", default="", metavar="NAME=V,...", help="limits for the whole build")
+    b.add_argument("-o", "--out", required=True, help=out_help)
+    b.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_model_args(b)
+    return b
 
 
 # -- helpers shared with bench/programs.py --------------------------------------------------------------------
@@ -156,37 +175,67 @@ def run_show(args) -> int:
     return 0
 
 
-def _models(items, args) -> dict:
+def _named_specs(items, flag: str, example: str) -> dict[str, list[str]]:
+    """``NAME=VALUE`` flags, checked, as ``{name: [values]}`` (before any model loads)."""
     from ..errors import SteerscaleError
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise SteerscaleError(f"bad {flag} {item!r}", f"write NAME=VALUE, e.g. {flag} {example}")
+        out.setdefault(name.strip(), []).append(value.strip())
+    return out
+
+
+def _models(args, lm=None) -> dict:
+    """The named backends of ``--with`` (other models) and ``--steer-with`` (steered copies of the run's own)."""
     from ..models.loading import load_model
     from ..scale.local import LocalBackend
+    from ..steer.vector import load_steering
 
+    chat = False if args.no_chat else None
     out = {}
-    for item in items:
-        name, sep, model = item.partition("=")
-        if not sep or not name.strip() or not model.strip():
-            raise SteerscaleError(f"bad --with {item!r}", "write NAME=MODEL, e.g. --with judge=gemma3-270m")
-        lm = load_model(model.strip(), device=args.device, dtype=args.dtype)
-        out[name.strip()] = LocalBackend(lm.model, lm.tokenizer, lm.layout, chat=False if args.no_chat else None)
+    for name, models in _named_specs(args.with_models, "--with", "judge=gemma3-270m").items():
+        other = load_model(models[-1], device=args.device, dtype=args.dtype)
+        out[name] = LocalBackend(other.model, other.tokenizer, other.layout, chat=chat)
+    for name, vectors in _named_specs(args.steer_with, "--steer-with", "formal=formal.safetensors:4").items():
+        out[name] = LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=load_steering(vectors, lm.layout),
+                                 chat=chat)
     return out
 
 
 def run_run(args) -> int:
+    from ..errors import SteerscaleError
     from ..scale.budget import Budget
     from ..scale.programs import load_program
+    from ..steer.vector import parse_steer_arg
 
     program = load_program(args.program)  # checked before any model loads
     budget = Budget.parse(args.budget)
-    named = {getattr(s, "model", "") for s in program.stages} - {""}
-    given = {item.partition("=")[0].strip() for item in args.with_models}
-    missing = sorted(named - given)
+    given = _named_specs(args.with_models, "--with", "judge=gemma3-270m")
+    steered = _named_specs(args.steer_with, "--steer-with", "formal=formal.safetensors:4")
+    both = sorted(set(given) & set(steered))
+    if both:
+        raise SteerscaleError(f"{', '.join(map(repr, both))} named by both --with and --steer-with",
+                              "give each stage model one way")
+    for vectors in steered.values():
+        for spec in vectors:
+            path = parse_steer_arg(spec)[0]
+            if not Path(path).expanduser().is_file():
+                raise SteerscaleError(f"--steer-with: steering vector file {path!r} does not exist")
+    if steered and getattr(args, "backend_url", None):
+        raise SteerscaleError("--steer-with steers the local model", "drop --backend-url, or run the stage's model "
+                              "on a server that steers it")
+    missing = sorted(set(program.model_names()) - set(given) - set(steered))
     if missing:
-        from ..errors import SteerscaleError
-
         raise SteerscaleError(f"the program's stages name model(s) {', '.join(map(repr, missing))}",
-                              f"give each with --with NAME=MODEL, e.g. --with {missing[0]}=gemma3-270m")
-    backend = _backend(args)
-    result = program.run(args.prompt, backend, budget, seed=args.seed, models=_models(args.with_models, args))
+                              f"give each with --with NAME=MODEL (another model) or --steer-with NAME=VEC[:SCALE] "
+                              f"(this model, steered), e.g. --with {missing[0]}=gemma3-270m")
+    lm = None if getattr(args, "backend_url", None) else load(args)
+    backend = _backend(args, lm)
+    models = _models(args, lm)
+    result = program.run(args.prompt, backend, budget, seed=args.seed, models=models)
     if args.json:
         emit_json({"program": program.to_dict(), "prompt": args.prompt, **result.to_dict()})
         return 0
@@ -242,43 +291,55 @@ def run_search(args) -> int:
     return 0
 
 
-def run_handbook(args) -> int:
+def _build_from_task(args, desc: str, build, check=None):
+    """Load the task's problems, then the model, and run ``build(problems, backend, budget, bar)`` with a bar."""
     from tqdm.auto import tqdm
 
     from ..measure.tasks import get_task
     from ..scale.budget import Budget
-    from ..scale.programs import build_handbook
 
     budget = Budget.parse(args.budget)
     task = get_task(args.task)
     problems = task_problems(task, task.load(limit=args.limit, seed=args.data_seed))
+    if check is not None:
+        check()  # before the model loads
     backend = _backend(args)
-    with tqdm(total=len(problems), desc="handbook", unit="problem") as bar:
-        book = build_handbook(problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar)
+    with tqdm(total=len(problems), desc=desc, unit="problem") as bar:
+        return build(problems, backend, budget, bar), len(problems)
+
+
+def run_handbook(args) -> int:
+    from ..scale.programs import build_handbook
+
+    book, n = _build_from_task(args, "handbook", lambda problems, backend, budget, bar: build_handbook(
+        problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar))
     book.save(args.out)
     for b in book.behaviours:
         print(f"- {b.name}: {b.instruction}")
-    print(f"{len(book.behaviours)} behaviours from {len(problems)} problems -> {args.out}")
+    print(f"{len(book.behaviours)} behaviours from {n} problems -> {args.out}")
+    return 0
+
+
+def run_concepts(args) -> int:
+    from ..scale.programs import build_concepts
+
+    memory, n = _build_from_task(args, "concepts", lambda problems, backend, budget, bar: build_concepts(
+        problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar))
+    memory.save(args.out)
+    for c in memory.concepts:
+        print(f"- {c.line()}")
+    print(f"{len(memory.concepts)} concepts from {n} problems -> {args.out}")
     return 0
 
 
 def run_router(args) -> int:
-    from tqdm.auto import tqdm
-
-    from ..measure.tasks import get_task
-    from ..scale.budget import Budget
     from ..scale.programs import build_router
     from ..scale.programs.memory import check_pool
 
     prompts = [x.strip() for x in args.prompts.split(",") if x.strip()]
-    budget = Budget.parse(args.budget)
-    task = get_task(args.task)
-    problems = task_problems(task, task.load(limit=args.limit, seed=args.data_seed))
-    check_pool(prompts)  # before the model loads
-    backend = _backend(args)
-    with tqdm(total=len(problems), desc="router", unit="problem") as bar:
-        router = build_router(problems, backend, prompts, budget, max_tokens=args.max_tokens, model=args.model,
-                              progress=bar)
+    router, _ = _build_from_task(args, "router", lambda problems, backend, budget, bar: build_router(
+        problems, backend, prompts, budget, max_tokens=args.max_tokens, model=args.model, progress=bar),
+        check=lambda: check_pool(prompts))
     router.save(args.out)
     for name, acc in router.overall().items():
         print(f"  {name:10s} dev accuracy {acc:.3f}")

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 from ...errors import SteerscaleError
-from ..backend import Backend, SamplingParams
+from ..backend import Backend
 from ..budget import Budget
-from .stages import PROMPT_PRESETS, Context, Stage, _register, place_text
+from .stages import PROMPT_PRESETS, Context, Stage, _register, ask, place_text
 
 EXTRACT_TEMPLATE = ("Name the reusable reasoning habit a solution used, as one line: habit_name: instruction.\n\n"
                     "Problem: Tom has 3 boxes of 4 pens. How many pens?\nSolution: 3 x 4 = 12 pens.\n"
@@ -144,51 +144,80 @@ class Handbook:
         return nearest(vec, self.behaviours, k) if vec is not None else []
 
 
+def learn_from_solved(problems, backend: Backend, budget: Budget, template: str, parse, *, max_tokens: int = 128,
+                      reply_tokens: int = 48, progress=None) -> list[tuple[str, tuple]]:
+    """``(question, parsed)`` for each problem the model solves (greedy; the problem's ``check`` says so) and then
+    describes: ``template`` (with ``{question}`` and ``{solution}``) asks for the lesson, ``parse`` reads the reply
+    (None: nothing usable). Everything is charged to ``budget``."""
+    found = []
+    for p in problems:
+        if budget.exhausted:
+            break
+        out = ask(backend, p.prompt, budget, max_tokens=max_tokens)
+        if out and p.check(out[0]):
+            reply = ask(backend, template.format(question=p.prompt, solution=out[0]), budget, max_tokens=reply_tokens)
+            parsed = parse(reply[0]) if reply else None
+            if parsed:
+                found.append((p.prompt, parsed))
+        if progress is not None:
+            progress.update(1)
+    return found
+
+
 def build_handbook(problems, backend: Backend, budget: Budget | None = None, *, max_tokens: int = 128,
                    model: str = "", progress=None) -> Handbook:
     """A handbook from the problems the model solves (``problems``: ``search.Problem``, whose ``check`` says whether
     a text is right). Everything is charged to ``budget``."""
     budget = budget if budget is not None else Budget()
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, step=None)
-    short = SamplingParams(max_tokens=48, temperature=0.0, step=None)
     found: dict[str, Behaviour] = {}
-    for p in problems:
-        if budget.exhausted:
-            break
-        out = backend.sample(p.prompt, 1, greedy, budget)
-        if out and p.check(out[0].text):
-            reply = backend.sample(EXTRACT_TEMPLATE.format(question=p.prompt, solution=out[0].text.strip()), 1, short,
-                                   budget)
-            parsed = parse_behaviour(reply[0].text) if reply else None
-            if parsed and parsed[0] not in found:
-                found[parsed[0]] = Behaviour(parsed[0], parsed[1], p.prompt)
-        if progress is not None:
-            progress.update(1)
+    for question, (name, instruction) in learn_from_solved(problems, backend, budget, EXTRACT_TEMPLATE,
+                                                           parse_behaviour, max_tokens=max_tokens, progress=progress):
+        found.setdefault(name, Behaviour(name, instruction, question))
     behaviours, dim = _embed_all(list(found.values()), [b.source for b in found.values()], backend, budget)
     return Handbook(behaviours, model, dim)
 
 
-@_register
 @dataclass
-class HandbookStage(Stage):
-    """Put the k behaviours of a handbook learned from the most similar questions before the prompt."""
+class FileStage(Stage):
+    """A prompt stage that reads a JSON file (``path``), read and checked when the program loads, before any model
+    work; ``k`` items of it are used per input."""
 
-    type: ClassVar[str] = "handbook"
     kind: ClassVar[str] = "prompt"
+    WHAT: ClassVar[str] = "file"
     path: str = ""
     k: int = 2
-    BOUNDS: ClassVar[dict] = {"k": (1, 16)}
 
     def check(self) -> None:
         if not self.path:
-            raise SteerscaleError("a handbook stage needs a \"path\" to a handbook JSON file")
-        self.handbook = Handbook.load(self.path)  # read and checked at load, before any model work
+            raise SteerscaleError(f"a {self.type} stage needs a \"path\" to a {self.WHAT} JSON file",
+                                  f"build one with steerscale program {self.WHAT}")
+        self.data = self.load(self.path)
+
+    def load(self, path):
+        raise NotImplementedError
+
+
+def prepend_lines(ctx: Context, header: str, lines: Sequence[str]) -> None:
+    """Put ``header`` and one ``- line`` per item before the prompt (nothing when there are none)."""
+    if lines:
+        ctx.prompt = header + "\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + ctx.prompt
+
+
+@_register
+@dataclass
+class HandbookStage(FileStage):
+    """Put the k behaviours of a handbook learned from the most similar questions before the prompt."""
+
+    type: ClassVar[str] = "handbook"
+    WHAT: ClassVar[str] = "handbook"
+    BOUNDS: ClassVar[dict] = {"k": (1, 16)}
+
+    def load(self, path) -> "Handbook":
+        return Handbook.load(path)
 
     def run(self, ctx: Context, cands):
-        chosen = self.handbook.retrieve(ctx.question, ctx.backend, ctx.budget, self.k)
-        if chosen:
-            lines = "\n".join(f"- {b.name}: {b.instruction}" for b in chosen)
-            ctx.prompt = f"{HANDBOOK_HEADER}\n{lines}\n\n{ctx.prompt}"
+        chosen = self.data.retrieve(ctx.question, ctx.backend, ctx.budget, self.k)
+        prepend_lines(ctx, HANDBOOK_HEADER, [f"{b.name}: {b.instruction}" for b in chosen])
         return cands
 
 
@@ -265,15 +294,14 @@ def build_router(problems, backend: Backend, prompts: Sequence[str] = ("none", "
     own checker, and each question's embedding. Everything is charged to ``budget``."""
     check_pool(prompts)
     budget = budget if budget is not None else Budget()
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, step=None)
     examples = []
     for p in problems:
         if budget.exhausted:
             break
         correct = {}
         for name in prompts:
-            out = backend.sample(with_preset(p.prompt, name), 1, greedy, budget)
-            correct[name] = float(bool(out) and bool(p.check(out[0].text)))
+            out = ask(backend, with_preset(p.prompt, name), budget, max_tokens=max_tokens)
+            correct[name] = float(bool(out) and bool(p.check(out[0])))
         examples.append(RouteExample(p.prompt, correct))
         if progress is not None:
             progress.update(1)
@@ -283,21 +311,17 @@ def build_router(problems, backend: Backend, prompts: Sequence[str] = ("none", "
 
 @_register
 @dataclass
-class RouteStage(Stage):
+class RouteStage(FileStage):
     """Prepend the prompt a router picks for this input (dynamic prompt selection from a pool)."""
 
     type: ClassVar[str] = "route"
-    kind: ClassVar[str] = "prompt"
-    path: str = ""
+    WHAT: ClassVar[str] = "router"
     k: int = 5
     BOUNDS: ClassVar[dict] = {"k": (1, 64)}
 
-    def check(self) -> None:
-        if not self.path:
-            raise SteerscaleError("a route stage needs a \"path\" to a router JSON file",
-                                  "build one with steerscale program router")
-        self.router = Router.load(self.path)  # read and checked at load, before any model work
+    def load(self, path) -> "Router":
+        return Router.load(path)
 
     def run(self, ctx: Context, cands):
-        ctx.prompt = with_preset(ctx.prompt, self.router.choose(ctx.question, ctx.backend, ctx.budget, self.k))
+        ctx.prompt = with_preset(ctx.prompt, self.data.choose(ctx.question, ctx.backend, ctx.budget, self.k))
         return cands

@@ -37,6 +37,7 @@ from .stages import Context, Stage, build_stage
 
 SELECTIONS = ("vote", "best", "first")
 TOP_KEYS = ("name", "stages", "select", "description")
+NOTES_SHOWN = ("teach", "concepts", "learned", "unit_tests")  # what stages noted, shown in Result.info
 
 #: ready-made programs, by name (``--knob program=NAME``); each is plain data, as a user's file would be
 PROGRAMS: Registry[dict] = Registry("program")
@@ -122,8 +123,8 @@ class Program:
         budget = budget if budget is not None else Budget()
         models = dict(models or {})
         ctx = Context(prompt, prompt, backend, budget, seed, answer_fn, reference, models, dict(defaults or {}))
-        for stage in self.stages:  # every model a stage names is there before any model work
-            ctx.backend_for(getattr(stage, "model", ""))
+        for name in self.model_names():  # every model a stage names is there before any model work
+            ctx.backend_for(name)
         cands, trace = [], []
         for i, stage in enumerate(self.stages):
             cands = stage.run(ctx, cands)
@@ -134,8 +135,15 @@ class Program:
         if final_verifier is not None:
             ctx.failures += score_candidates(final_verifier, prompt, cands, budget)
         answer, best = self.pick(cands)
+        for stage in self.stages:  # e.g. a concept memory learning from the answer it helped with
+            stage.finish(ctx, best)
+        notes = {k: v for k, v in ctx.notes.items() if k in NOTES_SHOWN}
         return finish("program", answer, best, cands, budget, ctx.failures, trace=trace,
-                      program=self.name or None, prompt=ctx.prompt if ctx.prompt != prompt else None)
+                      program=self.name or None, prompt=ctx.prompt if ctx.prompt != prompt else None, **notes)
+
+    def model_names(self) -> list[str]:
+        """The models the stages name (besides the run's own), each once, in order."""
+        return list(dict.fromkeys(name for s in self.stages for name in s.models() if name))
 
     def pick(self, cands) -> tuple[str | None, Any]:
         """The final answer and the candidate that carries it."""

@@ -70,6 +70,7 @@ class Context:
     models: Mapping[str, Backend] = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # sampling knobs for generate stages that do not set them
     failures: list[str] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)  # what one stage leaves for later ones (unit tests, an embedding)
 
     def backend_for(self, model: str) -> Backend:
         """The backend a stage names (``""``: the run's own)."""
@@ -114,6 +115,10 @@ def check_option(stage: str, f: dataclasses.Field, value, choices: Mapping[str, 
         if not isinstance(value, Mapping):
             raise _fail(stage, key, "an object", value)
         value = dict(value)
+    elif isinstance(default, list):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise _fail(stage, key, "a list of strings", value)
+        value = list(value)
     lo, hi = bounds.get(key, (None, None))
     if lo is not None and value < lo or hi is not None and value > hi:
         span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -136,6 +141,13 @@ class Stage:
 
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         raise NotImplementedError
+
+    def models(self) -> tuple[str, ...]:
+        """The names of the models this stage runs on (``""``: the run's own)."""
+        return (getattr(self, "model", ""),)
+
+    def finish(self, ctx: Context, best: Candidate | None) -> None:
+        """Called once the program has picked its answer (``best``; override, e.g. to update a memory)."""
 
     def to_dict(self) -> dict:
         out = {"type": self.type}
@@ -201,6 +213,20 @@ def _annotate(cands: list[Candidate], ctx: Context) -> list[Candidate]:
 
 def _verifier(ctx: Context, name: str, options: dict, model: str):
     return get_verifier(name, reference=ctx.reference, backend=ctx.backend_for(model), **options)
+
+
+def ask(backend: Backend, prompt: str, budget: Budget, *, n: int = 1, max_tokens: int = 64, temperature: float = 0.0,
+        seed: int | None = None) -> list[str]:
+    """The non-empty texts of ``n`` samples of ``prompt`` (fewer, or none, when the budget cuts them)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, step=None)
+    return [c.text.strip() for c in backend.sample(prompt, n, params, budget, seed=seed) if c.text.strip()]
+
+
+def yes_probability(backend: Backend, contexts: Sequence[str], budget: Budget) -> list[float]:
+    """``P(Yes) / (P(Yes) + P(No))`` after each context (NaN where the budget could not pay for the pass)."""
+    if not contexts:
+        return []
+    return [1.0 / (1.0 + math.exp(n - y)) for y, n in backend.choice_logprobs(list(contexts), ["Yes", "No"], budget)]
 
 
 def place_text(prompt: str, text: str, where: str) -> str:
@@ -293,62 +319,70 @@ class CritiqueStage(Stage):
 
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         backend = ctx.backend_for(self.model)
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, step=None)
         for i, c in enumerate(cands):
             if ctx.budget.exhausted:
                 break
             prompt = CRITIQUE_TEMPLATE.format(question=ctx.question, answer=_shorten(c.text, self.max_chars))
-            out = backend.sample(prompt, 1, params, ctx.budget, seed=derive_seed(ctx.seed, "critique", i))
-            if out and out[0].text.strip():
-                c.meta["critique"] = out[0].text.strip()
+            out = ask(backend, prompt, ctx.budget, max_tokens=self.max_tokens, temperature=self.temperature,
+                      seed=derive_seed(ctx.seed, "critique", i))
+            if out:
+                c.meta["critique"] = out[0]
         return cands
 
 
-@_register
 @dataclass
-class RankStage(Stage):
-    """A verifier or judge scores the candidates; the top ``top_k`` stay (Archon's ranker)."""
+class _ScoringStage(Stage):
+    """A stage whose verifier (or judge, on the stage's ``model``) scores every candidate."""
 
-    type: ClassVar[str] = "rank"
     verifier: str = "self_eval"
     verifier_options: dict = field(default_factory=dict)
-    top_k: int = 2
-    model: str = ""
-    BOUNDS: ClassVar[dict] = {"top_k": (1, None)}
 
     def check(self) -> None:
         check_options(self.verifier, dict(self.verifier_options))
 
+    def score(self, ctx: Context, cands: list[Candidate]) -> None:
+        verifier = _verifier(ctx, self.verifier, self.verifier_options, getattr(self, "model", ""))
+        ctx.failures += score_candidates(verifier, ctx.question, cands, ctx.budget)
+
+
+@_register
+@dataclass
+class RankStage(_ScoringStage):
+    """A verifier or judge scores the candidates; the top ``top_k`` stay (Archon's ranker)."""
+
+    type: ClassVar[str] = "rank"
+    top_k: int = 2
+    model: str = ""
+    BOUNDS: ClassVar[dict] = {"top_k": (1, None)}
+
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         if not cands:
             return cands
-        verifier = _verifier(ctx, self.verifier, self.verifier_options, self.model)
-        ctx.failures += score_candidates(verifier, ctx.question, cands, ctx.budget)
+        self.score(ctx, cands)
         return sorted(cands, key=rank_key, reverse=True)[: self.top_k]
 
 
 @_register
 @dataclass
-class FilterStage(Stage):
+class FilterStage(_ScoringStage):
     """A verifier drops candidates scored below ``threshold`` (the best one stays if none passes)."""
 
     type: ClassVar[str] = "filter"
-    verifier: str = "self_eval"
-    verifier_options: dict = field(default_factory=dict)
     threshold: float = 0.5
     model: str = ""
     BOUNDS: ClassVar[dict] = {"threshold": (0.0, 1.0)}
 
-    def check(self) -> None:
-        check_options(self.verifier, dict(self.verifier_options))
-
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         if not cands:
             return cands
-        verifier = _verifier(ctx, self.verifier, self.verifier_options, self.model)
-        ctx.failures += score_candidates(verifier, ctx.question, cands, ctx.budget)
-        kept = [c for c in cands if c.score is not None and c.score >= self.threshold]
-        return kept or [best_of(cands)]
+        self.score(ctx, cands)
+        return keep_passing(cands, self.threshold)
+
+
+def keep_passing(cands: list[Candidate], threshold: float) -> list[Candidate]:
+    """The candidates scored ``threshold`` or more; the best one when none is."""
+    kept = [c for c in cands if c.score is not None and c.score >= threshold]
+    return kept or [best_of(cands)]
 
 
 @_register
@@ -407,4 +441,5 @@ class FuseStage(Stage):
         return _annotate(out, ctx) if out else cands
 
 
-__all__ = ["CRITIQUE_TEMPLATE", "FUSE_TEMPLATE", "PROMPT_PRESETS", "STAGES", "Context", "Stage", "build_stage"]
+__all__ = ["CRITIQUE_TEMPLATE", "FUSE_TEMPLATE", "PROMPT_PRESETS", "STAGES", "Context", "Stage", "ask", "build_stage",
+           "keep_passing", "place_text", "yes_probability"]
