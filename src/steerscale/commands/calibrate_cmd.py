@@ -13,6 +13,11 @@ examples:
   steerscale calibrate --pairs formal_casual --max-kl 0.2 --compare 14:1 -o out/cal   # tighter budget; vs layer 14 x1
   steerscale calibrate --pairs my_pairs.jsonl --system "Answer politely." --layers 8-16 --scales 0.5,1,2,4,8 -o out/cal
   steerscale calibrate --vector formal.safetensors --pairs formal_casual -o out/cal   # a given vector: strength only
+  steerscale calibrate --vector vecs/ --pairs formal_casual -o out/cal        # every vector in vecs/, one row each
+  steerscale calibrate --pairs formal_casual --judge "llm:Is this reply formal?" -o out/cal   # judged on replies
+  steerscale calibrate --vector refusal.safetensors --prompts harmful.txt --judge "regex:(?i)I can(no|')t" -o out/cal
+
+  steerscale generate -p "How was your weekend?" --steer out/calibrate/calibration.json   # layer + strength: auto
 
   steerscale generate -p "How was your weekend?" --steer out/calibrate/calibrated.safetensors   # the chosen setting
   steerscale serve --vector formal=out/calibrate/calibrated.safetensors     # the studio at http://127.0.0.1:8000/
@@ -27,6 +32,11 @@ within --max-kl; when none qualifies it says why (no effect at any strength, or 
 writes no vector. The test pairs then report the recommendation, the --compare settings, the prompting baseline
 (--system; "Be formal." for formal_casual) and prompt + steering.
 
+Judges (--judge): the effect is then a judge's score of greedy replies (--judge-tokens) to the pairs' prompts or
+to --prompts FILE, as a gain over the unsteered replies: regex:PATTERN (share of replies matching), lexicon:FILE
+(share of words in the list), probe:COND.safetensors (a steerscale condition read on the reply: signed cosine),
+llm:QUESTION (the model's own P(yes) to a yes/no question about the reply). Default: margin.
+
 Outputs in -o: calibration.json (every row, the Pareto front, the verdict), calibration.png (effect against KL),
 calibrated.safetensors (the chosen direction pre-multiplied by its strength: use it at scale 1) and
 measurements.jsonl (finished measurements: rerun the same command to resume after an interrupt).
@@ -40,12 +50,25 @@ def register(sub) -> None:
                                    "baseline, with intervals.",
                        epilog=EPILOG)
     add_model_args(p)
-    p.add_argument("--pairs", required=True, metavar="FILE.jsonl|NAME",
+    p.add_argument("--pairs", default=None, metavar="FILE.jsonl|NAME",
                    help='contrastive pairs ({"prompt","positive","negative"} or {"positive","negative"} per line) or '
-                        "a bundled set (formal_casual): fit directions from them and measure the effect on them")
-    p.add_argument("--vector", default=None, metavar="VEC.safetensors",
+                        "a bundled set (formal_casual): fit directions from them and measure the effect on them "
+                        "(not needed with --vector, --judge and --prompts)")
+    p.add_argument("--vector", action="append", default=[], metavar="VEC|DIR",
                    help="calibrate the strength of this vector instead of fitting one per layer (the pairs then only "
-                        "measure)")
+                        "measure); repeatable, or a folder of .safetensors/.gguf vectors: each is calibrated in -o/NAME "
+                        "and summarised together")
+    p.add_argument("--judge", default="margin", metavar="KIND:ARG",
+                   help="the effect measure: margin (default: the pairs' log-prob margin), regex:PATTERN, "
+                        "lexicon:FILE, probe:COND.safetensors or llm:QUESTION (judged on greedy replies)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts a judge reads replies to (.txt one a line, .jsonl, .json; split half select, half "
+                        "test; default: the pairs' prompts)")
+    p.add_argument("--judge-tokens", type=int, default=32, metavar="N",
+                   help="greedy tokens per reply a judge reads (default 32)")
+    p.add_argument("--expand", type=int, default=None, metavar="K",
+                   help="after scanning every candidate layer at strength 1, sweep all strengths at the K most "
+                        "promising layers (default 2; 0: every layer)")
     p.add_argument("--layers", default="auto",
                    help="candidate layers: auto (five spread over the middle of the network), N, A-B or A,B,C")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
@@ -107,24 +130,66 @@ def resolve_pairs(name: str) -> Path:
     return Path(name) if Path(name).exists() or name.endswith(".jsonl") else bundled_pairs(name)
 
 
+def vector_files(specs: list[str]) -> dict:
+    """``{name: path}`` from ``--vector`` arguments: files, or folders (their .safetensors and .gguf files)."""
+    from ..errors import SteerscaleError
+
+    files = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".gguf"))
+            if not found:
+                raise SteerscaleError(f"--vector {spec}: the folder holds no .safetensors or .gguf vectors")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SteerscaleError(f"--vector {spec}: no such file or folder", "give a vector file or a folder of them")
+    named = {}
+    for f in files:
+        if f.stem in named:
+            raise SteerscaleError(f"two vectors are named {f.stem!r} ({named[f.stem]} and {f})",
+                                  "each vector's results go to -o/NAME: rename one")
+        named[f.stem] = f
+    return named
+
+
 def run(args) -> int:
     from ..errors import SteerscaleError
-    from ..measure.calibrate import PROMPT_BASELINES, calibrate, render_text
+    from ..measure.calibrate import PROMPT_BASELINES, calibrate, calibrate_set, render_set_text, render_text
+    from ..measure.judges import parse_judge
     from ..steer.vector import SteeringVector
-    from .common import load
+    from .common import load, read_prompts
 
-    pairs = resolve_pairs(args.pairs)
+    judge = parse_judge(args.judge)  # a bad spec fails before the model loads
+    pairs = resolve_pairs(args.pairs) if args.pairs else None
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    if pairs is None and not (args.vector and judge is not None and prompts is not None):
+        raise SteerscaleError("calibrate needs --pairs (to fit directions or measure margins)",
+                              "give --pairs FILE|NAME, or --vector with --judge and --prompts")
     compare = [parse_compare(c) for c in args.compare]
     scales = parse_scales(args.scales)
     if args.neutral < 2 or args.gen_tokens < 0:
         raise SteerscaleError("--neutral must be at least 2 and --gen-tokens 0 or more")
-    vector = SteeringVector.load(args.vector) if args.vector else None  # a bad file fails before the model loads
-    system = args.system if args.system is not None else PROMPT_BASELINES.get(pairs.stem)
+    vectors = {name: SteeringVector.load(f) for name, f in vector_files(args.vector).items()}  # before the model
+    system = args.system if args.system is not None else PROMPT_BASELINES.get(pairs.stem if pairs else "")
     lm = load(args)
-    cal = calibrate(lm, str(pairs), vector=vector, layers=args.layers, scales=scales, max_kl=args.max_kl,
-                    break_kl=args.break_kl, min_gain=args.min_gain, system=system or None, compare=compare,
-                    n_neutral=args.neutral, gen_tokens=args.gen_tokens, max_repetition=args.max_repetition,
-                    read=args.read, seed=args.seed, out_dir=args.out)
+    kw = dict(layers=args.layers, scales=scales, max_kl=args.max_kl, break_kl=args.break_kl, min_gain=args.min_gain,
+              system=system or None, compare=compare, judge=judge, prompts=prompts, judge_tokens=args.judge_tokens,
+              n_neutral=args.neutral, gen_tokens=args.gen_tokens, max_repetition=args.max_repetition, read=args.read,
+              seed=args.seed)
+    if args.expand is not None:
+        kw["expand"] = args.expand
+    pairs = str(pairs) if pairs else None
+    if len(vectors) > 1:
+        report = calibrate_set(lm, pairs, vectors, out_dir=args.out, **kw)
+        for name, cal in report["results"].items():
+            print(f"\n== {name} ==\n{render_text(cal)}")
+        print("\n" + render_set_text(report))
+        print(f"wrote {report['path']} and a folder per vector")
+        return 0
+    cal = calibrate(lm, pairs, vector=next(iter(vectors.values()), None), out_dir=args.out, **kw)
     print(render_text(cal))
     print(f"wrote {Path(args.out) / 'calibration.json'} and {cal.plot_path}")
     return 0

@@ -9,6 +9,18 @@ import sys
 from pathlib import Path
 
 from ..models.registry import DEFAULT_MODEL
+from ..steer.vector import register_reader
+
+
+def _calibrated_vector(path):
+    """A ``calibration.json`` wherever a vector file is taken (``--steer``, ``bake``, ``serve --vector``): the
+    setting ``steerscale calibrate`` chose, layer and strength, at scale 1 (docs/studio.md)."""
+    from ..measure.calibrate import calibrated_vector
+
+    return calibrated_vector(path)
+
+
+register_reader(".json", _calibrated_vector)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

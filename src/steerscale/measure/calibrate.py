@@ -39,19 +39,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
+from ..engine.capture import tokenize
 from ..engine.generation import generate
+from ..engine.runtime import intervene
 from ..errors import SteerscaleError
 from ..steer.extract import extract
 from ..steer.layers import parse_layers
 from ..steer.pairs import ContrastPair, as_pairs
-from ..steer.vector import SteeringVector, fingerprint
-from .cost import neutral_prompts, steering_cost
+from ..steer.vector import SteeringVector, fingerprint, register_reader
+from .cost import _exp, _logprobs, neutral_prompts
+from .judges import Judge, parse_judge
 from .mc import score_choices
 from .stats import bootstrap_ci, paired_compare
 
 DEFAULT_SCALES = (0.5, 1.0, 2.0, 4.0)  # multiples of the method's own strength (CAA: the mean difference)
+DEFAULT_EXPAND = 2  # layers swept over every strength after the layer scan (0: every candidate layer)
 LAYER_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)  # where `auto` looks: steering works mid-network, rarely at the ends
 # The instruction a bundled pair set is read against (the demo's prompting baseline for formality).
 PROMPT_BASELINES = {"formal_casual": "Be formal."}
@@ -88,7 +93,8 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "recommended": self.recommended, "verdict": self.verdict,
-                "steer": f"{self.vector_path}:1" if self.vector_path else None, "front": self.front,
+                "steer": f"{self.vector_path}:1" if self.vector_path else None,
+                "vector_file": Path(self.vector_path).name if self.vector_path else None, "front": self.front,
                 "rows": self.rows, "test": self.test, "samples": self.samples, "seconds": round(self.seconds, 1),
                 "plot": self.plot_path}
 
@@ -130,7 +136,9 @@ def repetition(token_ids: Sequence[int], n: int = 3) -> float:
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows no other row beats on both effect (higher gain) and cost (lower KL), cheapest first."""
+    """Rows no other row beats on both effect (higher gain) and cost (lower KL), cheapest first (rows without a
+    measured effect left out)."""
+    rows = [r for r in rows if r["gain"] is not None]
     def beats(a, b):
         ge = a["gain"]["diff"] >= b["gain"]["diff"] and a["kl"]["mean"] <= b["kl"]["mean"]
         return ge and (a["gain"]["diff"] > b["gain"]["diff"] or a["kl"]["mean"] < b["kl"]["mean"])
@@ -140,8 +148,10 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 def choose(rows: list[dict], max_kl: float, min_gain: float = 0.05) -> tuple[dict | None, str]:
     """The recommended row and a sentence saying why (or why none): the largest gain among rows whose gain
     interval is above zero, whose gain is at least ``min_gain`` (a deterministic model makes even a negligible
-    change significant) and whose KL upper bound is within ``max_kl``."""
-    effective = [r for r in rows if r["gain"]["lo"] > 0 and r["gain"]["diff"] >= min_gain]
+    change significant) and whose KL upper bound is within ``max_kl``. Broken rows (no effect measured) never
+    qualify."""
+    measured = [r for r in rows if r["gain"] is not None]
+    effective = [r for r in measured if r["gain"]["lo"] > 0 and r["gain"]["diff"] >= min_gain]
     feasible = [r for r in effective if r["kl"]["hi"] <= max_kl and not r["broken"]]
     if feasible:
         best = max(feasible, key=lambda r: (r["gain"]["diff"], -r["kl"]["mean"]))
@@ -149,10 +159,10 @@ def choose(rows: list[dict], max_kl: float, min_gain: float = 0.05) -> tuple[dic
                       f"{best['gain']['hi']:+.3f}] at KL {best['kl']['mean']:.3f} (upper bound "
                       f"{best['kl']['hi']:.3f} <= --max-kl {max_kl:g})")
     if not effective:
-        top = max(rows, key=lambda r: r["gain"]["diff"], default=None)
+        top = max(measured, key=lambda r: r["gain"]["diff"], default=None)
         seen = f" (largest gain {top['gain']['diff']:+.3g} at {top['label']})" if top else ""
         return None, (f"no setting has an effect: no gain interval is above zero with a gain of at least "
-                      f"{min_gain:g} nats/token{seen}; the vector does not move this behaviour on these pairs at "
+                      f"{min_gain:g}{seen}; the vector does not move this behaviour here at "
                       "any strength tried, so no strength is recommended")
     cheapest = min(effective, key=lambda r: r["kl"]["hi"])
     return None, (f"every setting with an effect costs more than --max-kl {max_kl:g}: the cheapest, "
@@ -201,42 +211,93 @@ def _vector_digest(v: SteeringVector) -> str:
 
 
 # -- the sweep ----------------------------------------------------------------------------------------------------
-class _Sweep:
-    """Measures settings (cached) against the unsteered margins of one split."""
+class CostMeter:
+    """KL(base || steered) and the perplexity ratio on neutral texts, computed as ``measure.cost.steering_cost``
+    computes them (same batches, same per-text means and intervals), with the unsteered pass run once per
+    calibration rather than once per setting: half the cost passes of a sweep."""
 
-    def __init__(self, lm, vectors: dict, select, texts, seed, cache):
-        self.lm, self.vectors, self.select, self.texts, self.seed, self.cache = lm, vectors, select, texts, seed, cache
+    def __init__(self, lm, texts: Sequence[str], seed: int = 0, batch_size: int = 8):
+        self.lm, self.seed = lm, seed
+        device = next(lm.model.parameters()).device
+        self.batches = [tokenize(lm.tokenizer, list(texts[s:s + batch_size]), device)
+                        for s in range(0, len(texts), batch_size)]
+        self.base = [_logprobs(lm.model, b) for b in self.batches]
+
+    @torch.no_grad()
+    def __call__(self, interventions) -> dict:
+        kl_per_text, nll_base, nll_steer = [], [], []
+        for batch, base in zip(self.batches, self.base):
+            with intervene(self.lm.layout, list(interventions)):
+                steer = _logprobs(self.lm.model, batch)
+            mask = batch.attention_mask.bool()
+            valid = mask[:, :-1] & mask[:, 1:]
+            kl = (base.exp() * (base - steer)).sum(-1)[:, :-1]
+            tgt = batch.input_ids[:, 1:, None]
+            nb, ns = -base[:, :-1].gather(-1, tgt)[..., 0], -steer[:, :-1].gather(-1, tgt)[..., 0]
+            for r in range(kl.shape[0]):
+                v = valid[r]
+                if v.any():
+                    kl_per_text.append(float(kl[r][v].mean()))
+                    nll_base.append(float(nb[r][v].mean()))
+                    nll_steer.append(float(ns[r][v].mean()))
+        if not kl_per_text:
+            raise SteerscaleError("the neutral texts are all one token long", "use longer texts")
+        mb, ms = sum(nll_base) / len(nll_base), sum(nll_steer) / len(nll_steer)
+        return {"kl": bootstrap_ci(kl_per_text, seed=self.seed).to_dict(), "ppl_ratio": _exp(ms - mb),
+                "n_texts": len(kl_per_text)}
+
+
+class _Sweep:
+    """Measures settings (cached) against the unsteered effect on one split. ``splits``: ``{"select": items,
+    "test": items}``, contrastive pairs (effect: the margin) or prompts (effect: ``judge`` on greedy replies of
+    ``judge_tokens`` tokens)."""
+
+    def __init__(self, lm, vectors: dict, splits: dict, texts, seed, cache, meter: CostMeter,
+                 judge: Judge | None = None, judge_tokens: int = 32):
+        self.lm, self.vectors, self.splits, self.seed, self.cache = lm, vectors, splits, seed, cache
+        self.meter, self.judge, self.judge_tokens = meter, judge, judge_tokens
         self.bar = None  # the progress bar, while a sweep runs
-        self.context = _digest(lm.name, fingerprint(lm.layout), [(p.prompt, p.positive, p.negative) for p in select],
-                               texts, seed)
-        self.base = self.margins(None, 0.0, select)
+        self.context = _digest(lm.name, fingerprint(lm.layout), texts, seed,
+                               judge.spec if judge else "margin", judge_tokens if judge else 0)
+        self.base = self.effect(None, 0.0, "select")
         self.rows: dict[Setting, dict] = {}
 
-    def margins(self, layer, scale, pairs, system=None) -> list[float]:
+    def effect(self, layer, scale, split: str, system=None) -> list[float]:
+        """Per item of ``split``: the pair's margin, or the judge's score of the greedy reply to the prompt."""
+        items = self.splits[split]
         ivs = self.vectors[layer].interventions(scale) if scale else []
-        key = _digest("margins", self.context, _vector_digest(self.vectors[layer]) if scale else "-", scale,
-                      [(p.prompt, p.positive, p.negative) for p in pairs], system)
-        return self.cache.get_or_measure(key, lambda: pair_margins(self.lm, pairs, ivs, system))
+        key = _digest("effect", self.context, _vector_digest(self.vectors[layer]) if scale else "-", scale,
+                      [(p.prompt, p.positive, p.negative) if isinstance(p, ContrastPair) else p for p in items],
+                      system)
+        if self.judge is None:
+            return self.cache.get_or_measure(key, lambda: pair_margins(self.lm, items, ivs, system))
+
+        def judged():
+            gens = generate(self.lm.model, self.lm.tokenizer, self.lm.layout, items, ivs,
+                            max_new_tokens=self.judge_tokens, system=system)
+            return self.judge.score(self.lm, items, [g.text for g in gens])
+        return self.cache.get_or_measure(key, judged)
 
     def cost(self, layer, scale) -> dict:
         key = _digest("cost", self.context, _vector_digest(self.vectors[layer]), scale)
-        return self.cache.get_or_measure(key, lambda: steering_cost(
-            self.lm.model, self.lm.tokenizer, self.lm.layout, self.vectors[layer].interventions(scale),
-            texts=self.texts, seed=self.seed))
+        return self.cache.get_or_measure(key, lambda: self.meter(self.vectors[layer].interventions(scale)))
 
     def measure(self, setting: Setting, stage: str, break_kl: float) -> dict:
+        """One row: the cost first; the effect only where the text does not break (past ``break_kl`` the setting
+        can never be chosen, so its effect pass is saved)."""
         if setting in self.rows:
             return self.rows[setting]
         if self.bar is not None:
             self.bar.set_postfix_str(setting.label())
-        m = self.margins(setting.layer, setting.scale, self.select)
         cost = self.cost(setting.layer, setting.scale)
-        gain = paired_compare(self.base, m, seed=self.seed)
         kl = cost["kl"]
+        broken = not math.isfinite(kl["mean"]) or kl["mean"] > break_kl
         row = {"label": setting.label(), "layer": setting.layer, "scale": setting.scale, "stage": stage,
-               "gain": {"diff": gain.diff, "lo": gain.lo, "hi": gain.hi, "n": gain.n, "p": gain.p_permutation},
-               "margin": bootstrap_ci(m, seed=self.seed).to_dict(), "kl": kl, "ppl_ratio": cost["ppl_ratio"],
-               "broken": not math.isfinite(kl["mean"]) or kl["mean"] > break_kl}
+               "gain": None, "effect": None, "kl": kl, "ppl_ratio": cost["ppl_ratio"], "broken": broken}
+        if not broken:
+            m = self.effect(setting.layer, setting.scale, "select")
+            row["gain"] = _gain(self.base, m, self.seed)
+            row["effect"] = bootstrap_ci(m, seed=self.seed).to_dict()
         self.rows[setting] = row
         if self.bar is not None:
             self.bar.update(1)
@@ -246,12 +307,21 @@ class _Sweep:
 def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
               scales: Sequence[float] = DEFAULT_SCALES, max_kl: float = 0.5, break_kl: float | None = None,
               min_gain: float = 0.05, system: str | None = None, compare: Sequence[tuple[int, float]] = (),
-              n_neutral: int = 12, gen_tokens: int = 32, max_repetition: float = 0.5, read: str = "mean",
-              seed: int = 0, out_dir: str | Path | None = None, progress: bool = True, log=print) -> Calibration:
+              judge: str | Judge | None = None, prompts: Sequence[str] | None = None, judge_tokens: int = 32,
+              expand: int = DEFAULT_EXPAND, n_neutral: int = 12, gen_tokens: int = 32, max_repetition: float = 0.5,
+              read: str = "mean", seed: int = 0, out_dir: str | Path | None = None, progress: bool = True,
+              log=print, _shared: dict | None = None) -> Calibration:
     """Sweep layers x strengths for ``pairs`` (or for ``vector``, measured on ``pairs``) and recommend a setting
     under ``max_kl`` (nats/token, KL upper bound on neutral text). See the module docstring for the steps.
-    ``min_gain``: the smallest effect gain (nats/token) that counts as an effect. ``break_kl`` (default twice
-    ``max_kl``): a layer's sweep stops at the first strength whose mean KL passes it.
+    ``min_gain``: the smallest effect gain that counts as an effect (nats/token for the margin; the judge's unit
+    with ``judge``). ``break_kl`` (default twice ``max_kl``): a layer's sweep stops at the first strength whose
+    mean KL passes it. ``expand``: after every candidate layer is measured at the reference strength, the layers
+    swept over every strength (the ``expand`` with the largest gain predicted at the budget; 0: all of them).
+
+    ``judge`` (``measure.judges``: ``regex:PATTERN``, ``lexicon:FILE``, ``probe:FILE``, ``llm:QUESTION``): the
+    effect is the judge's score of greedy replies (``judge_tokens`` tokens) instead of the pairs' margin, on
+    ``prompts`` (split half select, half test) or on the pairs' own prompts. With a ``vector`` and ``prompts``
+    no pairs are needed.
 
     ``system``: the prompting baseline's system prompt (None: none measured). ``compare``: ``(layer, scale)``
     settings reported beside the recommendation on the test split (e.g. a fixed setting used today).
@@ -265,22 +335,31 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
             raise SteerscaleError(f"{name} must be a positive number of nats per token, got {value!r}",
                                   "e.g. --max-kl 0.5 (KL on neutral text; the demo's layer-14 x1 vector costs ~0.2)")
     if not isinstance(min_gain, (int, float)) or not 0 <= min_gain < math.inf:
-        raise SteerscaleError(f"min_gain must be 0 or more nats per token, got {min_gain!r}", "e.g. --min-gain 0.05")
+        raise SteerscaleError(f"min_gain must be 0 or more, got {min_gain!r}", "e.g. --min-gain 0.05")
     if n_neutral < 2:
         raise SteerscaleError(f"n_neutral must be at least 2, got {n_neutral}")
-    pairs = as_pairs(pairs, "calibration")
-    train, select, test = split_pairs(pairs, vector is None, seed)
+    if not isinstance(expand, int) or expand < 0:
+        raise SteerscaleError(f"expand must be 0 (every layer) or more, got {expand!r}", "e.g. --expand 2")
+    judge = parse_judge(judge)
+    if judge is not None:
+        judge.check(lm)
+        if judge_tokens < 1:
+            raise SteerscaleError(f"a judge reads generated replies: judge_tokens must be at least 1, got {judge_tokens}")
+    train, select, test = _splits(pairs, vector, judge, prompts, seed)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    cache = MeasurementCache(out / "measurements.jsonl" if out is not None else None)
+    shared = _shared if _shared is not None else {}
+    cache = shared.get("cache") or MeasurementCache(out / "measurements.jsonl" if out is not None else None)
     vectors, candidates = _directions(lm, vector, layers, compare, train, read, seed, progress, log)
 
     texts = neutral_prompts()[::max(1, len(neutral_prompts()) // n_neutral)][:n_neutral]
-    sweep = _Sweep(lm, vectors, select, texts, seed, cache)
+    meter = shared.get("meter") or CostMeter(lm, texts, seed)
+    shared.setdefault("meter", meter)
+    sweep = _Sweep(lm, vectors, {"select": select, "test": test}, texts, seed, cache, meter, judge, judge_tokens)
     _run_sweep(sweep, candidates, scales, max_kl, min_gain, break_kl, lm.layout.n_layers,
-               fixed_vector=vector is not None, progress=progress)
-    memo: dict = {}  # greedy samples per setting
+               fixed_vector=vector is not None, expand=expand, progress=progress)
+    memo: dict = shared.setdefault("samples", {})  # greedy samples per setting
     rows = sorted(sweep.rows.values(), key=lambda r: (r["layer"] if r["layer"] is not None else -1, r["scale"]))
     recommended, verdict, rejected = _coherent_choice(lm, vectors, rows, max_kl, min_gain, max_repetition,
                                                       gen_tokens, memo)
@@ -292,7 +371,7 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     if rejected:
         verdict += "; passed over for repetitive samples: " + ", ".join(
             f"{r['label']} (repetition {r['repetition']:.2f})" for r in rejected)
-    test_report = _test_split(sweep, test, recommended, compare, system, seed)
+    test_report = _test_split(sweep, recommended, compare, system, seed)
     if recommended is not None and "prompt" in test_report:
         verdict += "; " + test_report["vs_prompt_sentence"]
     samples = _samples(lm, vectors, recommended, compare, gen_tokens, memo) if gen_tokens else []
@@ -300,8 +379,10 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     calibration = Calibration(
         lm.name, rows, front, recommended, verdict, test_report,
         {"layers": candidates, "scales": list(scales), "max_kl": max_kl, "break_kl": break_kl, "min_gain": min_gain,
-         "system": system, "n_train": len(train), "n_select": len(select), "n_test": len(test), "n_neutral": len(texts),
-         "seed": seed, "read": read, "from": "vector" if vector is not None else "pairs",
+         "system": system, "judge": judge.spec if judge else "margin",
+         "effect_unit": judge.unit if judge else "margin gain, nats/token", "judge_tokens": judge_tokens,
+         "expand": expand, "n_train": len(train), "n_select": len(select), "n_test": len(test),
+         "n_neutral": len(texts), "seed": seed, "read": read, "from": "vector" if vector is not None else "pairs",
          "resumed_measurements": cache.hits},
         time.perf_counter() - started, samples=samples)
     if out is not None:
@@ -313,6 +394,42 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
         calibration.seconds = time.perf_counter() - started
         (out / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1))
     return calibration
+
+
+def _splits(pairs, vector, judge, prompts, seed) -> tuple[list, list, list]:
+    """(train pairs, select items, test items): items are pairs (margin) or prompts (a judge)."""
+    if prompts is not None:
+        prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
+        if judge is None:
+            raise SteerscaleError("prompts are what a judge reads replies to; the margin is measured on the pairs",
+                                  "add --judge, or drop --prompts")
+        if len(prompts) < 4:
+            raise SteerscaleError(f"a judge needs at least 4 prompts (half select, half test), got {len(prompts)}")
+    if pairs is None:
+        if vector is None or prompts is None:
+            raise SteerscaleError("calibration needs contrastive pairs (to fit directions or measure margins)",
+                                  "give --pairs, or a --vector with --judge and --prompts")
+        return [], *_halves(prompts, seed)
+    pairs = as_pairs(pairs, "calibration")
+    if vector is None or judge is None or prompts is None:
+        train, select, test = split_pairs(pairs, vector is None, seed)
+    else:
+        train, select, test = [], [], []
+    if judge is None:
+        return train, select, test
+    if prompts is not None:
+        return train, *_halves(prompts, seed)
+    if any(not p.prompt for p in select + test):
+        raise SteerscaleError("a judge reads replies to prompts, and these pairs have none (full-text pairs)",
+                              "give --prompts FILE, or pairs with a \"prompt\" field")
+    return train, [p.prompt for p in select], [p.prompt for p in test]
+
+
+def _halves(items: list, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    half = len(items) // 2
+    return [items[i] for i in order[:half]], [items[i] for i in order[half:2 * half]]
 
 
 def _directions(lm, vector, layers, compare, train, read, seed, progress, log) -> tuple[dict, list]:
@@ -341,15 +458,21 @@ def _directions(lm, vector, layers, compare, train, read, seed, progress, log) -
 
 
 def _run_sweep(sweep: _Sweep, candidates, scales, max_kl, min_gain, break_kl, n_layers, *, fixed_vector: bool,
-               progress: bool) -> None:
-    """Coarse (each layer at ascending strengths, stopping where the text breaks), then fine around the best."""
-    with tqdm(total=len(candidates) * len(scales) + 4, desc="calibrate", disable=not progress,
+               expand: int = DEFAULT_EXPAND, progress: bool = True) -> None:
+    """Coarse to fine. Layer scan: every candidate layer at the reference strength (the one nearest 1). Strength
+    sweep: the ``expand`` layers with the largest gain predicted at the budget (``predicted_gain``; 0: every
+    layer) at ascending strengths, each stopping at the first whose text breaks. Fine: around the best setting."""
+    ref = min(scales, key=lambda s: (abs(math.log(s)), s))
+    full = expand == 0 or expand >= len(candidates)
+    n_swept = len(candidates) if full else expand
+    with tqdm(total=len(candidates) + n_swept * (len(scales) - 1) + 4, desc="calibrate", disable=not progress,
               unit="setting") as bar:
         sweep.bar = bar
-        for layer in candidates:
+        scan = {layer: sweep.measure(Setting(layer, ref), "coarse", break_kl) for layer in candidates}
+        ranked = sorted(candidates, key=lambda layer: -predicted_gain(scan[layer], max_kl))
+        for layer in ranked[:n_swept]:
             for scale in scales:
                 if sweep.measure(Setting(layer, scale), "coarse", break_kl)["broken"]:
-                    bar.update(len(scales) - scales.index(scale) - 1)
                     break
         best, _ = choose(list(sweep.rows.values()), max_kl, min_gain)
         if best is not None:
@@ -357,6 +480,16 @@ def _run_sweep(sweep: _Sweep, candidates, scales, max_kl, min_gain, break_kl, n_
                 sweep.measure(s, "fine", break_kl)
         bar.total = bar.n
         bar.refresh()
+
+
+def predicted_gain(row: dict, max_kl: float) -> float:
+    """The gain a layer would reach at KL = ``max_kl``, from one measured strength: in the small-edit regime the
+    margin moves linearly and the KL quadratically with the strength, so gain x sqrt(max_kl / KL). A broken
+    setting (no effect measured) ranks last."""
+    if row["gain"] is None:
+        return -math.inf
+    kl = max(row["kl"]["mean"], 1e-9)
+    return row["gain"]["diff"] * math.sqrt(max_kl / kl)
 
 
 def _check_scales(scales) -> list[float]:
@@ -402,16 +535,17 @@ def _gain(base, margins, seed) -> dict:
     return {"diff": c.diff, "lo": c.lo, "hi": c.hi, "n": c.n, "p": c.p_permutation}
 
 
-def _test_split(sweep: _Sweep, test, recommended, compare, system, seed) -> dict:
-    """The recommended setting, the compare settings and the prompting baseline on the test pairs, each a gain
-    over unsteered on the same pairs; steering against prompting paired."""
-    base = sweep.margins(None, 0.0, test)
-    report: dict = {"n": len(test), "unsteered_margin": bootstrap_ci(base, seed=seed).to_dict(), "settings": []}
+def _test_split(sweep: _Sweep, recommended, compare, system, seed) -> dict:
+    """The recommended setting, the compare settings and the prompting baseline on the test split, each a gain
+    over unsteered on the same pairs (or prompts); steering against prompting paired."""
+    base = sweep.effect(None, 0.0, "test")
+    report: dict = {"n": len(sweep.splits["test"]), "unsteered_effect": bootstrap_ci(base, seed=seed).to_dict(),
+                    "settings": []}
     settings = ([("recommended", Setting(recommended["layer"], recommended["scale"]))] if recommended else []) + \
         [("compare", Setting(layer, scale)) for layer, scale in compare]
     margins = {}
     for role, s in settings:
-        m = sweep.margins(s.layer, s.scale, test)
+        m = sweep.effect(s.layer, s.scale, "test")
         margins[role, s] = m
         report["settings"].append({"role": role, "label": s.label(), "layer": s.layer, "scale": s.scale,
                                    "gain": _gain(base, m, seed), "kl": sweep.cost(s.layer, s.scale)["kl"]})
@@ -421,19 +555,19 @@ def _test_split(sweep: _Sweep, test, recommended, compare, system, seed) -> dict
             if key[0] == "compare":
                 entry["recommended_minus_this"] = _gain(m, rec, seed)
     if system:
-        prompt = sweep.margins(None, 0.0, test, system)
+        prompt = sweep.effect(None, 0.0, "test", system)
         report["prompt"] = {"system": system, "gain": _gain(base, prompt, seed)}
         if rec is not None:
-            both = sweep.margins(recommended["layer"], recommended["scale"], test, system)
+            both = sweep.effect(recommended["layer"], recommended["scale"], "test", system)
             report["prompt_plus_recommended"] = {"gain": _gain(base, both, seed)}
             d = _gain(prompt, rec, seed)
             report["recommended_minus_prompt"] = d
             if d["lo"] > 0:
-                say = "steering beats the prompting baseline on the test pairs"
+                say = "steering beats the prompting baseline on the test split"
             elif d["hi"] < 0:
-                say = "no setting beats the prompting baseline: the prompt alone does better on the test pairs"
+                say = "no setting beats the prompting baseline: the prompt alone does better on the test split"
             else:
-                say = "steering and the prompting baseline are not distinguishable on the test pairs"
+                say = "steering and the prompting baseline are not distinguishable on the test split"
             report["vs_prompt_sentence"] = (f"{say} (recommended - prompt {d['diff']:+.3f} "
                                             f"[{d['lo']:+.3f}, {d['hi']:+.3f}])")
     return report
@@ -494,6 +628,89 @@ def _save_calibrated(vector: SteeringVector, row: dict, verdict: str, path: Path
     return scaled.save(path)
 
 
+def calibrated_vector(path: str | Path) -> SteeringVector:
+    """The setting a calibration chose, as a vector to apply at scale 1: ``SteeringVector.load`` reads a
+    ``calibration.json`` through this (so ``--steer out/cal/calibration.json``, ``bake --steer`` and ``serve
+    --vector NAME=...json`` take the calibration itself: its layer and its strength). A vector set's summary gives
+    its best vector. A calibration without a recommendation is an error that quotes its verdict."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SteerscaleError(f"cannot read {path} as a calibration ({exc})",
+                              "give the calibration.json that steerscale calibrate wrote") from None
+    if not isinstance(data, dict) or not ({"recommended", "verdict"} <= set(data) or "vectors" in data):
+        raise SteerscaleError(f"{path} is JSON but not a steerscale calibration",
+                              "give the calibration.json that steerscale calibrate wrote, or a vector file")
+    if not data.get("vector_file"):
+        raise SteerscaleError(f"{path} recommends no setting: {data.get('verdict', 'no recommendation')}",
+                              "pick a vector and a strength yourself, or recalibrate (e.g. a larger --max-kl)")
+    file = path.parent / data["vector_file"]
+    if not file.is_file():
+        raise SteerscaleError(f"{path} names {file}, which is missing", "rerun steerscale calibrate into that folder")
+    return SteeringVector.load(file)
+
+
+register_reader(".json", calibrated_vector)
+
+
+def calibrate_set(lm, pairs, vectors: dict[str, SteeringVector], *, out_dir: str | Path | None = None,
+                  log=print, **kw) -> dict:
+    """Calibrate each of ``vectors`` (name -> vector) on the same pairs, prompts and judge (``calibrate``'s
+    keywords), each in ``out_dir/NAME``; the unsteered passes and the measurement cache are shared. Returns (and
+    writes as ``out_dir/calibration.json``) one summary row per vector and the best: the largest select-split gain
+    among the vectors with a recommendation. ``--steer out_dir/calibration.json`` takes the best one."""
+    if not vectors:
+        raise SteerscaleError("no vectors to calibrate", "give --vector FILE (repeatable) or a folder of vectors")
+    started = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    shared = {"cache": MeasurementCache(out / "measurements.jsonl" if out is not None else None)}
+    summary, results = [], {}
+    for i, (name, vector) in enumerate(vectors.items()):
+        log(f"[{i + 1}/{len(vectors)}] calibrating vector {name!r}")
+        cal = calibrate(lm, pairs, vector=vector, out_dir=out / name if out is not None else None, log=log,
+                        _shared=shared, **kw)
+        results[name] = cal
+        rec = next((s for s in cal.test["settings"] if s["role"] == "recommended"), None)
+        summary.append({"name": name, "recommended": cal.recommended and cal.recommended["label"],
+                        "scale": cal.recommended and cal.recommended["scale"],
+                        "select_gain": cal.recommended and cal.recommended["gain"],
+                        "test_gain": rec and rec["gain"], "kl": cal.recommended and cal.recommended["kl"],
+                        "verdict": cal.verdict, "vector_file": cal.vector_path and f"{name}/calibrated.safetensors"})
+    chosen = [s for s in summary if s["recommended"]]
+    best = max(chosen, key=lambda s: s["select_gain"]["diff"], default=None)
+    verdict = (f"best: {best['name']} at {best['recommended']} (select gain {best['select_gain']['diff']:+.3f})"
+               if best else "no vector has a recommended setting")
+    report = {"vectors": summary, "best": best and best["name"], "verdict": verdict,
+              "vector_file": best and best["vector_file"],
+              "steer": best and out is not None and f"{out / best['vector_file']}:1",
+              "path": out is not None and str(out / "calibration.json"),
+              "seconds": round(time.perf_counter() - started, 1), "results": results}
+    if out is not None:
+        (out / "calibration.json").write_text(json.dumps({k: v for k, v in report.items() if k != "results"},
+                                                         indent=1))
+    return report
+
+
+def render_set_text(report: dict) -> str:
+    """One line per vector of a ``calibrate_set`` report, then the best."""
+    lines = [f"{'vector':<20} {'setting':<14} {'select gain [95% CI]':<26} {'test gain [95% CI]':<26} {'KL':>6}",
+             "-" * 96]
+    for s in report["vectors"]:
+        if not s["recommended"]:
+            lines.append(f"{s['name']:<20} {'none':<14} {s['verdict']}")
+            continue
+        g, t = s["select_gain"], s["test_gain"]
+        lines.append(f"{s['name']:<20} {s['recommended']:<14} {g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+                     f"{'':<3} {t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]{'':<3} {s['kl']['mean']:6.3f}")
+    lines.append(f"verdict: {report['verdict']}")
+    if report["steer"]:
+        lines.append(f"use it: --steer {report['path']}   (the best vector's setting: --steer {report['steer']})")
+    return "\n".join(lines)
+
+
 def plot(cal: Calibration, path: Path) -> Path:
     """Effect gain against KL, one line per layer (strengths ascending), the Pareto front, the budget, the prompting
     baseline's gain (a band: its interval) and the recommendation."""
@@ -505,7 +722,8 @@ def plot(cal: Calibration, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     by_layer: dict = {}
     for r in cal.rows:
-        by_layer.setdefault(r["layer"], []).append(r)
+        if r["gain"] is not None:  # broken settings: no effect measured
+            by_layer.setdefault(r["layer"], []).append(r)
     for layer, rs in sorted(by_layer.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
         rs = sorted(rs, key=lambda r: r["scale"])
         xs = [r["kl"]["mean"] for r in rs]
@@ -523,7 +741,7 @@ def plot(cal: Calibration, path: Path) -> Path:
     if prompt:
         g = prompt["gain"]
         ax.axhspan(g["lo"], g["hi"], color="tab:green", alpha=0.12)
-        ax.axhline(g["diff"], color="tab:green", lw=1, label=f"prompt \"{prompt['system']}\" (test pairs)")
+        ax.axhline(g["diff"], color="tab:green", lw=1, label=f"prompt \"{prompt['system']}\" (test split)")
     if cal.recommended:
         r = cal.recommended
         ax.plot([r["kl"]["mean"]], [r["gain"]["diff"]], "*", color="gold", mec="k", ms=16,
@@ -532,8 +750,10 @@ def plot(cal: Calibration, path: Path) -> Path:
     if all(r["kl"]["mean"] > 0 for r in cal.rows):  # KL spans decades across strengths
         ax.set_xscale("log")
     ax.set_xlabel("cost: KL(base || steered) on neutral text, nats/token")
-    ax.set_ylabel("effect: margin gain over unsteered (nats/token)")
-    ax.set_title(f"{cal.model}: calibration (select pairs, 95% paired bootstrap CI)", fontsize=10)
+    judge = cal.config.get("judge", "margin")
+    ax.set_ylabel("effect: margin gain over unsteered (nats/token)" if judge == "margin"
+                  else f"effect: gain over unsteered\n{judge[:48]}")
+    ax.set_title(f"{cal.model}: calibration (select split, 95% paired bootstrap CI)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -548,11 +768,16 @@ def render_text(cal: Calibration) -> str:
     for r in cal.rows:
         g, kl = r["gain"], r["kl"]
         note = " ".join(n for n, on in (("RECOMMENDED", r["recommended"]), ("front", r["on_front"]),
-                                        ("broken", r["broken"])) if on)
-        lines.append(f"{r['label']:<14} {r['stage']:<6} {g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-                     f"{'':<3} {kl['mean']:.3f} [{kl['lo']:.3f}, {kl['hi']:.3f}]{'':<3} {r['ppl_ratio']:6.3f}  {note}")
+                                        ("broken (effect not measured)", r["broken"])) if on)
+        gain = f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{'':<3}" if g else f"{'-':<29}"
+        lines.append(f"{r['label']:<14} {r['stage']:<6} {gain} {kl['mean']:.3f} [{kl['lo']:.3f}, {kl['hi']:.3f}]"
+                     f"{'':<3} {r['ppl_ratio']:6.3f}  {note}")
     t = cal.test
-    lines += ["", f"test split ({t['n']} pairs, gain over unsteered):"]
+    cfg = cal.config
+    unit = cfg.get("effect_unit", "margin gain, nats/token")
+    what = "pairs" if cfg.get("judge", "margin") == "margin" else f"prompts, judge {cfg['judge']!r}"
+    lines.insert(0, f"effect: {unit} ({cfg.get('judge', 'margin')}); cost: KL on {cfg['n_neutral']} neutral texts")
+    lines += ["", f"test split ({t['n']} {what}; gain over unsteered):"]
     for s in t["settings"]:
         g = s["gain"]
         extra = ""
@@ -573,7 +798,8 @@ def render_text(cal: Calibration) -> str:
         lines += [f"  {text!r}" for text in s["texts"]]
     lines += ["", f"verdict: {cal.verdict}"]
     if cal.vector_path:
-        lines.append(f"use it: --steer {cal.vector_path}:1   (steerscale bake / serve --vector take the same file)")
+        lines.append(f"use it: --steer {cal.vector_path}:1   (steerscale bake / serve --vector take the same file; "
+                     f"so does --steer {Path(cal.vector_path).parent / 'calibration.json'})")
     lines.append(f"{cal.seconds:.0f} s; {cal.config['resumed_measurements']} measurement(s) resumed from an "
                  "earlier run")
     return "\n".join(lines)
