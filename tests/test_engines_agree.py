@@ -13,6 +13,7 @@ from steerscale import Site
 from steerscale.engine.decoding import SamplingParams, score_tokens
 from steerscale.engine.generation import generate
 from steerscale.engine.logit_contrast import LogitContrast
+from steerscale.engine.plan import FeatureClamp
 from steerscale.scale import Budget, LocalBackend
 from steerscale.serve.scheduler import Job, Scheduler
 from steerscale.steer.conditional import Condition, ConditionalSteering
@@ -29,7 +30,10 @@ def _vectors(layout, seed=0):
     a = SteeringVector({Site(0): torch.randn(dim, generator=g) * 2})
     b = SteeringVector({Site(1): torch.randn(dim, generator=g) * 2})
     kept = SteeringVector({Site(1): torch.randn(dim, generator=g) * 2}, metadata={"preserve_norm": True})
-    return a, b, kept
+    # an SAE-like feature to clamp (engine.plan.FeatureClamp), every token under its norm cap
+    clamp = FeatureClamp(Site(1), torch.randn(dim, generator=g) / dim ** 0.5, 0.1, 0.0,
+                         torch.randn(dim, generator=g), 1e4, "feature")
+    return a, b, kept, clamp
 
 
 def _condition(layout, threshold: float) -> Condition:
@@ -40,8 +44,8 @@ def _condition(layout, threshold: float) -> Condition:
 
 def requests(layout):
     """(name, steer entries as the scheduler takes them, logit contrast): plain, +/- scales, two vectors, the
-    scopes, ablate, set, a norm-preserving vector, a CAST decision each way, logit contrast."""
-    a, b, kept = _vectors(layout)
+    scopes, ablate, set, a norm-preserving vector, a clamped feature, a CAST decision each way, logit contrast."""
+    a, b, kept, clamp = _vectors(layout)
     yes = ConditionalSteering(b, [_condition(layout, -2.0)], scale=1.5)  # always holds
     no = ConditionalSteering(b, [_condition(layout, 2.0)], scale=1.5)  # never holds
     return [
@@ -54,6 +58,7 @@ def requests(layout):
         ("ablate", [(a, ("set", 0.0), "all")], None),
         ("set", [(b, ("set", 3.0), "all")], None),
         ("norm-preserving", [(kept, 3.0, "all")], None),
+        ("clamp", [(clamp, ("clamp", 4.0), "all")], None),
         ("CAST holds", [yes], None),
         ("CAST does not hold", [no], None),
         ("logit contrast", [(a, 1.0, "all")], LogitContrast.parse("dola:high")),
@@ -125,5 +130,5 @@ def test_engines_agree_on_smollm2():
     prompt = "Tell me about the sea."
     ids = LocalBackend(model, tok, layout, chat=False).prompt_ids(prompt)
     # the real model, on the requests that exercise different code (the tiny models run them all)
-    _agree(model, tok, layout, prompt, ids, only={"plain", "plus", "set", "norm-preserving", "CAST holds",
+    _agree(model, tok, layout, prompt, ids, only={"plain", "plus", "set", "norm-preserving", "clamp", "CAST holds",
                                                   "logit contrast"}, tokens=6)

@@ -394,3 +394,111 @@ def test_match_kl_finds_the_strength_of_a_target_cost():
     assert abs(got - 0.5) / 0.5 < 0.1 and abs(strength - 5.0) < 0.3 and len(calls) < 20
     strength, got = match_kl(lambda s: s, lambda s: 1e-4, 0.5, start=1.0)  # never reached: the strongest tried
     assert strength == 2 ** 12 and got == 1e-4
+
+
+# -- SAE features in the steering plan and the server (issue 28, item 4) ------------------------------------------
+@pytest.mark.parametrize("arch,rescale", [("standard", False), ("jumprelu", False), ("standard", True)])
+def test_a_plan_clamp_equals_clamp_feature_with_its_fixed_cap(arch, rescale):
+    from steerscale.engine.plan import SteeringPlan, build_tables, request_slots, token_index
+    from steerscale.steer.sae import ClampableSAE
+
+    sae = random_sae(arch=arch, rescale_acts_by_decoder_norm=rescale)
+    h = torch.randn(3, 6, 32) * 2
+    h[0, 0] *= 40  # a sink-like token past the cap: left alone
+    cap = float(h[1].norm(dim=-1).max()) * 1.5
+    served = ClampableSAE(sae, cap, "s")
+    clamp = served.clamp(7)
+    want = ClampFeature(sae, 7, 2.5, norm_cap=cap)(h)
+    assert torch.equal(want[0, 0], h[0, 0]) and not torch.allclose(want[1], h[1])
+    # the single clamp as the hook runtime runs it, and rows of a steering plan (row 1 unsteered, row 2 another value)
+    (iv,) = clamp.interventions(("clamp", 2.5))
+    assert torch.allclose(iv.edit(h), want, atol=1e-5)
+    tables = build_tables([request_slots([(clamp, ("clamp", 2.5), "all")]),
+                           request_slots([(clamp, ("clamp", -1.0), "generated")])])
+    positions = torch.arange(6).expand(3, 6)
+    index = token_index(torch.tensor([0, -1, 1])[:, None].expand(3, 6), positions, torch.full((3, 6), 4))
+    out = SteeringPlan(tables, index).edit(sae.site, h)
+    assert torch.allclose(out[0], want[0], atol=1e-5) and torch.equal(out[1], h[1])
+    other = ClampFeature(sae, 7, -1.0, norm_cap=cap)(h)[2]
+    assert torch.equal(out[2, :3], h[2, :3]) and torch.allclose(out[2, 3:], other[3:], atol=1e-5)  # generated scope
+
+
+def test_only_separable_unnormalised_saes_clamp_in_a_plan():
+    from steerscale.steer.sae import ClampableSAE
+
+    for sae, what in [(random_sae(arch="topk"), "topk"),
+                      (random_sae(normalize_activations="constant_norm_rescale"), "constant_norm_rescale")]:
+        with pytest.raises(SteerscaleError, match=what):
+            ClampableSAE(sae, 10.0).clamp(3)
+
+
+def _post(url, body):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url.rsplit("/v1", 1)[0] + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_server_adds_and_clamps_sae_features_per_request():
+    import threading
+    import urllib.request
+
+    from steerscale.scale import Budget, LocalBackend, SamplingParams
+    from steerscale.serve import App, start_server
+    from tiny import ChatCharTokenizer
+
+    model, layout = tiny_model("llama")
+    tok = ChatCharTokenizer()
+    sae = random_sae(arch="jumprelu")
+    sae.W_dec *= 8  # features strong enough to change a tiny random model's greedy text
+    app = App(model, tok, layout, model_id="tiny", vectors={"f5": feature_vector(sae, 5)},
+              saes={"s": sae, "wide": random_sae(arch="topk")}, max_n=8, max_batch=4)
+    server = start_server(app)
+    prompt, n = "steer me", 10
+    try:
+        def text(steer):
+            status, out = _post(server.url, {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0,
+                                             "steer": steer})
+            assert status == 200, out
+            return out["choices"][0]["text"]
+
+        plain = text([])
+        added = text([{"layer": "s", "index": 5, "strength": 4}])
+        assert added == text([{"vector": "f5", "scale": 4}]) and added != plain  # Neuronpedia's additive shape
+        cap = app.saes["s"].norm_cap
+        assert cap > 0
+        clamp = {"layer": "s", "index": 5, "strength": 12, "op": "clamp"}
+        local = LocalBackend(model, tok, layout, chat=False,
+                             steering=[Intervention(sae.site, ClampFeature(sae, 5, 12.0, norm_cap=cap))])
+        want = local.sample(prompt, 1, SamplingParams(max_tokens=n, temperature=0, step=None), Budget())[0].text
+        assert text([clamp]) == want != plain
+        # one batch: each request gets its own steering
+        bodies = [[], [clamp], [{"layer": "s", "index": 5, "strength": 4}], [{**clamp, "scope": "generated"}]]
+        got = [None] * len(bodies)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, text(bodies[i]))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got[:3] == [plain, want, added]
+        # bad entries: a 400 naming the field
+        for steer, param in [([{"layer": "nope", "index": 1}], "steer"),
+                             ([{"layer": "s", "index": 64}], "steer.0.index"),
+                             ([{"layer": "s", "index": 1, "op": "clamp"}], "steer.0"),
+                             ([{"vector": "f5", "strength": 2}], "steer.0"),
+                             ([{"layer": "s", "index": 1, "scale": 2}], "steer.0"),
+                             ([{"layer": "wide", "index": 1, "strength": 0, "op": "clamp"}], "steer.0.op")]:
+            status, err = _post(server.url, {"model": "tiny", "prompt": prompt, "max_tokens": 2, "steer": steer})
+            assert status == 400 and err["error"]["param"] == param, (steer, err)
+        with urllib.request.urlopen(server.url.rsplit("/v1", 1)[0] + "/v1/steering/saes", timeout=30) as resp:
+            listed = json.loads(resp.read())["data"]
+        assert [c["id"] for c in listed] == ["s", "wide"] and listed[0]["norm_cap"] == round(cap, 4)
+        assert text([]) == plain  # nothing left behind
+    finally:
+        server.close()

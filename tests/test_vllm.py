@@ -18,7 +18,7 @@ import pytest
 from steerscale import SteerscaleError
 from steerscale.vllm import cache_salt, format_steer, parse_steer
 from steerscale.vllm.frontend import FrontendRegistry, check_admitted
-from steerscale.vllm.steering import check_extra_args, request_salt
+from steerscale.vllm.steering import body_extra_args, check_extra_args, request_salt
 from steerscale.vllm.server import vllm_python
 from vllm_checks import BAD_SPECS
 
@@ -142,6 +142,9 @@ def test_the_front_end_refuses_every_malformed_spec_and_unsupported_field():
     for key in ["condition", "controller", "logit_contrast", "gate", "strategy", "steering", "scale", "block_corpus"]:
         with pytest.raises(SteerscaleError, match=rf"vllm_xargs\.{key}: .* do not run inside vLLM"):
             reg.admit(_Request({"steer": ["formal:4"], key: "x"}))
+    # an SAE feature in Neuronpedia's shape (steerscale serve --sae) is refused with where it runs
+    with pytest.raises(SteerscaleError, match=r"steer\[0\]\.index: SAE features are not steered here"):
+        body_extra_args({"steer": [{"layer": "res6", "index": 3, "strength": 4, "op": "clamp"}]}, None)
     ok = _Request({"steer": "formal:4, formal:ablate:generated", "other_plugin": 1})
     reg.admit(ok)  # other plugins' keys pass; the spec is made canonical for the workers
     assert ok.sampling_params.extra_args["steer"] == ["formal:4.0:all", "formal:ablate:generated"]

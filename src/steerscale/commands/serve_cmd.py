@@ -27,8 +27,12 @@ examples:
   steerscale serve --vector refusal=refusal.safetensors --condition harmful=harmful.safetensors --controller ctl=ctl.safetensors
   ... "steer": [{"vector": "refusal", "scale": 4, "condition": "harmful"}]     # or [{"controller": "ctl"}]
 
+  # SAE features (steerscale sae train/load): added, or clamped per request, in Neuronpedia's shape
+  steerscale serve --sae res6=out/sae ...
+  ... "steer": [{"layer": "res6", "index": 123, "strength": 4}]   # or with "op": "clamp" (strength 0: off)
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true), GET /v1/models,
-GET|PUT|DELETE /v1/steering/{vectors,conditions,controllers}[/NAME], GET /health, GET /metrics (Prometheus), GET /docs (the API, from
+GET|PUT|DELETE /v1/steering/{vectors,conditions,controllers}[/NAME] (GET /v1/steering/saes), GET /health, GET /metrics (Prometheus), GET /docs (the API, from
 /openapi.json). Concurrent requests are batched by one engine loop, each row with its own steering (--max-batch
 rows at a time). With --api-key (or STEERSCALE_API_KEY) every /v1 route needs 'Authorization: Bearer KEY'.
 Limits: past --max-pending requests in flight a client gets 429 with Retry-After; bodies past --max-body-mb get
@@ -59,6 +63,11 @@ def register(sub) -> None:
     p.add_argument("--controller", action="append", default=[], metavar="NAME=PATH",
                    help="register a steering controller (steerscale controller) under NAME; requests steer "
                         "with {\"controller\": NAME}; repeatable")
+    p.add_argument("--sae", action="append", default=[], metavar="NAME=DIR",
+                   help="register an SAE (an SAELens folder: cfg.json + sae_weights.safetensors; steerscale sae) "
+                        "under NAME; requests steer with a feature in Neuronpedia's shape: {\"layer\": NAME, "
+                        "\"index\": 123, \"strength\": 4} (added), with \"op\": \"clamp\" (clamped); "
+                        "repeatable")
     p.add_argument("--engine", choices=("local", "vllm"), default="local",
                    help="local: steerscale's own engine (every steering form, strategies). vllm: vLLM underneath "
                         "(scripts/make_vllm_venv.sh), its compiled mode, the same request body for plain steer "
@@ -117,6 +126,14 @@ def run(args) -> int:
             if name in shelves[kind]:
                 raise SteerscaleError(f"{flag} name {name!r} given twice", f"give each --{flag} its own NAME")
             shelves[kind][name] = load_file(path)
+    from ..steer.sae import load_sae
+
+    shelves["saes"] = {}
+    for spec in args.sae:
+        name, path = parse_vector_spec(spec, "sae")
+        if name in shelves["saes"]:
+            raise SteerscaleError(f"sae name {name!r} given twice", "give each --sae its own NAME")
+        shelves["saes"][name] = load_sae(path)
     if args.max_body_mb <= 0 or args.max_vector_mb <= 0:
         raise SteerscaleError("--max-body-mb and --max-vector-mb must be positive")
     limits = Limits(max_pending=args.max_pending, max_body_bytes=int(args.max_body_mb * 2**20),
@@ -153,7 +170,7 @@ def run_vllm(args, api_key: str | None) -> int:
     from ..models.loading import checkpoint_dir
     from ..vllm.server import serve_command
 
-    for flag in ("condition", "controller", "block_corpus"):
+    for flag in ("condition", "controller", "block_corpus", "sae"):
         if getattr(args, flag):
             raise SteerscaleError(f"--{flag.replace('_', '-')} does not run with --engine vllm",
                                   "serve it with the local engine (--engine local)")

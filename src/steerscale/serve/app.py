@@ -30,8 +30,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SteerscaleError
+from ..measure.cost import neutral_prompts
 from ..steer.conditional import Condition
 from ..steer.controller import SteeringController
+from ..steer.sae import SAE, ClampableSAE
 from ..steer.vector import SteeringVector
 from ..version import __version__
 from .engine import Engine, SharedTokenizer
@@ -75,7 +77,8 @@ class App:
 
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
                  max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None,
-                 conditions: dict | None = None, controllers: dict | None = None, block_corpus=None):
+                 conditions: dict | None = None, controllers: dict | None = None, block_corpus=None,
+                 saes: dict | None = None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -84,11 +87,16 @@ class App:
             raise SteerscaleError("the API key is empty", "pass a non-empty --api-key, or none for an open server")
         self.layout, self.limits, self.api_key = layout, limits or Limits(), api_key
         # the steering registries (GET/PUT/DELETE /v1/steering/KIND[/NAME]); requests name their entries
-        self.vectors, self.conditions, self.controllers = {}, {}, {}
-        self.shelves = {"vectors": self.vectors, "conditions": self.conditions, "controllers": self.controllers}
+        self.vectors, self.conditions, self.controllers, self.saes = {}, {}, {}, {}
+        self.shelves = {"vectors": self.vectors, "conditions": self.conditions, "controllers": self.controllers,
+                        "saes": self.saes}
         for kind, given in (("vectors", vectors), ("conditions", conditions), ("controllers", controllers)):
             for name, obj in (given or {}).items():
                 self.add_artifact(kind, name, obj)  # one made for another model fails here, not in a request
+        for name, sae in (saes or {}).items():  # its clamp's token cap is measured once, on the shipped neutral texts
+            if isinstance(sae, SAE):
+                sae = ClampableSAE.measure(sae, model, tokenizer, layout, neutral_prompts(), name=name)
+            self.add_artifact("saes", name, sae)
         tokenizer = SharedTokenizer(tokenizer)  # used by request threads and the engine thread
         self.tokenizer, self.model_id, self.max_n = tokenizer, model_id, max_n
         self.corpus = block_corpus  # an engine.provenance.SpanIndex: provenance-aware decoding (None: off)
@@ -257,6 +265,9 @@ class App:
 
         self.shelf(kind)  # 404 for an unknown registry
         spec = ARTIFACTS[kind]
+        if spec.load is None:
+            raise bad("kind", f"{spec.what}s are folders, not one file: register them when the server starts "
+                              f"({spec.files})")
         if not re.fullmatch(VECTOR_NAME, name):
             raise bad("name", f"bad {spec.what} name {name!r}: use 1-128 letters, digits, '_', '.' and '-'")
         if data[:4] == b"GGUF" and kind == "vectors":
@@ -308,6 +319,8 @@ ARTIFACTS = {
                                     "edits": [s.key() for s in c.edit_sites], "max_strength": c.max_strength,
                                     "model_name": c.model_name},
                          "a steerscale .safetensors controller (steerscale controller)"),
+    "saes": _Kind("SAE", ClampableSAE, None, lambda c: c.card(),
+                  "steerscale serve --sae NAME=DIR, DIR an SAELens folder: cfg.json + sae_weights.safetensors"),
 }
 
 

@@ -71,12 +71,20 @@ Name = Annotated[str, Field(pattern=VECTOR_NAME)]
 
 class SteerEntry(Strict):
     """One steering entry: a vector registered on the server (added always, or only to prompts that meet
-    registered conditions: CAST), or a registered steering controller (which sets its own strength per prompt)."""
+    registered conditions: CAST), a registered steering controller (which sets its own strength per prompt), or a
+    feature of a registered SAE in Neuronpedia's shape (``{"layer": SAE, "index": FEATURE, "strength": S}``: added,
+    or clamped to S with ``"op": "clamp"``)."""
 
     vector: Name | None = Field(None, description="name of a vector registered on the server (GET "
                                                   "/v1/steering/vectors)")
     controller: Name | None = Field(None, description="name of a steering controller registered on the server (GET "
                                                       "/v1/steering/controllers); instead of 'vector'")
+    layer: Name | None = Field(None, description="name of an SAE registered on the server (GET /v1/steering/saes; "
+                                                 "Neuronpedia's 'layer'); with 'index', instead of 'vector'")
+    index: int | None = Field(None, ge=0, description="the SAE feature to steer with (with 'layer')")
+    strength: float | None = Field(None, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
+                                   description="an SAE feature's strength: units of its activation added (op 'add', "
+                                               "default 1) or the activation it is clamped to (op 'clamp')")
     scale: float = Field(1.0, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
                          description="the vector's scale; for a controller, a multiplier of the strength it sets")
     scope: Literal["all", "prompt", "generated"] | None = Field(
@@ -86,19 +94,33 @@ class SteerEntry(Strict):
         None, description="names of conditions registered on the server (GET /v1/steering/conditions): the vector "
                           "is added only when the prompt meets them (CAST)")
     condition_rule: Literal["any", "all"] = Field("any", description="steer when any (or all) of the conditions hold")
-    op: Literal["add", "ablate", "set"] = Field(
+    op: Literal["add", "ablate", "set", "clamp"] = Field(
         "add", description="add scale x the vector; ablate: project its direction out; set: set the component along "
-                           "its direction to 'value' (the grammar of steer/grammar.py, as in steerscale's vLLM plugin)")
+                           "its direction to 'value' (the grammar of steer/grammar.py, as in steerscale's vLLM "
+                           "plugin); clamp: set an SAE feature's activation to 'strength', keeping the SAE's "
+                           "reconstruction error")
     value: float | None = Field(None, ge=-MAX_STEER_SCALE, le=MAX_STEER_SCALE,
                                 description="the component along the direction, for op 'set'")
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.vector is None) == (self.controller is None):
-            raise ValueError("give exactly one of 'vector' and 'controller'")
+        given = self.model_fields_set
+        if (self.layer is None) != (self.index is None):
+            raise ValueError("an SAE feature takes both 'layer' (the SAE's name) and 'index' (the feature)")
+        if sum(x is not None for x in (self.vector, self.controller, self.layer)) != 1:
+            raise ValueError("give exactly one of 'vector', 'controller' and 'layer' + 'index' (an SAE feature)")
+        if self.layer is not None:
+            if self.op not in ("add", "clamp") or given & {"scale", "value", "condition"}:
+                raise ValueError("an SAE feature takes op 'add' or 'clamp' and a 'strength' (no 'scale', 'value' or "
+                                 "'condition')")
+            if self.op == "clamp" and self.strength is None:
+                raise ValueError("op 'clamp' needs 'strength': the activation the feature is clamped to")
+            return self
+        if self.op == "clamp" or self.strength is not None:
+            raise ValueError("op 'clamp' and 'strength' go with an SAE feature ('layer' + 'index')")
         if self.op != "add" and (self.controller is not None or self.condition is not None):
             raise ValueError(f"op {self.op!r} edits a vector unconditionally: not with 'controller' or 'condition'")
-        if (self.op == "set") != (self.value is not None) or (self.op != "add" and "scale" in self.model_fields_set):
+        if (self.op == "set") != (self.value is not None) or (self.op != "add" and "scale" in given):
             raise ValueError("'value' goes with op 'set' (and 'scale' with op 'add')")
         if self.condition is not None and self.vector is None:
             raise ValueError("'condition' gates a vector; a controller decides on its own")
@@ -262,11 +284,22 @@ def _lookup(shelf: dict, name: str, what: str, flag: str, kind: str):
     return shelf[name]  # the object itself: a later DELETE/PUT cannot reach this request
 
 
-def _steer(entries: list[SteerEntry], vectors, conditions, controllers) -> list:
-    """The request's steering, resolved: ``(vector, scale, scope)`` tuples, and ``PromptRule``s for conditional
-    entries (CAST) and controllers, which the engine decides per prompt before generating."""
+def _steer(entries: list[SteerEntry], vectors, conditions, controllers, saes=None) -> list:
+    """The request's steering, resolved: ``(vector, scale, scope)`` tuples (an SAE feature: its vector, or a
+    ``FeatureClamp`` with ``("clamp", value)``), and ``PromptRule``s for conditional entries (CAST) and controllers,
+    which the engine decides per prompt before generating."""
     steer = []
-    for e in entries:
+    for i, e in enumerate(entries):
+        if e.layer is not None:
+            sae = _lookup(saes or {}, e.layer, "SAE", "--sae", "saes")
+            if e.index >= sae.sae.d_sae:
+                raise bad(f"steer.{i}.index", f"SAE {e.layer!r} has features 0 to {sae.sae.d_sae - 1}, not {e.index}")
+            try:
+                steer.append((sae.clamp(e.index), ("clamp", e.strength), e.scope or "all") if e.op == "clamp" else
+                             (sae.vector(e.index), 1.0 if e.strength is None else e.strength, e.scope or "all"))
+            except SteerscaleError as exc:
+                raise bad(f"steer.{i}.op", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
+            continue
         if e.controller is not None:
             ctl = _lookup(controllers, e.controller, "steering controller", "--controller", "controllers")
             scope = ctl.scope if e.scope is None else TokenScope.parse(e.scope)
@@ -294,10 +327,10 @@ def _block(body: _Common, corpus) -> dict:
     return {"block": corpus} if corpus is not None and body.block_corpus is not False else {}
 
 
-def _common(body: _Common, vectors, conditions, controllers, corpus=None) -> dict:
+def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=None) -> dict:
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
-    steer = _steer(body.steer, vectors, conditions, controllers)
+    steer = _steer(body.steer, vectors, conditions, controllers, saes)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOPS:
         raise bad("stop", f"'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
@@ -387,7 +420,7 @@ def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
 
 
 def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-                     corpus=None) -> GenRequest:
+                     corpus=None, saes=None) -> GenRequest:
     p = body.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
         prompts = [p]
@@ -397,7 +430,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions
         raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
     if len(prompts) * body.n > max_n:
         raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes)
     k = body.logprobs
     if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
@@ -423,11 +456,11 @@ def chat_messages(body: ChatRequest) -> list[dict]:
 
 
 def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-               corpus=None) -> GenRequest:
+               corpus=None, saes=None) -> GenRequest:
     if body.n > max_n:
         raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
     messages = chat_messages(body)
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes)
     if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
     if body.top_logprobs is not None and not body.logprobs:

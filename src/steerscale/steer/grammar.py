@@ -52,6 +52,7 @@ def parse_steer(spec) -> list[tuple[str, float | tuple[str, float], str]]:
 
 VECTOR_NAME = r"^[A-Za-z0-9_.\-]{1,128}$"  # NAME as a JSON-schema pattern
 OBJECT_KEYS = {"vector", "scale", "scope", "op", "value"}
+SAE_KEYS = {"layer", "index", "strength"}  # an SAE feature in Neuronpedia's shape: steerscale serve --sae only
 
 
 def entries_from_objects(items, field: str = "steer") -> list[tuple[str, float | tuple[str, float], str]]:
@@ -71,6 +72,10 @@ def entries_from_objects(items, field: str = "steer") -> list[tuple[str, float |
         if not isinstance(item, dict):
             raise SteerscaleError(f"{where} must be an object or a string, not {type(item).__name__}")
         extra = set(item) - OBJECT_KEYS
+        if extra & SAE_KEYS:
+            raise SteerscaleError(f"{where}.{sorted(extra & SAE_KEYS)[0]}: SAE features are not steered here",
+                                  "steerscale serve --sae runs them (added or clamped); here, save the feature as a "
+                                  "vector (steerscale sae vector) and steer with it by name")
         if extra:
             raise SteerscaleError(f"{where}.{sorted(extra)[0]}: not a field of a steer entry here",
                                   f"fields: {', '.join(sorted(OBJECT_KEYS))}")
@@ -95,9 +100,16 @@ def entries_from_objects(items, field: str = "steer") -> list[tuple[str, float |
 
 
 def check_op(op):
-    """A steering op as Python passes it (a ``(vector, op, scope)`` entry): a finite scale, or ``("set", value)``."""
+    """A steering op as Python passes it (a ``(vector, op, scope)`` entry): a finite scale, ``("set", value)``, or
+    ``("clamp", value)`` (with an ``engine.plan.FeatureClamp``)."""
     if isinstance(op, bool) or not isinstance(op, (int, float, tuple)):
         raise SteerscaleError(f"steering scale must be a finite number or ('set', value), got {op!r}")
+    if isinstance(op, tuple) and len(op) == 2 and op[0] == "clamp":
+        value = op[1]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or abs(value) > MAX_SCALE:
+            raise SteerscaleError(f"clamp value must be a finite number with |value| <= {MAX_SCALE:g}, got {value!r}")
+        return ("clamp", float(value))
     try:
         return _op(op, op)
     except SteerscaleError:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...engine.ops import Edit, check_scale
+from ...engine.plan import FeatureClamp
 from ...engine.runtime import Intervention
 from ...engine.scope import ALL_TOKENS, TokenScope
 from ...errors import SteerscaleError
@@ -49,6 +50,9 @@ class ClampFeature(Edit):
     values: float | list = 0.0
     outlier_factor: float = 10.0
     preserve_norm: bool = False
+    #: leave alone tokens whose norm passes this fixed cap instead (the rule of a server's batched rows, where one
+    #: row must not depend on the others: ``ClampableSAE``)
+    norm_cap: float | None = None
     _idx: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -90,6 +94,8 @@ class ClampFeature(Edit):
         if sae.rescale_acts_by_decoder_norm:
             rows = rows / sae.decoder_norms(h)[idx, None]
         out = h + (delta @ rows) * scale
+        if self.norm_cap is not None:
+            return torch.where(h.norm(dim=-1, keepdim=True) > self.norm_cap, h, out)
         return out if not self.outlier_factor else keep_outliers(h, out, self.outlier_factor)
 
 
@@ -125,6 +131,61 @@ def clamp_interventions(sae: SAE, features, values=0.0, scope: TokenScope | str 
     if layout is not None:
         sae.check(layout)
     return [Intervention(sae.site, ClampFeature(sae, features, values), TokenScope.parse(scope))]
+
+
+@dataclass(frozen=True, eq=False)
+class ClampableSAE:
+    """An SAE as a server registers it (``steerscale serve --sae NAME=DIR``): its features steer as vectors
+    (``vector``) and clamp per request inside the steering plan (``clamp``: an ``engine.plan.FeatureClamp``).
+    ``norm_cap`` replaces ``ClampFeature``'s median-of-the-pass outlier rule with a fixed one, so a row's clamp
+    does not depend on the other rows of its batch: ``outlier_factor`` x the median token norm at the site over
+    reference texts (``measure``)."""
+
+    sae: SAE
+    norm_cap: float
+    name: str = ""
+
+    @classmethod
+    def measure(cls, sae: SAE, model, tokenizer, layout: ModelLayout, texts, outlier_factor: float = 10.0,
+                name: str = "") -> "ClampableSAE":
+        from ...engine.capture import capture
+
+        sae.check(layout)
+        acts = capture(model, tokenizer, layout, list(texts), [sae.site], readout="all")[sae.site]
+        norms = torch.cat([a.float().norm(dim=-1) for a in acts])
+        return cls(sae, float(outlier_factor * norms.median()), name)
+
+    def check(self, layout: ModelLayout) -> None:
+        self.sae.check(layout)
+
+    def vector(self, feature: int) -> SteeringVector:
+        """One unit of ``feature`` (Neuronpedia's additive strength 1)."""
+        return feature_vector(self.sae, feature, source=self.name)
+
+    def clamp(self, feature: int) -> FeatureClamp:
+        """``feature`` as a steering plan clamps it: ReLU and JumpReLU SAEs without input normalisation (the
+        activation is then one dot product of the stream, which a plan's per-token tables express)."""
+        sae = self.sae
+        feature = sae.check_feature(feature)
+        if not ARCHITECTURES[sae.architecture].separable or sae.normalize_activations != "none":
+            raise SteerscaleError(
+                f"SAE {self.name or sae!r} ({sae.architecture}, normalize_activations={sae.normalize_activations}) "
+                "cannot clamp inside a steering plan", "clamping runs per row for ReLU and JumpReLU SAEs without "
+                "input normalisation; add the feature as a vector instead (op 'add'), or clamp locally with "
+                "steerscale sae / ClampFeature")
+        enc = sae.W_enc[:, feature]
+        bias = float(sae.b_enc[feature]) - (float(sae.b_dec @ enc) if sae.apply_b_dec_to_input else 0.0)
+        dec = sae.W_dec[feature]
+        if sae.rescale_acts_by_decoder_norm:
+            n = float(dec.norm().clamp_min(1e-8))
+            enc, bias, dec = enc * n, bias * n, dec / n
+        threshold = max(float(sae.threshold[feature]), 0.0) if sae.architecture == "jumprelu" else 0.0
+        return FeatureClamp(sae.site, enc.clone(), bias, threshold, dec.clone(), self.norm_cap,
+                            f"{self.name}#{feature}")
+
+    def card(self) -> dict:
+        return {"object": "sae", "site": self.sae.site.key(), "architecture": self.sae.architecture,
+                "d_sae": self.sae.d_sae, "model_name": self.sae.model_name, "norm_cap": round(self.norm_cap, 4)}
 
 
 def feature_vector(sae: SAE, features, layout: ModelLayout | None = None, normalize: bool = False,
