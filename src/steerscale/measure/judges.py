@@ -31,7 +31,7 @@ from ..errors import SteerscaleError
 KINDS = ("regex", "lexicon", "probe", "llm")
 _HINT = "write --judge regex:PATTERN, lexicon:FILE, probe:COND.safetensors or llm:QUESTION (or margin, the default)"
 LLM_TEMPLATE = '{question}\n\nText: """{reply}"""\n\nAnswer with Yes or No.'
-_WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
+_WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
 
 
 class Judge(ABC):
