@@ -48,6 +48,7 @@ eval      eval_cmds         evaluate a model on a benchmark task, optionally ste
 report    eval_cmds         render Markdown/HTML tables and PNG plots for evaluation runs
 solve     scale_cmds        answer a prompt with a search/sampling strategy under a compute budget
 program   program_cmd       inference programs: pipelines of generate/critique/rank/fuse stages as data, and their search
+navigator navigator_cmd     RL of Thoughts: train a navigator that picks the next reasoning block (reason, refine, ...)
 condition   conditional_cmds  fit a CAST condition: steer a prompt only when its activations say so
 controller  conditional_cmds  train a controller that sets steering strength per prompt and layer
 gate        conditional_cmds  fit a token gate that switches steering on mid-generation (TruthPrInt-style)
