@@ -24,6 +24,26 @@ OUT/programs_table.md; the last stdout line is one JSON object.
 problems, greedy with vs without it on the test split (accuracy, generated tokens, paired interval):
 
     STEERSCALE_THREADS=1 python bench/programs.py --part handbook --dev 24 --test 24 --data-seed 1 --max-tokens 32
+
+``--part memory`` measures the parts built on the prompt, each within the same per-problem budget and each against
+its baseline on the same held-out problems (paired bootstrap intervals, generated tokens per problem):
+
+* behaviour handbook and ArcMemo concept memory (both written by the model from its solved dev problems; the concept
+  memory is also updated as the test split goes on, from the model's own confident answers, never from gold) against
+  greedy with the same prompt;
+* the prompt router (k nearest dev questions, pool none/cot/direct) against the best single prompt of the pool,
+  chosen on dev;
+* teacher intervention (``teach``: the teacher -- ``--teacher``, by default the model itself -- explains when
+  simulating the student says it helps; its tokens count in the same budget) against none;
+* with ``--searched PATH`` (a best program saved by an earlier search on the dev split, e.g. bench/out/
+  programs_best.json), the searched program against best-of-4 by ``--bon-verifier`` and against greedy.
+
+    STEERSCALE_THREADS=1 python bench/programs.py --part memory --dev 8 --test 20 --budget tokens=128 --max-tokens 16 \
+        --searched bench/out/programs_best.json
+
+The last line holds ``search_vs_bon_gain`` (null without ``--searched``), ``handbook_gain``,
+``handbook_token_ratio`` (null when the model wrote no behaviour), ``memory_gain``, ``router_gain`` and
+``teacher_gain``, each gain with ``_ci_low``/``_ci_high``.
 """
 
 from __future__ import annotations
@@ -57,28 +77,30 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--part", default="search", choices=["search", "handbook"],
+    ap.add_argument("--part", default="search", choices=["search", "handbook", "memory"],
                     help="search: the protocol above; handbook: greedy with vs without a behaviour handbook built "
-                         "from the dev split's solved problems (--dev problems; --k behaviours retrieved)")
+                         "from the dev split's solved problems (--dev problems; --k behaviours retrieved); memory: "
+                         "handbook, concept memory, router, teacher (and --searched) against their baselines")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--teacher", default="", help="--part memory: the teacher model (default: the model itself)")
+    ap.add_argument("--searched", default="", help="--part memory: a searched program (JSON file) to score")
+    ap.add_argument("--bon-verifier", default="self_eval", help="--part memory: best-of-4's verifier")
+    ap.add_argument("--concept-min-score", type=float, default=0.0,
+                    help="--part memory: the self-evaluation an answer needs to be learned from (default 0: every "
+                         "answer; SmolLM2's self-evaluation gave 0.19-0.31 to right and wrong dev answers alike)")
+    ap.add_argument("--teacher-tokens", type=int, default=48, help="--part memory: tokens per explanation")
     args = ap.parse_args(argv)
     if args.part == "handbook":
         return handbook_part(args)
+    if args.part == "memory":
+        return memory_part(args)
 
-    from steerscale import load_model
-    from steerscale.commands.program_cmd import split_task
     from steerscale.measure.stats import paired_compare, wilson_ci
-    from steerscale.scale import Budget, LocalBackend, StrategySpec
+    from steerscale.scale import Budget, StrategySpec
     from steerscale.scale.programs import load_program
     from steerscale.scale.programs.search import SINGLE_STRATEGY_PARAMS, evaluate, plot_trials, save_json, search
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    per_problem = Budget.parse(args.budget).limits
-    task, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
-    lm = load_model(args.model)
-    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
-    t0 = time.time()
+    out, per_problem, dev, test, backend, t0 = setup(args)
 
     def acc(outcomes):
         return sum(o.correct for o in outcomes) / len(outcomes)
@@ -163,23 +185,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def handbook_part(args) -> int:
-    """Greedy with and without the handbook (behaviours written by the model from its solved dev problems, the k
-    nearest by hidden-state similarity put before each test question): accuracy and generated tokens, paired."""
+def setup(args):
+    """(out folder, per-problem limits, dev problems, test problems, backend, start time) of a part."""
     from steerscale import load_model
     from steerscale.commands.program_cmd import split_task
-    from steerscale.measure.stats import paired_compare, wilson_ci
-    from steerscale.scale import Budget, LocalBackend, StrategySpec
-    from steerscale.scale.programs import build_handbook
-    from steerscale.scale.programs.search import evaluate
+    from steerscale.scale import Budget, LocalBackend
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_problem = Budget.parse(args.budget).limits
-    task, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
+    _, dev, test = split_task(args.task, args.dev, args.test, args.data_seed)
     lm = load_model(args.model)
-    backend = LocalBackend(lm.model, lm.tokenizer, lm.layout)
-    t0 = time.time()
+    return (out, Budget.parse(args.budget).limits, dev, test, LocalBackend(lm.model, lm.tokenizer, lm.layout),
+            time.time())
+
+
+def handbook_part(args) -> int:
+    """Greedy with and without the handbook (behaviours written by the model from its solved dev problems, the k
+    nearest by hidden-state similarity put before each test question): accuracy and generated tokens, paired."""
+    from steerscale.measure.stats import paired_compare, wilson_ci
+    from steerscale.scale import Budget, StrategySpec
+    from steerscale.scale.programs import build_handbook
+    from steerscale.scale.programs.search import evaluate
+
+    out, per_problem, dev, test, backend, t0 = setup(args)
     book = build_handbook(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
     path = out / "programs_handbook.json"
     book.save(path)
@@ -210,6 +238,123 @@ def handbook_part(args) -> int:
     (out / "programs_handbook_table.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     print(json.dumps({**summary, "wall_seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
+def memory_part(args) -> int:
+    """Handbook, concept memory, router and teacher (and a searched program, when given) against their baselines on
+    the same held-out problems, each within the per-problem budget; see the module docstring."""
+    import shutil
+
+    from steerscale.measure.stats import paired_compare, wilson_ci
+    from steerscale.scale import Budget, LocalBackend, StrategySpec
+    from steerscale.scale.programs import ConceptMemory, build_concepts, build_handbook, build_router, load_program
+    from steerscale.scale.programs.search import evaluate
+
+    out, per_problem, dev, test, backend, t0 = setup(args)
+    cpu0 = time.process_time()  # the machine is shared: CPU time says what the run costs, wall time what it took
+    log = lambda msg: print(f"{msg} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)  # noqa: E731
+    # -- built on the dev split only ------------------------------------------------------------------------------
+    book = build_handbook(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
+    book.save(out / "programs_handbook.json")
+    log(f"[dev] handbook: {len(book.behaviours)} behaviours from {len(dev)} problems")
+    memory = build_concepts(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
+    memory.save(out / "programs_concepts_dev.json")
+    shutil.copy(out / "programs_concepts_dev.json", out / "programs_concepts.json")  # the copy the test run updates
+    log(f"[dev] concepts: {len(memory.concepts)} from {len(dev)} problems")
+    router = build_router(dev, backend, ("none", "cot", "direct"), Budget(), max_tokens=args.max_tokens,
+                          model=args.model)
+    router.save(out / "programs_router.json")
+    overall = router.overall()
+    best_prompt = max(router.prompts, key=lambda p: (overall[p], -router.prompts.index(p)))
+    log(f"[dev] router: dev accuracy per prompt {overall}; best single prompt {best_prompt!r}")
+
+    def greedy_after(*stages):
+        return StrategySpec.of("program", max_tokens=args.max_tokens, program={"stages": [
+            *stages, {"type": "generate", "strategy": "greedy"}]})
+
+    teach = {"type": "teach", "max_tokens": args.teacher_tokens, **({"model": "teacher"} if args.teacher else {})}
+    rows = {"greedy": StrategySpec.of("greedy", max_tokens=args.max_tokens),
+            "greedy + concept memory (updated)": greedy_after(
+                {"type": "concepts", "path": str((out / "programs_concepts.json").resolve()), "k": args.k,
+                 "update": True, "min_score": args.concept_min_score}),
+            "router": greedy_after({"type": "route", "path": str((out / "programs_router.json").resolve())}),
+            f"best single prompt ({best_prompt})": (greedy_after({"type": "prompt", "preset": best_prompt})
+                                                    if best_prompt != "none" else None),
+            "greedy + teacher": greedy_after(teach)}
+    if book.behaviours:
+        rows["greedy + handbook"] = greedy_after({"type": "handbook", "path": str((out / "programs_handbook.json")
+                                                                                  .resolve()), "k": args.k})
+    if args.searched:
+        rows["searched program"] = StrategySpec.of("program", program=load_program(args.searched).to_json())
+        rows[f"best_of_4 ({args.bon_verifier})"] = StrategySpec.of("best_of_n", n=4, temperature=0.7,
+                                                                  verifier=args.bon_verifier,
+                                                                  max_tokens=args.max_tokens)
+    models = {}
+    if args.teacher:
+        from steerscale import load_model
+
+        other = load_model(args.teacher)
+        models["teacher"] = LocalBackend(other.model, other.tokenizer, other.layout)
+    held = {}
+    for name, spec in rows.items():
+        if spec is None:  # the best single prompt is the plain prompt: the greedy row
+            held[name] = held["greedy"]
+            continue
+        held[name] = evaluate(spec, test, backend, per_problem, seed=args.seed,
+                              models=models if name == "greedy + teacher" else None)
+        log(f"[test] {name}: acc {sum(o.correct for o in held[name]) / len(test):.3f}")
+    after = ConceptMemory.load(out / "programs_concepts.json")
+
+    def tokens(name):
+        return sum(o.generated_tokens for o in held[name]) / len(held[name])
+
+    def compare(base, new, key):
+        cmp = paired_compare([o.correct for o in held[base]], [o.correct for o in held[new]])
+        summary.update({key: round(cmp.diff, 4), f"{key}_ci_low": round(cmp.lo, 4), f"{key}_ci_high": round(cmp.hi, 4)})
+        diffs.append(f"| {new} - {base} | {cmp.diff:+.3f} | [{cmp.lo:+.3f}, {cmp.hi:+.3f}] | {cmp.wins} / "
+                     f"{cmp.losses} |")
+
+    summary = {"task": args.task, "dev": len(dev), "test": len(test), "budget": args.budget,
+               "max_tokens": args.max_tokens, "teacher": args.teacher or args.model,
+               "behaviours": len(book.behaviours), "concepts_dev": len(memory.concepts),
+               "concepts_after_test": len(after.concepts), "router_best_single": best_prompt}
+    diffs = ["| paired difference (held out) | mean | 95% CI (paired bootstrap) | wins / losses |", "|---|---|---|---|"]
+    compare("greedy", "greedy + concept memory (updated)", "memory_gain")
+    compare(f"best single prompt ({best_prompt})", "router", "router_gain")
+    compare("greedy", "greedy + teacher", "teacher_gain")
+    if book.behaviours:
+        compare("greedy", "greedy + handbook", "handbook_gain")
+        summary["handbook_token_ratio"] = round(tokens("greedy + handbook") / max(1e-9, tokens("greedy")), 3)
+    else:  # no behaviour was written: there is nothing to measure (not a zero gain)
+        summary.update(handbook_gain=None, handbook_gain_ci_low=None, handbook_gain_ci_high=None,
+                       handbook_token_ratio=None)
+    if args.searched:
+        compare(f"best_of_4 ({args.bon_verifier})", "searched program", "search_vs_bon_gain")
+        compare("greedy", "searched program", "search_vs_greedy_gain")
+    else:
+        summary.update(search_vs_bon_gain=None, search_vs_bon_gain_ci_low=None, search_vs_bon_gain_ci_high=None)
+    lines = [f"Task {args.task}: {len(dev)} dev / {len(test)} held-out problems (data seed {args.data_seed}), "
+             f"per-problem budget {args.budget}, answers up to {args.max_tokens} tokens; model {args.model}, teacher "
+             f"{args.teacher or args.model}. Handbook: {len(book.behaviours)} behaviours; concept memory: "
+             f"{len(memory.concepts)} concepts from dev, {len(after.concepts)} after the test split; router: dev "
+             f"accuracy {', '.join(f'{k} {v:.3f}' for k, v in overall.items())}.", "",
+             "| method (held out) | accuracy | 95% CI (Wilson) | generated tokens / problem | prompt tokens / problem |",
+             "|---|---|---|---|---|"]
+    for name, res in held.items():
+        ci = wilson_ci(int(sum(o.correct for o in res)), len(res))
+        lines.append(f"| {name} | {ci.mean:.3f} | [{ci.lo:.3f}, {ci.hi:.3f}] | {tokens(name):.1f} | "
+                     f"{sum(o.prompt_tokens for o in res) / len(res):.0f} |")
+    lines += ["", *diffs, "", "Concepts after the test split: "
+              + ("; ".join(f"`{c.line()}` ({c.origin})" for c in after.concepts) or "none"),
+              "Behaviours: " + ("; ".join(f"`{b.name}: {b.instruction}`" for b in book.behaviours) or "none"),
+              "", f"Wall time {time.time() - t0:.0f} s, CPU time {time.process_time() - cpu0:.0f} s (one thread)."]
+    summary["tokens_per_problem"] = {k: round(tokens(k), 1) for k in held}
+    table = "\n".join(lines)
+    (out / "programs_memory_table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(json.dumps({**summary, "wall_seconds": round(time.time() - t0, 1),
+                      "cpu_seconds": round(time.process_time() - cpu0, 1)}))
     return 0
 
 

@@ -404,8 +404,10 @@ def test_concepts_are_parsed_from_lessons_or_refused():
 
     assert parse_concept("equal_groups: when groups are equal, multiply.") == ("equal_groups",
                                                                                 "when groups are equal, multiply.")
-    assert parse_concept("If the numbers are large, add the tens first") == ("the_numbers_are",
+    assert parse_concept("If the numbers are large, add the tens first") == ("numbers_large_add",
                                                                              "if the numbers are large, add the tens first")
+    assert parse_concept("When it comes to units, convert first. In this case, D.") == (
+        "units_convert_first", "when it comes to units, convert first.")  # the first sentence, named by content
     assert parse_concept("12") is None and parse_concept("") is None
 
 

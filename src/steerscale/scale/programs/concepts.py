@@ -39,11 +39,8 @@ from .memory import FileStage, _embed_all, _read_json, embed_question, learn_fro
     prepend_lines
 from .stages import Context, _register, _shorten, ask, yes_probability
 
-CONCEPT_TEMPLATE = ("Read a solved problem and write one general lesson that would help on other problems of the "
-                    "same kind. Write it as one line: concept_name: when <situation>, <what to do>.\n\n"
-                    "Problem: A shop sells 3 boxes of 4 pens. How many pens are there?\nSolution: 3 x 4 = 12.\n"
-                    "Concept: equal_groups: when a quantity comes in equal groups, multiply the group size by the "
-                    "number of groups.\n\nProblem: {question}\nSolution: {solution}\nConcept:")
+CONCEPT_TEMPLATE = ("Problem: {question}\nSolution: {solution}\n\nDo not answer the problem again. Write one general "
+                    "lesson from it that would help with similar problems, as one sentence starting with \"When\".")
 CONCEPTS_HEADER = "Concepts that may help with this problem:"
 SELECT_TEMPLATE = ("Problem: {question}\n\nConcept: {concept}\n\nWould this concept help to solve the problem? "
                    "Answer Yes or No.")
@@ -64,18 +61,21 @@ class Concept:
         return f"{self.name}: {self.idea}"
 
 
+_STOP = {"a", "an", "the", "it", "is", "are", "to", "of", "in", "on", "for", "comes", "you", "your", "we", "there",
+         "this", "that", "when", "if", "with", "and", "or", "be", "can", "do", "does", "need", "needs", "asked", "asks"}
+
+
 def parse_concept(text: str) -> tuple[str, str] | None:
-    """``(name, idea)`` from ``name: idea``, or from a sentence with ``when``/``if`` (named by its first words);
-    None when the text holds neither."""
-    parsed = parse_behaviour(text)
-    if parsed:
-        return parsed
-    m = _WHEN.search(text.strip().splitlines()[0] if text.strip() else "")
-    if not m:
-        return None
-    idea = f"{m.group(1).lower()} {m.group(2).strip()}"
-    words = re.findall(r"[a-z]+", m.group(2).lower())[:3]
-    return ("_".join(words) or "concept"), idea
+    """``(name, idea)`` from ``name: idea``, or from the first sentence with ``when``/``if`` (named by its first
+    content words); None when the text holds neither."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    m = _WHEN.search(first)
+    if m and (m.start() == 0 or not parse_behaviour(text)):
+        sentence = re.split(r"(?<=[.!?])\s", m.group(2).strip())[0]
+        idea = f"{m.group(1).lower()} {sentence}"[:240]
+        words = [w for w in re.findall(r"[a-z]+", sentence.lower()) if w not in _STOP][:3]
+        return ("_".join(words) or "concept"), idea
+    return parse_behaviour(text)
 
 
 @dataclass
@@ -223,10 +223,10 @@ class ConceptsStage(FileStage):
         if not self.update or best is None or not best.text.strip() or ctx.budget.exhausted:
             return
         score = best.score
-        if score is None:
+        if score is None and self.min_score > 0:
             score = yes_probability(ctx.backend, [SELF_EVAL_TEMPLATE.format(
                 question=ctx.question, solution=_shorten(best.text, 800))], ctx.budget)[0]
-        if not score == score or score < self.min_score:  # NaN: the budget could not pay for the check
+        if score is not None and (not score == score or score < self.min_score):  # NaN: the check was not paid
             return
         parsed = write_concept(ctx.question, best.text, ctx.backend, ctx.budget, max_tokens=self.max_tokens,
                                seed=derive_seed(ctx.seed, "concept"))

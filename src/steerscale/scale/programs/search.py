@@ -72,14 +72,25 @@ def _capped(per_problem: dict, total: Budget | None) -> Budget:
 
 
 def evaluate(spec, problems: Sequence[Problem], backend: Backend, per_problem: dict | None = None, *, seed: int = 0,
-             total: Budget | None = None, progress=None) -> list[Outcome]:
+             total: Budget | None = None, progress=None, models=None) -> list[Outcome]:
     """Run ``spec`` (a ``StrategySpec``) on each problem with a fresh ledger of ``per_problem`` limits (cut to what
-    is left of ``total``, which is charged with each run's spending); one random stream per problem."""
+    is left of ``total``, which is charged with each run's spending); one random stream per problem. ``models``:
+    the backends a program's stages name (``spec`` is then a ``program`` spec)."""
     out = []
+    program = None
+    if models:
+        if spec.name != "program":
+            raise SteerscaleError(f"models= is for a program's stages, not strategy {spec.name!r}")
+        program = load_program(spec.knobs["program"])
+        defaults = {k: v for k, v in spec.knobs.items() if k not in ("program", "seed")}
     for p in problems:
         budget = _capped(per_problem or dict(spec.budget), total)
-        result = spec.with_knobs(seed=derive_seed(seed, p.id)).run(p.prompt, backend, budget=budget,
-                                                                   answer_fn=p.read_answer)
+        if program is not None:
+            result = program.run(p.prompt, backend, budget, seed=derive_seed(seed, p.id), answer_fn=p.read_answer,
+                                 models=models, defaults=defaults)
+        else:
+            result = spec.with_knobs(seed=derive_seed(seed, p.id)).run(p.prompt, backend, budget=budget,
+                                                                       answer_fn=p.read_answer)
         spent = result.budget["spent"]
         if total is not None:
             total.charge(**{k: v for k, v in spent.items() if k != "wall_seconds"})
