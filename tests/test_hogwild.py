@@ -116,7 +116,7 @@ def test_seeing_the_others_is_reading_their_tokens():
 def test_protocol_prompts_share_a_prefix_and_name_the_worker():
     be = LocalBackend(*_chat_parts(), chat=None)
     prompts = [worker_prompt("What is 2+3?", k, 3) for k in (1, 2, 3)]
-    assert all("one of 3 workers" in p for p in prompts) and prompts[1].count("worker 2.") == 1
+    assert all("of 3, working together" in p for p in prompts) and prompts[1].count("Worker 2 of 3") == 1
     shared, private = split(be, prompts)
     assert be.decode(shared).startswith("user: What is 2+3?") and all(private)
     res = run_strategy("hogwild", "What is 2+3?", be, n=3, max_tokens=12, temperature=0.7, seed=4)

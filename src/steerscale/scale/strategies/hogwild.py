@@ -2,11 +2,10 @@
 (Hogwild! inference, Rodionov et al. 2025), so they can split the work and notice duplication without a
 coordinator.
 
-* Prompt protocol (``protocol=true``): every worker gets the problem and the same note that it is one of ``n``
-  workers sharing one memory, told to split the work, not repeat another's and check each other; then its own line,
-  "You are worker k." The token prefix the workers' formatted prompts share is encoded once; each worker's own
-  suffix sits beside it in the same cache (``engine.shared_cache``). ``protocol=false`` gives every worker the
-  prompt as is.
+* Prompt protocol (``protocol=true``): every worker gets the problem, then one line telling it that it is worker
+  ``k`` of ``n``, working together with the others, who see each other's work as it is written (``PROTOCOL``). The
+  token prefix the workers' formatted prompts share is encoded once; each worker's own suffix sits beside it in the
+  same cache (``engine.shared_cache``). ``protocol=false`` gives every worker the prompt as is.
 * Decoding: ``engine.shared_cache.shared_decode`` (one cache, a 4-D mask, per-worker positions; sampling and token
   acceptance by the decoding core). ``see_others=false`` hides the workers from each other: N independent samples
   in one cache (the control the shared run is compared with).
@@ -30,10 +29,12 @@ from ..backend import Candidate, FinishReason
 from ..local import LocalBackend
 from .base import Selection, annotate, best_of, check_positive, finish, representative, sampling_params, score, vote
 
-PROTOCOL = ("{prompt}\n\nYou are one of {n} workers solving this problem at the same time. You share one memory: "
-            "while you write, you see what the other workers have written so far, and they see your text. "
-            "Collaborate: split the work, do not redo what another worker has done, check each other's steps, and "
-            "give the final answer on the last line.\nYou are worker {k}.")
+# Short on purpose: SmolLM2-135M answered longer notes (a paragraph on sharing memory and splitting the work,
+# before or after the problem) with role play ("I'm not sure what to do with this", "You are my coworker") instead
+# of the problem; after this line it still works the problem (docs/reasoning.md). The shared prefix is the problem and the
+# line's start; "k" makes each worker's suffix.
+PROTOCOL = ("{prompt}\n\nWorker {k} of {n}, working together with the others on this problem (you see their work as "
+            "they write it): write your solution.")
 
 
 def worker_prompt(prompt: str, k: int, n: int, protocol: bool = True) -> str:
