@@ -339,7 +339,8 @@ def memory_part(args) -> int:
              f"{args.teacher or args.model}. Handbook: {len(book.behaviours)} behaviours; concept memory: "
              f"{len(memory.concepts)} concepts from dev, {len(after.concepts)} after the test split; router: dev "
              f"accuracy {', '.join(f'{k} {v:.3f}' for k, v in overall.items())}.", "",
-             "| method (held out) | accuracy | 95% CI (Wilson) | generated tokens / problem | prompt tokens / problem |",
+             "| method (held out) | accuracy | 95% CI (Wilson) | generated tokens / problem "
+             "| prompt tokens / problem |",
              "|---|---|---|---|---|"]
     for name, res in held.items():
         ci = wilson_ci(int(sum(o.correct for o in res)), len(res))

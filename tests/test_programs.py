@@ -86,6 +86,14 @@ def test_server_answers_400_for_a_bad_program():
     with pytest.raises(ApiError) as err:
         read_strategy({"name": "program", "program": '{"stages": [{"type": "critic"}]}'}, {})
     assert err.value.status == 400 and "unknown stage 'critic'" in err.value.message
+    for bad, needle in [('{"stages": [{"type": "teach", "explanations": 0}, {"type": "generate"}]}', "explanations"),
+                        ('{"stages": [{"type": "unit_tests", "tests": ["assert open(1)"]}, {"type": "generate"}]}',
+                         "restricted evaluator"),
+                        ('{"stages": [{"type": "concepts", "path": "/no/such.json"}, {"type": "generate"}]}',
+                         "does not exist")]:
+        with pytest.raises(ApiError) as err:
+            read_strategy({"name": "program", "program": bad}, {})
+        assert err.value.status == 400 and needle in err.value.message, err.value.message
     ok = read_strategy({"name": "program", "program": "critique_fuse"}, {})
     assert ok.name == "program" and ok.knobs["program"] == "critique_fuse"
 
@@ -404,8 +412,8 @@ def test_concepts_are_parsed_from_lessons_or_refused():
 
     assert parse_concept("equal_groups: when groups are equal, multiply.") == ("equal_groups",
                                                                                 "when groups are equal, multiply.")
-    assert parse_concept("If the numbers are large, add the tens first") == ("numbers_large_add",
-                                                                             "if the numbers are large, add the tens first")
+    assert parse_concept("If the numbers are large, add the tens first") == (
+        "numbers_large_add", "if the numbers are large, add the tens first")
     assert parse_concept("When it comes to units, convert first. In this case, D.") == (
         "units_convert_first", "when it comes to units, convert first.")  # the first sentence, named by content
     assert parse_concept("12") is None and parse_concept("") is None

@@ -308,28 +308,29 @@ def _build_from_task(args, desc: str, build, check=None):
         return build(problems, backend, budget, bar), len(problems)
 
 
+def _run_memory_build(args, desc: str, noun: str, build, entries, line) -> int:
+    """Build a memory file (handbook or concepts) from the task's problems, save it and list what it holds."""
+    memory, n = _build_from_task(args, desc, lambda problems, backend, budget, bar: build(
+        problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar))
+    memory.save(args.out)
+    for entry in entries(memory):
+        print(f"- {line(entry)}")
+    print(f"{len(entries(memory))} {noun} from {n} problems -> {args.out}")
+    return 0
+
+
 def run_handbook(args) -> int:
     from ..scale.programs import build_handbook
 
-    book, n = _build_from_task(args, "handbook", lambda problems, backend, budget, bar: build_handbook(
-        problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar))
-    book.save(args.out)
-    for b in book.behaviours:
-        print(f"- {b.name}: {b.instruction}")
-    print(f"{len(book.behaviours)} behaviours from {n} problems -> {args.out}")
-    return 0
+    return _run_memory_build(args, "handbook", "behaviours", build_handbook, lambda book: book.behaviours,
+                             lambda b: f"{b.name}: {b.instruction}")
 
 
 def run_concepts(args) -> int:
     from ..scale.programs import build_concepts
 
-    memory, n = _build_from_task(args, "concepts", lambda problems, backend, budget, bar: build_concepts(
-        problems, backend, budget, max_tokens=args.max_tokens, model=args.model, progress=bar))
-    memory.save(args.out)
-    for c in memory.concepts:
-        print(f"- {c.line()}")
-    print(f"{len(memory.concepts)} concepts from {n} problems -> {args.out}")
-    return 0
+    return _run_memory_build(args, "concepts", "concepts", build_concepts, lambda memory: memory.concepts,
+                             lambda c: c.line())
 
 
 def run_router(args) -> int:

@@ -31,6 +31,6 @@ from .stages import PROMPT_PRESETS, STAGES, Context, Stage, build_stage
 from .teacher import TeachStage  # registers teach
 from .unit_tests import Check, RunTestsStage, UnitTestsStage  # registers unit_tests, run_tests
 
-__all__ = ["Behaviour", "Check", "Concept", "ConceptMemory", "DEFAULT_PROGRAM", "Handbook", "PROGRAMS", "PROMPT_PRESETS",
-           "Router", "RunTestsStage", "STAGES", "Context", "Program", "Stage", "TeachStage", "UnitTestsStage",
+__all__ = ["Behaviour", "Check", "Concept", "ConceptMemory", "DEFAULT_PROGRAM", "Handbook", "PROGRAMS",
+           "PROMPT_PRESETS", "Router", "RunTestsStage", "STAGES", "Context", "Program", "Stage", "TeachStage", "UnitTestsStage",
            "build_concepts", "build_handbook", "build_router", "build_stage", "load_program"]

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,8 +35,8 @@ from ...errors import SteerscaleError
 from ..backend import Backend, Candidate, derive_seed
 from ..budget import Budget
 from ..verifiers.model_based import SELF_EVAL_TEMPLATE
-from .memory import FileStage, _embed_all, _read_json, embed_question, learn_from_solved, nearest, parse_behaviour, \
-    prepend_lines
+from .memory import Behaviour, FileStage, _embed_all, _read_json, embed_question, learn_from_solved, nearest, \
+    parse_behaviour, prepend_lines
 from .stages import Context, _register, _shorten, ask, yes_probability
 
 CONCEPT_TEMPLATE = ("Problem: {question}\nSolution: {solution}\n\nDo not answer the problem again. Write one general "
@@ -49,16 +49,23 @@ _WHEN = re.compile(r"\b(when|if|whenever)\b\s+(\S.{10,200})", re.IGNORECASE)
 
 
 @dataclass
-class Concept:
-    name: str
-    idea: str
-    source: str = ""  # the question it was learned from
-    vector: list[float] = field(default_factory=list)
-    uses: int = 0  # times selected for a problem
-    origin: str = "build"  # "build" (from a development split) or "update" (learned during a run)
+class Concept(Behaviour):
+    """A behaviour whose ``instruction`` is an abstract idea (``idea``), with how often it was selected and where it
+    came from: ``"build"`` (a development split) or ``"update"`` (learned during a run)."""
+
+    uses: int = 0
+    origin: str = "build"
+
+    @property
+    def idea(self) -> str:
+        return self.instruction
 
     def line(self) -> str:
         return f"{self.name}: {self.idea}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "idea": self.idea, "source": self.source, "vector": self.vector, "uses": self.uses,
+                "origin": self.origin}
 
 
 _STOP = {"a", "an", "the", "it", "is", "are", "to", "of", "in", "on", "for", "comes", "you", "your", "we", "there",
@@ -87,7 +94,7 @@ class ConceptMemory:
 
     # -- the file -------------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"model": self.model, "dim": self.dim, "concepts": [asdict(c) for c in self.concepts]}
+        return {"model": self.model, "dim": self.dim, "concepts": [c.to_json() for c in self.concepts]}
 
     def save(self, path) -> None:
         """Written whole to a temporary file, then moved over ``path`` (a reader never sees half a file)."""
