@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from steerscale.engine.generation import generate
 from steerscale.measure.calibrate import calibrate, render_text, split_pairs
@@ -139,11 +142,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     lm = load_model(args.model)
     result = {"bench": "calibrate", "model": lm.name, **formality(lm, out)}
     if not args.skip_refusal:
         result.update(refusal(lm, args, out))
     result["seconds"] = round(time.perf_counter() - started, 1)
+    # the machine is shared: the 1-minute load average when the run started and ended, and torch's threads
+    result["load_average"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    result["torch_threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
 

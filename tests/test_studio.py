@@ -2,8 +2,10 @@
 ``chromium-driver``, driven by selenium -- against a real server (uvicorn on a port, the engine loop) on a tiny
 random llama: the page loads without console errors and lists the server's vectors, a prompt streams into the
 columns, moving the strength slider re-runs the steered column and not the plain one, an unknown vector shows the
-server's own error text, and a server with an API key asks for it. Skipped, with the reason, where no browser is
-installed (``.ci/run`` installs one)."""
+server's own error text, and a server with an API key asks for it; the condition, scope, controller and strategy
+pickers send what the API answers to, with the server's token counts and the strategy's spending under each column,
+and a calibration file opened in the page shows its rows. Skipped, with the reason, where no browser is installed
+(``.ci/run`` installs one)."""
 
 import json
 import shutil
@@ -15,7 +17,11 @@ import pytest
 import torch
 
 from steerscale import Site, SiteKind
+from steerscale.models.loading import LoadedModel
+from steerscale.scale import STRATEGIES
 from steerscale.serve import App, start_server
+from steerscale.steer.conditional import Condition
+from steerscale.steer.controller import SteeringController
 from steerscale.steer.vector import SteeringVector
 from tiny import ChatCharTokenizer, tiny_model
 
@@ -47,14 +53,22 @@ def parts():
         layout.site_dim(Site(layer, SiteKind.RESID_POST)), generator=g) * 3}) for name, layer in (("a", 0), ("b", 1))}
     # 5 ms a forward pass: the tiny model would otherwise finish before the page sees a second chunk
     slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
-    yield model, layout, vecs
+    dim = layout.site_dim(Site(0))
+    # a condition that holds for every prompt (cosine > -2) and one that never does (> 2)
+    conditions = {name: Condition(Site(0), torch.ones(dim), torch.zeros(dim), t) for name, t in (("always", -2.0),
+                                                                                                    ("never", 2.0))}
+    net = {"w1": torch.randn(8, dim, generator=g), "b1": torch.zeros(8), "w2": torch.randn(2, 8, generator=g),
+           "b2": torch.zeros(2), "feature_mean": torch.zeros(dim), "feature_std": torch.ones(dim)}
+    controllers = {"k": SteeringController(vecs["b"], [Site(0)], net, max_strength=6.0)}
+    yield model, layout, vecs, conditions, controllers
     slow.remove()
     torch.set_num_threads(threads)
 
 
 def serve(parts, **kw):
-    model, layout, vecs = parts
-    return start_server(App(model, ChatCharTokenizer(), layout, model_id="tiny", vectors=dict(vecs), **kw))
+    model, layout, vecs, conditions, controllers = parts
+    return start_server(App(model, ChatCharTokenizer(), layout, model_id="tiny", vectors=dict(vecs),
+                            conditions=dict(conditions), controllers=dict(controllers), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +143,7 @@ def test_the_page_streams_columns_and_the_slider_moves_only_the_steered_one(brow
     plain, first = col(browser, "plain"), col(browser, "steered")
     assert plain["text"] and first["text"] and plain["text"] != first["text"]
     assert plain["chunks"] >= 2 and first["chunks"] >= 2, "the replies arrived in one piece, not streamed"
-    assert "24 tokens" in plain["meta"]  # the usage chunk (stream_options.include_usage)
+    assert "24 completion tokens" in plain["meta"]  # the usage chunk (stream_options.include_usage)
 
     slider.send_keys(Keys.END)  # +10; one debounced request
     until(browser, lambda: col(browser, "steered")["run"] > first["run"] and col(browser, "steered")["state"] == "done")
@@ -184,7 +198,141 @@ def test_a_server_with_an_api_key_asks_for_it(browser, parts):
         srv.close()
 
 
+def select_values(driver, element_id) -> list[str]:
+    return [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, f"#{element_id} option")]
+
+
+def pick(driver, element_id, value):
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, element_id)).select_by_value(value)
+
+
+def steered_once(driver, prompt="Hello there", tokens=12) -> dict:
+    """Send, wait for every visible column, return the steered column."""
+    before = col(driver, "steered")["run"]
+    driver.find_element(By.ID, "send").click()
+    shown = [c for c in ("plain", "steered", "prompt", "scaled")
+             if driver.find_element(By.ID, f"col-{c}").is_displayed() or c != "scaled"]
+    until(driver, lambda: col(driver, "steered")["run"] > before
+          and all(col(driver, c)["state"] in ("done", "error") for c in shown), timeout=60)
+    return col(driver, "steered")
+
+
+def chat(srv, steer, prompt="Hello there", tokens=12, **extra):
+    return post(srv, {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+                      "temperature": 0, "steer": steer, **extra})
+
+
+@needs_browser
+def test_condition_scope_and_controller_pickers_send_what_the_api_answers(browser, server):
+    open_page(browser, server)
+    assert select_values(browser, "condition") == ["", "always", "never"]  # GET /v1/steering/conditions
+    assert select_values(browser, "controller") == ["k"]  # GET /v1/steering/controllers
+    assert browser.find_element(By.CSS_SELECTOR, "#kind option[value=feature]").get_attribute("disabled")  # no SAE
+    set_value(browser, "prompt", "Hello there")
+    set_value(browser, "max-tokens", "12")
+    set_value(browser, "vector", "a")
+    browser.find_element(By.ID, "scale").send_keys(Keys.END)  # x10
+    plain_api = chat(server, [])["choices"][0]["message"]["content"]
+    steered_api = chat(server, [{"vector": "a", "scale": 10}])["choices"][0]["message"]["content"]
+    assert plain_api != steered_api
+
+    pick(browser, "condition", "never")  # the condition never holds: the steered column is the plain reply
+    got = steered_once(browser)
+    assert got["text"] == plain_api and col(browser, "plain")["text"] == plain_api
+    assert browser.find_element(By.CSS_SELECTOR, "#col-steered h2").text == "steered: a x10, if never"
+    pick(browser, "condition", "always")
+    assert steered_once(browser)["text"] == steered_api
+
+    pick(browser, "condition", "")
+    pick(browser, "scope", "generated")
+    got = steered_once(browser)
+    assert got["text"] == chat(server, [{"vector": "a", "scale": 10, "scope": "generated"}])["choices"][0][
+        "message"]["content"]
+    # token counts: the server's usage, as the API reports it for the same request
+    usage = chat(server, [{"vector": "a", "scale": 10, "scope": "generated"}])["usage"]
+    el = browser.find_element(By.ID, "col-steered")
+    assert int(el.get_attribute("data-prompt-tokens")) == usage["prompt_tokens"]
+    assert f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens" in got["meta"]
+    pick(browser, "scope", "all")
+
+    pick(browser, "kind", "controller")
+    assert not browser.find_element(By.ID, "vector").is_displayed()
+    got = steered_once(browser)
+    controlled = chat(server, [{"controller": "k", "scale": 10}])["choices"][0]["message"]["content"]
+    assert got["text"] == controlled and browser.find_element(By.CSS_SELECTOR, "#col-steered h2").text == \
+        "steered: controller k x10"
+    pick(browser, "kind", "vector")
+    assert severe(browser) == []
+
+
+@needs_browser
+def test_the_strategy_column_runs_the_steered_request_under_a_budget(browser, server):
+    open_page(browser, server)
+    assert select_values(browser, "strategy") == ["", *STRATEGIES]  # GET /studio/strategies.json
+    assert not browser.find_element(By.ID, "col-scaled").is_displayed()
+    set_value(browser, "prompt", "Hello there")
+    set_value(browser, "max-tokens", "8")
+    set_value(browser, "vector", "b")
+    browser.find_element(By.ID, "scale").send_keys(Keys.END)
+    pick(browser, "strategy", "majority")
+    set_value(browser, "strategy-n", "2")
+    set_value(browser, "budget", "tokens=400")
+    steered_once(browser)
+    scaled = col(browser, "scaled")
+    assert browser.find_element(By.ID, "col-scaled").is_displayed() and scaled["state"] == "done", scaled["error"]
+    api = chat(server, [{"vector": "b", "scale": 10, "scope": "all"}], tokens=8,
+               strategy={"name": "majority", "n": 2, "budget": "tokens=400"})
+    assert scaled["text"] == api["choices"][0]["message"]["content"]
+    info = api["steerscale"]
+    assert info["budget"]["spent"]["generated_tokens"] > 0 and info["n_candidates"] == 2
+    assert f"majority: 2 candidates, spent prompt_tokens {info['budget']['spent']['prompt_tokens']}, " \
+           f"generated_tokens {info['budget']['spent']['generated_tokens']}" in scaled["meta"]
+    assert "of generated_tokens=400" in scaled["meta"]
+    set_value(browser, "budget", "tokens=lots")  # the server's own 400 text
+    steered_once(browser)
+    _, body = post(server, {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8,
+                            "strategy": {"name": "majority", "budget": "tokens=lots"}}, expect_error=True)
+    assert col(browser, "scaled")["error"] == body["error"]["message"]
+    logged = severe(browser)  # the refused strategy request, and nothing else
+    assert len(logged) == 1 and "chat/completions" in logged[0] and "400" in logged[0]
+    pick(browser, "strategy", "")
+    set_value(browser, "budget", "")
+    steered_once(browser)
+    assert not browser.find_element(By.ID, "col-scaled").is_displayed()
+
+
+@needs_browser
+def test_a_calibration_opened_in_the_page_shows_its_rows_and_plot(browser, server, parts, tmp_path):
+    from steerscale.measure.calibrate import calibrate
+
+    model, layout, vecs, _, _ = parts
+    lm = LoadedModel(model, ChatCharTokenizer(), layout, "tiny")
+    pairs = [{"prompt": f"Q{i}: tell me", "positive": "AAAA BBBB", "negative": "zzzz yyyy"} for i in range(8)]
+    cal = calibrate(lm, pairs, vector=vecs["a"], scales=(0.5, 1), max_kl=50.0, gen_tokens=0, n_neutral=4,
+                    out_dir=tmp_path, progress=False, log=lambda *a: None)
+    open_page(browser, server)
+    browser.find_element(By.CSS_SELECTOR, "#calibration summary").click()
+    browser.find_element(By.ID, "calibration-file").send_keys(str(tmp_path / "calibration.json"))
+    until(browser, lambda: browser.find_element(By.ID, "calibration-verdict").text)
+    assert browser.find_element(By.ID, "calibration-verdict").text.startswith(f"verdict: {cal.verdict[:40]}")
+    cells = [[c.text for c in r.find_elements(By.CSS_SELECTOR, "th, td")]
+             for r in browser.find_elements(By.CSS_SELECTOR, "#calibration-table tr")]
+    assert cells[0][0] == "setting" and [c[0] for c in cells[1:]] == [r["label"] for r in cal.rows]
+    browser.find_element(By.ID, "report-file").send_keys(str(tmp_path / "calibration.png"))
+    until(browser, lambda: browser.execute_script(
+        "const i = document.querySelector('#report-view img'); return i && i.complete && i.naturalWidth > 0"))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    browser.find_element(By.ID, "calibration-file").send_keys(str(tmp_path / "bad.json"))
+    until(browser, lambda: "not a steerscale calibration" in browser.find_element(By.ID, "calibration-verdict").text)
+    assert severe(browser) == []
+
+
 def test_the_studio_files_and_nothing_else(server):
+    with urllib.request.urlopen(root(server) + "studio/strategies.json", timeout=30) as resp:
+        listed = json.loads(resp.read())["data"]
+    assert [s["id"] for s in listed] == list(STRATEGIES) and "n" in dict((s["id"], s["knobs"]) for s in listed)["majority"]
     for path, kind in (("/", "text/html"), ("/studio/studio.js", "text/javascript"),
                        ("/studio/studio.css", "text/css")):
         with urllib.request.urlopen(root(server).rstrip("/") + path, timeout=30) as resp:

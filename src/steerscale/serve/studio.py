@@ -1,9 +1,10 @@
 """The steering studio: a web page ``steerscale serve`` serves at ``/`` (docs/studio.md).
 
 The page is static (``serve/studio/``: plain HTML, CSS and one JavaScript module; no build step) and holds no data:
-everything it shows comes from the server's own API, as any client would call it -- ``GET /v1/models`` (the model
-and its registered vectors), ``GET /v1/steering/vectors`` (the picker) and streamed ``POST /v1/chat/completions``
-with the ``steer`` field, one request per column. So what a user sees in the studio is what the API does, and an
+everything it shows comes from the server's own API, as any client would call it -- ``GET /v1/models`` (the model),
+``GET /v1/steering/{vectors,conditions,controllers,saes}`` (the pickers) and ``POST /v1/chat/completions`` with the
+``steer`` field (and ``strategy`` for the fourth column), one request per column. The one thing the API does not
+list, the scaling strategies the server's library knows and their knobs, is ``GET /studio/strategies.json``. So what a user sees in the studio is what the API does, and an
 API key guards the studio's data exactly as it guards the API: the page asks for the key when ``/v1`` answers 401
 and sends it as ``Authorization: Bearer KEY``.
 """
@@ -30,9 +31,17 @@ def page_file(name: str) -> bytes:
     return resources.files("steerscale.serve").joinpath("studio", name).read_bytes()
 
 
+def strategies() -> dict:
+    """The scaling strategies a request's ``strategy`` field may name (``scale.STRATEGIES``), each with its knobs."""
+    from ..scale import STRATEGIES
+    from ..scale.spec import strategy_knobs
+
+    return {"object": "list", "data": [{"id": name, "knobs": sorted(strategy_knobs(name))} for name in STRATEGIES]}
+
+
 def studio_router() -> APIRouter:
-    """``GET /`` (the page) and ``GET /studio/FILE`` (its script and style). Not in the OpenAPI document: they
-    are the page, not the API."""
+    """``GET /`` (the page), ``GET /studio/FILE`` (its script and style) and ``GET /studio/strategies.json``. Not in
+    the OpenAPI document: they are the page, not the API."""
     router = APIRouter(include_in_schema=False)
 
     def send(name: str) -> Response:
@@ -42,6 +51,10 @@ def studio_router() -> APIRouter:
     @router.get("/")
     async def index():
         return send("index.html")
+
+    @router.get("/studio/strategies.json")
+    async def strategy_list():
+        return strategies()
 
     @router.get("/studio/{name}")
     async def asset(name: str):
