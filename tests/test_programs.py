@@ -90,7 +90,7 @@ def test_server_answers_400_for_a_bad_program():
                         ('{"stages": [{"type": "unit_tests", "tests": ["assert open(1)"]}, {"type": "generate"}]}',
                          "restricted evaluator"),
                         ('{"stages": [{"type": "concepts", "path": "/no/such.json"}, {"type": "generate"}]}',
-                         "does not exist")]:
+                         "names a file on the server")]:  # a request never reads the server's files
         with pytest.raises(ApiError) as err:
             read_strategy({"name": "program", "program": bad}, {})
         assert err.value.status == 400 and needle in err.value.message, err.value.message
