@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--part", default="search", choices=["search", "handbook", "memory"],
+    ap.add_argument("--part", default="search", choices=["search", "handbook", "memory", "merge"],
                     help="search: the protocol above; handbook: greedy with vs without a behaviour handbook built "
                          "from the dev split's solved problems (--dev problems; --k behaviours retrieved); memory: "
                          "handbook, concept memory, router, teacher (and --searched) against their baselines")
@@ -89,11 +89,17 @@ def main(argv=None) -> int:
                     help="--part memory: the self-evaluation an answer needs to be learned from (default 0: every "
                          "answer; SmolLM2's self-evaluation gave 0.19-0.31 to right and wrong dev answers alike)")
     ap.add_argument("--teacher-tokens", type=int, default=48, help="--part memory: tokens per explanation")
+    ap.add_argument("--only-searched", action="store_true",
+                    help="--part memory: only greedy, the --searched program and best-of-4 (no dev builds)")
+    ap.add_argument("--inputs", default="",
+                    help="--part merge: summary files (OUT/programs_memory*.json), comma-separated")
     args = ap.parse_args(argv)
     if args.part == "handbook":
         return handbook_part(args)
     if args.part == "memory":
         return memory_part(args)
+    if args.part == "merge":
+        return merge_part(args)
 
     from steerscale.measure.stats import paired_compare, wilson_ci
     from steerscale.scale import Budget, StrategySpec
@@ -254,37 +260,43 @@ def memory_part(args) -> int:
     out, per_problem, dev, test, backend, t0 = setup(args)
     cpu0 = time.process_time()  # the machine is shared: CPU time says what the run costs, wall time what it took
     log = lambda msg: print(f"{msg} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)  # noqa: E731
-    # -- built on the dev split only ------------------------------------------------------------------------------
-    book = build_handbook(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
-    book.save(out / "programs_handbook.json")
-    log(f"[dev] handbook: {len(book.behaviours)} behaviours from {len(dev)} problems")
-    memory = build_concepts(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
-    memory.save(out / "programs_concepts_dev.json")
-    shutil.copy(out / "programs_concepts_dev.json", out / "programs_concepts.json")  # the copy the test run updates
-    log(f"[dev] concepts: {len(memory.concepts)} from {len(dev)} problems")
-    router = build_router(dev, backend, ("none", "cot", "direct"), Budget(), max_tokens=args.max_tokens,
-                          model=args.model)
-    router.save(out / "programs_router.json")
-    overall = router.overall()
-    best_prompt = max(router.prompts, key=lambda p: (overall[p], -router.prompts.index(p)))
-    log(f"[dev] router: dev accuracy per prompt {overall}; best single prompt {best_prompt!r}")
-
     def greedy_after(*stages):
         return StrategySpec.of("program", max_tokens=args.max_tokens, program={"stages": [
             *stages, {"type": "generate", "strategy": "greedy"}]})
 
-    teach = {"type": "teach", "max_tokens": args.teacher_tokens, **({"model": "teacher"} if args.teacher else {})}
-    rows = {"greedy": StrategySpec.of("greedy", max_tokens=args.max_tokens),
+    rows = {"greedy": StrategySpec.of("greedy", max_tokens=args.max_tokens)}
+    summary = {"task": args.task, "dev": len(dev), "test": len(test), "budget": args.budget,
+               "max_tokens": args.max_tokens}
+    if not args.only_searched:
+        # -- built on the dev split only --------------------------------------------------------------------------
+        book = build_handbook(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
+        book.save(out / "programs_handbook.json")
+        log(f"[dev] handbook: {len(book.behaviours)} behaviours from {len(dev)} problems")
+        memory = build_concepts(dev, backend, Budget(), max_tokens=args.max_tokens, model=args.model)
+        memory.save(out / "programs_concepts_dev.json")
+        shutil.copy(out / "programs_concepts_dev.json", out / "programs_concepts.json")  # the copy the test updates
+        log(f"[dev] concepts: {len(memory.concepts)} from {len(dev)} problems")
+        router = build_router(dev, backend, ("none", "cot", "direct"), Budget(), max_tokens=args.max_tokens,
+                              model=args.model)
+        router.save(out / "programs_router.json")
+        overall = router.overall()
+        best_prompt = max(router.prompts, key=lambda p: (overall[p], -router.prompts.index(p)))
+        log(f"[dev] router: dev accuracy per prompt {overall}; best single prompt {best_prompt!r}")
+        teach = {"type": "teach", "max_tokens": args.teacher_tokens, **({"model": "teacher"} if args.teacher else {})}
+        rows.update({
             "greedy + concept memory (updated)": greedy_after(
                 {"type": "concepts", "path": str((out / "programs_concepts.json").resolve()), "k": args.k,
                  "update": True, "min_score": args.concept_min_score}),
             "router": greedy_after({"type": "route", "path": str((out / "programs_router.json").resolve())}),
             f"best single prompt ({best_prompt})": (greedy_after({"type": "prompt", "preset": best_prompt})
                                                     if best_prompt != "none" else None),
-            "greedy + teacher": greedy_after(teach)}
-    if book.behaviours:
-        rows["greedy + handbook"] = greedy_after({"type": "handbook", "path": str((out / "programs_handbook.json")
-                                                                                  .resolve()), "k": args.k})
+            "greedy + teacher": greedy_after(teach)})
+        if book.behaviours:
+            rows["greedy + handbook"] = greedy_after({"type": "handbook", "path": str((out / "programs_handbook.json")
+                                                                                      .resolve()), "k": args.k})
+        summary.update(teacher=args.teacher or args.model, behaviours=len(book.behaviours),
+                       concepts_dev=len(memory.concepts), router_best_single=best_prompt,
+                       router_dev_accuracy={k: round(v, 4) for k, v in overall.items()})
     if args.searched:
         rows["searched program"] = StrategySpec.of("program", program=load_program(args.searched).to_json())
         rows[f"best_of_4 ({args.bon_verifier})"] = StrategySpec.of("best_of_n", n=4, temperature=0.7,
@@ -304,7 +316,6 @@ def memory_part(args) -> int:
         held[name] = evaluate(spec, test, backend, per_problem, seed=args.seed,
                               models=models if name == "greedy + teacher" else None)
         log(f"[test] {name}: acc {sum(o.correct for o in held[name]) / len(test):.3f}")
-    after = ConceptMemory.load(out / "programs_concepts.json")
 
     def tokens(name):
         return sum(o.generated_tokens for o in held[name]) / len(held[name])
@@ -315,47 +326,71 @@ def memory_part(args) -> int:
         diffs.append(f"| {new} - {base} | {cmp.diff:+.3f} | [{cmp.lo:+.3f}, {cmp.hi:+.3f}] | {cmp.wins} / "
                      f"{cmp.losses} |")
 
-    summary = {"task": args.task, "dev": len(dev), "test": len(test), "budget": args.budget,
-               "max_tokens": args.max_tokens, "teacher": args.teacher or args.model,
-               "behaviours": len(book.behaviours), "concepts_dev": len(memory.concepts),
-               "concepts_after_test": len(after.concepts), "router_best_single": best_prompt}
     diffs = ["| paired difference (held out) | mean | 95% CI (paired bootstrap) | wins / losses |", "|---|---|---|---|"]
-    compare("greedy", "greedy + concept memory (updated)", "memory_gain")
-    compare(f"best single prompt ({best_prompt})", "router", "router_gain")
-    compare("greedy", "greedy + teacher", "teacher_gain")
-    if book.behaviours:
-        compare("greedy", "greedy + handbook", "handbook_gain")
-        summary["handbook_token_ratio"] = round(tokens("greedy + handbook") / max(1e-9, tokens("greedy")), 3)
-    else:  # no behaviour was written: there is nothing to measure (not a zero gain)
-        summary.update(handbook_gain=None, handbook_gain_ci_low=None, handbook_gain_ci_high=None,
-                       handbook_token_ratio=None)
+    head = (f"Task {args.task}: {len(dev)} dev / {len(test)} held-out problems (data seed {args.data_seed}), "
+            f"per-problem budget {args.budget}, answers up to {args.max_tokens} tokens; model {args.model}.")
+    notes = []
+    if not args.only_searched:
+        after = ConceptMemory.load(out / "programs_concepts.json")
+        summary["concepts_after_test"] = len(after.concepts)
+        compare("greedy", "greedy + concept memory (updated)", "memory_gain")
+        compare(f"best single prompt ({best_prompt})", "router", "router_gain")
+        compare("greedy", "greedy + teacher", "teacher_gain")
+        if book.behaviours:
+            compare("greedy", "greedy + handbook", "handbook_gain")
+            summary["handbook_token_ratio"] = round(tokens("greedy + handbook") / max(1e-9, tokens("greedy")), 3)
+        else:  # no behaviour was written: there is nothing to measure (not a zero gain)
+            summary.update(handbook_gain=None, handbook_gain_ci_low=None, handbook_gain_ci_high=None,
+                           handbook_token_ratio=None)
+        head += (f" Teacher {args.teacher or args.model}. Handbook: {len(book.behaviours)} behaviours; concept "
+                 f"memory: {len(memory.concepts)} concepts from dev, {len(after.concepts)} after the test split; "
+                 f"router: dev accuracy {', '.join(f'{k} {v:.3f}' for k, v in overall.items())}.")
+        notes = ["Concepts after the test split: "
+                 + ("; ".join(f"`{c.line()}` ({c.origin})" for c in after.concepts) or "none"),
+                 "Behaviours: " + ("; ".join(f"`{b.name}: {b.instruction}`" for b in book.behaviours) or "none")]
     if args.searched:
         compare(f"best_of_4 ({args.bon_verifier})", "searched program", "search_vs_bon_gain")
         compare("greedy", "searched program", "search_vs_greedy_gain")
+        summary["searched"] = load_program(args.searched).to_dict()
     else:
         summary.update(search_vs_bon_gain=None, search_vs_bon_gain_ci_low=None, search_vs_bon_gain_ci_high=None)
-    lines = [f"Task {args.task}: {len(dev)} dev / {len(test)} held-out problems (data seed {args.data_seed}), "
-             f"per-problem budget {args.budget}, answers up to {args.max_tokens} tokens; model {args.model}, teacher "
-             f"{args.teacher or args.model}. Handbook: {len(book.behaviours)} behaviours; concept memory: "
-             f"{len(memory.concepts)} concepts from dev, {len(after.concepts)} after the test split; router: dev "
-             f"accuracy {', '.join(f'{k} {v:.3f}' for k, v in overall.items())}.", "",
-             "| method (held out) | accuracy | 95% CI (Wilson) | generated tokens / problem "
-             "| prompt tokens / problem |",
-             "|---|---|---|---|---|"]
+    lines = [head, "", "| method (held out) | accuracy | 95% CI (Wilson) | generated tokens / problem "
+             "| prompt tokens / problem |", "|---|---|---|---|---|"]
     for name, res in held.items():
         ci = wilson_ci(int(sum(o.correct for o in res)), len(res))
         lines.append(f"| {name} | {ci.mean:.3f} | [{ci.lo:.3f}, {ci.hi:.3f}] | {tokens(name):.1f} | "
                      f"{sum(o.prompt_tokens for o in res) / len(res):.0f} |")
-    lines += ["", *diffs, "", "Concepts after the test split: "
-              + ("; ".join(f"`{c.line()}` ({c.origin})" for c in after.concepts) or "none"),
-              "Behaviours: " + ("; ".join(f"`{b.name}: {b.instruction}`" for b in book.behaviours) or "none"),
+    lines += ["", *diffs, "", *notes,
               "", f"Wall time {time.time() - t0:.0f} s, CPU time {time.process_time() - cpu0:.0f} s (one thread)."]
     summary["tokens_per_problem"] = {k: round(tokens(k), 1) for k in held}
     table = "\n".join(lines)
-    (out / "programs_memory_table.md").write_text(table + "\n", encoding="utf-8")
+    tag = "_searched" if args.only_searched else ""
+    (out / f"programs_memory{tag}_table.md").write_text(table + "\n", encoding="utf-8")
     print(table)
-    print(json.dumps({**summary, "wall_seconds": round(time.time() - t0, 1),
-                      "cpu_seconds": round(time.process_time() - cpu0, 1)}))
+    summary.update(wall_seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1))
+    (out / f"programs_memory{tag}.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
+    print(json.dumps(summary))
+    return 0
+
+
+def merge_part(args) -> int:
+    """One JSON line from the summaries of several runs (``--inputs A.json,B.json``): a later file's value fills a
+    key an earlier one lacks or left null; the time spent is summed; nothing is recomputed."""
+    merged: dict = {"runs": []}
+    for path in [p for p in args.inputs.split(",") if p.strip()]:
+        run = json.loads(Path(path.strip()).read_text(encoding="utf-8"))
+        merged["runs"].append({"file": path.strip(), "dev": run.get("dev"), "test": run.get("test"),
+                               "wall_seconds": run.get("wall_seconds"), "cpu_seconds": run.get("cpu_seconds")})
+        for key, value in run.items():
+            if key == "tokens_per_problem":
+                merged.setdefault(key, {}).update(value)
+            elif merged.get(key) is None:
+                merged[key] = value
+    for key in ("wall_seconds", "cpu_seconds"):
+        merged[key] = round(sum(r[key] or 0 for r in merged["runs"]), 1)
+    for key in ("dev", "test"):
+        merged.pop(key, None)  # per run, in "runs"
+    print(json.dumps(merged))
     return 0
 
 
