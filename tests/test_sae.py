@@ -321,7 +321,7 @@ def test_cli_actions_on_a_tiny_model(tmp_path, lm, capsys):
 
 # -- SAELens itself, and SmolLM2 --------------------------------------------------------------------------------------
 def _saelens_python() -> str | None:
-    for py in (os.environ.get("SAELENS_PYTHON"), str(ROOT / ".venv-peers" / "bin" / "python")):
+    for py in (os.environ.get("SAELENS_PYTHON"), *(f"{ROOT}/{v}/bin/python" for v in (".venv-saelens", ".venv-peers"))):
         if py and Path(py).exists() and subprocess.run([py, "-c", "import sae_lens"], capture_output=True).returncode == 0:
             return py
     return None
