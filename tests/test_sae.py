@@ -327,8 +327,8 @@ def _saelens_python() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_saelens_python() is None, reason="no python with sae_lens (set SAELENS_PYTHON, or pip install "
-                                                        "sae-lens in the peers' venv)")
+@pytest.mark.skipif(_saelens_python() is None, reason="no python with sae_lens (bash scripts/make_saelens_venv.sh, "
+                                                        "or set SAELENS_PYTHON)")
 def test_saelens_loads_our_files_and_we_load_its_files(tmp_path):
     """Both directions in one SAELens process: our files through SAE.load_from_disk, and files SAELens' own
     save_model wrote through load_sae; encode and decode outputs compared."""
