@@ -16,13 +16,10 @@ import urllib.request
 import pytest
 import torch
 
-from steerscale import Site, SiteKind
+from served import fixed_conditions, random_controller, random_vectors
 from steerscale.models.loading import LoadedModel
 from steerscale.scale import STRATEGIES
 from steerscale.serve import App, start_server
-from steerscale.steer.conditional import Condition
-from steerscale.steer.controller import SteeringController
-from steerscale.steer.vector import SteeringVector
 from tiny import ChatCharTokenizer, tiny_model
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -48,19 +45,10 @@ def parts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, layout = tiny_model("llama")
-    g = torch.Generator().manual_seed(3)
-    vecs = {name: SteeringVector({Site(layer, SiteKind.RESID_POST): torch.randn(
-        layout.site_dim(Site(layer, SiteKind.RESID_POST)), generator=g) * 3}) for name, layer in (("a", 0), ("b", 1))}
+    vecs = random_vectors(layout)
     # 5 ms a forward pass: the tiny model would otherwise finish before the page sees a second chunk
     slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
-    dim = layout.site_dim(Site(0))
-    # a condition that holds for every prompt (cosine > -2) and one that never does (> 2)
-    conditions = {name: Condition(Site(0), torch.ones(dim), torch.zeros(dim), t) for name, t in (("always", -2.0),
-                                                                                                    ("never", 2.0))}
-    net = {"w1": torch.randn(8, dim, generator=g), "b1": torch.zeros(8), "w2": torch.randn(2, 8, generator=g),
-           "b2": torch.zeros(2), "feature_mean": torch.zeros(dim), "feature_std": torch.ones(dim)}
-    controllers = {"k": SteeringController(vecs["b"], [Site(0)], net, max_strength=6.0)}
-    yield model, layout, vecs, conditions, controllers
+    yield model, layout, vecs, fixed_conditions(layout), {"k": random_controller(layout, vecs["b"])}
     slow.remove()
     torch.set_num_threads(threads)
 
@@ -332,7 +320,8 @@ def test_a_calibration_opened_in_the_page_shows_its_rows_and_plot(browser, serve
 def test_the_studio_files_and_nothing_else(server):
     with urllib.request.urlopen(root(server) + "studio/strategies.json", timeout=30) as resp:
         listed = json.loads(resp.read())["data"]
-    assert [s["id"] for s in listed] == list(STRATEGIES) and "n" in dict((s["id"], s["knobs"]) for s in listed)["majority"]
+    assert [s["id"] for s in listed] == list(STRATEGIES)
+    assert "n" in next(s["knobs"] for s in listed if s["id"] == "majority")
     for path, kind in (("/", "text/html"), ("/studio/studio.js", "text/javascript"),
                        ("/studio/studio.css", "text/css")):
         with urllib.request.urlopen(root(server).rstrip("/") + path, timeout=30) as resp:

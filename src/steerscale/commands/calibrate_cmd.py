@@ -43,6 +43,31 @@ measurements.jsonl (finished measurements: rerun the same command to resume afte
 """
 
 
+# number-valued options: flag, type, default, metavar, help
+NUMBERS = (
+    ("--judge-tokens", int, 32, "N",
+     "greedy tokens per reply a judge reads (default 32)"),
+    ("--expand", int, None, "K",
+     "after scanning every candidate layer at strength 1, sweep all strengths at the K most "
+     "promising layers (default 2; 0: every layer)"),
+    ("--max-kl", float, 0.5, "NATS",
+     "cost budget: the recommended setting's KL upper bound on neutral text (default 0.5)"),
+    ("--break-kl", float, None, "NATS",
+     "a layer's sweep stops at the first strength with mean KL above this: the text breaks, and "
+     "stronger settings could not be chosen (default: twice --max-kl)"),
+    ("--neutral", int, 12, "N",
+     "neutral texts the cost is measured on (default 12 of the 40 shipped)"),
+    ("--gen-tokens", int, 32, "N",
+     "greedy tokens per sample prompt for the coherence check (default 32; 0: no samples)"),
+    ("--min-gain", float, 0.05, "NATS",
+     "the smallest gain that counts as an effect: nats/token for the margin, the judge's unit with --judge "
+     "(default 0.05)"),
+    ("--max-repetition", float, 0.5, "SHARE",
+     "pass over a setting whose greedy samples repeat more than this share of token 3-grams "
+     "(default 0.5; 1: never)"),
+)
+
+
 def register(sub) -> None:
     p = sub.add_parser("calibrate",
                        description="Sweep layers x strengths for contrastive pairs (or a given vector) and recommend "
@@ -56,46 +81,29 @@ def register(sub) -> None:
                         "(not needed with --vector, --judge and --prompts)")
     p.add_argument("--vector", action="append", default=[], metavar="VEC|DIR",
                    help="calibrate the strength of this vector instead of fitting one per layer (the pairs then only "
-                        "measure); repeatable, or a folder of .safetensors/.gguf vectors: each is calibrated in -o/NAME "
-                        "and summarised together")
+                        "measure); repeatable, or a folder of .safetensors/.gguf vectors: each is calibrated in "
+                        "-o/NAME and summarised together")
     p.add_argument("--judge", default="margin", metavar="KIND:ARG",
                    help="the effect measure: margin (default: the pairs' log-prob margin), regex:PATTERN, "
                         "lexicon:FILE, probe:COND.safetensors or llm:QUESTION (judged on greedy replies)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts a judge reads replies to (.txt one a line, .jsonl, .json; split half select, half "
                         "test; default: the pairs' prompts)")
-    p.add_argument("--judge-tokens", type=int, default=32, metavar="N",
-                   help="greedy tokens per reply a judge reads (default 32)")
-    p.add_argument("--expand", type=int, default=None, metavar="K",
-                   help="after scanning every candidate layer at strength 1, sweep all strengths at the K most "
-                        "promising layers (default 2; 0: every layer)")
     p.add_argument("--layers", default="auto",
                    help="candidate layers: auto (five spread over the middle of the network), N, A-B or A,B,C")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
                    help="strengths to try, ascending, in units of the vector's own strength (default 0.5,1,2,4; "
                         "the refinement adds midpoints)")
-    p.add_argument("--max-kl", type=float, default=0.5, metavar="NATS",
-                   help="cost budget: the recommended setting's KL upper bound on neutral text (default 0.5)")
-    p.add_argument("--break-kl", type=float, default=None, metavar="NATS",
-                   help="a layer's sweep stops at the first strength with mean KL above this: the text breaks, and "
-                        "stronger settings could not be chosen (default: twice --max-kl)")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="the prompting baseline's system prompt (default: \"Be formal.\" for formal_casual, none "
                         "for other pairs)")
     p.add_argument("--compare", action="append", default=[], metavar="LAYER:SCALE",
                    help="a fixed setting to report beside the recommendation on the test pairs; repeatable")
-    p.add_argument("--neutral", type=int, default=12, metavar="N",
-                   help="neutral texts the cost is measured on (default 12 of the 40 shipped)")
-    p.add_argument("--gen-tokens", type=int, default=32, metavar="N",
-                   help="greedy tokens per sample prompt for the coherence check (default 32; 0: no samples)")
-    p.add_argument("--min-gain", type=float, default=0.05, metavar="NATS",
-                   help="the smallest margin gain (nats/token) that counts as an effect (default 0.05)")
-    p.add_argument("--max-repetition", type=float, default=0.5, metavar="SHARE",
-                   help="pass over a setting whose greedy samples repeat more than this share of token 3-grams "
-                        "(default 0.5; 1: never)")
     p.add_argument("--read", default="mean", choices=["last", "mean"],
                    help="activations the directions are fitted on: the replies' mean (default) or last token")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/select/test split (default 0)")
+    for flag, kind, default, metavar, text in NUMBERS:
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     p.add_argument("-o", "--out", default="out/calibrate", help="output folder (default out/calibrate)")
     p.set_defaults(func=run)
 

@@ -344,7 +344,8 @@ def calibrate(lm, pairs, *, vector: SteeringVector | None = None, layers="auto",
     if judge is not None:
         judge.check(lm)
         if judge_tokens < 1:
-            raise SteerscaleError(f"a judge reads generated replies: judge_tokens must be at least 1, got {judge_tokens}")
+            raise SteerscaleError(f"a judge reads generated replies: judge_tokens must be at least 1, got "
+                                  f"{judge_tokens}")
     train, select, test = _splits(pairs, vector, judge, prompts, seed)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

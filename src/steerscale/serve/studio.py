@@ -4,9 +4,9 @@ The page is static (``serve/studio/``: plain HTML, CSS and one JavaScript module
 everything it shows comes from the server's own API, as any client would call it -- ``GET /v1/models`` (the model),
 ``GET /v1/steering/{vectors,conditions,controllers,saes}`` (the pickers) and ``POST /v1/chat/completions`` with the
 ``steer`` field (and ``strategy`` for the fourth column), one request per column. The one thing the API does not
-list, the scaling strategies the server's library knows and their knobs, is ``GET /studio/strategies.json``. So what a user sees in the studio is what the API does, and an
-API key guards the studio's data exactly as it guards the API: the page asks for the key when ``/v1`` answers 401
-and sends it as ``Authorization: Bearer KEY``.
+list, the scaling strategies the server's library knows and their knobs, is ``GET /studio/strategies.json``.
+So what a user sees in the studio is what the API does, and an API key guards the studio's data exactly as it
+guards the API: the page asks for the key when ``/v1`` answers 401 and sends it as ``Authorization: Bearer KEY``.
 """
 
 from __future__ import annotations

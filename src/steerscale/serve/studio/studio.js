@@ -244,7 +244,8 @@ function steered() {
   $("#columns").dataset.columns = scaled ? "4" : "3";
   const runs = [run("steered", { messages: [userMessage()], steer: [entry] })];
   if (scaled) {
-    $("#col-scaled h2").textContent = `steered + ${scaled.strategy.name}${scaled.strategy.budget ? ` (${scaled.strategy.budget})` : ""}`;
+    const budget = scaled.strategy.budget ? ` (${scaled.strategy.budget})` : "";
+    $("#col-scaled h2").textContent = `steered + ${scaled.strategy.name}${budget}`;
     runs.push(run("scaled", scaled, false));
   }
   return Promise.all(runs);
