@@ -7,9 +7,10 @@ as steerscale's local engine; tenant safety over HTTP; tensor parallel 2. One ru
 
 Run it with the vLLM venv's python (``scripts/make_vllm_venv.sh``). Measured on CPU only (vLLM's CPU build, 2 cores,
 no GPU here, compiled mode = vLLM's CPU default: dynamo traced once, inductor). ``--gpu`` is the GPU variant,
-written but not run (no vLLM travels to the lent GPU machine): plain vLLM keeps its CUDA graphs, the steered engines
-run torch.compile with ``cudagraph_mode=NONE`` (the plugin refuses CUDA graphs, whose replay would freeze a step's
-steering), so its ratio says what steering costs against vLLM's fastest plain setting.
+written but not run (no vLLM travels to the lent GPU machine): plain vLLM and the static-plan engine keep vLLM's
+CUDA graphs (the fixed-buffer plan is what a graph replays), the dynamic-plan engines run torch.compile with
+``cudagraph_mode=NONE``, so ``static_vs_plain_compiled_*`` says what steering costs against vLLM's fastest plain
+setting there.
 
 Setup: SmolLM2-135M-Instruct, prefix caching off (repeats of the same prompts would otherwise skip their prefill),
 ``max_num_seqs=32``, ``max_num_batched_tokens=2048``. The steering vector ``layers``: at ``resid_post`` of every one
@@ -24,7 +25,10 @@ the two conditions interleaved (order alternating); a ratio is the median over r
 throughput ratio, so slow drifts of a shared machine cancel. The 1-minute load average is reported.
 
 JSON keys: ``steered_vs_plain_compiled_b1`` / ``_b16`` per dtype (steered requests through the plugin in compiled
-mode vs the same requests unsteered through plain vLLM compiled; target >= 0.9), ``unsteered_plugin_vs_plain_b16``
+mode vs the same requests unsteered through plain vLLM compiled; target >= 0.9), ``static_vs_dynamic_b1`` / ``_b16``
+and ``static_vs_plain_compiled_b1`` / ``_b16`` (the fixed-buffer plan, ``STEERSCALE_VLLM_PLAN=static``, against the
+per-batch plan and against plain vLLM), ``static_equivalence_mismatches`` (its tokens against the local engine),
+``unsteered_plugin_vs_plain_b16``
 (what the plugin costs requests that do not steer), ``compiled_vs_eager_b1`` / ``_b16`` (both steered),
 ``equivalence_mismatches`` (float32, the 32 requests and the projection/norm-preserving grammar against the local
 engine; the margin rule: a difference counts where the local top-2 margin is >= 1e-4), ``bf16_mismatches_beyond_margin``
@@ -60,8 +64,27 @@ BF16_MARGIN = 0.5  # logits: where bf16's rounding can flip the greedy token
 FP32_MARGIN = 1e-4
 
 
+COMPARISONS = ("steered_vs_plain_compiled_b1", "steered_vs_plain_compiled_b16", "unsteered_plugin_vs_plain_b16",
+               "compiled_vs_eager_b1", "compiled_vs_eager_b16", "static_vs_dynamic_b1", "static_vs_dynamic_b16",
+               "static_vs_plain_compiled_b1", "static_vs_plain_compiled_b16")
+
+
 def r3(x):
     return None if x is None else round(x, 3)
+
+
+@contextlib.contextmanager
+def plan_mode(mode: str):
+    """Start an engine whose workers use steering plan ``mode`` (``STEERSCALE_VLLM_PLAN``; its processes read it)."""
+    saved = os.environ.get("STEERSCALE_VLLM_PLAN")
+    os.environ["STEERSCALE_VLLM_PLAN"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("STEERSCALE_VLLM_PLAN", None)
+        else:
+            os.environ["STEERSCALE_VLLM_PLAN"] = saved
 
 
 @contextlib.contextmanager
@@ -241,13 +264,16 @@ def main() -> None:
         log(f"== {dtype}: starting plain vLLM (compiled), SteeredLLM compiled and eager ...")
         with without_plugin():
             plain = Engine(f"plain compiled {tag}", lambda: LLM(model=model_dir, dtype=dtype, **common))
-        graphs = {"compilation_config": {"cudagraph_mode": "NONE"}} if args.gpu else {}
-        steered = Engine(f"steered compiled {tag}",
-                         lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype, **graphs, **common),
-                         (plain,))
-        eager = Engine(f"steered eager {tag}", lambda: SteeredLLM(args.model, vectors={"layers": vector}, dtype=dtype,
-                                                                   enforce_eager=True, **common), (plain, steered))
-        engines = [plain, steered, eager]
+        with plan_mode("dynamic"):  # on a GPU: without CUDA graphs, the per-batch plan
+            graphs = {"compilation_config": {"cudagraph_mode": "NONE"}} if args.gpu else {}
+            steered = Engine(f"steered compiled {tag}", lambda: SteeredLLM(
+                args.model, vectors={"layers": vector}, dtype=dtype, **graphs, **common), (plain,))
+            eager = Engine(f"steered eager {tag}", lambda: SteeredLLM(
+                args.model, vectors={"layers": vector}, dtype=dtype, enforce_eager=True, **common), (plain, steered))
+        with plan_mode("static"):  # the fixed-buffer plan (on a GPU: with vLLM's CUDA graphs)
+            static = Engine(f"steered static {tag}", lambda: SteeredLLM(
+                args.model, vectors={"layers": vector}, dtype=dtype, **common), (plain, steered, eager))
+        engines = [plain, steered, eager, static]
         row: dict = {"startup_s": {e.label: round(e.start_s, 1) for e in engines}}
 
         def run(engine, idx, steer=True):
@@ -262,6 +288,14 @@ def main() -> None:
             log(f"{tag} batch {b}: compiled vs eager (both steered) ...")
             row[f"compiled_vs_eager_b{b}"] = timed_ratio(
                 steered, eager, lambda: run(steered, idx), lambda: run(eager, idx), repeats, engines)
+        for b in (1, 16):
+            idx = list(range(b))
+            log(f"{tag} batch {b}: static plan vs dynamic plan (both steered, compiled) ...")
+            row[f"static_vs_dynamic_b{b}"] = timed_ratio(
+                static, steered, lambda: run(static, idx), lambda: run(steered, idx), repeats, engines)
+            log(f"{tag} batch {b}: static plan vs plain compiled ...")
+            row[f"static_vs_plain_compiled_b{b}"] = timed_ratio(
+                static, plain, lambda: run(static, idx), lambda: run(plain, idx, False), repeats, engines)
         log(f"{tag} batch 16: unsteered requests, plugin vs plain ...")
         row["unsteered_plugin_vs_plain_b16"] = timed_ratio(
             steered, plain, lambda: run(steered, list(range(16)), False), lambda: run(plain, list(range(16)), False),
@@ -269,10 +303,13 @@ def main() -> None:
         for e in (plain, eager):
             e.pause()
         got = steered.generate(reqs, greedy, specs)
+        got_static = static.generate(reqs, greedy, specs)
         if dtype == "float32":
             want = local_tokens(lm32, vector, prompt_ids, scales, tokens)
             row["differences"] = differences(lm32, vector, prompt_ids, scales, got, want, FP32_MARGIN)
             out["equivalence_mismatches"] = sum(d["beyond"] for d in row["differences"])
+            row["static_differences"] = differences(lm32, vector, prompt_ids, scales, got_static, want, FP32_MARGIN)
+            out["static_equivalence_mismatches"] = sum(d["beyond"] for d in row["static_differences"])
             half = [k % 2 == 1 for k in range(16)]
             mixed = steered.generate(reqs[:16], greedy, [specs[k] if half[k] else None for k in range(16)])
             alone = [steered.generate([reqs[k]], greedy, [specs[k] if half[k] else None])[0] for k in range(16)]
@@ -285,13 +322,14 @@ def main() -> None:
             want = local_tokens(lm16, vector, prompt_ids, scales, tokens)
             row["differences"] = differences(lm16, vector, prompt_ids, scales, got, want, BF16_MARGIN)
             out["bf16_mismatches_beyond_margin"] = sum(d["beyond"] for d in row["differences"])
+            row["static_differences"] = differences(lm16, vector, prompt_ids, scales, got_static, want, BF16_MARGIN)
+            out["static_bf16_mismatches_beyond_margin"] = sum(d["beyond"] for d in row["static_differences"])
             del lm16
         row["info"] = steered.handle.info()
         for e in engines:
             e.shutdown()
         per_dtype[tag] = row
-        for key in ("steered_vs_plain_compiled_b1", "steered_vs_plain_compiled_b16", "compiled_vs_eager_b1",
-                    "compiled_vs_eager_b16", "unsteered_plugin_vs_plain_b16"):
+        for key in COMPARISONS:
             out[f"{key}_{tag}"] = r3(row[key]["ratio"])
 
     if not (args.quick or args.skip_http):
@@ -316,13 +354,13 @@ def main() -> None:
           f"resid_post of all {lm32.layout.n_layers} blocks, norm {VECTOR_NORM}")
     rows = []
     for tag, row in per_dtype.items():
-        for key in ("steered_vs_plain_compiled_b1", "steered_vs_plain_compiled_b16", "unsteered_plugin_vs_plain_b16",
-                    "compiled_vs_eager_b1", "compiled_vs_eager_b16"):
+        for key in COMPARISONS:
             r = row[key]
             rows.append([tag, key, statistics.median(r["a_tok_s"]), statistics.median(r["b_tok_s"]), r["ratio"]])
     print(fmt_table(["dtype", "comparison", "first tok/s", "second tok/s", "ratio"], rows))
-    for key in ("equivalence_mismatches", "bf16_mismatches_beyond_margin", "isolation_mismatches", "salt_leaks",
-                "bad_spec_non_400", "tp2_equivalence_mismatches"):
+    for key in ("equivalence_mismatches", "static_equivalence_mismatches", "bf16_mismatches_beyond_margin",
+                "static_bf16_mismatches_beyond_margin", "isolation_mismatches", "salt_leaks", "bad_spec_non_400",
+                "tp2_equivalence_mismatches"):
         if key in out:
             print(f"{key}: {out[key]}")
     out.update({"per_dtype": per_dtype, "settings": {"tokens": tokens, "repeats": repeats, "dtypes": dtypes,

@@ -2,9 +2,10 @@
 entries give it alone through ``engine.ops`` (add, set, ablate, norm-preserving), in order, by token class; padding
 and unsteered rows are untouched. The scheduler and the vLLM worker both run this code."""
 
+import pytest
 import torch
 
-from steerscale import Site
+from steerscale import Site, SteerscaleError
 from steerscale.engine.ops import Add, SetProjection, apply_edit
 from steerscale.engine.plan import SteeringPlan, build_tables, request_slots, token_index
 from steerscale.steer.vector import SteeringVector
@@ -73,3 +74,47 @@ def test_the_plan_runs_batched_rows_and_a_residual_stream():
     u = a.directions[SITE] / a.directions[SITE].norm()
     torch.testing.assert_close((together[0] * u).sum(-1), torch.ones(3), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together[1], x[1] + extra[1])
+
+
+def test_the_static_plan_equals_the_plan_in_fixed_buffers():
+    """``StaticPlan`` (buffers written in place, every stage run on every pass: what CUDA graphs replay) gives the
+    edits of ``SteeringPlan`` for a batch of mixed requests, with and without a separate residual (vLLM's layers),
+    and a second batch written into the same buffers leaves nothing of the first."""
+    from steerscale.engine.plan import FeatureClamp, StaticPlan
+
+    g = torch.Generator().manual_seed(0)
+    w = 16
+    site, other = Site(1), Site(2)
+
+    def vec(*sites, keep=False):
+        return SteeringVector({s: torch.randn(w, generator=g) for s in sites},
+                              metadata={"preserve_norm": True} if keep else {})
+
+    a, b, kept = vec(site, other), vec(site), vec(site, keep=True)
+    clamp = FeatureClamp(site, torch.randn(w, generator=g) / 4, 0.2, 0.1, torch.randn(w, generator=g), 30.0, "f#1")
+    batches = [
+        [[(a, 1.5, "all"), (b, ("set", 2.0), "generated")], [], [(kept, 2.0, "prompt"), (clamp, ("clamp", 3.0), "all")],
+         [(b, ("set", 0.0), "all"), (a, -1.0, "generated"), (kept, ("set", 1.0), "all")]],
+        [[(b, 0.5, "all")], [(a, 2.0, "prompt")]],
+    ]
+    static = StaticPlan({site: w, other: w}, requests=4, stages=3, directions=16, tokens=64)
+    for requests in batches:
+        n_req, length = len(requests), 6
+        x, extra = torch.randn(n_req * length, w, generator=g) * 3, torch.randn(n_req * length, w, generator=g)
+        x[min(2 * length, len(x) - 1)] *= 10  # past the clamp's cap (the third request clamps)
+        slot = torch.tensor([-1 if not r else sum(1 for q in requests[:i] if q) for i, r in enumerate(requests)])
+        tok_req = torch.arange(n_req).repeat_interleave(length)
+        positions = torch.arange(length).repeat(n_req)
+        index = token_index(slot[tok_req], positions, torch.full((n_req * length,), 4))
+        steered = [r for r in requests if r]
+        dynamic = SteeringPlan(build_tables([request_slots(r) for r in steered]), index)
+        static.load([static.request_stages(r) for r in steered], index)
+        for s in (site, other):
+            for res in (None, extra):
+                want, got = dynamic.edit(s, x, res), static.edit(s, x, res)
+                assert torch.allclose(got, want, atol=1e-5), (s, res is None, (got - want).abs().max())
+        unsteered = (slot[tok_req] < 0)
+        assert torch.equal(static.edit(site, x)[unsteered], x[unsteered])  # exactly as they were
+        assert not torch.allclose(static.edit(site, x), x)
+    with pytest.raises(SteerscaleError, match="per site"):
+        static.request_stages([(a, 1.0, "all")] * 4)

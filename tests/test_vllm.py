@@ -70,14 +70,23 @@ def test_ablation_and_set_projection_inside_vllm_equal_the_local_engine(checks):
     assert checks["projection_changed"] >= 6, checks["projection"]
 
 
-@pytest.mark.parametrize("family,mode", [("mistral", "eager"), ("qwen2", "tp2"), ("qwen3", "compiled"),
-                                         ("gemma", "compiled"), ("gemma3", "tp2")])  # llama: SmolLM2 above
+# llama: SmolLM2 above (compiled). Each check starts its own vLLM engine (~50 s here), so the suite runs one per
+# mode; STEERSCALE_VLLM_ALL_FAMILIES=1 adds mistral (eager) and gemma (compiled), as the bench runs them. "static":
+# the plan in fixed buffers that CUDA graphs replay (STEERSCALE_VLLM_PLAN=static; automatic where graphs run).
+FAMILY_MODES = [("qwen3", "eager"), ("qwen2", "tp2-static"), ("gemma3", "tp2")]
+if os.environ.get("STEERSCALE_VLLM_ALL_FAMILIES"):
+    FAMILY_MODES += [("mistral", "eager"), ("qwen3", "compiled"), ("gemma", "compiled-static")]
+
+
+@pytest.mark.parametrize("family,mode", FAMILY_MODES)
 def test_each_family_vllm_serves_is_steered_as_locally(family, mode):
-    args = ["--family", family] + {"eager": ["--eager"], "tp2": ["--tp", "2"], "compiled": []}[mode]
-    out = run_checks("vllm_checks.py", *args, env={"VLLM_CPU_CI_ENV": "1"})
+    base = mode.removesuffix("-static")
+    args = ["--family", family] + {"eager": ["--eager"], "tp2": ["--tp", "2"], "compiled": []}[base]
+    plan = "static" if mode.endswith("-static") else "dynamic"
+    out = run_checks("vllm_checks.py", *args, env={"VLLM_CPU_CI_ENV": "1", "STEERSCALE_VLLM_PLAN": plan})
     assert out["cases"] == 18 and out["mismatches"] == 0, out["token_differences"]
     assert out["steering_acted"] == 6  # +1 differs from 0 for every prompt and vector
-    assert out["compiled"] is (mode != "eager")
+    assert out["compiled"] is (base != "eager") and out["plan"] == plan
     # under tensor parallel 2 the head vectors sit on both ranks; a refused registration leaves no stale reply
     assert out["refusal_then_info_ok"] and out["tensor_parallel"] == (2 if mode == "tp2" else 1)
 

@@ -162,6 +162,7 @@ def family_checks(family: str, tokens: int, eager: bool = False, tp: int = 1) ->
     info = llm.info()
     return {"family": family, "architecture": info["architecture"], "cases": len(cases), "tensor_parallel": tp,
             "refusal_then_info_ok": refused and info["tensor_parallel"] == tp, "compiled": info["compiled"],
+            "plan": info["plan"],
             "mismatches": sum(1 for r in report if r["margin"] >= 1e-4), "token_differences": report,
             "steering_acted": acted}
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
@@ -52,13 +53,23 @@ def start_process(cmd: list[str], log: Path, env: dict, timeout: float = 900.0):
     raise RuntimeError(f"{cmd[:3]} did not start within {timeout:g} s")
 
 
+def pause(server) -> list:
+    """Suspend a server's processes (resumed with ``.resume()`` on each)."""
+    import psutil
+
+    procs = [psutil.Process(server.process.pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        p.suspend()
+    return procs
+
+
 def main() -> None:
     t0 = time.perf_counter()
     import torch
     from openai import OpenAI
 
     from steerscale import Site, SiteKind, load_model
-    from steerscale.models.loading import checkpoint_dir
     from steerscale.scale import Budget, SamplingParams, get_verifier, run_strategy
     from steerscale.scale.remote import OpenAIBackend
     from steerscale.serve.scheduler import Job, Scheduler
@@ -88,13 +99,24 @@ def main() -> None:
         return lm.tokenizer.decode(fut.result()[0].token_ids, skip_special_tokens=True)
 
     out = {}
-    # vLLM through `steerscale serve --engine vllm` (the CLI users run), beside steerscale's own server: same flags
+    # vLLM through `steerscale serve --engine vllm` (the CLI users run), beside steerscale's own server: same flags;
+    # and plain `vllm serve` of a baked checkpoint. The three start at once (start-up is mostly one core's work);
+    # the baked one is paused until its turn, as an idle vLLM engine polls its queue.
     steerscale = str(Path(sys.executable).parent / "steerscale")
     flags = ["-m", MODEL, "--dtype", "float32", "--vector", f"a={path}", "--vector", f"formal={path}",
              "--api-key", "k"]
-    server = start_process([steerscale, "serve", "--engine", "vllm", *flags], tmp / "serve.log",
-                           {"VLLM_CPU_CI_ENV": "1"})
-    own = start_process([steerscale, "serve", *flags, "--max-batch", "4"], tmp / "own.log", {"OMP_NUM_THREADS": "1"})
+    baked = tmp / "baked"
+    bake(lm.model, lm.layout, vec, 1.0, baked, lm.tokenizer)
+    with ThreadPoolExecutor(3) as pool:
+        starting = [pool.submit(start_process, [steerscale, "serve", "--engine", "vllm", *flags], tmp / "serve.log",
+                                {"VLLM_CPU_CI_ENV": "1"}),
+                    pool.submit(start_process, [steerscale, "serve", *flags, "--max-batch", "4"], tmp / "own.log",
+                                {"OMP_NUM_THREADS": "1"}),
+                    pool.submit(start_vllm, str(baked), name=MODEL, log=tmp / "baked.log", dtype="float32",
+                                plugin=False, env={"VLLM_CPU_CI_ENV": "1"})]
+        servers = [f.result() for f in starting]
+    server, own, baked_server = servers
+    paused = pause(baked_server)
     url = server.url
     try:
         client = OpenAI(base_url=url, api_key="k", timeout=120, max_retries=0)
@@ -186,15 +208,15 @@ def main() -> None:
     finally:
         server.stop()
         own.stop()
+        for p in paused:
+            p.resume()
+        if sys.exc_info()[0] is not None:  # the checks failed: the baked server is not reached below
+            baked_server.stop()
 
     # a baked checkpoint under plain vllm serve vs the hooked vector
-    baked = tmp / "baked"
-    bake(lm.model, lm.layout, vec, 1.0, baked, lm.tokenizer)
-    server = start_vllm(str(baked), name=MODEL, log=tmp / "baked.log", dtype="float32", plugin=False,
-                        env={"VLLM_CPU_CI_ENV": "1"})
-    url = server.url
+    server = baked_server
     try:
-        client = OpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
+        client = OpenAI(base_url=server.url, api_key="none", timeout=120, max_retries=0)
         baked_text = [client.completions.create(model=MODEL, prompt=p, max_tokens=tokens, temperature=0,
                                                 extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
     finally:

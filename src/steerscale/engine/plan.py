@@ -21,6 +21,7 @@ the stream), each indexed by the same per-token index.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -219,3 +220,139 @@ class PlanEdit(Edit):
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.plan.edit(self.site, h)
+
+
+# -- the plan in fixed buffers (CUDA graphs) --------------------------------------------------------------------
+_COEF, _SETM, _TARGET, _BIAS, _THRESHOLD, _CAP, _NORM = range(7)  # a stage row's numbers
+
+
+class StaticPlan:
+    """The same plan in buffers allocated once and updated in place, so a captured CUDA graph (or any compiled
+    graph that must not change between steps) reads each step's steering: LoRA's design in vLLM. Per site: a table
+    of directions (row 0 zeros; the registered vectors' directions and unit directions, written on registration,
+    like LoRA's adapter slots), and ``stages`` stage tables with one row per token class of each request slot (row 0:
+    no edit) holding which directions the row writes and reads and its numbers; one per-token index, as
+    ``SteeringPlan``. Stage k applies each request's k-th entry at the site in one formula that covers every slot
+    kind of ``EditSlot``::
+
+        delta = (coef + setm x (target - act(s . read + bias))) x write      act: 0 at or below threshold
+        h' = h + delta                  (0 where |s| passes cap; norm-preserving rows: rescaled to |s|)
+
+    add: coef = scale, write = d; set: setm = 1, read = write = the unit direction, threshold -inf; clamp: read =
+    encoder, write = decoder. Every stage runs on every pass whatever the batch holds: a captured graph replays the
+    same kernels and only the buffers' contents change."""
+
+    def __init__(self, widths: dict[Site, int], *, requests: int, stages: int, directions: int, tokens: int,
+                 device=None, dtype=torch.float32):
+        self.stages, self.requests, self.capacity, self._dtype = stages, requests, directions, dtype
+        self.index = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.dirs: dict[Site, torch.Tensor] = {}
+        self.ids: dict[Site, torch.Tensor] = {}
+        self.vals: dict[Site, torch.Tensor] = {}
+        self._slots: dict[Site, dict] = {}  # per site: key -> direction row
+        for site, width in widths.items():
+            self.add_site(site, width)
+
+    def add_site(self, site: Site, width: int) -> None:
+        """Buffers for one more site (before a graph is captured: its buffers must exist then)."""
+        if site in self.dirs:
+            return
+        like = self.index
+        dtype = self._dtype
+        self.dirs[site] = torch.zeros(self.capacity + 1, width, device=like.device, dtype=dtype)
+        self.ids[site] = torch.zeros(self.stages, 1 + CLASSES * self.requests, 2, dtype=torch.long, device=like.device)
+        self.vals[site] = torch.zeros(self.stages, 1 + CLASSES * self.requests, 7, device=like.device, dtype=dtype)
+        self._slots[site] = {}
+
+    def direction(self, site: Site, key, direction: torch.Tensor) -> int:
+        """The row of ``direction`` (named ``key``) in ``site``'s table, written on first use."""
+        slots = self._slots[site]
+        if key not in slots:
+            if len(slots) >= self.capacity:
+                raise SteerscaleError(f"{site.key()} holds {self.capacity} steering directions already",
+                                      "unregister vectors, or raise STEERSCALE_VLLM_DIRECTIONS")
+            slots[key] = len(slots) + 1
+            self.dirs[site][slots[key]].copy_(direction.to(self.dirs[site].dtype))
+        return slots[key]
+
+    def forget(self) -> None:
+        """Drop every direction (vectors were unregistered or replaced); rows are written again on use."""
+        for site in self._slots:
+            self._slots[site] = {}
+            self.dirs[site].zero_()
+
+    def request_stages(self, entries: Iterable[tuple], columns=None) -> dict[Site, list[tuple]]:
+        """One request's stage rows per site: ``[(ids (3, 2), vals (3, 7))]`` in entry order (the ``request_slots``
+        of this layout); a site with more entries than stages is refused."""
+        out: dict[Site, list] = {}
+        for vector, op, scope in entries:
+            on = torch.tensor(APPLIES[str(scope)], dtype=torch.float32)
+            for site, direction in vector.directions.items():
+                if site not in self.dirs:
+                    raise SteerscaleError(f"{site.key()} has no steering buffers", "hook the site at start")
+                d = direction.float() if columns is None else columns(site, direction.float())
+                if d is None:
+                    continue
+                vals = torch.zeros(CLASSES, 7)
+                vals[:, _CAP] = math.inf
+                vals[:, _NORM] = float(vector.preserve_norm)
+                if isinstance(vector, FeatureClamp):
+                    enc = vector.encoder.float() if columns is None else columns(site, vector.encoder.float())
+                    write = self.direction(site, (vector.name or id(vector), "dec"), d)
+                    read = self.direction(site, (vector.name or id(vector), "enc"), enc)
+                    vals[:, _SETM], vals[:, _TARGET] = 1.0, float(op[1])
+                    vals[:, _BIAS], vals[:, _THRESHOLD], vals[:, _CAP] = vector.bias, vector.threshold, vector.norm_cap
+                elif isinstance(op, tuple):  # ("set", value)
+                    write = read = self.direction(site, (id(direction), "unit"), d / d.norm())
+                    vals[:, _SETM], vals[:, _TARGET], vals[:, _THRESHOLD] = 1.0, float(op[1]), -math.inf
+                else:
+                    write, read = self.direction(site, (id(direction), "raw"), d), 0
+                    vals[:, _COEF] = float(op)
+                ids = torch.tensor([[write, read]] * CLASSES)
+                off = on[:, None] == 0  # classes the scope leaves alone: row 0's zeros (no inf x 0)
+                out.setdefault(site, []).append((ids.masked_fill(off, 0), vals.masked_fill(off, 0.0)))
+        for site, stages in out.items():
+            if len(stages) > self.stages:
+                raise SteerscaleError(f"{len(stages)} steering entries at {site.key()} but the plan holds "
+                                      f"{self.stages} per site", "send fewer entries, or raise STEERSCALE_VLLM_STAGES")
+        return out
+
+    def load(self, requests: Sequence[dict], index: torch.Tensor) -> None:
+        """Write the stage rows of the steered ``requests`` (``request_stages`` of each, in slot order) and the
+        token index (longer than the buffer: refused; the rest of the buffer reads row 0), in place."""
+        if len(requests) > self.requests:
+            raise SteerscaleError(f"{len(requests)} steered requests in one pass; the plan holds {self.requests}")
+        n = index.shape[0]
+        if n > self.index.shape[0]:
+            raise SteerscaleError(f"{n} tokens in one pass; the plan's index holds {self.index.shape[0]}")
+        for site in self.dirs:
+            ids = torch.zeros(self.ids[site].shape, dtype=torch.long)
+            vals = torch.zeros(self.vals[site].shape)
+            for r, request in enumerate(requests):
+                for k, (i, v) in enumerate(request.get(site, ())):
+                    ids[k, 1 + CLASSES * r: 1 + CLASSES * (r + 1)] = i
+                    vals[k, 1 + CLASSES * r: 1 + CLASSES * (r + 1)] = v
+            self.ids[site].copy_(ids, non_blocking=True)
+            self.vals[site].copy_(vals, non_blocking=True)
+        self.set_index(index)
+
+    def set_index(self, index: torch.Tensor) -> None:
+        n = index.shape[0]
+        self.index[:n].copy_(index, non_blocking=True)
+        self.index[n:].zero_()
+
+    def edit(self, site: Site, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (tokens, width) after every stage at ``site``: fixed shapes and kernels, no branch on the data."""
+        index = self.index[: x.shape[0]]
+        dirs = self.dirs[site]
+        for k in range(self.stages):
+            ids, vals = self.ids[site][k][index], self.vals[site][k][index]
+            write, read = dirs[ids[:, 0]], dirs[ids[:, 1]]
+            stream = x if extra is None else x + extra
+            coef = vals[:, _COEF] + vals[:, _SETM] * clamp_coefficient(
+                stream, read, vals[:, _BIAS], vals[:, _THRESHOLD], vals[:, _TARGET], vals[:, _CAP])
+            delta = coef[:, None] * write
+            moved = stream + delta
+            kept = moved * (stream.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+            x = torch.where(vals[:, _NORM:_NORM + 1] > 0, kept if extra is None else kept - extra, x + delta)
+        return x

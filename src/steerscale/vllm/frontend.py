@@ -27,6 +27,7 @@ from .steering import STEER_KEY, body_extra_args, check_extra_args, format_steer
 
 VECTORS_ENV = "STEERSCALE_VLLM_VECTORS"  # NAME=PATH,NAME=PATH
 GLOBAL_ENV = "STEERSCALE_VLLM_STEER"  # engine-wide steering, "NAME:OP[:SCOPE],..."
+STAGES_ENV = "STEERSCALE_VLLM_STAGES"  # steer entries per request (engine-wide included; default 4)
 SALT_PREFIX = "steerscale-"
 
 
@@ -92,6 +93,11 @@ class FrontendRegistry:
             return
         for name, _, _ in entries:
             self.known(name)
+        limit = stages_per_request()
+        if len(entries) + len(self.engine_wide) > limit:
+            raise SteerscaleError(f"vllm_xargs.steer: {len(entries)} entries (+{len(self.engine_wide)} engine-wide); "
+                                  f"vLLM's steering plan holds {limit} per request",
+                                  "send fewer entries, or start vLLM with a larger STEERSCALE_VLLM_STAGES")
         prompt = getattr(request, "prompt_token_ids", None)
         steered = entries or self.engine_wide
         if steered and prompt is None:
@@ -100,6 +106,21 @@ class FrontendRegistry:
         request.cache_salt = request_salt(entries, self.engine_wide, self.digests, prompt, request.cache_salt)
         if entries:  # the workers parse one canonical form
             extra[STEER_KEY] = format_steer(entries)
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SteerscaleError(f"{name}={raw!r} is not a positive integer")
+    return int(raw)
+
+
+def stages_per_request() -> int:
+    """Entries a request may carry (engine-wide ones included): the stages of the workers' fixed-buffer plan
+    (``STAGES_ENV``), the same limit in either plan, so a request runs the same whatever the workers' mode."""
+    return env_int(STAGES_ENV, 4)
 
 
 REGISTRY = FrontendRegistry()

@@ -2,11 +2,17 @@
 and how many tokens each has in the step, are read from a model runner. One small adapter per runner; the rest of
 ``worker.py`` is the same for both.
 
+Each adapter also calls ``on_step(positions)`` right before the runner's forward pass of a scheduled batch and
+``on_step(None)`` after it: at the runner's level, not the model's, because with full CUDA graphs the model's own
+forward (and any hook on it) does not run, the graph replays; and a warm-up or dummy run between steps then reads
+no steering.
+
 * ``LegacyRunner``: vLLM's V1 ``GPUModelRunner`` and its CPU subclass (``input_batch``, ``requests``,
-  ``query_start_loc``).
+  ``query_start_loc``; the step's forward is ``_model_forward``).
 * ``V2Runner``: the V2 model runner (``vllm/v1/worker/gpu/model_runner.py``) and its CPU subclass. Its per-request
   state keeps no sampling parameters and its step's batch is a local variable, so the adapter records each new
-  request's prompt length and steer spec in ``add_requests`` and the step's batch in ``prepare_inputs``.
+  request's prompt length and steer spec in ``add_requests`` and the step's batch in ``prepare_inputs`` (where the
+  step starts), and the step ends with ``execute_model``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,18 @@ def _spec(sampling_params):
 class LegacyRunner:
     name = "v1"
 
-    def __init__(self, runner):
+    def __init__(self, runner, on_step):
         self.runner = runner
+        forward = runner._model_forward
+
+        def model_forward(*args, **kwargs):
+            on_step(kwargs.get("positions", args[1] if len(args) > 1 else None))
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                on_step(None)
+
+        runner._model_forward = model_forward  # an instance attribute: this runner only, the class stays vLLM's
 
     def batch(self, positions):
         """``(request ids, steer specs, prompt lengths, tokens per request)`` of the step about to run, or None."""
@@ -60,7 +76,7 @@ class LegacyRunner:
 class V2Runner:
     name = "v2"
 
-    def __init__(self, runner):
+    def __init__(self, runner, on_step):
         import torch
 
         self.torch = torch
@@ -68,6 +84,7 @@ class V2Runner:
         self.requests: dict[str, tuple[int, object]] = {}  # request id -> (prompt length, steer spec)
         self.step = None  # the step's InputBatch
         add, prepare, remove = runner.add_requests, runner.prepare_inputs, runner._remove_request
+        execute = runner.execute_model
 
         def add_requests(scheduler_output):
             for new in scheduler_output.scheduled_new_reqs:
@@ -76,7 +93,14 @@ class V2Runner:
 
         def prepare_inputs(*args, **kwargs):
             self.step = prepare(*args, **kwargs)
+            on_step(getattr(self.step, "positions", None))
             return self.step
+
+        def execute_model(*args, **kwargs):
+            try:
+                return execute(*args, **kwargs)
+            finally:
+                on_step(None)
 
         def remove_request(req_id):
             self.requests.pop(req_id, None)
@@ -85,6 +109,7 @@ class V2Runner:
         # instance attributes: this runner only, the class stays vLLM's
         runner.add_requests, runner.prepare_inputs, runner._remove_request = add_requests, prepare_inputs, \
             remove_request
+        runner.execute_model = execute_model
 
     def batch(self, positions):
         step = self.step
@@ -103,6 +128,6 @@ class V2Runner:
                 counts)
 
 
-def adapter_for(runner):
-    """The adapter of ``runner``'s kind (the V2 runner is the one with ``req_states``)."""
-    return V2Runner(runner) if hasattr(runner, "req_states") else LegacyRunner(runner)
+def adapter_for(runner, on_step):
+    """The adapter of ``runner``'s kind (the V2 runner is the one with ``req_states``), calling ``on_step``."""
+    return V2Runner(runner, on_step) if hasattr(runner, "req_states") else LegacyRunner(runner, on_step)

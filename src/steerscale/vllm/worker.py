@@ -7,19 +7,24 @@ How it is wired (vLLM 0.32, V1 engine; every name below is vLLM's):
   it does nothing unless ``STEERSCALE_VLLM`` (or ``STEERSCALE_VLLM_VECTORS``) is set, so installing steerscale never
   changes another vLLM deployment. Set, it installs the front end's request checks (``frontend.py``) and wraps the
   model runners' ``load_model`` (the legacy runner, the V2 runner and their CPU subclasses): right after the model
-  is loaded, before vLLM compiles or warms it up, ``SteerState`` attaches its hooks, so a compiled graph contains
-  them. The guard that refuses what cannot run (CUDA graphs, see below) runs there, on every runner.
+  is loaded, before vLLM compiles or warms it up (or captures CUDA graphs), ``SteerState`` attaches its hooks and
+  allocates its buffers, so a compiled graph contains them. The mode check runs there, on every runner.
 * The edit at a site is one custom op, ``torch.ops.steerscale.steer(x, residual, site)``. torch.compile (vLLM's
   default mode) traces the hooks that call it and keeps the op opaque, so the op runs on every forward pass and
   reads the current step's plan: the same code in eager and compiled mode.
-* Each step, a forward pre-hook on the model (outside the compiled region) builds the step's plan from the runner
-  (``runners.py``: the scheduled requests, their prompt lengths and steer specs, the tokens' positions): per site
-  a table of vectors (row 0 zeros; three rows per steered request: its edit at its early prompt tokens, at its last
-  prompt token, at generated tokens, which is how the local engine's ``all``, ``prompt`` and ``generated`` scopes
-  split a sequence), and one per-token index into it. The tables are rebuilt only when the batch's composition
-  (its requests and their steering) changes; the index is computed from positions every step. The op is then
-  ``h + table[index]`` (plain tensor ops) for a prefill chunk, a decode row or a mix, with chunked prefill and
-  prefix caching on.
+* Each step, where the runner starts the forward pass of a scheduled batch (``runners.py``: outside the compiled
+  region and any CUDA graph), the step's plan is made from the runner's state (the scheduled requests, their prompt
+  lengths and steer specs, the tokens' positions): per site a table (row 0 zeros; three rows per steered request:
+  its edit at its early prompt tokens, at its last prompt token, at generated tokens, which is how the local
+  engine's ``all``, ``prompt`` and ``generated`` scopes split a sequence), and one per-token index into it; after
+  the pass it is dropped, so a dummy run reads none. Tables change only when the batch's composition (its requests
+  and their steering) changes; the index every step. With chunked prefill and prefix caching on.
+* Two forms of that plan (``STEERSCALE_VLLM_PLAN``): ``dynamic`` (``engine.plan.SteeringPlan``, tables built per
+  composition, nothing run when no request in the step is steered), and ``static`` (``engine.plan.StaticPlan``:
+  buffers allocated once and written in place, every stage run on every pass, so the kernels are the same whatever
+  the step holds: LoRA's design, which is what a CUDA graph can replay). ``auto`` (the default) picks ``static``
+  when CUDA graphs are on and ``dynamic`` otherwise. Both give the local engine's tokens (tests on CPU, compiled and
+  eager, TP 1 and 2); the static plan under real CUDA graphs is untested here (no GPU with vLLM).
 * A vLLM decoder layer takes ``(positions, hidden, residual)`` and returns ``(hidden, residual)``, the residual
   stream being their sum, so adding to ``hidden`` adds to the stream; projections and norms are taken on the sum.
 * Tensor parallel: whole-stream sites are replicated on every rank (vLLM all-reduces the attention and MLP
@@ -36,10 +41,10 @@ component along the vector's unit direction, on the whole residual stream) at ``
 
 Compiled mode needs the hooked sites before compilation: the sites of ``STEERSCALE_VLLM_VECTORS`` and of the
 vectors given to ``SteeredLLM(vectors=...)``, plus ``STEERSCALE_VLLM_SITES`` (``all`` or ``LAYER:KIND`` keys). A
-vector registered later at another site is refused in compiled mode (eager mode hooks it on registration). CUDA
-graphs replay kernels without running Python, so the per-step plan would be frozen: with CUDA graphs on, the worker
-refuses to start (use ``enforce_eager=True`` or ``compilation_config={"cudagraph_mode": "NONE"}``); the CPU build
-has no CUDA graphs.
+vector registered later at another site is refused in compiled mode (eager mode hooks it on registration). The
+static plan holds ``STEERSCALE_VLLM_STAGES`` entries per request (default 4; the front end enforces the same limit
+in either plan) and ``STEERSCALE_VLLM_DIRECTIONS`` directions per site (default 64; a vector's direction and its
+unit direction each take one). ``STEERSCALE_VLLM_PLAN=dynamic`` with CUDA graphs on is refused at start.
 """
 
 from __future__ import annotations
@@ -52,13 +57,13 @@ from pathlib import Path
 
 import torch
 
-from ..engine.plan import SteeringPlan, build_tables, request_slots, token_index
+from ..engine.plan import StaticPlan, SteeringPlan, build_tables, request_slots, token_index
 from ..engine.runtime import attach_hook
 from ..errors import SteerscaleError
-from ..models.layout import HookPoint, Location, find_layout
+from ..models.layout import find_layout
 from ..models.sites import Site, SiteKind
 from . import frontend
-from .frontend import GLOBAL_ENV, VECTORS_ENV, vector_specs
+from .frontend import GLOBAL_ENV, VECTORS_ENV, env_int, stages_per_request, vector_specs
 from .runners import adapter_for
 from .steering import parse_steer
 
@@ -66,6 +71,8 @@ log = logging.getLogger("steerscale.vllm")
 
 ENABLE_ENV = "STEERSCALE_VLLM"
 SITES_ENV = "STEERSCALE_VLLM_SITES"  # sites hooked before compilation: "all" or "LAYER:KIND[:HEAD],..."
+PLAN_ENV = "STEERSCALE_VLLM_PLAN"  # "auto" (fixed buffers when CUDA graphs are on), "static" or "dynamic"
+DIRECTIONS_ENV = "STEERSCALE_VLLM_DIRECTIONS"  # fixed-buffer plan: directions per site (default 64)
 SUPPORTED = (SiteKind.RESID_PRE, SiteKind.RESID_POST, SiteKind.ATTN_OUT, SiteKind.MLP_OUT, SiteKind.HEAD_OUT)
 
 
@@ -99,7 +106,6 @@ class SteerState:
         self.runner = runner
         self.model = runner.get_model()
         self.layout = find_layout(self.model)
-        self.adapter = adapter_for(runner)
         self.vectors: dict = {}
         self.global_entries: list = []
         self.plan: SteeringPlan | None = None
@@ -111,10 +117,18 @@ class SteerState:
         self._refused_ids: set = set()
         self._check_mode()
         self._tensor_parallel()
+        self.static: StaticPlan | None = None
+        if self.static_mode:
+            param = next(self.model.parameters())
+            self.static = StaticPlan(
+                {}, requests=int(runner.max_num_reqs), stages=stages_per_request(),
+                directions=env_int(DIRECTIONS_ENV, 64), tokens=self._max_tokens(), device=param.device,
+                dtype=param.dtype)
         for site in self._declared_sites():
             self._hook(site)
-        # the step's plan is built by a pre-hook on the whole model, outside its compiled region
-        self._handles.append(attach_hook(Location(self.model, HookPoint.INPUT), self._before_forward))
+        # the step's plan is built where the runner starts a step's forward pass (outside the compiled region and
+        # any CUDA graph), and dropped after it
+        self.adapter = adapter_for(runner, self.prepare)
         for name, path in vector_specs(os.environ.get(VECTORS_ENV)):
             self.register(name, path.read_bytes())
         self.set_global(os.environ.get(GLOBAL_ENV) or None)
@@ -126,11 +140,24 @@ class SteerState:
         self.compiled = mode not in (0, None) and str(mode).split(".")[-1] not in ("NONE", "0")
         cudagraphs = str(getattr(compilation, "cudagraph_mode", "NONE")).split(".")[-1]
         device = getattr(getattr(self.runner, "device", None), "type", "cpu")
-        if device == "cuda" and cudagraphs != "NONE" and not getattr(config.model_config, "enforce_eager", False):
-            raise SteerscaleError(f"steerscale's vLLM steering reads each step's plan in Python, which CUDA graphs "
+        self.cuda_graphs = device == "cuda" and cudagraphs != "NONE" and not getattr(
+            getattr(config, "model_config", None), "enforce_eager", False)
+        plan = os.environ.get(PLAN_ENV, "auto").strip() or "auto"
+        if plan not in ("auto", "static", "dynamic"):
+            raise SteerscaleError(f"{PLAN_ENV}={plan!r}", "use auto, static or dynamic")
+        if plan == "dynamic" and self.cuda_graphs:
+            raise SteerscaleError(f"{PLAN_ENV}=dynamic builds each step's plan in Python, which CUDA graphs "
                                   f"(cudagraph_mode {cudagraphs}) would replay frozen",
-                                  'start vLLM with compilation_config={"cudagraph_mode": "NONE"} (torch.compile '
-                                  "stays on) or enforce_eager=True")
+                                  f"use {PLAN_ENV}=auto (fixed buffers under CUDA graphs), or turn the graphs off")
+        # fixed buffers updated in place (what a replayed graph reads) where graphs run; elsewhere the plan built
+        # per batch composition, which skips the work when no request in the step is steered
+        self.static_mode = plan == "static" or (plan == "auto" and self.cuda_graphs)
+
+    def _max_tokens(self) -> int:
+        """The most tokens a forward pass holds: the scheduler's budget, or a larger CUDA graph capture size."""
+        config = self.runner.vllm_config
+        sizes = getattr(config.compilation_config, "cudagraph_capture_sizes", None) or [0]
+        return max(int(self.runner.max_num_tokens), max(sizes))
 
     def _tensor_parallel(self) -> None:
         parallel = getattr(getattr(self.runner, "vllm_config", None), "parallel_config", None)
@@ -191,6 +218,8 @@ class SteerState:
         self.vectors[name] = vec
         self._rows.clear()
         self._tables = None
+        if self.static is not None:
+            self.static.forget()
         for site in vec.sites:
             self._hook(site)
         return {"name": name, "sites": [s.key() for s in vec.sites]}
@@ -203,6 +232,8 @@ class SteerState:
         del self.vectors[name]
         self._rows.clear()
         self._tables = None
+        if self.static is not None:
+            self.static.forget()
 
     def set_global(self, spec) -> None:
         entries = parse_steer(spec)
@@ -211,6 +242,8 @@ class SteerState:
         self.global_entries = entries
         self._rows.clear()
         self._tables = None
+        if self.static is not None:
+            self.static.forget()
 
     def _vector(self, name: str):
         if name not in self.vectors:
@@ -227,6 +260,10 @@ class SteerState:
         loc = self.layout.locate(site)
         sid = next(_SITE_IDS)
         self._site_ids[site] = sid
+        if self.static is not None:
+            width = self.layout.site_dim(site) if site.kind is not SiteKind.HEAD_OUT else \
+                self.layout.n_heads // self.tp_size * self.layout.head_dim
+            self.static.add_site(site, width)
         _EDITS[sid] = lambda x, extra: self._edit(site, x, extra)
 
         if site.kind is SiteKind.RESID_PRE:
@@ -246,6 +283,8 @@ class SteerState:
         self._handles.append(attach_hook(loc, hook))
 
     def _edit(self, site: Site, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor | None:
+        if self.static is not None:  # the same kernels on every pass, steered or not (a graph may replay them)
+            return self.static.edit(site, x, extra)
         plan = self.plan
         if plan is None or site not in plan.ops:
             return None
@@ -279,7 +318,8 @@ class SteerState:
         key = (rid, spec if not isinstance(spec, list) else tuple(spec))
         if key not in self._rows:
             entries = [(self._vector(name), op, scope) for name, op, scope in self.global_entries + parse_steer(spec)]
-            self._rows[key] = request_slots(entries, self._columns) or None
+            slots = self.static.request_stages if self.static is not None else request_slots
+            self._rows[key] = slots(entries, self._columns) or None
         return self._rows[key]
 
     def _refuse(self, rid, exc: SteerscaleError) -> None:
@@ -291,16 +331,14 @@ class SteerState:
             log.error("steerscale: request %s is NOT steered: %s%s", rid, exc.problem,
                       f" ({exc.hint})" if exc.hint else "")
 
-    def _before_forward(self, module, args, kwargs):
-        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        self.prepare(positions)
-        return None
-
     def prepare(self, positions: torch.Tensor | None) -> None:
-        """The plan of the forward pass about to run (None when no scheduled request is steered)."""
+        """The plan of the forward pass about to run (None when no scheduled request is steered; ``positions``
+        None: the step ended)."""
         self.plan = None
-        batch = self.adapter.batch(positions)
+        batch = self.adapter.batch(positions) if positions is not None else None
         if batch is None:
+            if self.static is not None:
+                self.static.set_index(torch.zeros(0, dtype=torch.long))
             return
         req_ids, specs, prompt_lens, counts = batch
         if len(self._rows) > 2 * len(req_ids) + 64:  # finished requests' rows: keep only the batch's
@@ -318,12 +356,21 @@ class SteerState:
             if r is not None:
                 rows.append(r)
         if not rows:
+            if self.static is not None:
+                self.static.set_index(torch.zeros(0, dtype=torch.long))
             return
         tok_req = torch.repeat_interleave(torch.arange(len(req_ids)), counts)
         pos = positions[: tok_req.shape[0]].cpu().long()
         index = token_index(torch.tensor(slot)[tok_req], pos, torch.tensor(prompt_lens)[tok_req])
         composition = tuple((rid, tuple(spec) if isinstance(spec, list) else spec)
                             for rid, spec, k in zip(req_ids, specs, slot) if k >= 0)
+        if self.static is not None:  # rows written when the composition changes, the index every step
+            if self._tables is None or self._tables[0] != composition:
+                self.static.load(rows, index)
+                self._tables = (composition, None)
+            else:
+                self.static.set_index(index)
+            return
         if self._tables is None or self._tables[0] != composition:
             param = next(self.model.parameters())
             self._tables = (composition, build_tables(rows, param.device, param.dtype))
@@ -334,7 +381,8 @@ class SteerState:
                 "engine_wide": self.global_entries, "architecture": self.layout.architecture,
                 "n_layers": self.layout.n_layers, "compiled": self.compiled, "runner": self.adapter.name,
                 "tensor_parallel": self.tp_size, "rank": self.tp_rank, "hooked_sites": len(self._site_ids),
-                "refused": self.refused}
+                "refused": self.refused, "plan": "static" if self.static is not None else "dynamic",
+                "cuda_graphs": self.cuda_graphs}
 
 
 def state_of(runner) -> SteerState:
