@@ -305,17 +305,23 @@ class GenerateStage(Stage):
         return cands + new
 
 
-@_register
 @dataclass
-class CritiqueStage(Stage):
-    """A critic writes what is right and wrong in each candidate (read by fuse)."""
+class _WritingStage(Stage):
+    """A stage whose model (``model``) writes about the candidates, each shown up to its last ``max_chars``."""
 
-    type: ClassVar[str] = "critique"
     max_tokens: int = 96
     temperature: float = 0.0
     max_chars: int = 600
     model: str = ""
     BOUNDS: ClassVar[dict] = {"max_tokens": (1, None), "temperature": (0.0, None), "max_chars": (20, None)}
+
+
+@_register
+@dataclass
+class CritiqueStage(_WritingStage):
+    """A critic writes what is right and wrong in each candidate (read by fuse)."""
+
+    type: ClassVar[str] = "critique"
 
     def run(self, ctx: Context, cands: list[Candidate]) -> list[Candidate]:
         backend = ctx.backend_for(self.model)
@@ -402,18 +408,14 @@ class VoteStage(Stage):
 
 @_register
 @dataclass
-class FuseStage(Stage):
+class FuseStage(_WritingStage):
     """The model reads the candidates (with critiques) and writes ``n`` new answers that replace them (fuser)."""
 
     type: ClassVar[str] = "fuse"
+    max_tokens: int = 256
     n: int = 1
     max_inputs: int = 4
-    max_tokens: int = 256
-    temperature: float = 0.0
-    max_chars: int = 600
-    model: str = ""
-    BOUNDS: ClassVar[dict] = {"n": (1, 64), "max_inputs": (1, 16), "max_tokens": (1, None),
-                              "temperature": (0.0, None), "max_chars": (20, None)}
+    BOUNDS: ClassVar[dict] = {**_WritingStage.BOUNDS, "n": (1, 64), "max_inputs": (1, 16)}
 
     def prompt(self, question: str, cands: Sequence[Candidate]) -> str:
         shown = sorted(cands, key=rank_key, reverse=True)[: self.max_inputs]
