@@ -5,7 +5,10 @@ The server is ``steerscale serve``'s application (``App`` under uvicorn on a fre
 vector registered as ``formal``. Each round, in alternating order: the steered request alone through the API
 (``http.client``, streamed, time from sending to the first content chunk) and the same request from the page (the
 strength slider nudged, so only the steered column runs; the page's own ``performance.now()`` from ``fetch`` to the
-first content chunk, ``data-ttft-ms``). The page's overhead is the paired difference, median over rounds.
+first content chunk shown, ``data-ttft-ms``). The page's overhead is the paired difference, median over rounds;
+and, apart from the server's noise, the page's own processing of the first chunk: from the stream read that
+delivered it to the text in the column (``data-ttft-ms`` - ``data-first-read-ms``). The screenshot (``--shot``)
+shows the four columns: the strategy column runs ``--shot-strategy`` (n=2) once, before the timed rounds.
 Needs Debian's chromium and chromium-driver and selenium (pip install -e .[dev]). The last line is one JSON object.
 
 Example: python bench/studio.py --vector out/calibrate/calibrated.safetensors --shot docs/img/studio.png
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
 import statistics
 import time
@@ -24,7 +28,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from steerscale.models.loading import load_model
 from steerscale.serve import App, start_server
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--shot", default=None, help="save a screenshot of the page after the first send")
+    ap.add_argument("--shot-strategy", default="majority", help="the strategy column in the screenshot ('': none)")
     args = ap.parse_args()
 
     lm = load_model("smollm2-135m-instruct")
@@ -61,7 +66,7 @@ def main() -> None:
                               vectors={"formal": SteeringVector.load(args.vector)}))
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,820"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     wait = WebDriverWait(driver, 300, poll_frequency=0.02)
@@ -79,18 +84,24 @@ def main() -> None:
         slider = driver.find_element(By.ID, "scale")
         driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
                               slider, str(args.scale))
+        shown = ["plain", "steered", "prompt"]
+        if args.shot and args.shot_strategy:
+            Select(driver.find_element(By.ID, "strategy")).select_by_value(args.shot_strategy)
+            driver.find_element(By.ID, "strategy-n").clear()
+            driver.find_element(By.ID, "strategy-n").send_keys("2")
+            shown.append("scaled")
         driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: all(column(c, "data-state") == "done" for c in ("plain", "steered", "prompt")))
+        wait.until(lambda d: all(column(c, "data-state") in ("done", "error") for c in shown))
         if args.shot:
             driver.save_screenshot(args.shot)
-        texts = {c: driver.find_element(By.CSS_SELECTOR, f"#col-{c} .output").text for c in ("plain", "steered",
-                                                                                               "prompt")}
-        page, api = [], []
+        Select(driver.find_element(By.ID, "strategy")).select_by_value("")  # the timed rounds: steered column only
+        texts = {c: driver.find_element(By.CSS_SELECTOR, f"#col-{c} .output").text for c in shown}
+        page, api, processing = [], [], []
         for r in range(args.rounds):
             scale = float(slider.get_attribute("value"))
             body = {"model": "smollm2-135m-instruct", "stream": True, "temperature": 0, "max_tokens": 8,
                     "messages": [{"role": "user", "content": args.prompt}],
-                    "steer": [{"vector": "formal", "scale": scale + 0.5}]}
+                    "steer": [{"vector": "formal", "scale": scale + 0.5, "scope": "all"}]}
             driver.find_element(By.ID, "max-tokens").clear()
             driver.find_element(By.ID, "max-tokens").send_keys("8")
 
@@ -100,12 +111,14 @@ def main() -> None:
                 wait.until(lambda d: int(column("steered", "data-run")) > run
                            and column("steered", "data-state") == "done")
                 page.append(float(column("steered", "data-ttft-ms")))
+                processing.append(page[-1] - float(column("steered", "data-first-read-ms")))
 
             first, second = (from_page, lambda: api.append(api_ttft(server.port, body))) if r % 2 else \
                 (lambda: api.append(api_ttft(server.port, body)), from_page)
             first()
             second()
-            print(f"round {r}: page {page[-1]:.1f} ms, API alone {api[-1]:.1f} ms", flush=True)
+            print(f"round {r}: page {page[-1]:.1f} ms, API alone {api[-1]:.1f} ms, page's own processing of the first "
+                  f"chunk {processing[-1]:.2f} ms", flush=True)
     finally:
         driver.quit()
         server.close()
@@ -114,6 +127,8 @@ def main() -> None:
                       "ttft_api_ms": round(statistics.median(api), 1),
                       "page_overhead_ms": round(statistics.median(overhead), 1),
                       "page_overhead_ms_range": [round(min(overhead), 1), round(max(overhead), 1)],
+                      "page_processing_ms": round(statistics.median(processing), 2),
+                      "page_processing_ms_max": round(max(processing), 2), "load_average": round(os.getloadavg()[0], 2),
                       "rounds": len(page), "texts": texts}))
 
 

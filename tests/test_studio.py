@@ -132,6 +132,8 @@ def test_the_page_streams_columns_and_the_slider_moves_only_the_steered_one(brow
     assert plain["text"] and first["text"] and plain["text"] != first["text"]
     assert plain["chunks"] >= 2 and first["chunks"] >= 2, "the replies arrived in one piece, not streamed"
     assert "24 completion tokens" in plain["meta"]  # the usage chunk (stream_options.include_usage)
+    el = browser.find_element(By.ID, "col-plain")  # the page's own work on the first chunk: read to shown
+    assert 0 <= float(el.get_attribute("data-ttft-ms")) - float(el.get_attribute("data-first-read-ms")) < 50
 
     slider.send_keys(Keys.END)  # +10; one debounced request
     until(browser, lambda: col(browser, "steered")["run"] > first["run"] and col(browser, "steered")["state"] == "done")

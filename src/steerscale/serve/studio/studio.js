@@ -138,6 +138,8 @@ async function run(name, body, stream = true) {
   col.meta.textContent = "";
   const started = performance.now();
   let first = null;
+  let firstRead = null; // when the chunk holding the first text had been read off the stream
+  let readAt = 0;
   let usage = null;
   let buffer = "";
   const decoder = new TextDecoder();
@@ -160,6 +162,7 @@ async function run(name, body, stream = true) {
     const reader = stream ? resp.body.getReader() : null;
     while (reader) {
       const { value, done } = await reader.read();
+      readAt = performance.now();
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let end;
@@ -176,8 +179,11 @@ async function run(name, body, stream = true) {
           for (const choice of chunk.choices || []) {
             const text = choice.delta && choice.delta.content;
             if (!text) continue;
-            if (first === null) first = performance.now() - started;
             col.out.textContent += text;
+            if (first === null) {
+              first = performance.now() - started;
+              firstRead = readAt - started;
+            }
             col.el.dataset.chunks = String(Number(col.el.dataset.chunks) + 1);
           }
         }
@@ -186,6 +192,7 @@ async function run(name, body, stream = true) {
     const total = performance.now() - started;
     const tokens = usage && usage.completion_tokens;
     col.el.dataset.ttftMs = first === null ? "" : first.toFixed(1);
+    col.el.dataset.firstReadMs = firstRead === null ? "" : firstRead.toFixed(1);
     col.el.dataset.completionTokens = tokens ?? "";
     col.el.dataset.promptTokens = usage ? usage.prompt_tokens : "";
     col.meta.textContent = `${usageText(usage)} · ${stream ? "first token" : "answer"} `
