@@ -770,7 +770,7 @@ def render_text(cal: Calibration) -> str:
         g, kl = r["gain"], r["kl"]
         note = " ".join(n for n, on in (("RECOMMENDED", r["recommended"]), ("front", r["on_front"]),
                                         ("broken (effect not measured)", r["broken"])) if on)
-        gain = f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{'':<3}" if g else f"{'-':<29}"
+        gain = f"{g['diff']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{'':<3}" if g else f"{'-':<26}"
         lines.append(f"{r['label']:<14} {r['stage']:<6} {gain} {kl['mean']:.3f} [{kl['lo']:.3f}, {kl['hi']:.3f}]"
                      f"{'':<3} {r['ppl_ratio']:6.3f}  {note}")
     t = cal.test
