@@ -17,6 +17,7 @@ Protocol (everything paired on the same generated problems, one seed stream per 
   ``single_wall``   one sample of the plain prompt with N x T tokens, stopped at the wall time the ``hogwild`` arm
                     took on that problem (``Budget(wall=...)``): the equal-wall-time comparison.
 
+* Per arm: accuracy of its answer, of each worker / sample on its own (``per_sample``), and the oracle (any right).
 * ``hogwild_gain`` = accuracy(hogwild) - accuracy(independent), with its 95% paired bootstrap interval
   (``measure.stats.paired_compare``); the other differences likewise. Tokens and wall seconds per problem per arm.
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     problems = make_problems(args.problems, args.seed, args.difficulty)
     N, T = args.workers, args.tokens
     common = dict(temperature=args.temperature)
-    rows = {a: {"right": [], "tokens": [], "wall": []} for a in ARMS}
+    rows = {a: {"right": [], "tokens": [], "wall": [], "per_sample": [], "oracle": []} for a in ARMS}
     examples = []
 
     def record(arm, res, ref):
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
         rows[arm]["right"].append(1.0 if same_number(res.answer, ref) else 0.0)
         rows[arm]["tokens"].append(spent["generated_tokens"])
         rows[arm]["wall"].append(spent["wall_seconds"])
+        hits = [same_number(c.answer, ref) for c in res.candidates]  # each worker / sample on its own
+        rows[arm]["per_sample"].append(sum(hits) / len(hits))
+        rows[arm]["oracle"].append(1.0 if any(hits) else 0.0)
 
     for i, pb in enumerate(problems):
         q = pb.question
@@ -114,6 +118,8 @@ def main(argv=None) -> int:
         return round(sum(xs) / len(xs), 4) if xs else None
 
     acc = {a: mean(rows[a]["right"]) for a in ARMS}
+    per_sample = {a: mean(rows[a]["per_sample"]) for a in ARMS}
+    oracle = {a: mean(rows[a]["oracle"]) for a in ARMS}
     tokens = {a: mean(rows[a]["tokens"]) for a in ARMS}
     wall = {a: mean(rows[a]["wall"]) for a in ARMS}
     gain = compare(rows["independent"]["right"], rows["hogwild"]["right"])
@@ -122,10 +128,12 @@ def main(argv=None) -> int:
     vs_isolated = compare(rows["isolated"]["right"], rows["hogwild"]["right"])
     print(f"{args.model}, arithmetic difficulty {args.difficulty}, {len(problems)} problems, N={N} workers x T={T} "
           f"tokens, T={args.temperature}")
-    print(f"  {'arm':<12} {'acc':>6} {'tokens/problem':>15} {'wall s/problem':>15} {'tokens/s':>9}")
+    print(f"  {'arm':<12} {'acc':>6} {'per-sample':>10} {'oracle':>7} {'tokens/problem':>15} {'wall s/problem':>15} "
+          f"{'tokens/s':>9}")
     for a in ARMS:
         rate = tokens[a] / wall[a] if wall[a] else float("nan")
-        print(f"  {a:<12} {acc[a]:>6.3f} {tokens[a]:>15.1f} {wall[a]:>15.2f} {rate:>9.1f}")
+        print(f"  {a:<12} {acc[a]:>6.3f} {per_sample[a]:>10.3f} {oracle[a]:>7.3f} {tokens[a]:>15.1f} {wall[a]:>15.2f} "
+              f"{rate:>9.1f}")
     print(f"  hogwild - independent (equal tokens)   {gain}")
     print(f"  hogwild - isolated (protocol only)     {vs_isolated}")
     print(f"  hogwild - single (equal tokens)        {vs_single}")
@@ -135,7 +143,7 @@ def main(argv=None) -> int:
     print(json.dumps({
         "bench": "hogwild", "model": args.model, "task": f"arith:difficulty{args.difficulty}",
         "problems": len(problems), "workers": N, "tokens_per_worker": T, "temperature": args.temperature,
-        "accuracy": acc, "hogwild_gain": gain["diff"], "hogwild_gain_ci": [gain["lo"], gain["hi"]],
+        "accuracy": acc, "per_sample_accuracy": per_sample, "oracle": oracle, "hogwild_gain": gain["diff"], "hogwild_gain_ci": [gain["lo"], gain["hi"]],
         "hogwild_vs_independent": gain, "hogwild_vs_isolated": vs_isolated, "hogwild_vs_single": vs_single,
         "hogwild_vs_single_wall": vs_single_wall, "tokens_per_problem": tokens, "wall_seconds_per_problem": wall,
         "load_seconds": round(load_s, 1), "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -36,7 +36,7 @@ import torch
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
 from .choices import sliding_window
-from .decoding import FinishReason, RowCall, SamplingParams, TokenRules, decode_rows
+from .decoding import RowCall, SamplingParams, TokenRules, decode_rows
 from .kvcache import cache_of, with_cache
 
 SHARED = -1  # owner of the shared prompt's columns
@@ -154,6 +154,8 @@ def shared_decode(model, tokens: TokenRules, shared: Sequence[int], private: Seq
     calls = [RowCall() for _ in range(n)]
 
     def step(inp: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """One forward pass over the tokens of the workers that took one (``fed``); the others' rows are
+        placeholders that ``decode_rows`` replaces with their kept distributions."""
         state["steps"] += 1
         first = len(lay.owner)
         workers = [w for w in range(n) if bool(fed[w])]
@@ -161,12 +163,10 @@ def shared_decode(model, tokens: TokenRules, shared: Sequence[int], private: Seq
             lay.add(w, state["steps"], next_pos[w])
             next_pos[w] += 1
         new = forward(inp[workers], first, list(range(len(workers))))
-        out = logits_now["value"].clone()
-        out[workers] = new.to(out.dtype)
-        logits_now["value"] = out
+        out = new.new_zeros(n, new.shape[-1])
+        out[workers] = new
         return out
 
-    logits_now = {"value": logits}
     ends, _ = decode_rows(calls, logits, params, tokens, generator, step, limit=limit, steps=limit,
                           prompt_ids=[list(shared) + list(p) for p in private], grant=grant)
     return SharedResult(calls, ends, state["steps"], len(lay.owner))
@@ -184,4 +184,4 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return k
 
 
-__all__ = ["SharedResult", "common_prefix", "shared_decode", "FinishReason"]
+__all__ = ["SharedResult", "check_workers", "common_prefix", "shared_decode"]
