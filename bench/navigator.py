@@ -21,7 +21,8 @@ Protocol (one run; everything paired on the same problems):
 
 95% paired bootstrap intervals (``measure.stats.paired_compare``); tokens and wall seconds per problem for each
 method; the machine's load average before and after. The last stdout line is one JSON object; ``navigator_gain`` is
-the navigator minus the best fixed sequence on the test split.
+the navigator minus the best fixed sequence on the test split. ``cpu_seconds`` (the process' CPU time) is the run's
+single-threaded cost, which the machine's load does not inflate (its wall time it does).
 
     STEERSCALE_THREADS=1 OMP_NUM_THREADS=1 python bench/navigator.py     # docs/reasoning.md, "Reasoning navigator"
 """
@@ -39,6 +40,9 @@ TASKS = {
     "arith": ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-"),
                                        allow_parentheses=False, allow_negation=False)),
     "chain": ("chain_sum", dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1)),
+    # yes/no and true/false tasks: chance is 1/2, so a block choice that changes the answer or its format shows
+    "syllogism": ("syllogism", {}),
+    "ransom": ("ransom_note", {}),
 }
 
 
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
                      "reward_last": nav.info["history"][-1]["mean_reward"] if nav.info["history"] else None},
            "navigator_file": nav_path, "load_avg_before": [round(x, 2) for x in load_before],
            "load_avg_after": [round(x, 2) for x in load_after], "cpus": os.cpu_count(),
-           "torch_threads": __import__("torch").get_num_threads(), "wall_seconds": round(time.perf_counter() - wall0, 1)}
+           "torch_threads": __import__("torch").get_num_threads(), "wall_seconds": round(time.perf_counter() - wall0, 1),
+           "cpu_seconds": round(time.process_time(), 1)}  # the process' CPU time: what a loaded machine does not inflate
     print(json.dumps(out))
     return 0
 
