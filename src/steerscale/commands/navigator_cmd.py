@@ -8,7 +8,8 @@ from .common import add_model_args, emit_json, load
 EPILOG = """\
 examples:
   steerscale navigator train --task gym:basic_arithmetic --problems 8 --epochs 100 -o navigator.safetensors
-  steerscale navigator train --task gym:chain_sum --blocks reason,refine,stop --features self_eval+hidden -o nav.safetensors
+  steerscale navigator train --task gym:chain_sum --blocks reason,refine,stop --features self_eval+hidden \\
+      -o nav.safetensors
   steerscale navigator show navigator.safetensors
   steerscale solve -p "Calculate 5 + 6." --strategy navigator --knob navigator=navigator.safetensors
   steerscale solve -p "Calculate 5 + 6." --strategy navigator --knob sequence=decompose,reason   # a fixed sequence
@@ -116,8 +117,8 @@ def run_train(args) -> int:
     hist = nav.info["history"]
     print(f"trained on {len(problems)} problems of {args.task}: {nav.info['epochs_run']} epochs, "
           f"{len(tree.nodes)} block-tree nodes, {nav.info['spent']['generated_tokens']} generated tokens, "
-          f"{nav.info['seconds']:.0f} s" + (f"; mean reward {hist[0]['mean_reward']:.3f} -> {hist[-1]['mean_reward']:.3f}"
-                                            if hist else ""))
+          f"{nav.info['seconds']:.0f} s"
+          + (f"; mean reward {hist[0]['mean_reward']:.3f} -> {hist[-1]['mean_reward']:.3f}" if hist else ""))
     print(f"wrote {path}")
     print(f'use it with: steerscale solve -p "..." --strategy navigator --knob navigator={path}')
     return 0

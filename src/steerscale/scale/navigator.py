@@ -444,7 +444,8 @@ def run_navigator(prompt, backend, verifier, budget, *, navigator=NavigatorRef.N
         features, layer = "self_eval", -1
     t0 = time.perf_counter()
     final = run_episode(prompt, backend, budget, choose=choose, max_blocks=cap, params=params, features=features,
-                        layer=layer, seed=seed, feature_blocks=nav.max_blocks if nav else None, observing=nav is not None)
+                        layer=layer, seed=seed, feature_blocks=nav.max_blocks if nav else None,
+                        observing=nav is not None)
     cand = Candidate(text=final.work, finished=True, finish_reason="stop", answer=fn(final.work),
                      meta={"blocks": list(final.path), "tokens": final.tokens,
                            "self_evals": [round(e, 4) for e in final.evals]})
@@ -460,7 +461,8 @@ def run_navigator(prompt, backend, verifier, budget, *, navigator=NavigatorRef.N
     return finish("navigator", cand.answer, cand, [cand], budget, failures, **info)
 
 
-# registered here, not in strategies/__init__.py (as the "program" strategy is): ``steerscale.scale`` imports this module
+# registered here, not in strategies/__init__.py (as the "program" strategy is): ``steerscale.scale`` imports this
+# module
 STRATEGIES.add("navigator", run_navigator, "RL of Thoughts: a trained navigator picks each reasoning block (reason, "
                "decompose, debate, refine, stop); or a fixed block sequence")
 
@@ -501,7 +503,8 @@ class TrainConfig:
         if STOP not in self.blocks:
             raise SteerscaleError("a navigator's blocks must include 'stop'", f"e.g. {','.join(BLOCKS)}")
         if self.features not in FEATURE_KINDS:
-            raise SteerscaleError(f"unknown navigator features {self.features!r}", f"use one of: {', '.join(FEATURE_KINDS)}")
+            raise SteerscaleError(f"unknown navigator features {self.features!r}",
+                                  f"use one of: {', '.join(FEATURE_KINDS)}")
         for name, lo, hi in (("max_blocks", 1, 16), ("block_tokens", 1, 4096), ("hidden_dims", 1, 64),
                              ("n_hidden", 1, 1024), ("epochs", 0, 100000), ("episodes", 2, 1024), ("explore", 0, 1024)):
             v = getattr(self, name)
@@ -688,8 +691,9 @@ def train_navigator(problems: Sequence[NavProblem], backend, *, budget: Budget |
         opt.zero_grad()
         loss.backward()
         opt.step()
-        row = {"epoch": epoch, "mean_reward": round(sum(rewards) / len(rewards), 4), "entropy":
-               round(float(ent.mean().detach()), 4), "nodes": len(tree.nodes), "seconds": round(time.perf_counter() - t0, 1)}
+        row = {"epoch": epoch, "mean_reward": round(sum(rewards) / len(rewards), 4),
+               "entropy": round(float(ent.mean().detach()), 4), "nodes": len(tree.nodes),
+               "seconds": round(time.perf_counter() - t0, 1)}
         history.append(row)
         if progress is not None:
             progress(row)
@@ -698,7 +702,8 @@ def train_navigator(problems: Sequence[NavProblem], backend, *, budget: Budget |
                                                                           for k, v in config.__dict__.items()},
                 "history": history, "epochs_run": len(history), "stopped_early": stopped_early,
                 "nodes": len(tree.nodes), "spent": tree.budget.spent(),
-                **({"hidden_states": len(hidden)} if hidden is not None else {}), "seconds": round(time.perf_counter() - t0, 1)}
+                **({"hidden_states": len(hidden)} if hidden is not None else {}),
+                "seconds": round(time.perf_counter() - t0, 1)}
     return nav, tree
 
 
