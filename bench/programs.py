@@ -382,8 +382,10 @@ def merge_part(args) -> int:
         merged["runs"].append({"file": path.strip(), "dev": run.get("dev"), "test": run.get("test"),
                                "wall_seconds": run.get("wall_seconds"), "cpu_seconds": run.get("cpu_seconds")})
         for key, value in run.items():
-            if key == "tokens_per_problem":
-                merged.setdefault(key, {}).update(value)
+            if key == "tokens_per_problem":  # a row of another run on another split keeps its own name
+                rows = merged.setdefault(key, {})
+                for row, tokens in value.items():
+                    rows[row if row not in rows else f"{row} ({Path(path.strip()).stem})"] = tokens
             elif merged.get(key) is None:
                 merged[key] = value
     for key in ("wall_seconds", "cpu_seconds"):
