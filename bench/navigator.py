@@ -7,7 +7,8 @@ Protocol (one run; everything paired on the same problems):
    ``1000 + --seed`` (the test split uses seed ``2000 + --seed``, the transfer split ``3000 + --seed``: disjoint
    problem sets). ``train_navigator`` runs ``--explore`` random episodes per problem, then ``--epochs`` of REINFORCE
    (RLOO baseline, ``--episodes`` episodes per problem per epoch); reward = the task's score (1 when reasoning-gym's
-   checker gives full credit, else 0) minus ``--token-cost`` per 100 generated tokens. Every block is a seeded
+   checker gives full credit, else 0; ``--reward score``, the default: its score with partial credit, which
+   reasoning-gym makes as an RL reward) minus ``--token-cost`` per 100 generated tokens. Every block is a seeded
    sample cached in the block tree, so an epoch re-visiting a node costs no model call.
 2. **Best fixed block sequence**: every sequence of at most ``--max-blocks`` work blocks (then ``stop``) is scored on
    the same dev problems (the tree again: the nodes RL did not visit are run now); the best mean score (ties to the
@@ -66,6 +67,8 @@ def parse_args(argv=None):
                    help="reward cost per 100 generated tokens (default 0.05: a tie-breaker toward cheaper paths)")
     p.add_argument("--sc-max", type=int, default=6, help="self-consistency samples drawn per problem (a prefix is kept)")
     p.add_argument("--sc-tokens", type=int, default=32, help="max tokens of one self-consistency sample")
+    p.add_argument("--reward", default="score", choices=("score", "acc"),
+                   help="training reward: the task's score with partial credit (default) or full credit only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/navigator.safetensors", help="where the trained navigator is saved")
     return p.parse_args(argv)
@@ -82,6 +85,12 @@ def make_task(name: str):
 
 def right(task, ex, text) -> float:
     return float(task.check(ex, text)["acc"] >= 1.0)  # gym checkers give partial credit to wrong numbers
+
+
+def graded(task, ex, text) -> float:
+    """The task's own score with its partial credit (reasoning-gym's ``score_answer``, made as an RL reward: e.g.
+    0.75 for "Yes." where "Yes" is due)."""
+    return float(task.check(ex, text)["acc"])
 
 
 def compare(a, b) -> dict:
@@ -115,7 +124,8 @@ def evaluate(task, examples, backend, nav_path, best_seq, args, desc):
         for name, spec in (("navigator", nav_spec.with_knobs(seed=seed)), ("fixed", seq_spec.with_knobs(seed=seed))):
             t0 = time.perf_counter()
             res = spec.run(prompt, backend, answer_fn=lambda t: task.read_answer(t, ex))
-            row[name] = {"acc": right(task, ex, res.best.text), "tokens": res.generated_tokens,
+            row[name] = {"acc": right(task, ex, res.best.text), "score": graded(task, ex, res.best.text),
+                         "tokens": res.generated_tokens,
                          "seconds": time.perf_counter() - t0, "blocks": res.info["blocks"]}
         t0 = time.perf_counter()
         budget = Budget()
@@ -133,7 +143,8 @@ def evaluate(task, examples, backend, nav_path, best_seq, args, desc):
             c.answer = task.read_answer(c.text, ex)
         answer, _ = vote(keep)
         chosen = next((c for c in keep if c.answer == answer), keep[0])
-        row["sc"] = {"acc": right(task, ex, chosen.text), "tokens": used, "k": len(keep),
+        row["sc"] = {"acc": right(task, ex, chosen.text), "score": graded(task, ex, chosen.text), "tokens": used,
+                     "k": len(keep),
                      "seconds": seconds_all * len(keep) / max(1, len(cands))}  # the kept share of one batched call
         rows.append(row)
     return rows
@@ -142,12 +153,16 @@ def evaluate(task, examples, backend, nav_path, best_seq, args, desc):
 def summary(rows) -> dict:
     out = {}
     for m in ("navigator", "fixed", "sc"):
-        out[m] = {"acc": mean(r[m]["acc"] for r in rows), "tokens_per_problem": mean(r[m]["tokens"] for r in rows),
+        out[m] = {"acc": mean(r[m]["acc"] for r in rows), "score": mean(r[m]["score"] for r in rows),
+                  "tokens_per_problem": mean(r[m]["tokens"] for r in rows),
                   "seconds_per_problem": mean(r[m]["seconds"] for r in rows)}
     out["sc"]["k_mean"] = mean(r["sc"]["k"] for r in rows)
     acc = {m: [r[m]["acc"] for r in rows] for m in ("navigator", "fixed", "sc")}
     out["navigator_vs_fixed"] = compare(acc["fixed"], acc["navigator"])
     out["navigator_vs_sc"] = compare(acc["sc"], acc["navigator"])
+    score = {m: [r[m]["score"] for r in rows] for m in ("navigator", "fixed", "sc")}
+    out["score_navigator_vs_fixed"] = compare(score["fixed"], score["navigator"])
+    out["score_navigator_vs_sc"] = compare(score["sc"], score["navigator"])
     blocks: dict = {}
     for r in rows:
         key = ",".join(r["navigator"]["blocks"])
@@ -170,7 +185,8 @@ def main(argv=None) -> int:
     dev = task.load(args.dev_problems, seed=1000 + args.seed)
     test = task.load(args.test_problems, seed=2000 + args.seed)
     other = transfer.load(args.transfer_problems, seed=3000 + args.seed)
-    problems = [NavProblem(ex.id, task.format(ex), (lambda text, ex=ex: right(task, ex, text))) for ex in dev]
+    reward = right if args.reward == "acc" else graded
+    problems = [NavProblem(ex.id, task.format(ex), (lambda text, ex=ex: reward(task, ex, text))) for ex in dev]
 
     t0 = time.perf_counter()
     train_budget = Budget()
@@ -193,15 +209,16 @@ def main(argv=None) -> int:
     for seq in all_sequences(nav.blocks, args.max_blocks):
         scores = tree.sequence_scores(seq)
         tokens = mean(tree.outcome(i, seq)[1] for i in range(len(problems)))
-        seq_scores[",".join(seq) or "stop"] = {"acc": mean(scores), "tokens": tokens}
-    best = max(seq_scores, key=lambda k: (seq_scores[k]["acc"], -seq_scores[k]["tokens"], -len(k)))
+        seq_scores[",".join(seq) or "stop"] = {args.reward: mean(scores), "tokens": tokens}
+    best = max(seq_scores, key=lambda k: (seq_scores[k][args.reward], -seq_scores[k]["tokens"], -len(k)))
     best_seq = tuple(b for b in best.split(",") if b != "stop")
     dev_nav = mean(tree.outcome(i, p)[0] for i, p in enumerate(greedy_paths(nav, tree)))
     search_seconds = time.perf_counter() - t0
     spent = train_budget.spent()
     print(f"train: {len(problems)} dev problems, {nav.info['epochs_run']} epochs, {len(tree.nodes)} tree nodes, "
           f"{spent['generated_tokens']} generated tokens, {train_seconds:.0f} s (+{search_seconds:.0f} s for the "
-          f"fixed sequences); dev acc: navigator {dev_nav}, best fixed '{best}' {seq_scores[best]['acc']}",
+          f"fixed sequences); dev {args.reward}: navigator {dev_nav}, best fixed '{best}' "
+          f"{seq_scores[best][args.reward]}",
           flush=True)
 
     rows = evaluate(task, test, backend, nav_path, best_seq, args, "test")
@@ -212,14 +229,16 @@ def main(argv=None) -> int:
         print(f"{label}: " + "  ".join(f"{m} acc {r[m]['acc']} tokens {r[m]['tokens_per_problem']} "
                                        f"s {r[m]['seconds_per_problem']}" for m in ("navigator", "fixed", "sc")))
         print(f"  navigator - fixed {r['navigator_vs_fixed']}\n  navigator - sc    {r['navigator_vs_sc']}\n"
+              f"  score: navigator - fixed {r['score_navigator_vs_fixed']}, - sc {r['score_navigator_vs_sc']}\n"
               f"  navigator paths {r['navigator_paths']}")
     load_after = os.getloadavg()
     out = {"bench": "navigator", "model": args.model, "task": args.task, "transfer_task": args.transfer_task,
            "dev_problems": len(dev), "test_problems": len(test), "transfer_problems": len(other),
            "max_blocks": args.max_blocks, "block_tokens": args.block_tokens, "features": args.features,
+           "reward": args.reward, "token_cost": args.token_cost,
            "navigator_gain": res["navigator_vs_fixed"], "navigator_vs_sc": res["navigator_vs_sc"],
            "best_fixed_sequence": best, "test": res, "transfer": res_t,
-           "dev": {"navigator_acc": dev_nav, "sequences": seq_scores},
+           "dev": {f"navigator_{args.reward}": dev_nav, "sequences": seq_scores},
            "train": {"epochs_run": nav.info["epochs_run"], "nodes": len(tree.nodes), "seconds": round(train_seconds, 1),
                      "generated_tokens": spent["generated_tokens"], "verifier_passes": spent["verifier_passes"],
                      "reward_first": nav.info["history"][0]["mean_reward"] if nav.info["history"] else None,
