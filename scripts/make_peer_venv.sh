@@ -27,9 +27,6 @@ REQS=(
   "gguf"
   "accelerate"
 )
-STAMP_TEXT="$(printf '%s\n' "${REQS[@]}")"
-STAMP="$PEER_VENV/.steerscale-peers-complete"
-
 check_imports() {
   "$PEER_VENV/bin/python" - <<'PY'
 import numpy, torch, transformers, repeng, steering_vectors, safetensors  # noqa: F401
@@ -41,45 +38,7 @@ print(f"peer venv ok: torch {torch.__version__}, transformers {transformers.__ve
 PY
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]] && OK_LINE="$(check_imports 2>/dev/null)"; then
-  echo "peer venv already complete: $PEER_VENV"
-  echo "$OK_LINE"
-  exit 0
-fi
-
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "error: $PYTHON not found (the peer venv needs Python 3.11; set PEER_PYTHON to another interpreter)" >&2
-  exit 1
-fi
-
-echo "creating peer venv at $PEER_VENV"
-[[ -x "$PEER_VENV/bin/python" ]] || "$PYTHON" -m venv "$PEER_VENV"
-rm -f "$STAMP"
-
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-# Keep any machine-wide constraints (e.g. a local wheel cap) and add ours on top.
-if [[ -n "${PIP_CONSTRAINT:-}" && -f "${PIP_CONSTRAINT}" ]]; then cat "$PIP_CONSTRAINT" >>"$CONSTRAINTS"; fi
-printf 'torch==%s\nnumpy<2\ntransformers==4.57.*\n' "$TORCH_VERSION" >>"$CONSTRAINTS"
-
-PIP=("$PEER_VENV/bin/python" -m pip --disable-pip-version-check)
-# torch first and alone, from the local CPU wheel; no extra index is added.
-quiet() { { grep -v "Location 'file:.*is ignored" || true; } }  # drop pip's noise about empty local indexes
-if ! "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==${TORCH_VERSION}" 2>&1 | quiet; then
-  echo "error: could not install torch==${TORCH_VERSION} (expected the CPU wheel in pip's find-links, e.g. /opt/wheels);" >&2
-  echo "       set PEER_TORCH_VERSION to a torch build available here" >&2
-  exit 1
-fi
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "${REQS[@]}" 2>&1 | quiet
-
-# Fail loudly if anything replaced the CPU build with a CUDA one.
-"$PEER_VENV/bin/python" - <<PY
-import torch
-v = torch.__version__
-assert v == "${TORCH_VERSION}" or v.split("+")[0] == "${TORCH_VERSION}", f"torch was changed to {v}"
-assert torch.version.cuda is None or v.endswith("+cpu"), f"a CUDA torch was installed ({v}); remove $PEER_VENV and rerun"
-PY
-
-check_imports
-printf '%s' "$STAMP_TEXT" >"$STAMP"
-echo "peer venv ready: $PEER_VENV"
+# shellcheck source=scripts/pinned_venv.sh
+. "$ROOT/scripts/pinned_venv.sh"
+pinned_venv peers "$PEER_VENV" "$PYTHON" "$TORCH_VERSION" "PEER_PYTHON PEER_TORCH_VERSION" \
+  "$(printf 'numpy<2\ntransformers==4.57.*')" "${REQS[@]}"

@@ -23,9 +23,6 @@ REQS=(
   "sae-lens==6.54.12"
   "safetensors"
 )
-STAMP_TEXT="$(printf '%s\n' "${REQS[@]}")"
-STAMP="$SAELENS_VENV/.steerscale-saelens-complete"
-
 check_imports() {
   "$SAELENS_VENV/bin/python" - <<'PY'
 import torch, safetensors, sae_lens  # noqa: F401
@@ -34,45 +31,7 @@ print(f"saelens venv ok: torch {torch.__version__}, sae-lens {sae_lens.__version
 PY
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]] && OK_LINE="$(check_imports 2>/dev/null)"; then
-  echo "saelens venv already complete: $SAELENS_VENV"
-  echo "$OK_LINE"
-  exit 0
-fi
-
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "error: $PYTHON not found (the saelens venv needs Python 3.11; set SAELENS_VENV_PYTHON to another interpreter)" >&2
-  exit 1
-fi
-
-echo "creating saelens venv at $SAELENS_VENV"
-[[ -x "$SAELENS_VENV/bin/python" ]] || "$PYTHON" -m venv "$SAELENS_VENV"
-rm -f "$STAMP"
-
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-# Keep any machine-wide constraints (e.g. a local wheel cap) and add ours on top.
-if [[ -n "${PIP_CONSTRAINT:-}" && -f "${PIP_CONSTRAINT}" ]]; then cat "$PIP_CONSTRAINT" >>"$CONSTRAINTS"; fi
-printf 'torch==%s\n' "$TORCH_VERSION" >>"$CONSTRAINTS"
-
-PIP=("$SAELENS_VENV/bin/python" -m pip --disable-pip-version-check)
-# torch first and alone, from the local CPU wheel; no extra index is added.
-quiet() { { grep -v "Location 'file:.*is ignored" || true; } }  # drop pip's noise about empty local indexes
-if ! "${PIP[@]}" install -q -c "$CONSTRAINTS" "torch==${TORCH_VERSION}" 2>&1 | quiet; then
-  echo "error: could not install torch==${TORCH_VERSION} (expected the CPU wheel in pip's find-links, e.g. /opt/wheels);" >&2
-  echo "       set SAELENS_TORCH_VERSION to a torch build available here" >&2
-  exit 1
-fi
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "${REQS[@]}" 2>&1 | quiet
-
-# Fail loudly if anything replaced the CPU build with a CUDA one.
-"$SAELENS_VENV/bin/python" - <<PY
-import torch
-v = torch.__version__
-assert v == "${TORCH_VERSION}" or v.split("+")[0] == "${TORCH_VERSION}", f"torch was changed to {v}"
-assert torch.version.cuda is None or v.endswith("+cpu"), f"a CUDA torch was installed ({v}); remove $SAELENS_VENV and rerun"
-PY
-
-check_imports
-printf '%s' "$STAMP_TEXT" >"$STAMP"
-echo "saelens venv ready: $SAELENS_VENV"
+# shellcheck source=scripts/pinned_venv.sh
+. "$ROOT/scripts/pinned_venv.sh"
+pinned_venv saelens "$SAELENS_VENV" "$PYTHON" "$TORCH_VERSION" "SAELENS_VENV_PYTHON SAELENS_TORCH_VERSION" "" \
+  "${REQS[@]}"

@@ -308,6 +308,52 @@ def test_a_program_through_the_server_and_through_openai_backend(lm):
         server.close()
 
 
+def test_the_server_runs_program_stages_on_memories_its_operator_registered(lm, tmp_path):
+    """A request names a registered memory (``--memory NAME=PATH``), never a path; the stage reads the file the
+    operator gave (the same answer as the local run on that file); unknown names and writes are 400s."""
+    pytest.importorskip("fastapi")
+    from steerscale.scale.programs import Behaviour, Handbook
+    from steerscale.serve import App, start_server
+    from steerscale.serve.schema import ProgramMemory
+    from tiny import ChatCharTokenizer
+
+    tok = ChatCharTokenizer()
+    local_be = LocalBackend(lm[0], tok, lm[1], chat=False)
+    question = "Calculate 12 + 30."
+    vec = local_be.embed([question], Budget()).tolist()[0]
+    path = tmp_path / "handbook.json"
+    Handbook([Behaviour("add_tens", "add the tens first.", question, vec)], "tiny", len(vec)).save(path)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SteerscaleError, match="not a JSON object"):
+        ProgramMemory.load(tmp_path / "list.json")
+    server = start_server(App(lm[0], tok, lm[1], model_id="tiny", max_n=8,
+                              memories={"hb": ProgramMemory.load(path)}))
+    try:
+        def ask(stage):
+            program = {"stages": [stage, gen(max_tokens=5)], "select": "first"}
+            return call(server, "/v1/completions", {"model": "tiny", "prompt": question, "max_tokens": 5, "strategy": {
+                "name": "program", "program": json.dumps(program), "seed": 1}})[:2]
+
+        status, out = ask({"type": "handbook", "memory": "hb", "k": 1})
+        assert status == 200, out
+        want = StrategySpec.of("program", seed=1, max_tokens=5, program={
+            "stages": [{"type": "handbook", "path": str(path), "k": 1}, gen(max_tokens=5)], "select": "first"}).run(
+            question, local_be)
+        assert out["choices"][0]["text"] == want.best.text
+        for stage, needle in [({"type": "handbook", "memory": "nope"}, "not registered on this server; it has: hb"),
+                              ({"type": "concepts", "memory": "hb", "update": True}, "read-only here"),
+                              ({"type": "handbook", "path": str(path)}, "names a file on the server")]:
+            status, out = ask(stage)
+            assert status == 400 and needle in out["error"]["message"], out
+        import urllib.request
+
+        with urllib.request.urlopen(server.url.rsplit("/v1", 1)[0] + "/v1/steering/memories", timeout=30) as resp:
+            listed = json.loads(resp.read())["data"]
+        assert listed == [{"id": "hb", "object": "program_memory", "file": "handbook.json"}]  # no server path
+    finally:
+        server.close()
+
+
 # -- behaviour handbook (metacognitive reuse) ---------------------------------------------------------------------
 def test_behaviour_lines_are_parsed_or_refused():
     from steerscale.scale.programs.memory import parse_behaviour

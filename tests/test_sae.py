@@ -433,16 +433,11 @@ def test_only_separable_unnormalised_saes_clamp_in_a_plan():
 
 
 def _post(url, body):
-    import urllib.error
-    import urllib.request
+    from types import SimpleNamespace
 
-    req = urllib.request.Request(url.rsplit("/v1", 1)[0] + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    from test_serve import call  # the server tests' HTTP helper
+
+    return call(SimpleNamespace(url=url), "/v1/completions", body)
 
 
 def test_the_server_adds_and_clamps_sae_features_per_request():

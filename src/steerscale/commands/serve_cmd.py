@@ -68,6 +68,9 @@ def register(sub) -> None:
                         "under NAME; requests steer with a feature in Neuronpedia's shape: {\"layer\": NAME, "
                         "\"index\": 123, \"strength\": 4} (added), with \"op\": \"clamp\" (clamped); "
                         "repeatable")
+    p.add_argument("--memory", action="append", default=[], metavar="NAME=PATH",
+                   help="register a program memory (a handbook, concept memory or router JSON written by steerscale "
+                        "program) under NAME; a request's program stage reads it with {\"memory\": NAME} (read-only)")
     p.add_argument("--engine", choices=("local", "vllm"), default="local",
                    help="local: steerscale's own engine (every steering form, strategies). vllm: vLLM underneath "
                         "(scripts/make_vllm_venv.sh), its compiled mode, the same request body for plain steer "
@@ -110,6 +113,7 @@ def run(args) -> int:
     import os
 
     from ..serve import App, Limits, serve
+    from ..serve.schema import ProgramMemory
     from ..steer.conditional import Condition
     from ..steer.controller import SteeringController
     from ..steer.vector import SteeringVector
@@ -119,7 +123,8 @@ def run(args) -> int:
         raise SteerscaleError(f"--port {args.port} is not a port number", "use 1-65535, or 0 for any free port")
     shelves = {}
     for flag, kind, load_file in (("vector", "vectors", SteeringVector.load), ("condition", "conditions", Condition.load),
-                                  ("controller", "controllers", SteeringController.load)):
+                                  ("controller", "controllers", SteeringController.load),
+                                  ("memory", "memories", ProgramMemory.load)):
         shelves[kind] = {}
         for spec in getattr(args, flag):  # read every file before the model loads: a bad one fails fast
             name, path = parse_vector_spec(spec, flag)
@@ -170,7 +175,7 @@ def run_vllm(args, api_key: str | None) -> int:
     from ..models.loading import checkpoint_dir
     from ..vllm.server import serve_command
 
-    for flag in ("condition", "controller", "block_corpus", "sae"):
+    for flag in ("condition", "controller", "block_corpus", "sae", "memory"):
         if getattr(args, flag):
             raise SteerscaleError(f"--{flag.replace('_', '-')} does not run with --engine vllm",
                                   "serve it with the local engine (--engine local)")

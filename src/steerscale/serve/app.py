@@ -39,8 +39,8 @@ from ..version import __version__
 from .engine import Engine, SharedTokenizer
 from .metrics import Metrics
 from .responses import Shaper, StreamShaper, sse, stream_safe, to_json
-from .schema import VECTOR_NAME, ApiError, ChatRequest, CompletionRequest, GenRequest, bad, parse_chat, \
-    parse_completion, read_body
+from .schema import VECTOR_NAME, ApiError, ChatRequest, CompletionRequest, GenRequest, ProgramMemory, bad, \
+    parse_chat, parse_completion, read_body
 from .studio import studio_router
 
 log = logging.getLogger("steerscale.serve")
@@ -78,7 +78,7 @@ class App:
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
                  max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None,
                  conditions: dict | None = None, controllers: dict | None = None, block_corpus=None,
-                 saes: dict | None = None):
+                 saes: dict | None = None, memories: dict | None = None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -87,10 +87,11 @@ class App:
             raise SteerscaleError("the API key is empty", "pass a non-empty --api-key, or none for an open server")
         self.layout, self.limits, self.api_key = layout, limits or Limits(), api_key
         # the steering registries (GET/PUT/DELETE /v1/steering/KIND[/NAME]); requests name their entries
-        self.vectors, self.conditions, self.controllers, self.saes = {}, {}, {}, {}
+        self.vectors, self.conditions, self.controllers, self.saes, self.memories = {}, {}, {}, {}, {}
         self.shelves = {"vectors": self.vectors, "conditions": self.conditions, "controllers": self.controllers,
-                        "saes": self.saes}
-        for kind, given in (("vectors", vectors), ("conditions", conditions), ("controllers", controllers)):
+                        "saes": self.saes, "memories": self.memories}
+        for kind, given in (("vectors", vectors), ("conditions", conditions), ("controllers", controllers),
+                            ("memories", memories)):
             for name, obj in (given or {}).items():
                 self.add_artifact(kind, name, obj)  # one made for another model fails here, not in a request
         for name, sae in (saes or {}).items():  # its clamp's token cap is measured once, on the shipped neutral texts
@@ -321,6 +322,8 @@ ARTIFACTS = {
                          "a steerscale .safetensors controller (steerscale controller)"),
     "saes": _Kind("SAE", ClampableSAE, None, lambda c: c.card(),
                   "steerscale serve --sae NAME=DIR, DIR an SAELens folder: cfg.json + sae_weights.safetensors"),
+    "memories": _Kind("program memory", ProgramMemory, None, lambda m: m.card(),
+                      "steerscale serve --memory NAME=PATH, a handbook, concept memory or router JSON"),
 }
 
 

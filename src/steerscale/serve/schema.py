@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -327,7 +328,7 @@ def _block(body: _Common, corpus) -> dict:
     return {"block": corpus} if corpus is not None and body.block_corpus is not False else {}
 
 
-def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=None) -> dict:
+def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=None, memories=None) -> dict:
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
     steer = _steer(body.steer, vectors, conditions, controllers, saes)
@@ -347,7 +348,7 @@ def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=N
     inherit = {k: sampling.get(k, getattr(body, k)) for k in REQUEST_KNOBS if k in given}
     if "stop" in inherit:
         inherit["stop"] = list(stop)
-    strategy = read_strategy(body.strategy, inherit)
+    strategy = read_strategy(body.strategy, inherit, memories)
     if strategy is not None and body.stream:
         raise bad("stream", "a strategy answers once, when it has chosen: send it with 'stream': false")
     contrast = None
@@ -385,6 +386,66 @@ def _names_server_file(value) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ProgramMemory:
+    """A program stage's file (a behaviour handbook, concept memory or prompt router JSON that ``steerscale
+    program`` wrote) registered by the server's operator (``steerscale serve --memory NAME=PATH``): a request's
+    stage names it ``{"memory": NAME}`` instead of a path. Served read-only: one tenant's run must not change what
+    another's retrieves."""
+
+    path: Path
+
+    @classmethod
+    def load(cls, path) -> "ProgramMemory":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SteerscaleError(f"program memory {path} is not a readable JSON file ({exc})",
+                                  "give a handbook, concept memory or router file written by steerscale program")
+        if not isinstance(data, dict):
+            raise SteerscaleError(f"program memory {path} holds {type(data).__name__}, not a JSON object",
+                                  "give a handbook, concept memory or router file written by steerscale program")
+        return cls(path.resolve())
+
+    def check(self, layout) -> None:  # the stage checks the file against the model when it runs
+        return None
+
+    def card(self) -> dict:
+        return {"object": "program_memory", "file": self.path.name}
+
+
+def _served_memories(strategy: dict, memories: dict) -> dict:
+    """``strategy`` with each program stage's ``{"memory": NAME}`` read as the registered file's path; a stage that
+    would write to it (``"update": true``) is refused."""
+    program = strategy.get("program")
+    if not isinstance(program, str) or not program.strip().startswith("{"):
+        return strategy
+    try:
+        tree = json.loads(program)
+    except ValueError:
+        return strategy  # the program parser names the JSON error
+
+    def resolve(value):
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        out = {k: resolve(v) for k, v in value.items()}
+        if "memory" in out:
+            name = out.pop("memory")
+            if not isinstance(name, str) or name not in memories:
+                known = ", ".join(sorted(memories)) or "(none: the operator registers them with --memory NAME=PATH)"
+                raise bad("strategy", f"program memory {name!r} is not registered on this server; it has: {known}")
+            if out.get("update"):
+                raise bad("strategy", f"program memory {name!r} is shared by every request, so it is read-only here: "
+                                      "drop \"update\" (update a memory with steerscale program locally)")
+            out["path"] = str(memories[name].path)
+        return out
+
+    return {**strategy, "program": json.dumps(resolve(tree))}
+
+
 def _check_no_server_files(strategy: dict) -> None:
     found = _names_server_file(strategy)
     if found:
@@ -399,13 +460,15 @@ def _check_no_server_files(strategy: dict) -> None:
                                   f"name ({', '.join(PROGRAMS)}) or its JSON, never a file on the server")
 
 
-def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
-    """The ``strategy`` field as a checked ``StrategySpec`` (None when absent); any problem is a 400 naming it."""
+def read_strategy(strategy: dict | None, inherit: dict, memories: dict | None = None) -> StrategySpec | None:
+    """The ``strategy`` field as a checked ``StrategySpec`` (None when absent); any problem is a 400 naming it.
+    ``memories``: the program memories the operator registered (``ProgramMemory`` by name)."""
     if strategy is None:
         return None
     if not isinstance(strategy.get("name"), str):
         raise bad("strategy", "'strategy' needs a \"name\" (e.g. best_of_n, majority, beam_search)")
     _check_no_server_files(strategy)
+    strategy = _served_memories(strategy, memories or {})
     scalars = (str, int, float, bool, type(None))
     for key, value in strategy.items():
         if key in ("verifier_opts", "verifier_options", "reference", "budget"):
@@ -420,7 +483,7 @@ def read_strategy(strategy: dict | None, inherit: dict) -> StrategySpec | None:
 
 
 def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-                     corpus=None, saes=None) -> GenRequest:
+                     corpus=None, saes=None, memories=None) -> GenRequest:
     p = body.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
         prompts = [p]
@@ -430,7 +493,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions
         raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
     if len(prompts) * body.n > max_n:
         raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories)
     k = body.logprobs
     if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
@@ -456,11 +519,11 @@ def chat_messages(body: ChatRequest) -> list[dict]:
 
 
 def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-               corpus=None, saes=None) -> GenRequest:
+               corpus=None, saes=None, memories=None) -> GenRequest:
     if body.n > max_n:
         raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
     messages = chat_messages(body)
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories)
     if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
     if body.top_logprobs is not None and not body.logprobs:
