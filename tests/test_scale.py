@@ -196,10 +196,14 @@ KNOBS = {"greedy": {}, "best_of_n": {"n": 4}, "majority": {"n": 4}, "self_consis
          "dvts": {"n": 4, "width": 2}, "particle_filter": {"n": 4}, "astar": {"n": 2, "max_expansions": 4},
          "entropic_pf": {"n": 4}, "early_pruning": {"n": 4}, "refine": {"n": 2, "rounds": 2},
          "compute_optimal": {"total": 4, "probe": 2},
-         "program": {"program": "cot_majority"}}
+         "program": {"program": "cot_majority"},
+         # hogwild: without its collaboration note, which would not fit the tiny model's 128-token window
+         "hogwild": {"n": 2, "protocol": False}}
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+# navigator: its block prompts outgrow this tiny model's 128-token window; tests/test_navigator.py seeds it on a
+# model with a longer one
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"navigator"}))
 def test_every_strategy_is_seed_reproducible(backend, name):
     def go(seed):
         r = run_strategy(name, "12 + 3 =", backend, get_verifier("logprob"), Budget(), seed=seed, max_tokens=8,
