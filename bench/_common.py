@@ -140,3 +140,13 @@ def fmt_table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def paired(a, b) -> dict:
+    """``b`` against ``a`` over the same items (``measure.stats.paired_compare``) as a JSON-ready dict, rounded:
+    the difference, its 95% interval, n, wins, losses and the permutation p-value."""
+    from steerscale.measure.stats import paired_compare
+
+    c = paired_compare(a, b)
+    return {"diff": round(c.diff, 4), "lo": round(c.lo, 4), "hi": round(c.hi, 4), "n": c.n, "wins": c.wins,
+            "losses": c.losses, "p_perm": round(c.p_permutation, 4)}

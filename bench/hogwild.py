@@ -49,14 +49,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def compare(a, b) -> dict:
-    from steerscale.measure.stats import paired_compare
-
-    c = paired_compare(a, b)
-    return {"diff": round(c.diff, 4), "lo": round(c.lo, 4), "hi": round(c.hi, 4), "n": c.n, "wins": c.wins,
-            "losses": c.losses, "p_perm": round(c.p_permutation, 4)}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -64,7 +56,7 @@ def main(argv=None) -> int:
     threads = os.environ.get("STEERSCALE_THREADS", "1")
     torch.set_num_threads(int(threads) if threads.isdigit() else 1)  # models/threads.py may refine an "auto"
     sys.path.insert(0, os.path.dirname(__file__))
-    from _common import log, machine_info
+    from _common import log, machine_info, paired
 
     from steerscale import load_model
     from steerscale.answers import same_number
@@ -122,10 +114,10 @@ def main(argv=None) -> int:
     oracle = {a: mean(rows[a]["oracle"]) for a in ARMS}
     tokens = {a: mean(rows[a]["tokens"]) for a in ARMS}
     wall = {a: mean(rows[a]["wall"]) for a in ARMS}
-    gain = compare(rows["independent"]["right"], rows["hogwild"]["right"])
-    vs_single = compare(rows["single"]["right"], rows["hogwild"]["right"])
-    vs_single_wall = compare(rows["single_wall"]["right"], rows["hogwild"]["right"])
-    vs_isolated = compare(rows["isolated"]["right"], rows["hogwild"]["right"])
+    gain = paired(rows["independent"]["right"], rows["hogwild"]["right"])
+    vs_single = paired(rows["single"]["right"], rows["hogwild"]["right"])
+    vs_single_wall = paired(rows["single_wall"]["right"], rows["hogwild"]["right"])
+    vs_isolated = paired(rows["isolated"]["right"], rows["hogwild"]["right"])
     print(f"{args.model}, arithmetic difficulty {args.difficulty}, {len(problems)} problems, N={N} workers x T={T} "
           f"tokens, T={args.temperature}")
     print(f"  {'arm':<12} {'acc':>6} {'per-sample':>10} {'oracle':>7} {'tokens/problem':>15} {'wall s/problem':>15} "

@@ -55,14 +55,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def compare(a, b) -> dict:
-    from steerscale.measure.stats import paired_compare
-
-    c = paired_compare(a, b)
-    return {"diff": round(c.diff, 4), "lo": round(c.lo, 4), "hi": round(c.hi, 4), "n": c.n, "wins": c.wins,
-            "losses": c.losses, "p_perm": round(c.p_permutation, 4)}
-
-
 def pick(scores) -> int:
     """Index of the highest finite score (unscored last, ties to the earlier)."""
     return max(range(len(scores)), key=lambda i: (math.isfinite(scores[i]), scores[i] if math.isfinite(scores[i])
@@ -143,6 +135,7 @@ def judge_rows(rows, judge, args, desc):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from _common import paired
     from steerscale import load_model
     from steerscale.measure.tasks import get_task
     from steerscale.scale import Budget, LocalBackend, get_verifier
@@ -165,8 +158,8 @@ def main(argv=None) -> int:
           f"{sum(r['seconds'] for r in rows) / len(rows):.1f} s per problem")
     for k, v in mean.items():
         print(f"  {k:13s} acc {v:.3f}")
-    fsf_vs_length, fsf_vs_majority = compare(acc["length"], acc["fsf"]), compare(acc["majority"], acc["fsf"])
-    fsf_vs_first = compare(acc["first_sample"], acc["fsf"])
+    fsf_vs_length, fsf_vs_majority = paired(acc["length"], acc["fsf"]), paired(acc["majority"], acc["fsf"])
+    fsf_vs_first = paired(acc["first_sample"], acc["fsf"])
     print(f"  fsf - length      {fsf_vs_length}\n  fsf - majority    {fsf_vs_majority}\n"
           f"  fsf - first       {fsf_vs_first}")
     traces = trace_summary(feats)
@@ -191,14 +184,14 @@ def main(argv=None) -> int:
         cs = [c.copy() for c in r["cands"][:args.judge_cands]]
         score_candidates(prm_v, r["ex"].question, cs, Budget())
         prm.append(correct[pick([c.score if c.score is not None else math.nan for c in cs])])
-    judge_vote_gain = compare(single, voted)
+    judge_vote_gain = paired(single, voted)
     print(f"judge: {len(jrows)} problems x {args.judge_cands} candidates x {args.votes} judgements, "
           f"{args.judge_tokens} max tokens each; judgements with 'Score: N' {parse_rate:.3f}, scored "
           f"(fallback {args.fallback}) {scored_rate:.3f}; judge tokens "
           f"{jspent['generated_tokens']} generated + {jspent['prompt_tokens']} prompt, {jsec:.0f} s")
     print(f"  first candidate {sum(first) / len(first):.3f}  single-call pick {sum(single) / len(single):.3f}  "
           f"voted pick {sum(voted) / len(voted):.3f}  arith_prm pick {sum(prm) / len(prm):.3f}")
-    print(f"  voted - single    {judge_vote_gain}\n  voted - arith_prm {compare(prm, voted)}")
+    print(f"  voted - single    {judge_vote_gain}\n  voted - arith_prm {paired(prm, voted)}")
 
     meta = {"measured": False, "why": "--dev-problems 0"}
     if dev:
@@ -229,7 +222,7 @@ def main(argv=None) -> int:
                     scores.append(vote_scores(meta_filter([s for _, s in parsed], m, 0.5)))
                 filtered.append([c for _, _, c in per][pick(scores)])
             meta = {"measured": True, "dev_judgements": len(y), "dev_right": int(sum(y)),
-                    "acc": round(sum(filtered) / len(filtered), 4), "meta_minus_voted": compare(voted, filtered)}
+                    "acc": round(sum(filtered) / len(filtered), 4), "meta_minus_voted": paired(voted, filtered)}
         print(f"  meta filter: {meta}")
 
     not_measured = ["hogwild_gain", "navigator_gain", "verbatim_rate_with", "verbatim_rate_without",
