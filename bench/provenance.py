@@ -6,9 +6,11 @@ to produce. Then each prompt is answered again by sampling (temperature 0.7, ``-
 once with the veto (``generate(block=SpanIndex)``), each pair with the same seed. ``verbatim_rate_*``: the share of
 sampled answers that contain a span of ``k`` (8) or more tokens of a flagged answer (Wilson 95% intervals).
 ``prov_decode_speed_ratio``: tokens per second of the 16 prompts as one batch with the veto / without, greedy,
-``--repeats`` alternating pairs, the median ratio. Task accuracy under the veto is not measured here.
+``--repeats`` alternating pairs, the median ratio. ``accuracy_change``: ``--accuracy-problems`` problems of
+``--accuracy-task`` (default a reasoning-gym arithmetic task), greedy, with the veto minus without (the same flagged
+corpus; paired 95% interval): what blocking costs answers that have nothing to do with the flagged texts.
 
-    python bench/provenance.py [--tokens 48] [--samples 2] [--repeats 3]
+    python bench/provenance.py [--tokens 48] [--samples 2] [--repeats 3] [--accuracy-problems 30]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import time
 
-from _common import PROMPTS, log, machine_info
+from _common import PROMPTS, log, machine_info, paired
 
 MORE = [
     "What is the capital of France, and why is it famous?",
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-k", type=int, default=8)
+    ap.add_argument("--accuracy-task", default="gym:basic_arithmetic",
+                    help="a steerscale task for the accuracy change (default gym:basic_arithmetic)")
+    ap.add_argument("--accuracy-problems", type=int, default=30, help="its problems (0: skip; default 30)")
+    ap.add_argument("--accuracy-tokens", type=int, default=64, help="new tokens per answer there (default 64)")
     args = ap.parse_args()
     load0 = round(os.getloadavg()[0], 2)
     wall0 = time.perf_counter()
@@ -46,6 +52,7 @@ def main() -> None:
     from steerscale import load_model
     from steerscale.engine.generation import generate
     from steerscale.engine.provenance import SpanIndex
+    from steerscale.measure.tasks import get_task
     from steerscale.measure.stats import wilson_ci
 
     lm = load_model(args.model, dtype="float32")
@@ -75,6 +82,21 @@ def main() -> None:
         speeds.append(rates["with"] / rates["without"])
         log(f"speed pair {r}: with {rates['with']:.1f} tok/s, without {rates['without']:.1f} tok/s")
     speeds.sort()
+    accuracy = None
+    if args.accuracy_problems:
+        task = get_task(args.accuracy_task)
+        examples = task.load(limit=args.accuracy_problems, seed=0)
+        texts = [task.format(ex) for ex in examples]
+        right = {}
+        for name in ("without", "with"):
+            log(f"{args.accuracy_task}: {len(examples)} problems, greedy, {name} the veto ...")
+            outs = generate(lm.model, lm.tokenizer, lm.layout, texts, max_new_tokens=args.accuracy_tokens,
+                            block=corpus if name == "with" else None)
+            right[name] = [float(task.check(ex, o.text)["acc"] >= 1.0) for ex, o in zip(examples, outs)]
+        accuracy = {"task": args.accuracy_task, "problems": len(examples),
+                    "without": round(sum(right["without"]) / len(examples), 4),
+                    "with": round(sum(right["with"]) / len(examples), 4),
+                    "with_minus_without": paired(right["without"], right["with"])}
     ci = {name: wilson_ci(h, n) for name, h in hits.items()}
     print(f"provenance-aware decoding, {args.model}: {len(prompts)} prompts x {args.samples} sampled answers, "
           f"k={args.k}, flagged corpus = the model's greedy answers ({corpus.n_tokens} tokens)")
@@ -84,6 +106,9 @@ def main() -> None:
               f"({e.mean:.2f}, 95% CI [{e.lo:.2f}, {e.hi:.2f}])")
     print(f"  speed, batch of {len(prompts)} greedy, with / without: {[round(s, 3) for s in speeds]} "
           f"(median {speeds[len(speeds) // 2]:.3f})")
+    if accuracy:
+        print(f"  {accuracy['task']}, {accuracy['problems']} problems greedy: accuracy {accuracy['without']:.3f} "
+              f"without the veto, {accuracy['with']:.3f} with; difference {accuracy['with_minus_without']}")
     print(json.dumps({
         "bench": "provenance", "model": args.model, "prompts": len(prompts), "samples_per_prompt": args.samples,
         "k": args.k, "corpus": corpus.describe(), "answers": n,
@@ -92,7 +117,7 @@ def main() -> None:
         "verbatim_rate_with": round(ci["with"].mean, 3),
         "verbatim_rate_with_ci": [round(ci["with"].lo, 3), round(ci["with"].hi, 3)],
         "prov_decode_speed_ratio": round(speeds[len(speeds) // 2], 3), "speed_ratios": [round(s, 3) for s in speeds],
-        "accuracy_change": None, "wall_s": round(time.perf_counter() - wall0, 1), "loadavg_1m_at_start": load0,
+        "accuracy_change": accuracy and accuracy["with_minus_without"]["diff"], "accuracy": accuracy, "wall_s": round(time.perf_counter() - wall0, 1), "loadavg_1m_at_start": load0,
         "machine": machine_info()}))
 
 

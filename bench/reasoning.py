@@ -37,6 +37,9 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--summary", nargs="+", metavar="JSON", default=None,
+                   help="no model work: one JSON line with issue 27's keys gathered from the given benches' last "
+                        "JSON lines (this bench's, bench/hogwild.py's, bench/navigator.py's, bench/provenance.py's)")
     p.add_argument("--task", default="gsm8k",
                    help="a steerscale task name (default gsm8k; e.g. gym:basic_arithmetic for a generated task)")
     p.add_argument("--problems", type=int, default=10, help="GSM8K test problems (default 10)")
@@ -133,8 +136,34 @@ def judge_rows(rows, judge, args, desc):
     return out, budget.spent(), time.perf_counter() - t0
 
 
+ISSUE_KEYS = ("hogwild_gain", "navigator_gain", "fsf_gain", "judge_vote_gain", "verbatim_rate_with",
+              "verbatim_rate_without", "prov_decode_speed_ratio")
+
+
+def summary(paths) -> dict:
+    """Issue 27's keys from the benches that measure them (each file: a bench's last JSON line), with the file and
+    bench each came from; a key no file measured stays null."""
+    out: dict = {"bench": "reasoning-summary", "from": {}}
+    for path in paths:
+        lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip().startswith("{")]
+        if not lines:
+            raise SystemExit(f"{path}: no JSON line")
+        result = json.loads(lines[-1])
+        for key in ISSUE_KEYS:
+            if result.get(key) is not None:
+                out[key] = result[key]
+                out["from"][key] = f"{result.get('bench', '?')} ({path})"
+                for extra in (f"{key}_ci", f"{key}_ci_low", f"{key}_ci_high"):
+                    if extra in result:
+                        out[extra] = result[extra]
+    return {**{k: None for k in ISSUE_KEYS}, **out}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summary:
+        print(json.dumps(summary(args.summary)))
+        return 0
     from _common import paired
     from steerscale import load_model
     from steerscale.measure.tasks import get_task
