@@ -36,6 +36,8 @@ import os
 import sys
 import time
 
+from _common import paired
+
 TASKS = {
     # generated tasks (reasoning-gym), sized for a 135M model: two 1-2 digit terms, + and -
     "arith": ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-"),
@@ -91,14 +93,6 @@ def graded(task, ex, text) -> float:
     """The task's own score with its partial credit (reasoning-gym's ``score_answer``, made as an RL reward: e.g.
     0.75 for "Yes." where "Yes" is due)."""
     return float(task.check(ex, text)["acc"])
-
-
-def compare(a, b) -> dict:
-    from steerscale.measure.stats import paired_compare
-
-    c = paired_compare(a, b)
-    return {"diff": round(c.diff, 4), "lo": round(c.lo, 4), "hi": round(c.hi, 4), "n": c.n, "wins": c.wins,
-            "losses": c.losses, "p_perm": round(c.p_permutation, 4)}
 
 
 def mean(xs) -> float | None:
@@ -158,11 +152,11 @@ def summary(rows) -> dict:
                   "seconds_per_problem": mean(r[m]["seconds"] for r in rows)}
     out["sc"]["k_mean"] = mean(r["sc"]["k"] for r in rows)
     acc = {m: [r[m]["acc"] for r in rows] for m in ("navigator", "fixed", "sc")}
-    out["navigator_vs_fixed"] = compare(acc["fixed"], acc["navigator"])
-    out["navigator_vs_sc"] = compare(acc["sc"], acc["navigator"])
+    out["navigator_vs_fixed"] = paired(acc["fixed"], acc["navigator"])
+    out["navigator_vs_sc"] = paired(acc["sc"], acc["navigator"])
     score = {m: [r[m]["score"] for r in rows] for m in ("navigator", "fixed", "sc")}
-    out["score_navigator_vs_fixed"] = compare(score["fixed"], score["navigator"])
-    out["score_navigator_vs_sc"] = compare(score["sc"], score["navigator"])
+    out["score_navigator_vs_fixed"] = paired(score["fixed"], score["navigator"])
+    out["score_navigator_vs_sc"] = paired(score["sc"], score["navigator"])
     blocks: dict = {}
     for r in rows:
         key = ",".join(r["navigator"]["blocks"])

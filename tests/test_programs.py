@@ -14,27 +14,7 @@ from steerscale.scale.programs.search import Problem, TotalSpent, evaluate, sear
 BUDGET_KEYS = ("generated_tokens", "prompt_tokens", "verifier_passes", "verifier_tokens", "judge_calls")
 
 
-def _long_llama():
-    import transformers
-    from steerscale.models.layout import find_layout
-    from tiny import FAMILIES
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**FAMILIES["llama"][1], "max_position_embeddings": 2048})
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model, find_layout(model)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return _long_llama()
-
-
-@pytest.fixture(scope="module")
-def be(lm):
-    from tiny import CharTokenizer
-
-    return LocalBackend(lm[0], CharTokenizer(), lm[1], chat=False, max_n=32)
+from long_context import be, lm  # noqa: E402,F401 (fixtures: a tiny llama with a long window)
 
 
 def gen(**knobs):
