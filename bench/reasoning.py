@@ -150,12 +150,17 @@ def summary(paths) -> dict:
             raise SystemExit(f"{path}: no JSON line")
         result = json.loads(lines[-1])
         for key in ISSUE_KEYS:
-            if result.get(key) is not None:
-                out[key] = result[key]
-                out["from"][key] = f"{result.get('bench', '?')} ({path})"
-                for extra in (f"{key}_ci", f"{key}_ci_low", f"{key}_ci_high"):
-                    if extra in result:
-                        out[extra] = result[extra]
+            value = result.get(key)
+            if value is None:
+                continue
+            out["from"][key] = f"{result.get('bench', '?')} ({path})"
+            if isinstance(value, dict) and "diff" in value:  # a paired comparison: its difference and interval
+                out[key], out[f"{key}_ci"] = value["diff"], [value.get("lo"), value.get("hi")]
+                continue
+            out[key] = value
+            for extra in (f"{key}_ci", f"{key}_ci_low", f"{key}_ci_high"):
+                if extra in result:
+                    out[extra] = result[extra]
     return {**{k: None for k in ISSUE_KEYS}, **out}
 
 
