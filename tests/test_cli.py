@@ -58,6 +58,28 @@ def _verbs() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     return parser, dict(sub.choices)
 
 
+def _shell_commands(lines: list[str]) -> list[list[str]]:
+    """The ``steerscale ...`` commands of an examples block, read as a shell reads them: a quoted argument or a
+    trailing backslash carries the command on to the next line."""
+    out, i = [], 0
+    while i < len(lines):
+        text = lines[i].strip()
+        i += 1
+        if not text.startswith("steerscale "):
+            continue
+        while True:
+            try:
+                if text.endswith("\\"):
+                    raise ValueError("continued")
+                out.append(shlex.split(text, comments=True))
+                break
+            except ValueError:
+                assert i < len(lines), f"an example never ends: {text!r}"
+                text = (text[:-1] if text.endswith("\\") else text + "\n") + lines[i].strip()
+                i += 1
+    return out
+
+
 def test_every_verb_has_examples_that_parse():
     parser, verbs = _verbs()
     assert set(verbs) == set(COMMANDS) | set(COMMANDS.aliases) and len(verbs) >= 12
@@ -65,8 +87,7 @@ def test_every_verb_has_examples_that_parse():
         text = verb.format_help()
         assert "\nexamples:\n" in text, f"steerscale {name} --help has no examples section"
         block = text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
-        commands = [shlex.split(line, comments=True) for line in block.splitlines()
-                    if line.strip().startswith("steerscale ")]
+        commands = _shell_commands(block.splitlines())
         assert any(c[1] == COMMANDS.canonical(name) for c in commands), f"no `steerscale {name}` example"
         for argv in commands:  # every example names real flags with valid values (runs are checked by hand)
             parser.parse_args(argv[1:])
