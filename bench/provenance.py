@@ -7,8 +7,9 @@ once with the veto (``generate(block=SpanIndex)``), each pair with the same seed
 sampled answers that contain a span of ``k`` (8) or more tokens of a flagged answer (Wilson 95% intervals).
 ``prov_decode_speed_ratio``: tokens per second of the 16 prompts as one batch with the veto / without, greedy,
 ``--repeats`` alternating pairs, the median ratio. ``accuracy_change``: ``--accuracy-problems`` problems of
-``--accuracy-task`` (default a reasoning-gym arithmetic task), greedy, with the veto minus without (the same flagged
-corpus; paired 95% interval): what blocking costs answers that have nothing to do with the flagged texts.
+steerscale's arithmetic generator (``measure.tasks.arith``, ``--accuracy-difficulty``), greedy, with the veto minus
+without (the same flagged corpus; paired 95% interval): what blocking costs answers that have nothing to do with
+the flagged texts.
 
     python bench/provenance.py [--tokens 48] [--samples 2] [--repeats 3] [--accuracy-problems 30]
 """
@@ -41,8 +42,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-k", type=int, default=8)
-    ap.add_argument("--accuracy-task", default="gym:basic_arithmetic",
-                    help="a steerscale task for the accuracy change (default gym:basic_arithmetic)")
+    ap.add_argument("--accuracy-difficulty", type=int, default=1,
+                    help="arithmetic difficulty 1-4 of the accuracy problems (measure.tasks.arith; default 1)")
     ap.add_argument("--accuracy-problems", type=int, default=30, help="its problems (0: skip; default 30)")
     ap.add_argument("--accuracy-tokens", type=int, default=64, help="new tokens per answer there (default 64)")
     args = ap.parse_args()
@@ -52,7 +53,8 @@ def main() -> None:
     from steerscale import load_model
     from steerscale.engine.generation import generate
     from steerscale.engine.provenance import SpanIndex
-    from steerscale.measure.tasks import get_task
+    from steerscale.answers import extract_answer, same_number
+    from steerscale.measure.tasks.arith import make_problems
     from steerscale.measure.stats import wilson_ci
 
     lm = load_model(args.model, dtype="float32")
@@ -84,18 +86,16 @@ def main() -> None:
     speeds.sort()
     accuracy = None
     if args.accuracy_problems:
-        task = get_task(args.accuracy_task)
-        examples = task.load(limit=args.accuracy_problems, seed=0)
-        texts = [task.format(ex) for ex in examples]
+        problems = make_problems(args.accuracy_problems, seed=0, difficulty=args.accuracy_difficulty)
         right = {}
         for name in ("without", "with"):
-            log(f"{args.accuracy_task}: {len(examples)} problems, greedy, {name} the veto ...")
-            outs = generate(lm.model, lm.tokenizer, lm.layout, texts, max_new_tokens=args.accuracy_tokens,
-                            block=corpus if name == "with" else None)
-            right[name] = [float(task.check(ex, o.text)["acc"] >= 1.0) for ex, o in zip(examples, outs)]
-        accuracy = {"task": args.accuracy_task, "problems": len(examples),
-                    "without": round(sum(right["without"]) / len(examples), 4),
-                    "with": round(sum(right["with"]) / len(examples), 4),
+            log(f"arithmetic: {len(problems)} problems, greedy, {name} the veto ...")
+            outs = generate(lm.model, lm.tokenizer, lm.layout, [p.question for p in problems],
+                            max_new_tokens=args.accuracy_tokens, block=corpus if name == "with" else None)
+            right[name] = [float(same_number(extract_answer(o.text), p.answer)) for p, o in zip(problems, outs)]
+        accuracy = {"task": f"arith:difficulty{args.accuracy_difficulty}", "problems": len(problems),
+                    "without": round(sum(right["without"]) / len(problems), 4),
+                    "with": round(sum(right["with"]) / len(problems), 4),
                     "with_minus_without": paired(right["without"], right["with"])}
     ci = {name: wilson_ci(h, n) for name, h in hits.items()}
     print(f"provenance-aware decoding, {args.model}: {len(prompts)} prompts x {args.samples} sampled answers, "
@@ -117,7 +117,8 @@ def main() -> None:
         "verbatim_rate_with": round(ci["with"].mean, 3),
         "verbatim_rate_with_ci": [round(ci["with"].lo, 3), round(ci["with"].hi, 3)],
         "prov_decode_speed_ratio": round(speeds[len(speeds) // 2], 3), "speed_ratios": [round(s, 3) for s in speeds],
-        "accuracy_change": accuracy and accuracy["with_minus_without"]["diff"], "accuracy": accuracy, "wall_s": round(time.perf_counter() - wall0, 1), "loadavg_1m_at_start": load0,
+        "accuracy_change": accuracy and accuracy["with_minus_without"]["diff"], "accuracy": accuracy,
+        "wall_s": round(time.perf_counter() - wall0, 1), "loadavg_1m_at_start": load0,
         "machine": machine_info()}))
 
 
