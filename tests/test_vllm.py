@@ -88,7 +88,7 @@ def test_each_family_vllm_serves_is_steered_as_locally(family, mode):
     assert out["steering_acted"] == 6  # +1 differs from 0 for every prompt and vector
     assert out["compiled"] is (base != "eager") and out["plan"] == plan
     # under tensor parallel 2 the head vectors sit on both ranks; a refused registration leaves no stale reply
-    assert out["refusal_then_info_ok"] and out["tensor_parallel"] == (2 if mode == "tp2" else 1)
+    assert out["refusal_then_info_ok"] and out["tensor_parallel"] == (2 if base == "tp2" else 1)
 
 
 def test_vllm_serve_steers_each_openai_request_with_the_plugin(serve_checks):
