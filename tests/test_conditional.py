@@ -17,7 +17,9 @@ from steerscale.scale import Budget, LocalBackend, SamplingParams
 from steerscale.steer.conditional import Condition, ConditionalSteering, fit_condition, prompt_direction
 from steerscale.steer.controller import SteeringController, train_controller
 from steerscale.steer.gating import fit_token_gate, gated, load_gate, save_gate
+from steerscale.steer.artifacts import fingerprint
 from steerscale.steer.vector import SteeringVector
+from steerscale.serve.scheduler import Job, Scheduler
 from steerscale.models.loading import LoadedModel
 from tiny import ChatCharTokenizer, tiny_lm
 
@@ -178,11 +180,9 @@ def test_token_gate_extremes_match_generated_scope_and_unsteered(family):
     assert all(o.extra["gate_from"] is None for o in off)
 
 
-def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
-    lm = tiny_lm("llama")
-    vec = _vector(lm, scale=8.0)
-    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=10)
-    # a threshold that the probe crosses somewhere inside some generations: the 85th percentile of its scores
+def _mid_generation_gate(lm, plain) -> TokenGate:
+    """``_gate`` with a threshold that the probe crosses somewhere inside some of the ``plain`` generations: the
+    85th percentile of its scores along them."""
     gate = _gate(lm, 0.0)
     seen = []
     for p, g in zip(PROMPTS, plain):  # the probe's scores along each unsteered generation
@@ -190,8 +190,14 @@ def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
         batch = Batch(torch.tensor([text_ids + g.token_ids]), torch.ones(1, len(text_ids) + len(g.token_ids)))
         h = read_batch(lm.model, lm.layout, batch, [gate.site], [Readout.ALL])[Readout.ALL][gate.site][0]
         seen.append(gate.probability(h[None])[0, len(text_ids) - 1:])
-    gate = dataclasses.replace(gate, threshold=float(torch.cat(seen).quantile(0.85)))
-    ivs = gated(vec.interventions(1.0), gate)
+    return dataclasses.replace(gate, threshold=float(torch.cat(seen).quantile(0.85)))
+
+
+def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
+    lm = tiny_lm("llama")
+    vec = _vector(lm, scale=8.0)
+    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=10)
+    ivs = gated(vec.interventions(1.0), _mid_generation_gate(lm, plain))
     out = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, ivs, max_new_tokens=10)
     starts = [o.extra["gate_from"] for o in out]
     assert any(s is None for s in starts) and any(s is not None and s > 0 for s in starts)
@@ -205,13 +211,47 @@ def test_token_gate_latches_mid_generation_per_row_exactly_under_the_cache():
         assert alone.token_ids == out[i].token_ids and alone.extra["gate_from"] == starts[i]
 
 
-def test_token_gate_refuses_edits_before_its_site_and_local_backend():
+def test_token_gate_refuses_edits_before_its_site():
     lm = tiny_lm("llama")
     vec = _vector(lm, layer=1)
     with pytest.raises(SteerscaleError, match="runs before"):
         gated(vec.interventions(1.0), _gate(lm, 0.0, layer=1))
-    with pytest.raises(SteerscaleError, match="token-gated"):
-        LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=gated(vec.interventions(1.0), _gate(lm, 0.0)))
+    sched = Scheduler(lm.model, lm.tokenizer, lm.layout)
+    with pytest.raises(SteerscaleError, match="runs before"):
+        sched.submit(Job([5, 6, 7], SamplingParams(), steer=[(vec, 1.0, "all", _gate(lm, 0.0, layer=1))]))
+    sched.stop()
+
+
+def test_token_gate_latches_per_row_in_local_backend_and_the_scheduler_as_in_generate():
+    """The latch lives with each row: ``LocalBackend`` (one call, step by step over ``extend``, rows forked by
+    ``select``) and the scheduler (every prompt in one batch, rows joining at different steps) give ``generate``'s
+    tokens."""
+    lm = tiny_lm("llama")
+    vec = _vector(lm, scale=8.0)
+    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=10)
+    gate = _mid_generation_gate(lm, plain)
+    want = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, gated(vec.interventions(1.0), gate), max_new_tokens=10)
+    assert any(o.extra["gate_from"] for o in want) and any(o.extra["gate_from"] is None for o in want)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, step=None)
+    eos = {lm.tokenizer.eos_token_id}
+    strip = lambda ids: [t for t in ids if t not in eos]  # noqa: E731
+    with LocalBackend(lm.model, lm.tokenizer, lm.layout, steering=gated(vec.interventions(1.0), gate)) as local:
+        for prompt, o in zip(PROMPTS, want):
+            assert strip(local.sample(prompt, 1, greedy, Budget())[0].token_ids) == o.token_ids
+            # three tokens a step, a row forked into two after the first step: each copy keeps the latch
+            branches = local.extend(local.start(prompt, 1, Budget()), greedy.with_(max_step_tokens=3), Budget())
+            branches = local.select(branches, [0, 0])
+            while not branches.all_finished:
+                branches = local.extend(branches, greedy.with_(max_step_tokens=3), Budget())
+            assert [strip(r.token_ids) for r in branches.rows] == [o.token_ids] * 2
+    sched = Scheduler(lm.model, lm.tokenizer, lm.layout, max_batch=4)  # 6 prompts: two join later
+    jobs = [Job(tokenize(lm.tokenizer, [p], "cpu").input_ids[0].tolist(), greedy, steer=[(vec, 1.0, "all", gate)])
+            for p in PROMPTS]
+    futures = [sched.submit(job) for job in jobs]
+    while not all(f.done() for f in futures):
+        sched.step()
+    sched.stop()
+    assert [strip(f.result()[0].token_ids) for f in futures] == [o.token_ids for o in want]
 
 
 def test_fit_token_gate_round_trips(tmp_path):
@@ -320,6 +360,67 @@ def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
                            ([{"controller": "nope"}], "unknown steering controller")):
             with pytest.raises(openai.BadRequestError, match=match):
                 ask(prompts[0], bad)
+    finally:
+        server.close()
+
+
+def test_server_runs_token_gates_per_row_as_generate_does(tmp_path):
+    """A gated vector through the server (alone, beside plain and ungated requests, n > 1, uploaded while it runs)
+    gives generate's tokens; malformed gate entries are 400s that name the field."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = pytest.importorskip("openai")
+    from steerscale.serve import App, start_server
+    from steerscale.steer.gating import FittedTokenGate
+
+    lm = tiny_lm("llama")
+    vec = _vector(lm, scale=8.0)
+    plain = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, max_new_tokens=10)
+    gate = _mid_generation_gate(lm, plain)
+    want = generate(lm.model, lm.tokenizer, lm.layout, PROMPTS, gated(vec.interventions(1.0), gate), max_new_tokens=10)
+    assert any(o.extra["gate_from"] for o in want)
+    app = App(lm.model, lm.tokenizer, lm.layout, model_id="tiny", vectors={"v": vec}, gates={"g": gate})
+    server = start_server(app)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=60)
+
+        def ask(prompt, steer, n=1):
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, n=n,
+                                            extra_body={"steer": steer})
+            return [c.text for c in out.choices]
+
+        gated_steer = [{"vector": "v", "gate": "g"}]
+        jobs = [(p, gated_steer) for p in PROMPTS] + [(p, []) for p in PROMPTS] + [(p, [{"vector": "v"}]) for p in PROMPTS]
+        with ThreadPoolExecutor(6) as pool:  # gated rows share batches with plain and ungated ones
+            answers = list(pool.map(lambda job: ask(*job)[0], jobs))
+        assert answers[:len(PROMPTS)] == [o.text for o in want]
+        assert answers[len(PROMPTS):2 * len(PROMPTS)] == [o.text for o in plain]
+        assert ask(PROMPTS[0], gated_steer, n=3) == [want[0].text] * 3
+
+        def call(path, data=None, method="GET"):
+            req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        saved = FittedTokenGate.of(gate)
+        saved.metadata = {"model_name": lm.name, "model_fingerprint": fingerprint(lm.layout)}
+        status, card = call("/v1/steering/gates/g2", saved.save(tmp_path / "g2").read_bytes(), "PUT")
+        assert status == 201 and card["object"] == "token_gate" and card["site"] == gate.site.key()
+        assert ask(PROMPTS[1], [{"vector": "v", "gate": "g2"}]) == [want[1].text]
+        early = _gate(lm, 0.0, layer=2)  # read at the vector's own block: it would gate its own edit
+        app.add_artifact("gates", "late", early)
+        for bad, match, param in (([{"vector": "v", "gate": "nope"}], "unknown token gate", "steer"),
+                                  ([{"vector": "v", "gate": "late"}], "runs before", "steer.0.gate"),
+                                  ([{"vector": "v", "gate": "g", "condition": "c"}], "not with 'condition'", None),
+                                  ([{"layer": "s", "index": 0, "gate": "g"}], "an SAE feature takes", None)):
+            with pytest.raises(openai.BadRequestError, match=match) as err:
+                ask(PROMPTS[0], bad)
+            assert param is None or err.value.body["param"] == param
     finally:
         server.close()
 

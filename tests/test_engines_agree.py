@@ -6,6 +6,8 @@ differing token must be a near tie (top-2 log-probs within ``MARGIN``): batch sh
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from steerscale.engine.decoding import SamplingParams, score_tokens
 from steerscale.engine.generation import generate
 from steerscale.engine.logit_contrast import LogitContrast
 from steerscale.engine.plan import FeatureClamp
+from steerscale.engine.runtime import Observer, observe
+from steerscale.engine.token_gates import TokenGate
 from steerscale.scale import Budget, LocalBackend
 from steerscale.serve.scheduler import Job, Scheduler
 from steerscale.steer.conditional import Condition, ConditionalSteering
@@ -68,8 +72,49 @@ def requests(layout):
     ]
 
 
+def mid_generation_gate(model, layout, prompt_ids, plain_ids) -> tuple[TokenGate, int]:
+    """A token gate on block 0 that fires partway through ``plain_ids`` (what the request generates before its gate
+    fires), and the real index it fires at: a probe (each position's state less the mean of those before it, or a
+    random direction) whose reading at some generated position beats every earlier reading by the widest relative
+    gap, its threshold half-way across (float rounding between engines, about 1e-6, cannot move the trigger)."""
+    seen = []
+    with observe(layout, [Observer(Site(0), lambda h: seen.append(h[0].float()))]), torch.no_grad():
+        model(input_ids=torch.tensor([list(prompt_ids) + list(plain_ids)]))
+    h, n = seen[0][len(prompt_ids) - 1:], len(prompt_ids)  # the last prompt token onwards, as a gate reads
+    probes = [h[t] - h[:t].mean(0) for t in range(2, len(h) - 3)]
+    probes += [torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(seed)) for seed in range(16)]
+    best = None
+    for w in probes:
+        reading = h @ w
+        for t in range(2, len(reading) - 3):  # fires after a few tokens, with some left to steer
+            gap = float(reading[t] - reading[:t].max()) / float(reading.abs().max())
+            if best is None or gap > best[0]:
+                best = (gap, w, float(reading[t] + reading[:t].max()) / 2, n - 1 + t)
+    gap, w, middle, at = best
+    assert gap > 1e-3, f"no probe fires mid-generation on this model (widest relative gap {gap})"
+    return TokenGate(Site(0), w, bias=-middle), at
+
+
+def gate_requests(model, tok, layout, prompt, prompt_ids, tokens):
+    """Token-gated requests: a gated vector alone, and beside an ungated one. Each gate fires partway through what
+    the request's ungated edits generate (``mid_generation_gate``)."""
+    _, b, kept, _ = _vectors(layout)
+    out = []
+    for name, ungated, gated in (("token gate", [], (b, 3.0, "all")),
+                                 ("gate and vector", [(kept, 2.0, "all")], (b, -3.0, "generated"))):
+        ivs = [iv for vector, op, scope in ungated for iv in vector.interventions(op, scope)]
+        before = generate(model, tok, layout, [prompt], ivs, max_new_tokens=tokens, chat=False)[0].token_ids
+        gate, _ = mid_generation_gate(model, layout, prompt_ids, before)
+        out.append((name, [*ungated, (*gated, gate)], None))
+    return out
+
+
 def _split(entries):
-    ivs = [iv for e in entries if isinstance(e, tuple) for iv in e[0].interventions(e[1], e[2])]
+    ivs = []
+    for e in entries:
+        if isinstance(e, tuple):
+            gate = e[3] if len(e) > 3 else None
+            ivs += [dataclasses.replace(iv, gate=gate) for iv in e[0].interventions(e[1], e[2])]
     return ivs, [e for e in entries if not isinstance(e, tuple)]
 
 
@@ -96,7 +141,8 @@ def _check_same(model, layout, prompt_ids, entries, contrast, want, got, what):
 def _agree(model, tok, layout, prompt, prompt_ids, only=None, tokens=TOKENS):
     eos = {tok.eos_token_id, tok.pad_token_id}
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, step=None)
-    reqs = [r for r in requests(layout) if only is None or r[0] in only]
+    reqs = [r for r in requests(layout) + gate_requests(model, tok, layout, prompt, prompt_ids, tokens)
+            if only is None or r[0] in only]
     # the scheduler, all requests in one mixed batch
     sched = Scheduler(model, tok, layout, max_batch=len(reqs))
     futures = [sched.submit(Job(list(prompt_ids), greedy, steer=entries, logit_contrast=contrast))
@@ -109,8 +155,12 @@ def _agree(model, tok, layout, prompt, prompt_ids, only=None, tokens=TOKENS):
         ivs, rules = _split(entries)
         local = LocalBackend(model, tok, layout, steering=ivs, rules=rules, chat=False, logit_contrast=contrast)
         want = _strip(local.sample(prompt, 1, greedy, Budget())[0].token_ids, eos)
-        gen = generate(model, tok, layout, [prompt], ivs, max_new_tokens=tokens, chat=False, rules=rules,
-                       logit_contrast=contrast)[0].token_ids
+        generation = generate(model, tok, layout, [prompt], ivs, max_new_tokens=tokens, chat=False, rules=rules,
+                              logit_contrast=contrast)[0]
+        gen = generation.token_ids
+        if "gate" in name:  # the gate switched its vector on partway through the generation
+            start = generation.extra["gate_from"]
+            assert start is not None and 0 < start < len(gen), f"{name}: the gate fired at {start}"
         batched = _strip(future.result()[0].token_ids, eos)
         _check_same(model, layout, prompt_ids, entries, contrast, want, _strip(gen, eos), f"{name}: generate")
         _check_same(model, layout, prompt_ids, entries, contrast, want, batched, f"{name}: scheduler batch")
@@ -136,5 +186,5 @@ def test_engines_agree_on_smollm2():
     prompt = "Tell me about the sea."
     ids = LocalBackend(model, tok, layout, chat=False).prompt_ids(prompt)
     # the real model, on the requests that exercise different code (the tiny models run them all)
-    _agree(model, tok, layout, prompt, ids, only={"plain", "plus", "set", "norm-preserving", "clamp", "CAST holds",
+    _agree(model, tok, layout, prompt, ids, only={"plain", "plus", "set", "norm-preserving", "clamp", "CAST holds", "token gate",
                                                   "logit contrast"}, tokens=6)

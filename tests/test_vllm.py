@@ -154,6 +154,10 @@ def test_the_front_end_refuses_every_malformed_spec_and_unsupported_field():
     # an SAE feature in Neuronpedia's shape (steerscale serve --sae) is refused with where it runs
     with pytest.raises(SteerscaleError, match=r"steer\[0\]\.index: SAE features are not steered here"):
         body_extra_args({"steer": [{"layer": "res6", "index": 3, "strength": 4, "op": "clamp"}]}, None)
+    # so are the entry fields only steerscale serve runs: a token gate, a CAST condition, a controller
+    for key in ("gate", "condition", "controller"):
+        with pytest.raises(SteerscaleError, match=rf"steer\[0\]\.{key}: .* do not run inside vLLM"):
+            body_extra_args({"steer": [{"vector": "formal", key: "x"}]}, None)
     # the steering plan's stages (STEERSCALE_VLLM_STAGES, default 4) bound a request's entries, in either plan
     with pytest.raises(SteerscaleError, match=r"vllm_xargs\.steer: 5 entries .* holds 4 per request"):
         reg.admit(_Request({"steer": ["formal:1"] * 5}))

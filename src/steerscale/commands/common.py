@@ -33,9 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 PROMPT_KEYS = ("text", "instruction", "prompt")
 
 
-def add_steer_args(p: argparse.ArgumentParser, conditional: bool = True, gates: bool = False) -> None:
-    """``--steer``/``--scope``; with ``conditional`` also ``--condition``/``--controller`` (run by ``generate``,
-    ``solve``), with ``gates`` also ``--gate`` (``generate`` only: a gate latches over one whole generation)."""
+def add_steer_args(p: argparse.ArgumentParser, conditional: bool = True) -> None:
+    """``--steer``/``--scope``; with ``conditional`` also ``--condition``/``--controller``/``--gate`` (run by
+    ``generate`` and ``solve``)."""
     p.add_argument("--steer", action="append", default=[], metavar="VEC[:SCALE]",
                    help="apply a steering vector (.safetensors or .gguf) at SCALE (default 1); repeatable")
     p.add_argument("--scope", default="all", metavar="SCOPE",
@@ -55,10 +55,9 @@ def add_steer_args(p: argparse.ArgumentParser, conditional: bool = True, gates: 
     c.add_argument("--controller", action="append", default=[], metavar="CTL.safetensors[:GAIN]",
                    help="a steering controller (steerscale controller) that sets the strength per prompt; "
                         "GAIN multiplies it (default 1); repeatable")
-    if gates:
-        c.add_argument("--gate", default=None, metavar="GATE.safetensors",
-                       help="a token gate (steerscale gate): the --steer vectors apply from the first generated "
-                            "token at which it fires")
+    c.add_argument("--gate", default=None, metavar="GATE.safetensors",
+                   help="a token gate (steerscale gate): the --steer vectors apply, in each sequence, from the first "
+                        "generated token at which it fires")
 
 
 def steering_from_args(args, layout) -> tuple[list, list]:

@@ -27,7 +27,7 @@ def register(sub) -> None:
                        epilog=EPILOG)
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
-    add_steer_args(p, gates=True)
+    add_steer_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)

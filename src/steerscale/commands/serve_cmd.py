@@ -27,20 +27,25 @@ examples:
   steerscale serve --vector refusal=refusal.safetensors --condition harmful=harmful.safetensors --controller ctl=ctl.safetensors
   ... "steer": [{"vector": "refusal", "scale": 4, "condition": "harmful"}]     # or [{"controller": "ctl"}]
 
+  # a token gate (steerscale gate): the vector applies from the first token at which the gate's probe fires
+  steerscale serve --vector truth=truth.safetensors --gate untruthful=untruthful.safetensors
+  ... "steer": [{"vector": "truth", "scale": 4, "gate": "untruthful"}]
+
   # SAE features (steerscale sae train/load): added, or clamped per request, in Neuronpedia's shape
   steerscale serve --sae res6=out/sae ...
   ... "steer": [{"layer": "res6", "index": 123, "strength": 4}]   # or with "op": "clamp" (strength 0: off)
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true), GET /v1/models,
-GET|PUT|DELETE /v1/steering/{vectors,conditions,controllers}[/NAME] (GET /v1/steering/saes), GET /health, GET /metrics (Prometheus), GET /docs (the API, from
-/openapi.json). Concurrent requests are batched by one engine loop, each row with its own steering (--max-batch
+GET|PUT|DELETE /v1/steering/{vectors,conditions,controllers,gates}[/NAME] (GET /v1/steering/saes), GET /health,
+GET /metrics (Prometheus), GET /docs (the API, from /openapi.json). Concurrent requests are batched by one engine loop, each row with its own steering (--max-batch
 rows at a time). With --api-key (or STEERSCALE_API_KEY) every /v1 route needs 'Authorization: Bearer KEY'.
 Limits: past --max-pending requests in flight a client gets 429 with Retry-After; bodies past --max-body-mb get
 413; a request running past --request-timeout is cancelled (408); a client that disconnects is cancelled at
 the next decoding step. SIGTERM/SIGINT let requests in flight finish for --shutdown-timeout seconds.
 With --engine vllm the same command starts `vllm serve` with steerscale's plugin (vLLM's compiled mode, bf16 unless
 --dtype says otherwise; build its venv with scripts/make_vllm_venv.sh): the same "steer" field (and vLLM's own
-"vllm_xargs": {"steer": ["formal:4"]}); conditions, controllers, logit contrast and strategies are refused with 400.
+"vllm_xargs": {"steer": ["formal:4"]}); conditions, controllers, gates, SAE features, logit contrast and strategies
+are refused with 400.
 A remote search against this (or a vLLM/SGLang/llama.cpp) server: steerscale solve --backend-url URL ...
 See docs/serving.md.
 """
@@ -63,6 +68,9 @@ def register(sub) -> None:
     p.add_argument("--controller", action="append", default=[], metavar="NAME=PATH",
                    help="register a steering controller (steerscale controller) under NAME; requests steer "
                         "with {\"controller\": NAME}; repeatable")
+    p.add_argument("--gate", action="append", default=[], metavar="NAME=PATH",
+                   help="register a token gate (steerscale gate) under NAME; a request's vector applies from the first "
+                        "token at which it fires: {\"vector\": V, \"gate\": NAME}; repeatable")
     p.add_argument("--sae", action="append", default=[], metavar="NAME=DIR",
                    help="register an SAE (an SAELens folder: cfg.json + sae_weights.safetensors; steerscale sae) "
                         "under NAME; requests steer with a feature in Neuronpedia's shape: {\"layer\": NAME, "
@@ -74,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=("local", "vllm"), default="local",
                    help="local: steerscale's own engine (every steering form, strategies). vllm: vLLM underneath "
                         "(scripts/make_vllm_venv.sh), its compiled mode, the same request body for plain steer "
-                        "entries; conditions, controllers, logit contrast and strategies are answered 400 there")
+                        "entries; conditions, controllers, gates, SAE features, logit contrast and strategies are "
+                        "answered 400 there")
     p.add_argument("--block-corpus", default=None, metavar="DIR",
                    help="provenance-aware decoding: no request generates a verbatim span of --block-k tokens found in "
                         "these .txt/.md documents (a request sends \"block_corpus\": false to opt out)")
@@ -116,6 +125,7 @@ def run(args) -> int:
     from ..serve.schema import ProgramMemory
     from ..steer.conditional import Condition
     from ..steer.controller import SteeringController
+    from ..steer.gating import load_gate
     from ..steer.vector import SteeringVector
     from .common import load
 
@@ -124,7 +134,7 @@ def run(args) -> int:
     shelves = {}
     for flag, kind, load_file in (("vector", "vectors", SteeringVector.load), ("condition", "conditions", Condition.load),
                                   ("controller", "controllers", SteeringController.load),
-                                  ("memory", "memories", ProgramMemory.load)):
+                                  ("gate", "gates", load_gate), ("memory", "memories", ProgramMemory.load)):
         shelves[kind] = {}
         for spec in getattr(args, flag):  # read every file before the model loads: a bad one fails fast
             name, path = parse_vector_spec(spec, flag)
@@ -175,7 +185,7 @@ def run_vllm(args, api_key: str | None) -> int:
     from ..models.loading import checkpoint_dir
     from ..vllm.server import serve_command
 
-    for flag in ("condition", "controller", "block_corpus", "sae", "memory"):
+    for flag in ("condition", "controller", "gate", "block_corpus", "sae", "memory"):
         if getattr(args, flag):
             raise SteerscaleError(f"--{flag.replace('_', '-')} does not run with --engine vllm",
                                   "serve it with the local engine (--engine local)")

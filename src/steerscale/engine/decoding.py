@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from itertools import chain
@@ -382,17 +382,21 @@ class RowCall:
 
 @torch.no_grad()
 def score_tokens(model, layout, ids: Sequence[int], interventions=(), *, k: int = 0, prompt_width: int | None = None,
-                 logit_contrast=None) -> tuple[list[float], list[list[tuple[int, float]]]]:
+                 logit_contrast=None, hooks=None) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Teacher-forced log-prob of tokens 1.. of ``ids`` under ``interventions`` and the decoding distribution
     (the logit contrast's when given, as decoding samples from it), and the ``k`` most likely tokens ``(id,
     log-prob)`` at each of those positions, in one forward pass. ``prompt_width``: where the prompt ends, for the
-    ``prompt``/``generated`` steering scopes. What a server's ``logprobs``/``echo`` report."""
+    ``prompt``/``generated`` steering scopes. ``hooks``: an engine's ``StandingIntervener`` to run on (None: hooks
+    for this pass). What a server's ``logprobs``/``echo`` report."""
     if not ids:
         raise SteerscaleError("scoring needs at least one token id")
     x = torch.tensor([list(ids)], device=next(model.parameters()).device)
     early = None if logit_contrast is None else EarlyReader(layout, logit_contrast, model=model)
-    with intervene(layout, list(interventions), prompt_width=prompt_width), \
-            early.reading() if early is not None else nullcontext():
+    if hooks is not None:
+        steered = hooks.running(list(interventions), early.observers() if early is not None else (), prompt_width)
+    else:
+        steered = _intervene_and_read(layout, list(interventions), prompt_width, early)
+    with steered:
         logits = model(input_ids=x, use_cache=False).logits[0].float()
     if early is not None:
         logits = contrast_hidden(model, layout, early.spec, logits, [early.hidden[layer][0] for layer in early.layers])
@@ -403,6 +407,13 @@ def score_tokens(model, layout, ids: Sequence[int], interventions=(), *, k: int 
     vals, idx = logp.topk(min(k, logp.shape[-1]), -1)
     return chosen, [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
+
+
+@contextmanager
+def _intervene_and_read(layout, interventions, prompt_width, early):
+    with intervene(layout, interventions, prompt_width=prompt_width), \
+            early.reading() if early is not None else nullcontext():
+        yield
 
 
 def decode_rows(calls: Sequence[RowCall], logits: torch.Tensor, params: SamplingParams, tokens: TokenRules,

@@ -17,6 +17,12 @@ its norm before, on the rows the slot edits (``engine.ops.apply_edit``'s rule), 
 such as an SAE feature: ``h + (target - act(s . e + b)) d``, tokens whose stream norm passes the feature's cap left
 alone). A slot's table is a few named parts (``rows``, and ``targets``, ``enc``, ``consts`` for the kinds that read
 the stream), each indexed by the same per-token index.
+
+Token gates: an entry ``(vector, op, scope, gate)`` gets a slot of its own that waits on ``gate`` (a
+``TokenGate``): its tokens read their row only from the one at which the gate fired for their batch row on, and
+row 0 before. Which tokens a gate has switched on is known only inside the pass (the gate is read at an earlier
+site of the same pass), so the plan asks the hooks that run it (``SteeringPlan.gate_on``, the standing hooks'
+``gate_on``); the latches live with the engine's rows.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ..models.sites import Site
 from .ops import Edit
 from .runtime import Intervention
 from .scope import ALL_TOKENS, TokenScope
+from .token_gates import TokenGate
 
 CLASSES = 3  # token classes per request: early prompt tokens, the last prompt token, generated tokens
 APPLIES = {"all": (True, True, True), "prompt": (True, True, False), "generated": (False, True, True)}
@@ -105,9 +112,10 @@ class EditSlot:
 
     kind: str
     parts: dict[str, torch.Tensor]
+    gate: TokenGate | None = None  # the slot's rows apply from the token at which this gate fired (per batch row)
 
     def to(self, device, dtype) -> "EditSlot":
-        return EditSlot(self.kind, {k: v.to(device, dtype) for k, v in self.parts.items()})
+        return EditSlot(self.kind, {k: v.to(device, dtype) for k, v in self.parts.items()}, self.gate)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -138,29 +146,50 @@ class EditSlot:
 
 def request_slots(entries: Iterable[tuple], columns: Callable[[Site, torch.Tensor], torch.Tensor | None] | None = None
                   ) -> dict[Site, dict[tuple[int, str], dict[str, torch.Tensor]]]:
-    """One request's edits: ``{site: {(entry k, kind): {part: (3, ...)}}}`` from its entries ``(vector, op, scope
-    kind)`` in order (a vector has ``directions`` and ``preserve_norm``; a ``FeatureClamp`` goes with ``("clamp",
-    value)``). ``columns(site, direction)`` places a direction in the width the engine edits (a head's columns on a
-    tensor-parallel rank; None: not on this rank); without it a direction is its own width."""
+    """One request's edits: ``{site: {(entry k, kind, gate): {part: (3, ...)}}}`` from its entries ``(vector, op,
+    scope kind)`` or ``(vector, op, scope kind, gate)`` in order (a vector has ``directions`` and ``preserve_norm``; a
+    ``FeatureClamp`` goes with ``("clamp", value)``; ``gate``: a ``TokenGate`` or None). ``columns(site, direction)``
+    places a direction in the width the engine edits (a head's columns on a tensor-parallel rank; None: not on this
+    rank); without it a direction is its own width."""
     out: dict = {}
-    for k, (vector, op, scope) in enumerate(entries):
+    for k, entry in enumerate(entries):
+        vector, op, scope, gate = _entry(entry)
         on = torch.tensor(APPLIES[str(scope)], dtype=torch.float32)[:, None]
         for site, direction in vector.directions.items():
             d = direction.float() if columns is None else columns(site, direction.float())
             if d is None:
                 continue
+            if gate is not None:
+                gate.check_edit_site(site)
             if isinstance(vector, FeatureClamp):  # ("clamp", value)
                 consts = torch.tensor([vector.bias, vector.threshold, vector.norm_cap], dtype=torch.float32)
-                out.setdefault(site, {})[(k, "clamp")] = {
+                out.setdefault(site, {})[(k, "clamp", gate)] = {
                     "rows": on * d, "targets": on[:, 0] * float(op[1]), "enc": on * vector.encoder.float(),
                     "consts": on * consts}
             elif isinstance(op, tuple):  # ("set", value): the unit direction, and its target per token class
                 kind = "setn" if vector.preserve_norm else "set"
-                out.setdefault(site, {})[(k, kind)] = {"rows": on * (d / d.norm()), "targets": on[:, 0] * float(op[1])}
+                out.setdefault(site, {})[(k, kind, gate)] = {"rows": on * (d / d.norm()),
+                                                             "targets": on[:, 0] * float(op[1])}
             else:
                 kind = "addn" if vector.preserve_norm else "add"
-                out.setdefault(site, {})[(k, kind)] = {"rows": on * (float(op) * d)}
+                out.setdefault(site, {})[(k, kind, gate)] = {"rows": on * (float(op) * d)}
     return out
+
+
+def _entry(entry: tuple) -> tuple:
+    """``(vector, op, scope, gate)`` of an entry given with or without its gate."""
+    if len(entry) == 3:
+        return (*entry, None)
+    vector, op, scope, gate = entry
+    if gate is not None and not isinstance(gate, TokenGate):
+        raise SteerscaleError(f"a steering entry's gate must be a TokenGate, got {type(gate).__name__}")
+    return vector, op, scope, gate
+
+
+def _slot_order(slot: tuple) -> tuple:
+    """Slots in entry order; an entry's gated and ungated slots (different requests) in a fixed order."""
+    k, kind, gate = slot
+    return k, kind, 0 if gate is None else id(gate)
 
 
 def build_tables(requests: Sequence[dict], device=None, dtype=None) -> dict[Site, list[EditSlot]]:
@@ -168,13 +197,13 @@ def build_tables(requests: Sequence[dict], device=None, dtype=None) -> dict[Site
     tables with row 0 zeros, on ``device``/``dtype``."""
     ops: dict[Site, list[EditSlot]] = {}
     for site in dict.fromkeys(site for r in requests for site in r):
-        for slot in sorted({slot for r in requests for slot in r.get(site, {})}):
+        for slot in sorted({slot for r in requests for slot in r.get(site, {})}, key=_slot_order):
             like = next(r[site][slot] for r in requests if slot in r.get(site, {}))  # part shapes
             parts = {name: torch.cat([torch.zeros(1, *t.shape[1:])]
                                      + [r[site][slot][name] if slot in r.get(site, {}) else torch.zeros_like(t)
                                         for r in requests])
                      for name, t in like.items()}
-            op = EditSlot(slot[1], parts)
+            op = EditSlot(slot[1], parts, slot[2])
             ops.setdefault(site, []).append(op.to(device, dtype) if device is not None else op)
     return ops
 
@@ -188,10 +217,18 @@ def token_index(slot: torch.Tensor, positions: torch.Tensor, prompt_lens: torch.
 
 @dataclass
 class SteeringPlan:
-    """One forward pass's steering: per site its edit slots in order, and each token's row in their tables."""
+    """One forward pass's steering: per site its edit slots in order, and each token's row in their tables.
+    ``gate_on(gate)``: the (rows, tokens) tokens of this pass a gate has switched on, for plans with gated slots
+    (the standing hooks' ``gate_on``)."""
 
     ops: dict[Site, list[EditSlot]]
     index: torch.Tensor
+    gate_on: Callable[[TokenGate], torch.Tensor] | None = None
+
+    @property
+    def gates(self) -> list[TokenGate]:
+        """The distinct gates the plan's slots wait on (the hooks must read them in every pass)."""
+        return list({id(op.gate): op.gate for ops in self.ops.values() for op in ops if op.gate is not None}.values())
 
     def edit(self, site: Site, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` with the site's slots applied in order. A flat ``x`` (tokens, width) longer than the index (an
@@ -201,8 +238,14 @@ class SteeringPlan:
             index = torch.nn.functional.pad(index[: x.shape[0]], (0, max(0, x.shape[0] - index.shape[0])))
         index = index.to(x.device)
         for op in self.ops.get(site, ()):
-            x = op.apply(x, index, extra)
+            x = op.apply(x, index if op.gate is None else self._gated(op.gate, index), extra)
         return x
+
+    def _gated(self, gate: TokenGate, index: torch.Tensor) -> torch.Tensor:
+        if self.gate_on is None or index.dim() != 2:
+            raise SteerscaleError("this engine runs no token gates", "run token-gated steering on a local engine "
+                                  "(generate, LocalBackend, steerscale serve)")
+        return torch.where(self.gate_on(gate).to(index.device), index, torch.zeros_like(index))
 
 
 @dataclass(eq=False)
@@ -285,7 +328,11 @@ class StaticPlan:
         """One request's stage rows per site: ``[(ids (3, 2), vals (3, 7))]`` in entry order (the ``request_slots``
         of this layout); a site with more entries than stages is refused."""
         out: dict[Site, list] = {}
-        for vector, op, scope in entries:
+        for entry in entries:
+            vector, op, scope, gate = _entry(entry)
+            if gate is not None:
+                raise SteerscaleError("token gates do not run in the static (CUDA-graph) plan",
+                                      "run token-gated steering on a local engine (steerscale serve)")
             on = torch.tensor(APPLIES[str(scope)], dtype=torch.float32)
             for site, direction in vector.directions.items():
                 if site not in self.dirs:

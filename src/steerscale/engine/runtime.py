@@ -134,13 +134,7 @@ class Intervener:
         self._groups: dict[tuple[int, HookPoint], list[tuple[Intervention, Location]]] = _by_hook(
             (iv, _check(layout, iv)) for iv in self.interventions)
         self._latches: dict[int, torch.Tensor] = {}  # id(gate) -> (batch,) real index of the token it fired at
-        gates = {id(iv.gate): iv.gate for iv in self.interventions if iv.gate is not None}
-        for gate in gates.values():
-            if gate.dim != layout.site_dim(gate.site):
-                raise SteerscaleError(f"gate at {gate.site.key()} has size {gate.dim}, but this {layout.architecture} "
-                                      f"model's site has size {layout.site_dim(gate.site)}",
-                                      "the gate was fitted on another model; fit it on this one")
-        gate_reads = [Observer(g.site, partial(self._read_gate, g)) for g in gates.values()]
+        gate_reads = self._gate_reads(iv.gate for iv in self.interventions)
         self._reads: dict[tuple[int, HookPoint], list[tuple[Observer, Location]]] = _by_hook(
             (ob, layout.locate(ob.site)) for ob in self.observers + gate_reads)
         if stop_after is not None and not 0 <= stop_after < layout.n_layers:
@@ -150,6 +144,22 @@ class Intervener:
     @property
     def state(self) -> TokenState | None:
         return self.tracker.state
+
+    def _gate_reads(self, gates: Iterable[TokenGate | None]) -> list[Observer]:
+        """The observers that read ``gates`` (each distinct gate once), checked against the model."""
+        distinct = {id(g): g for g in gates if g is not None}
+        for gate in distinct.values():
+            if gate.dim != self.layout.site_dim(gate.site):
+                raise SteerscaleError(f"gate at {gate.site.key()} has size {gate.dim}, but this "
+                                      f"{self.layout.architecture} model's site has size "
+                                      f"{self.layout.site_dim(gate.site)}",
+                                      "the gate was fitted on another model; fit it on this one")
+        return [Observer(g.site, partial(self._read_gate, g)) for g in distinct.values()]
+
+    def gate_on(self, gate: TokenGate) -> torch.Tensor:
+        """(batch, tokens) bool: the tokens of the pass in progress that ``gate`` has switched on (its latch is at or
+        before them). What an edit that gates only some of its rows (a steering plan's gated slots) asks."""
+        return self._gate_on(gate, self.tracker.state)
 
     def gate_positions(self, gate: TokenGate) -> list[int | None]:
         """Per row of the last forward pass, the real-token index at which ``gate`` fired (None: it did not)."""
@@ -256,8 +266,11 @@ class Intervener:
         """Latch each row at the first position (last prompt token onwards) where ``gate`` fires."""
         state = self.tracker.state
         latch = self._latches.get(id(gate))
-        if latch is None or int(state.cache_position[0]) == 0 or latch.shape[0] != state.batch:
-            latch = torch.full((state.batch,), _NEVER, dtype=torch.long, device=h.device)
+        if latch is None or int(state.cache_position[0]) == 0:  # a new sequence (or a recompute from column 0)
+            latch = new_latch(state.batch, h.device)
+        elif latch.shape[0] != state.batch:
+            raise SteerscaleError(f"gate latches for {latch.shape[0]} rows in a pass of {state.batch}",
+                                  "keep each row's latch with the row when the batch changes (select/merge it)")
         real = state.real_positions()
         fired = gate.fires(h) & state.mask(TokenScope(Scope.GENERATED))
         first = torch.where(fired, real, torch.full_like(real, _NEVER)).min(-1).values
@@ -288,18 +301,24 @@ class Intervener:
         return hook
 
 
+def new_latch(rows: int, device=None) -> torch.Tensor:
+    """A gate's latch for ``rows`` rows that have not fired: ``(rows,)`` long, the never-fired value."""
+    return torch.full((rows,), _NEVER, dtype=torch.long, device=device)
+
+
 class StandingIntervener(Intervener):
     """Hooks attached once for an engine's lifetime, running whatever edits (and reads) the current forward pass
     has: ``with hooks.running(interventions, observers, prompt_width): model(...)``. A module's hook is registered
     the first time an edit or read there is run (or up front, ``prepare(sites)``) and stays until ``close()``; a
     hooked module without edits in this pass returns at once. So an engine that decodes step after step under
     changing per-row edits registers no hooks per step (``registrations`` counts them), and the edits themselves are
-    the same code as ``intervene``'s. Token gates are refused: their latch spans a whole generation of one batch."""
+    the same code as ``intervene``'s. Token gates run too: a gate's latch spans a whole generation, so the engine
+    owns it (``running(latches=...)``: one ``(rows,)`` tensor per gate, kept with its rows across passes)."""
 
     def __init__(self, layout: ModelLayout):
         super().__init__(layout, [])
         self._hooked: set[tuple[int, HookPoint]] = set()
-        self._groups, self._reads = {}, {}
+        self._groups, self._reads, self._gated = {}, {}, False
         self.registrations = 0
 
     def attach(self) -> "StandingIntervener":
@@ -335,26 +354,29 @@ class StandingIntervener(Intervener):
 
     @contextmanager
     def running(self, interventions: Sequence[Intervention] = (), observers: Sequence[Observer] = (),
-                prompt_width: int | None = None) -> Iterator["StandingIntervener"]:
-        """The edits and reads of the forward passes inside the block; nothing runs after it."""
-        if any(iv.gate is not None for iv in interventions):
-            raise SteerscaleError("token gates latch over one whole generation and cannot run on an engine's "
-                                  "standing hooks", "use engine.generate(...) for token-gated steering")
+                prompt_width: int | None = None, gates: Iterable[TokenGate] = (),
+                latches: dict[int, torch.Tensor] | None = None) -> Iterator["StandingIntervener"]:
+        """The edits and reads of the forward passes inside the block; nothing runs after it. Token gates (those of
+        ``interventions`` and ``gates``, the gates an edit asks about through ``gate_on``) are read in every pass;
+        ``latches`` (``id(gate) -> (rows,)``, ``new_latch``) is the caller's and is updated in place, so a gate that
+        fired in one pass stays on in the next; a pass from column 0 starts every latch afresh."""
         if not self._handles:
             raise SteerscaleError("these standing hooks are closed", "build a new engine")
         groups = _by_hook((iv, _check(self.layout, iv)) for iv in interventions)
-        reads = _by_hook((ob, self.layout.locate(ob.site)) for ob in observers)
+        gate_reads = self._gate_reads([*(iv.gate for iv in interventions), *gates])
+        reads = _by_hook((ob, self.layout.locate(ob.site)) for ob in [*observers, *gate_reads])
         self._hook_all(group[0][1] for group in (*groups.values(), *reads.values()))
-        self._groups, self._reads = groups, reads
+        self._groups, self._reads, self._gated = groups, reads, bool(gate_reads)
+        self._latches = latches if latches is not None else {}
         self.tracker.reset(prompt_width)
         try:
             yield self
         finally:
-            self._groups, self._reads = {}, {}
+            self._groups, self._reads, self._latches, self._gated = {}, {}, {}, False
             self.tracker.state = None
 
     def _observe_if_running(self, module, args, kwargs):
-        if self._groups:  # edits need token positions; a pass without edits skips the work
+        if self._groups or self._gated:  # edits and gates need token positions; a pass without them skips the work
             self._observe(module, args, kwargs)
 
     def _standing_input(self, key, module, args, kwargs):

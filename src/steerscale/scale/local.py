@@ -15,7 +15,13 @@
 * Conditional steering (``rules``: ``engine.prompt_rules.PromptRule``, e.g. CAST conditions or a steering
   controller) is decided once per prompt, by a reading pass charged as one more prompt pass, before the prompt is
   encoded; its edits then join the backend's steering for every row of that prompt (kept with the encoded prompt).
-  Token gates need one hook block over a whole generation and are refused here (``generate`` runs them).
+* Token gates (``Intervention.gate``): each row's latch (the real index at which the gate fired) lives in the
+  decoding state beside its cache and follows its row through ``select``/``merge``, so a gated edit applies to the
+  same tokens as in ``generate``.
+* Hooks: one ``StandingIntervener`` for the backend's lifetime, attached at its first steered pass (at every
+  steering site) and removed by ``close()`` or when the backend is garbage-collected; each pass runs its own
+  edits on it, so no call or step registers hooks. A backend on an engine loop (``ScheduledBackend``) runs on the
+  loop's hooks (``hooks=``).
 * Budget: every purchase goes through the ledger's ``buy_*`` methods before the work (a hard cap): a prompt that
   does not fit is not encoded, a decoding step is cut to the rows still paid for, a batch of verifier passes to
   the passes that fit (the others come back NaN: unscored).
@@ -25,7 +31,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,7 +47,7 @@ from ..engine.logit_contrast import LogitContrast, check_layout, contrast_rows, 
 from ..engine.ops import Add
 from ..engine.prompt_rules import PromptRule, prompt_interventions
 from ..engine.provenance import SpanIndex
-from ..engine.runtime import Intervention, StandingIntervener, intervene_and_observe
+from ..engine.runtime import Intervention, StandingIntervener
 from ..errors import SteerscaleError
 from ..models.threads import refresh as refresh_threads
 from .backend import Backend, Branches, Candidate, FinishReason, SamplingParams
@@ -58,6 +66,11 @@ class _KV:
     prompt_width: int
     prompt_ids: list[int] = field(default_factory=list)  # the prompt's ids (every row's: one prompt per batch)
     decided: list = field(default_factory=list)  # the prompt rules' edits for this prompt (conditional steering)
+    latches: dict = field(default_factory=dict)  # token gates: id(gate) -> (B,) real index each row's gate fired at
+
+    def rows(self, index: torch.Tensor) -> dict:
+        """The latches of rows ``index`` (``select``, expanding a prompt to its rows)."""
+        return {gid: latch.index_select(0, index.to(latch.device)) for gid, latch in self.latches.items()}
 
 
 def _close(row: Candidate, call: RowCall, stepwise: bool) -> None:
@@ -79,7 +92,9 @@ class LocalBackend(Backend):
     conditional steering decided per prompt (``PromptRule``); ``row_scales``
     (steering-diversified sampling) multiplies every ``Add`` edit by ``row_scales[i % len(row_scales)]`` in row ``i``
     of each call. ``add_special_tokens``: None (default) adds BOS/EOS to prompts only when no chat template formats
-    them; True/False forces it (a server's raw completions prompt).
+    them; True/False forces it (a server's raw completions prompt). ``hooks``: the ``StandingIntervener`` of the
+    engine this backend runs on (its passes run on that engine's thread); None: the backend's own. ``close()``
+    removes the backend's own hooks (also on garbage collection, or at the end of ``with LocalBackend(...)``).
     """
 
     name = "local"
@@ -87,7 +102,7 @@ class LocalBackend(Backend):
     def __init__(self, model, tokenizer, layout=None, steering: Sequence[Intervention] = (), chat: bool | None = None,
                  max_n: int = 256, prefix_cache_size: int = 4, row_scales: Sequence[float] | None = None,
                  add_special_tokens: bool | None = None, rules: Sequence[PromptRule] = (), logit_contrast=None,
-                 block: SpanIndex | None = None):
+                 block: SpanIndex | None = None, hooks: StandingIntervener | None = None):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.steering = list(steering)
         self.rules = list(rules)
@@ -97,9 +112,6 @@ class LocalBackend(Backend):
             raise SteerscaleError("steering needs the model's layout", "pass layout= (load_model returns it)")
         if self.logit_contrast is not None:
             check_layout(layout, self.logit_contrast)
-        if any(iv.gate is not None for iv in self.steering):
-            raise SteerscaleError("token-gated steering latches across a whole generation, but LocalBackend hooks "
-                                  "each forward pass separately", "use engine.generate(...) for token gates")
         for rule in self.rules:
             if not isinstance(rule, PromptRule):
                 raise SteerscaleError(f"rules must be PromptRule objects, got {type(rule).__name__}")
@@ -114,7 +126,8 @@ class LocalBackend(Backend):
         self.context_window = self.tokens.context_window
         self._prefix: dict = {}
         self._prefix_size = prefix_cache_size
-        self._hooks: StandingIntervener | None = None  # the call in progress' hooks (``_hooks_for_call``)
+        self._hooks = hooks  # the standing hooks every steered pass runs on (``_standing``)
+        self._own_hooks = hooks is None
         self.forward_passes = 0  # diagnostic counter (all generator forwards, prompt ones included)
 
     @classmethod
@@ -177,36 +190,38 @@ class LocalBackend(Backend):
         for iv in steering:
             if isinstance(iv.edit, Add):
                 edit = Add(iv.edit.vector, iv.edit.scale * scales, preserve_norm=iv.edit.preserve_norm)
-                iv = Intervention(iv.site, edit, iv.scope, iv.rows)
+                iv = dataclasses.replace(iv, edit=edit)  # its scope, rows and gate kept
             out.append(iv)
         return out
 
-    def _steered(self, scales, prompt_width, decided=(), observers=()):
-        """The edits (and reads) of one forward pass: on the hooks of the call in progress (``_hooks_for_call``:
-        attached at its first steered pass, removed when the call ends, so no step of a call registers hooks and
-        no hook outlives a call), or, for a lone pass (encoding a prompt), attached for that pass."""
+    def _steered(self, scales, prompt_width, decided=(), observers=(), latches=None):
+        """The edits (and reads) of one forward pass, on the backend's standing hooks; ``latches``: the token
+        gates' latches of the pass's rows, updated in place."""
         ivs = self._interventions(scales, decided)
         if not ivs and not observers:
             return contextlib.nullcontext()
-        hooks = self._hooks
-        if hooks is None:
-            return intervene_and_observe(self.layout, ivs, observers, prompt_width)
-        if not hooks.attached:
-            hooks.attach()
-        return hooks.running(ivs, observers, prompt_width=prompt_width)
+        return self._standing().running(ivs, observers, prompt_width=prompt_width, latches=latches)
 
-    @contextlib.contextmanager
-    def _hooks_for_call(self):
-        """Standing hooks for the steps of one ``sample``/``extend`` call (``engine.runtime.StandingIntervener``)."""
-        if self._hooks is not None or self.layout is None:  # nested, or nothing to steer with
-            yield
-            return
-        self._hooks = StandingIntervener(self.layout)
-        try:
-            yield
-        finally:
+    def _standing(self) -> StandingIntervener:
+        """The hooks steered passes run on: attached at the first one (at every steering site), kept until
+        ``close()`` (or garbage collection), so no call or decoding step registers hooks."""
+        if self._hooks is None:
+            self._hooks = StandingIntervener(self.layout).attach()
+            self._hooks.prepare(iv.site for iv in self.steering)
+            weakref.finalize(self, self._hooks.close)
+        return self._hooks
+
+    def close(self) -> None:
+        """Remove the backend's hooks from the model (a later steered pass attaches them again)."""
+        if self._own_hooks and self._hooks is not None:
             self._hooks.close()
             self._hooks = None
+
+    def __enter__(self) -> "LocalBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _decide(self, ids: list[int], budget: Budget | None) -> list[Intervention] | None:
         """The prompt rules' edits for this prompt (scalar scales: every row of it gets the same); None when the
@@ -221,12 +236,12 @@ class LocalBackend(Backend):
                              iv.scope) for iv in edits
                 if float(iv.edit.scale[0]) != 0.0]
 
-    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=()):
+    def _forward(self, input_ids, mask, position_ids, cache, scales, prompt_width, decided=(), latches=None):
         self.forward_passes += 1
         refresh_threads(self.device)  # a clock read; the machine re-read at most once a second (models/threads.py)
         # the distribution every strategy samples, scores and charges as "the model's": the logit contrast's, if any
         early = early_reader(self.layout, self.model, [self.logit_contrast])
-        with self._steered(scales, prompt_width, decided, early.observers() if early else ()):
+        with self._steered(scales, prompt_width, decided, early.observers() if early else (), latches):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **with_cache(self.model, cache),
                              use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
@@ -249,15 +264,16 @@ class LocalBackend(Backend):
             inp = torch.tensor([ids] * u, device=self.device)
             mask = torch.ones_like(inp)
             pos = torch.arange(len(ids), device=self.device)[None].expand(u, -1)
-            logits, cache = self._forward(inp, mask, pos, None, uniq, None, decided)
-            hit = (cache, mask, logits, decided)
+            latches: dict = {}  # token gates: read from the last prompt token on
+            logits, cache = self._forward(inp, mask, pos, None, uniq, None, decided, latches)
+            hit = _KV(cache, mask, logits, None, None, len(ids), ids, decided, latches)
             self._prefix[key] = hit
             while len(self._prefix) > self._prefix_size:
                 self._prefix.pop(next(iter(self._prefix)))
-        cache, mask, logits, decided = hit
         idx = inverse.to(self.device)
-        return _KV(map_cache(cache, lambda t: t.index_select(0, idx)), mask.index_select(0, idx),
-                   logits.index_select(0, idx), scales, seeded_generator(seed), len(ids), ids, decided)
+        return _KV(map_cache(hit.cache, lambda t: t.index_select(0, idx)), hit.mask.index_select(0, idx),
+                   hit.logits.index_select(0, idx), scales, seeded_generator(seed), len(ids), ids, hit.decided,
+                   hit.rows(idx))
 
     # -- token choice: the decoding core's (engine/decoding.py) ----------------------------------------------
     choose = staticmethod(sample_next)
@@ -289,15 +305,14 @@ class LocalBackend(Backend):
             pos = kv.mask.sum(-1, keepdim=True)  # position = number of real tokens before this one
             kv.mask = torch.cat([kv.mask, fed.long()[:, None]], dim=1)
             logits, kv.cache = self._forward(inp[:, None], kv.mask, pos, kv.cache, kv.scales, kv.prompt_width,
-                                             kv.decided)
+                                             kv.decided, kv.latches)
             return logits
 
-        with self._hooks_for_call():
-            ends, kv.logits = decode_rows(
-                calls, kv.logits, params, self.tokens, kv.generator, forward, limit=limit,
-                steps=params.max_step_tokens if stepwise else limit, prompt_ids=[kv.prompt_ids] * len(rows),
-                earlier=[r.token_ids for r in rows], done=[c.finished for c in rows], stepwise=stepwise, grant=grant,
-                feed_last=keep_state)
+        ends, kv.logits = decode_rows(
+            calls, kv.logits, params, self.tokens, kv.generator, forward, limit=limit,
+            steps=params.max_step_tokens if stepwise else limit, prompt_ids=[kv.prompt_ids] * len(rows),
+            earlier=[r.token_ids for r in rows], done=[c.finished for c in rows], stepwise=stepwise, grant=grant,
+            feed_last=keep_state)
         for row, call, end in zip(rows, calls, ends):
             if end is not None:
                 row.finished, row.finish_reason = True, end
@@ -344,7 +359,7 @@ class LocalBackend(Backend):
         t = torch.tensor(idx, device=self.device)
         new = _KV(map_cache(kv.cache, lambda x: x.index_select(0, t)), kv.mask.index_select(0, t),
                   kv.logits.index_select(0, t), None if kv.scales is None else kv.scales.index_select(0, t.cpu()),
-                  kv.generator, kv.prompt_width, kv.prompt_ids, kv.decided)
+                  kv.generator, kv.prompt_width, kv.prompt_ids, kv.decided, kv.rows(t))
         return Branches(branches.prompt, [branches.rows[i].copy() for i in idx], new)
 
     def merge(self, parts) -> Branches:
@@ -358,8 +373,11 @@ class LocalBackend(Backend):
         mask = torch.cat([torch.cat([k.mask.new_zeros(k.mask.shape[0], total - w), k.mask], 1) for k, w in zip(kvs, widths)])
         has_scales = any(k.scales is not None for k in kvs)
         scales = torch.cat([k.scales if k.scales is not None else torch.ones(k.mask.shape[0]) for k in kvs]) if has_scales else None
+        # a latch is a real-token index, so rows keep theirs whatever padding the merge adds
+        latches = {gid: torch.cat([k.latches[gid] for k in kvs]) for gid in kvs[0].latches}
         kv = _KV(cat_caches([k.cache for k in kvs], widths, total), mask, torch.cat([k.logits for k in kvs]), scales,
-                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]), kvs[0].prompt_ids, kvs[0].decided)
+                 kvs[0].generator, kvs[0].prompt_width + (total - widths[0]), kvs[0].prompt_ids, kvs[0].decided,
+                 latches)
         # prompt_width is only used by steering scopes; rows with different padding see their own real positions
         return Branches(parts[0].prompt, [r for p in parts for r in p.rows], kv)
 
@@ -369,8 +387,9 @@ class LocalBackend(Backend):
         the prompt), and the ``k`` most likely tokens ``(id, log-prob)`` at each of those positions
         (``engine.decoding.score_tokens``). Not charged to any budget: it scores what was already generated."""
         decided = self._decide(ids[:prompt_width] if prompt_width else ids, None)
-        return score_tokens(self.model, self.layout, ids, self.steering + decided, k=k, prompt_width=prompt_width,
-                            logit_contrast=self.logit_contrast)
+        steering = self.steering + decided
+        return score_tokens(self.model, self.layout, ids, steering, k=k, prompt_width=prompt_width,
+                            logit_contrast=self.logit_contrast, hooks=self._standing() if steering else None)
 
     @torch.no_grad()
     def choice_logprobs(self, contexts, options, budget) -> list[list[float]]:

@@ -4,11 +4,14 @@ engine loop.
 ``sample`` becomes a job of the loop (``loop.sample(...)``), batched with every other request's rows and paid from
 the request's budget; everything else that runs the model (step-wise search, self-evaluation, embeddings,
 teacher-forced scoring) goes to the loop's thread between two decoding steps (``loop.call(fn)``), so one thread owns
-the model. The loop is any object with those two methods (``serve.scheduler.Scheduler``); this module does not
-import the server. ``cancel()`` (the client went away) ends running samples and refuses further work.
+the model, on the loop's standing hooks (``loop.hooks``). The loop is any object with those two methods and those
+hooks (``serve.scheduler.Scheduler``); this module does not import the server. ``cancel()`` (the client went away)
+ends running samples and refuses further work.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from ..engine.prompt_rules import PromptRule
 from ..errors import SteerscaleError
@@ -17,9 +20,11 @@ from .local import LocalBackend
 
 
 def split_steer(steer) -> tuple[list, list[PromptRule]]:
-    """A request's steering entries (``(vector, op, scope)`` and prompt rules) as a ``LocalBackend`` takes them: the
-    entries' interventions, and the prompt rules (CAST, controllers), whose edits the backend runs after the others."""
-    ivs = [iv for e in steer if not isinstance(e, PromptRule) for iv in e[0].interventions(e[1], e[2])]
+    """A request's steering entries (``(vector, op, scope[, gate])`` and prompt rules) as a ``LocalBackend`` takes
+    them: the entries' interventions (a gated entry's each waiting on its ``TokenGate``), and the prompt rules (CAST,
+    controllers), whose edits the backend runs after the others."""
+    ivs = [dataclasses.replace(iv, gate=e[3]) if len(e) > 3 and e[3] is not None else iv
+           for e in steer if not isinstance(e, PromptRule) for iv in e[0].interventions(e[1], e[2])]
     return ivs, [e for e in steer if isinstance(e, PromptRule)]
 
 
@@ -29,7 +34,9 @@ class ScheduledBackend(LocalBackend):
 
     def __init__(self, loop, steer, **kwargs):
         ivs, rules = split_steer(steer)
-        super().__init__(loop.model, loop.tokenizer, loop.layout, steering=ivs, rules=rules, **kwargs)
+        # its passes run on the loop's thread (``_on_loop``), so on the loop's standing hooks
+        super().__init__(loop.model, loop.tokenizer, loop.layout, steering=ivs, rules=rules, hooks=loop.hooks,
+                         **kwargs)
         self.loop, self.steer = loop, steer
         self._jobs: list = []
         self.cancelled = False

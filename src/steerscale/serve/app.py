@@ -29,10 +29,12 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.token_gates import TokenGate
 from ..errors import SteerscaleError
 from ..measure.cost import neutral_prompts
 from ..steer.conditional import Condition
 from ..steer.controller import SteeringController
+from ..steer.gating import FittedTokenGate
 from ..steer.sae import SAE, ClampableSAE
 from ..steer.vector import SteeringVector
 from ..version import __version__
@@ -78,7 +80,7 @@ class App:
     def __init__(self, model, tokenizer, layout, *, model_id: str, vectors: dict | None = None, max_n: int = 64,
                  max_batch: int = 16, limits: Limits | None = None, api_key: str | None = None,
                  conditions: dict | None = None, controllers: dict | None = None, block_corpus=None,
-                 saes: dict | None = None, memories: dict | None = None):
+                 saes: dict | None = None, memories: dict | None = None, gates: dict | None = None):
         if not isinstance(max_n, int) or max_n < 1:
             raise SteerscaleError(f"max_n must be a positive integer, got {max_n!r}")
         if not isinstance(model_id, str) or not model_id:
@@ -88,10 +90,11 @@ class App:
         self.layout, self.limits, self.api_key = layout, limits or Limits(), api_key
         # the steering registries (GET/PUT/DELETE /v1/steering/KIND[/NAME]); requests name their entries
         self.vectors, self.conditions, self.controllers, self.saes, self.memories = {}, {}, {}, {}, {}
+        self.gates = {}
         self.shelves = {"vectors": self.vectors, "conditions": self.conditions, "controllers": self.controllers,
-                        "saes": self.saes, "memories": self.memories}
+                        "gates": self.gates, "saes": self.saes, "memories": self.memories}
         for kind, given in (("vectors", vectors), ("conditions", conditions), ("controllers", controllers),
-                            ("memories", memories)):
+                            ("gates", gates), ("memories", memories)):
             for name, obj in (given or {}).items():
                 self.add_artifact(kind, name, obj)  # one made for another model fails here, not in a request
         for name, sae in (saes or {}).items():  # its clamp's token cap is measured once, on the shipped neutral texts
@@ -127,6 +130,8 @@ class App:
         if not isinstance(name, str) or not re.fullmatch(VECTOR_NAME, name):
             raise SteerscaleError(f"bad {ARTIFACTS[kind].what} name {name!r}",
                                   "use 1-128 letters, digits, '_', '.' and '-'")
+        if kind == "gates" and isinstance(obj, TokenGate):
+            obj = FittedTokenGate.of(obj)  # a gate built in Python: the saved kind's check and card
         if not isinstance(obj, ARTIFACTS[kind].type):
             raise SteerscaleError(f"{name!r} is a {type(obj).__name__}, not a {ARTIFACTS[kind].what}")
         obj.check(self.layout)  # every artifact kind has one model check (steer.artifacts.Artifact)
@@ -320,6 +325,11 @@ ARTIFACTS = {
                                     "edits": [s.key() for s in c.edit_sites], "max_strength": c.max_strength,
                                     "model_name": c.model_name},
                          "a steerscale .safetensors controller (steerscale controller)"),
+    "gates": _Kind("token gate", FittedTokenGate, FittedTokenGate.load,
+                   lambda g: {"object": "token_gate", "site": g.site.key(), "threshold": g.threshold,
+                              "invert": g.invert, "model_name": g.metadata.get("model_name"),
+                              "holdout_token_accuracy": g.metadata.get("holdout_token_accuracy")},
+                   "a steerscale .safetensors token gate (steerscale gate)"),
     "saes": _Kind("SAE", ClampableSAE, None, lambda c: c.card(),
                   "steerscale serve --sae NAME=DIR, DIR an SAELens folder: cfg.json + sae_weights.safetensors"),
     "memories": _Kind("program memory", ProgramMemory, None, lambda m: m.card(),

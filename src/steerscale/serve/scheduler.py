@@ -22,6 +22,9 @@ one forward pass per token, each row with its own steering, sampling parameters,
 
 Token scopes: ``all`` (prompt and generated tokens), ``prompt`` (the prefill only) and ``generated`` (decode only).
 Position-based scopes (``last:K``, ``positions:``) are refused at submission: they need the request's own width.
+Token gates (an entry's fourth element, a ``TokenGate``): the plan's gated slots apply from the token at which the
+gate fired in that row; each row's latch is kept on its job between steps (``Job.latches``), as ``generate`` keeps
+it over one generation.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ from ..engine.kvcache import cache_of, cat_caches, map_cache, with_cache
 from ..engine.logit_contrast import LogitContrast, contrast_rows, early_reader
 from ..engine.plan import PlanEdit, SteeringPlan, build_tables, request_slots, token_index
 from ..engine.prompt_rules import PromptRule, read_prompts
-from ..engine.runtime import Intervention, StandingIntervener
+from ..engine.runtime import Intervention, StandingIntervener, new_latch
 from ..engine.scope import Scope, TokenScope
 from ..errors import SteerscaleError
 from ..models.sites import Site
 from ..models.threads import refresh as refresh_threads
 from ..scale.backend import Candidate
 from ..scale.budget import Budget
+from ..steer.gating import check_gate
 from ..steer.grammar import check_op
 from ..steer.vector import SteeringVector
 
@@ -59,7 +63,8 @@ class Job:
     """``n`` sequences of one prompt (its token ids), with sampling parameters, a seed, and steering as
     ``(vector, scale)`` or ``(vector, scale, scope)`` entries applied in order (``scope`` is the default scope of
     entries that name none) and ``PromptRule``s (CAST conditions, controllers), which the engine decides for the
-    prompt right before its prefill (``Scheduler._decide``) and replaces by the entries they chose. Its future
+    prompt right before its prefill (``Scheduler._decide``) and replaces by the entries they chose; an entry
+    ``(vector, scale, scope, gate)`` applies from the token at which its ``TokenGate`` fires. Its future
     gives the ``n`` finished ``Candidate``s. The ``n`` rows draw from one generator, jointly, as ``LocalBackend.sample`` draws them, so a seeded job gives the tokens ``LocalBackend``
     gives.
 
@@ -84,6 +89,7 @@ class Job:
     cands: list = field(default_factory=list, repr=False)
     calls: list = field(default_factory=list, repr=False)  # per row: its RowCall (the decoding core's row state)
     slots: dict | None = field(default=None, repr=False)  # its edits per site, as the steering plan takes them
+    latches: dict = field(default_factory=dict, repr=False)  # id(gate) -> per row, the real index it fired at
     generator: torch.Generator | None = field(default=None, repr=False)
     last_logits: torch.Tensor | None = field(default=None, repr=False)  # (n, V): each row's latest distribution
 
@@ -92,8 +98,7 @@ class Job:
             raise SteerscaleError(f"n must be a positive integer, got {self.n!r}")
         self.scope = _scheduled_scope(self.scope)
         self.steer = [entry if isinstance(entry, PromptRule) and _scheduled_scope(entry.scope) else
-                      (entry[0], entry[1], _scheduled_scope(entry[2]) if len(entry) > 2 else self.scope)
-                      for entry in self.steer]
+                      _job_entry(entry, self.scope) for entry in self.steer]
         if not self.prompt_ids:
             raise SteerscaleError("a job needs at least one prompt token")
 
@@ -104,6 +109,15 @@ class Job:
     def notify(self) -> None:
         if self.on_update is not None:
             self.on_update()
+
+
+def _job_entry(entry, scope: TokenScope) -> tuple:
+    """``(vector, op, scope, gate)`` of an entry ``(vector, op[, scope[, gate]])``, its scope the job's if none."""
+    if not isinstance(entry, tuple) or not 2 <= len(entry) <= 4:
+        raise SteerscaleError(f"a steering entry is (vector, op[, scope[, gate]]) or a PromptRule, got {entry!r}")
+    vector, op, *rest = entry
+    return (vector, op, _scheduled_scope(rest[0]) if rest and rest[0] is not None else scope,
+            rest[1] if len(rest) > 1 else None)
 
 
 def _scheduled_scope(scope) -> TokenScope:
@@ -173,9 +187,13 @@ class Scheduler:
             if isinstance(entry, PromptRule):
                 entry.check(self.layout)
                 continue
-            vector, op, _ = entry
+            vector, op, _, gate = entry
             vector.check_compatible(self.layout)
             check_op(op)
+            if gate is not None:
+                check_gate(gate, self.layout)
+                for site in vector.directions:
+                    gate.check_edit_site(site)
         window = self.tokens.context_window
         if window and len(job.prompt_ids) >= window:
             raise SteerscaleError(f"prompt is {len(job.prompt_ids)} tokens but the context window is {window}",
@@ -299,9 +317,15 @@ class Scheduler:
         specs = [job.logit_contrast for job in row_jobs]
         early = early_reader(self.layout, self.model, specs)
         generated = torch.tensor([len(job.prompt_ids) for job in row_jobs])[:, None]  # every token is generated
-        with self.hooks.running(self._plan(row_jobs, generated, generated[:, 0]), early.observers() if early else ()):
+        plan = self._plan(row_jobs, generated, generated[:, 0])
+        latches = self._latches(plan)
+        with self._running(plan, early.observers() if early else (), latches=latches):
             out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **with_cache(self.model, self._cache))
+        for gid, latch in latches.items():  # each gated row keeps its latch on its job
+            for row, at in zip(self.rows, latch.tolist()):
+                if gid in row.job.latches:
+                    row.job.latches[gid][row.index] = at
         self._cache, self._mask = cache_of(out), mask
         self._logits = contrast_rows(self.model, self.layout, out.logits[:, -1].float(), specs, early)
         self.steps += 1
@@ -366,7 +390,7 @@ class Scheduler:
         token, so a row gets what it gets alone up to float rounding."""
         for job in jobs:
             self._decide(job)
-            entries = [(vector, op, scope.kind.value) for vector, op, scope in job.steer]
+            entries = [(vector, op, scope.kind.value, gate) for vector, op, scope, gate in job.steer]
             job.slots = request_slots(entries) or None
         specs = [job.logit_contrast for job in jobs]
         early = early_reader(self.layout, self.model, specs)
@@ -380,8 +404,9 @@ class Scheduler:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         # padding reads no edit: its position -1 is given the slot of no request
         positions = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).cpu()
-        with self.hooks.running(self._plan(jobs, positions, torch.tensor([len(j.prompt_ids) for j in jobs])),
-                                reads, prompt_width=width):
+        latches: dict = {}  # the gates' latches start in this pass (its first column is 0)
+        with self._running(self._plan(jobs, positions, torch.tensor([len(j.prompt_ids) for j in jobs])), reads,
+                           prompt_width=width, latches=latches):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits = contrast_rows(self.model, self.layout, out.logits[:, -1].float(), specs, early)
         rows = torch.tensor([b for b, job in enumerate(jobs) for _ in range(job.n)], device=self.device)
@@ -393,6 +418,8 @@ class Scheduler:
             # each candidate shares its call's lists: a streaming reader sees every accepted token at once
             job.cands = [Candidate(token_ids=call.ids, logprobs=call.logprobs) for call in job.calls]
             job.last_logits = logits[b].expand(job.n, -1).clone()
+            gated = {id(entry[3]) for entry in job.steer if entry[3] is not None}
+            job.latches = {gid: [int(latch[b])] * job.n for gid, latch in latches.items() if gid in gated}
             self.rows += [_Row(job, i) for i in range(job.n)]
 
     def _decide(self, job: Job) -> None:
@@ -414,7 +441,7 @@ class Scheduler:
             if chosen:
                 metadata = {"preserve_norm": True} if entry.preserve_norm else {}
                 steer.append((SteeringVector(chosen, method="decided", metadata=metadata), 1.0,
-                              _scheduled_scope(entry.scope)))
+                              _scheduled_scope(entry.scope), None))
         job.steer = steer
 
     def _join(self, cache, mask, logits) -> None:
@@ -467,13 +494,13 @@ class Scheduler:
             job.notify()
         return False
 
-    def _plan(self, row_jobs: list[Job], positions: torch.Tensor, prompt_lens: torch.Tensor) -> list[Intervention]:
-        """The edits of a pass whose row b belongs to ``row_jobs[b]``, with its tokens at ``positions`` (rows,
-        tokens; -1: padding) of prompts ``prompt_lens`` long (rows,): the steering plan (``engine.plan``), one
-        ``PlanEdit`` per site. Tables are rebuilt only when the batch's steered jobs change."""
+    def _plan(self, row_jobs: list[Job], positions: torch.Tensor, prompt_lens: torch.Tensor) -> SteeringPlan | None:
+        """The steering plan (``engine.plan``) of a pass whose row b belongs to ``row_jobs[b]``, with its tokens at
+        ``positions`` (rows, tokens; -1: padding) of prompts ``prompt_lens`` long (rows,); None: nothing steered.
+        Tables are rebuilt only when the batch's steered jobs change."""
         steered = list({id(job): job for job in row_jobs if job.slots}.values())
         if not steered:
-            return []
+            return None
         # the jobs themselves, compared by identity: a finished job's id may be reused, its object is kept here
         if self._tables is None or len(self._tables[0]) != len(steered) or \
                 any(a is not b for a, b in zip(self._tables[0], steered)):
@@ -482,8 +509,26 @@ class Scheduler:
         place = {id(job): k for k, job in enumerate(steered)}
         slot = torch.tensor([place.get(id(job), -1) for job in row_jobs])[:, None].expand_as(positions)
         slot = torch.where(positions >= 0, slot, torch.full_like(slot, -1))
-        plan = SteeringPlan(self._tables[1], token_index(slot, positions, prompt_lens[:, None]).to(self.device))
-        return [Intervention(site, PlanEdit(plan, site)) for site in plan.ops]
+        return SteeringPlan(self._tables[1], token_index(slot, positions, prompt_lens[:, None]).to(self.device),
+                            gate_on=self.hooks.gate_on)
+
+    def _running(self, plan: SteeringPlan | None, observers=(), prompt_width: int | None = None,
+                 latches: dict | None = None):
+        """The standing hooks running ``plan`` (one ``PlanEdit`` per site; its gates read, their latches in
+        ``latches``) and ``observers`` for the pass inside the block."""
+        edits = [] if plan is None else [Intervention(site, PlanEdit(plan, site)) for site in plan.ops]
+        return self.hooks.running(edits, observers, prompt_width, gates=plan.gates if plan else (), latches=latches)
+
+    def _latches(self, plan: SteeringPlan | None) -> dict:
+        """The batch's latch of each gate ``plan`` reads, from its rows' jobs (rows it does not gate: never)."""
+        latches = {}
+        for gate in plan.gates if plan is not None else ():
+            latch = new_latch(len(self.rows))
+            for b, row in enumerate(self.rows):
+                if id(gate) in row.job.latches:
+                    latch[b] = row.job.latches[id(gate)][row.index]
+            latches[id(gate)] = latch.to(self.device)
+        return latches
 
 
 def _fail(job: Job, error: str | BaseException) -> None:

@@ -95,6 +95,10 @@ class SteerEntry(Strict):
         None, description="names of conditions registered on the server (GET /v1/steering/conditions): the vector "
                           "is added only when the prompt meets them (CAST)")
     condition_rule: Literal["any", "all"] = Field("any", description="steer when any (or all) of the conditions hold")
+    gate: Name | None = Field(
+        None, description="name of a token gate registered on the server (GET /v1/steering/gates): the vector "
+                          "applies from the first token (last prompt token onwards) at which the gate's probe fires, "
+                          "per choice")
     op: Literal["add", "ablate", "set", "clamp"] = Field(
         "add", description="add scale x the vector; ablate: project its direction out; set: set the component along "
                            "its direction to 'value' (the grammar of steer/grammar.py, as in steerscale's vLLM "
@@ -111,9 +115,9 @@ class SteerEntry(Strict):
         if sum(x is not None for x in (self.vector, self.controller, self.layer)) != 1:
             raise ValueError("give exactly one of 'vector', 'controller' and 'layer' + 'index' (an SAE feature)")
         if self.layer is not None:
-            if self.op not in ("add", "clamp") or given & {"scale", "value", "condition"}:
-                raise ValueError("an SAE feature takes op 'add' or 'clamp' and a 'strength' (no 'scale', 'value' or "
-                                 "'condition')")
+            if self.op not in ("add", "clamp") or given & {"scale", "value", "condition", "gate"}:
+                raise ValueError("an SAE feature takes op 'add' or 'clamp' and a 'strength' (no 'scale', 'value', "
+                                 "'condition' or 'gate')")
             if self.op == "clamp" and self.strength is None:
                 raise ValueError("op 'clamp' needs 'strength': the activation the feature is clamped to")
             return self
@@ -125,6 +129,9 @@ class SteerEntry(Strict):
             raise ValueError("'value' goes with op 'set' (and 'scale' with op 'add')")
         if self.condition is not None and self.vector is None:
             raise ValueError("'condition' gates a vector; a controller decides on its own")
+        if self.gate is not None and (self.vector is None or self.condition is not None):
+            raise ValueError("'gate' switches a vector on per token: with 'vector', not with 'condition' (per "
+                             "prompt) or a controller")
         if isinstance(self.condition, list) and not 1 <= len(self.condition) <= MAX_CONDITIONS:
             raise ValueError(f"'condition' takes 1 to {MAX_CONDITIONS} names")
         return self
@@ -285,10 +292,11 @@ def _lookup(shelf: dict, name: str, what: str, flag: str, kind: str):
     return shelf[name]  # the object itself: a later DELETE/PUT cannot reach this request
 
 
-def _steer(entries: list[SteerEntry], vectors, conditions, controllers, saes=None) -> list:
+def _steer(entries: list[SteerEntry], vectors, conditions, controllers, saes=None, gates=None) -> list:
     """The request's steering, resolved: ``(vector, scale, scope)`` tuples (an SAE feature: its vector, or a
-    ``FeatureClamp`` with ``("clamp", value)``), and ``PromptRule``s for conditional entries (CAST) and controllers,
-    which the engine decides per prompt before generating."""
+    ``FeatureClamp`` with ``("clamp", value)``; a gated vector: ``(vector, scale, scope, gate)``), and
+    ``PromptRule``s for conditional entries (CAST) and controllers, which the engine decides per prompt before
+    generating."""
     steer = []
     for i, e in enumerate(entries):
         if e.layer is not None:
@@ -310,7 +318,16 @@ def _steer(entries: list[SteerEntry], vectors, conditions, controllers, saes=Non
         scope = e.scope or "all"
         if e.condition is None:
             op = e.scale if e.op == "add" else ("set", 0.0 if e.op == "ablate" else e.value)
-            steer.append((vector, op, scope))
+            if e.gate is None:
+                steer.append((vector, op, scope))
+                continue
+            gate = _lookup(gates or {}, e.gate, "token gate", "--gate", "gates")
+            try:
+                for site in vector.directions:
+                    gate.check_edit_site(site)
+            except SteerscaleError as exc:
+                raise bad(f"steer.{i}.gate", exc.problem + (f" ({exc.hint})" if exc.hint else "")) from None
+            steer.append((vector, op, scope, gate))
             continue
         names = [e.condition] if isinstance(e.condition, str) else e.condition
         conds = [_lookup(conditions, n, "steering condition", "--condition", "conditions") for n in names]
@@ -328,10 +345,11 @@ def _block(body: _Common, corpus) -> dict:
     return {"block": corpus} if corpus is not None and body.block_corpus is not False else {}
 
 
-def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=None, memories=None) -> dict:
+def _common(body: _Common, vectors, conditions, controllers, corpus=None, saes=None, memories=None,
+            gates=None) -> dict:
     if body.stream_options is not None and not body.stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
-    steer = _steer(body.steer, vectors, conditions, controllers, saes)
+    steer = _steer(body.steer, vectors, conditions, controllers, saes, gates)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOPS:
         raise bad("stop", f"'stop' takes at most {MAX_STOPS} strings, got {len(stop)}")
@@ -483,7 +501,7 @@ def read_strategy(strategy: dict | None, inherit: dict, memories: dict | None = 
 
 
 def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-                     corpus=None, saes=None, memories=None) -> GenRequest:
+                     corpus=None, saes=None, memories=None, gates=None) -> GenRequest:
     p = body.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
         prompts = [p]
@@ -493,7 +511,7 @@ def parse_completion(body: CompletionRequest, *, max_n: int, vectors, conditions
         raise bad("prompt", "'prompt' must be a string, a non-empty array of strings, or token ids")
     if len(prompts) * body.n > max_n:
         raise bad("n", f"{len(prompts)} prompt(s) x n={body.n} choices; this server returns at most {max_n}")
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories, gates)
     k = body.logprobs
     if body.max_tokens == 0 and not body.echo:
         raise bad("max_tokens", "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)")
@@ -519,11 +537,11 @@ def chat_messages(body: ChatRequest) -> list[dict]:
 
 
 def parse_chat(body: ChatRequest, *, max_n: int, vectors, conditions=None, controllers=None,
-               corpus=None, saes=None, memories=None) -> GenRequest:
+               corpus=None, saes=None, memories=None, gates=None) -> GenRequest:
     if body.n > max_n:
         raise bad("n", f"n={body.n}; this server returns at most {max_n} choices")
     messages = chat_messages(body)
-    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories)
+    common = _common(body, vectors, conditions or {}, controllers or {}, corpus, saes, memories, gates)
     if body.max_tokens == 0:
         raise bad("max_tokens", "'max_tokens' must be >= 1")
     if body.top_logprobs is not None and not body.logprobs:
