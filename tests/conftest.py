@@ -18,3 +18,17 @@ def backend():
 
     model, layout = tiny_model("llama")
     return LocalBackend(model, CharTokenizer(), layout, chat=False, max_n=32)
+
+
+def pytest_collection_finish(session):
+    """Start the vLLM checks (subprocesses, one vLLM engine each on one core) in the background, so they overlap the
+    rest of the suite (tests/test_vllm.py)."""
+    items = [item for item in session.items if getattr(getattr(item, "module", None), "__name__", "") == "test_vllm"]
+    if items:
+        items[0].module.start_in_background(items)
+
+
+def pytest_sessionfinish(session):
+    module = sys.modules.get("test_vllm")
+    if module is not None:
+        module.stop_background()

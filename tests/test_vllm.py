@@ -6,11 +6,18 @@ equivalence and isolation checks pass there too) and in eager mode: offline
 server-side cache salt, 400s for bad specs), a baked checkpoint, and strategies through ``OpenAIBackend``
 (``tests/vllm_serve_checks.py``). vLLM lives in its own venv (``bash
 scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks run there and report one JSON line;
-without that venv they are skipped. The request format is tested here without vLLM."""
+without that venv they are skipped. The request format is tested here without vLLM.
+
+The checks are subprocesses that each run a vLLM engine, whose worker binds one core (vLLM's CPU build reserves the
+other). So they start in the background when the suite is collected (``conftest.py``; one after another, in the
+order the tests below read them) and overlap the rest of the suite; each test waits for its check's result.
+``STEERSCALE_VLLM_BACKGROUND=0`` runs each check when its test runs instead."""
 
 import json
 import os
 import subprocess
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,25 +32,85 @@ from vllm_checks import BAD_SPECS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CHECKS = ("vllm_checks.py", (), {"VLLM_CPU_CI_ENV": "1"})
+SERVE_CHECKS = ("vllm_serve_checks.py", (), {})
+_background: dict[tuple, Future] = {}  # started at collection (``start_in_background``), read by ``run_checks``
+_running: list[subprocess.Popen] = []
+_stopping = threading.Event()
+
+
+def _key(script: str, args, env) -> tuple:
+    return script, tuple(args), tuple(sorted((env or {}).items()))
+
+
+def _run(python, script: str, args, env) -> tuple[int, str, str]:
+    """Run one check script in the vLLM venv: (return code, stdout, stderr)."""
+    if _stopping.is_set():
+        return -1, "", "the test session ended before this check ran"
+    proc = subprocess.Popen([str(python), str(ROOT / "tests" / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    _running.append(proc)
+    try:
+        out, err = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += "\n(killed after 1200 s)"
+    finally:
+        _running.remove(proc)
+    return proc.returncode, out, err
+
+
 def run_checks(script: str, *args: str, env: dict | None = None) -> dict:
     python = vllm_python()
     if python is None:
         pytest.skip("no vLLM venv: build it with `bash scripts/make_vllm_venv.sh`")
-    proc = subprocess.run([str(python), str(ROOT / "tests" / script), *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env={**os.environ, **(env or {})})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    started = _background.get(_key(script, args, env))
+    code, out, err = started.result() if started is not None else _run(python, script, args, env)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert code == 0 and lines, err[-3000:]
     return json.loads(lines[-1])
+
+
+def start_in_background(items) -> None:
+    """Start the checks the collected ``items`` of this module read, one after another on a background thread
+    (``conftest.py`` calls this when collection ends)."""
+    python = vllm_python()
+    if python is None or os.environ.get("STEERSCALE_VLLM_BACKGROUND", "1") == "0":
+        return
+    jobs = []
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        job = CHECKS if "checks" in names else SERVE_CHECKS if "serve_checks" in names else \
+            family_job(params["family"], params["mode"]) if "family" in params else None
+        if job is not None and job not in jobs:
+            jobs.append(job)
+    if not jobs:
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-checks")
+    for script, args, env in jobs:
+        _background[_key(script, args, env)] = pool.submit(_run, python, script, args, env)
+    pool.shutdown(wait=False)
+
+
+def stop_background() -> None:
+    """End the session's checks: those not started never start, a running one is killed."""
+    _stopping.set()
+    for proc in list(_running):
+        proc.kill()
 
 
 @pytest.fixture(scope="module")
 def checks():
-    return run_checks("vllm_checks.py", env={"VLLM_CPU_CI_ENV": "1"})
+    script, args, env = CHECKS
+    return run_checks(script, *args, env=env)
 
 
 @pytest.fixture(scope="module")
 def serve_checks():
-    return run_checks("vllm_serve_checks.py")
+    script, args, env = SERVE_CHECKS
+    return run_checks(script, *args, env=env)
 
 
 def test_vllm_steered_greedy_tokens_equal_the_local_engines(checks):
@@ -78,12 +145,20 @@ if os.environ.get("STEERSCALE_VLLM_ALL_FAMILIES"):
     FAMILY_MODES += [("mistral", "eager"), ("qwen3", "compiled"), ("gemma", "compiled-static")]
 
 
+def family_job(family: str, mode: str) -> tuple:
+    """The check of one family in one mode: (script, args, env)."""
+    base = mode.removesuffix("-static")
+    args = ("--family", family) + {"eager": ("--eager",), "tp2": ("--tp", "2"), "compiled": ()}[base]
+    plan = "static" if mode.endswith("-static") else "dynamic"
+    return "vllm_checks.py", args, {"VLLM_CPU_CI_ENV": "1", "STEERSCALE_VLLM_PLAN": plan}
+
+
 @pytest.mark.parametrize("family,mode", FAMILY_MODES)
 def test_each_family_vllm_serves_is_steered_as_locally(family, mode):
     base = mode.removesuffix("-static")
-    args = ["--family", family] + {"eager": ["--eager"], "tp2": ["--tp", "2"], "compiled": []}[base]
-    plan = "static" if mode.endswith("-static") else "dynamic"
-    out = run_checks("vllm_checks.py", *args, env={"VLLM_CPU_CI_ENV": "1", "STEERSCALE_VLLM_PLAN": plan})
+    script, args, env = family_job(family, mode)
+    plan = env["STEERSCALE_VLLM_PLAN"]
+    out = run_checks(script, *args, env=env)
     assert out["cases"] == 18 and out["mismatches"] == 0, out["token_differences"]
     assert out["steering_acted"] == 6  # +1 differs from 0 for every prompt and vector
     assert out["compiled"] is (base != "eager") and out["plan"] == plan
