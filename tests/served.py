@@ -1,12 +1,13 @@
 """Steering artifacts for tests of servers on the tiny llama (``tiny.tiny_model("llama")``): the two random
 vectors ``a`` (layer 0) and ``b`` (layer 1) that server tests register, a condition that always holds and one that
-never does, and a small random controller. Seeded, so every test module that serves them serves the same."""
+never does, a token gate that opens at once and one that never does, and a small random controller. Seeded, so every test module that serves them serves the same."""
 
 from __future__ import annotations
 
 import torch
 
 from steerscale import Site, SiteKind
+from steerscale.engine.token_gates import TokenGate
 from steerscale.steer.conditional import Condition
 from steerscale.steer.controller import SteeringController
 from steerscale.steer.vector import SteeringVector
@@ -24,6 +25,13 @@ def fixed_conditions(layout) -> dict[str, Condition]:
     dim = layout.site_dim(Site(0))
     return {name: Condition(Site(0), torch.ones(dim), torch.zeros(dim), t) for name, t in (("always", -2.0),
                                                                                             ("never", 2.0))}
+
+
+def fixed_gates(layout) -> dict[str, TokenGate]:
+    """``open`` (fires at the last prompt token: the vector steers every generated token) and ``shut`` (never fires),
+    both read at layer 0."""
+    dim = layout.site_dim(Site(0))
+    return {"open": TokenGate(Site(0), torch.zeros(dim), 20.0), "shut": TokenGate(Site(0), torch.zeros(dim), -20.0)}
 
 
 def random_controller(layout, vector: SteeringVector, seed: int = 5, max_strength: float = 6.0) -> SteeringController:

@@ -88,8 +88,8 @@ def test_smollm2_steering_cache_equivalence():
     v = v / v.norm() * 8
     for scope in ("all", "generated", "last:3"):
         ivs = [Intervention(Site(l), Add(v, 1.0), TokenScope.parse(scope)) for l in (5, 12, 20)]
-        a = generate(lm.model, lm.tokenizer, lm.layout, ["Tell me a story.", "Hi"], ivs, max_new_tokens=16, use_cache=True)
-        b = generate(lm.model, lm.tokenizer, lm.layout, ["Tell me a story.", "Hi"], ivs, max_new_tokens=16, use_cache=False)
+        a = generate(lm.model, lm.tokenizer, lm.layout, ["Tell me a story.", "Hi"], ivs, max_new_tokens=8, use_cache=True)
+        b = generate(lm.model, lm.tokenizer, lm.layout, ["Tell me a story.", "Hi"], ivs, max_new_tokens=8, use_cache=False)
         assert [x.token_ids for x in a] == [x.token_ids for x in b], scope
     # logits: the whole sequence in one pass vs step by step with the cache
     text = format_prompt(lm.tokenizer, "Tell me a story.")

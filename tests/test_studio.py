@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import torch
 
-from served import fixed_conditions, random_controller, random_vectors
+from served import fixed_conditions, fixed_gates, random_controller, random_vectors
 from steerscale.models.loading import LoadedModel
 from steerscale.scale import STRATEGIES
 from steerscale.serve import App, start_server
@@ -48,15 +48,15 @@ def parts():
     vecs = random_vectors(layout)
     # 5 ms a forward pass: the tiny model would otherwise finish before the page sees a second chunk
     slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
-    yield model, layout, vecs, fixed_conditions(layout), {"k": random_controller(layout, vecs["b"])}
+    yield model, layout, vecs, fixed_conditions(layout), {"k": random_controller(layout, vecs["b"])}, fixed_gates(layout)
     slow.remove()
     torch.set_num_threads(threads)
 
 
 def serve(parts, **kw):
-    model, layout, vecs, conditions, controllers = parts
+    model, layout, vecs, conditions, controllers, gates = parts
     return start_server(App(model, ChatCharTokenizer(), layout, model_id="tiny", vectors=dict(vecs),
-                            conditions=dict(conditions), controllers=dict(controllers), **kw))
+                            conditions=dict(conditions), controllers=dict(controllers), gates=dict(gates), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +236,20 @@ def test_condition_scope_and_controller_pickers_send_what_the_api_answers(browse
     assert steered_once(browser)["text"] == steered_api
 
     pick(browser, "condition", "")
+    # a token gate (GET /v1/steering/gates): "open" fires at the last prompt token, so vector b then steers the
+    # generated tokens; "shut" never fires, so the steered column is the plain reply
+    assert select_values(browser, "gate") == ["", "open", "shut"]
+    set_value(browser, "vector", "b")
+    from_gate = chat(server, [{"vector": "b", "scale": 10, "gate": "open"}])["choices"][0]["message"]["content"]
+    assert from_gate == chat(server, [{"vector": "b", "scale": 10, "scope": "generated"}])["choices"][0]["message"][
+        "content"] != plain_api
+    pick(browser, "gate", "open")
+    assert steered_once(browser)["text"] == from_gate
+    assert browser.find_element(By.CSS_SELECTOR, "#col-steered h2").text == "steered: b x10, from where open fires"
+    pick(browser, "gate", "shut")
+    assert steered_once(browser)["text"] == plain_api
+    pick(browser, "gate", "")
+    set_value(browser, "vector", "a")
     pick(browser, "scope", "generated")
     got = steered_once(browser)
     assert got["text"] == chat(server, [{"vector": "a", "scale": 10, "scope": "generated"}])["choices"][0][
@@ -297,7 +311,7 @@ def test_the_strategy_column_runs_the_steered_request_under_a_budget(browser, se
 def test_a_calibration_opened_in_the_page_shows_its_rows_and_plot(browser, server, parts, tmp_path):
     from steerscale.measure.calibrate import calibrate
 
-    model, layout, vecs, _, _ = parts
+    model, layout, vecs, *_ = parts
     lm = LoadedModel(model, ChatCharTokenizer(), layout, "tiny")
     pairs = [{"prompt": f"Q{i}: tell me", "positive": "AAAA BBBB", "negative": "zzzz yyyy"} for i in range(8)]
     cal = calibrate(lm, pairs, vector=vecs["a"], scales=(0.5, 1), max_kl=50.0, gen_tokens=0, n_neutral=4,

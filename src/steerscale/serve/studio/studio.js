@@ -54,16 +54,19 @@ function options(select, items, label, keepFirst) {
   select.dataset.loaded = String(items.length);
 }
 
-// The pickers: GET /v1/models, GET /v1/steering/{vectors,conditions,controllers,saes}; the strategies the server's
+// The pickers: GET /v1/models, GET /v1/steering/{vectors,conditions,gates,controllers,saes}; the strategies the server's
 // library knows (GET /studio/strategies.json: names and knobs).
 async function connect() {
   try {
     const models = await getJSON("/v1/models");
     state.model = models.data[0].id;
     $("#model").textContent = state.model;
-    const [vectors, conditions, controllers, saes] = await Promise.all(
-      ["vectors", "conditions", "controllers", "saes"].map(async (kind) => (await getJSON(`/v1/steering/${kind}`)).data));
+    const [vectors, conditions, gates, controllers, saes] = await Promise.all(
+      ["vectors", "conditions", "gates", "controllers", "saes"].map(
+        async (kind) => (await getJSON(`/v1/steering/${kind}`)).data));
     options($("#condition"), conditions, (c) => `${c.id} (${c.site}, ${c.comparison} ${c.threshold.toFixed(3)})`, true);
+    options($("#gate"), gates, (g) => `${g.id} (${g.site}, ${g.invert ? "below" : "above"} ${g.threshold.toFixed(2)})`,
+            true);
     options($("#controller"), controllers, (c) => `${c.id} (edits ${c.edits.join(", ")}; max ${c.max_strength})`);
     options($("#sae"), saes, (s) => s.id);
     $("#kind option[value=controller]").disabled = !controllers.length;
@@ -211,7 +214,8 @@ function userMessage() {
   return { role: "user", content: $("#prompt").value };
 }
 
-// The steered column's steer entry, from the picked kind: a vector (with its scope and an optional condition), a
+// The steered column's steer entry, from the picked kind: a vector (with its scope, an optional condition and an
+// optional token gate; the server refuses both at once, and the column shows its error), a
 // controller, or an SAE feature (Neuronpedia's shape); and the column title saying which.
 function steerEntry() {
   const scale = Number($("#scale").value);
@@ -226,8 +230,11 @@ function steerEntry() {
   const entry = { vector: $("#vector").value.trim(), scale, scope: $("#scope").value };
   const condition = $("#condition").value;
   if (condition) entry.condition = condition;
+  const gate = $("#gate").value;
+  if (gate) entry.gate = gate;
   const scope = entry.scope === "all" ? "" : `, ${entry.scope} tokens`;
-  return [entry, `${entry.vector || "(no vector)"} x${scale}${scope}${condition ? `, if ${condition}` : ""}`];
+  return [entry, `${entry.vector || "(no vector)"} x${scale}${scope}${condition ? `, if ${condition}` : ""}`
+    + `${gate ? `, from where ${gate} fires` : ""}`];
 }
 
 // The strategy column: the steered request run by a scaling strategy under a budget (not streamed: the server
