@@ -268,8 +268,8 @@ def test_smollm2_navigator_trains_and_applies(tmp_path):
     be = LocalBackend(model, tok, layout)
     probs = [NavProblem("a", "Calculate 2 + 3.", lambda t: float("5" in t)),
              NavProblem("b", "Calculate 4 + 1.", lambda t: float("5" in t))]
-    nav, tree = train_navigator(probs, be, max_blocks=1, block_tokens=12, epochs=3, episodes=2, explore=1)
-    assert len(nav.info["history"]) == 3 and nav.info["spent"]["generated_tokens"] > 0
+    nav, tree = train_navigator(probs, be, max_blocks=1, block_tokens=12, epochs=2, episodes=2, explore=1)
+    assert len(nav.info["history"]) == 2 and nav.info["spent"]["generated_tokens"] > 0
     path = nav.save(tmp_path / "smol.safetensors")
     r = StrategySpec.of("navigator", navigator=str(path), seed=1).run("Calculate 3 + 3.", be)
     assert r.info["blocks"][-1] == "stop" and r.budget["spent"]["generated_tokens"] > 0
