@@ -41,3 +41,17 @@ def random_controller(layout, vector: SteeringVector, seed: int = 5, max_strengt
     net = {"w1": torch.randn(8, dim, generator=g), "b1": torch.zeros(8), "w2": torch.randn(2, 8, generator=g),
            "b2": torch.zeros(2), "feature_mean": torch.zeros(dim), "feature_std": torch.ones(dim)}
     return SteeringController(vector, [Site(0)], net, max_strength=max_strength)
+
+
+def api_call(server, path: str, data: bytes | None = None, method: str = "GET") -> tuple[int, dict]:
+    """``(status, JSON body)`` of a plain HTTP request to a running test server's ``path`` (a 4xx too)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

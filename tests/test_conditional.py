@@ -21,6 +21,7 @@ from steerscale.steer.artifacts import fingerprint
 from steerscale.steer.vector import SteeringVector
 from steerscale.serve.scheduler import Job, Scheduler
 from steerscale.models.loading import LoadedModel
+from served import api_call
 from tiny import ChatCharTokenizer, tiny_lm
 
 PROMPTS = ["hello there", "a much longer prompt about cats", "zzz", "what is the time now?", "qq rr ss tt",
@@ -286,8 +287,6 @@ def test_conditions_with_different_reads_combine_and_a_chat_prefix_is_skipped(tm
 
 # -- the server: CAST and controllers per request ------------------------------------------------------------------
 def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
-    import json
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     openai = pytest.importorskip("openai")
@@ -337,12 +336,7 @@ def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
         assert voted.choices[0].text == controlled[0][:len(voted.choices[0].text)]
 
         def call(path, data=None, method="GET"):
-            req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return resp.status, json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
+            return api_call(server, path, data, method)
 
         status, card = call("/v1/steering/conditions/c2", cond.save(tmp_path / "c2").read_bytes(), "PUT")
         assert status == 201 and card["object"] == "steering_condition" and card["site"] == cond.site.key()
@@ -367,8 +361,6 @@ def test_server_runs_cast_and_controllers_per_request_in_one_batch(tmp_path):
 def test_server_runs_token_gates_per_row_as_generate_does(tmp_path):
     """A gated vector through the server (alone, beside plain and ungated requests, n > 1, uploaded while it runs)
     gives generate's tokens; malformed gate entries are 400s that name the field."""
-    import json
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     openai = pytest.importorskip("openai")
@@ -400,12 +392,7 @@ def test_server_runs_token_gates_per_row_as_generate_does(tmp_path):
         assert ask(PROMPTS[0], gated_steer, n=3) == [want[0].text] * 3
 
         def call(path, data=None, method="GET"):
-            req = urllib.request.Request(server.url.rsplit("/v1", 1)[0] + path, data=data, method=method)
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return resp.status, json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
+            return api_call(server, path, data, method)
 
         saved = FittedTokenGate.of(gate)
         saved.metadata = {"model_name": lm.name, "model_fingerprint": fingerprint(lm.layout)}

@@ -15,6 +15,7 @@ from steerscale.scale.verifiers import score_candidates
 from steerscale.scale.verifiers.base import Verifier
 
 import numpy as np
+from tiny import hook_count, record_registrations
 
 
 def full_logprobs(backend, prompt, ids):
@@ -125,51 +126,39 @@ def test_per_row_steering_scales(backend):
     assert rows[1].meta["steer_scale"] == 3.0
 
 
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_local_backend_attaches_its_hooks_once_for_its_lifetime(backend, monkeypatch):
     # issue 24: hooks go on at the backend's first steered pass and stay until close() or garbage collection; later
     # calls (a search's many extend/select/merge steps, scoring) register none
     model, layout = backend.model, backend.layout
     site = Site(1, SiteKind.RESID_POST)
     vec = torch.randn(layout.site_dim(site), generator=torch.Generator().manual_seed(0)) * 4
-    before = _hook_count(model)
+    before = hook_count(model)
     steered = LocalBackend(model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False)
-    assert _hook_count(model) == before  # nothing until it steers
+    assert hook_count(model) == before  # nothing until it steers
     steered.sample("hi there", 2, SamplingParams(max_tokens=4, temperature=0, step=None), Budget())
-    attached = _hook_count(model)
+    attached = hook_count(model)
     assert attached > before
-    registered = []
-    for name in ("register_forward_hook", "register_forward_pre_hook"):
-        real = getattr(torch.nn.Module, name)
-
-        def counting(self, *args, _real=real, **kwargs):
-            registered.append(type(self).__name__)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.nn.Module, name, counting)
+    registered = record_registrations(monkeypatch)
     for strategy in ("beam_search", "astar", "best_of_n"):
         run_strategy(strategy, "12 + 3 =", steered, get_verifier("logprob"), Budget(), seed=0, max_tokens=8,
                      step=" ", max_step_tokens=4, temperature=1.0, **KNOBS[strategy])
     steered.token_logprobs(steered.prompt_ids("hi there") + [5, 6], prompt_width=3)
     monkeypatch.undo()
     assert registered == [], f"hooks registered after the first call: {registered}"
-    assert _hook_count(model) == attached
+    assert hook_count(model) == attached
     steered.close()
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
     with LocalBackend(model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False) as again:
         again.sample("hi", 1, SamplingParams(max_tokens=2, temperature=0, step=None), Budget())
-        assert _hook_count(model) == attached
-    assert _hook_count(model) == before
+        assert hook_count(model) == attached
+    assert hook_count(model) == before
     dropped = LocalBackend(model, backend.tokenizer, layout, [Intervention(site, Add(vec, 1.0))], chat=False)
     dropped.sample("hi", 1, SamplingParams(max_tokens=2, temperature=0, step=None), Budget())
     del dropped
     import gc
 
     gc.collect()
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
 
 
 # -- verifiers ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from steerscale import Site, SiteKind, SteerscaleError
 from steerscale.scale import Budget, LocalBackend, SamplingParams
 from steerscale.serve.scheduler import Job, Scheduler
 from steerscale.steer.vector import SteeringVector
-from tiny import CharTokenizer, tiny_model
+from tiny import CharTokenizer, hook_count, record_registrations, tiny_model
 
 MARGIN = 1e-4  # a greedy token may differ only where the top-2 logits are this close
 
@@ -233,14 +233,10 @@ def test_ablate_and_set_entries_run_per_row_as_the_scaling_engine_runs_them(setu
     assert got[0].token_ids != got[1].token_ids  # ablation and a set value differ: the ops acted
 
 
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_decoding_steps_register_no_hooks_and_stop_removes_them(setup, monkeypatch):
     # issue 24: hooks are attached once per engine, not per step; each step runs its rows' edits on them
     model, layout, tok, vecs = setup
-    before = _hook_count(model)
+    before = hook_count(model)
     sites = [site for v in vecs.values() for site in v.directions]
     s = Scheduler(model, tok, layout, max_batch=8, sites=sites)
     greedy = dict(temperature=0.0, step=None, max_tokens=60)
@@ -248,15 +244,7 @@ def test_decoding_steps_register_no_hooks_and_stop_removes_them(setup, monkeypat
              ((vecs["b"], 1.0),)]
     futures = [s.submit(Job(tok.encode(f"prompt {i}"), SamplingParams(**greedy), steer=e, scope=scope))
                for i, (e, scope) in enumerate(zip(steer, ["all", "all", "generated", "all", "prompt"]))]
-    registered = []
-    for name in ("register_forward_hook", "register_forward_pre_hook"):
-        real = getattr(torch.nn.Module, name)
-
-        def counting(self, *args, _real=real, **kwargs):
-            registered.append(type(self).__name__)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.nn.Module, name, counting)
+    registered = record_registrations(monkeypatch)
     while s.steps < 50:
         s.step()
     monkeypatch.undo()
@@ -265,20 +253,20 @@ def test_decoding_steps_register_no_hooks_and_stop_removes_them(setup, monkeypat
     assert s.hooks.registrations == 1 + len(sites)  # the decoder stack's position hook, one per steered site
     s.stop()
     assert all(f.exception() is not None for f in futures)  # stopped mid-generation: they end with an error
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
 
 
 def test_a_dropped_loop_leaves_no_hooks(setup):
     model, layout, tok, vecs = setup
-    before = _hook_count(model)
+    before = hook_count(model)
     s = Scheduler(model, tok, layout, max_batch=2, sites=list(vecs["a"].directions))
     fut = s.submit(Job(tok.encode("hi"), SamplingParams(max_tokens=3, temperature=0.0, step=None),
                        steer=((vecs["a"], 1.0),)))
     while not fut.done():
         s.step()
-    assert _hook_count(model) > before
+    assert hook_count(model) > before
     del s
     import gc
 
     gc.collect()
-    assert _hook_count(model) == before
+    assert hook_count(model) == before

@@ -108,3 +108,22 @@ def tiny_lm(family: str = "llama"):
 
     model, layout = tiny_model(family)
     return LoadedModel(model, TinyTokenizer(), layout, f"tiny-{family}")
+
+
+def hook_count(model) -> int:
+    """Forward hooks and pre-hooks on every module of ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def record_registrations(monkeypatch) -> list[str]:
+    """From now until ``monkeypatch.undo()``, the class name of every module a forward (pre-)hook is registered on."""
+    registered: list[str] = []
+    for name in ("register_forward_hook", "register_forward_pre_hook"):
+        real = getattr(torch.nn.Module, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            registered.append(type(self).__name__)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, name, counting)
+    return registered
