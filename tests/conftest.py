@@ -23,6 +23,8 @@ def backend():
 def pytest_collection_finish(session):
     """Start the vLLM checks (subprocesses, one vLLM engine each on one core) in the background, so they overlap the
     rest of the suite (tests/test_vllm.py)."""
+    if session.config.option.collectonly:
+        return
     items = [item for item in session.items if getattr(getattr(item, "module", None), "__name__", "") == "test_vllm"]
     if items:
         items[0].module.start_in_background(items)
