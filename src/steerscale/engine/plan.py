@@ -27,6 +27,7 @@ site of the same pass), so the plan asks the hooks that run it (``SteeringPlan.g
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -148,7 +149,8 @@ def request_slots(entries: Iterable[tuple], columns: Callable[[Site, torch.Tenso
                   ) -> dict[Site, dict[tuple[int, str], dict[str, torch.Tensor]]]:
     """One request's edits: ``{site: {(entry k, kind, gate): {part: (3, ...)}}}`` from its entries ``(vector, op,
     scope kind)`` or ``(vector, op, scope kind, gate)`` in order (a vector has ``directions`` and ``preserve_norm``; a
-    ``FeatureClamp`` goes with ``("clamp", value)``; ``gate``: a ``TokenGate`` or None). ``columns(site, direction)``
+    ``FeatureClamp`` goes with ``("clamp", value)``; ``gate``: a ``TokenGate`` or None, its site checked before the
+    entry's by whoever takes the request: ``Intervention``, ``Scheduler.submit``). ``columns(site, direction)``
     places a direction in the width the engine edits (a head's columns on a tensor-parallel rank; None: not on this
     rank); without it a direction is its own width."""
     out: dict = {}
@@ -159,8 +161,6 @@ def request_slots(entries: Iterable[tuple], columns: Callable[[Site, torch.Tenso
             d = direction.float() if columns is None else columns(site, direction.float())
             if d is None:
                 continue
-            if gate is not None:
-                gate.check_edit_site(site)
             if isinstance(vector, FeatureClamp):  # ("clamp", value)
                 consts = torch.tensor([vector.bias, vector.threshold, vector.norm_cap], dtype=torch.float32)
                 out.setdefault(site, {})[(k, "clamp", gate)] = {
@@ -225,7 +225,7 @@ class SteeringPlan:
     index: torch.Tensor
     gate_on: Callable[[TokenGate], torch.Tensor] | None = None
 
-    @property
+    @functools.cached_property
     def gates(self) -> list[TokenGate]:
         """The distinct gates the plan's slots wait on (the hooks must read them in every pass)."""
         return list({id(op.gate): op.gate for ops in self.ops.values() for op in ops if op.gate is not None}.values())
