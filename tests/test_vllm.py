@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = ("vllm_checks.py", (), {"VLLM_CPU_CI_ENV": "1"})
 SERVE_CHECKS = ("vllm_serve_checks.py", (), {})
-_background: dict[tuple, Future] = {}  # started at collection (``start_in_background``), read by ``run_checks``
+CHECK_TIMEOUT = 1200  # seconds one check may run
+_background: dict[tuple, object] = {}  # started at collection (``start_in_background``), read by ``run_checks``
+_futures: list[Future] = []  # the checks this process runs in the background
 _running: list[subprocess.Popen] = []
 _stopping = threading.Event()
 
@@ -51,11 +54,11 @@ def _run(python, script: str, args, env) -> tuple[int, str, str]:
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     _running.append(proc)
     try:
-        out, err = proc.communicate(timeout=1200)
+        out, err = proc.communicate(timeout=CHECK_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        err += "\n(killed after 1200 s)"
+        err += f"\n(killed after {CHECK_TIMEOUT} s)"
     finally:
         _running.remove(proc)
     return proc.returncode, out, err
@@ -72,9 +75,58 @@ def run_checks(script: str, *args: str, env: dict | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-def start_in_background(items) -> None:
+class _Published:
+    """A check another pytest-xdist worker runs: its result appears as a JSON file in the directory the workers
+    share (written by ``_publish``)."""
+
+    def __init__(self, path: Path, owner: int):
+        self.path, self.owner = path, owner
+
+    def result(self) -> tuple[int, str, str]:
+        deadline = time.monotonic() + CHECK_TIMEOUT * 4  # the owner runs the checks one after another
+        while not self.path.exists():
+            if not _alive(self.owner) and not self.path.exists():
+                return -1, "", f"the test worker running the vLLM checks (pid {self.owner}) ended without this result"
+            if time.monotonic() > deadline:
+                return -1, "", f"no result in {self.path} after {CHECK_TIMEOUT * 4} s"
+            time.sleep(1)
+        return tuple(json.loads(self.path.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _publish(path: Path, python, script: str, args, env) -> tuple[int, str, str]:
+    """Run a check and write its result where the other workers read it (atomically: never half a file)."""
+    result = _run(python, script, args, env)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def _shared_dir(config) -> Path | None:
+    """Under pytest-xdist, a directory all workers of this run share (under the run's base temp, which pytest
+    cleans); None in a plain run."""
+    if not hasattr(config, "workerinput"):
+        return None
+    shared = config._tmp_path_factory.getbasetemp().parent / "vllm-checks"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+def start_in_background(items, config) -> None:
     """Start the checks the collected ``items`` of this module read, one after another on a background thread
-    (``conftest.py`` calls this when collection ends)."""
+    (``conftest.py`` calls this when collection ends). Under pytest-xdist every worker collects every test, so the
+    first worker to claim the run's shared directory runs the checks and publishes each result there; the others
+    read them from there (whichever worker runs a test)."""
     python = vllm_python()
     if python is None or os.environ.get("STEERSCALE_VLLM_BACKGROUND", "1") == "0":
         return
@@ -88,14 +140,42 @@ def start_in_background(items) -> None:
             jobs.append(job)
     if not jobs:
         return
+    shared = _shared_dir(config)
+    owner = os.getpid()
+    if shared is not None:
+        try:
+            fd = os.open(shared / "owner", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another worker runs them
+            for index, job in enumerate(jobs):
+                _background[_key(*job)] = _Published(shared / f"{index}.json", _read_owner(shared / "owner"))
+            return
+        os.write(fd, str(owner).encode())
+        os.close(fd)
     pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-checks")
-    for script, args, env in jobs:
-        _background[_key(script, args, env)] = pool.submit(_run, python, script, args, env)
+    for index, (script, args, env) in enumerate(jobs):
+        future = pool.submit(_run, python, script, args, env) if shared is None else \
+            pool.submit(_publish, shared / f"{index}.json", python, script, args, env)
+        _background[_key(script, args, env)] = future
+        _futures.append(future)
     pool.shutdown(wait=False)
 
 
-def stop_background() -> None:
-    """End the session's checks: those not started never start, a running one is killed."""
+def _read_owner(path: Path) -> int:
+    for _ in range(100):  # the owner writes its pid right after creating the file
+        text = path.read_text().strip()
+        if text:
+            return int(text)
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} names no process")
+
+
+def stop_background(session, interrupted: bool = False) -> None:
+    """End the session's checks. In a plain run those not started never start and a running one is killed. Under
+    pytest-xdist a worker that finished its own tests waits for the checks it runs, since a test in another worker
+    may be waiting for them, unless the session was stopped (interrupted, or ``-x``)."""
+    if _shared_dir(session.config) is not None and not (interrupted or session.shouldstop or session.shouldfail):
+        for future in _futures:
+            future.result()
     _stopping.set()
     for proc in list(_running):
         proc.kill()

@@ -30,7 +30,9 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)  # atomic: a process loading the same file at once never reads half a digest
     return digest
 
 
