@@ -9,7 +9,7 @@ from steerscale import Add, Intervention, Site, SiteKind, SteerscaleError, Token
 from steerscale.models.loading import LoadedModel
 from steerscale.steer.casal import CasalConfig, bake_casal, casal_texts, fit_casal, merged
 from steerscale.steer.vector import SteeringVector, fingerprint
-from tiny import TinyTokenizer, tiny_lm, tiny_model
+from tiny import TinyTokenizer, hook_count, tiny_lm, tiny_model
 
 # word-level texts ("w5 w17 ..."), so the same texts work with the byte tokenizer and the saved HF tokenizer
 TEXTS = [" ".join(f"w{(7 * i + 3 * k) % 90 + 2}" for k in range(6 + i % 4)) for i in range(12)]
@@ -27,14 +27,16 @@ def _add(lm, layer=1, **kw):
 
 
 def _snapshot(model):
-    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    """The parameters and the hook count (transformers' own output recorders stay once a pass has recorded; the
+    tiny models are shared by the tests of a process, so "no hooks" would depend on which tests ran before)."""
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()], hook_count(model)
 
 
 def _unchanged(model, before) -> bool:
+    params, hooks = before
     after = list(model.named_parameters())
-    hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    return (not hooks and [n for n, _ in after] == [n for n, _ in before]
-            and all(torch.equal(p, q) for (_, p), (_, q) in zip(after, before)))
+    return (hook_count(model) == hooks and [n for n, _ in after] == [n for n, _ in params]
+            and all(torch.equal(p, q) for (_, p), (_, q) in zip(after, params)))
 
 
 @torch.no_grad()

@@ -9,9 +9,10 @@ scripts/make_vllm_venv.sh``; path ``$VLLM_VENV`` or ``.venv-vllm``): the checks 
 without that venv they are skipped. The request format is tested here without vLLM.
 
 The checks are subprocesses that each run a vLLM engine, whose worker binds one core (vLLM's CPU build reserves the
-other). So they start in the background when the suite is collected (``conftest.py``; one after another, in the
-order the tests below read them) and overlap the rest of the suite; each test waits for its check's result.
-``STEERSCALE_VLLM_BACKGROUND=0`` runs each check when its test runs instead."""
+other). So they start in the background when the suite is collected (``conftest.py``; two at a time, the serve
+checks first) and overlap the rest of the suite; each test waits for its check's result. Under pytest-xdist one
+worker runs them and the others read their results (``start_in_background``). ``STEERSCALE_VLLM_BACKGROUND=0``
+runs each check when its test runs instead."""
 
 import json
 import os
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("vllm_checks.py", (), {"VLLM_CPU_CI_ENV": "1"})
 SERVE_CHECKS = ("vllm_serve_checks.py", (), {})
 CHECK_TIMEOUT = 1200  # seconds one check may run
+# Checks run at once in the background: two, so the serve checks (~5 min here) run beside the others (~8 min
+# together) rather than after them; more would only add memory (each vLLM engine takes ~4 GB) on a small machine.
+LANES = int(os.environ.get("STEERSCALE_VLLM_LANES", "2"))
 _background: dict[tuple, object] = {}  # started at collection (``start_in_background``), read by ``run_checks``
 _futures: list[Future] = []  # the checks this process runs in the background
 _running: list[subprocess.Popen] = []
@@ -83,7 +87,7 @@ class _Published:
         self.path, self.owner = path, owner
 
     def result(self) -> tuple[int, str, str]:
-        deadline = time.monotonic() + CHECK_TIMEOUT * 4  # the owner runs the checks one after another
+        deadline = time.monotonic() + CHECK_TIMEOUT * 4  # the owner runs a few checks in each lane
         while not self.path.exists():
             if not _alive(self.owner) and not self.path.exists():
                 return -1, "", f"the test worker running the vLLM checks (pid {self.owner}) ended without this result"
@@ -123,7 +127,7 @@ def _shared_dir(config) -> Path | None:
 
 
 def start_in_background(items, config) -> None:
-    """Start the checks the collected ``items`` of this module read, one after another on a background thread
+    """Start the checks the collected ``items`` of this module read, on ``LANES`` background threads
     (``conftest.py`` calls this when collection ends). Under pytest-xdist every worker collects every test, so the
     first worker to claim the run's shared directory runs the checks and publishes each result there; the others
     read them from there (whichever worker runs a test)."""
@@ -140,6 +144,7 @@ def start_in_background(items, config) -> None:
             jobs.append(job)
     if not jobs:
         return
+    jobs.sort(key=lambda job: job != SERVE_CHECKS)  # the longest first, in a lane of its own
     shared = _shared_dir(config)
     owner = os.getpid()
     if shared is not None:
@@ -151,7 +156,7 @@ def start_in_background(items, config) -> None:
             return
         os.write(fd, str(owner).encode())
         os.close(fd)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-checks")
+    pool = ThreadPoolExecutor(LANES, thread_name_prefix="vllm-checks")
     for index, (script, args, env) in enumerate(jobs):
         future = pool.submit(_run, python, script, args, env) if shared is None else \
             pool.submit(_publish, shared / f"{index}.json", python, script, args, env)
