@@ -19,6 +19,13 @@ over ``--reps``.
 
     python bench/threads.py --reps 2            # ~10 minutes per rep on a 2-core machine
     python bench/threads.py --demo              # also time `steerscale demo`, idle and with the competing job
+    python bench/threads.py --only-pairs --idle-pairs 8   # the idle cost of auto alone, paired in one process
+
+``--idle-pairs N``: separate runs in fresh processes spread by up to 38% idle here, too much to resolve a 5% cost.
+So the idle cost is also measured in one process (model loaded once): the solve (through the library) and a
+batch-8 decode run alternately under the automatic choice and torch's default, N pairs whose order alternates;
+``idle_ratio_vs_default_paired`` is the smaller workload's mean default/auto ratio over the pairs (with a 95%
+bootstrap interval in ``paired_idle``).
 
 Last line: one JSON object with ``loaded_speedup_vs_default`` (default / auto seconds with the competing job) and
 ``idle_ratio_vs_default`` (default / auto seconds idle), each the smaller over the two workloads, plus each
@@ -83,6 +90,47 @@ def decode(tokens: int) -> None:
     out = steerscale.generate(model, tok, layout, c.PROMPTS, max_new_tokens=tokens, min_new_tokens=tokens)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "tokens": sum(g.n_tokens for g in out), "threads": status()}), flush=True)
+
+
+def idle_pairs(pairs: int, tokens: int) -> None:
+    """The idle cost of the automatic choice, in one process: the same two workloads (the particle-filter solve of
+    ``SOLVE`` through the library, and a batch-8 greedy decode of ``tokens`` tokens) run alternately under the
+    automatic choice and under torch's default count, in pairs whose order alternates (auto first, then default
+    first), so the host's drift falls on both alike. One JSON line per run, then one with the pairs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _common as c
+    import steerscale
+    from steerscale.cli import build_parser
+    from steerscale.models.threads import set_threads, status
+    from steerscale.scale import LocalBackend
+    from steerscale.scale.spec import StrategySpec
+
+    lm = steerscale.load_model("smollm2-135m-instruct")
+    default = torch_default_threads()
+    spec = StrategySpec.from_args(build_parser().parse_args(SOLVE))
+
+    def solve():
+        with LocalBackend(lm.model, lm.tokenizer, lm.layout) as backend:
+            return spec.run(SOLVE[2], backend).answer
+
+    def decode_batch():
+        out = steerscale.generate(lm.model, lm.tokenizer, lm.layout, c.PROMPTS, max_new_tokens=tokens,
+                                  min_new_tokens=tokens)
+        return sum(g.n_tokens for g in out)
+
+    workloads = {"solve": solve, "decode": decode_batch}
+    for work in workloads.values():  # warm-up: first-call allocations, the dequantized-weights cache
+        set_threads("auto")
+        work()
+    for i in range(pairs):
+        for config in (("auto", "default") if i % 2 == 0 else ("default", "auto")):
+            for name, work in workloads.items():
+                set_threads("auto" if config == "auto" else default)
+                start = time.perf_counter()
+                result = work()
+                seconds = time.perf_counter() - start
+                print(json.dumps({"pair": i, "workload": name, "config": config, "seconds": seconds,
+                                  "result": result, "threads": status().get("threads")}), flush=True)
 
 
 # -- the parent ---------------------------------------------------------------------------------------------------
@@ -257,6 +305,49 @@ def measure(workload: str, config: str, loaded: bool, args, default_threads: int
     raise AssertionError("the last attempt always returns")
 
 
+def paired_idle(args) -> dict:
+    """Run ``idle_pairs`` in a fresh process (no thread settings in its environment), recording the third parties'
+    runnable threads during each run; per workload: default/auto seconds per pair, their mean and 95% bootstrap
+    interval, and what the automatic choice chose."""
+    from steerscale.measure.stats import bootstrap_ci
+
+    quiet = wait_idle(args.wait_idle)
+    runs = []
+    with Monitor() as monitor:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--idle-pairs-child",
+                                 str(args.idle_pairs), "--tokens", str(args.pair_tokens)],
+                                env=env_for("auto", 0), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        monitor.pids.append(proc.pid)
+        seen = 0
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            window = monitor.samples[seen:]
+            seen = len(monitor.samples)
+            rec["third_party"] = round(sum(window) / len(window), 2) if window else 0.0
+            runs.append(rec)
+            print(f"  pair {rec['pair']:2} {rec['workload']:6} {rec['config']:7} {rec['seconds']:6.2f} s  threads "
+                  f"{rec['threads']}  third-party runnable {rec['third_party']:.2f}", flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"the paired child failed ({proc.returncode})")
+    out = {"pairs": args.idle_pairs, "decode_tokens_per_row": args.pair_tokens, "load_before": quiet}
+    for workload in ("solve", "decode"):
+        by = {(r["pair"], r["config"]): r for r in runs if r["workload"] == workload}
+        ratios = [by[(i, "default")]["seconds"] / by[(i, "auto")]["seconds"] for i in range(args.idle_pairs)]
+        est = bootstrap_ci(ratios)
+        out[workload] = {"default_vs_auto_mean": round(est.mean, 3), "ci95": [round(est.lo, 3), round(est.hi, 3)],
+                         "default_vs_auto_median": round(statistics.median(ratios), 3),
+                         "ratios": [round(x, 3) for x in ratios],
+                         "auto_threads": sorted({r["threads"] for (_, cfg), r in by.items() if cfg == "auto"}),
+                         "results_equal": len({str(r["result"]) for r in by.values()}) == 1,
+                         "third_party_max": max(r["third_party"] for r in by.values())}
+        print(f"{workload}: default/auto {est} (median {statistics.median(ratios):.3f}); auto chose "
+              f"{out[workload]['auto_threads']}", flush=True)
+    out["idle_ratio_vs_default_paired"] = min(out[w]["default_vs_auto_mean"] for w in ("solve", "decode"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=1, help="repetitions of every run (median)")
@@ -267,6 +358,12 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=8, help="extra attempts for a run that third parties disturbed")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before a run counts as failed")
     ap.add_argument("--demo", action="store_true", help="also time `steerscale demo` (auto), idle and loaded")
+    ap.add_argument("--idle-pairs", type=int, default=0,
+                    help="also measure the idle cost of the automatic choice precisely: this many pairs of runs in "
+                         "one process, auto and torch's default alternating (0: skip; 8 take ~6 minutes here)")
+    ap.add_argument("--pair-tokens", type=int, default=32, help="tokens per row of the decode in each pair")
+    ap.add_argument("--only-pairs", action="store_true", help="run only the paired idle measurement")
+    ap.add_argument("--idle-pairs-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -274,6 +371,13 @@ def main() -> None:
         return compete()
     if args.decode:
         return decode(args.tokens)
+    if args.idle_pairs_child:
+        return idle_pairs(args.idle_pairs_child, args.tokens)
+    if args.only_pairs:
+        args.idle_pairs = args.idle_pairs or 8
+        sys.path.insert(0, str(ROOT / "src"))
+        print(json.dumps({"paired_idle": paired_idle(args)}))
+        return
 
     sys.path.insert(0, str(ROOT / "src"))
     default_threads = torch_default_threads()
@@ -323,6 +427,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_at_start": load_start, "load_at_end": machine_load(),
                     "third_party_runnable_max": max(r["third_party"] for r in runs),
                     "disturbed_runs": sum(r["third_party"] > args.max_third for r in runs)},
+        "paired_idle": paired_idle(args) if args.idle_pairs else None,
         "decode_tokens_per_row": args.tokens,
         "reps": args.reps,
         "bench_seconds": round(time.perf_counter() - started, 1),
