@@ -20,6 +20,7 @@ over ``--reps``.
     python bench/threads.py --reps 2            # ~10 minutes per rep on a 2-core machine
     python bench/threads.py --demo              # also time `steerscale demo`, idle and with the competing job
     python bench/threads.py --only-pairs --idle-pairs 8   # the idle cost of auto alone, paired in one process
+    python bench/threads.py --only-demo --demo-scaling-problems 8   # the demo idle and loaded, a shorter scaling part
 
 ``--idle-pairs N``: separate runs in fresh processes spread by up to 38% idle here, too much to resolve a 5% cost.
 So the idle cost is also measured in one process (model loaded once): the solve (through the library) and a
@@ -126,11 +127,15 @@ def idle_pairs(pairs: int, tokens: int) -> None:
         for config in (("auto", "default") if i % 2 == 0 else ("default", "auto")):
             for name, work in workloads.items():
                 set_threads("auto" if config == "auto" else default)
+                counts = status()["counts"]
                 start = time.perf_counter()
                 result = work()
                 seconds = time.perf_counter() - start
+                now = status()
                 print(json.dumps({"pair": i, "workload": name, "config": config, "seconds": seconds,
-                                  "result": result, "threads": status().get("threads")}), flush=True)
+                                  "result": result, "threads": now.get("threads"),
+                                  # the automatic readings of this run: how many saw load, how many applied it
+                                  "readings": {k: v - counts[k] for k, v in now["counts"].items()}}), flush=True)
 
 
 # -- the parent ---------------------------------------------------------------------------------------------------
@@ -279,7 +284,9 @@ def attempt(workload: str, config: str, loaded: bool, args, default_threads: int
                 rec = json.loads(out.strip().splitlines()[-1])
             else:  # demo
                 with tempfile.TemporaryDirectory() as tmp:
-                    seconds, _, err = run_child(["-c", CLI_WRAPPER, "demo", "-o", tmp], env, args.timeout, monitor,
+                    demo = ["demo", "-o", tmp] + ([] if args.demo_scaling_problems is None else
+                                                  ["--scaling-problems", str(args.demo_scaling_problems)])
+                    seconds, _, err = run_child(["-c", CLI_WRAPPER, *demo], env, args.timeout, monitor,
                                                 max_third)
                 rec = {"seconds": seconds, "threads": threads_line(err)}
         except Disturbed as exc:
@@ -328,7 +335,8 @@ def paired_idle(args) -> dict:
             rec["third_party"] = round(sum(window) / len(window), 2) if window else 0.0
             runs.append(rec)
             print(f"  pair {rec['pair']:2} {rec['workload']:6} {rec['config']:7} {rec['seconds']:6.2f} s  threads "
-                  f"{rec['threads']}  third-party runnable {rec['third_party']:.2f}", flush=True)
+                  f"{rec['threads']}  readings {rec['readings']}  third-party runnable {rec['third_party']:.2f}",
+                  flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"the paired child failed ({proc.returncode})")
     out = {"pairs": args.idle_pairs, "decode_tokens_per_row": args.pair_tokens, "load_before": quiet}
@@ -341,6 +349,8 @@ def paired_idle(args) -> dict:
                          "ratios": [round(x, 3) for x in ratios],
                          "auto_threads": sorted({r["threads"] for (_, cfg), r in by.items() if cfg == "auto"}),
                          "results_equal": len({str(r["result"]) for r in by.values()}) == 1,
+                         "auto_readings": {k: sum(r["readings"][k] for (_, cfg), r in by.items() if cfg == "auto")
+                                           for k in ("readings", "saw_load", "applied_fewer")},
                          "third_party_max": max(r["third_party"] for r in by.values())}
         print(f"{workload}: default/auto {est} (median {statistics.median(ratios):.3f}); auto chose "
               f"{out[workload]['auto_threads']}", flush=True)
@@ -363,6 +373,10 @@ def main() -> None:
                          "one process, auto and torch's default alternating (0: skip; 8 take ~6 minutes here)")
     ap.add_argument("--pair-tokens", type=int, default=32, help="tokens per row of the decode in each pair")
     ap.add_argument("--only-pairs", action="store_true", help="run only the paired idle measurement")
+    ap.add_argument("--only-demo", action="store_true",
+                    help="run only the demo, idle and with the competing job (auto threads), and their ratio")
+    ap.add_argument("--demo-scaling-problems", type=int,
+                    help="the demo's --scaling-problems (default: the demo's own; fewer for a shorter run)")
     ap.add_argument("--idle-pairs-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--compete", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
@@ -373,6 +387,19 @@ def main() -> None:
         return decode(args.tokens)
     if args.idle_pairs_child:
         return idle_pairs(args.idle_pairs_child, args.tokens)
+    if args.only_demo:
+        sys.path.insert(0, str(ROOT / "src"))
+        started = time.perf_counter()
+        runs = {("loaded" if loaded else "idle"): measure("demo", "auto", loaded, args, torch_default_threads())
+                for loaded in (False, True)}
+        print(json.dumps({"demo_seconds": {k: round(r["seconds"], 1) for k, r in runs.items()},
+                          "demo_loaded_vs_idle": round(runs["loaded"]["seconds"] / runs["idle"]["seconds"], 3),
+                          "demo_scaling_problems": args.demo_scaling_problems,
+                          "auto_threads": {k: (r.get("threads") or {}).get("threads") for k, r in runs.items()},
+                          "third_party": {k: r["third_party"] for k, r in runs.items()},
+                          "competitor_matmuls_per_s": runs["loaded"]["competitor_matmuls_per_s"],
+                          "bench_seconds": round(time.perf_counter() - started, 1)}))
+        return
     if args.only_pairs:
         args.idle_pairs = args.idle_pairs or 8
         sys.path.insert(0, str(ROOT / "src"))

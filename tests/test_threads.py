@@ -191,6 +191,23 @@ def test_auto_applies_the_choice_and_follows_the_machine(fresh, monkeypatch):
     assert th.refresh(force=True) == th._state.ceiling == torch.get_num_threads() == 2
 
 
+def test_one_busy_reading_between_idle_ones_keeps_the_count(fresh, monkeypatch):
+    # a burst of another process that fills one reading (a few ms) must not cost a second at fewer threads; a
+    # competing job that shows in two readings in a row does lower it, and a first reading is applied as it is
+    machine(monkeypatch, others=0)
+    assert th.refresh(force=True) == 2
+    machine(monkeypatch, others=1)
+    assert th.refresh(force=True) == 2 and torch.get_num_threads() == 2
+    machine(monkeypatch, others=0)
+    assert th.refresh(force=True) == 2
+    machine(monkeypatch, others=1)
+    assert th.refresh(force=True) == 2
+    assert th.refresh(force=True) == 1 and torch.get_num_threads() == 1
+    machine(monkeypatch, others=0)  # the job ended: back at once
+    assert th.refresh(force=True) == 2
+    assert th.status()["counts"] == {"readings": 6, "saw_load": 3, "applied_fewer": 1}
+
+
 def test_refresh_is_rate_limited_per_thread(fresh, monkeypatch):
     calls = machine(monkeypatch)
     th.refresh()

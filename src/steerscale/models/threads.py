@@ -7,7 +7,9 @@ took 39-92 s with the default and 16-22 s with one thread. So the engine chooses
 
     threads = min(torch's default, cgroup quota in cores, CPUs we may use - runnable threads of other processes)
 
-at least 1. Idle, that is torch's default: nothing changes. The machine is read at model load and, at most once a
+at least 1; a reading lowers the count only when the one before it (a second earlier, in the same thread) chose
+fewer too (``_settle``: a burst of another process that fills one reading costs nothing). Idle, that is torch's
+default: nothing changes. The machine is read at model load and, at most once a
 second per thread, when decoding or scoring starts or goes on (``refresh``, called by ``load_model``, ``generate``,
 ``capture``, choice scoring, ``LocalBackend`` and the server's scheduler). A reading is a few samples of
 ``procs_running`` (``/proc/stat``: threads runnable right now, system-wide) minus this process's own runnable threads
@@ -314,10 +316,13 @@ class _State:
         self.ceiling = at_import if not torch_env and at_import in defaults else min(defaults)
         self.ours: set[int] = {at_import}  # counts a thread may hold without the program having set one
         self.last: dict = {}
+        # automatic readings, those whose own choice was below the ceiling, and those that applied fewer threads
+        self.counts = {"readings": 0, "saw_load": 0, "applied_fewer": 0}
 
 
 _state = _State()
-_local = threading.local()  # per thread: next_check (monotonic seconds), ours (the count steerscale set here)
+_local = threading.local()  # per thread: next_check (monotonic seconds), ours (the count steerscale set here),
+# chosen (the last reading's choice, see _settle)
 
 
 def set_threads(value: int | str | None) -> None:
@@ -328,6 +333,7 @@ def set_threads(value: int | str | None) -> None:
     with _state.lock:
         _state.explicit, _state.explicit_given, _state.program = n, True, False
     _local.__dict__.pop("next_check", None)
+    _local.__dict__.pop("chosen", None)
     if n is not None:
         _apply(n)
     else:
@@ -366,6 +372,21 @@ def _program_changed(current: int) -> bool:
     return current != mine if mine is not None else current not in _state.ours
 
 
+def _settle(chosen: int) -> int:
+    """The count to apply for this reading's choice: fewer threads only when the previous reading in this thread
+    chose fewer too (more at once). A reading is a few milliseconds, so a short burst of another process (a shell
+    command, a monitor reading /proc) can fill it; one such reading would cost a second at fewer threads on an
+    idle machine, while a real competing job shows in two readings and costs one second at most."""
+    previous = getattr(_local, "chosen", None)
+    _local.chosen = chosen
+    applied = chosen if previous is None else max(chosen, previous)
+    with _state.lock:
+        _state.counts["readings"] += 1
+        _state.counts["saw_load"] += chosen < _state.ceiling
+        _state.counts["applied_fewer"] += applied < _state.ceiling
+    return applied
+
+
 def refresh(device=None, force: bool = False) -> int | None:
     """Apply the thread choice in the calling thread; called where forward passes start. Cheap: at most one reading
     of the machine per ``CHECK_EVERY`` seconds per thread, else one clock read. Returns the count in effect, or
@@ -382,7 +403,7 @@ def refresh(device=None, force: bool = False) -> int | None:
         log.info("torch.set_num_threads(%d) was called outside steerscale: steerscale keeps that count", current)
     mode, n, source = policy()
     machine = read_machine() if mode == "auto" else None
-    threads = current if mode == "leave" else n if mode == "pin" else choose(machine, _state.ceiling)
+    threads = current if mode == "leave" else n if mode == "pin" else _settle(choose(machine, _state.ceiling))
     if mode != "leave":
         _apply(threads)
     _state.last = {"mode": mode, "source": source, "threads": threads, "was": current, "ceiling": _state.ceiling,
@@ -393,4 +414,4 @@ def refresh(device=None, force: bool = False) -> int | None:
 def status() -> dict:
     """The last decision (mode, source, threads, the machine reading) and the calling thread's count now: what a
     bench or a bug report shows."""
-    return {**_state.last, "torch_threads": torch.get_num_threads()}
+    return {**_state.last, "torch_threads": torch.get_num_threads(), "counts": dict(_state.counts)}
