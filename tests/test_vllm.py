@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("vllm_checks.py", (), {"VLLM_CPU_CI_ENV": "1"})
 SERVE_CHECKS = ("vllm_serve_checks.py", (), {})
 CHECK_TIMEOUT = 1200  # seconds one check may run
-# Checks run at once in the background: two, so the serve checks (~5 min here) run beside the others (~8 min
-# together) rather than after them; more would only add memory (each vLLM engine takes ~4 GB) on a small machine.
+# Checks run at once in the background: two, so the serve checks (the longest, three servers) run beside the others
+# rather than after them (the whole suite under -n 2 here: 803 s with two lanes, 846 s with one); more would only add
+# memory (each vLLM engine takes ~4 GB) and contention on a small machine.
 LANES = int(os.environ.get("STEERSCALE_VLLM_LANES", "2"))
 _background: dict[tuple, object] = {}  # started at collection (``start_in_background``), read by ``run_checks``
 _futures: list[Future] = []  # the checks this process runs in the background
