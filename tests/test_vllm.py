@@ -42,7 +42,6 @@ CHECK_TIMEOUT = 1200  # seconds one check may run
 # memory (each vLLM engine takes ~4 GB) and contention on a small machine.
 LANES = int(os.environ.get("STEERSCALE_VLLM_LANES", "2"))
 _background: dict[tuple, object] = {}  # started at collection (``start_in_background``), read by ``run_checks``
-_futures: list[Future] = []  # the checks this process runs in the background
 _running: list[subprocess.Popen] = []
 _stopping = threading.Event()
 
@@ -162,7 +161,6 @@ def start_in_background(items, config) -> None:
         future = pool.submit(_run, python, script, args, env) if shared is None else \
             pool.submit(_publish, shared / f"{index}.json", python, script, args, env)
         _background[_key(script, args, env)] = future
-        _futures.append(future)
     pool.shutdown(wait=False)
 
 
@@ -180,8 +178,9 @@ def stop_background(session, interrupted: bool = False) -> None:
     pytest-xdist a worker that finished its own tests waits for the checks it runs, since a test in another worker
     may be waiting for them, unless the session was stopped (interrupted, or ``-x``)."""
     if _shared_dir(session.config) is not None and not (interrupted or session.shouldstop or session.shouldfail):
-        for future in _futures:
-            future.result()
+        for started in _background.values():
+            if isinstance(started, Future):  # one this process runs (the others' are _Published)
+                started.result()
     _stopping.set()
     for proc in list(_running):
         proc.kill()
